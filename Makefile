@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` (set up + main job) and `make test`.
+# Both create .venv on first use and install everything, torch pinned to the local CPU build.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+SHAPES  ?= ../shared/data/shapes
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@# open3d's wheel links libusb-1.0; Debian ships it as libusb-1.0-0.
+	@if ! ldconfig -p | grep -q libusb-1.0.so.0; then \
+	  echo "installing Debian's libusb-1.0-0 (open3d needs it)"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libusb-1.0-0 >/dev/null; \
+	fi
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@# torch first, pinned: any other torch spec pulls a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[train,test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/btp demo
+
+test: $(STAMP)
+	BTP_SHAPES=$(SHAPES) $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,248 @@
+"""One configuration tree for the whole model, serialised into checkpoints and ONNX metadata.
+
+Every number the runtime needs (N, G, K, channels, scoring constants) lives here, so the
+exported model describes itself and no flag has to be matched by hand. Torch-free.
+
+Presets:
+- ``ulip2``    : the ULIP-2 PointBERT-10k encoder + OpenCLIP ViT-bigG-14 text tower (spec, D=1280).
+- ``btp-mini`` : the default edge model (small PointBERT, offline MiniLM text encoder, D=384).
+- ``tiny``     : a few-second config for tests.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class EncoderConfig:
+    """PointBERT point encoder (ULIP-2 "colored" variant takes xyz + rgb = 6 channels)."""
+
+    in_channels: int = 6
+    num_group: int = 512  # G: FPS centres per cloud
+    group_size: int = 32  # K: neighbours per patch
+    trans_dim: int = 384
+    depth: int = 18
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    encoder_dims: int = 256  # mini-PointNet token width
+    # mini-PointNet widths: first_conv C_in->p0->p1, second_conv 2*p1->p2->encoder_dims
+    pointnet_dims: tuple[int, int, int] = (128, 256, 512)
+    pos_hidden: int = 128  # positional MLP Linear(3, pos_hidden)-GELU-Linear(pos_hidden, trans_dim)
+    feature_layers: tuple[int, ...] = (2, 5, 8, 11)  # 1-based blocks whose patch tokens feed MGFEM
+
+
+@dataclass
+class TextConfig:
+    """Text side: which encoder, prompt templates and learnable context."""
+
+    kind: str = "openclip"  # "openclip" | "minilm"
+    embed_dim: int = 1280  # D: the shared point/text space width
+    n_ctx: int = 8  # learnable context tokens in each prompt
+    normal_template: str = "normal {}."
+    anomaly_template: str = "defective {}."
+    object_name: str = "object"
+    # OpenCLIP text transformer (ignored for minilm); defaults = ViT-bigG-14
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 1280
+    heads: int = 20
+    layers: int = 32
+
+
+@dataclass
+class GFCMConfig:
+    """Geometric feature creation module and its FPFH supervision."""
+
+    conv_dims: tuple[int, int, int] = (64, 128, 256)
+    hidden: int = 128
+    out_dim: int = 33  # FPFH width
+    normal_radius: float = 0.05
+    normal_max_nn: int = 30
+    fpfh_radius: float = 0.1
+    fpfh_max_nn: int = 100
+    loss: str = "infonce"  # "infonce" | "cosine" | "mse"
+    temperature: float = 0.1
+
+
+@dataclass
+class MGFEMConfig:
+    """Multi-granularity feature fusion: hidden width of its MLPs."""
+
+    hidden: int = 512
+
+
+@dataclass
+class ScoringConfig:
+    """How patch / global probabilities become point and object scores."""
+
+    object_alpha: float = 0.5  # object = alpha * global_prob + (1 - alpha) * mean(top patch probs)
+    top_ratio: float = 0.2
+    global_temperature: float = 0.07
+    raw_interpolation: str = "nearest"  # "nearest" | "idw3": sampled points -> raw scan
+
+
+@dataclass
+class PreprocessConfig:
+    """What happens between a raw scan and the engine's inputs."""
+
+    num_points: int = 2048  # N: the raw scan is FPS-downsampled to this many points
+    fps_start: int = 0  # explicit FPS start index, identical on every backend
+    rgb_fill: float = 0.5  # colour channels for scans without colour
+    normalize: str = "unit_sphere"  # centre at centroid, divide by max radius
+
+
+@dataclass
+class LossConfig:
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    dice_weight: float = 1.0
+    global_weight: float = 0.5
+    geometric_weight: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 5e-4
+    lr_prompt: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_frac: float = 0.1
+    warmup_start: float = 0.1
+    min_lr: float = 1e-6
+    grad_clip: float = 1.0
+    batch_size: int = 2
+    epochs: int = 100
+    seed: int = 0
+
+
+@dataclass
+class BTPConfig:
+    name: str = "btp"
+    version: str = "0.1.0"
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    gfcm: GFCMConfig = field(default_factory=GFCMConfig)
+    mgfem: MGFEMConfig = field(default_factory=MGFEMConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    schema_version: int = SCHEMA_VERSION
+
+    # ---- serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BTPConfig":
+        return _from_dict(cls, data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "BTPConfig":
+        return cls.from_dict(json.loads(text))
+
+    def validate(self) -> "BTPConfig":
+        e, p = self.encoder, self.preprocess
+        problems = []
+        if e.num_group > p.num_points:
+            problems.append(f"encoder.num_group={e.num_group} > preprocess.num_points={p.num_points}")
+        if e.group_size > p.num_points:
+            problems.append(f"encoder.group_size={e.group_size} > preprocess.num_points={p.num_points}")
+        if e.trans_dim % e.num_heads:
+            problems.append(f"encoder.trans_dim={e.trans_dim} not divisible by num_heads={e.num_heads}")
+        if any(not 1 <= layer <= e.depth for layer in e.feature_layers):
+            problems.append(f"encoder.feature_layers={e.feature_layers} outside 1..depth={e.depth}")
+        if e.in_channels not in (3, 6):
+            problems.append(f"encoder.in_channels={e.in_channels}: expected 3 (xyz) or 6 (xyz+rgb)")
+        if not 0.0 <= self.scoring.object_alpha <= 1.0:
+            problems.append(f"scoring.object_alpha={self.scoring.object_alpha} outside [0, 1]")
+        if not 0.0 < self.scoring.top_ratio <= 1.0:
+            problems.append(f"scoring.top_ratio={self.scoring.top_ratio} outside (0, 1]")
+        if self.text.kind not in ("openclip", "minilm"):
+            problems.append(f"text.kind={self.text.kind!r}: expected 'openclip' or 'minilm'")
+        if problems:
+            raise ValueError("invalid BTPConfig: " + "; ".join(problems))
+        return self
+
+
+def _from_dict(cls, data: dict[str, Any]):
+    """Build a dataclass from a dict, recursing into nested dataclasses; unknown keys are errors."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {unknown}")
+    kwargs = {}
+    for name, value in data.items():
+        ftype = fields[name].type
+        default = getattr(cls(), name) if _has_default(fields[name]) else None
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _from_dict(type(default), value)
+        elif isinstance(default, tuple) or (isinstance(ftype, str) and ftype.startswith("tuple")):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _has_default(f: dataclasses.Field) -> bool:
+    return f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+
+
+# ---- presets ------------------------------------------------------------------------
+
+def ulip2_config() -> BTPConfig:
+    """The spec's model: ULIP-2 PointBERT-10k (6-channel) + OpenCLIP ViT-bigG-14 text tower."""
+    return BTPConfig(name="btp-ulip2").validate()
+
+
+def btp_mini_config() -> BTPConfig:
+    """The default edge model, sized for a 2-core CPU (see models/btp-mini.md for the why).
+
+    Same architecture as ULIP-2 with fewer patches (G=256 of N=2048, each point in ~4 patches),
+    a narrower mini-PointNet and transformer (the FLOPs of both scale with G*K and width^2),
+    and the offline MiniLM text encoder (D=384) in place of OpenCLIP bigG.
+    """
+    return BTPConfig(
+        name="btp-mini",
+        encoder=EncoderConfig(
+            in_channels=6, num_group=256, group_size=32, trans_dim=192, depth=6, num_heads=3,
+            encoder_dims=192, pointnet_dims=(64, 128, 256), pos_hidden=128, feature_layers=(2, 3, 4, 6),
+        ),
+        text=TextConfig(kind="minilm", embed_dim=384),
+        mgfem=MGFEMConfig(hidden=256),
+    ).validate()
+
+
+def tiny_config() -> BTPConfig:
+    """A test-sized model: runs forward/backward in well under a second on CPU."""
+    return BTPConfig(
+        name="btp-tiny",
+        encoder=EncoderConfig(
+            in_channels=6, num_group=32, group_size=16, trans_dim=32, depth=4, num_heads=2,
+            encoder_dims=32, pointnet_dims=(16, 32, 64), pos_hidden=16, feature_layers=(1, 2, 3, 4),
+        ),
+        text=TextConfig(kind="openclip", embed_dim=32, n_ctx=4, vocab_size=49408, context_length=77,
+                        width=32, heads=2, layers=2),
+        gfcm=GFCMConfig(conv_dims=(16, 32, 64), hidden=32),
+        mgfem=MGFEMConfig(hidden=32),
+        preprocess=PreprocessConfig(num_points=512),
+    ).validate()
+
+
+PRESETS = {"ulip2": ulip2_config, "btp-mini": btp_mini_config, "tiny": tiny_config}
+
+
+def preset(name: str) -> BTPConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown config preset {name!r}; choose one of {sorted(PRESETS)}") from None
