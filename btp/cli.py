@@ -10,6 +10,7 @@ import typer
 from btp.benchmarks import commands as bench_commands
 from btp.eval import commands as eval_commands
 from btp.export import commands as export_commands
+from btp.export import trt_commands
 from btp.kernels import commands as kernel_commands
 from btp.model import commands as model_commands
 from btp.runtime import commands as runtime_commands
@@ -27,7 +28,7 @@ app.command("train")(train_commands.train)
 app.add_typer(train_commands.data_app, name="data")
 app.command("eval")(eval_commands.evaluate)
 app.command("export")(export_commands.export)
-app.command("build")(export_commands.build)
+app.command("build")(trt_commands.build)
 app.command("run")(runtime_commands.run)
 app.command("calibrate")(runtime_commands.calibrate)
 app.command("demo")(runtime_commands.demo)

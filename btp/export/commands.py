@@ -1,4 +1,4 @@
-"""`btp export` / `btp-export` and `btp build` (owned by btp.export)."""
+"""`btp export` / `btp-export` (owned by btp.export; `btp build` is in trt_commands.py)."""
 from __future__ import annotations
 
 from btp._placeholder import not_available
@@ -7,8 +7,3 @@ from btp._placeholder import not_available
 def export() -> None:
     """Export a BTP checkpoint to one self-describing model.onnx."""
     not_available("export", "ONNX export lands with the export/runtime issue")
-
-
-def build() -> None:
-    """Build a TensorRT engine from model.onnx."""
-    not_available("build", "TensorRT engines land with the GPU issue")
