@@ -1,1 +1,22 @@
+"""Geometry ops of the BTP pipeline, torch-free: numpy in, numpy out (contracts: docs/design.md).
 
+CPU reference *and* fast CPU path of the runtime's preprocessing. The FPS and kNN rules that
+every backend (incl. the CUDA kernels in btp.kernels) must reproduce are written out in
+``btp.geometry.sampling`` and ``btp.geometry.neighbors``.
+"""
+from btp.geometry.errors import DegenerateCloudError, GeometryError
+from btp.geometry.features import fpfh_patches
+from btp.geometry.neighbors import Groups, group, group_batch, knn, knn_reference
+from btp.geometry.normalize import denormalize, normalize
+from btp.geometry.sampling import downsample, fps, fps_reference
+from btp.geometry.scores import interpolate_to_raw, propagate_patch_scores
+
+__all__ = [
+    "normalize", "denormalize",
+    "fps", "fps_reference", "downsample",
+    "knn", "knn_reference",
+    "group", "group_batch", "Groups",
+    "fpfh_patches",
+    "propagate_patch_scores", "interpolate_to_raw",
+    "GeometryError", "DegenerateCloudError",
+]

@@ -1,0 +1,76 @@
+"""Patch scores -> point scores -> raw-scan scores (numpy only)."""
+from __future__ import annotations
+
+import numpy as np
+
+from btp.geometry._checks import as_points
+from btp.geometry.errors import GeometryError
+from btp.geometry.neighbors import knn
+
+INTERPOLATION_METHODS = ("nearest", "idw3")
+
+
+def propagate_patch_scores(patch_scores, patch_idx, center, points) -> np.ndarray:
+    """Each point's score = mean of the scores of the patches that contain it.
+
+    patch_scores [G], patch_idx int [G, K], center [G, 3], points [N, 3] -> float32 [N].
+    A point listed twice in one patch counts twice (index_add semantics, as the spec's
+    ``index_add / counts``). Points in no patch take the score of their nearest centre
+    (``knn`` rule: ties -> lowest centre index). With a leading batch dim on every argument
+    ([B,G], [B,G,K], [B,G,3], [B,N,3]) returns [B, N]. Sums are accumulated in float64.
+    """
+    scores = np.asarray(patch_scores)
+    if scores.ndim == 2:
+        return np.stack([propagate_patch_scores(scores[b], patch_idx[b], center[b], points[b])
+                         for b in range(scores.shape[0])])
+    pts = as_points(points)
+    ctr = as_points(center, "center")
+    pidx = np.asarray(patch_idx)
+    n_points = pts.shape[0]
+    if scores.ndim != 1 or pidx.ndim != 2 or pidx.shape[0] != scores.shape[0] \
+            or ctr.shape[0] != scores.shape[0]:
+        raise GeometryError(f"propagate_patch_scores: expected patch_scores [G], patch_idx [G, K], "
+                            f"center [G, 3]; got {scores.shape}, {pidx.shape}, {ctr.shape}")
+    if pidx.size and (pidx.min() < 0 or pidx.max() >= n_points):
+        raise GeometryError(f"patch_idx: indices outside [0, {n_points}) for points {pts.shape}")
+    flat_idx = pidx.reshape(-1)
+    sums = np.bincount(flat_idx, weights=np.repeat(scores.astype(np.float64), pidx.shape[1]),
+                       minlength=n_points)  # [N]
+    counts = np.bincount(flat_idx, minlength=n_points)  # [N]
+    covered = counts > 0
+    out = np.empty(n_points, dtype=np.float32)
+    out[covered] = sums[covered] / counts[covered]
+    if not covered.all():
+        nearest, _ = knn(ctr, pts[~covered], 1)  # [U, 1]
+        out[~covered] = scores[nearest[:, 0]]
+    return out
+
+
+def interpolate_to_raw(sampled_xyz, sampled_scores, raw_xyz, method: str = "nearest") -> np.ndarray:
+    """Scores of the N sampled points carried to the M raw points.
+
+    sampled_xyz [N, 3], sampled_scores [N], raw_xyz [M, 3] -> float32 [M].
+    - ``"nearest"``: the score of the nearest sampled point (``knn`` rule, ties -> lowest index).
+    - ``"idw3"``: inverse-distance weighted mean over the 3 nearest sampled points,
+      weights ``1 / distance``; a raw point that coincides with a sampled point takes its score.
+    Both return ``sampled_scores`` unchanged when ``raw_xyz`` is ``sampled_xyz`` (distinct points).
+    """
+    src = as_points(sampled_xyz, "sampled_xyz")
+    dst = as_points(raw_xyz, "raw_xyz", min_points=0)
+    scores = np.asarray(sampled_scores, dtype=np.float32)
+    if scores.shape != (src.shape[0],):
+        raise GeometryError(f"sampled_scores: shape {scores.shape}, expected [{src.shape[0]}] "
+                            f"(one score per sampled point)")
+    if method == "nearest":
+        idx, _ = knn(src, dst, 1)
+        return scores[idx[:, 0]]
+    if method == "idw3":
+        k = min(3, src.shape[0])
+        idx, dist2 = knn(src, dst, k)  # [M, k]
+        weights = 1.0 / np.sqrt(np.maximum(dist2.astype(np.float64), 1e-24))  # [M, k]
+        out = (weights * scores[idx]).sum(axis=1) / weights.sum(axis=1)
+        exact = dist2[:, 0] == 0
+        out[exact] = scores[idx[exact, 0]]
+        return out.astype(np.float32)
+    raise GeometryError(f"interpolate_to_raw: method={method!r}; choose one of {INTERPOLATION_METHODS} "
+                        f"(scoring.raw_interpolation in btp/config.py)")
