@@ -1,0 +1,121 @@
+"""``.ply`` files: header parsing (to catch truncation), vertex reading, binary writer.
+
+Binary PLY whose elements before and including ``vertex`` have only scalar properties (every
+point cloud and most meshes) is read with numpy directly: exact, fast, and it keeps extra
+vertex properties such as ``label``. Anything else (ascii PLY, list properties before the
+vertices) goes through open3d, and its point count is checked against the header's.
+Torch-free.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from btp.io.errors import MalformedFileError, TruncatedFileError
+
+_PLY_TYPES = {
+    "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1",
+    "short": "i2", "int16": "i2", "ushort": "u2", "uint16": "u2",
+    "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
+    "float": "f4", "float32": "f4", "double": "f8", "float64": "f8",
+}
+
+
+@dataclass
+class PLYElement:
+    name: str
+    count: int
+    properties: list[tuple[str, str]] = field(default_factory=list)  # (name, ply type)
+    has_list: bool = False
+
+
+@dataclass
+class PLYHeader:
+    format: str  # "ascii" | "binary_little_endian" | "binary_big_endian"
+    elements: list[PLYElement]
+    data_offset: int
+
+    def element(self, name: str) -> PLYElement | None:
+        return next((e for e in self.elements if e.name == name), None)
+
+
+def read_header(path: Path, raw: bytes) -> PLYHeader:
+    if not raw.startswith(b"ply"):
+        raise MalformedFileError(path, "does not start with 'ply': not a PLY file")
+    end = raw.find(b"end_header")
+    if end < 0:
+        raise TruncatedFileError(path, "the PLY header has no 'end_header' line: the file was cut off")
+    newline = raw.find(b"\n", end)
+    data_offset = len(raw) if newline < 0 else newline + 1
+    fmt = None
+    elements: list[PLYElement] = []
+    for line in raw[:end].decode("ascii", errors="replace").splitlines():
+        words = line.split()
+        if not words or words[0] in ("comment", "obj_info", "ply"):
+            continue
+        if words[0] == "format":
+            fmt = words[1]
+        elif words[0] == "element":
+            try:
+                elements.append(PLYElement(words[1], int(words[2])))
+            except (IndexError, ValueError):
+                raise MalformedFileError(path, f"bad PLY element line {line!r}") from None
+        elif words[0] == "property":
+            if not elements:
+                raise MalformedFileError(path, f"PLY property before any element: {line!r}")
+            if words[1] == "list":
+                elements[-1].has_list = True
+                elements[-1].properties.append((words[-1], "list"))
+            else:
+                if words[1] not in _PLY_TYPES:
+                    raise MalformedFileError(path, f"unknown PLY property type {words[1]!r} in {line!r}")
+                elements[-1].properties.append((words[2], words[1]))
+    if fmt not in ("ascii", "binary_little_endian", "binary_big_endian"):
+        raise MalformedFileError(path, f"PLY format {fmt!r}: expected ascii or binary_little/big_endian")
+    return PLYHeader(fmt, elements, data_offset)
+
+
+def read_binary_vertices(path: Path, raw: bytes, header: PLYHeader) -> np.ndarray | None:
+    """Vertex records as a structured array ``[V]``, or ``None`` when numpy cannot read them directly."""
+    if header.format == "ascii":
+        return None
+    endian = "<" if header.format == "binary_little_endian" else ">"
+    offset = header.data_offset
+    for element in header.elements:
+        if element.has_list:
+            return None
+        dtype = np.dtype([(name, endian + _PLY_TYPES[typ]) for name, typ in element.properties])
+        if element.name == "vertex":
+            need = element.count * dtype.itemsize
+            have = len(raw) - offset
+            if have < need:
+                raise TruncatedFileError(
+                    path, f"binary PLY announces {element.count} vertices ({need} bytes) but only {have} bytes "
+                          f"follow ({have // max(dtype.itemsize, 1)} whole vertices): re-copy the file")
+            return np.frombuffer(raw, dtype=dtype, count=element.count, offset=offset).copy()
+        offset += element.count * dtype.itemsize
+    return None
+
+
+def encode_binary(points: np.ndarray, scalars: np.ndarray | None, colors_u8: np.ndarray | None) -> bytes:
+    """A complete binary little-endian PLY: ``x y z`` float, ``[anomaly]`` float, ``[red green blue]`` uchar."""
+    n = points.shape[0]
+    fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
+    lines = ["property float x", "property float y", "property float z"]
+    if scalars is not None:
+        fields.append(("anomaly", "<f4"))
+        lines.append("property float anomaly")
+    if colors_u8 is not None:
+        fields += [("red", "u1"), ("green", "u1"), ("blue", "u1")]
+        lines += ["property uchar red", "property uchar green", "property uchar blue"]
+    records = np.zeros(n, dtype=np.dtype(fields))
+    records["x"], records["y"], records["z"] = points[:, 0], points[:, 1], points[:, 2]
+    if scalars is not None:
+        records["anomaly"] = scalars
+    if colors_u8 is not None:
+        records["red"], records["green"], records["blue"] = colors_u8[:, 0], colors_u8[:, 1], colors_u8[:, 2]
+    header = "\n".join(["ply", "format binary_little_endian 1.0", "comment written by btp-edge",
+                        f"element vertex {n}", *lines, "end_header"]) + "\n"
+    return header.encode("ascii") + records.tobytes()

@@ -1,0 +1,377 @@
+"""Read and write point clouds: ``read_point_cloud`` / ``write_point_cloud``.
+
+Read: ``.pcd`` (ascii, binary, binary_compressed), ``.ply``, ``.xyz/.txt/.csv``
+(``x y z [label]``), ``.npy`` (``[N,3]`` or ``[N,>=3]``), ``.npz`` (``points``, optional
+``labels``, ``colors``). Every reader ends in one place that drops NaN/inf rows with a warning
+and enforces ``min_points``, so every format fails the same typed way.
+
+Write: ``.pcd`` (DATA binary, fields ``x y z anomaly rgb``) and ``.ply`` (binary little-endian,
+``anomaly`` float + ``red green blue`` uchar), atomically (temp file + ``os.replace``).
+Torch-free.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from btp.io import pcd as _pcd
+from btp.io import ply as _ply
+from btp.io.colors import heat_colors
+from btp.io.errors import (
+    EmptyCloudError,
+    InvalidValuesError,
+    MalformedFileError,
+    MissingFileError,
+    PointCloudError,
+    TooFewPointsError,
+    TruncatedFileError,
+    UnsupportedFormatError,
+)
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_current_umask()  # what open() would give a new file (mkstemp gives 0600)
+
+READ_SUFFIXES = (".pcd", ".ply", ".xyz", ".txt", ".csv", ".npy", ".npz")
+WRITE_SUFFIXES = (".pcd", ".ply")
+_LABEL_NAMES = ("label", "labels")
+_SCALAR_NAMES = ("anomaly",)
+
+
+@dataclass(eq=False)
+class PointCloud:
+    """One point cloud as read from a file.
+
+    points  float32 [N, 3]
+    labels  int64 [N] or None      per-point ground truth (0 normal, 1 anomalous) when the file has it
+    colors  float32 [N, 3] in [0, 1] or None
+    path    the file it came from (None for arrays)
+    scalars float32 [N] or None    a per-point ``anomaly`` score field (what ``write_point_cloud`` writes)
+    """
+
+    points: np.ndarray
+    labels: np.ndarray | None = None
+    colors: np.ndarray | None = None
+    path: Path | None = None
+    scalars: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.points.shape[0])
+
+
+# ---- reading ---------------------------------------------------------------------------
+
+def read_point_cloud(path: str | os.PathLike, *, min_points: int = 1) -> PointCloud:
+    """Read one point cloud; typed errors (``btp.io.errors``) name the file and the reason.
+
+    NaN/inf rows are dropped with a ``warnings.warn`` naming the count. Raises
+    ``InvalidValuesError`` when that leaves fewer than ``min_points`` rows, ``TooFewPointsError``
+    when the file simply holds fewer than ``min_points`` points (pass the model's N or K).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in READ_SUFFIXES:
+        raise UnsupportedFormatError(path, f"unknown point-cloud extension {path.suffix!r}; "
+                                           f"supported: {', '.join(READ_SUFFIXES)}")
+    if not path.exists():
+        raise MissingFileError(path, "no such file: check the path (relative paths start at "
+                                     f"{Path.cwd()})")
+    if not path.is_file():
+        raise MissingFileError(path, "is a directory, not a point-cloud file")
+    if path.stat().st_size == 0:
+        raise EmptyCloudError(path, "the file is empty (0 bytes)")
+    reader = {".pcd": _read_pcd, ".ply": _read_ply, ".npy": _read_npy, ".npz": _read_npz}.get(suffix, _read_text)
+    points, labels, colors, scalars = reader(path)
+    return _finish(path, points, labels, colors, scalars, min_points)
+
+
+def _finish(path: Path, points: np.ndarray, labels, colors, scalars, min_points: int) -> PointCloud:
+    points = np.asarray(points)
+    n = points.shape[0]
+    if n == 0:
+        raise EmptyCloudError(path, "the file holds no points")
+    if labels is not None and labels.shape[0] != n:
+        raise MalformedFileError(path, f"{labels.shape[0]} labels for {n} points")
+    finite = np.isfinite(points).all(axis=1)
+    if labels is not None and labels.dtype.kind == "f":
+        finite &= np.isfinite(labels)
+    dropped = int(n - finite.sum())
+    if dropped:
+        warnings.warn(f"{path}: dropped {dropped} of {n} rows with NaN/inf values", stacklevel=3)
+        points = points[finite]
+        labels = labels[finite] if labels is not None else None
+        colors = colors[finite] if colors is not None else None
+        scalars = scalars[finite] if scalars is not None else None
+    kept = int(points.shape[0])
+    if kept < min_points:
+        if dropped:
+            raise InvalidValuesError(path, f"{dropped} of {n} rows have NaN/inf values; {kept} finite points "
+                                           f"remain, fewer than the {min_points} needed")
+        raise TooFewPointsError(path, f"{kept} points, fewer than the {min_points} needed "
+                                      "(the model's num_points / group_size): use a denser scan")
+    if labels is not None:
+        labels = _as_labels(path, labels)
+    if colors is not None:
+        colors = np.clip(np.asarray(colors, dtype=np.float32), 0.0, 1.0)
+    if scalars is not None:
+        scalars = np.asarray(scalars, dtype=np.float32)
+    return PointCloud(np.ascontiguousarray(points, dtype=np.float32), labels, colors, path, scalars)
+
+
+def _as_labels(path: Path, labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.dtype.kind == "f":
+        rounded = np.rint(labels)
+        if not np.array_equal(rounded, labels):
+            raise MalformedFileError(path, "the label column holds non-integer values; expected 0/1 per point")
+        labels = rounded
+    return labels.astype(np.int64)
+
+
+def _maybe_label_column(path: Path, column: np.ndarray) -> np.ndarray | None:
+    """A 4th column is ``label`` when it is integral; otherwise (intensity, ...) it is ignored with a warning."""
+    finite = column[np.isfinite(column)]
+    if np.array_equal(finite, np.rint(finite)):
+        return column
+    warnings.warn(f"{path}: the 4th column is not integer-valued, so it is not read as labels "
+                  "(expected x y z label)", stacklevel=4)
+    return None
+
+
+def _read_pcd(path: Path):
+    raw = path.read_bytes()
+    header = _pcd.read_header(path, raw)
+    if header.points == 0:
+        raise EmptyCloudError(path, "the PCD header announces POINTS 0")
+    records = _pcd.read_records(path, raw, header)
+    names = records.dtype.names
+    points = np.stack([records["x"], records["y"], records["z"]], axis=1)
+    labels = next((records[n] for n in _LABEL_NAMES if n in names), None)
+    scalars = next((records[n] for n in _SCALAR_NAMES if n in names), None)
+    colors = None
+    for name in ("rgb", "rgba"):
+        if name in names and records.dtype.fields[name][0].itemsize == 4:
+            colors = _pcd.unpack_rgb(records[name])
+            break
+    return points, labels, colors, scalars
+
+
+def _read_ply(path: Path):
+    raw = path.read_bytes()
+    header = _ply.read_header(path, raw)
+    vertex = header.element("vertex")
+    if vertex is None:
+        raise MalformedFileError(path, "the PLY has no 'vertex' element")
+    if vertex.count == 0:
+        raise EmptyCloudError(path, "the PLY header announces 0 vertices")
+    records = _ply.read_binary_vertices(path, raw, header)
+    if records is None:
+        return _read_ply_open3d(path, vertex.count)
+    names = records.dtype.names
+    missing = [axis for axis in "xyz" if axis not in names]
+    if missing:
+        raise MalformedFileError(path, f"the PLY vertices have no {'/'.join(missing)} property")
+    points = np.stack([records["x"], records["y"], records["z"]], axis=1).astype(np.float64)
+    labels = next((records[n] for n in _LABEL_NAMES if n in names), None)
+    scalars = next((records[n] for n in _SCALAR_NAMES if n in names), None)
+    colors = None
+    for r, g, b in (("red", "green", "blue"), ("r", "g", "b")):
+        if r in names and g in names and b in names:
+            rgb = np.stack([records[r], records[g], records[b]], axis=1)
+            colors = rgb.astype(np.float32) / 255.0 if rgb.dtype.kind in "ui" else rgb.astype(np.float32)
+            break
+    return points, labels, colors, scalars
+
+
+def _read_ply_open3d(path: Path, announced: int):
+    import open3d as o3d
+
+    cloud = o3d.io.read_point_cloud(str(path), format="ply")
+    points = np.asarray(cloud.points)
+    if points.shape[0] < announced:
+        raise TruncatedFileError(path, f"the PLY header announces {announced} vertices but only "
+                                       f"{points.shape[0]} could be read: re-copy the file")
+    colors = np.asarray(cloud.colors, dtype=np.float32) if cloud.has_colors() else None
+    return points, None, colors, None
+
+
+def _read_npy(path: Path):
+    with open(path, "rb") as fh:
+        try:
+            version = np.lib.format.read_magic(fh)
+            read_array_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                 else np.lib.format.read_array_header_2_0)
+            shape, _fortran_order, dtype = read_array_header(fh)
+        except ValueError as err:
+            raise MalformedFileError(path, f"not a numpy .npy file ({err})") from None
+        data_start = fh.tell()
+    if dtype.hasobject:
+        raise MalformedFileError(path, "the .npy holds Python objects; save a float array [N, 3] instead")
+    need = data_start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = path.stat().st_size
+    if size < need:
+        raise TruncatedFileError(path, f"the .npy header announces shape {shape} ({need} bytes) but the file "
+                                       f"has {size} bytes: re-copy the file")
+    array = np.load(path, allow_pickle=False)
+    return _split_columns(path, array, "the .npy array")
+
+
+def _split_columns(path: Path, array: np.ndarray, what: str):
+    if array.ndim != 2 or array.shape[1] < 3:
+        raise MalformedFileError(path, f"{what} has shape {array.shape}; expected [N, 3] or [N, >=3] "
+                                       "(x y z first)")
+    array = array.astype(np.float64, copy=False)
+    labels = _maybe_label_column(path, array[:, 3]) if array.shape[1] == 4 else None
+    return array[:, :3], labels, None, None
+
+
+def _read_npz(path: Path):
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+        raise MalformedFileError(path, f"not a readable .npz archive ({err}); truncated?") from None
+    with archive:
+        keys = list(archive.files)
+        if "points" not in keys:
+            raise MalformedFileError(path, f"the .npz has no 'points' array (keys: {keys}); "
+                                           "save it with np.savez(path, points=..., labels=...)")
+        try:
+            points = archive["points"]
+            labels = archive["labels"] if "labels" in keys else None
+            colors = archive["colors"] if "colors" in keys else None
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+            raise TruncatedFileError(path, f"an array in the .npz cannot be read ({err}): re-copy the file") from None
+    if points.ndim != 2 or points.shape[1] < 3:
+        raise MalformedFileError(path, f"'points' has shape {points.shape}; expected [N, 3] or [N, >=3]")
+    if labels is not None:
+        labels = labels.reshape(-1)
+    if colors is not None:
+        if colors.shape != (points.shape[0], 3):
+            raise MalformedFileError(path, f"'colors' has shape {colors.shape}; expected [{points.shape[0]}, 3]")
+        colors = colors.astype(np.float32) / 255.0 if colors.dtype.kind in "ui" else colors.astype(np.float32)
+    return points[:, :3].astype(np.float64), labels, colors, None
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_text(path: Path):
+    """``x y z [label]`` rows, whitespace- or comma-separated, one optional header line."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        first_lines = []
+        for line in fh:
+            if line.strip() and not line.lstrip().startswith("#"):
+                first_lines.append(line)
+            if len(first_lines) == 2:
+                break
+    if not first_lines:
+        raise EmptyCloudError(path, "the file holds no rows")
+    delimiter = "," if "," in first_lines[-1] else None
+
+    def split(line: str) -> list[str]:
+        return [w.strip() for w in line.split(delimiter)] if delimiter else line.split()
+
+    names = None
+    if not all(_is_number(w) for w in split(first_lines[0])):
+        names = [w.lower().strip("\"'") for w in split(first_lines[0])]
+        if len(first_lines) == 1:
+            raise EmptyCloudError(path, "the file holds a header line but no rows")
+    try:
+        array = np.loadtxt(path, dtype=np.float64, delimiter=delimiter, skiprows=1 if names else 0,
+                           comments="#", ndmin=2)
+    except ValueError as err:
+        raise _text_error(path, delimiter, names is not None, err) from None
+    if names is None:
+        return _split_columns(path, array, "the text table")
+    if array.shape[1] != len(names):
+        raise MalformedFileError(path, f"the header names {len(names)} columns but rows have {array.shape[1]}")
+    axes = [names.index(a) if a in names else i for i, a in enumerate("xyz")]
+    label_col = next((names.index(n) for n in _LABEL_NAMES if n in names), None)
+    labels = array[:, label_col] if label_col is not None else None
+    return array[:, axes], labels, None, None
+
+
+def _text_error(path: Path, delimiter: str | None, has_header: bool, err: Exception) -> PointCloudError:
+    counts = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if line.strip() and not line.lstrip().startswith("#"):
+                counts.append(len(line.split(delimiter)))
+    body = counts[1:] if has_header else counts
+    if len(body) >= 2 and len(set(body[:-1])) == 1 and body[-1] < body[0]:
+        return TruncatedFileError(path, f"the last row has {body[-1]} values, the others {body[0]}: "
+                                        "the file was cut off")
+    return MalformedFileError(path, f"rows do not parse as numbers in x y z [label] columns ({err})")
+
+
+# ---- writing ---------------------------------------------------------------------------
+
+def write_point_cloud(path: str | os.PathLike, points: np.ndarray, scalars: np.ndarray | None = None,
+                      colors: np.ndarray | None = None) -> Path:
+    """Write ``points [N,3]`` with an optional ``anomaly`` scalar ``[N]`` and RGB colours ``[N,3]``.
+
+    ``colors`` may be uint8 or float in [0, 1]; when omitted and ``scalars`` is given, the colours
+    are ``heat_colors(scalars)``. ``.pcd`` -> DATA binary; ``.ply`` -> binary little-endian.
+    The file appears complete or not at all (temp file in the same folder, then ``os.replace``).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in WRITE_SUFFIXES:
+        raise UnsupportedFormatError(path, f"cannot write {path.suffix!r}; supported: {', '.join(WRITE_SUFFIXES)}")
+    points = np.asarray(points, dtype=np.float32)
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise MalformedFileError(path, f"points have shape {points.shape}; expected [N, 3]")
+    n = points.shape[0]
+    if n == 0:
+        raise EmptyCloudError(path, "refusing to write a cloud with no points")
+    if scalars is not None:
+        scalars = np.asarray(scalars, dtype=np.float32).reshape(-1)
+        if scalars.shape[0] != n:
+            raise MalformedFileError(path, f"{scalars.shape[0]} scalars for {n} points")
+    colors_u8 = None
+    if colors is not None:
+        colors = np.asarray(colors)
+        if colors.shape != (n, 3):
+            raise MalformedFileError(path, f"colors have shape {colors.shape}; expected [{n}, 3]")
+        if colors.dtype == np.uint8:
+            colors_u8 = colors
+        else:
+            colors_u8 = np.clip(np.round(colors.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    elif scalars is not None:
+        colors_u8 = heat_colors(scalars)
+    encode = _pcd.encode_binary if suffix == ".pcd" else _ply.encode_binary
+    _atomic_write(path, encode(points, scalars, colors_u8))
+    return path
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
