@@ -1,0 +1,135 @@
+"""`BTPModel`: PointBERT + GFCM + MGFEM + prompt learner + patch/global/object scoring.
+
+Contract (docs/design.md "btp.model"):
+    BTPModel(cfg, text_encoder=None)
+    forward(neighborhood [B,G,K,C], center [B,G,3]) -> dict with
+        patch_logits [B,G], patch_probs [B,G], global_logit [B], global_prob [B], object_score [B],
+        patch_embed [B,G,D], geo_desc [B,G,33]
+    text_embeddings() -> [2, D] (normal, anomaly), L2-normalised
+    freeze_text() -> buffer `frozen_text [2, D]`, used from then on (the exported form).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from btp.config import BTPConfig
+from btp.errors import BTPError
+from btp.model.heads import GFCM, MGFEM
+from btp.model.pointbert import PointBERT
+from btp.model.text import TextEncoder, build_text_encoder, context_width
+
+OUTPUT_NAMES = ("patch_logits", "patch_probs", "global_logit", "global_prob", "object_score", "patch_embed", "geo_desc")
+
+
+class TextNotReadyError(BTPError, RuntimeError):
+    """Text embeddings were asked for but there is neither a text encoder nor a frozen copy."""
+
+
+class BTPModel(nn.Module):
+    def __init__(self, cfg: BTPConfig, text_encoder: TextEncoder | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        enc, d = cfg.encoder, cfg.text.embed_dim
+        self.point_encoder = PointBERT(enc, d)
+        self.gfcm = GFCM(cfg.gfcm)
+        self.mgfem = MGFEM(enc.trans_dim, cfg.gfcm.out_dim, cfg.mgfem.hidden, d, len(enc.feature_layers))
+        # hybrid prompt: [SOT] ctx_1..ctx_n "normal object." [EOT]; ctx shared by both prompts (CoOp init std 0.02)
+        self.prompt_ctx = nn.Parameter(torch.randn(cfg.text.n_ctx, context_width(cfg.text)) * 0.02)
+        self.prompt_texts = [
+            cfg.text.normal_template.format(cfg.text.object_name),
+            cfg.text.anomaly_template.format(cfg.text.object_name),
+        ]
+        self.text_encoder = None
+        if text_encoder is not None:
+            self.attach_text_encoder(text_encoder)
+        self.register_buffer("frozen_text", None)  # [2, D] once freeze_text() ran
+        self.top_k = max(1, int(cfg.encoder.num_group * cfg.scoring.top_ratio))  # constant k: TopK exports
+        self._point_encoder_frozen = False
+
+    # ---- text side ---------------------------------------------------------------------
+    def attach_text_encoder(self, text_encoder: TextEncoder) -> None:
+        if not isinstance(text_encoder, TextEncoder):
+            raise TypeError(f"text_encoder must implement btp.model.text.TextEncoder, got {type(text_encoder).__name__}")
+        if text_encoder.embed_dim != self.cfg.text.embed_dim:
+            raise ValueError(f"text encoder D={text_encoder.embed_dim} != cfg.text.embed_dim={self.cfg.text.embed_dim}")
+        if text_encoder.width != self.prompt_ctx.shape[1]:
+            raise ValueError(f"text encoder token width {text_encoder.width} != prompt context width {self.prompt_ctx.shape[1]}")
+        self.text_encoder = text_encoder
+
+    @classmethod
+    def with_default_text_encoder(cls, cfg: BTPConfig) -> "BTPModel":
+        """Model with the config's text encoder (MiniLM weights from its package / untrained OpenCLIP)."""
+        return cls(cfg, build_text_encoder(cfg.text))
+
+    @property
+    def is_text_frozen(self) -> bool:
+        return self.frozen_text is not None
+
+    def text_embeddings(self) -> torch.Tensor:
+        """[2, D] (normal, anomaly), L2-normalised; through prompt context + text encoder unless frozen."""
+        if self.frozen_text is not None:
+            return self.frozen_text
+        if self.text_encoder is None:
+            raise TextNotReadyError("BTPModel has no text encoder and no frozen text embeddings: "
+                                    "pass text_encoder= or load a checkpoint that holds `frozen_text`")
+        return F.normalize(self.text_encoder.encode_with_context(self.prompt_ctx, self.prompt_texts), dim=-1)
+
+    @torch.no_grad()
+    def freeze_text(self, drop_encoder: bool = False) -> torch.Tensor:
+        """Store the current text embeddings in the buffer `frozen_text [2, D]`; forward uses it from now on."""
+        self.frozen_text = None
+        text = self.text_embeddings().detach().clone().contiguous()
+        self.frozen_text = text
+        if drop_encoder:
+            self.text_encoder = None
+        return text
+
+    def unfreeze_text(self) -> None:
+        """Back to computing text embeddings through the encoder (needs one attached)."""
+        if self.text_encoder is None:
+            raise TextNotReadyError("cannot unfreeze: no text encoder attached")
+        self.frozen_text = None
+
+    # ---- training helpers --------------------------------------------------------------
+    def set_point_encoder_frozen(self, frozen: bool = True) -> None:
+        """Freeze the PLM point encoder (spec: only GFCM, MGFEM, prompt context train); its BN stays in eval."""
+        self._point_encoder_frozen = frozen
+        for p in self.point_encoder.parameters():
+            p.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self._point_encoder_frozen:
+            self.point_encoder.train(False)
+        return self
+
+    # ---- forward -----------------------------------------------------------------------
+    def forward(self, neighborhood: torch.Tensor, center: torch.Tensor) -> dict[str, torch.Tensor]:
+        # neighborhood [B, G, K, C], center [B, G, 3]
+        feats = self.point_encoder(neighborhood, center)
+        patch_xyz = neighborhood[..., :3] + center.unsqueeze(2)  # [B, G, K, 3] absolute
+        geo_desc = self.gfcm(patch_xyz)  # [B, G, 33]
+        patch_embed = self.mgfem(feats.layer_features, geo_desc, feats.cls)  # [B, G, D]
+        text = self.text_embeddings()  # [2, D]
+        patch_scores = patch_embed @ text.t()  # [B, G, 2] = (s_n, s_a)
+        patch_logits = patch_scores[..., 1] - patch_scores[..., 0]  # [B, G]
+        patch_probs = torch.sigmoid(patch_logits)  # == softmax([s_n, s_a])[1]
+        global_scores = F.normalize(feats.global_embed, dim=-1) @ text.t()  # [B, 2]
+        global_logit = (global_scores[:, 1] - global_scores[:, 0]) / self.cfg.scoring.global_temperature  # [B]
+        global_prob = torch.sigmoid(global_logit)
+        top_mean = patch_probs.topk(self.top_k, dim=1).values.mean(dim=1)  # [B]
+        alpha = self.cfg.scoring.object_alpha
+        object_score = alpha * global_prob + (1.0 - alpha) * top_mean
+        return {
+            "patch_logits": patch_logits,
+            "patch_probs": patch_probs,
+            "global_logit": global_logit,
+            "global_prob": global_prob,
+            "object_score": object_score,
+            "patch_embed": patch_embed,
+            "geo_desc": geo_desc,
+        }
