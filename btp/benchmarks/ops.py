@@ -1,0 +1,325 @@
+"""`btp-bench ops`: our FPS and kNN (btp.geometry) against the libraries, same inputs, outputs checked.
+
+For every (N, G) the same unit-sphere cloud (sampled from a real mesh) goes to every
+implementation; K = 32. Each row has the median time, its ratio to ours, and a check of its
+output against the truth:
+
+- FPS truth: ``btp.geometry.fps_reference`` (the rule) where N*G is small enough, else ours
+  (tests/test_geometry.py pins ours == reference). ``same_order`` = fraction of the G positions
+  whose index equals the truth's; ``cover`` = covering radius (max distance of any point to
+  its nearest sample) relative to the truth's — the quality an approximate FPS gives up.
+  ``same_set`` = fraction of the truth's centres picked at all: the encoder is permutation-
+  equivariant over patches, so an identical *set* in another order gives the same scores.
+- kNN truth: ``btp.geometry.knn_reference`` where N*G is small enough, else ours. ``same_set``
+  = mean fraction of each row's index set found; ``same_order`` = identical positions;
+  ``quality`` = max abs error of the sorted squared distances.
+
+Times include what a caller pays per scan: building the tree, converting to the library's
+point type. Libraries run on all usable cores (their defaults); ours too.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from btp.benchmarks.data import sample_cloud, unit_sphere
+from btp.benchmarks.stats import median_ms
+
+DEFAULT_POINTS = (2048, 8192, 40000, 400000)
+DEFAULT_GROUPS = (512, 1024)
+DEFAULT_K = 32
+# truth by the numpy reference only below these sizes (it is O(N*G) in Python-driven numpy)
+_FPS_REFERENCE_MAX = 50_000_000
+_KNN_REFERENCE_MAX = 1 << 24
+# the implementations that are ours (ratios are against "ours"; the goal against libraries)
+OURS = "btp.geometry"
+REFERENCE = "numpy reference"
+
+
+@dataclass(frozen=True)
+class OpRow:
+    op: str  # "fps" | "knn"
+    impl: str
+    n_points: int
+    n_groups: int
+    k: int | None
+    median_ms: float | None  # None when skipped
+    same_order: float | None  # fraction of positions whose index equals the truth's
+    same_set: float | None  # fps: |set ∩ truth set| / G; knn: mean per-row |set ∩ truth set| / K
+    quality: float | None  # fps: covering-radius ratio to the truth; knn: max abs dist2 error
+    exact: bool  # fps: identical index sequence; knn: identical index sets and distances
+    note: str = ""
+    skipped: str = ""  # reason, when the implementation could not run
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- FPS implementations: (points float32 [N,3], n, start) -> int64 [n] -----------------------
+
+def _fps_ours(pts, n, start):
+    from btp.geometry import fps
+
+    return fps(pts, n, start)
+
+
+def _fps_reference(pts, n, start):
+    from btp.geometry import fps_reference
+
+    return fps_reference(pts, n, start)
+
+
+def _fps_fpsample_vanilla(pts, n, start):
+    import fpsample
+
+    return fpsample.fps_sampling(pts, n, start_idx=start).astype(np.int64)
+
+
+def _bucket_height(n_points: int) -> int:
+    # fpsample's README: h=3 small, 5-7 medium, 9 large workloads
+    return 3 if n_points <= 4096 else 5 if n_points <= 16384 else 7
+
+
+def _fps_fpsample_bucket(pts, n, start):
+    import fpsample
+
+    return fpsample.bucket_fps_kdline_sampling(pts, n, h=_bucket_height(len(pts)), start_idx=start).astype(np.int64)
+
+
+def _fps_open3d(pts, n, start):
+    import open3d as o3d
+
+    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts.astype(np.float64)))
+    return np.asarray(cloud.farthest_point_down_sample(n, start).points, dtype=np.float32)  # points, not idx
+
+
+def _fps_torch(pts, n, start):
+    import torch
+
+    p = torch.from_numpy(pts)
+    min_d2 = torch.full((p.shape[0],), float("inf"))
+    out = torch.empty(n, dtype=torch.int64)
+    last = start
+    for i in range(n):
+        out[i] = last
+        d2 = ((p - p[last]) ** 2).sum(dim=1)
+        torch.minimum(min_d2, d2, out=min_d2)
+        last = int(torch.argmax(min_d2))
+    return out.numpy()
+
+
+FPS_IMPLS: dict[str, Callable] = {
+    OURS: _fps_ours,
+    REFERENCE: _fps_reference,
+    "fpsample vanilla": _fps_fpsample_vanilla,
+    "fpsample bucket (kdline)": _fps_fpsample_bucket,
+    "open3d farthest_point_down_sample": _fps_open3d,
+    "torch CPU loop": _fps_torch,
+}
+
+
+# ---- kNN implementations: (points [N,3], queries [G,3], k) -> (idx [G,k], dist2 [G,k]) --------
+
+def _knn_ours(pts, q, k):
+    from btp.geometry import knn
+
+    return knn(pts, q, k)
+
+
+def _knn_reference(pts, q, k):
+    from btp.geometry import knn_reference
+
+    return knn_reference(pts, q, k)
+
+
+def _knn_pykdtree(pts, q, k):
+    from pykdtree.kdtree import KDTree
+
+    d, i = KDTree(pts).query(q, k=k)
+    return i.astype(np.int64), (d.astype(np.float32) ** 2)
+
+
+def _knn_ckdtree(pts, q, k):
+    from scipy.spatial import cKDTree
+
+    d, i = cKDTree(pts).query(q, k=k, workers=-1)
+    return i.astype(np.int64), (d.astype(np.float32) ** 2)
+
+
+def _knn_open3d(pts, q, k):
+    import open3d.core as o3c
+
+    nns = o3c.nns.NearestNeighborSearch(o3c.Tensor.from_numpy(pts))
+    nns.knn_index()
+    idx, d2 = nns.knn_search(o3c.Tensor.from_numpy(np.ascontiguousarray(q)), k)
+    return idx.numpy().astype(np.int64), d2.numpy().astype(np.float32)
+
+
+def _knn_torch(pts, q, k):
+    import torch
+
+    d = torch.cdist(torch.from_numpy(q), torch.from_numpy(pts))  # [G, N]
+    d2, idx = torch.topk(d, k, dim=1, largest=False, sorted=True)
+    return idx.numpy(), (d2.numpy() ** 2)
+
+
+KNN_IMPLS: dict[str, Callable] = {
+    OURS: _knn_ours,
+    REFERENCE: _knn_reference,
+    "pykdtree": _knn_pykdtree,
+    "scipy cKDTree": _knn_ckdtree,
+    "open3d nns (knn_search)": _knn_open3d,
+    "torch CPU cdist+topk": _knn_torch,
+}
+
+
+# ---- checks (pure) -------------------------------------------------------------------------
+
+def covering_radius(points: np.ndarray, samples: np.ndarray) -> float:
+    """max over points of the distance to the nearest sample point."""
+    from pykdtree.kdtree import KDTree
+
+    d, _ = KDTree(np.ascontiguousarray(samples, dtype=np.float32)).query(points, k=1)
+    return float(np.max(d))
+
+
+def order_agreement(truth_idx: np.ndarray, idx: np.ndarray) -> float:
+    """Fraction of positions whose index equals the truth's (any shape)."""
+    return float(np.mean(np.asarray(truth_idx) == np.asarray(idx)))
+
+
+def set_agreement(truth_idx: np.ndarray, idx: np.ndarray) -> float:
+    """|truth ∩ idx| / len(truth) for 1-D index arrays."""
+    truth_idx = np.asarray(truth_idx)
+    return len(np.intersect1d(truth_idx, np.asarray(idx))) / len(truth_idx)
+
+
+def knn_agreement(truth_idx: np.ndarray, idx: np.ndarray) -> float:
+    """Mean over rows of |truth set ∩ set| / k."""
+    truth_idx, idx = np.asarray(truth_idx), np.asarray(idx)
+    k = truth_idx.shape[1]
+    return float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(truth_idx, idx)]))
+
+
+# ---- runner --------------------------------------------------------------------------------
+
+def _run_fps(name, fn, pts, g, truth_idx, truth_cover, repeat, max_s):
+    if name == REFERENCE and len(pts) * g > _FPS_REFERENCE_MAX:
+        return OpRow("fps", name, len(pts), g, None, None, None, None, None, False,
+                     skipped=f"numpy reference skipped above N*G = {_FPS_REFERENCE_MAX:.0e} (takes seconds)")
+    ms, out = median_ms(lambda: fn(pts, g, 0), repeat=repeat, max_s=max_s)
+    note = ""
+    if out.dtype != np.int64 and out.ndim == 2:  # open3d returns the sampled points: map back
+        from pykdtree.kdtree import KDTree
+
+        d, out = KDTree(pts).query(np.ascontiguousarray(out, dtype=np.float32), k=1)
+        out = out.astype(np.int64)
+        note = "returns points; indices recovered by exact coordinate match"
+    if name == "fpsample bucket (kdline)":
+        note = f"h={_bucket_height(len(pts))}; ignores start_idx order (anchors.md)"
+    same = order_agreement(truth_idx, out)
+    cover = covering_radius(pts, pts[out]) / truth_cover
+    return OpRow("fps", name, len(pts), g, None, ms, same, set_agreement(truth_idx, out), cover, same == 1.0, note)
+
+
+def _run_knn(name, fn, pts, q, k, truth, repeat, max_s):
+    if name == REFERENCE and len(pts) * len(q) > _KNN_REFERENCE_MAX:
+        return OpRow("knn", name, len(pts), len(q), k, None, None, None, None, False,
+                     skipped=f"numpy brute force skipped above N*G = {_KNN_REFERENCE_MAX:.1e}")
+    ms, (idx, d2) = median_ms(lambda: fn(pts, q, k), repeat=repeat, max_s=max_s)
+    same = knn_agreement(truth[0], idx)
+    err = float(np.max(np.abs(np.sort(d2, axis=1) - truth[1])))
+    exact = same == 1.0 and err <= 1e-6 * max(1.0, float(np.max(truth[1])))
+    note = "brute force via matmul expansion" if name.startswith("torch") else ""
+    return OpRow("knn", name, len(pts), len(q), k, ms, order_agreement(truth[0], idx), same, err, exact, note)
+
+
+def run_ops(points: Sequence[int] = DEFAULT_POINTS, groups: Sequence[int] = DEFAULT_GROUPS,
+            k: int = DEFAULT_K, *, impls: Sequence[str] | None = None, mesh: str | None = None,
+            repeat: int = 7, max_s: float = 5.0, threads: int | None = None,
+            progress: Callable[[str], None] | None = None) -> list[OpRow]:
+    """Benchmark every FPS and kNN implementation at every (N, G); returns one row per run."""
+    if threads is not None:
+        _set_threads(threads)
+    rows: list[OpRow] = []
+    for n in points:
+        pts = unit_sphere(sample_cloud(n, mesh=mesh, seed=0))
+        for g in groups:
+            if g > n:
+                continue
+            truth_fn = _fps_reference if n * g <= _FPS_REFERENCE_MAX else _fps_ours
+            truth_idx = truth_fn(pts, g, 0)
+            truth_cover = covering_radius(pts, pts[truth_idx])
+            queries = pts[truth_idx]
+            knn_truth = (_knn_reference if n * g <= _KNN_REFERENCE_MAX else _knn_ours)(pts, queries, k)
+            for name, fn in FPS_IMPLS.items():
+                if impls and name not in impls and name != OURS:
+                    continue
+                if progress:
+                    progress(f"fps  N={n} G={g} {name}")
+                rows.append(_guard(lambda: _run_fps(name, fn, pts, g, truth_idx, truth_cover, repeat, max_s),
+                                   "fps", name, n, g, None))
+            for name, fn in KNN_IMPLS.items():
+                if impls and name not in impls and name != OURS:
+                    continue
+                if progress:
+                    progress(f"knn  N={n} G={g} {name}")
+                rows.append(_guard(lambda: _run_knn(name, fn, pts, queries, k, knn_truth, repeat, max_s),
+                                   "knn", name, n, g, k))
+    return rows
+
+
+def _guard(call, op, name, n, g, k) -> OpRow:
+    try:
+        return call()
+    except ImportError as exc:
+        return OpRow(op, name, n, g, k, None, None, None, None, False, skipped=f"not installed: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a failing library is a row, never a crash
+        return OpRow(op, name, n, g, k, None, None, None, None, False, skipped=f"{type(exc).__name__}: {exc}")
+
+
+def _set_threads(threads: int) -> None:
+    import os
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # pykdtree reads it at import
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+
+
+# ---- ratios and the goal -------------------------------------------------------------------
+
+def ops_summary(rows: Sequence[OpRow], goal_ratio: float = 1.2) -> list[dict]:
+    """Per (op, N, G): ours, the best library overall, the best library with the same output,
+    and the ratios.
+
+    Libraries = every implementation but ours and the numpy reference. "Same output" = the
+    identical index set (FPS centres in any order / kNN rows). ``meets_goal`` = ours <=
+    goal_ratio x the best library of all (the issue's goal: approximate FPS counts too).
+    """
+    out = []
+    keys = sorted({(r.op, r.n_points, r.n_groups) for r in rows})
+    for op, n, g in keys:
+        group = [r for r in rows if (r.op, r.n_points, r.n_groups) == (op, n, g) and r.median_ms is not None]
+        ours = next((r for r in group if r.impl == OURS), None)
+        libs = [r for r in group if r.impl not in (OURS, REFERENCE)]
+        if ours is None or not libs:
+            continue
+        best = min(libs, key=lambda r: r.median_ms)
+        exact_libs = [r for r in libs if r.same_set == 1.0]
+        best_exact = min(exact_libs, key=lambda r: r.median_ms) if exact_libs else None
+        ratio = ours.median_ms / best.median_ms
+        out.append({
+            "op": op, "n_points": n, "n_groups": g, "ours_ms": ours.median_ms, "ours_exact": ours.exact,
+            "best_library": best.impl, "best_ms": best.median_ms, "ratio_vs_best": ratio,
+            "best_exact_library": best_exact.impl if best_exact else None,
+            "best_exact_ms": best_exact.median_ms if best_exact else None,
+            "ratio_vs_best_exact": ours.median_ms / best_exact.median_ms if best_exact else None,
+            "meets_goal": ratio <= goal_ratio,
+        })
+    return out
