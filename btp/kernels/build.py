@@ -1,0 +1,153 @@
+"""Compiling the kernel source: nvcc -> fatbin (GPU) and g++ -> shared library (CPU emulation).
+
+Everything is cached by a hash of the sources, the compiler's version and the flags, under
+``$BTP_CACHE_DIR`` or ``~/.cache/btp`` (``kernels/<hash>/``). Builds write to a temporary name
+and rename, so concurrent processes never see half a file. Torch-free, pycuda-free.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from btp.errors import NotAvailableError
+from btp.kernels.launch import KERNEL_FILES
+
+KERNEL_DIR = Path(__file__).resolve().parent
+EMU_DIR = KERNEL_DIR / "emu"
+COMMON_HEADERS = ("btp_common.cuh",)
+
+# Turing, Ampere (A100, RTX 30), Orin, Ada, Hopper, Blackwell (B200), Thor, Blackwell (RTX 50).
+# Xavier (sm_72) is not in CUDA 13: there the kernels compile from source with JetPack's nvcc.
+FATBIN_ARCHS = (75, 80, 86, 87, 89, 90, 100, 110, 120)
+# PTX of the lowest arch rides along: the driver JIT-compiles it on GPUs newer than the list.
+PTX_ARCH = 75
+NVCC_FLAGS = ("-std=c++14", "-O3", "-lineinfo", "-Werror", "all-warnings")
+EMU_FLAGS = ("-std=c++20", "-O1", "-ffp-contract=off", "-pthread", "-fPIC", "-shared",
+             "-Wall", "-Wextra", "-Werror")
+
+
+def cache_dir() -> Path:
+    """$BTP_CACHE_DIR or ~/.cache/btp."""
+    return Path(os.environ.get("BTP_CACHE_DIR", Path.home() / ".cache" / "btp")).expanduser()
+
+
+def source_hash(paths, *extra: str) -> str:
+    """sha256 over the files' names and bytes plus any extra strings (compiler, flags); 16 hex."""
+    h = hashlib.sha256()
+    for path in sorted(Path(p) for p in paths):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for item in extra:
+        h.update(item.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def kernel_sources() -> list[Path]:
+    """The .cu files and the headers they include."""
+    return [KERNEL_DIR / f for f in (*KERNEL_FILES, *COMMON_HEADERS)]
+
+
+def find_nvcc() -> str | None:
+    """$CUDACXX, nvcc on PATH, or /usr/local/cuda/bin/nvcc; None when absent."""
+    for candidate in (os.environ.get("CUDACXX"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@lru_cache(maxsize=8)
+def nvcc_version(nvcc: str) -> str:
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else out.strip().splitlines()[-1]
+
+
+@lru_cache(maxsize=8)
+def nvcc_archs(nvcc: str) -> tuple[int, ...]:
+    """The sm_XY numbers this nvcc can target (`nvcc --list-gpu-arch`, CUDA 11.1+)."""
+    out = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True).stdout
+    return tuple(sorted({int(m) for m in re.findall(r"compute_(\d+)", out)}))
+
+
+def gencode_flags(archs, ptx_arch: int | None) -> list[str]:
+    """-gencode flags: SASS for every arch in ``archs`` + PTX for ``ptx_arch`` (pure)."""
+    flags = []
+    for arch in archs:
+        flags += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+    if ptx_arch is not None:
+        flags += ["-gencode", f"arch=compute_{ptx_arch},code=compute_{ptx_arch}"]
+    return flags
+
+
+def fatbin_command(nvcc: str, source: Path, output: Path, archs, ptx_arch: int | None = PTX_ARCH,
+                   extra=()) -> list[str]:
+    """The nvcc command line that builds one .cu into a fatbin (pure; see compile_fatbin)."""
+    return [nvcc, "-fatbin", *NVCC_FLAGS, *gencode_flags(archs, ptx_arch), "-I", str(KERNEL_DIR),
+            *extra, "-o", str(output), str(source)]
+
+
+def _atomic_build(target: Path, build) -> Path:
+    """Run build(tmp_path) and rename the result to target (safe under concurrent builders)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        build(Path(tmp))
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def compile_fatbin(source_name: str, nvcc: str | None = None, archs=None) -> Path:
+    """btp/kernels/<source_name> -> cached fatbin path (SASS for FATBIN_ARCHS this nvcc knows)."""
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise NotAvailableError("nvcc not found (set CUDACXX or put the CUDA toolkit's bin on PATH); "
+                                "it is needed once to build the kernels' fatbin")
+    known = nvcc_archs(nvcc)
+    wanted = tuple(a for a in (archs or FATBIN_ARCHS) if not known or a in known)
+    ptx = PTX_ARCH if not known or PTX_ARCH in known else (min(known) if known else None)
+    source = KERNEL_DIR / source_name
+    key = source_hash([source, *(KERNEL_DIR / h for h in COMMON_HEADERS)], nvcc_version(nvcc),
+                      " ".join(fatbin_command("nvcc", Path(source_name), Path("o"), wanted, ptx)))
+    target = cache_dir() / "kernels" / key / (Path(source_name).stem + ".fatbin")
+    if target.is_file():
+        return target
+
+    def build(tmp: Path) -> None:
+        cmd = fatbin_command(nvcc, source, tmp, wanted, ptx)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"nvcc failed on {source}:\n{' '.join(cmd)}\n{proc.stderr}")
+
+    return _atomic_build(target, build)
+
+
+def emu_library() -> Path:
+    """Build (once per source hash) the CPU emulation of the kernels: btp_emu.so."""
+    cxx = os.environ.get("CXX") or shutil.which("g++")
+    if cxx is None:
+        raise NotAvailableError("g++ not found: the CPU emulation of the CUDA kernels needs a C++20 "
+                                "compiler (Debian: apt-get install g++)")
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    sources = [*kernel_sources(), EMU_DIR / "cuda_emu.h", EMU_DIR / "emu_entry.cpp"]
+    key = source_hash(sources, version, " ".join(EMU_FLAGS))
+    target = cache_dir() / "kernels" / key / "btp_emu.so"
+    if target.is_file():
+        return target
+
+    def build(tmp: Path) -> None:
+        cmd = [cxx, *EMU_FLAGS, "-include", str(EMU_DIR / "cuda_emu.h"), "-o", str(tmp),
+               str(EMU_DIR / "emu_entry.cpp")]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"building the kernel emulation failed:\n{' '.join(cmd)}\n{proc.stderr}")
+
+    return _atomic_build(target, build)
