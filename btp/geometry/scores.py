@@ -5,7 +5,7 @@ import numpy as np
 
 from btp.geometry._checks import as_points
 from btp.geometry.errors import GeometryError
-from btp.geometry.neighbors import knn
+from btp.geometry.neighbors import knn, knn_candidates
 
 INTERPOLATION_METHODS = ("nearest", "idw3")
 
@@ -62,11 +62,11 @@ def interpolate_to_raw(sampled_xyz, sampled_scores, raw_xyz, method: str = "near
         raise GeometryError(f"sampled_scores: shape {scores.shape}, expected [{src.shape[0]}] "
                             f"(one score per sampled point)")
     if method == "nearest":
-        idx, _ = knn(src, dst, 1)
+        idx, _ = knn_candidates(src, dst, 1, extra=1)  # [M, 1]
         return scores[idx[:, 0]]
     if method == "idw3":
         k = min(3, src.shape[0])
-        idx, dist2 = knn(src, dst, k)  # [M, k]
+        idx, dist2 = knn_candidates(src, dst, k, extra=1)  # [M, k]
         weights = 1.0 / np.sqrt(np.maximum(dist2.astype(np.float64), 1e-24))  # [M, k]
         out = (weights * scores[idx]).sum(axis=1) / weights.sum(axis=1)
         exact = dist2[:, 0] == 0
