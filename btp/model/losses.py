@@ -1,0 +1,98 @@
+"""BTP's joint loss (spec "Training"):
+
+    total = focal(point logits, point labels; gamma, alpha) + dice_weight * dice(point probs)
+          + global_weight * BCE(a * global_logit + (1 - a) * max patch logit, object label)
+          + geometric_weight * geometric(GFCM descriptors, patch FPFH)
+
+Point logits are the patch logits propagated to the N points (mean over containing patches).
+The geometric term is InfoNCE (temperature cfg.gfcm.temperature) by default; cosine and MSE
+are the alternatives (cfg.gfcm.loss).
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from btp.config import GFCMConfig, LossConfig
+from btp.model.scoring import point_logits_from_patches
+
+
+def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0, alpha: float = 0.25) -> torch.Tensor:
+    """Sigmoid focal loss (RetinaNet form; alpha weighs the positives), mean over elements."""
+    labels = labels.to(logits.dtype)
+    ce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    p = torch.sigmoid(logits)
+    p_t = p * labels + (1 - p) * (1 - labels)
+    alpha_t = alpha * labels + (1 - alpha) * (1 - labels)
+    return (alpha_t * (1 - p_t) ** gamma * ce).mean()
+
+
+def dice_loss(probs: torch.Tensor, labels: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice per sample ([B, N]), averaged over the batch (eps smooths all-normal samples)."""
+    labels = labels.to(probs.dtype)
+    inter = (probs * labels).sum(dim=-1)
+    return (1 - (2 * inter + eps) / (probs.sum(dim=-1) + labels.sum(dim=-1) + eps)).mean()
+
+
+def geometric_loss(geo_desc: torch.Tensor, fpfh: torch.Tensor, kind: str = "infonce",
+                   temperature: float = 0.1) -> torch.Tensor:
+    """GFCM descriptors [B, G, 33] vs patch FPFH targets [B, G, 33].
+
+    infonce: per cloud, patch i's descriptor must pick its own FPFH among the cloud's G patches
+             (cosine similarities / temperature, cross-entropy both ways, averaged);
+    cosine:  mean(1 - cos(desc, fpfh)); mse: mean squared error against the targets as given.
+    """
+    if geo_desc.shape != fpfh.shape:
+        raise ValueError(f"geo_desc {tuple(geo_desc.shape)} and fpfh {tuple(fpfh.shape)} differ")
+    fpfh = fpfh.to(geo_desc.dtype)
+    if kind == "mse":
+        return F.mse_loss(geo_desc, fpfh)
+    d, t = F.normalize(geo_desc, dim=-1), F.normalize(fpfh, dim=-1)
+    if kind == "cosine":
+        return (1 - (d * t).sum(dim=-1)).mean()
+    if kind == "infonce":
+        sim = d @ t.transpose(1, 2) / temperature  # [B, G, G]
+        b, g, _ = sim.shape
+        target = torch.arange(g, device=sim.device).expand(b, g).reshape(-1)
+        forward = F.cross_entropy(sim.reshape(b * g, g), target)
+        backward = F.cross_entropy(sim.transpose(1, 2).reshape(b * g, g), target)
+        return 0.5 * (forward + backward)
+    raise ValueError(f"unknown geometric loss {kind!r}: expected 'infonce', 'cosine' or 'mse'")
+
+
+def btp_loss(
+    outputs: Mapping[str, torch.Tensor],
+    batch: Mapping[str, torch.Tensor],
+    cfg: LossConfig,
+    *,
+    gfcm: GFCMConfig | None = None,
+    object_alpha: float = 0.5,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """-> (total loss, parts {focal, dice, global, geometric} detached).
+
+    outputs: BTPModel.forward's dict (`patch_logits [B,G]`, `global_logit [B]`, `geo_desc [B,G,33]`).
+    batch:   `patch_idx [B,G,K]` int64, `point_labels [B,N]` (0/1), `object_label [B]` (0/1);
+             optional `points [B,N,3]` + `center [B,G,3]` (points in no patch take their nearest
+             centre's logit) and `fpfh [B,G,33]` (without it the geometric term is 0).
+    object_alpha: the a of the global term (pass cfg.scoring.object_alpha).
+    """
+    gfcm = gfcm or GFCMConfig()
+    patch_logits = outputs["patch_logits"]
+    point_labels = batch["point_labels"]
+    point_logits = point_logits_from_patches(
+        patch_logits, batch["patch_idx"], point_labels.shape[1],
+        points=batch.get("points"), center=batch.get("center"),
+    )  # [B, N]
+    focal = focal_loss(point_logits, point_labels, cfg.focal_gamma, cfg.focal_alpha)
+    dice = dice_loss(torch.sigmoid(point_logits), point_labels)
+    object_logit = object_alpha * outputs["global_logit"] + (1 - object_alpha) * patch_logits.max(dim=1).values
+    global_term = F.binary_cross_entropy_with_logits(object_logit, batch["object_label"].to(object_logit.dtype))
+    if "fpfh" in batch and batch["fpfh"] is not None:
+        geometric = geometric_loss(outputs["geo_desc"], batch["fpfh"], gfcm.loss, gfcm.temperature)
+    else:
+        geometric = patch_logits.new_zeros(())
+    total = focal + cfg.dice_weight * dice + cfg.global_weight * global_term + cfg.geometric_weight * geometric
+    parts = {"focal": focal, "dice": dice, "global": global_term, "geometric": geometric}
+    return total, {k: v.detach() for k, v in parts.items()}
