@@ -1,9 +1,10 @@
 """``.ply`` files: header parsing (to catch truncation), vertex reading, binary writer.
 
-Binary PLY whose elements before and including ``vertex`` have only scalar properties (every
-point cloud and most meshes) is read with numpy directly: exact, fast, and it keeps extra
-vertex properties such as ``label``. Anything else (ascii PLY, list properties before the
-vertices) goes through open3d, and its point count is checked against the header's.
+Vertices are read with numpy directly - exact, fast, and extra vertex properties such as
+``label`` are kept: binary PLY whose elements before and including ``vertex`` have only scalar
+properties (every point cloud and most meshes), and ascii PLY (one line per element instance).
+Only a binary PLY with list properties before its vertices goes through open3d (whose reader
+zero-fills a truncated file without saying so; there the caller checks what it can).
 Torch-free.
 """
 from __future__ import annotations
@@ -78,7 +79,7 @@ def read_header(path: Path, raw: bytes) -> PLYHeader:
 
 
 def read_binary_vertices(path: Path, raw: bytes, header: PLYHeader) -> np.ndarray | None:
-    """Vertex records as a structured array ``[V]``, or ``None`` when numpy cannot read them directly."""
+    """Binary vertex records as a structured array ``[V]``, or ``None`` when numpy cannot read them directly."""
     if header.format == "ascii":
         return None
     endian = "<" if header.format == "binary_little_endian" else ">"
@@ -97,6 +98,37 @@ def read_binary_vertices(path: Path, raw: bytes, header: PLYHeader) -> np.ndarra
             return np.frombuffer(raw, dtype=dtype, count=element.count, offset=offset).copy()
         offset += element.count * dtype.itemsize
     return None
+
+
+def read_ascii_vertices(path: Path, raw: bytes, header: PLYHeader) -> np.ndarray | None:
+    """Vertex records of an ascii PLY as a structured array ``[V]`` (None: list properties)."""
+    if header.format != "ascii":
+        return None
+    vertex = header.element("vertex")
+    if vertex is None or vertex.has_list:
+        return None
+    skip = 0
+    for element in header.elements:
+        if element.name == "vertex":
+            break
+        skip += element.count
+    lines = raw[header.data_offset:].decode("ascii", errors="replace").splitlines()
+    rows = [ln for ln in lines if ln.strip()][skip:skip + vertex.count]
+    columns = len(vertex.properties)
+    if len(rows) < vertex.count or (rows and len(rows[-1].split()) < columns):
+        whole = len(rows) - (1 if rows and len(rows[-1].split()) < columns else 0)
+        raise TruncatedFileError(path, f"ascii PLY announces {vertex.count} vertices but only {whole} whole "
+                                       "vertex rows follow: re-copy the file")
+    try:
+        values = np.loadtxt(rows, dtype=np.float64, ndmin=2)
+    except ValueError as err:
+        raise MalformedFileError(path, f"ascii PLY vertex rows do not parse as numbers ({err})") from None
+    if values.shape[1] != columns:
+        raise MalformedFileError(path, f"ascii PLY vertex rows have {values.shape[1]} values, header says {columns}")
+    records = np.zeros(vertex.count, dtype=[(name, _PLY_TYPES[typ]) for name, typ in vertex.properties])
+    for i, (name, _) in enumerate(vertex.properties):
+        records[name] = values[:, i]
+    return records
 
 
 def encode_binary(points: np.ndarray, scalars: np.ndarray | None, colors_u8: np.ndarray | None) -> bytes:

@@ -174,7 +174,10 @@ def _read_ply(path: Path):
         raise MalformedFileError(path, "the PLY has no 'vertex' element")
     if vertex.count == 0:
         raise EmptyCloudError(path, "the PLY header announces 0 vertices")
-    records = _ply.read_binary_vertices(path, raw, header)
+    if header.format == "ascii":
+        records = _ply.read_ascii_vertices(path, raw, header)
+    else:
+        records = _ply.read_binary_vertices(path, raw, header)
     if records is None:
         return _read_ply_open3d(path, vertex.count)
     names = records.dtype.names
@@ -198,7 +201,7 @@ def _read_ply_open3d(path: Path, announced: int):
 
     cloud = o3d.io.read_point_cloud(str(path), format="ply")
     points = np.asarray(cloud.points)
-    if points.shape[0] < announced:
+    if points.shape[0] < announced:  # (open3d zero-fills some truncated files: only a short read shows)
         raise TruncatedFileError(path, f"the PLY header announces {announced} vertices but only "
                                        f"{points.shape[0]} could be read: re-copy the file")
     colors = np.asarray(cloud.colors, dtype=np.float32) if cloud.has_colors() else None
