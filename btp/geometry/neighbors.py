@@ -80,7 +80,8 @@ def knn(points, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
     candidate's (a tie or a rounding near-tie at the boundary) is recomputed by brute force, so
     the result never depends on pykdtree's order among equal distances.
     Measured on this 2-core box (median): N=2048, G=512, k=32: 1.4 ms (bare pykdtree query
-    0.9 ms, scipy cKDTree 2.4 ms); N=8192, G=512: 2.0 ms.
+    0.9 ms, scipy cKDTree 2.4 ms); N=8192, G=512: 2.0 ms. pykdtree runs OpenMP threads
+    (OMP_NUM_THREADS); on a CPU shared with other busy processes 1 thread gives steadier times.
     """
     return knn_candidates(points, queries, k, extra=_KNN_EXTRA)
 
@@ -177,6 +178,8 @@ def group_batch(points, num_group: int, group_size: int, *, start_idx: int = 0, 
     arr = np.asarray(points)
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise GeometryError(f"points: expected a batch of shape [B, N, 3], got {arr.shape}")
+    if arr.shape[0] == 0:
+        raise GeometryError("points: empty batch (B = 0); pass at least one cloud")
     if colors is not None and np.shape(colors) != arr.shape:
         raise GeometryError(f"colors: shape {np.shape(colors)} does not match points {arr.shape}")
     per_cloud = [group(arr[b], num_group, group_size, start_idx=start_idx,
