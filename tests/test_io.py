@@ -181,6 +181,21 @@ def test_read_ply_written_by_open3d(tmp_path, cloud, ascii_ply):
     assert np.abs(back.colors - colors).max() <= 0.5 / 255 + 1e-6
 
 
+@pytest.mark.parametrize("endian", ["<", ">"])
+def test_binary_ply_label_property_both_endians(tmp_path, cloud, endian):
+    points, labels, _ = cloud
+    rec = np.zeros(N, dtype=[("x", endian + "f4"), ("y", endian + "f4"), ("z", endian + "f4"),
+                             ("label", endian + "i4")])
+    rec["x"], rec["y"], rec["z"], rec["label"] = points[:, 0], points[:, 1], points[:, 2], labels
+    fmt = "binary_little_endian" if endian == "<" else "binary_big_endian"
+    header = (f"ply\nformat {fmt} 1.0\nelement vertex {N}\nproperty float x\nproperty float y\n"
+              "property float z\nproperty int label\nend_header\n")
+    path = tmp_path / "labelled.ply"
+    path.write_bytes(header.encode() + rec.tobytes())
+    back = read_point_cloud(path)
+    assert np.array_equal(back.points, points) and np.array_equal(back.labels, labels)
+
+
 def test_read_mesh_ply_gives_its_vertices(bunny_mesh, bunny):
     vertices, _ = bunny
     back = read_point_cloud(bunny_mesh)
@@ -216,6 +231,20 @@ def test_pcd_label_field_is_read(tmp_path, cloud, mode):
     back = read_point_cloud(path)
     assert back.labels.dtype == np.int64 and np.array_equal(back.labels, labels)
     assert np.allclose(back.points, points, atol=1e-6)
+
+
+def test_ascii_pcd_packed_rgb_both_spellings(tmp_path, cloud):
+    """PCL prints TYPE F rgb in ascii as the uint32 integer; other writers print the denormal float."""
+    points, _, colors = cloud
+    u8 = np.round(colors * 255).astype(np.uint32)
+    bits = (u8[:, 0] << 16) | (u8[:, 1] << 8) | u8[:, 2]
+    header = (f"VERSION 0.7\nFIELDS x y z rgb\nSIZE 4 4 4 4\nTYPE F F F F\nCOUNT 1 1 1 1\nWIDTH {N}\n"
+              f"HEIGHT 1\nVIEWPOINT 0 0 0 1 0 0 0\nPOINTS {N}\nDATA ascii\n")
+    for name, packed in (("as_int", [str(b) for b in bits]), ("as_float", [f"{f:.9g}" for f in bits.view(np.float32)])):
+        rows = "".join(f"{x:.9g} {y:.9g} {z:.9g} {p}\n" for (x, y, z), p in zip(points, packed))
+        (tmp_path / f"{name}.pcd").write_text(header + rows)
+        back = read_point_cloud(tmp_path / f"{name}.pcd")
+        assert np.array_equal(np.round(back.colors * 255).astype(np.uint32), u8), name
 
 
 def test_lzf_decoder_matches_open3d_on_back_references(tmp_path):

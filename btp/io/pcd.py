@@ -153,12 +153,14 @@ def _read_ascii(path: Path, raw: bytes, header: PCDHeader, dtype: np.dtype) -> n
         block = values[:, col:col + count]
         col += count
         if name in ("rgb", "rgba") and count == 1 and size == 4:
-            # PCL writes packed colour as the decimal of either the float or the uint32 view.
+            # PCL and open3d write packed colour in ascii as the uint32 integer even for TYPE F;
+            # other writers print the float whose bits are 0x00RRGGBB (a tiny denormal).
             packed = block[:, 0]
-            if typ == "F":
-                records[name] = packed.astype(np.float32)
+            if np.all(np.isfinite(packed)) and np.array_equal(packed, np.rint(packed)) and (packed >= 0).all():
+                bits = packed.astype(np.uint32)
             else:
-                records[name] = packed.astype(np.uint32)
+                bits = packed.astype(np.float32).view(np.uint32)
+            records[name] = bits.view(np.float32) if typ == "F" else bits
             continue
         records[name] = block[:, 0] if count == 1 else block
     return records

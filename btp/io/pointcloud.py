@@ -84,8 +84,8 @@ def read_point_cloud(path: str | os.PathLike, *, min_points: int = 1) -> PointCl
         raise UnsupportedFormatError(path, f"unknown point-cloud extension {path.suffix!r}; "
                                            f"supported: {', '.join(READ_SUFFIXES)}")
     if not path.exists():
-        raise MissingFileError(path, "no such file: check the path (relative paths start at "
-                                     f"{Path.cwd()})")
+        hint = "" if path.is_absolute() else f" (relative paths start at {Path.cwd()})"
+        raise MissingFileError(path, f"no such file: check the path{hint}")
     if not path.is_file():
         raise MissingFileError(path, "is a directory, not a point-cloud file")
     if path.stat().st_size == 0:
