@@ -151,3 +151,71 @@ def emu_library() -> Path:
             raise RuntimeError(f"building the kernel emulation failed:\n{' '.join(cmd)}\n{proc.stderr}")
 
     return _atomic_build(target, build)
+
+
+# ---- resource report (CI check without a GPU) ------------------------------------------------
+
+def resource_command(nvcc: str, source: Path, arch: int, output: Path) -> list[str]:
+    """nvcc -cubin for one arch with warnings as errors and ptxas' per-kernel resource report."""
+    return [nvcc, "-cubin", *NVCC_FLAGS, f"-arch=sm_{arch}", "--resource-usage", "-Xptxas", "-warn-spills",
+            "-I", str(KERNEL_DIR), "-o", str(output), str(source)]
+
+
+_FUNC_RE = re.compile(r"Function properties for (\w+)")
+_FRAME_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS_RE = re.compile(r"Compiling entry function '(\w+)' for 'sm_(\d+)'|Used (\d+) registers")
+
+
+def parse_resource_usage(text: str) -> dict[str, dict[str, int]]:
+    """ptxas --resource-usage output -> {kernel: {stack_frame, spill_stores, spill_loads, registers}}.
+
+    Reads the 'Function properties for K' block (stack frame, spills) and the 'Used N registers'
+    line that follows 'Compiling entry function K'.
+    """
+    usage: dict[str, dict[str, int]] = {}
+    current = None
+    entry = None
+    for line in text.splitlines():
+        match = _FUNC_RE.search(line)
+        if match:
+            current = match.group(1)
+            usage.setdefault(current, {})
+            continue
+        match = _FRAME_RE.search(line)
+        if match and current is not None:
+            frame, stores, loads = map(int, match.groups())
+            usage[current].update(stack_frame=frame, spill_stores=stores, spill_loads=loads)
+            continue
+        match = re.search(r"Compiling entry function '(\w+)'", line)
+        if match:
+            entry = match.group(1)
+            continue
+        match = re.search(r"Used (\d+) registers", line)
+        if match and entry is not None:
+            usage.setdefault(entry, {})["registers"] = int(match.group(1))
+    return usage
+
+
+def resource_report(source_name: str, arch: int, nvcc: str | None = None) -> str:
+    """Compile btp/kernels/<source_name> for sm_<arch> (warnings are errors) and return ptxas'
+    resource report; cached by source hash. Raises RuntimeError with nvcc's output on failure."""
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise NotAvailableError("nvcc not found (set CUDACXX or put the CUDA toolkit's bin on PATH)")
+    source = KERNEL_DIR / source_name
+    key = source_hash([source, *(KERNEL_DIR / h for h in COMMON_HEADERS)], nvcc_version(nvcc),
+                      " ".join(resource_command("nvcc", Path(source_name), arch, Path("o"))))
+    target = cache_dir() / "kernels" / key / f"{Path(source_name).stem}.sm_{arch}.resources.txt"
+    if target.is_file():
+        return target.read_text()
+
+    def build(tmp: Path) -> None:
+        cubin = tmp.with_suffix(".cubin")
+        cmd = resource_command(nvcc, source, arch, cubin)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        cubin.unlink(missing_ok=True)
+        if proc.returncode:
+            raise RuntimeError(f"nvcc failed on {source} for sm_{arch}:\n{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+        tmp.write_text(proc.stdout + proc.stderr)
+
+    return _atomic_build(target, build).read_text()
