@@ -273,7 +273,11 @@ def test_text_tables(tmp_path, cloud, delimiter, header, suffix):
 
 
 def test_text_xyz_only_and_non_label_fourth_column(tmp_path, cloud):
-    points, _, _ = cloud
+    points, labels, _ = cloud
+    table = "\n".join(f"{x:.8f};{y:.8f};{z:.8f};{lab}".replace(";", ", ") for (x, y, z), lab in zip(points, labels))
+    (tmp_path / "commented.csv").write_text("# exported scan\n\n# units: m\nX, Y, Z, label\n" + table + "\n")
+    back = read_point_cloud(tmp_path / "commented.csv")
+    assert np.allclose(back.points, points, atol=1e-7) and np.array_equal(back.labels, labels)
     np.savetxt(tmp_path / "xyz.xyz", points)
     assert read_point_cloud(tmp_path / "xyz.xyz").labels is None
     np.savetxt(tmp_path / "intensity.txt", np.column_stack([points, np.linspace(0.1, 0.9, N)]))

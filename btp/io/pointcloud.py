@@ -276,10 +276,11 @@ def _is_number(word: str) -> bool:
 def _read_text(path: Path):
     """``x y z [label]`` rows, whitespace- or comma-separated, one optional header line."""
     with open(path, encoding="utf-8", errors="replace") as fh:
-        first_lines = []
-        for line in fh:
+        first_lines, first_line_number = [], 0  # the first two rows that are not blank or '#' comments
+        for number, line in enumerate(fh):
             if line.strip() and not line.lstrip().startswith("#"):
                 first_lines.append(line)
+                first_line_number = first_line_number if len(first_lines) > 1 else number
             if len(first_lines) == 2:
                 break
     if not first_lines:
@@ -295,8 +296,8 @@ def _read_text(path: Path):
         if len(first_lines) == 1:
             raise EmptyCloudError(path, "the file holds a header line but no rows")
     try:
-        array = np.loadtxt(path, dtype=np.float64, delimiter=delimiter, skiprows=1 if names else 0,
-                           comments="#", ndmin=2)
+        array = np.loadtxt(path, dtype=np.float64, delimiter=delimiter,
+                           skiprows=first_line_number + 1 if names else 0, comments="#", ndmin=2)
     except ValueError as err:
         raise _text_error(path, delimiter, names is not None, err) from None
     if names is None:
