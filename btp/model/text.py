@@ -259,7 +259,7 @@ class MiniLMTextEncoder(_FrozenEncoderMixin, nn.Module):
 
         model_dir = Path(model_dir) if model_dir else minilm_model_dir()
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        self.bert = BertModel.from_pretrained(str(model_dir), local_files_only=True, add_pooling_layer=False)
+        self.bert = BertModel.from_pretrained(str(model_dir), local_files_only=True)  # pooler unused (mean pooling)
         self.width = int(self.bert.config.hidden_size)
         self.embed_dim = self.width
         self._freeze()

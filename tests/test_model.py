@@ -1,0 +1,409 @@
+"""btp.model: the BTP network (spec sections 3-10), text encoders, prompt learning, losses, ONNX-ability."""
+from __future__ import annotations
+
+import gzip
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from btp.config import BTPConfig, GFCMConfig, TextConfig, tiny_config, ulip2_config
+from btp.geometry import fpfh_patches, group_batch, normalize, propagate_patch_scores
+from btp.io import load_mesh, sample_surface
+from btp.model import (OUTPUT_NAMES, BTPModel, MiniLMTextEncoder, OpenCLIPTextEncoder, TextNotReadyError,
+                       btp_loss, point_logits_from_patches)
+from btp.model.losses import dice_loss, focal_loss, geometric_loss
+from btp.model.pointbert import PointBERT
+from btp.model.tokenizer import CLIPTokenizer, VocabError
+
+
+
+def _mesh_paths(shapes_root, n):
+    paths = sorted(shapes_root.glob("*.ply"))
+    bunny = shapes_root / "cgal__stanford_bunny.ply"
+    others = [p for p in paths if p != bunny]
+    return ([bunny] if bunny.is_file() else []) + others[: n - (1 if bunny.is_file() else 0)]
+
+
+def real_batch(shapes_root, cfg: BTPConfig, batch_size: int = 2, *, with_fpfh: bool = False, seed: int = 0):
+    """Points sampled on real meshes, normalised, grouped as the runtime does; a spherical
+    region around one point per cloud is labelled anomalous (cloud 0 normal if batch_size > 1)."""
+    n = cfg.preprocess.num_points
+    clouds = []
+    for i, path in enumerate(_mesh_paths(shapes_root, batch_size)):
+        v, f = load_mesh(path)
+        pts, _ = sample_surface(v, f, n, seed=seed + i)
+        clouds.append(normalize(pts)[0])
+    points = np.stack(clouds)  # [B, N, 3]
+    groups = group_batch(points, cfg.encoder.num_group, cfg.encoder.group_size, start_idx=cfg.preprocess.fps_start,
+                         rgb_fill=cfg.preprocess.rgb_fill, in_channels=cfg.encoder.in_channels)
+    labels = np.zeros((batch_size, n), dtype=np.int64)
+    for b in range(1, batch_size):
+        d = np.linalg.norm(points[b] - points[b, 7], axis=1)
+        labels[b, d < np.quantile(d, 0.08)] = 1
+    batch = {
+        "neighborhood": torch.from_numpy(groups.neighborhood),
+        "center": torch.from_numpy(groups.center),
+        "patch_idx": torch.from_numpy(groups.patch_idx),
+        "center_idx": torch.from_numpy(groups.center_idx),
+        "points": torch.from_numpy(points),
+        "point_labels": torch.from_numpy(labels),
+        "object_label": torch.from_numpy((labels.sum(1) > 0).astype(np.int64)),
+    }
+    if with_fpfh:
+        batch["fpfh"] = torch.from_numpy(np.stack([fpfh_patches(points[b], groups.patch_idx[b], cfg.gfcm)
+                                                   for b in range(batch_size)]))
+    return batch
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_config()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny):
+    torch.manual_seed(0)
+    return BTPModel.with_default_text_encoder(tiny)
+
+
+@pytest.fixture(scope="module")
+def tiny_batch(shapes_root, tiny):
+    return real_batch(shapes_root, tiny, 2, with_fpfh=True)
+
+
+# ---- forward contract and scoring ------------------------------------------------------------
+
+def test_forward_outputs_follow_the_contract_and_the_scoring_spec(tiny_model, tiny_batch, tiny):
+    tiny_model.eval()
+    b, g = tiny_batch["center"].shape[:2]
+    d = tiny.text.embed_dim
+    with torch.no_grad():
+        out = tiny_model(tiny_batch["neighborhood"], tiny_batch["center"])
+        text = tiny_model.text_embeddings()
+    assert tuple(out) == OUTPUT_NAMES
+    shapes = {"patch_logits": (b, g), "patch_probs": (b, g), "global_logit": (b,), "global_prob": (b,),
+              "object_score": (b,), "patch_embed": (b, g, d), "geo_desc": (b, g, tiny.gfcm.out_dim)}
+    assert {k: tuple(v.shape) for k, v in out.items()} == shapes
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert text.shape == (2, d) and torch.allclose(text.norm(dim=-1), torch.ones(2), atol=1e-5)
+    # patch: s = Z . t ; logit = s_a - s_n ; prob = softmax([s_n, s_a])[1]
+    s = out["patch_embed"] @ text.t()
+    assert torch.allclose(out["patch_logits"], s[..., 1] - s[..., 0], atol=1e-5)
+    assert torch.allclose(out["patch_probs"], s.softmax(dim=-1)[..., 1], atol=1e-6)
+    # object: alpha * global_prob + (1 - alpha) * mean of the top 20 % patch probs
+    k = int(g * tiny.scoring.top_ratio)
+    top = torch.sort(out["patch_probs"], dim=1, descending=True).values[:, :k].mean(1)
+    a = tiny.scoring.object_alpha
+    assert torch.allclose(out["object_score"], a * out["global_prob"] + (1 - a) * top, atol=1e-6)
+    assert torch.allclose(out["global_prob"], torch.sigmoid(out["global_logit"]))
+
+
+def _reference_point_side(model: BTPModel, neighborhood, center):
+    """Spec section 3-5 written out op by op with the model's weights (independent of its forward)."""
+    pb, enc = model.point_encoder, model.cfg.encoder
+    b, g, k, c = neighborhood.shape
+    x = neighborhood.reshape(b * g, k, c).transpose(1, 2)
+    f = pb.encoder.first_conv(x)
+    f = torch.cat([f.max(2, keepdim=True).values.expand(-1, -1, k), f], 1)
+    tokens = pb.reduce_dim(pb.encoder.second_conv(f).max(2).values.reshape(b, g, -1))
+    h = torch.cat([pb.cls_token.expand(b, -1, -1), tokens], 1)
+    pos = torch.cat([pb.cls_pos.expand(b, -1, -1), pb.pos_embed(center)], 1)
+    layer_feats = []
+    for i, blk in enumerate(pb.blocks.blocks, start=1):
+        h = h + pos  # positional embedding before EVERY block
+        y = blk.norm1(h)
+        qkv = F.linear(y, blk.attn.qkv.weight)  # no bias
+        q, kk, v = qkv.reshape(b, g + 1, 3, enc.num_heads, -1).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, kk, v).transpose(1, 2).reshape(b, g + 1, -1)
+        h = h + blk.attn.proj(att)
+        h = h + blk.mlp.fc2(F.gelu(blk.mlp.fc1(blk.norm2(h))))
+        if i in enc.feature_layers:
+            layer_feats.append(F.normalize(h[:, 1:], dim=-1))
+    h = pb.norm(h)
+    glob = torch.cat([h[:, 0], h[:, 1:].max(1).values], -1) @ pb.pc_projection
+    return F.normalize(h[:, 0], dim=-1), layer_feats, glob
+
+
+def test_pointbert_matches_the_spec_written_out(tiny_model, tiny_batch):
+    tiny_model.eval()
+    with torch.no_grad():
+        feats = tiny_model.point_encoder(tiny_batch["neighborhood"], tiny_batch["center"])
+        cls, layers, glob = _reference_point_side(tiny_model, tiny_batch["neighborhood"], tiny_batch["center"])
+    assert torch.allclose(feats.cls, cls, atol=1e-5)
+    assert len(feats.layer_features) == len(layers) == len(tiny_model.cfg.encoder.feature_layers)
+    for ours, ref in zip(feats.layer_features, layers):
+        assert torch.allclose(ours, ref, atol=1e-5)
+        assert torch.allclose(ours.norm(dim=-1), torch.ones(ours.shape[:2]), atol=1e-5)
+    assert torch.allclose(feats.global_embed, glob, atol=1e-4)
+
+
+def test_feature_layers_are_one_based():
+    cfg = tiny_config()
+    cfg.encoder.feature_layers = (1, 4)
+    model = BTPModel(cfg).eval()
+    nb, ctr = torch.randn(1, cfg.encoder.num_group, cfg.encoder.group_size, 6), torch.randn(1, cfg.encoder.num_group, 3)
+    with torch.no_grad():
+        feats = model.point_encoder(nb, ctr)
+        outs = model.point_encoder.blocks(
+            torch.cat([model.point_encoder.cls_token, model.point_encoder.reduce_dim(model.point_encoder.encoder(nb))], 1),
+            torch.cat([model.point_encoder.cls_pos, model.point_encoder.pos_embed(ctr)], 1))
+    assert torch.allclose(feats.layer_features[0], F.normalize(outs[0][:, 1:], dim=-1), atol=1e-6)
+    assert torch.allclose(feats.layer_features[1], F.normalize(outs[3][:, 1:], dim=-1), atol=1e-6)
+
+
+def test_ulip2_encoder_has_the_spec_tensor_and_parameter_counts():
+    """Spec: 226 tensors, 32.5M parameters. The 226 are state-dict tensors *including* the two
+    BatchNorm layers' buffers (running_mean, running_var, num_batches_tracked: 6 tensors), i.e.
+    220 parameters + 6 buffers; `pc_projection` [768, 1280] is counted separately by ULIP
+    (it lives on the ULIP model, not in the point encoder)."""
+    cfg = ulip2_config()
+    pb = PointBERT(cfg.encoder, cfg.text.embed_dim)
+    keys = pb.backbone_state_keys()
+    params = {n: p for n, p in pb.named_parameters() if n != "pc_projection"}
+    assert len(keys) == 226
+    assert len(params) == 220
+    n_params = sum(p.numel() for p in params.values())
+    assert 32.45e6 < n_params < 32.55e6, n_params
+    sd = pb.state_dict()
+    assert sd["encoder.first_conv.0.weight"].shape == (128, 6, 1)
+    assert sd["encoder.second_conv.3.weight"].shape == (256, 512, 1)
+    assert sd["blocks.blocks.17.attn.qkv.weight"].shape == (3 * 384, 384)
+    assert "blocks.blocks.0.attn.qkv.bias" not in sd
+    assert sd["pc_projection"].shape == (768, 1280)
+
+
+def test_mgfem_uses_one_shared_layer_mlp_and_unit_layer_weights(tiny_model, tiny):
+    mg = tiny_model.mgfem
+    assert torch.equal(mg.layer_weights.detach(), torch.ones(len(tiny.encoder.feature_layers)))
+    assert mg.layer_mlp[0].in_features == tiny.encoder.trans_dim
+    assert mg.fuse[0].in_features == 3 * tiny.text.embed_dim and mg.fuse[2].out_features == tiny.text.embed_dim
+    # swapping two equally weighted layer features changes nothing: one MLP shared by all layers
+    g, d = 5, tiny.encoder.trans_dim
+    feats = [torch.randn(1, g, d) for _ in tiny.encoder.feature_layers]
+    desc, cls = torch.randn(1, g, 33), torch.randn(1, d)
+    with torch.no_grad():
+        assert torch.allclose(mg(feats, desc, cls), mg(feats[::-1], desc, cls), atol=1e-6)
+
+
+def test_gfcm_sees_absolute_patch_coordinates(tiny_model, tiny_batch):
+    """geo_desc depends on where the patch is (neighborhood + center), not only on its shape."""
+    tiny_model.eval()
+    nb, ctr = tiny_batch["neighborhood"], tiny_batch["center"]
+    with torch.no_grad():
+        a = tiny_model(nb, ctr)["geo_desc"]
+        direct = tiny_model.gfcm(nb[..., :3] + ctr[:, :, None])
+        moved = tiny_model(nb, ctr + 0.3)["geo_desc"]
+    assert torch.allclose(a, direct, atol=1e-6)
+    assert not torch.allclose(a, moved, atol=1e-3)
+
+
+# ---- text side ---------------------------------------------------------------------------------
+
+def test_prompt_context_flows_through_the_openclip_text_encoder(tiny):
+    torch.manual_seed(1)
+    model = BTPModel.with_default_text_encoder(tiny)
+    text = model.text_embeddings()
+    (text[1] - text[0]).pow(2).sum().backward()
+    grad = model.prompt_ctx.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.text_encoder.parameters())  # frozen tower
+    with torch.no_grad():
+        model.prompt_ctx.add_(0.5 * torch.randn_like(model.prompt_ctx))
+        assert not torch.allclose(model.text_embeddings(), text.detach(), atol=1e-4)
+
+
+def test_minilm_text_encoder_is_offline_and_learns_context(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    enc = MiniLMTextEncoder()
+    assert enc.embed_dim == 384 and enc.width == 384
+    ctx = torch.nn.Parameter(torch.randn(4, 384) * 0.02)
+    texts = ["normal object.", "defective object."]
+    emb = enc.encode_with_context(ctx, texts)
+    assert emb.shape == (2, 384)
+    emb[0].dot(emb[1]).backward()
+    assert ctx.grad.abs().sum() > 0
+    with torch.no_grad():
+        other = enc.encode_with_context(ctx + 0.05 * torch.randn_like(ctx), texts)  # (a constant shift would vanish in BERT's embedding LayerNorm)
+        # without context the encoder is plain sentence embedding: equal texts agree, different ones do not
+        assert not torch.allclose(other, emb, atol=1e-4)
+        plain = F.normalize(enc.encode_with_context(torch.zeros(0, 384), ["a chair.", "a chair.", "a dog."]), dim=-1)
+    assert plain[0].dot(plain[1]) > 0.999 and plain[0].dot(plain[2]) < 0.9
+
+
+def test_freeze_text_makes_forward_independent_of_the_text_encoder(tiny, tiny_batch):
+    torch.manual_seed(2)
+    model = BTPModel.with_default_text_encoder(tiny).eval()
+    with torch.no_grad():
+        before = model(tiny_batch["neighborhood"], tiny_batch["center"])
+    frozen = model.freeze_text(drop_encoder=True)
+    assert model.text_encoder is None and "frozen_text" in model.state_dict()
+    assert model.state_dict()["frozen_text"].shape == (2, tiny.text.embed_dim)
+    with torch.no_grad():
+        after = model(tiny_batch["neighborhood"], tiny_batch["center"])
+    for name in OUTPUT_NAMES:
+        assert torch.allclose(before[name], after[name], atol=1e-6), name
+    assert torch.equal(model.text_embeddings(), frozen)
+    bare = BTPModel(tiny)
+    with pytest.raises(TextNotReadyError):
+        bare(tiny_batch["neighborhood"], tiny_batch["center"])
+
+
+def test_clip_tokenizer_matches_openai_clip_ids():
+    tok = CLIPTokenizer()
+    assert tok.vocab_size == 49408 and (tok.sot_id, tok.eot_id) == (49406, 49407)
+    # ids published with OpenAI CLIP's SimpleTokenizer for "hello world"
+    assert tok.encode("Hello   world") == [3306, 1002]
+    assert tok.encode("defective object.") == tok.encode("DEFECTIVE object .".replace(" .", "."))
+
+
+def test_clip_tokenizer_with_a_tiny_synthetic_vocab(tmp_path):
+    vocab = tmp_path / "tiny_bpe.txt.gz"
+    with gzip.open(vocab, "wt", encoding="utf-8") as fh:
+        fh.write("#version: 0.2\nl o\nlo w</w>\ne r</w>\n")
+    tok = CLIPTokenizer(vocab)
+    assert tok.vocab_size == 512 + 3 + 2
+    inv = {i: s for s, i in tok.encoder.items()}
+    assert [inv[i] for i in tok.encode("low lower")] == ["low</w>", "lo", "w", "er</w>"]
+    with pytest.raises(VocabError):
+        CLIPTokenizer(tmp_path / "absent.txt.gz")
+
+
+# ---- ULIP-2 shapes -----------------------------------------------------------------------------
+
+def test_full_model_forward_backward_at_ulip2_shapes(shapes_root):
+    """The point side at the exact ULIP-2 config (G=512, K=32, C=6, depth 18, D=1280) with an
+    OpenCLIP text tower of the bigG width (1280, 20 heads) but 2 layers: the real 32-layer bigG
+    tower is ~700M parameters (2.8 GB fp32), too big for a test on a 2-core CPU; depth does
+    not change any interface the model relies on."""
+    cfg = ulip2_config()
+    cfg.text.layers = 2
+    torch.manual_seed(0)
+    model = BTPModel.with_default_text_encoder(cfg)
+    model.train()
+    batch = real_batch(shapes_root, cfg, batch_size=1)
+    batch["object_label"] = torch.ones(1, dtype=torch.long)
+    out = model(batch["neighborhood"], batch["center"])
+    assert out["patch_embed"].shape == (1, 512, 1280) and out["patch_logits"].shape == (1, 512)
+    total, parts = btp_loss(out, batch, cfg.loss, gfcm=cfg.gfcm, object_alpha=cfg.scoring.object_alpha)
+    total.backward()
+    assert torch.isfinite(total)
+    assert model.prompt_ctx.grad.abs().sum() > 0
+    assert model.mgfem.fuse[2].weight.grad.abs().sum() > 0
+    assert model.point_encoder.blocks.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+# ---- point scores and losses -------------------------------------------------------------------
+
+def test_point_logits_match_the_numpy_propagation(tiny_batch, tiny):
+    """Same rule as btp.geometry.propagate_patch_scores, incl. points in no patch (G*K < N here)."""
+    torch.manual_seed(3)
+    b, g = tiny_batch["center"].shape[:2]
+    n = tiny.preprocess.num_points
+    logits = torch.randn(b, g)
+    ours = point_logits_from_patches(logits, tiny_batch["patch_idx"], n,
+                                     points=tiny_batch["points"], center=tiny_batch["center"])
+    covered = torch.zeros(b, n, dtype=torch.bool)
+    covered.scatter_(1, tiny_batch["patch_idx"].reshape(b, -1), True)
+    assert (~covered).any(), "the tiny config must leave points uncovered for this test to bite"
+    for i in range(b):
+        ref = propagate_patch_scores(logits[i].numpy(), tiny_batch["patch_idx"][i].numpy(),
+                                     tiny_batch["center"][i].numpy(), tiny_batch["points"][i].numpy())
+        np.testing.assert_allclose(ours[i].numpy(), ref, atol=1e-5)
+    with pytest.raises(ValueError):
+        point_logits_from_patches(logits, tiny_batch["patch_idx"], 10)
+
+
+def test_focal_and_dice_losses_behave():
+    labels = torch.tensor([[0, 0, 1, 1, 0.0]])
+    good, bad = (labels * 8 - 4), (4 - labels * 8)
+    assert focal_loss(good, labels) < focal_loss(bad, labels)
+    # gamma 0 and alpha 0.5 reduce focal loss to half the BCE
+    z = torch.randn(3, 7)
+    y = (torch.rand(3, 7) > 0.5).float()
+    assert torch.allclose(focal_loss(z, y, gamma=0.0, alpha=0.5), 0.5 * F.binary_cross_entropy_with_logits(z, y))
+    assert dice_loss(labels, labels) < 1e-6
+    assert dice_loss(1 - labels, labels) > 0.5
+
+
+def test_geometric_losses_prefer_the_matching_fpfh(tiny_batch):
+    fpfh = tiny_batch["fpfh"].float()
+    matched = fpfh + 0.01 * torch.randn_like(fpfh)
+    shuffled = matched[:, torch.randperm(fpfh.shape[1])]
+    for kind in ("infonce", "cosine", "mse"):
+        assert geometric_loss(matched, fpfh, kind) < geometric_loss(shuffled, fpfh, kind), kind
+    with pytest.raises(ValueError):
+        geometric_loss(matched, fpfh, "l7")
+
+
+def test_btp_loss_sums_its_weighted_parts_and_trains_the_heads(tiny, tiny_batch):
+    torch.manual_seed(4)
+    model = BTPModel.with_default_text_encoder(tiny)
+    model.set_point_encoder_frozen(True)
+    model.train()
+    assert not model.point_encoder.training and model.gfcm.training
+    out = model(tiny_batch["neighborhood"], tiny_batch["center"])
+    total, parts = btp_loss(out, tiny_batch, tiny.loss, gfcm=tiny.gfcm, object_alpha=tiny.scoring.object_alpha)
+    w = tiny.loss
+    expected = parts["focal"] + w.dice_weight * parts["dice"] + w.global_weight * parts["global"] \
+        + w.geometric_weight * parts["geometric"]
+    assert torch.allclose(total.detach(), expected)
+    assert all(v > 0 for v in parts.values())
+    total.backward()
+    assert model.gfcm.head[2].weight.grad.abs().sum() > 0
+    assert model.mgfem.layer_weights.grad.abs().sum() > 0
+    assert model.prompt_ctx.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.point_encoder.parameters())
+    # a few steps on this batch lower the loss: the heads can fit the labels
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    first = total.item()
+    for _ in range(8):
+        opt.zero_grad()
+        loss, _ = btp_loss(model(tiny_batch["neighborhood"], tiny_batch["center"]), tiny_batch, tiny.loss, gfcm=tiny.gfcm)
+        loss.backward()
+        opt.step()
+    assert loss.item() < first
+    no_fpfh = {k: v for k, v in tiny_batch.items() if k != "fpfh"}
+    _, parts2 = btp_loss(out, no_fpfh, tiny.loss)
+    assert parts2["geometric"] == 0
+
+
+# ---- export-ability ----------------------------------------------------------------------------
+
+def test_frozen_model_exports_to_onnx_opset17_and_matches(tiny, tiny_batch):
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(5)
+    model = BTPModel.with_default_text_encoder(tiny)
+    model.freeze_text(drop_encoder=True)
+    model.eval()
+
+    class Outputs(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, neighborhood, center):
+            out = self.m(neighborhood, center)
+            return tuple(out[k] for k in OUTPUT_NAMES)
+
+    nb, ctr = tiny_batch["neighborhood"][:1], tiny_batch["center"][:1]
+    buf = io.BytesIO()
+    torch.onnx.export(Outputs(model).eval(), (nb, ctr), buf, opset_version=17, dynamo=False,
+                      input_names=["neighborhood", "center"], output_names=list(OUTPUT_NAMES))
+    proto = onnx.load_from_string(buf.getvalue())
+    ops = {(n.domain or "ai.onnx", n.op_type) for n in proto.graph.node}
+    assert {d for d, _ in ops} == {"ai.onnx"}, ops  # no torch-only / custom domains
+    topk = [n for n in proto.graph.node if n.op_type == "TopK"]
+    assert topk, "object score must use TopK"
+    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    got = dict(zip(OUTPUT_NAMES, sess.run(None, {"neighborhood": nb.numpy(), "center": ctr.numpy()})))
+    with torch.no_grad():
+        ref = model(nb, ctr)
+    for name in OUTPUT_NAMES:
+        np.testing.assert_allclose(got[name], ref[name].numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
