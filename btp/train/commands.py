@@ -5,15 +5,109 @@ from pathlib import Path
 
 import typer
 
-from btp._placeholder import not_available
 
 data_app = typer.Typer(help="Make datasets: synthetic defects on real shapes, in the public layouts.",
                        no_args_is_help=True)
 
 
-def train() -> None:
-    """Train a BTP model (encoder pre-training, then the BTP stage)."""
-    not_available("train", "training lands with the training issue")
+def _default_shapes() -> Path:
+    import os
+
+    env = os.environ.get("BTP_SHAPES")
+    if env:
+        return Path(env)
+    for cand in (Path.cwd() / ".." / "shared" / "data" / "shapes", Path(__file__).resolve().parents[3] / "shared" / "data" / "shapes"):
+        if cand.is_dir():
+            return cand.resolve()
+    return Path("../shared/data/shapes")
+
+
+def train(
+    recipe: str = typer.Option("", "--recipe", help="Run a whole recipe end to end (split, pretrain, BTP): btp-mini | tiny."),
+    stage: str = typer.Option("", "--stage", help="Run one stage: pretrain | btp (ignored with --recipe)."),
+    config: str = typer.Option("btp-mini", "--config", help="Config preset (btp-mini, ulip2, tiny) or a config JSON file."),
+    shapes: Path = typer.Option(None, "--shapes", help="Meshes + index.json (default $BTP_SHAPES or ../shared/data/shapes)."),
+    out: Path = typer.Option(None, "--out", help="Output folder (default runs/<recipe|stage>-seed<S>)."),
+    seed: int = typer.Option(0, "--seed", help="One seed for everything random."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
+    encoder: Path = typer.Option(None, "--encoder", help="--stage btp: stage-1 encoder.safetensors (default <out>/../pretrain or none)."),
+    steps: int = typer.Option(0, "--steps", help="--stage pretrain: iterations (0 = recipe default)."),
+    epochs: int = typer.Option(0, "--epochs", help="--stage btp: epochs (0 = recipe default)."),
+    max_steps: int = typer.Option(0, "--max-steps", help="--stage btp: cap on iterations (0 = none)."),
+    batch_size: int = typer.Option(0, "--batch-size", help="Batch size (0 = recipe default)."),
+    per_shape: int = typer.Option(0, "--per-shape", help="Synthetic BTP samples per training mesh (0 = recipe default)."),
+    ckpt_every: int = typer.Option(-1, "--ckpt-every", help="Checkpoint every N steps (-1 = recipe default, 0 = only at the end)."),
+    no_pretrain: bool = typer.Option(False, "--no-pretrain", help="Ablation: frozen random encoder (recipe)."),
+    no_gfcm: bool = typer.Option(False, "--no-gfcm", help="Ablation: GFCM descriptor = 0, no geometric loss."),
+    no_prompt_learning: bool = typer.Option(False, "--no-prompt-learning", help="Ablation: prompt context not trained."),
+    feature_layers: str = typer.Option("", "--feature-layers", help="Ablation: MGFEM layers, e.g. '6' or '2,3,4,6'."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Rich progress bars."),
+) -> None:
+    """Train a BTP model: `--recipe btp-mini` end to end, or one `--stage pretrain|btp`.
+
+    CPU works; torchrun works (`torchrun --nproc_per_node P $(which btp) train ...`: WORLD_SIZE > 1
+    -> DDP with DistributedSampler, gloo on CPU / NCCL on CUDA).
+    """
+    from dataclasses import replace
+
+    from btp.config import BTPConfig, preset
+    from btp.train.recipes import get_recipe, run_recipe
+
+    if not recipe and stage not in ("pretrain", "btp"):
+        raise typer.BadParameter("give --recipe NAME or --stage pretrain|btp", param_hint="--stage")
+    try:
+        rec = get_recipe(recipe or ("tiny" if config == "tiny" else "btp-mini"))
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--recipe") from None
+    if recipe and config == "btp-mini":
+        config = "tiny" if recipe == "tiny" else config
+    cfg_path = Path(config)
+    cfg = BTPConfig.from_json(cfg_path.read_text()).validate() if cfg_path.suffix == ".json" and cfg_path.is_file() else preset(config)
+    if feature_layers:
+        cfg.encoder.feature_layers = tuple(int(x) for x in feature_layers.split(","))
+        cfg.validate()
+    pre = rec.pretrain
+    btp_opts = replace(rec.btp, use_gfcm=not no_gfcm, learn_prompt=not no_prompt_learning)
+    if steps:
+        pre = replace(pre, steps=steps)
+    if batch_size:
+        pre, btp_opts = replace(pre, batch_size=batch_size), replace(btp_opts, batch_size=batch_size)
+    if epochs:
+        btp_opts = replace(btp_opts, epochs=epochs)
+    if max_steps:
+        btp_opts = replace(btp_opts, max_steps=max_steps)
+    if ckpt_every >= 0:
+        pre, btp_opts = replace(pre, ckpt_every=ckpt_every), replace(btp_opts, ckpt_every=ckpt_every)
+    rec = replace(rec, pretrain=pre, btp=btp_opts, per_shape=per_shape or rec.per_shape, use_pretrain=not no_pretrain)
+    shapes = shapes or _default_shapes()
+    out = out or Path("runs") / f"{recipe or stage}-seed{seed}"
+
+    if recipe:
+        run_recipe(rec, shapes, out, seed=seed, resume=resume, progress=progress, cfg=cfg)
+        return
+
+    from btp.train.recipes import with_seed
+    from btp.train.split import zero_shot_split
+
+    rec = with_seed(rec, seed)
+    train_shapes = list(zero_shot_split(shapes).train)
+    if stage == "pretrain":
+        from btp.train.pretrain import pretrain
+
+        pretrain(cfg, train_shapes, out, rec.pretrain, resume=resume, progress=progress)
+        return
+    from btp.train import data as tdata
+    from btp.train.loop import train_btp
+
+    if encoder is None and not no_pretrain:
+        guess = out.parent / "pretrain" / "encoder.safetensors"
+        encoder = guess if guess.is_file() else None
+        if encoder is None:
+            typer.echo("btp train --stage btp: no --encoder given and none found; the encoder stays random "
+                       "(run --stage pretrain first, or pass --no-pretrain to silence this)", err=True)
+    arrays = tdata.btp_samples(train_shapes, cfg, rec.per_shape, seed, out / "cache")
+    train_btp(cfg, arrays, out, rec.btp, encoder_path=None if no_pretrain else encoder, resume=resume,
+              progress=progress, provenance={"stage": "btp", "seed": seed, "encoder": str(encoder)})
 
 
 @data_app.command("synth")

@@ -1,0 +1,239 @@
+"""Training data: surface-point pools for pre-training, cached BTP samples for the BTP stage.
+
+Everything is computed once per dataset and cached as ``.npz`` under the run's cache folder
+(keyed by a hash of what produced it), because FPFH and synthetic defects are the slow part:
+
+- pre-training pool: ``pool_points`` area-weighted surface points per training mesh [S, P, 3];
+  every step draws ``num_points`` of them, rotates them randomly, and groups them (FPS + kNN).
+- BTP samples: synthetic-defect clouds (btp.train.synth) on training meshes, preprocessed
+  exactly like the runtime does (FPS to N, unit-sphere normalisation, FPS centres + kNN
+  patches), with per-point labels and the FPFH target of every patch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from btp.config import BTPConfig
+from btp.geometry import fps, fpfh_patches, group, normalize
+
+DATA_VERSION = 1
+
+
+# ---- meshes --------------------------------------------------------------------------------
+
+def load_mesh(path) -> tuple[np.ndarray, np.ndarray]:
+    """(vertices [V,3] float64, faces [F,3] int64) via btp.io (open3d fallback while it lands)."""
+    try:
+        from btp.io import load_mesh as io_load_mesh
+    except ImportError:
+        import open3d as o3d
+
+        mesh = o3d.io.read_triangle_mesh(str(path))
+        return np.asarray(mesh.vertices, np.float64), np.asarray(mesh.triangles, np.int64)
+    return io_load_mesh(path)
+
+
+def sample_surface(vertices, faces, n: int, seed: int) -> np.ndarray:
+    """Area-weighted surface points [n,3] float32 (btp.io's sampler; numpy fallback)."""
+    try:
+        from btp.io import sample_surface as io_sample_surface
+    except ImportError:
+        rng = np.random.default_rng(seed)
+        tri = np.asarray(vertices)[np.asarray(faces)]  # [F, 3, 3]
+        area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+        face = rng.choice(len(tri), size=n, p=area / area.sum())
+        u, v = rng.random(n), rng.random(n)
+        flip = u + v > 1
+        u[flip], v[flip] = 1 - u[flip], 1 - v[flip]
+        t = tri[face]
+        return (t[:, 0] + u[:, None] * (t[:, 1] - t[:, 0]) + v[:, None] * (t[:, 2] - t[:, 0])).astype(np.float32)
+    return io_sample_surface(vertices, faces, n, seed)[0]
+
+
+def _key(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---- pre-training pool ---------------------------------------------------------------------
+
+def surface_pool(shapes, pool_points: int, seed: int, cache_dir) -> np.ndarray:
+    """[S, pool_points, 3] float32 surface points of each shape (cached)."""
+    key = _key({"v": DATA_VERSION, "names": [s.name for s in shapes], "n": pool_points, "seed": seed})
+    path = Path(cache_dir) / f"pool-{key}.npz"
+    if path.is_file():
+        return np.load(path)["points"]
+    pool = np.stack([
+        sample_surface(*load_mesh(s.path), pool_points, seed + i) for i, s in enumerate(shapes)
+    ]).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, points=pool)
+    return pool
+
+
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """Uniform random rotation matrix [3,3] (QR of a Gaussian matrix, sign-fixed)."""
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q *= np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def with_colour(neigh_xyz: np.ndarray, cfg: BTPConfig) -> np.ndarray:
+    """[..., K, 3] centred xyz -> [..., K, C] with rgb = rgb_fill when C = 6."""
+    if cfg.encoder.in_channels == 3:
+        return neigh_xyz.astype(np.float32)
+    fill = np.full(neigh_xyz.shape[:-1] + (3,), cfg.preprocess.rgb_fill, np.float32)
+    return np.concatenate([neigh_xyz.astype(np.float32), fill], axis=-1)
+
+
+def pretrain_batch(pool: np.ndarray, shape_ids: np.ndarray, cfg: BTPConfig, rng: np.random.Generator,
+                   rotate: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """One pre-training batch: (neighborhood [B,G,K,C], center [B,G,3]) from random subsets."""
+    n = cfg.preprocess.num_points
+    neighs, centers = [], []
+    for sid in shape_ids:
+        pts = pool[sid][rng.choice(pool.shape[1], size=n, replace=False)]
+        if rotate:
+            pts = pts @ random_rotation(rng).T
+        pts = pts * rng.uniform(0.85, 1.15)
+        pts, _, _ = normalize(pts)
+        g = group(pts, cfg.encoder.num_group, cfg.encoder.group_size, start_idx=int(rng.integers(n)),
+                  in_channels=3)
+        neighs.append(with_colour(g.neighborhood[..., :3], cfg))
+        centers.append(g.center)
+    return np.stack(neighs), np.stack(centers).astype(np.float32)
+
+
+# ---- BTP samples ---------------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """One preprocessed training cloud (what the runtime computes, plus labels and FPFH)."""
+
+    points: np.ndarray  # [N, 3] float32, normalised
+    labels: np.ndarray  # [N] int64 (1 = anomalous)
+    patch_idx: np.ndarray  # [G, K] int64
+    center: np.ndarray  # [G, 3] float32
+    fpfh: np.ndarray  # [G, 33] float32
+
+
+def prepare(points: np.ndarray, labels: np.ndarray, cfg: BTPConfig) -> Prepared:
+    """Raw cloud [M,3] + labels [M] -> FPS to N, normalise, group, FPFH (the runtime's steps)."""
+    n = cfg.preprocess.num_points
+    pts = np.asarray(points, np.float32)
+    lab = np.asarray(labels, np.int64)
+    if pts.shape[0] > n:
+        keep = fps(pts, n, start_idx=cfg.preprocess.fps_start)
+        pts, lab = pts[keep], lab[keep]
+    elif pts.shape[0] < n:
+        raise ValueError(f"cloud has {pts.shape[0]} points < preprocess.num_points={n}")
+    pts, _, _ = normalize(pts)
+    g = group(pts, cfg.encoder.num_group, cfg.encoder.group_size, start_idx=cfg.preprocess.fps_start,
+              in_channels=3)
+    return Prepared(points=pts.astype(np.float32), labels=lab, patch_idx=g.patch_idx.astype(np.int64),
+                    center=g.center.astype(np.float32), fpfh=fpfh_patches(pts, g.patch_idx, cfg.gfcm))
+
+
+def stack_prepared(items: list[Prepared], object_labels, shape_ids) -> dict[str, np.ndarray]:
+    return {
+        "points": np.stack([p.points for p in items]),
+        "labels": np.stack([p.labels for p in items]),
+        "patch_idx": np.stack([p.patch_idx for p in items]),
+        "center": np.stack([p.center for p in items]),
+        "fpfh": np.stack([p.fpfh for p in items]),
+        "object_label": np.asarray(object_labels, np.int64),
+        "shape_id": np.asarray(shape_ids, np.int64),
+    }
+
+
+def save_arrays(path, arrays: dict[str, np.ndarray]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def load_arrays(path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+class BTPArrays:
+    """Indexable view over cached BTP samples -> the model's inputs (+ targets), numpy."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], cfg: BTPConfig):
+        self.a = arrays
+        self.cfg = cfg
+
+    def __len__(self) -> int:
+        return int(self.a["points"].shape[0])
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        pts, pidx, ctr = self.a["points"][i], self.a["patch_idx"][i], self.a["center"][i]
+        neigh = pts[pidx] - ctr[:, None, :]  # [G, K, 3]
+        return {
+            "neighborhood": with_colour(neigh, self.cfg),  # [G, K, C]
+            "center": ctr,  # [G, 3]
+            "patch_idx": pidx,  # [G, K]
+            "points": pts,  # [N, 3]
+            "point_labels": self.a["labels"][i],  # [N]
+            "object_label": self.a["object_label"][i],  # []
+            "fpfh": self.a["fpfh"][i],  # [G, 33]
+        }
+
+
+def btp_samples(shapes, cfg: BTPConfig, per_shape: int, seed: int, cache_dir, *, anomalous_frac: float = 0.5,
+                synth_points: int = 8192, progress=None, log=print) -> dict[str, np.ndarray]:
+    """Synthetic BTP training samples on ``shapes`` (training split only!), preprocessed + cached.
+
+    Per shape: ``per_shape`` clouds, the first ``round(anomalous_frac * per_shape)`` anomalous
+    (defect types cycle through btp.train.synth.DEFECT_TYPES), the rest normal; each cloud has
+    ``synth_points`` points (like the written datasets' raw scans) and is FPS-sampled to N by
+    ``prepare``. Sample seeds: ``synth.sample_seed(seed, shape, "btp-train", i)``; a sample whose
+    defect cannot be placed is retried with the next seed (``i + 1000 * attempt``).
+    """
+    from btp.train import synth
+
+    key = _key({"v": DATA_VERSION, "synth": synth.SynthConfig().__dict__, "names": [s.name for s in shapes],
+                "per_shape": per_shape, "seed": seed, "anom": anomalous_frac, "pts": synth_points,
+                "pre": cfg.preprocess.__dict__, "G": cfg.encoder.num_group, "K": cfg.encoder.group_size,
+                "gfcm": cfg.gfcm.__dict__})
+    path = Path(cache_dir) / f"btp-{key}.npz"
+    if path.is_file():
+        return load_arrays(path)
+    scfg = synth.with_points(synth.SynthConfig(), synth_points)
+    n_bad = int(round(anomalous_frac * per_shape))
+    items, obj, sid = [], [], []
+    for s_i, shape in enumerate(shapes):
+        surface = synth.load_shape(shape.path, shape.name)
+        for i in range(per_shape):
+            bad = i < n_bad
+            for attempt in range(5):
+                sample_seed = synth.sample_seed(seed, shape.name, "btp-train", i + 1000 * attempt)
+                try:
+                    if bad:
+                        kind = synth.DEFECT_TYPES[i % len(synth.DEFECT_TYPES)]
+                        sample = synth.make_anomalous(surface, sample_seed, scfg, kind if attempt < 2 else None)
+                    else:
+                        sample = synth.make_normal(surface, sample_seed, scfg)
+                    break
+                except synth.SynthError:
+                    continue
+            else:
+                log(f"data: skipped {shape.name} sample {i} (no defect could be placed)")
+                continue
+            items.append(prepare(sample.points, sample.labels, cfg))
+            obj.append(sample.object_label)
+            sid.append(s_i)
+            if progress:
+                progress(1)
+    arrays = stack_prepared(items, obj, sid)
+    save_arrays(path, arrays)
+    return arrays

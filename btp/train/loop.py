@@ -1,0 +1,152 @@
+"""Stage 2: the BTP stage - joint representation learning on synthetic defects (spec "Training").
+
+Frozen: the point encoder (weights from stage 1, BN in eval) and the text encoder. Trained:
+GFCM, MGFEM and the prompt context. Loss: ``btp.model.btp_loss`` (focal + dice + 0.5 global
+BCE + 0.1 geometric InfoNCE against cached patch FPFH). AdamW / warm-up + cosine per
+iteration / grad clip: ``btp.train.schedule``. Checkpoints (``train_state.safetensors``) every
+``ckpt_every`` steps; ``resume=True`` continues from the last one at the same step, with the
+same data order (the order is a pure function of seed and epoch). torchrun: WORLD_SIZE > 1 ->
+process group + DDP + DistributedSampler (each rank sees its shard).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from btp.config import BTPConfig
+from btp.train.ddp import DistEnv, dist_env, init_distributed, mean_across, shutdown, unwrap, wrap_model
+
+
+@dataclass
+class BTPOptions:
+    epochs: int = 4
+    batch_size: int = 4
+    ckpt_every: int = 100
+    seed: int = 0
+    # ablation switches (all on = the spec's model)
+    use_gfcm: bool = True  # False: GFCM descriptor replaced by zeros, no geometric loss
+    learn_prompt: bool = True  # False: prompt context stays at its random init
+    max_steps: int | None = None  # cap on iterations (tests, quick runs)
+    threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _collate(items: list[dict]) -> dict:
+    import torch
+
+    return {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in items[0]}
+
+
+def build_model(cfg: BTPConfig, encoder_path=None, opts: BTPOptions | None = None, text_encoder=None):
+    """BTPModel with the config's text encoder, the stage-1 encoder loaded and frozen."""
+    from btp.model import BTPModel
+    from btp.model.text import build_text_encoder
+    from btp.train.pretrain import load_encoder_weights
+
+    opts = opts or BTPOptions()
+    model = BTPModel(cfg, text_encoder if text_encoder is not None else build_text_encoder(cfg.text))
+    if encoder_path is not None:
+        load_encoder_weights(model.point_encoder, encoder_path)
+    model.set_point_encoder_frozen(True)
+    if not opts.use_gfcm:  # ablation: descriptor == 0 (last layer zeroed + frozen; state dict unchanged)
+        import torch
+
+        with torch.no_grad():
+            model.gfcm.head[-1].weight.zero_()
+            model.gfcm.head[-1].bias.zero_()
+        for p in model.gfcm.parameters():
+            p.requires_grad_(False)
+    model.prompt_ctx.requires_grad_(opts.learn_prompt)
+    return model
+
+
+def trainable(model) -> list:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def train_btp(cfg: BTPConfig, arrays: dict[str, np.ndarray], out_dir, opts: BTPOptions, *, encoder_path=None,
+              resume: bool = False, progress: bool = True, log=print, text_encoder=None,
+              provenance: dict | None = None) -> dict:
+    """Run the BTP stage on cached samples; returns a summary (losses, steps, wall time, paths)."""
+    import torch
+    from torch.utils.data import DistributedSampler
+
+    from btp.model import btp_loss, save_checkpoint
+    from btp.train.checkpointing import load_training_state, save_training_state
+    from btp.train.data import BTPArrays
+    from btp.train.progress import Progress
+    from btp.train.schedule import make_optimizer, set_lr
+
+    env: DistEnv = dist_env()
+    init_distributed(env)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_path = out_dir / "train_state.safetensors"
+    torch.manual_seed(opts.seed)
+    model = build_model(cfg, encoder_path, opts, text_encoder)
+    named = trainable(model)
+    optimizer = make_optimizer(named, cfg.train)
+    dataset = BTPArrays(arrays, cfg)
+    sampler = DistributedSampler(range(len(dataset)), num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                 seed=opts.seed, drop_last=True)
+    steps_per_epoch = max(1, len(sampler) // opts.batch_size)
+    total = steps_per_epoch * opts.epochs
+    if opts.max_steps:
+        total = min(total, opts.max_steps)
+    modules = {"gfcm": model.gfcm, "mgfem": model.mgfem}  # the encoder is frozen: not in the state
+    extra = {"prompt_ctx": model.prompt_ctx}
+    start = 0
+    if resume and state_path.is_file():
+        start = load_training_state(state_path, modules, optimizer, extra_params=extra)
+        log(f"btp: resumed from {state_path} at step {start}/{total}")
+    ddp_model = wrap_model(model, env)
+    model.train()
+    history: list[tuple[int, float]] = []
+    t0 = time.time()
+    step = start
+    with Progress("btp", total=total, start=start, enabled=progress and env.is_main) as bar:
+        while step < total:
+            epoch, offset = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+            b0 = offset * opts.batch_size
+            batch_idx = order[b0:b0 + opts.batch_size]
+            batch = _collate([dataset[i] for i in batch_idx])
+            set_lr(optimizer, step, total, cfg.train)
+            outputs = ddp_model(batch["neighborhood"], batch["center"])
+            loss, parts = btp_loss(outputs, batch, cfg.loss, gfcm=cfg.gfcm, object_alpha=cfg.scoring.object_alpha)
+            if not opts.use_gfcm:
+                loss = loss - cfg.loss.geometric_weight * parts["geometric"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.train.grad_clip)
+            optimizer.step()
+            step += 1
+            value = mean_across(env, float(loss.detach()))
+            history.append((step, value))
+            bar.update(step, loss=value, **{k: float(v) for k, v in parts.items()})
+            if opts.ckpt_every and step % opts.ckpt_every == 0 and step < total and env.is_main:
+                save_training_state(state_path, modules, optimizer, step, extra_params=extra,
+                                    meta={"total": total, "options": asdict(opts)})
+    wall = time.time() - t0
+    model = unwrap(ddp_model)
+    summary = {"steps": total, "resumed_from": start, "wall_s": round(wall, 1), "losses": history,
+               "steps_per_epoch": steps_per_epoch, "samples": len(dataset)}
+    if env.is_main:
+        save_training_state(state_path, modules, optimizer, total, extra_params=extra,
+                            meta={"total": total, "options": asdict(opts)})
+        model.eval()
+        model.freeze_text(drop_encoder=True)
+        prov = dict(provenance or {})
+        prov.update({"stage": "btp", "btp_options": asdict(opts), "btp_steps": total, "btp_wall_s": round(wall, 1),
+                     "final_loss_mean_last50": float(np.mean([v for _, v in history[-50:]])) if history else None})
+        summary["checkpoint"] = str(save_checkpoint(out_dir / f"{cfg.name}.safetensors", model, prov))
+        (out_dir / "btp_history.json").write_text(json.dumps(summary, indent=1))
+    shutdown(env)
+    return summary

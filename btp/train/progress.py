@@ -1,0 +1,44 @@
+"""Progress display for training loops: a rich bar on a terminal, periodic log lines otherwise."""
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    def __init__(self, name: str, total: int, start: int = 0, enabled: bool = True, log_every_s: float = 30.0):
+        self.name, self.total, self.start, self.enabled = name, total, start, enabled
+        self.log_every_s = log_every_s
+        self._rich = None
+        self._last_log = 0.0
+        self._t0 = time.time()
+
+    def __enter__(self):
+        if self.enabled and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
+                TimeElapsedColumn, TimeRemainingColumn
+
+            self._rich = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                      transient=False)
+            self._rich.__enter__()
+            self._task = self._rich.add_task(self.name, total=self.total, completed=self.start, info="")
+        return self
+
+    def update(self, step: int, **metrics) -> None:
+        if not self.enabled:
+            return
+        info = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        if self._rich is not None:
+            self._rich.update(self._task, completed=step, info=info)
+            return
+        now = time.time()
+        if now - self._last_log >= self.log_every_s or step == self.total:
+            self._last_log = now
+            print(f"[{self.name}] step {step}/{self.total} {info} ({now - self._t0:.0f} s)", file=sys.stderr,
+                  flush=True)
+
+    def __exit__(self, *exc):
+        if self._rich is not None:
+            self._rich.__exit__(*exc)
+        return False

@@ -1,0 +1,120 @@
+"""Named end-to-end recipes: ``btp train --recipe btp-mini --seed S --out DIR``.
+
+A recipe = config + zero-shot split + stage-1 options + BTP-data size + stage-2 options. Every
+random choice derives from the one seed (pre-training batches, masks and rotations, synthetic
+samples, data order, initialisation), so the same seed on the same machine type gives the same
+model. Layout of ``DIR``: ``cache/`` (surface pool, BTP samples), ``pretrain/encoder.safetensors``,
+``btp/<name>.safetensors`` (the model), ``recipe.json`` (options, split, wall times).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from btp.config import BTPConfig, btp_mini_config, tiny_config
+from btp.train.loop import BTPOptions
+from btp.train.pretrain import PretrainOptions
+
+
+@dataclass
+class Recipe:
+    name: str
+    config: Callable[[], BTPConfig]
+    pretrain: PretrainOptions
+    btp: BTPOptions
+    per_shape: int  # synthetic BTP samples per training mesh (half anomalous)
+    notes: str = ""
+    use_pretrain: bool = True  # ablation: False = frozen *random* encoder
+    extra: dict = field(default_factory=dict)
+
+
+RECIPES: dict[str, Recipe] = {
+    # Sized for ~15 min on a shared 2-core CPU (see models/btp-mini.md for measured times).
+    "btp-mini": Recipe(
+        name="btp-mini", config=btp_mini_config,
+        pretrain=PretrainOptions(steps=200, batch_size=4, lr=1e-3, mask_ratio=0.6, align_weight=0.5,
+                                 pool_points=8192, ckpt_every=50),
+        btp=BTPOptions(epochs=3, batch_size=4, ckpt_every=100),
+        per_shape=20,
+    ),
+    # seconds: for tests and smoke runs
+    "tiny": Recipe(
+        name="tiny", config=tiny_config,
+        pretrain=PretrainOptions(steps=6, batch_size=2, pool_points=1024, ckpt_every=3),
+        btp=BTPOptions(epochs=1, batch_size=2, ckpt_every=2, max_steps=6),
+        per_shape=2,
+    ),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}") from None
+
+
+def with_seed(recipe: Recipe, seed: int) -> Recipe:
+    return replace(recipe, pretrain=replace(recipe.pretrain, seed=seed), btp=replace(recipe.btp, seed=seed))
+
+
+def run_recipe(recipe: Recipe, shapes_root, out, *, seed: int = 0, resume: bool = False, progress: bool = True,
+               cfg: BTPConfig | None = None, shapes_limit: int | None = None, log=print) -> dict:
+    """Split -> pre-training -> BTP samples -> BTP stage. Returns (and writes) ``recipe.json``."""
+    from btp.train import data as tdata
+    from btp.train.loop import train_btp
+    from btp.train.pretrain import pretrain
+    from btp.train.split import zero_shot_split
+
+    recipe = with_seed(recipe, seed)
+    cfg = cfg or recipe.config()
+    cfg.train.seed = seed
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    split = zero_shot_split(shapes_root)
+    train_shapes = list(split.train[:shapes_limit] if shapes_limit else split.train)
+    times: dict[str, float] = {}
+    t_all = time.time()
+
+    encoder_path = None
+    if recipe.use_pretrain:
+        t0 = time.time()
+        encoder_path = out / "pretrain" / "encoder.safetensors"
+        if not (resume and encoder_path.is_file()):
+            encoder_path = pretrain(cfg, train_shapes, out / "pretrain", recipe.pretrain, resume=resume,
+                                    progress=progress, log=log)
+        times["pretrain_s"] = round(time.time() - t0, 1)
+
+    t0 = time.time()
+    arrays = tdata.btp_samples(train_shapes, cfg, recipe.per_shape, seed, out / "cache", log=log)
+    times["data_s"] = round(time.time() - t0, 1)
+    log(f"recipe {recipe.name}: {len(arrays['points'])} BTP samples ({int(arrays['object_label'].sum())} anomalous) "
+        f"from {len(train_shapes)} training meshes in {times['data_s']} s")
+
+    provenance = {
+        "recipe": recipe.name, "seed": seed, "shapes": str(shapes_root),
+        "train_shapes": [s.name for s in train_shapes], "heldout_shapes": split.names("heldout"),
+        "pretrained_encoder": bool(recipe.use_pretrain),
+        "pretrain_options": asdict(recipe.pretrain) if recipe.use_pretrain else None,
+        "per_shape": recipe.per_shape, "data": "synthetic defects (btp.train.synth) on training-split meshes",
+    }
+    t0 = time.time()
+    summary = train_btp(cfg, arrays, out / "btp", recipe.btp, encoder_path=encoder_path, resume=resume,
+                        progress=progress, log=log, provenance=provenance)
+    times["btp_s"] = round(time.time() - t0, 1)
+    times["total_s"] = round(time.time() - t_all, 1)
+    result = {
+        "recipe": recipe.name, "seed": seed, "config": cfg.to_dict(), "times": times,
+        "checkpoint": summary.get("checkpoint"), "btp_steps": summary["steps"],
+        "final_loss_mean_last50": provenance.get("final_loss_mean_last50"),
+        "loss_first_last": [summary["losses"][0][1], summary["losses"][-1][1]] if summary["losses"] else None,
+        "pretrain": asdict(recipe.pretrain) if recipe.use_pretrain else None, "btp": asdict(recipe.btp),
+        "per_shape": recipe.per_shape, "train_shapes": provenance["train_shapes"],
+        "heldout_shapes": provenance["heldout_shapes"],
+    }
+    (out / "recipe.json").write_text(json.dumps(result, indent=1))
+    log(f"recipe {recipe.name} seed {seed}: {times} -> {result['checkpoint']}")
+    return result
