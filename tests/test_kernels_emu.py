@@ -232,3 +232,16 @@ def test_interpolate_nearest_matches_geometry(dev, bunny_points, shapes_root):
     ref = interpolate_to_raw(sampled, scores, raw, method="nearest")
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
     np.testing.assert_array_equal(got[-10:], scores[:10])
+
+
+# ---- normalisation -------------------------------------------------------------------------
+
+def test_normalize_matches_geometry(dev, bunny_points, shape_points):
+    from btp.geometry import normalize
+
+    for cloud in (bunny_points, *shape_points, bunny_points * np.float32(37.0) + np.float32(5.0)):
+        got, centre, scale = ops.normalize(dev, cloud, blocks=ODD)
+        ref, ref_centre, ref_scale = normalize(cloud)
+        np.testing.assert_array_equal(got, ref)
+        np.testing.assert_array_equal(centre, ref_centre)
+        assert scale == np.float32(ref_scale)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-KERNEL_FILES = ("fps.cu", "group.cu", "scores.cu")
+KERNEL_FILES = ("fps.cu", "group.cu", "normalize.cu", "scores.cu")
 
 KERNELS: dict[str, tuple[str, str]] = {
     # name: (source file, parameter kinds)
     "btp_fps": ("fps.cu", "PiiPPP"),
     "btp_gather_rows": ("fps.cu", "PPiiiP"),
     "btp_knn_group": ("group.cu", "PPPiiiifPPPP"),
+    "btp_normalize": ("normalize.cu", "PiPP"),
     "btp_scatter_patch_scores": ("scores.cu", "PPiiiPP"),
     "btp_finish_point_scores": ("scores.cu", "PPPPPiiP"),
     "btp_interpolate_nearest": ("scores.cu", "PPiPiP"),
@@ -63,6 +64,11 @@ def _blocks(n: int, block: int) -> int:
 
 def fps_launch(batch: int, block: int) -> Launch:
     """btp_fps: one block per cloud."""
+    return Launch((batch, 1), block)
+
+
+def normalize_launch(batch: int, block: int) -> Launch:
+    """btp_normalize: one block per cloud."""
     return Launch((batch, 1), block)
 
 

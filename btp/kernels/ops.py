@@ -20,7 +20,8 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from btp.kernels.launch import (
-    BlockSizes, Launch, check_sizes, fps_launch, gather_launch, knn_launch, points_launch, scatter_launch,
+    BlockSizes, Launch, check_sizes, fps_launch, gather_launch, knn_launch, normalize_launch, points_launch,
+    scatter_launch,
 )
 
 
@@ -57,6 +58,16 @@ def enqueue_fps(dev: Device, points, batch: int, n_points: int, n_samples: int, 
     dev.launch("btp_fps", fps_launch(batch, blocks.fps), points, n_points, n_samples, start_idx,
                workspace, out_idx)
     return out_idx
+
+
+def enqueue_normalize(dev: Device, points, batch: int, n_points: int, out=None, centre_scale=None,
+                      blocks: BlockSizes = BlockSizes()):
+    """points float32 [B, N, 3] -> (normed float32 [B, N, 3], centre_scale float32 [B, 4])."""
+    check_sizes(n_points)
+    out = dev.empty((batch, n_points, 3), np.float32) if out is None else out
+    centre_scale = dev.empty((batch, 4), np.float32) if centre_scale is None else centre_scale
+    dev.launch("btp_normalize", normalize_launch(batch, blocks.fps), points, n_points, out, centre_scale)
+    return out, centre_scale
 
 
 def enqueue_gather(dev: Device, src, idx, batch: int, n_src: int, n_idx: int, n_channels: int,
@@ -146,6 +157,17 @@ def _start_array(start_idx, batch: int, n_points: int) -> np.ndarray:
     if (start < 0).any() or (start >= n_points).any():
         raise ValueError(f"start_idx={start_idx}: must be in 0..{n_points - 1}")
     return np.ascontiguousarray(start, dtype=np.int32)
+
+
+def normalize(dev: Device, points, blocks: BlockSizes = BlockSizes()):
+    """As btp.geometry.normalize: points [N, 3] -> (normed float32 [N, 3], centre float32 [3],
+    scale float); with [B, N, 3] -> ([B, N, 3], [B, 3], float32 [B])."""
+    pts, single = _batched_points(points)
+    normed, centre_scale = enqueue_normalize(dev, dev.upload(pts), pts.shape[0], pts.shape[1], blocks=blocks)
+    normed, centre_scale = dev.download(normed), dev.download(centre_scale)
+    if single:
+        return normed[0], centre_scale[0, :3], float(centre_scale[0, 3])
+    return normed, centre_scale[:, :3], centre_scale[:, 3]
 
 
 def fps(dev: Device, points, n_samples: int, start_idx=0, blocks: BlockSizes = BlockSizes()) -> np.ndarray:

@@ -3,6 +3,7 @@
 // Each launcher returns 0, or 1 after storing the exception text for emu_last_error().
 #include "../fps.cu"
 #include "../group.cu"
+#include "../normalize.cu"
 #include "../scores.cu"
 
 #include <string>
@@ -27,6 +28,12 @@ int emu_btp_fps(int gx, int gy, int bx, const float* points, int n_points, int n
                 const int* start_idx, float* min_d2, int* out_idx) {
   return guarded([&] { emu::launch(dim3(gx, gy), dim3(bx), btp_fps, points, n_points, n_samples,
                                    start_idx, min_d2, out_idx); });
+}
+
+int emu_btp_normalize(int gx, int gy, int bx, const float* points, int n_points, float* normed,
+                      float* centre_scale) {
+  return guarded([&] { emu::launch(dim3(gx, gy), dim3(bx), btp_normalize, points, n_points, normed,
+                                   centre_scale); });
 }
 
 int emu_btp_gather_rows(int gx, int gy, int bx, const float* src, const int* idx, int n_src,
