@@ -1,27 +1,162 @@
-"""`btp bench` / `btp-bench`: latency, parity, ops (owned by btp.benchmarks)."""
+"""`btp bench` / `btp-bench`: latency, parity, ops, table (owned by btp.benchmarks).
+
+Heavy imports happen inside the commands. Reports go to benchmarks/results/ (or --out), named
+``<kind>-<machine>-<date>.{md,json,png}``.
+"""
 from __future__ import annotations
 
-import typer
+from pathlib import Path
+from typing import Optional
 
-from btp._placeholder import not_available
+import typer
 
 app = typer.Typer(name="btp-bench", help="Latency and accuracy-parity reports.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 
 
-@app.command()
-def latency() -> None:
-    """End-to-end and per-stage latency per backend."""
-    not_available("bench latency", "lands with the benchmark issue")
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x.replace("_", "").replace("k", "000")) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{what}: expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _say(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _print_paths(paths) -> None:
+    for p in paths:
+        if p:
+            typer.echo(f"wrote {p}")
 
 
 @app.command()
-def parity() -> None:
-    """Accuracy parity of each backend against a reference."""
-    not_available("bench parity", "lands with the benchmark issue")
+def latency(
+    model: Path = typer.Argument(..., exists=True, dir_okay=False, help="model.onnx (from btp-export)"),
+    backends: str = typer.Option("torch,ort-cpu,ort-cuda,trt-fp32,trt-fp16", help="comma-separated backends; "
+                                 "unavailable ones are reported as skipped with the reason"),
+    points: str = typer.Option("2048,40000,400000", help="raw-scan sizes (points)"),
+    batch: str = typer.Option("1,4", help="batch sizes"),
+    warmup: float = typer.Option(1.0, help="warm-up seconds per row (not recorded)"),
+    duration: float = typer.Option(5.0, help="timed seconds per row (at least --min-iters calls)"),
+    min_iters: int = typer.Option(10, help="minimum timed calls per row"),
+    threads: Optional[int] = typer.Option(None, help="intra-op threads for ORT/torch (default: all cores)"),
+    checkpoint: Optional[Path] = typer.Option(None, help="checkpoint for the torch row (default: from the ONNX "
+                                              "provenance / beside the model / models/<name>.safetensors)"),
+    ops: bool = typer.Option(False, "--ops", help="also run the FPS/kNN ops benchmark in the same run, so the "
+                             "report shows every goal"),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="also write the JSON here"),
+    out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
+) -> None:
+    """End-to-end and per-stage latency per backend (p50/p90/p99/mean, throughput, peak RSS)."""
+    from btp.benchmarks import report as rep
+    from btp.benchmarks.flops import matmul_peak, onnx_flops
+    from btp.benchmarks.goals import evaluate_goals
+    from btp.benchmarks.latency import run_latency
+
+    result = run_latency(model, backends=_names(backends), points=_ints(points, "--points"),
+                         batches=_ints(batch, "--batch"), warmup_s=warmup, duration_s=duration,
+                         min_iters=min_iters, threads=threads, checkpoint=checkpoint, progress=_say)
+    data = result.to_dict()
+    _say("counting encoder FLOPs and measuring the matmul peak")
+    data["flops"] = onnx_flops(model).to_dict()
+    data["matmul_peak"] = matmul_peak(threads=threads).to_dict()
+    if ops:
+        from btp.benchmarks.ops import ops_summary, run_ops
+
+        rows = run_ops(threads=threads, progress=_say)
+        data["ops_rows"] = [r.to_dict() for r in rows]
+        data["ops_summary"] = ops_summary(rows)
+    data["goals"] = [g.to_dict() for g in evaluate_goals(data, data.get("ops_summary"), data["flops"],
+                                                         data["matmul_peak"])]
+    paths = rep.write_latency(data, out)
+    if json_file:
+        paths.append(rep.write_json(json_file, data))
+    _print_paths(paths)
+    for g in data["goals"]:
+        typer.echo(f"{g['verdict']:>7}  {g['name']}: {g['measured']} (target {g['target']})")
 
 
 @app.command()
-def ops() -> None:
-    """Our FPS/kNN against the libraries."""
-    not_available("bench ops", "lands with the benchmark issue")
+def parity(
+    model: Path = typer.Argument(..., exists=True, dir_okay=False, help="model.onnx (from btp-export)"),
+    data: Path = typer.Option(..., exists=True, file_okay=False, help="test data in the Anomaly-ShapeNet or "
+                              "Real3D-AD layout (e.g. written by `btp data synth`)"),
+    backends: str = typer.Option("ort-cpu,ort-cuda,trt-fp32,trt-fp16", help="backends to compare"),
+    reference: str = typer.Option("torch", help="reference backend"),
+    checkpoint: Optional[Path] = typer.Option(None, help="checkpoint for the torch reference"),
+    limit: Optional[int] = typer.Option(None, help="at most this many test samples"),
+    layout: Optional[str] = typer.Option(None, help="anomaly-shapenet | real3d (auto-detected)"),
+    threads: Optional[int] = typer.Option(None, help="intra-op threads"),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="also write the JSON here"),
+    out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
+) -> None:
+    """Accuracy parity of each backend against a reference (Polygraphy-style PASS/FAIL per check)."""
+    from btp.benchmarks import report as rep
+    from btp.benchmarks.parity import run_parity
+
+    result = run_parity(model, data, backends=_names(backends), reference=reference, checkpoint=checkpoint,
+                        limit=limit, layout=layout, threads=threads, progress=_say)
+    paths = rep.write_parity(result, out)
+    if json_file:
+        paths.append(rep.write_json(json_file, result))
+    _print_paths(paths)
+    failed = False
+    for b in result["backends"]:
+        typer.echo(f"{b['backend']}: {b.get('verdict') or 'skipped: ' + b['skipped']}")
+        failed |= b.get("verdict") == "FAIL"
+    if failed:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def ops(
+    points: str = typer.Option("2048,8192,40000,400000", help="cloud sizes N"),
+    groups: str = typer.Option("512,1024", help="FPS samples / kNN queries G"),
+    k: int = typer.Option(32, help="neighbours per query"),
+    repeat: int = typer.Option(7, help="timed calls per row (median)"),
+    threads: Optional[int] = typer.Option(None, help="threads for torch / OpenMP libraries"),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="also write the JSON here"),
+    out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
+) -> None:
+    """Our FPS/kNN (btp.geometry) against fpsample, open3d, scipy, pykdtree, torch: medians, ratios, checks."""
+    from btp.benchmarks import report as rep
+    from btp.benchmarks.machine import describe_machine
+    from btp.benchmarks.ops import ops_summary, run_ops
+
+    machine = describe_machine()
+    rows = run_ops(_ints(points, "--points"), _ints(groups, "--groups"), k, repeat=repeat, threads=threads,
+                   progress=_say)
+    data = {"machine": machine, "settings": {"points": _ints(points, "--points"), "groups": _ints(groups, "--groups"),
+                                             "k": k, "repeat": repeat, "threads": threads},
+            "rows": [r.to_dict() for r in rows], "summary": ops_summary(rows)}
+    paths = rep.write_ops(data, out)
+    if json_file:
+        paths.append(rep.write_json(json_file, data))
+    _print_paths(paths)
+    for s in data["summary"]:
+        typer.echo(f"{s['op']:>4} N={s['n_points']:>6} G={s['n_groups']:>4}: ours {s['ours_ms']:.2f} ms, "
+                   f"best {s['best_library']} {s['best_ms']:.2f} ms -> {s['ratio_vs_best']:.2f}x")
+
+
+@app.command()
+def table(
+    results: Path = typer.Option(None, help="results folder (default benchmarks/results/)"),
+    out: Path = typer.Option(None, help="output (default <results>/README-table.md)"),
+) -> None:
+    """Generate README's performance table from the newest committed CPU results."""
+    from btp.benchmarks import report as rep
+
+    results = Path(results or rep.RESULTS_DIR)
+    try:
+        text = rep.readme_table(results)
+    except FileNotFoundError as exc:
+        typer.echo(f"btp bench table: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    path = rep.write_text(Path(out or results / "README-table.md"), text)
+    typer.echo(f"wrote {path}")

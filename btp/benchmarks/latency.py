@@ -1,0 +1,296 @@
+"""`btp-bench latency`: end-to-end and per-stage latency of the runtime pipeline per backend.
+
+For every (backend, points, batch) the same deterministic scans (sampled from a real mesh, raw
+units, not normalised) run through ``btp.runtime.Pipeline``: warm-up (not recorded), then timed
+calls for ``duration`` seconds (at least ``min_iters``). End-to-end = wall clock of the whole
+call (perf_counter), stages = the pipeline's own ``Result.timings`` (the GPU backends time
+theirs with CUDA events). Peak RSS is sampled by a psutil thread during each configuration;
+device memory is read from nvidia-smi after a GPU configuration.
+
+Backends that cannot run here are rows with ``skipped: <reason>``, never dropped. The torch
+row is PyTorch eager on the same model behind the same pipeline (same preprocessing), run after
+the others so that importing torch does not inflate their RSS.
+"""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from btp.benchmarks.data import sample_cloud
+from btp.benchmarks.stats import Stats, measure, summarize
+
+BACKENDS = ("torch", "ort-cpu", "ort-cuda", "trt-fp32", "trt-fp16")
+DEFAULT_POINTS = (2048, 40000, 400000)
+DEFAULT_BATCHES = (1, 4)
+GPU_BACKENDS = ("ort-cuda", "trt-fp32", "trt-fp16")
+
+
+@dataclass(frozen=True)
+class LatencyRow:
+    backend: str
+    points: int
+    batch: int
+    stages: dict  # stage -> Stats dict (ms); always has "end_to_end"
+    throughput: float  # scans per second (batch / mean end-to-end)
+    peak_rss_mb: float
+    rss_before_mb: float
+    device_memory_mb: float | None
+    iterations: int
+    timer: str  # "perf_counter" | "cuda-events" (the stages' timer)
+    precision: str
+    weights: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    backend: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LatencyReport:
+    machine: dict
+    model: dict
+    settings: dict
+    results: list = field(default_factory=list)  # [LatencyRow]
+    skipped: list = field(default_factory=list)  # [Skipped]
+
+    def to_dict(self) -> dict:
+        return {"machine": self.machine, "model": self.model, "settings": self.settings,
+                "results": [r.to_dict() for r in self.results],
+                "skipped": [s.to_dict() for s in self.skipped]}
+
+
+# ---- availability ----------------------------------------------------------------------------
+
+def unavailable_reason(backend: str) -> str | None:
+    """Why ``backend`` cannot run on this machine (None = try it)."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}"
+    if backend == "torch":
+        return None if importlib.util.find_spec("torch") else "torch not installed (pip install btp-edge[train])"
+    if backend == "ort-cpu":
+        return None if importlib.util.find_spec("onnxruntime") else "onnxruntime not installed"
+    from btp.benchmarks.machine import gpus
+
+    has_gpu = bool(gpus())
+    if backend == "ort-cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return ("onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
+                    + ("" if has_gpu else "; no NVIDIA GPU on this machine"))
+        return None if has_gpu else "no NVIDIA GPU on this machine (nvidia-smi not found)"
+    missing = [m for m in ("tensorrt", "pycuda") if importlib.util.find_spec(m) is None]
+    if missing or not has_gpu:
+        parts = []
+        if missing:
+            parts.append(f"{' and '.join(missing)} not importable (pip install btp-edge[gpu])")
+        if not has_gpu:
+            parts.append("no NVIDIA GPU on this machine")
+        return "; ".join(parts)
+    return None
+
+
+def precision_of(backend: str) -> str:
+    return "fp16" if backend.endswith("fp16") else "int8" if backend.endswith("int8") else "fp32"
+
+
+# ---- pipeline construction ---------------------------------------------------------------------
+
+def make_pipeline(backend: str, model_path, *, threads: int | None = None, checkpoint=None):
+    """A ``btp.runtime.Pipeline`` for ``backend``; the torch row gets a TorchBackend in it.
+
+    Returns (pipeline, weights label).
+    """
+    from btp.runtime import Pipeline
+
+    if backend == "torch":
+        from btp.benchmarks.torch_backend import TorchBackend, find_checkpoint, onnx_metadata
+        from btp.config import BTPConfig
+
+        ckpt = find_checkpoint(model_path, checkpoint)
+        config = None if ckpt else BTPConfig.from_dict(onnx_metadata(model_path)["config"])
+        torch_backend = TorchBackend(ckpt, config=config, threads=threads)
+        pipe = Pipeline(model_path, backend="ort-cpu", threads=threads)
+        _swap_backend(pipe, torch_backend)
+        return pipe, torch_backend.weights
+    if backend.startswith("trt-"):
+        pipe = Pipeline(model_path, backend="trt", threads=threads, precision=precision_of(backend))
+    else:
+        pipe = Pipeline(model_path, backend=backend, threads=threads)
+    return pipe, "model.onnx"
+
+
+def _swap_backend(pipe, backend) -> None:
+    for attr in ("backend", "_backend", "engine"):
+        if hasattr(pipe, attr):
+            setattr(pipe, attr, backend)
+            return
+    raise RuntimeError("btp.runtime.Pipeline exposes no backend attribute to put the torch model in")
+
+
+def call_pipeline(pipe, scans: Sequence[np.ndarray]):
+    """Run one batch of scans; returns the list of Results."""
+    if len(scans) == 1:
+        return [pipe(scans[0])]
+    for name in ("run_batch", "batch"):
+        fn = getattr(pipe, name, None)
+        if callable(fn):
+            return list(fn(list(scans)))
+    return [pipe(s) for s in scans]
+
+
+# ---- memory ----------------------------------------------------------------------------------
+
+class RssSampler:
+    """Peak resident set size of this process, sampled every ``interval`` seconds in a thread."""
+
+    def __init__(self, interval: float = 0.01):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.interval = interval
+        self.before_mb = self._proc.memory_info().rss / 2**20
+        self.peak_mb = self.before_mb
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20)
+
+
+def device_memory_mb() -> float | None:
+    """GPU memory used (MB) on device 0 via nvidia-smi; None without a GPU."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        return float(out.strip().splitlines()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+# ---- the runner --------------------------------------------------------------------------------
+
+def make_scans(points: int, batch: int, mesh: str | None = None) -> list[np.ndarray]:
+    """``batch`` different raw scans of ``points`` points each (seeds 0..batch-1)."""
+    return [sample_cloud(points, mesh=mesh, seed=seed) for seed in range(batch)]
+
+
+def bench_one(pipe, scans: Sequence[np.ndarray], *, warmup_s: float, duration_s: float,
+              min_iters: int = 10, max_iters: int = 10_000) -> tuple[dict[str, Stats], int]:
+    """Time ``pipe`` on ``scans``: -> ({stage: Stats}, iterations). Stage timings of a batch are
+    summed over its scans (one call = one batch)."""
+    stage_samples: dict[str, list[float]] = {}
+
+    def collect(results, ms):
+        per_stage: dict[str, float] = {}
+        for res in results:
+            for stage, value in (getattr(res, "timings", None) or {}).items():
+                per_stage[stage] = per_stage.get(stage, 0.0) + float(value)
+        for stage, value in per_stage.items():
+            stage_samples.setdefault(stage, []).append(value)
+
+    e2e = measure(lambda: call_pipeline(pipe, scans), warmup_s=warmup_s, duration_s=duration_s,
+                  min_iters=min_iters, max_iters=max_iters, on_result=collect)
+    stats = {"end_to_end": summarize(e2e)}
+    for stage, samples in stage_samples.items():
+        if stage in ("end_to_end", "total"):
+            stats[f"pipeline_{stage}"] = summarize(samples)
+        else:
+            stats[stage] = summarize(samples)
+    return stats, len(e2e)
+
+
+def run_latency(model_path, *, backends: Sequence[str] = ("torch", "ort-cpu") + GPU_BACKENDS,
+                points: Sequence[int] = DEFAULT_POINTS, batches: Sequence[int] = DEFAULT_BATCHES,
+                warmup_s: float = 1.0, duration_s: float = 5.0, min_iters: int = 10,
+                threads: int | None = None, checkpoint=None, mesh: str | None = None,
+                progress: Callable[[str], None] | None = None) -> LatencyReport:
+    from btp.benchmarks.machine import describe_machine
+    from btp.benchmarks.torch_backend import onnx_metadata
+
+    model_path = Path(model_path)
+    meta = onnx_metadata(model_path)
+    report = LatencyReport(
+        machine=describe_machine(),
+        model={"path": str(model_path), "name": (meta.get("config") or {}).get("name"),
+               "size_mb": round(model_path.stat().st_size / 2**20, 2),
+               "provenance": meta.get("provenance", {}), "info": meta.get("model", {})},
+        settings={"backends": list(backends), "points": list(points), "batches": list(batches),
+                  "warmup_s": warmup_s, "duration_s": duration_s, "min_iters": min_iters,
+                  "threads": threads, "mesh": mesh or "cgal__stanford_bunny.ply"},
+    )
+    # torch last: importing it grows the process (RSS of the other rows stays honest)
+    ordered = sorted(dict.fromkeys(backends), key=lambda b: b == "torch")
+    for backend in ordered:
+        reason = unavailable_reason(backend)
+        if reason:
+            report.skipped.append(Skipped(backend, reason))
+            if progress:
+                progress(f"{backend}: skipped: {reason}")
+            continue
+        try:
+            pipe, weights = make_pipeline(backend, model_path, threads=threads, checkpoint=checkpoint)
+        except Exception as exc:  # noqa: BLE001 - a backend that fails to start is a skipped row
+            report.skipped.append(Skipped(backend, f"failed to start: {type(exc).__name__}: {exc}"))
+            if progress:
+                progress(f"{backend}: skipped: {exc}")
+            continue
+        for n in points:
+            for b in batches:
+                if progress:
+                    progress(f"{backend}: {n} points x batch {b}")
+                scans = make_scans(n, b, mesh)
+                try:
+                    with RssSampler() as rss:
+                        stats, iters = bench_one(pipe, scans, warmup_s=warmup_s, duration_s=duration_s,
+                                                 min_iters=min_iters)
+                except Exception as exc:  # noqa: BLE001 - keep the other rows
+                    report.skipped.append(Skipped(backend, f"{n} points x batch {b}: "
+                                                           f"{type(exc).__name__}: {exc}"))
+                    continue
+                e2e = stats["end_to_end"]
+                report.results.append(LatencyRow(
+                    backend=backend, points=n, batch=b,
+                    stages={k: v.to_dict() for k, v in stats.items()},
+                    throughput=b * 1e3 / e2e.mean,
+                    peak_rss_mb=round(rss.peak_mb, 1), rss_before_mb=round(rss.before_mb, 1),
+                    device_memory_mb=device_memory_mb() if backend in GPU_BACKENDS else None,
+                    iterations=iters,
+                    timer="cuda-events" if backend in GPU_BACKENDS else "perf_counter",
+                    precision=precision_of(backend), weights=weights,
+                ))
+        del pipe
+    return report
+
+
+def stage_breakdown(row: LatencyRow | dict) -> dict[str, float]:
+    """p50 ms per stage of one row, plus the share of end-to-end (medians, so shares are
+    indicative: stage medians need not add up to the end-to-end median)."""
+    stages = row["stages"] if isinstance(row, dict) else row.stages
+    return {k: v["p50"] for k, v in stages.items()}
