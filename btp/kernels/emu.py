@@ -44,8 +44,14 @@ class EmuDevice:
         out.fill(np.nan if np.dtype(dtype).kind == "f" else -12345)
         return out
 
-    def upload(self, array: np.ndarray) -> np.ndarray:
-        return np.array(array, copy=True, order="C")
+    def upload(self, array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            return np.array(array, copy=True, order="C")
+        flat = np.asarray(array, dtype=out.dtype).reshape(-1)
+        if flat.size > out.size:
+            raise ValueError(f"upload: {flat.size} values into a buffer of {out.size}")
+        out.reshape(-1)[:flat.size] = flat
+        return out
 
     def download(self, buf: np.ndarray) -> np.ndarray:
         return np.array(buf, copy=True)

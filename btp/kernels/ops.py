@@ -26,12 +26,16 @@ from btp.kernels.launch import (
 
 
 class Device(Protocol):
-    """Where buffers live and kernels run (a GPU stream, or the CPU emulation)."""
+    """Where buffers live and kernels run (a GPU stream, or the CPU emulation).
+
+    ``upload(array, out=None)`` copies a host array to a new buffer, or into the first
+    ``array.size`` elements of ``out`` (a larger buffer reused across calls) and returns it.
+    """
 
     name: str
 
     def empty(self, shape: tuple[int, ...], dtype: Any) -> Any: ...
-    def upload(self, array: np.ndarray) -> Any: ...
+    def upload(self, array: np.ndarray, out: Any = None) -> Any: ...
     def download(self, buf: Any) -> np.ndarray: ...
     def zero(self, buf: Any) -> None: ...
     def launch(self, kernel: str, launch: Launch, *args: Any) -> None: ...
@@ -103,10 +107,11 @@ def enqueue_knn_group(dev: Device, points, colors, center_idx, batch: int, n_poi
 
 def enqueue_group(dev: Device, points, colors, batch: int, n_points: int, n_groups: int, k: int,
                   n_channels: int, rgb_fill: float, start_idx, out: DeviceGroups | None = None,
-                  blocks: BlockSizes = BlockSizes()) -> DeviceGroups:
+                  fps_workspace=None, blocks: BlockSizes = BlockSizes()) -> DeviceGroups:
     """FPS centres then kNN grouping, both on the device: the PointBERT `Group` of a batch."""
     center_idx = enqueue_fps(dev, points, batch, n_points, n_groups, start_idx,
-                             out_idx=None if out is None else out.center_idx, blocks=blocks)
+                             out_idx=None if out is None else out.center_idx, workspace=fps_workspace,
+                             blocks=blocks)
     return enqueue_knn_group(dev, points, colors, center_idx, batch, n_points, n_groups, k, n_channels,
                              rgb_fill, out=out, blocks=blocks)
 

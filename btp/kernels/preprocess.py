@@ -1,0 +1,208 @@
+"""``GpuPreprocessor``: raw scan -> engine inputs -> scores back to points, all on one device.
+
+Data flow of one cloud (every arrow is a kernel on the device's stream; the only transfers
+are the raw upload and whatever the caller downloads at the end):
+
+    raw [M, 3] --FPS(N, fps_start)--> sample_idx [N] --gather--> sampled [N, 3] (raw frame)
+      --normalize--> normed [N, 3] (+ centre, scale) --FPS(G)+kNN(K)+gather--> neighborhood
+      [1, G, K, C], center [1, G, 3]  (written straight into the engine's input buffers)
+    engine patch scores [1, G] --scatter/mean--> point scores [1, N] --nearest--> raw scores [M]
+
+This is the CPU pipeline of btp.geometry with ``downsample(method="exact")`` (the FPS rule),
+``normalize``, ``group``, ``propagate_patch_scores`` and ``interpolate_to_raw("nearest")``,
+which tests/test_kernels_preprocess.py checks with the kernels under the CPU emulation. The
+raw-scan interpolation runs in the raw frame (sampled raw xyz vs raw xyz).
+
+Torch-free. The device is any ``btp.kernels.ops.Device``: ``btp.kernels.cuda.CudaDevice`` (the
+default, pycuda) or ``btp.kernels.emu.EmuDevice``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from btp.geometry.errors import DegenerateCloudError
+from btp.kernels import ops
+from btp.kernels.launch import BlockSizes, check_sizes
+
+
+@dataclass
+class DevicePrepared:
+    """Device buffers of one prepared cloud (B = 1)."""
+
+    n_raw: int
+    raw_xyz: Any           # float32 [1, M, 3], raw frame
+    sample_idx: Any        # int32 [1, N] into the raw scan
+    sampled_xyz: Any       # float32 [1, N, 3], raw frame
+    normed_xyz: Any        # float32 [1, N, 3], model frame
+    centre_scale: Any      # float32 [1, 4]
+    groups: ops.DeviceGroups
+
+
+@dataclass(frozen=True)
+class HostPrepared:
+    """What ``run`` returns: numpy arrays of one cloud."""
+
+    sample_idx: np.ndarray    # int64 [N]
+    normed: np.ndarray        # float32 [N, 3]
+    centre: np.ndarray        # float32 [3]
+    scale: float
+    center_idx: np.ndarray    # int64 [G]
+    patch_idx: np.ndarray     # int64 [G, K]
+    neighborhood: np.ndarray  # float32 [1, G, K, C]
+    center: np.ndarray        # float32 [1, G, 3]
+
+
+class GpuPreprocessor:
+    """The runtime's preprocess/postprocess stages on a GPU (or the emulation).
+
+    Sizes come from the config: N = preprocess.num_points, G = encoder.num_group,
+    K = encoder.group_size (<= 64), C = encoder.in_channels, rgb_fill, fps_start.
+    """
+
+    def __init__(self, num_points: int, num_group: int, group_size: int, in_channels: int = 6,
+                 rgb_fill: float = 0.5, fps_start: int = 0, *, device: ops.Device | None = None,
+                 blocks: BlockSizes = BlockSizes()) -> None:
+        check_sizes(num_points, num_group, group_size, in_channels)
+        if num_group > num_points:
+            raise ValueError(f"num_group={num_group} > num_points={num_points}")
+        if device is None:
+            from btp.kernels.cuda import CudaDevice
+
+            device = CudaDevice()
+        self.device = device
+        self.num_points, self.num_group, self.group_size = num_points, num_group, group_size
+        self.in_channels, self.rgb_fill, self.fps_start = in_channels, float(rgb_fill), int(fps_start)
+        self.blocks = blocks
+        dev = device
+        n, g, k, c = num_points, num_group, group_size, in_channels
+        # fixed-size buffers, allocated once (the raw-size ones grow on demand)
+        self._start = dev.upload(np.full(1, self.fps_start, np.int32))
+        self._sample_idx = dev.empty((1, n), np.int32)
+        self._sampled = dev.empty((1, n, 3), np.float32)
+        self._sampled_colors = dev.empty((1, n, 3), np.float32)
+        self._normed = dev.empty((1, n, 3), np.float32)
+        self._centre_scale = dev.empty((1, 4), np.float32)
+        self._fps_ws_n = dev.empty((1, n), np.float32)
+        self._groups = ops.DeviceGroups(dev.empty((1, g), np.int32), dev.empty((1, g, k), np.int32),
+                                        dev.empty((1, g, k), np.float32), dev.empty((1, g, k, c), np.float32),
+                                        dev.empty((1, g, 3), np.float32))
+        self._point_scores = dev.empty((1, n), np.float32)
+        self._sums = dev.empty((1, n), np.float32)
+        self._counts = dev.empty((1, n), np.int32)
+        self._raw_capacity = 0
+        self._last: DevicePrepared | None = None
+
+    @classmethod
+    def from_config(cls, cfg, **kwargs) -> "GpuPreprocessor":
+        """From a BTPConfig (btp/config.py)."""
+        e, p = cfg.encoder, cfg.preprocess
+        return cls(p.num_points, e.num_group, e.group_size, e.in_channels, p.rgb_fill, p.fps_start, **kwargs)
+
+    # ---- stages ------------------------------------------------------------------------------
+
+    def _raw_buffers(self, n_raw: int) -> None:
+        if n_raw > self._raw_capacity:  # grow (by 1.5x) so similar scans reuse the buffers
+            cap = max(n_raw, int(self._raw_capacity * 1.5))
+            self._raw = self.device.empty((1, cap, 3), np.float32)
+            self._raw_colors = self.device.empty((1, cap, 3), np.float32)
+            self._fps_ws_raw = self.device.empty((1, cap), np.float32)
+            self._raw_scores = self.device.empty((cap,), np.float32)
+            self._raw_capacity = cap
+
+    def prepare(self, raw_points: np.ndarray, colors: np.ndarray | None = None,
+                out: ops.DeviceGroups | None = None) -> DevicePrepared:
+        """raw_points [M, 3] (M >= N), colors [M, 3] in [0, 1] or None -> DevicePrepared.
+
+        ``out``: DeviceGroups whose ``neighborhood`` / ``center`` are the engine's input buffers
+        (other fields may be this object's own: pass ``self.groups_buffers()._replace(...)``).
+        Everything is enqueued; nothing is downloaded.
+        """
+        dev, blocks = self.device, self.blocks
+        raw = np.ascontiguousarray(np.asarray(raw_points, dtype=np.float32))
+        if raw.ndim != 2 or raw.shape[1] != 3:
+            raise ValueError(f"raw_points: expected [M, 3], got shape {raw.shape}")
+        n_raw = raw.shape[0]
+        if n_raw < self.num_points:
+            raise ValueError(f"raw scan has {n_raw} points, fewer than preprocess.num_points={self.num_points}")
+        if not np.isfinite(raw).all():
+            raise ValueError("raw_points: contains NaN or inf; drop those rows first (btp.io does)")
+        if not 0 <= self.fps_start < n_raw:
+            raise ValueError(f"fps_start={self.fps_start} outside the raw scan's {n_raw} points")
+        self._raw_buffers(n_raw)
+        raw_dev = dev.upload(raw[None], out=self._raw)  # [1, M, 3] into the reused [1, cap, 3]
+        n, c = self.num_points, self.in_channels
+        ops.enqueue_fps(dev, raw_dev, 1, n_raw, n, self._start, out_idx=self._sample_idx,
+                        workspace=self._fps_ws_raw, blocks=blocks)
+        ops.enqueue_gather(dev, raw_dev, self._sample_idx, 1, n_raw, n, 3, out=self._sampled, blocks=blocks)
+        sampled_colors = None
+        if colors is not None and c == 6:
+            col = np.ascontiguousarray(np.asarray(colors, dtype=np.float32))
+            if col.shape != raw.shape:
+                raise ValueError(f"colors: shape {col.shape} does not match raw_points {raw.shape}")
+            ops.enqueue_gather(dev, dev.upload(col[None], out=self._raw_colors), self._sample_idx, 1, n_raw, n, 3,
+                               out=self._sampled_colors, blocks=blocks)
+            sampled_colors = self._sampled_colors
+        ops.enqueue_normalize(dev, self._sampled, 1, n, out=self._normed, centre_scale=self._centre_scale,
+                              blocks=blocks)
+        groups = self._groups if out is None else out
+        groups = ops.enqueue_group(dev, self._normed, sampled_colors, 1, n, self.num_group, self.group_size, c,
+                                   self.rgb_fill, self._start, out=groups._replace(center_idx=self._groups.center_idx),
+                                   fps_workspace=self._fps_ws_n, blocks=blocks)
+        self._last = DevicePrepared(n_raw, raw_dev, self._sample_idx, self._sampled, self._normed,
+                                    self._centre_scale, groups)
+        return self._last
+
+    def groups_buffers(self) -> ops.DeviceGroups:
+        """This object's own device buffers for the groups (to swap in engine inputs)."""
+        return self._groups
+
+    def point_scores(self, patch_scores, prepared: DevicePrepared | None = None):
+        """patch scores (device buffer [1, G]) -> point scores device buffer [1, N] (model frame)."""
+        prep = prepared or self._require()
+        return ops.enqueue_propagate(self.device, patch_scores, prep.groups.patch_idx, prep.groups.center,
+                                     prep.normed_xyz, 1, self.num_points, self.num_group, self.group_size,
+                                     out=self._point_scores, sums=self._sums, counts=self._counts,
+                                     blocks=self.blocks)
+
+    def raw_scores(self, point_scores, prepared: DevicePrepared | None = None):
+        """point scores [1, N] (device) -> raw-scan scores device buffer [M] (nearest sampled point)."""
+        prep = prepared or self._require()
+        return ops.enqueue_interpolate_nearest(self.device, prep.sampled_xyz, point_scores, self.num_points,
+                                               prep.raw_xyz, prep.n_raw, out=self._raw_scores,
+                                               blocks=self.blocks)
+
+    def _require(self) -> DevicePrepared:
+        if self._last is None:
+            raise RuntimeError("GpuPreprocessor: call prepare() first")
+        return self._last
+
+    # ---- numpy conveniences ------------------------------------------------------------------
+
+    def run(self, raw_points: np.ndarray, colors: np.ndarray | None = None) -> HostPrepared:
+        """prepare() and download: the runtime's preprocess stage with numpy out."""
+        prep = self.prepare(raw_points, colors)
+        dev = self.device
+        centre_scale = dev.download(prep.centre_scale)[0]
+        if not centre_scale[3] > 0:
+            raise DegenerateCloudError(f"normalize: all {self.num_points} sampled points coincide (max radius 0); "
+                                       f"check the scan")
+        return HostPrepared(
+            sample_idx=dev.download(prep.sample_idx)[0].astype(np.int64),
+            normed=dev.download(prep.normed_xyz)[0],
+            centre=centre_scale[:3].copy(), scale=float(centre_scale[3]),
+            center_idx=dev.download(prep.groups.center_idx)[0].astype(np.int64),
+            patch_idx=dev.download(prep.groups.patch_idx)[0].astype(np.int64),
+            neighborhood=dev.download(prep.groups.neighborhood),
+            center=dev.download(prep.groups.center))
+
+    def scores(self, patch_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """patch scores [G] of the last prepared cloud -> (point scores [N], raw scores [M])."""
+        dev = self.device
+        scores = np.ascontiguousarray(np.asarray(patch_scores, dtype=np.float32).reshape(1, self.num_group))
+        points = self.point_scores(dev.upload(scores))
+        raw = self.raw_scores(points)
+        n_raw = self._require().n_raw
+        return dev.download(points)[0], dev.download(raw)[:n_raw]
