@@ -1,0 +1,173 @@
+"""btp.train: BTP-stage loop (loss goes down, resume is exact), LR schedule, DDP env, split, pretrain.
+
+Real data: synthetic defects (btp.train.synth) on real meshes of the training split, tiny config.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from btp.config import TrainConfig, tiny_config  # noqa: E402
+from btp.train import data as tdata  # noqa: E402
+from btp.train.ddp import DistEnv, dist_env  # noqa: E402
+from btp.train.loop import BTPOptions, build_model, train_btp  # noqa: E402
+from btp.train.schedule import lr_at, make_optimizer, warmup_steps  # noqa: E402
+from btp.train.split import HELDOUT_KINDS, zero_shot_split  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def split(shapes_root):
+    return zero_shot_split(shapes_root)
+
+
+@pytest.fixture(scope="module")
+def tiny_arrays(split, tmp_path_factory):
+    """8 synthetic samples (4 anomalous) on 2 real training meshes, preprocessed for the tiny config."""
+    cfg = tiny_config()
+    cache = tmp_path_factory.mktemp("cache")
+    return tdata.btp_samples(split.train[:2], cfg, per_shape=4, seed=0, cache_dir=cache, synth_points=2048)
+
+
+# ---- split -------------------------------------------------------------------------------
+
+def test_split_holds_out_whole_kinds_and_is_disjoint(split):
+    train_names, held_names = set(split.names("train")), set(split.names("heldout"))
+    assert not train_names & held_names
+    assert len(train_names) + len(held_names) == 85
+    assert all(s.kind not in HELDOUT_KINDS for s in split.train)
+    for kind in HELDOUT_KINDS:
+        assert any(s.kind == kind for s in split.heldout)
+    # a share of every other kind is held out too, and most shapes still train
+    assert {s.kind for s in split.heldout} >= {"organic", "mechanical", "other"}
+    assert 50 <= len(train_names) <= 65
+
+
+# ---- data --------------------------------------------------------------------------------
+
+def test_btp_samples_match_runtime_preprocessing(tiny_arrays):
+    cfg = tiny_config()
+    n, g, k = cfg.preprocess.num_points, cfg.encoder.num_group, cfg.encoder.group_size
+    a = tiny_arrays
+    assert a["points"].shape == (8, n, 3) and a["patch_idx"].shape == (8, g, k) and a["fpfh"].shape == (8, g, 33)
+    assert a["object_label"].tolist() == [1, 1, 0, 0] * 2
+    # anomalous clouds keep labelled points after FPS; normal ones have none
+    frac = a["labels"].mean(axis=1)
+    assert (frac[a["object_label"] == 1] > 0).all() and (frac[a["object_label"] == 0] == 0).all()
+    # unit-sphere normalised, centres are points of the cloud
+    assert np.abs(np.linalg.norm(a["points"], axis=2).max(axis=1) - 1).max() < 1e-4
+    item = tdata.BTPArrays(a, cfg)[0]
+    assert item["neighborhood"].shape == (g, k, 6)
+    np.testing.assert_allclose(item["neighborhood"][..., 3:], cfg.preprocess.rgb_fill)
+    np.testing.assert_allclose(item["neighborhood"][:, 0, :3], 0, atol=1e-6)  # each centre is its own 1st neighbour
+
+
+# ---- schedule ----------------------------------------------------------------------------
+
+def test_lr_schedule_warmup_peak_end():
+    cfg = TrainConfig()
+    total, base = 200, cfg.lr
+    warm = warmup_steps(total, cfg.warmup_frac)
+    assert warm == 20
+    assert lr_at(0, total, base, cfg) == pytest.approx(0.1 * base)
+    assert lr_at(warm // 2, total, base, cfg) == pytest.approx(base * (0.1 + 0.9 * 0.5))
+    assert lr_at(warm, total, base, cfg) == pytest.approx(base)
+    assert lr_at(total - 1, total, base, cfg) == pytest.approx(cfg.min_lr)
+    mid = warm + (total - 1 - warm) / 2
+    assert lr_at(int(mid), total, base, cfg) == pytest.approx(cfg.min_lr + 0.5 * (base - cfg.min_lr), rel=0.05)
+    values = [lr_at(s, total, base, cfg) for s in range(total)]
+    assert np.all(np.diff(values[:warm + 1]) > 0) and np.all(np.diff(values[warm:]) < 0)
+
+
+def test_param_groups_prompt_lr_and_decay_only_on_weights():
+    cfg = tiny_config()
+    model = build_model(cfg, None, BTPOptions())
+    opt = make_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.train)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["prompt"]["lr"] == cfg.train.lr_prompt and groups["prompt"]["weight_decay"] == 0
+    assert any(p is model.prompt_ctx for p in groups["prompt"]["params"])
+    assert groups["decay"]["weight_decay"] == cfg.train.weight_decay
+    assert all(p.ndim >= 2 for p in groups["decay"]["params"])
+    assert all(p.ndim < 2 for p in groups["no_decay"]["params"]) and groups["no_decay"]["weight_decay"] == 0
+    assert opt.defaults["betas"] == (0.9, 0.999)
+    # the point encoder and text encoder are frozen: none of their parameters is optimised
+    optimised = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not any(id(p) in optimised for p in model.point_encoder.parameters())
+
+
+# ---- DDP env -----------------------------------------------------------------------------
+
+def test_dist_env_detection():
+    assert dist_env({}) == DistEnv(1, 0, 0) and not dist_env({}).enabled
+    env = dist_env({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0"})
+    assert env.enabled and env.rank == 2 and env.local_rank == 0 and not env.is_main
+    assert dist_env({"WORLD_SIZE": "1", "RANK": "0"}).is_main
+    with pytest.raises(ValueError):
+        dist_env({"WORLD_SIZE": "2", "RANK": "2"})
+    with pytest.raises(ValueError):
+        dist_env({"WORLD_SIZE": "two"})
+
+
+# ---- the loop ----------------------------------------------------------------------------
+
+def test_short_training_run_lowers_the_loss(tiny_arrays, tmp_path):
+    cfg = tiny_config()
+    cfg.train.lr, cfg.train.lr_prompt = 3e-3, 3e-3
+    summary = train_btp(cfg, tiny_arrays, tmp_path, BTPOptions(epochs=20, batch_size=2, ckpt_every=0, seed=0),
+                        progress=False, log=lambda *_: None)
+    losses = np.array([v for _, v in summary["losses"]])
+    assert len(losses) == 80 and np.isfinite(losses).all()
+    assert losses[-8:].mean() < 0.85 * losses[:4].mean()
+    # the written model loads and carries frozen text embeddings
+    from btp.model import load_checkpoint
+
+    model, prov = load_checkpoint(summary["checkpoint"], text_encoder=None)
+    assert model.frozen_text.shape == (2, cfg.text.embed_dim)
+    assert prov["stage"] == "btp" and prov["btp_steps"] == 80
+
+
+def test_resume_continues_from_the_saved_step(tiny_arrays, tmp_path, monkeypatch):
+    cfg = tiny_config()
+    opts = BTPOptions(epochs=2, batch_size=2, ckpt_every=3, seed=1)  # 8 steps, checkpoints at 3 and 6
+    full = train_btp(cfg, tiny_arrays, tmp_path / "full", opts, progress=False, log=lambda *_: None)
+
+    import btp.model
+
+    real_loss, calls = btp.model.btp_loss, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 5:  # dies in step 6, after the checkpoint of step 3
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(btp.model, "btp_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_btp(cfg, tiny_arrays, tmp_path / "cut", opts, progress=False, log=lambda *_: None)
+    monkeypatch.setattr(btp.model, "btp_loss", real_loss)
+    from btp.train.checkpointing import read_step
+
+    assert read_step(tmp_path / "cut" / "train_state.safetensors") == 3
+    resumed = train_btp(cfg, tiny_arrays, tmp_path / "cut", opts, resume=True, progress=False, log=lambda *_: None)
+    assert resumed["resumed_from"] == 3
+    assert [s for s, _ in resumed["losses"]] == [4, 5, 6, 7, 8]
+    np.testing.assert_allclose([v for _, v in resumed["losses"]], [v for _, v in full["losses"][3:]], rtol=1e-4)
+
+
+def test_pretrain_writes_loadable_encoder_and_lowers_mpm(split, tmp_path):
+    from btp.model.pointbert import PointBERT
+    from btp.train.pretrain import PretrainOptions, load_encoder_weights, pretrain
+
+    cfg = tiny_config()
+    path = pretrain(cfg, split.train[:3], tmp_path / "pretrain",
+                    PretrainOptions(steps=30, batch_size=4, pool_points=1024, ckpt_every=0, lr=3e-3),
+                    progress=False, log=lambda *_: None)
+    enc = PointBERT(cfg.encoder, cfg.text.embed_dim)
+    meta = load_encoder_weights(enc, path)
+    import json
+
+    losses = [mpm for _, mpm, _ in json.loads(meta["last_losses"])]
+    assert meta["stage"] == "pretrain" and len(losses) == 20 and all(math.isfinite(v) for v in losses)
