@@ -1,0 +1,168 @@
+"""`btp-bench parity`: the thin runner that feeds the same samples to a reference and test backends.
+
+For each test sample of a data set (Anomaly-ShapeNet / Real3D-AD layout, read by btp.io):
+
+1. Engine level (identical inputs): the sample is preprocessed once on the CPU (normalize,
+   downsample, FPS + kNN group by btp.geometry); the same ``neighborhood``/``center`` go to the
+   reference backend and to each test backend -> patch_probs, global_prob, object_score,
+   patch_embed (when the model exports it).
+2. Pipeline level (each backend's own full path): ``Pipeline(points)`` -> point scores at the
+   raw scan's resolution and the object score; O-AUROC and P-AUROC (btp.eval.metrics) on them.
+3. Indices: the centre and patch indices a backend's preprocessing produces (the GPU kernels
+   on GPU backends, btp.geometry on CPU ones) against ``fps_reference`` / ``knn_reference``.
+
+Everything is collected into arrays and handed to ``btp.benchmarks.compare.compare`` (the pure
+comparator) with the tolerances of the backend's precision.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from btp.benchmarks.compare import compare, overall, sorted_index_sets, tolerances
+from btp.benchmarks.latency import make_pipeline, precision_of, unavailable_reason
+
+
+def _backend_of(pipe):
+    for attr in ("backend", "_backend", "engine"):
+        obj = getattr(pipe, attr, None)
+        if obj is not None and callable(getattr(obj, "run", None)):
+            return obj
+    raise RuntimeError("Pipeline exposes no backend with run(neighborhood, center)")
+
+
+def _preprocess(points: np.ndarray, cfg) -> dict:
+    """CPU preprocessing by btp.geometry (the reference path): -> arrays for the engine + indices."""
+    from btp.geometry import downsample, group, normalize
+
+    pre = cfg.preprocess
+    pts = np.asarray(points, dtype=np.float32)
+    normed, _, _ = normalize(pts)
+    if len(normed) > pre.num_points:
+        normed = normed[downsample(normed, pre.num_points, pre.fps_start, method="exact")]
+    enc = cfg.encoder
+    groups = group(normed, enc.num_group, enc.group_size, start_idx=pre.fps_start, rgb_fill=pre.rgb_fill,
+                   in_channels=enc.in_channels)
+    return {"sampled": normed, "neighborhood": groups.neighborhood[None], "center": groups.center[None],
+            "center_idx": groups.center_idx, "patch_idx": groups.patch_idx}
+
+
+def _reference_indices(sampled: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
+    from btp.geometry import fps_reference, knn_reference
+
+    center_idx = fps_reference(sampled, cfg.encoder.num_group, cfg.preprocess.fps_start)
+    patch_idx, _ = knn_reference(sampled, sampled[center_idx], cfg.encoder.group_size)
+    return center_idx, patch_idx
+
+
+def _backend_indices(backend: str, sampled: np.ndarray, cfg, cpu: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """Indices of the backend's own preprocessing: the CUDA kernels on GPU backends, else btp.geometry."""
+    if backend in ("ort-cuda", "trt-fp32", "trt-fp16"):
+        try:
+            from btp.kernels import gpu_group  # lands with the GPU issue
+
+            g = gpu_group(sampled, cfg.encoder.num_group, cfg.encoder.group_size, start_idx=cfg.preprocess.fps_start)
+            return np.asarray(g.center_idx), np.asarray(g.patch_idx)
+        except (ImportError, AttributeError):
+            return None
+    return cpu["center_idx"], cpu["patch_idx"]
+
+
+def _metrics(object_labels, object_scores, point_labels, point_scores) -> dict:
+    from btp.eval.metrics import auroc
+
+    out = {"o_auroc": float("nan"), "p_auroc": float("nan")}
+    try:
+        out["o_auroc"] = auroc(np.asarray(object_labels), np.asarray(object_scores))
+    except ValueError:
+        pass
+    try:
+        out["p_auroc"] = auroc(np.concatenate(point_labels), np.concatenate(point_scores))
+    except ValueError:
+        pass
+    return out
+
+
+def run_parity(model_path, data_dir, *, backends: Sequence[str] = ("ort-cpu",), reference: str = "torch",
+               checkpoint=None, limit: int | None = None, layout: str | None = None, threads: int | None = None,
+               progress: Callable[[str], None] | None = None) -> dict:
+    from btp.benchmarks.machine import describe_machine
+    from btp.benchmarks.torch_backend import onnx_metadata
+    from btp.config import BTPConfig
+    from btp.io import detect_layout, iter_samples
+
+    say = progress or (lambda _msg: None)
+    cfg = BTPConfig.from_dict(onnx_metadata(model_path)["config"])
+    layout = layout or detect_layout(data_dir)
+    samples = []
+    for sample in iter_samples(data_dir, layout=layout, split="test"):
+        samples.append(sample)
+        if limit is not None and len(samples) >= limit:
+            break
+    if not samples:
+        raise FileNotFoundError(f"{data_dir}: no test samples ({layout} layout)")
+    say(f"{len(samples)} test samples; preprocessing on the CPU (btp.geometry)")
+    pre = [_preprocess(s.points, cfg) for s in samples]
+    ref_idx = [_reference_indices(p["sampled"], cfg) for p in pre]
+
+    def collect(name: str):
+        """Engine outputs on identical inputs + the backend's own pipeline results, all samples."""
+        pipe, weights = make_pipeline(name, model_path, threads=threads, checkpoint=checkpoint)
+        engine = _backend_of(pipe)
+        outs: dict[str, list] = {}
+        point_scores, object_scores = [], []
+        for s, p in zip(samples, pre):
+            res = engine.run(p["neighborhood"], p["center"])
+            for key in ("patch_logits", "patch_probs", "global_prob", "object_score", "patch_embed"):
+                if key in res:
+                    outs.setdefault(key, []).append(np.asarray(res[key])[0])
+            result = pipe(s.points)
+            point_scores.append(np.asarray(result.point_scores, dtype=np.float32))
+            object_scores.append(float(result.object_score))
+        arrays = {k: np.stack(v) for k, v in outs.items()}
+        arrays["point_scores"] = np.concatenate(point_scores)
+        metrics = _metrics([s.object_label for s in samples], object_scores, [s.labels for s in samples],
+                           point_scores)
+        return arrays, metrics, weights
+
+    say(f"reference {reference}")
+    ref_arrays, ref_metrics, ref_weights = collect(reference)
+    ref_arrays["fps_idx"] = np.stack([c for c, _ in ref_idx])
+    ref_arrays["knn_idx"] = np.stack([sorted_index_sets(k) for _, k in ref_idx])
+    ref_arrays["o_auroc"] = np.array([ref_metrics["o_auroc"]])
+    ref_arrays["p_auroc"] = np.array([ref_metrics["p_auroc"]])
+    out = {"machine": describe_machine(), "model": str(model_path), "data": str(data_dir), "layout": layout,
+           "n_samples": len(samples), "reference": reference, "reference_weights": ref_weights,
+           "reference_metrics": ref_metrics, "backends": []}
+    for name in backends:
+        if name == reference:
+            continue
+        reason = unavailable_reason(name)
+        if reason:
+            out["backends"].append({"backend": name, "skipped": reason})
+            say(f"{name}: skipped: {reason}")
+            continue
+        say(f"backend {name}")
+        try:
+            arrays, metrics, _ = collect(name)
+        except Exception as exc:  # noqa: BLE001 - a backend that cannot run is a skipped row
+            out["backends"].append({"backend": name, "skipped": f"{type(exc).__name__}: {exc}"})
+            continue
+        idx = [_backend_indices(name, p["sampled"], cfg, p) for p in pre]
+        if all(i is not None for i in idx):
+            arrays["fps_idx"] = np.stack([c for c, _ in idx])
+            arrays["knn_idx"] = np.stack([sorted_index_sets(k) for _, k in idx])
+        arrays["o_auroc"] = np.array([metrics["o_auroc"]])
+        arrays["p_auroc"] = np.array([metrics["p_auroc"]])
+        precision = precision_of(name)
+        tols = tolerances(precision, ref_arrays, object_alpha=cfg.scoring.object_alpha,
+                          global_temperature=cfg.scoring.global_temperature)
+        checks = compare(ref_arrays, arrays, tols)
+        out["backends"].append({"backend": name, "precision": precision, "verdict": overall(checks),
+                                "checks": [c.to_dict() for c in checks],
+                                "metrics": {"o_auroc": metrics["o_auroc"], "p_auroc": metrics["p_auroc"],
+                                            "o_auroc_ref": ref_metrics["o_auroc"],
+                                            "p_auroc_ref": ref_metrics["p_auroc"]}})
+    return out

@@ -1,0 +1,234 @@
+"""btp.benchmarks: report schema, ordered timings, the pure comparator, goals, FLOP counting, ops rows.
+
+No timed assertions: speed goals live in the committed benchmark reports, not here. Tiny sizes
+and short durations keep this file well under a minute.
+"""
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from btp.benchmarks import compare as cmp
+from btp.benchmarks import report as rep
+from btp.benchmarks.goals import evaluate_goals
+from btp.benchmarks.stats import measure, summarize
+
+
+def _ordered(stats: dict) -> None:
+    assert stats["min"] > 0
+    assert stats["min"] <= stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["max"]
+    assert stats["min"] <= stats["mean"] <= stats["max"]
+
+
+# ---- stats ------------------------------------------------------------------------------------
+
+def test_summarize_orders_percentiles():
+    s = summarize([5.0, 1.0, 3.0, 2.0, 100.0, 4.0]).to_dict()
+    _ordered(s)
+    assert s["n"] == 6 and s["p50"] == 3.5 and s["max"] == 100.0
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_measure_excludes_warmup_and_respects_min_iters():
+    calls = []
+    samples = measure(lambda: calls.append(1), warmup_s=0.0, duration_s=0.0, min_iters=7, min_warmup_iters=3)
+    assert len(samples) == 7 and len(calls) == 10
+    assert all(ms >= 0 for ms in samples)
+
+
+# ---- the pure comparator ------------------------------------------------------------------------
+
+def test_compare_verdicts_per_kind():
+    ref = {"patch_probs": np.array([[0.1, 0.5]]), "patch_embed": np.array([[[1.0, 0.0]]]),
+           "fps_idx": np.array([[0, 3, 2]]), "o_auroc": np.array([0.80])}
+    test = {"patch_probs": np.array([[0.1, 0.50005]]), "patch_embed": np.array([[[1.0, 0.1]]]),
+            "fps_idx": np.array([[0, 3, 1]]), "o_auroc": np.array([0.8004])}
+    tols = (cmp.Tolerance("patch_probs", "abs", 1e-4, "t"), cmp.Tolerance("patch_embed", "cosine", 0.999, "t"),
+            cmp.Tolerance("fps_idx", "index", 1.0, "t"), cmp.Tolerance("o_auroc", "metric", 1e-3, "t"),
+            cmp.Tolerance("object_score", "abs", 1e-4, "t"))
+    res = {r.output: r for r in cmp.compare(ref, test, tols)}
+    assert res["patch_probs"].verdict == "PASS" and res["patch_probs"].value == pytest.approx(5e-5)
+    assert res["patch_embed"].verdict == "FAIL" and res["patch_embed"].value == pytest.approx(1 / np.sqrt(1.01))
+    assert res["fps_idx"].verdict == "FAIL" and res["fps_idx"].value == pytest.approx(2 / 3)
+    assert res["o_auroc"].verdict == "PASS"
+    assert res["object_score"].verdict == "SKIP" and "reference" in res["object_score"].note
+    assert cmp.overall(list(res.values())) == "FAIL"
+    mismatch = cmp.check(np.zeros(3), np.zeros(4), cmp.Tolerance("x", "abs", 1.0, "t"))
+    assert mismatch.verdict == "FAIL" and "shape" in mismatch.note
+
+
+def test_fp16_tolerances_follow_the_score_scale():
+    ref = {"patch_logits": np.array([[-3.0, 0.5, 2.0]]), "global_prob": np.array([0.5])}
+    fp32 = {t.output: t for t in cmp.tolerances("fp32", ref)}
+    fp16 = {t.output: t for t in cmp.tolerances("fp16", ref)}
+    assert fp32["patch_probs"].limit == 1e-4
+    # max over the reference logits of sigma'(l) * r * max(|l|, 1)
+    lg = ref["patch_logits"][0]
+    s = 1 / (1 + np.exp(-lg))
+    assert fp16["patch_probs"].limit == pytest.approx(np.max(s * (1 - s) * np.maximum(np.abs(lg), 1)) * cmp.FP16_REL)
+    # global prob 0.5 -> slope 0.25, error 2r/T
+    assert fp16["global_prob"].limit == pytest.approx(0.25 * 2 * cmp.FP16_REL / 0.07)
+    assert fp16["object_score"].limit == pytest.approx(0.5 * fp16["global_prob"].limit + 0.5 * fp16["patch_probs"].limit)
+    assert fp16["fps_idx"].limit == 1.0 and all(t.why for t in fp16.values())
+    assert fp16["patch_probs"].limit > fp32["patch_probs"].limit
+
+
+# ---- goals -------------------------------------------------------------------------------------------
+
+def _row(backend, points, e2e, engine, batch=1):
+    st = lambda v: {"p50": v, "p90": v * 1.1, "p99": v * 1.2, "mean": v, "min": v * 0.9, "max": v * 1.3, "n": 10}
+    return {"backend": backend, "points": points, "batch": batch, "throughput": batch * 1e3 / e2e,
+            "peak_rss_mb": 100.0, "stages": {"end_to_end": st(e2e), "engine": st(engine)}}
+
+
+def test_goals_met_and_missed_with_margins():
+    lat = {"results": [_row("ort-cpu", 2048, 20.0, 19.0), _row("torch", 2048, 50.0, 48.0),
+                       _row("ort-cpu", 400000, 40.0, 19.0)]}
+    ops = [{"op": "fps", "n_points": 2048, "n_groups": 512, "ratio_vs_best": 1.1, "best_library": "a",
+            "meets_goal": True, "ratio_vs_best_exact": 1.0},
+           {"op": "knn", "n_points": 2048, "n_groups": 512, "ratio_vs_best": 2.0, "best_library": "b",
+            "meets_goal": False, "ratio_vs_best_exact": 2.0}]
+    goals = {g.name.split(" (")[0]: g for g in evaluate_goals(lat, ops, {"total": 5e9, "gflop": 5.0},
+                                                             {"gflops": 500.0})}
+    assert goals["ORT CPU vs PyTorch eager"].met and goals["ORT CPU vs PyTorch eager"].value == pytest.approx(2.5)
+    assert goals["pre+post share of e2e"].met and goals["pre+post share of e2e"].value == pytest.approx(0.05)
+    assert not goals["400k-point scan vs 2048"].met and "over by" in goals["400k-point scan vs 2048"].detail
+    assert goals["our CPU FPS vs best library"].met and not goals["our CPU KNN vs best library"].met
+    gf = goals["encoder achieved GFLOP/s"]
+    assert gf.met is None and gf.value == pytest.approx(5e9 / 0.019 / 1e9 / 500)
+    missing = evaluate_goals({"results": []})
+    assert all(g.met is None for g in missing) and len(missing) == 5
+
+
+# ---- FLOPs ----------------------------------------------------------------------------------------
+
+def test_onnx_flops_counts_matmul_conv_gemm(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from btp.benchmarks.flops import matmul_peak, onnx_flops
+
+    B, G, K, C, H = 1, 8, 4, 6, 16
+    w_conv = numpy_helper.from_array(np.zeros((H, C, 1), np.float32), "w_conv")
+    w_mm = numpy_helper.from_array(np.zeros((H, 5), np.float32), "w_mm")
+    w_gemm = numpy_helper.from_array(np.zeros((5, 3), np.float32), "w_gemm")
+    shape = numpy_helper.from_array(np.array([-1, C, K], np.int64), "shape")
+    shape2 = numpy_helper.from_array(np.array([-1, H], np.int64), "shape2")
+    nodes = [
+        helper.make_node("Reshape", ["neighborhood", "shape"], ["x"]),  # [B*G*K/K.., C, K] (layout only)
+        helper.make_node("Conv", ["x", "w_conv"], ["y"]),  # [B*G, H, K]
+        helper.make_node("ReduceMax", ["y"], ["z"], axes=[2], keepdims=0),  # [B*G, H]
+        helper.make_node("Reshape", ["z", "shape2"], ["z2"]),
+        helper.make_node("MatMul", ["z2", "w_mm"], ["m"]),  # [B*G, 5]
+        helper.make_node("Gemm", ["m", "w_gemm"], ["patch_logits"]),  # [B*G, 3]
+    ]
+    graph = helper.make_graph(
+        nodes, "t", [helper.make_tensor_value_info("neighborhood", TensorProto.FLOAT, ["B", G, K, C]),
+                     helper.make_tensor_value_info("center", TensorProto.FLOAT, ["B", G, 3])],
+        [helper.make_tensor_value_info("patch_logits", TensorProto.FLOAT, None)],
+        [w_conv, w_mm, w_gemm, shape, shape2])
+    path = tmp_path / "t.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    f = onnx_flops(path)
+    assert f.by_op["Conv"] == 2 * B * G * H * K * C
+    assert f.by_op["MatMul"] == 2 * B * G * H * 5
+    assert f.by_op["Gemm"] == 2 * B * G * 5 * 3
+    assert f.total == sum(f.by_op.values())
+    peak = matmul_peak(size=128, seconds=0.01)
+    assert peak.gflops > 0 and peak.gflops == max(peak.by_library.values())
+
+
+# ---- ops ------------------------------------------------------------------------------------------
+
+def test_ops_rows_schema_and_checks(shapes_root, monkeypatch):
+    monkeypatch.setenv("BTP_SHAPES", str(shapes_root))
+    from btp.benchmarks.ops import OURS, ops_summary, run_ops
+
+    rows = run_ops((600,), (64,), 8, repeat=1,
+                   impls=("fpsample vanilla", "fpsample bucket (kdline)", "pykdtree", "scipy cKDTree",
+                          "numpy reference"))
+    by = {(r.op, r.impl): r for r in rows}
+    assert {op for op, _ in by} == {"fps", "knn"}
+    for op in ("fps", "knn"):
+        ours = by[(op, OURS)]
+        assert ours.exact and ours.same_set == 1.0 and ours.median_ms > 0
+        assert by[(op, "numpy reference")].exact
+    assert by[("knn", "pykdtree")].same_set == 1.0
+    assert 0 < by[("fps", "fpsample bucket (kdline)")].quality  # covering-radius ratio
+    summary = ops_summary(rows)
+    assert {s["op"] for s in summary} == {"fps", "knn"}
+    for s in summary:
+        assert s["ratio_vs_best"] == pytest.approx(s["ours_ms"] / s["best_ms"])
+        assert s["best_library"] not in (OURS, "numpy reference")
+    json.dumps([r.to_dict() for r in rows])  # serialisable
+
+
+# ---- latency runner on a stand-in pipeline (the narrow contract: call -> Result.timings) ---------------
+
+class _FakePipeline:
+    def __call__(self, points):
+        t0 = time.perf_counter()
+        np.sort(points, axis=0)
+        pre = (time.perf_counter() - t0) * 1e3
+        time.sleep(0.001)
+        return SimpleNamespace(timings={"fps": pre + 1e-3, "engine": 1.0}, point_scores=np.zeros(len(points)),
+                               object_score=0.0)
+
+
+def _latency_data(results_rows, skipped=()):
+    from btp.benchmarks.machine import describe_machine
+
+    return {"machine": describe_machine(), "model": {"path": "model.onnx", "name": "btp-tiny", "size_mb": 0.1},
+            "settings": {"backends": ["ort-cpu"], "points": [512], "batches": [1, 2], "warmup_s": 0.0,
+                         "duration_s": 0.0, "min_iters": 5, "threads": None, "mesh": "bunny"},
+            "results": results_rows, "skipped": list(skipped)}
+
+
+def test_bench_one_schema_and_reports(tmp_path):
+    from btp.benchmarks.latency import LatencyRow, RssSampler, Skipped, bench_one, make_scans
+
+    rows = []
+    for batch in (1, 2):
+        scans = make_scans(512, batch)
+        with RssSampler() as rss:
+            stats, iters = bench_one(_FakePipeline(), scans, warmup_s=0.0, duration_s=0.0, min_iters=5)
+        assert iters == 5 and set(stats) == {"end_to_end", "fps", "engine"}
+        for s in stats.values():
+            _ordered(s.to_dict())
+        assert stats["engine"].p50 == pytest.approx(batch * 1.0)  # batch stages are summed per call
+        rows.append(LatencyRow("ort-cpu", 512, batch, {k: v.to_dict() for k, v in stats.items()},
+                               batch * 1e3 / stats["end_to_end"].mean, rss.peak_mb, rss.before_mb, None, iters,
+                               "perf_counter", "fp32", "test").to_dict())
+    assert rss.peak_mb >= rss.before_mb > 0
+    data = _latency_data(rows, [Skipped("trt-fp16", "no NVIDIA GPU on this machine").to_dict()])
+    data["goals"] = [g.to_dict() for g in evaluate_goals(data)]
+    paths = rep.write_latency(data, tmp_path)
+    assert [p.suffix for p in paths] == [".json", ".md", ".png"]
+    loaded = json.loads(paths[0].read_text())
+    assert set(loaded) >= {"machine", "results", "skipped"}
+    r0 = loaded["results"][0]
+    assert set(r0) >= {"backend", "points", "batch", "stages", "throughput", "peak_rss_mb"}
+    assert set(r0["stages"]["end_to_end"]) >= {"p50", "p90", "p99", "mean"}
+    md = paths[1].read_text()
+    assert "skipped: no NVIDIA GPU" in md and "Where the time goes" in md and "Performance goals" in md
+    assert paths[0].name.startswith("latency-cpu-") and loaded["machine"]["cpu_model"]
+    table = rep.readme_table(tmp_path)
+    assert "generated by `btp bench table`" in table and "| ort-cpu | 512 | 1 |" in table
+    assert "trt-fp16 | | | skipped" in table
+
+
+def test_unavailable_backends_have_reasons():
+    from btp.benchmarks.latency import unavailable_reason
+
+    assert "unknown backend" in unavailable_reason("tensorflow")
+    assert unavailable_reason("ort-cpu") is None
+    from btp.benchmarks.machine import gpus
+
+    if not gpus():
+        for name in ("ort-cuda", "trt-fp32", "trt-fp16"):
+            assert unavailable_reason(name)
