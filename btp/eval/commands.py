@@ -1,9 +1,97 @@
-"""`btp eval` (owned by btp.eval)."""
+"""`btp eval` (owned by btp.eval). Heavy imports happen inside the command."""
 from __future__ import annotations
 
-from btp._placeholder import not_available
+import json
+from pathlib import Path
+
+import typer
 
 
-def evaluate() -> None:
-    """Zero-shot evaluation on Anomaly-ShapeNet / Real3D-AD layouts."""
-    not_available("eval", "evaluation lands with the training issue")
+def evaluate(
+    data: Path = typer.Option(..., "--data", help="Data-set root (Anomaly-ShapeNet or Real3D-AD layout)."),
+    layout: str = typer.Option("", "--layout", help="anomaly-shapenet | real3d (auto-detected when omitted)."),
+    model: Path = typer.Option(None, "--model", help="Checkpoint (.safetensors) or exported MODEL.onnx; "
+                                                     "default: models/btp-mini.safetensors."),
+    no_model: bool = typer.Option(False, "--no-model", help="Report the baselines only."),
+    json_out: Path = typer.Option(None, "--json", help="Write the full report as JSON here."),
+    classes: str = typer.Option("", "--classes", help="Comma-separated classes (default: all)."),
+    baseline_model: Path = typer.Option(None, "--baseline-model",
+                                        help="Learned-baseline LightGBM text model (default: "
+                                             "models/learned-baseline.txt when present)."),
+    fit_baseline: Path = typer.Option(None, "--fit-baseline",
+                                      help="Fit the learned baseline on this labelled data set's test split "
+                                           "(e.g. synthetic training classes) and save it to --baseline-model."),
+    backend: str = typer.Option("ort-cpu", "--backend", help="Runtime backend for a .onnx model."),
+) -> None:
+    """Zero-shot evaluation: O-AUROC, P-AUROC, AU-PRO, O-AP, P-AP, O-F1max per class and mean."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from btp.errors import BTPError
+    from btp.eval.baselines import LearnedBaseline, fit_learned_baseline
+    from btp.eval.evaluate import DEFAULT_LEARNED_BASELINE, evaluate as run_eval, load_scorer
+    from btp.io import LAYOUTS, iter_samples, list_classes
+
+    console = Console(stderr=True)
+    if layout and layout not in LAYOUTS:
+        raise typer.BadParameter(f"{layout!r}: choose one of {', '.join(LAYOUTS)}", param_hint="--layout")
+    chosen = [c.strip() for c in classes.split(",") if c.strip()] or None
+    try:
+        scorer = None if no_model else load_scorer(model, backend)
+        learned = None
+        if fit_baseline is not None:
+            overlap = set(list_classes(fit_baseline)) & set(chosen or list_classes(data))
+            if overlap:
+                console.print(f"[yellow]warning: the learned baseline is fitted on classes that are also "
+                              f"evaluated ({', '.join(sorted(overlap))}): not zero-shot")
+            console.print(f"fitting the learned baseline on {fit_baseline} ...")
+            pre = scorer.cfg.preprocess if scorer is not None and getattr(scorer, "cfg", None) else None
+            learned = fit_learned_baseline(iter_samples(fit_baseline, split="test"),
+                                           num_points=pre.num_points if pre else None)
+            if baseline_model is not None:
+                learned.save(baseline_model)
+                console.print(f"saved the learned baseline to {baseline_model}")
+        elif baseline_model is not None:
+            learned = LearnedBaseline.load(baseline_model)
+        elif DEFAULT_LEARNED_BASELINE.is_file():
+            learned = LearnedBaseline.load(DEFAULT_LEARNED_BASELINE)
+        with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=console) as bar:
+            task = bar.add_task("eval", total=None)
+            report = run_eval(data, layout=layout or None, classes=chosen, scorer=scorer, learned=learned,
+                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except (BTPError, FileNotFoundError) as err:
+        typer.echo(f"btp eval: {err}", err=True)
+        raise typer.Exit(code=2) from None
+    print_report(report)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=1, default=str))
+        typer.echo(f"wrote {json_out}")
+
+
+def print_report(report: dict) -> None:
+    """One rich table per method: rows = classes + mean, columns = metrics (x100)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from btp.eval.evaluate import SHOWN_KEYS, table_rows
+
+    console = Console()
+    if not console.is_terminal:  # files and pipes: do not squeeze the metric columns to 80 characters
+        console = Console(width=max(console.width, 150))
+    data = report["data"]
+    sections = [("model: " + (report["model"] or {}).get("name", "-"), report)] if report.get("classes") else []
+    sections.append(("baseline: surface variation (training-free)", report["baseline"]))
+    if report.get("learned_baseline"):
+        sections.append(("learned baseline: covariance features + LightGBM", report["learned_baseline"]))
+    for title, section in sections:
+        table = Table(title=f"{title} - {data['layout']} {data['root']}", title_justify="left")
+        table.add_column("class")
+        for key in SHOWN_KEYS:
+            table.add_column(key, justify="right")
+        for name, metrics in table_rows(section):
+            cells = [("-" if metrics.get(k) is None else f"{100 * metrics[k]:.1f}") for k in SHOWN_KEYS]
+            table.add_row(f"[bold]{name}" if name == "mean" else name, *cells)
+        console.print(table)
+    console.print(f"point metrics: {data['point_metrics']}")

@@ -1,0 +1,159 @@
+"""Zero-shot evaluation of a data-set folder: model + baselines, per class and mean.
+
+`evaluate(root, ...)` reads every test sample (`btp.io.iter_samples`, Anomaly-ShapeNet or
+Real3D-AD layout), scores it with each method - the model (torch checkpoint or ONNX), the
+training-free surface-variation baseline, the learned baseline when one is given - and
+returns the report that `btp eval --json` writes:
+
+    {"classes": {cls: {metric: value}}, "mean": {metric: value},          # the model
+     "baseline": {"classes": ..., "mean": ...},                            # surface variation
+     "learned_baseline": {"classes": ..., "mean": ...},                    # {} when not given
+     "model": {...}, "data": {...}}
+
+Metric values lie in [0, 1]; an undefined one (e.g. a class without anomalous samples) is
+null and `data.notes` says why. `p_auroc`, `p_ap`, `p_f1max`, `au_pro` are over the raw test
+scans' points in GT row order (scores carried back from the N sampled points);
+`p_auroc_sampled`, `p_ap_sampled` over the N sampled points themselves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from btp.config import PreprocessConfig, btp_mini_config
+from btp.eval.baselines import LearnedBaseline, surface_variation_scorer
+from btp.eval.metrics import EXTRA_KEYS, METRIC_KEYS, compute_metrics, mean_metrics
+from btp.eval.scoring import CloudScores, score_with
+from btp.io import detect_layout, read_sample, sample_files
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "btp-mini.safetensors"
+DEFAULT_LEARNED_BASELINE = Path(__file__).resolve().parents[2] / "models" / "learned-baseline.txt"
+
+
+class CloudScorer(Protocol):
+    """What `evaluate` needs from a model: raw scan [M,3] -> CloudScores, plus a description."""
+
+    def __call__(self, raw_points: np.ndarray) -> CloudScores: ...
+
+    def info(self) -> dict: ...
+
+
+@dataclass
+class _Collected:
+    object_labels: list[int] = field(default_factory=list)
+    object_scores: list[float] = field(default_factory=list)
+    point_labels: list[np.ndarray] = field(default_factory=list)
+    point_scores: list[np.ndarray] = field(default_factory=list)
+    points: list[np.ndarray] = field(default_factory=list)
+    sampled_labels: list[np.ndarray] = field(default_factory=list)
+    sampled_scores: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, sample, scores: CloudScores) -> None:
+        self.object_labels.append(int(sample.object_label))
+        self.object_scores.append(float(scores.object_score))
+        self.point_labels.append(sample.labels)
+        self.point_scores.append(scores.point_scores)
+        self.points.append(sample.points)
+        self.sampled_labels.append(sample.labels[scores.sampled_idx])
+        self.sampled_scores.append(scores.sampled_scores)
+
+
+def load_scorer(model: str | Path | None, backend: str = "ort-cpu") -> CloudScorer:
+    """A checkpoint (.safetensors, torch) or an exported model (.onnx, btp.runtime); None = default model."""
+    from btp.eval.scoring import OnnxScorer, TorchScorer
+
+    path = Path(model) if model is not None else DEFAULT_MODEL
+    if not path.is_file():
+        if model is None:
+            raise FileNotFoundError(f"the default model {path} is not there yet (it is trained and committed by "
+                                    f"the training issue); pass --model CKPT|MODEL.onnx, or --no-model for the "
+                                    f"baselines alone")
+        raise FileNotFoundError(f"{path}: model file not found; pass a .safetensors checkpoint or a .onnx export")
+    if path.suffix.lower() == ".onnx":
+        return OnnxScorer(path, backend=backend)
+    return TorchScorer(path)
+
+
+def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] | None = None,
+             scorer: CloudScorer | None = None, learned: LearnedBaseline | None = None,
+             preprocess: PreprocessConfig | None = None,
+             progress: Callable[[int, int], None] | None = None) -> dict:
+    """Score every test sample of `root` and compute the metrics (see the module docstring).
+
+    `preprocess` (N, FPS start) for the baselines: the model's when a scorer with a config is
+    given, else btp-mini's. `progress(done, total)` is called after every sample.
+    """
+    root = Path(root)
+    layout = layout or detect_layout(root)
+    files = sample_files(root, layout, "test", classes)
+    if not files:
+        raise FileNotFoundError(f"{root}: no test samples found ({layout} layout, classes {classes or 'all'})")
+    cfg = getattr(scorer, "cfg", None)
+    pre = preprocess or (cfg.preprocess if cfg is not None else btp_mini_config().preprocess)
+    methods: dict[str, Callable[[np.ndarray], CloudScores]] = {}
+    if scorer is not None:
+        methods["model"] = scorer
+    methods["baseline"] = lambda raw: score_with(surface_variation_scorer, raw, pre)
+    if learned is not None:
+        methods["learned_baseline"] = lambda raw: score_with(learned, raw, pre)
+    collected: dict[str, dict[str, _Collected]] = {m: {} for m in methods}
+    counts: dict[str, dict[str, int]] = {}
+    for done, entry in enumerate(files, 1):
+        sample = read_sample(entry, min_points=1)
+        c = counts.setdefault(sample.cls, {"good": 0, "bad": 0, "points": 0})
+        c["bad" if sample.object_label else "good"] += 1
+        c["points"] += int(sample.points.shape[0])
+        for name, method in methods.items():
+            collected[name].setdefault(sample.cls, _Collected()).add(sample, method(sample.points))
+        if progress:
+            progress(done, len(files))
+    report: dict = {"classes": {}, "mean": {}, "learned_baseline": {}}
+    notes: dict = {}
+    for name, by_class in collected.items():
+        per_class, mean, notes[name] = _metrics(by_class)
+        if name == "model":
+            report["classes"], report["mean"] = per_class, mean
+        else:
+            report[name] = {"classes": per_class, "mean": mean}
+    report["model"] = scorer.info() if scorer is not None else None
+    report["data"] = {
+        "root": str(root), "layout": layout, "classes": sorted(counts), "samples": counts,
+        "num_points": pre.num_points, "fps_start": pre.fps_start,
+        "point_metrics": "p_auroc, p_ap, p_f1max, au_pro: raw test scans (GT rows, scores carried back from the "
+                         f"sampled points); p_auroc_sampled, p_ap_sampled: the {pre.num_points} sampled points",
+        "object_score": {"baseline": "mean of the top 1% point scores (surface variation, k=16)",
+                         "learned_baseline": "mean of the top 1% point probabilities (LightGBM)",
+                         "model": "alpha * global_prob + (1 - alpha) * mean(top patch probs)"},
+        "notes": notes,
+    }
+    return {k: report[k] for k in ("classes", "mean", "baseline", "learned_baseline", "model", "data")}
+
+
+def _metrics(by_class: dict[str, _Collected]) -> tuple[dict, dict, dict]:
+    per_class: dict[str, dict[str, float | None]] = {}
+    raw_values: dict[str, dict[str, float]] = {}
+    notes: dict[str, dict[str, str]] = {}
+    for cls in sorted(by_class):
+        c = by_class[cls]
+        rep = compute_metrics(c.object_labels, c.object_scores, c.point_labels, c.point_scores, c.points,
+                              c.sampled_labels, c.sampled_scores)
+        raw_values[cls] = rep.values
+        per_class[cls] = rep.json_values()
+        if rep.notes:
+            notes[cls] = rep.notes
+    mean = {k: (None if not np.isfinite(v) else v) for k, v in mean_metrics(raw_values).items()}
+    return per_class, mean, notes
+
+
+def table_rows(section: dict) -> list[tuple[str, dict]]:
+    """(row name, metrics) for a report section: each class, then "mean"."""
+    rows = [(cls, m) for cls, m in section.get("classes", {}).items()]
+    if section.get("mean"):
+        rows.append(("mean", section["mean"]))
+    return rows
+
+
+SHOWN_KEYS: tuple[str, ...] = (*METRIC_KEYS, *EXTRA_KEYS)

@@ -1,0 +1,172 @@
+"""`btp eval` end to end on tiny synthetic data sets (both layouts), baselines, scoring plumbing."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from btp.config import PreprocessConfig
+from btp.eval import evaluate as evaluate_mod
+from btp.eval.baselines import (
+    BaselineError,
+    LearnedBaseline,
+    feature_names,
+    fit_learned_baseline,
+    local_features,
+    object_score_from_points,
+    surface_variation_scores,
+)
+from btp.eval.evaluate import evaluate
+from btp.eval.metrics import METRIC_KEYS
+from btp.eval.scoring import CloudScores, prepare
+from btp.io import iter_samples
+from btp.train.synth import SynthConfig, SynthPlan, write_dataset
+
+CLASSES = ["hex_nut", "spot"]
+
+
+@pytest.fixture(scope="module")
+def datasets(shapes_root, tmp_path_factory):
+    """The same tiny synthetic set in both public layouts (1024-point scans)."""
+    out = {}
+    for layout in ("anomaly-shapenet", "real3d"):
+        root = tmp_path_factory.mktemp(layout)
+        write_dataset(shapes_root, root, CLASSES,
+                      SynthPlan(per_class_train=0, per_class_test_good=2, per_class_test_bad=3, seed=1, layout=layout),
+                      SynthConfig(num_points=1024))
+        out[layout] = root
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from btp.config import tiny_config
+    from btp.model import BTPModel, save_checkpoint
+
+    torch.manual_seed(0)
+    model = BTPModel.with_default_text_encoder(tiny_config())
+    model.freeze_text(drop_encoder=True)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", model, {"test": "random tiny"})
+
+
+def _check_section(section, classes):
+    assert sorted(section["classes"]) == sorted(classes)
+    for metrics in [*section["classes"].values(), section["mean"]]:
+        for key in (*METRIC_KEYS, "p_auroc_sampled"):
+            assert metrics[key] is not None and 0.0 <= metrics[key] <= 1.0, (key, metrics)
+
+
+@pytest.mark.parametrize("layout", ["anomaly-shapenet", "real3d"])
+def test_cli_eval_with_a_tiny_checkpoint_writes_the_json_contract(datasets, tiny_checkpoint, tmp_path, layout):
+    from btp.cli import app
+
+    out = tmp_path / "report.json"
+    args = ["eval", "--data", str(datasets[layout]), "--model", str(tiny_checkpoint), "--json", str(out)]
+    if layout == "real3d":
+        args += ["--layout", "real3d"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert list(report) == ["classes", "mean", "baseline", "learned_baseline", "model", "data"]
+    _check_section(report, CLASSES)
+    _check_section(report["baseline"], CLASSES)
+    assert report["learned_baseline"] == {} or "classes" in report["learned_baseline"]
+    assert report["model"]["kind"] == "checkpoint" and report["model"]["name"] == "btp-tiny"
+    assert report["data"]["layout"] == layout and report["data"]["num_points"] == 512
+    assert report["data"]["samples"]["spot"] == {"good": 2, "bad": 3, "points": 5 * 1024}
+    assert "mean" in result.output and "o_auroc" in result.output
+
+
+def test_oracle_scores_give_perfect_metrics_in_gt_row_order(datasets):
+    """A scorer that knows the labels: every metric must be 1 - checks the raw/GT order plumbing."""
+    root = datasets["real3d"]
+    truth = {s.points.tobytes(): s for s in iter_samples(root)}
+    pre = PreprocessConfig(num_points=256)
+
+    class Oracle:
+        cfg = None
+
+        def __call__(self, raw):
+            s = truth[np.ascontiguousarray(raw, dtype=np.float32).tobytes()]
+            idx = prepare(raw, pre).sampled_idx
+            scores = s.labels.astype(np.float32)
+            return CloudScores(float(s.object_label), scores, idx, scores[idx])
+
+        def info(self):
+            return {"name": "oracle"}
+
+    report = evaluate(root, scorer=Oracle(), preprocess=pre)
+    for key in (*METRIC_KEYS, "p_auroc_sampled"):
+        assert report["mean"][key] == pytest.approx(1.0), key
+    assert report["model"] == {"name": "oracle"}
+
+
+def test_missing_default_model_is_a_clear_error(datasets, tmp_path, monkeypatch):
+    from btp.cli import app
+
+    monkeypatch.setattr(evaluate_mod, "DEFAULT_MODEL", tmp_path / "models" / "btp-mini.safetensors")
+    result = CliRunner().invoke(app, ["eval", "--data", str(datasets["anomaly-shapenet"])])
+    assert result.exit_code == 2
+    assert "btp-mini.safetensors" in result.output and "--model" in result.output
+
+
+def test_surface_variation_is_high_on_a_crease_and_zero_on_a_plane():
+    g = np.linspace(-1, 1, 30)
+    x, y = np.meshgrid(g, g)
+    plane = np.stack([x.ravel(), y.ravel(), np.zeros(x.size)], axis=1)
+    roof = plane.copy()
+    roof[:, 2] = -np.abs(roof[:, 0])  # a crease along x = 0
+    sv_plane = surface_variation_scores(plane)
+    sv_roof = surface_variation_scores(roof)
+    assert sv_plane.max() < 1e-6
+    crease = np.abs(roof[:, 0]) < 0.05
+    assert sv_roof[crease].min() > 10 * max(sv_roof[np.abs(roof[:, 0]) > 0.5].max(), 1e-9)
+    assert object_score_from_points(np.arange(200.0)) == pytest.approx(198.5)  # top 1 % = 2 points
+
+
+def test_learned_baseline_fits_saves_as_text_and_reloads(datasets, tmp_path):
+    samples = list(iter_samples(datasets["anomaly-shapenet"]))
+    model = fit_learned_baseline(samples, num_points=512, num_rounds=30, seed=0)
+    feats = local_features(prepare(samples[-1].points, PreprocessConfig(num_points=512)).normed)
+    assert feats.shape == (512, len(feature_names())) and np.isfinite(feats).all()
+    path = model.save(tmp_path / "learned.txt")
+    assert path.read_text().startswith("tree")  # LightGBM's text format, not pickle
+    again = LearnedBaseline.load(path)
+    np.testing.assert_allclose(again.booster.predict(feats), model.booster.predict(feats), rtol=1e-6)
+    # it learned something on its training samples: anomalous points score above normal ones
+    report = evaluate(datasets["anomaly-shapenet"], learned=again, preprocess=PreprocessConfig(num_points=512))
+    assert report["learned_baseline"]["mean"]["p_auroc_sampled"] > 0.75
+    # a model made with other features is refused with the fix in the message
+    bad = tmp_path / "other.txt"
+    bad.write_text(path.read_text().replace("surface_variation_k8 ", "something_else ", 1))
+    with pytest.raises(BaselineError, match="refit"):
+        LearnedBaseline.load(bad)
+    with pytest.raises(BaselineError, match="not found"):
+        LearnedBaseline.load(tmp_path / "nope.txt")
+
+
+def test_cli_baselines_only_fits_and_reports_learned_baseline(datasets, tmp_path):
+    from btp.cli import app
+
+    model_file = tmp_path / "lb.txt"
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(app, ["eval", "--data", str(datasets["real3d"]), "--no-model", "--classes", "spot",
+                                      "--fit-baseline", str(datasets["anomaly-shapenet"]),
+                                      "--baseline-model", str(model_file), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "not zero-shot" in result.output  # fitted on the evaluated class
+    report = json.loads(out.read_text())
+    assert report["classes"] == {} and report["model"] is None
+    _check_section(report["learned_baseline"], ["spot"])
+    assert model_file.is_file()
+
+
+def test_degenerate_class_reports_null_with_reason(shapes_root, tmp_path):
+    write_dataset(shapes_root, tmp_path, ["spot"], SynthPlan(0, 2, 0, seed=0), SynthConfig(num_points=512))
+    report = evaluate(tmp_path, preprocess=PreprocessConfig(num_points=256))
+    spot = report["baseline"]["classes"]["spot"]
+    assert spot["o_auroc"] is None and spot["au_pro"] is None
+    assert "only normal" in report["data"]["notes"]["baseline"]["spot"]["o_auroc"]
