@@ -176,8 +176,18 @@ class _Dense:
     points: np.ndarray  # float64 [M,3]
     normals: np.ndarray  # float64 [M,3]
     size: float
-    spacing: float
+    spacing: float  # median nearest-neighbour distance
+    cell: float  # sqrt(surface area per point): a grid cell that holds one point on average
     tree: cKDTree
+
+
+def _make_dense(points: np.ndarray, normals: np.ndarray, size: float) -> _Dense:
+    tree = cKDTree(points)
+    probe = points[: min(len(points), 2000)]
+    dist = tree.query(probe, k=11)[0]  # [P, 11], column 0 = the point itself
+    spacing = max(float(np.median(dist[:, 1])), 1e-9)
+    area_per_point = np.pi * float(np.median(dist[:, 10])) ** 2 / 10.0  # 10 neighbours in a disc
+    return _Dense(points, normals, size, spacing, max(np.sqrt(area_per_point), 1e-9), tree)
 
 
 def _falloff(t: np.ndarray) -> np.ndarray:
@@ -246,10 +256,12 @@ def _line_cut(d: _Dense, centre: int, depth: float, target: int, cfg: SynthConfi
 def _hole(d: _Dense, centre: int, depth: float, target: int, cfg: SynthConfig, rng):
     """Missing material: points in a ball are removed, the rim around it is labelled."""
     dist = np.linalg.norm(d.points - d.points[centre], axis=1)
-    rim_width = rng.uniform(1.5, 2.5) * d.spacing
+    rim_points = rng.uniform(1.5, 2.5) * d.spacing  # at least a couple of point spacings ...
+    rim_ratio = rng.uniform(0.25, 0.5)  # ... and a share of the radius, so big rims mean wider holes, not huge ones
 
     def rim(radius: float) -> np.ndarray:
-        """Kept points within `rim_width` of the removed material."""
+        """Kept points within the rim width of the removed material."""
+        rim_width = max(rim_points, rim_ratio * radius)
         gone = dist < radius
         out = np.zeros(len(dist), bool)
         if gone.any():
@@ -261,6 +273,7 @@ def _hole(d: _Dense, centre: int, depth: float, target: int, cfg: SynthConfig, r
     radius = _solve_size(lambda r: int(rim(r).sum()), target, d.spacing, 0.5 * d.size)
     keep = dist >= radius
     labels = rim(radius).astype(np.int64)
+    rim_width = max(rim_points, rim_ratio * radius)
     return d.points.copy(), labels, keep, {"radius": radius / d.size, "rim": rim_width / d.size}
 
 
@@ -282,7 +295,7 @@ def _broken(d: _Dense, centre: int, depth: float, target: int, cfg: SynthConfig,
         if not removed.any():
             return removed, np.zeros((0, 3)), np.zeros(len(d.points), bool)
         proj = d.points[removed] - (height[removed] - plane)[:, None] * axis[None, :]
-        face = _thin(proj, d.spacing)
+        face = _thin(proj, d.cell)  # surface density, not denser
         face = face + (rough * (local[: len(face)] - 0.5))[:, None] * axis[None, :]
         edge = (~removed) & (height > plane - band)
         return removed, face, edge
@@ -298,7 +311,7 @@ def _broken(d: _Dense, centre: int, depth: float, target: int, cfg: SynthConfig,
 
 
 def _thin(points: np.ndarray, spacing: float) -> np.ndarray:
-    """One point per grid cell of `spacing` (a cheap even thinning of projected points)."""
+    """One point per occupied grid cell of side `spacing` (keeps the points' own random positions)."""
     if len(points) == 0:
         return points
     cells = np.floor(points / spacing).astype(np.int64)
@@ -355,9 +368,7 @@ def _dense_cloud(shape: ShapeSurface, cfg: SynthConfig, rng: np.random.Generator
             points, normals = points[:n_dense], normals[:n_dense]
         else:
             points, normals = points[visible], normals[visible]
-    tree = cKDTree(points)
-    spacing = float(np.median(tree.query(points[: min(len(points), 2000)], k=2)[0][:, 1]))
-    return _Dense(points, normals, shape.size, max(spacing, 1e-9), tree)
+    return _make_dense(points, normals, shape.size)
 
 
 def _finish(points: np.ndarray, labels: np.ndarray, shape: ShapeSurface, cfg: SynthConfig,
@@ -425,16 +436,15 @@ def apply_defect(points: np.ndarray, normals: np.ndarray, kind: str, rng: np.ran
     pts = np.asarray(points, dtype=np.float64)
     nrm = np.asarray(normals, dtype=np.float64)
     size = float(np.linalg.norm(np.ptp(pts, axis=0))) if size is None else float(size)
-    tree = cKDTree(pts)
-    spacing = float(np.median(tree.query(pts[: min(len(pts), 2000)], k=2)[0][:, 1]))
-    dense = _Dense(pts, nrm, size, max(spacing, 1e-9), tree)
+    dense = _make_dense(pts, nrm, size)
     return _apply(dense, kind, rng, cfg, target_frac, centre)
 
 
 def _apply(dense: _Dense, kind: str, rng, cfg: SynthConfig, target_frac=None, centre=None) -> Defect:
     lo, hi = cfg.frac_range
     if target_frac is None:  # log-uniform, with a margin for the final random subset
-        target_frac = float(np.exp(rng.uniform(np.log(lo * 1.4), np.log(hi * 0.85))))
+        top = min(hi * 0.85, 0.03) if kind == "crack" else hi * 0.85  # a crack stays thin
+        target_frac = float(np.exp(rng.uniform(np.log(lo * 1.4), np.log(top))))
     depth = float(rng.uniform(*cfg.depth_range)) * dense.size
     centre = int(rng.integers(len(dense.points))) if centre is None else int(centre)
     target = max(1, int(round(target_frac * len(dense.points))))
