@@ -119,33 +119,26 @@ class TorchScorer:
 
 
 class OnnxScorer:
-    """`btp eval --model model.onnx`: the edge runtime (`btp.runtime.Pipeline`)."""
+    """`btp eval --model model.onnx`: the edge runtime (`btp.runtime.Pipeline`), config from its metadata."""
 
     def __init__(self, path: str | Path, backend: str = "ort-cpu"):
         from btp.runtime import Pipeline
 
         self.path = Path(path)
+        self.backend = backend
         self.pipeline = Pipeline(self.path, backend=backend)
-        meta = getattr(self.pipeline, "meta", None) or {}
-        config = getattr(self.pipeline, "cfg", None) or getattr(self.pipeline, "config", None)
-        if config is None and "config" in meta:
-            config = BTPConfig.from_dict(meta["config"])
-        self.cfg: BTPConfig | None = config
-        self.meta = meta
-        self.name = config.name if config is not None else self.path.stem
+        self.cfg: BTPConfig = self.pipeline.cfg
+        self.name = self.pipeline.meta.name
 
     def __call__(self, raw_points: np.ndarray) -> CloudScores:
-        raw = np.ascontiguousarray(raw_points, dtype=np.float32)
-        result = self.pipeline(raw)
+        result = self.pipeline(np.ascontiguousarray(raw_points, dtype=np.float32))
         point_scores = np.asarray(result.point_scores, dtype=np.float32)  # [M] raw order
-        sampled_idx = getattr(result, "sampled_idx", None)
-        if sampled_idx is None:  # the runtime does not say which points it sampled: recompute
-            pre = self.cfg.preprocess if self.cfg is not None else PreprocessConfig()
-            sampled_idx = prepare(raw, pre).sampled_idx
-        sampled_idx = np.asarray(sampled_idx, dtype=np.int64)
-        return CloudScores(float(result.object_score), point_scores, sampled_idx, point_scores[sampled_idx])
+        idx = np.asarray(result.sampled_idx, dtype=np.int64)  # [N]
+        sampled = (np.asarray(result.sampled_scores, dtype=np.float32) if result.sampled_scores is not None
+                   else point_scores[idx])
+        return CloudScores(float(result.object_score), point_scores, idx, sampled)
 
     def info(self) -> dict:
-        return {"path": str(self.path), "kind": "onnx", "name": self.name,
-                "config": self.cfg.to_dict() if self.cfg is not None else None,
-                "provenance": self.meta.get("provenance")}
+        meta = self.pipeline.meta
+        return {"path": str(self.path), "kind": "onnx", "backend": self.backend, "name": self.name,
+                "config": self.cfg.to_dict(), "provenance": meta.provenance, "export": meta.export}
