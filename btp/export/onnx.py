@@ -1,0 +1,373 @@
+"""A btp checkpoint -> one self-describing model.onnx.
+
+The graph holds everything after grouping: mini-PointNet, transformer, GFCM, MGFEM, the global
+head and the scoring against the text embeddings, which are frozen into initializers
+(``BTPModel.freeze_text``). FPS, kNN, gather and score propagation stay outside (btp.geometry /
+btp.kernels), as in CUDA-PointPillars.
+
+    inputs   neighborhood float32 [B, G, K, C], center float32 [B, G, 3]
+    outputs  patch_logits [B, G], patch_probs [B, G], global_prob [B], object_score [B]
+             (+ patch_embed [B, G, D] with patch_embed=True, for debugging)
+    metadata metadata_props["btp"] = one JSON document (btp.runtime.metadata)
+
+``export_onnx`` traces (TorchScript exporter, constant folding), checks (``onnx.checker`` full
+check + strict shape inference), optionally simplifies (onnxslim), writes the metadata, and
+verifies parity with PyTorch on real sampled shapes *before* the file appears at ``out``
+(temp file + ``os.replace``): no model.onnx that failed its checks is left behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import btp
+from btp.config import PRESETS, BTPConfig, preset
+from btp.errors import BTPError
+from btp.export.formats import check_batch, check_opset
+from btp.runtime.metadata import DEBUG_OUTPUT_NAMES, INPUT_NAMES, META_KEY, OUTPUT_NAMES, build_metadata
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = "btp-mini"
+TRT_OPS_FILE = Path(__file__).with_name("trt_onnx_ops.txt")
+PARITY_ATOL = 1e-4  # issue 4: max abs diff of probabilities and object score in FP32
+# ops whose FP16 evaluation can overflow / lose the score: TensorRT should keep them FP32
+FP16_PIN_OPS = ("LayerNormalization", "ReduceL2", "Softmax", "Div", "TopK", "ReduceMean", "Sigmoid")
+FP16_MAX = 65504.0
+
+
+class ExportError(BTPError, RuntimeError):
+    """The export failed a check (checker, shape inference, parity); the message says which and why."""
+
+
+@dataclass
+class LoadedModel:
+    """A frozen-text BTPModel in eval mode and what the metadata says about it."""
+
+    model: Any  # btp.model.BTPModel
+    info: dict[str, Any]  # name, version, source, weights_sha256, fresh_init, text_prompts
+    provenance: dict[str, Any]
+
+
+# ---- the model -----------------------------------------------------------------------------
+
+def model_search_paths(name: str) -> list[Path]:
+    """Where a named model's weights are looked for: $BTP_MODELS/<name>.safetensors, <repo>/models/."""
+    paths = []
+    if os.environ.get("BTP_MODELS"):
+        paths.append(Path(os.environ["BTP_MODELS"]) / f"{name}.safetensors")
+    paths.append(REPO_ROOT / "models" / f"{name}.safetensors")
+    return paths
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_sha256(model) -> str:
+    """sha256 over the model's tensors (sorted names, raw float bytes): the weights' identity in memory."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        if key.startswith("text_encoder."):
+            continue
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _finish_model(model, info: dict, provenance: dict) -> LoadedModel:
+    if not model.is_text_frozen:
+        model.freeze_text(drop_encoder=True)  # the exported form: text embeddings as constants
+    model.text_encoder = None
+    model.eval()
+    info.setdefault("name", model.cfg.name)
+    info.setdefault("version", model.cfg.version)
+    info["text_prompts"] = list(model.prompt_texts)
+    info["text_encoder"] = model.cfg.text.kind
+    info["weights_sha256"] = info.get("weights_sha256") or state_sha256(model)
+    return LoadedModel(model, info, provenance)
+
+
+def fresh_model(cfg: BTPConfig, seed: int = 0) -> LoadedModel:
+    """A freshly initialised model (torch seed ``seed``) with its text embeddings frozen. UNTRAINED:
+    its scores carry no meaning; every output that uses it says so (``fresh_init``)."""
+    import torch
+
+    from btp.model import BTPModel
+
+    torch.manual_seed(seed)
+    model = BTPModel.with_default_text_encoder(cfg)
+    info = {"source": f"fresh init (torch seed {seed}, untrained)", "fresh_init": True}
+    provenance = {"weights": f"freshly initialised {cfg.name}, torch seed {seed}: untrained, scores carry no meaning"}
+    return _finish_model(model, info, provenance)
+
+
+def load_model(spec: str | Path = DEFAULT_MODEL, *, seed: int = 0) -> LoadedModel:
+    """``spec``: a checkpoint path (.safetensors), or a preset name (``btp-mini``, ``tiny``, ``ulip2``).
+
+    A preset name loads the committed weights (``models/<name>.safetensors``) when they exist and
+    falls back to a freshly initialised model of that preset otherwise (``info["fresh_init"]``).
+    """
+    from btp.model.checkpoint import load_checkpoint
+
+    spec_str = str(spec)
+    if spec_str in PRESETS and not Path(spec_str).exists():
+        found = next((p for p in model_search_paths(spec_str) if p.is_file()), None)
+        if found is None:
+            return fresh_model(preset(spec_str), seed)
+        path = found
+    else:
+        path = Path(spec_str)
+        if not path.is_file():
+            raise ExportError(f"{path}: no such checkpoint; pass a .safetensors file from `btp train` / "
+                              f"`btp convert`, or a preset name ({', '.join(sorted(PRESETS))})")
+    model, provenance = load_checkpoint(path)
+    info = {"source": str(path.name), "weights_sha256": file_sha256(path), "fresh_init": False}
+    return _finish_model(model, info, provenance)
+
+
+# ---- the graph -----------------------------------------------------------------------------
+
+def _export_graph(model, with_patch_embed: bool):
+    import torch
+
+    names = OUTPUT_NAMES + (DEBUG_OUTPUT_NAMES if with_patch_embed else ())
+
+    class ExportGraph(torch.nn.Module):
+        """BTPModel.forward with its dict flattened to the ONNX outputs, in a fixed order."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, neighborhood, center):
+            out = self.inner(neighborhood, center)
+            return tuple(out[name] for name in names)
+
+    return ExportGraph(model).eval(), names
+
+
+def trace_to_onnx(model, example: tuple[np.ndarray, np.ndarray], *, opset: int, batch: str | int,
+                  with_patch_embed: bool):
+    """torch -> onnx.ModelProto (TorchScript exporter, constant folding; B symbolic when dynamic)."""
+    import onnx
+    import torch
+
+    graph, names = _export_graph(model, with_patch_embed)
+    neighborhood, center = (torch.from_numpy(np.ascontiguousarray(a)) for a in example)
+    dynamic_axes = None
+    if batch == "dynamic":
+        dynamic_axes = {name: {0: "B"} for name in INPUT_NAMES + names}
+    buf = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(graph, (neighborhood, center), buf, dynamo=False, opset_version=opset,
+                          input_names=list(INPUT_NAMES), output_names=list(names), dynamic_axes=dynamic_axes,
+                          do_constant_folding=True)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def check_graph(proto):
+    """``onnx.checker`` (full) + strict shape inference; every output must get a typed shape."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"the exported graph does not pass onnx.checker / shape inference: {exc}") from exc
+    for out in inferred.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        if not dims and out.name != "global_prob" and out.name != "object_score":
+            raise ExportError(f"output {out.name!r} has no inferred shape")
+    return inferred
+
+
+def simplify_graph(proto):
+    """onnxslim (constant folding, dead-node and shape-op clean-up); returns the simplified proto."""
+    import onnxslim
+
+    return onnxslim.slim(proto)
+
+
+def op_types(proto) -> set[tuple[str, str]]:
+    """{(domain, op_type)} of every node (domain "ai.onnx" for the default one)."""
+    return {(node.domain or "ai.onnx", node.op_type) for node in proto.graph.node}
+
+
+def trt_supported_ops() -> frozenset[str]:
+    """ONNX ops TensorRT's parser supports (btp/export/trt_onnx_ops.txt, source noted there)."""
+    lines = TRT_OPS_FILE.read_text().splitlines()
+    return frozenset(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+
+
+def unsupported_trt_ops(proto) -> list[str]:
+    """Ops of the graph TensorRT cannot parse (custom domains count as unsupported)."""
+    supported = trt_supported_ops()
+    return sorted(f"{d}::{op}" if d != "ai.onnx" else op for d, op in op_types(proto)
+                  if d != "ai.onnx" or op not in supported)
+
+
+def fp16_report(proto) -> dict[str, Any]:
+    """What TensorRT FP16 needs to know: nodes to keep FP32 and weights outside the FP16 range."""
+    from onnx import numpy_helper
+
+    pinned = sorted(n.name for n in proto.graph.node if n.op_type in FP16_PIN_OPS)
+    out_of_range = []
+    for init in proto.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype.kind == "f" and arr.size and float(np.abs(arr).max()) > FP16_MAX:
+            out_of_range.append(init.name)
+    if not any(n.op_type == "LayerNormalization" for n in proto.graph.node):
+        raise ExportError("--fp16-safe: the graph has no LayerNormalization op (decomposed into "
+                          "ReduceMean/Pow/...), so TensorRT cannot keep it FP32; export with opset >= 17")
+    if out_of_range:
+        raise ExportError(f"--fp16-safe: initializers exceed the FP16 range ({FP16_MAX}): {out_of_range[:5]}")
+    return {"keep_fp32_ops": list(FP16_PIN_OPS), "keep_fp32_nodes": pinned}
+
+
+def set_metadata(proto, metadata: dict[str, Any]) -> None:
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps(metadata, sort_keys=True)
+    proto.producer_name = "btp-edge"
+    proto.producer_version = btp.__version__ if hasattr(btp, "__version__") else "0"
+    proto.doc_string = (f"BTP zero-shot 3D anomaly detection: {metadata['model'].get('name')} "
+                        f"({metadata['model'].get('source')}); metadata_props['{META_KEY}'] describes it")
+
+
+# ---- parity --------------------------------------------------------------------------------
+
+def torch_outputs(model, neighborhood: np.ndarray, center: np.ndarray) -> dict[str, np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.from_numpy(neighborhood), torch.from_numpy(center))
+    return {k: v.detach().cpu().numpy() for k, v in out.items()}
+
+
+def onnx_outputs(model_bytes_or_path, neighborhood: np.ndarray, center: np.ndarray,
+                 fixed_batch: int | None) -> dict[str, np.ndarray]:
+    """ORT CPU outputs, fed in chunks of the graph's fixed batch (padded) when it has one."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model_bytes_or_path, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    step = fixed_batch or len(neighborhood)
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for s in range(0, len(neighborhood), step):
+        nb, ct = neighborhood[s:s + step], center[s:s + step]
+        real = len(nb)
+        if fixed_batch and real < fixed_batch:
+            nb = np.concatenate([nb, np.repeat(nb[:1], fixed_batch - real, 0)])
+            ct = np.concatenate([ct, np.repeat(ct[:1], fixed_batch - real, 0)])
+        for n, v in zip(names, sess.run(names, {"neighborhood": nb, "center": ct})):
+            parts[n].append(v[:real])
+    return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+def verify_parity(model, model_bytes, neighborhood, center, fixed_batch: int | None, atol: float = PARITY_ATOL):
+    """PyTorch vs ONNX Runtime CPU on the same engine inputs -> (checks, verdict) (btp.benchmarks.compare)."""
+    from btp.benchmarks.compare import Tolerance, compare, overall
+
+    ref = torch_outputs(model, neighborhood, center)
+    got = onnx_outputs(model_bytes, neighborhood, center, fixed_batch)
+    why = f"FP32 export parity: max abs diff <= {atol:g}"
+    tols = [Tolerance(name, "abs", atol, why) for name in ("patch_probs", "global_prob", "object_score")]
+    if "patch_embed" in got:
+        tols.append(Tolerance("patch_embed", "cosine", 1 - 1e-5, "FP32: cosine >= 1 - 1e-5"))
+    checks = compare(ref, got, tols)
+    return checks, overall(checks)
+
+
+# ---- the export ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    size_bytes: int
+    seconds: float
+    parity: tuple = ()  # btp.benchmarks.compare.CheckResult per output
+    verdict: str = "SKIP"
+    op_types: tuple[str, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def export_onnx(loaded: LoadedModel, out: str | Path, *, opset: int = 17, batch: str | int = "dynamic",
+                fp16_safe: bool = False, simplify: bool = True, patch_embed: bool = False,
+                parity_scans: int = 3, atol: float = PARITY_ATOL, log=None) -> ExportResult:
+    """Export ``loaded`` (``load_model`` / ``fresh_model``) to ``out``; see the module docstring.
+
+    Raises ExportError (and leaves no file at ``out``) when a check or the parity test fails.
+    """
+    import onnx
+    import torch
+
+    from btp.export.samples import parity_inputs
+
+    log = log or (lambda msg: None)
+    t0 = time.perf_counter()
+    opset, batch = check_opset(opset), check_batch(batch)
+    model, cfg = loaded.model, loaded.model.cfg
+    out = Path(out)
+    # real sampled shapes through the runtime's own preprocessing: the trace example and the parity set
+    n_scans = max(parity_scans, 2 if batch == "dynamic" else batch)
+    neighborhood, center = parity_inputs(cfg, n_scans)
+    example_b = 2 if batch == "dynamic" else batch  # B = 2 so no size-1 broadcast gets baked in
+    example = (np.resize(neighborhood, (example_b,) + neighborhood.shape[1:]),
+               np.resize(center, (example_b,) + center.shape[1:]))
+    log(f"tracing {loaded.info['name']} (torch {torch.__version__}, opset {opset}, batch {batch})")
+    proto = trace_to_onnx(model, example, opset=opset, batch=batch, with_patch_embed=patch_embed)
+    check_graph(proto)
+    if simplify:
+        proto = simplify_graph(proto)
+        check_graph(proto)
+    metadata = build_metadata(
+        cfg,
+        model=loaded.info,
+        provenance=loaded.provenance,
+        export={
+            "format": "onnx", "opset": opset, "batch": batch, "fp16_safe": fp16_safe, "simplified": simplify,
+            "torch": torch.__version__, "onnx": onnx.__version__, "exporter": "torch.onnx (TorchScript)",
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "btp_version": getattr(btp, "__version__", cfg.version),
+            "fp16": fp16_report(proto) if fp16_safe else None,
+        },
+        with_patch_embed=patch_embed,
+    )
+    set_metadata(proto, metadata)
+    payload = proto.SerializeToString()
+    checks, verdict = verify_parity(model, payload, neighborhood, center, None if batch == "dynamic" else batch, atol)
+    if verdict != "PASS":
+        lines = "; ".join(f"{c.output}: max {c.value} > {c.limit} {c.note}".strip() for c in checks if not c.passed)
+        raise ExportError(f"{out}: ONNX Runtime does not match PyTorch on {n_scans} real sampled shapes ({lines}); "
+                          "nothing was written")
+    _atomic_write(out, payload)
+    ops = tuple(sorted(op for _, op in op_types(proto)))
+    return ExportResult(out, len(payload), time.perf_counter() - t0, checks, verdict, ops, metadata)
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,145 @@
+"""The one JSON document a btp model.onnx carries in ``metadata_props["btp"]`` (torch-free).
+
+    {"format": "btp-onnx", "format_version": 1,
+     "config": BTPConfig.to_dict(),                     # G, K, N, C, scoring, preprocessing ...
+     "model": {"name", "version", "weights_sha256", "source", "text_prompts", "fresh_init"},
+     "provenance": {...},                               # training data / commit / conversion, as saved
+     "export": {"opset", "batch", "fp16_safe", "simplified", "torch", "exported_at", "btp_version"},
+     "io": {"inputs": {name: {"shape", "dtype"}}, "outputs": {...}}}
+
+The exporter writes it (``build_metadata``), the runtime reads it (``read_model_meta``): no flag
+has to be matched by hand between the two.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from btp.config import BTPConfig
+from btp.errors import BTPError
+
+META_KEY = "btp"
+FORMAT = "btp-onnx"
+FORMAT_VERSION = 1
+INPUT_NAMES = ("neighborhood", "center")
+OUTPUT_NAMES = ("patch_logits", "patch_probs", "global_prob", "object_score")
+DEBUG_OUTPUT_NAMES = ("patch_embed",)
+
+
+class ModelMetadataError(BTPError, ValueError):
+    """model.onnx is missing, not a btp export, or its metadata JSON does not parse."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What the runtime knows about a model.onnx, all from its metadata."""
+
+    config: BTPConfig
+    model: dict[str, Any]
+    provenance: dict[str, Any]
+    export: dict[str, Any]
+    io: dict[str, Any]
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    # the numbers the pipeline needs, named as in docs/design.md
+    @property
+    def num_points(self) -> int:  # N
+        return self.config.preprocess.num_points
+
+    @property
+    def num_group(self) -> int:  # G
+        return self.config.encoder.num_group
+
+    @property
+    def group_size(self) -> int:  # K
+        return self.config.encoder.group_size
+
+    @property
+    def in_channels(self) -> int:  # C
+        return self.config.encoder.in_channels
+
+    @property
+    def batch(self) -> int | None:
+        """Fixed batch size of the graph, or None for a dynamic batch axis."""
+        b = self.export.get("batch", "dynamic")
+        return None if b == "dynamic" else int(b)
+
+    @property
+    def name(self) -> str:
+        return str(self.model.get("name", self.config.name))
+
+
+def io_spec(cfg: BTPConfig, batch: str | int, with_patch_embed: bool) -> dict[str, Any]:
+    """Input/output names, shapes (symbolic "B" for a dynamic batch) and dtypes of the graph."""
+    b = "B" if batch == "dynamic" else int(batch)
+    g, k, c, d = cfg.encoder.num_group, cfg.encoder.group_size, cfg.encoder.in_channels, cfg.text.embed_dim
+    outputs = {
+        "patch_logits": {"shape": [b, g], "dtype": "float32"},
+        "patch_probs": {"shape": [b, g], "dtype": "float32"},
+        "global_prob": {"shape": [b], "dtype": "float32"},
+        "object_score": {"shape": [b], "dtype": "float32"},
+    }
+    if with_patch_embed:
+        outputs["patch_embed"] = {"shape": [b, g, d], "dtype": "float32"}
+    return {
+        "inputs": {
+            "neighborhood": {"shape": [b, g, k, c], "dtype": "float32"},
+            "center": {"shape": [b, g, 3], "dtype": "float32"},
+        },
+        "outputs": outputs,
+    }
+
+
+def build_metadata(cfg: BTPConfig, *, model: dict[str, Any], provenance: dict[str, Any],
+                   export: dict[str, Any], with_patch_embed: bool) -> dict[str, Any]:
+    """The metadata document (a plain dict; ``json.dumps`` it into ``metadata_props[META_KEY]``)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": cfg.to_dict(),
+        "model": dict(model),
+        "provenance": dict(provenance),
+        "export": dict(export),
+        "io": io_spec(cfg, export.get("batch", "dynamic"), with_patch_embed),
+    }
+
+
+def parse_metadata(text: str, path: str | Path = "<model.onnx>") -> ModelMeta:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelMetadataError(path, f"metadata_props[{META_KEY!r}] is not JSON ({exc})") from exc
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ModelMetadataError(path, f"metadata_props[{META_KEY!r}] is not a {FORMAT} document")
+    if int(doc.get("format_version", 0)) > FORMAT_VERSION:
+        raise ModelMetadataError(path, f"metadata format_version {doc.get('format_version')} is newer than this "
+                                       f"btp-edge reads ({FORMAT_VERSION}): upgrade btp-edge")
+    try:
+        cfg = BTPConfig.from_dict(doc["config"]).validate()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelMetadataError(path, f"bad config in metadata: {exc}") from exc
+    return ModelMeta(cfg, doc.get("model", {}), doc.get("provenance", {}), doc.get("export", {}),
+                     doc.get("io", {}), doc)
+
+
+def read_model_meta(path: str | Path) -> ModelMeta:
+    """Read ``metadata_props["btp"]`` of a model.onnx (the graph's weights are not needed for it)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelMetadataError(path, "no such model file; make one with `btp-export --out model.onnx`")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError / google.protobuf errors
+        raise ModelMetadataError(path, f"not an ONNX model ({type(exc).__name__}: {exc})") from exc
+    props = {p.key: p.value for p in proto.metadata_props}
+    if META_KEY not in props:
+        raise ModelMetadataError(path, f"no metadata_props[{META_KEY!r}]: this ONNX file was not made by btp-export")
+    return parse_metadata(props[META_KEY], path)

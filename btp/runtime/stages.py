@@ -1,0 +1,146 @@
+"""The runtime's stages as plain functions over numpy arrays (torch-free).
+
+    load -> sanitize -> downsample to N -> normalize -> FPS centres -> kNN group
+         -> [engine] -> propagate to N -> interpolate to raw -> object score
+
+Each one is a thin, named step over ``btp.io`` / ``btp.geometry`` so that ``Pipeline`` reads
+as its data flow and every step gets its own timing. The order and calls are those of
+``btp.train.data.prepare`` / ``btp.eval.scoring`` (downsample the raw scan, then normalise the
+N sampled points): the engine sees what the model was trained on. Numbers (N, G, K, C, start index, rgb
+fill, interpolation) come from the model's config (``ModelMeta.config``), never from flags.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from btp.config import BTPConfig
+from btp.geometry import downsample, fps, interpolate_to_raw, knn, normalize, propagate_patch_scores
+from btp.io import PointCloud, read_point_cloud
+from btp.io.errors import InvalidValuesError, TooFewPointsError
+
+
+@dataclass
+class Prepared:
+    """One cloud after preprocessing: everything post-processing needs to map scores back.
+
+    raw_points    float32 [M, 3]  the scan as read (input order, raw units)
+    sample_idx    int64 [N]       downsampled points (indices into raw_points)
+    points        float32 [N, 3]  the sampled points, normalised (centroid 0, max radius 1)
+    center_idx    int64 [G]       FPS centres (indices into the N sampled points)
+    patch_idx     int64 [G, K]    kNN of each centre among the N sampled points
+    neighborhood  float32 [G, K, C], center float32 [G, 3]: the engine's inputs
+    centre/scale  the normalisation: raw_points[sample_idx] = points * scale + centre
+    """
+
+    raw_points: np.ndarray
+    sample_idx: np.ndarray
+    points: np.ndarray
+    center_idx: np.ndarray
+    patch_idx: np.ndarray
+    neighborhood: np.ndarray
+    center: np.ndarray
+    centre: np.ndarray
+    scale: float
+
+
+def min_points(cfg: BTPConfig) -> int:
+    """The fewest points a scan may have: G centres and K neighbours must exist (max(G, K))."""
+    return max(cfg.encoder.num_group, cfg.encoder.group_size)
+
+
+def load(source, cfg: BTPConfig) -> PointCloud:
+    """A path (any ``btp.io`` format), a ``PointCloud`` or an array [M, 3] -> PointCloud.
+
+    NaN/inf rows are dropped by ``btp.io`` with a warning; a file with fewer than max(G, K)
+    finite points fails (InvalidValuesError / TooFewPointsError, naming the file).
+    """
+    if isinstance(source, PointCloud):
+        return source
+    if isinstance(source, (str, Path)):
+        return read_point_cloud(source, min_points=min_points(cfg))
+    return PointCloud(np.asarray(source))
+
+
+def sanitize(cloud: PointCloud, cfg: BTPConfig) -> np.ndarray:
+    """-> points float32 [M, 3] contiguous, checked.
+
+    Arrays handed in directly get the same rules as files: shape [M, 3], at least max(G, K)
+    points, and NaN/inf rows are an error here (dropping them silently would break the
+    one-score-per-input-point contract). Colours are not used: the models are trained with
+    ``preprocess.rgb_fill`` in the colour channels (btp.train.data), so the runtime feeds the same.
+    """
+    where = cloud.path
+    pts = np.asarray(cloud.points)
+    if pts.ndim != 2 or pts.shape[1] != 3:
+        raise InvalidValuesError(where, f"points have shape {pts.shape}; expected [M, 3]")
+    finite = np.isfinite(pts).all(axis=1)
+    if not finite.all():
+        raise InvalidValuesError(where, f"{int((~finite).sum())} of {len(pts)} points are NaN/inf; "
+                                        "drop them before scoring (btp.io.read_point_cloud does)")
+    need = min_points(cfg)
+    if pts.shape[0] < need:
+        raise TooFewPointsError(where, f"{pts.shape[0]} points, fewer than the model's max(G, K) = {need}: "
+                                       "use a denser scan")
+    return np.ascontiguousarray(pts, dtype=np.float32)
+
+
+def downsample_points(raw: np.ndarray, cfg: BTPConfig, method: str = "auto") -> np.ndarray:
+    """Indices int64 [N] of N well-spread raw points (exact FPS up to 16k points, bucket FPS above);
+    all M points (in FPS order) when the scan has fewer than N. Same call as btp.train / btp.eval."""
+    n = min(cfg.preprocess.num_points, raw.shape[0])
+    return downsample(raw, n, cfg.preprocess.fps_start, method=method)
+
+
+def normalize_points(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Unit sphere (preprocess.normalize) of the sampled points: -> (normed [N, 3], centre [3], scale)."""
+    return normalize(points)
+
+
+def fps_centres(points: np.ndarray, cfg: BTPConfig) -> np.ndarray:
+    """FPS centres int64 [G] among the N sampled points (explicit start index: same on every backend)."""
+    return fps(points, cfg.encoder.num_group, cfg.preprocess.fps_start)
+
+
+def knn_group(points: np.ndarray, center_idx: np.ndarray, cfg: BTPConfig):
+    """-> (patch_idx int64 [G, K], neighborhood float32 [G, K, C], center float32 [G, 3]).
+
+    Same rule as ``btp.geometry.group``: ``neighborhood[..., :3] = points[patch_idx] - center``,
+    channels 3..5 = ``preprocess.rgb_fill``.
+    """
+    enc = cfg.encoder
+    center = points[center_idx]  # [G, 3]
+    patch_idx, _ = knn(points, center, enc.group_size)  # [G, K]
+    neighborhood = np.empty((enc.num_group, enc.group_size, enc.in_channels), dtype=np.float32)
+    neighborhood[..., :3] = points[patch_idx] - center[:, None, :]
+    if enc.in_channels == 6:
+        neighborhood[..., 3:] = np.float32(cfg.preprocess.rgb_fill)
+    return patch_idx, neighborhood, center
+
+
+def propagate(patch_probs: np.ndarray, prep: Prepared) -> np.ndarray:
+    """Patch probabilities [G] -> scores of the N sampled points [N] (mean over containing patches)."""
+    return propagate_patch_scores(patch_probs, prep.patch_idx, prep.center, prep.points)
+
+
+def interpolate(sampled_scores: np.ndarray, prep: Prepared, cfg: BTPConfig) -> np.ndarray:
+    """Scores of the N sampled points -> every raw point [M] in input order (scoring.raw_interpolation),
+    in raw coordinates as btp.eval does."""
+    raw = prep.raw_points
+    return interpolate_to_raw(raw[prep.sample_idx], sampled_scores, raw, method=cfg.scoring.raw_interpolation)
+
+
+def object_score(outputs: dict[str, np.ndarray], b: int) -> float:
+    """The engine's ``object_score[b]`` = alpha * global_prob + (1 - alpha) * mean(top patch probs)."""
+    return float(outputs["object_score"][b])
+
+
+def read_with_warnings(path: str | Path, cfg: BTPConfig) -> tuple[PointCloud, list[str]]:
+    """``load`` a file and return the warnings ``btp.io`` raised (e.g. dropped NaN rows) as text."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cloud = load(path, cfg)
+    return cloud, [str(w.message) for w in caught]
