@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from btp.config import BTPConfig
-from btp.geometry import fps, fpfh_patches, group, normalize
+from btp.geometry import downsample, fpfh_patches, group, normalize
 
 DATA_VERSION = 1
 
@@ -70,8 +71,7 @@ def surface_pool(shapes, pool_points: int, seed: int, cache_dir) -> np.ndarray:
     pool = np.stack([
         sample_surface(*load_mesh(s.path), pool_points, seed + i) for i, s in enumerate(shapes)
     ]).astype(np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, points=pool)
+    save_arrays(path, {"points": pool})
     return pool
 
 
@@ -128,8 +128,8 @@ def prepare(points: np.ndarray, labels: np.ndarray, cfg: BTPConfig) -> Prepared:
     n = cfg.preprocess.num_points
     pts = np.asarray(points, np.float32)
     lab = np.asarray(labels, np.int64)
-    if pts.shape[0] > n:
-        keep = fps(pts, n, start_idx=cfg.preprocess.fps_start)
+    if pts.shape[0] > n:  # the same call as btp.eval / the runtime (exact FPS up to 16384 points)
+        keep = downsample(pts, n, start_idx=cfg.preprocess.fps_start)
         pts, lab = pts[keep], lab[keep]
     elif pts.shape[0] < n:
         raise ValueError(f"cloud has {pts.shape[0]} points < preprocess.num_points={n}")
@@ -155,7 +155,7 @@ def stack_prepared(items: list[Prepared], object_labels, shape_ids) -> dict[str,
 def save_arrays(path, arrays: dict[str, np.ndarray]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # per process: torchrun ranks build it together
     np.savez(tmp, **arrays)
     tmp.replace(path)
 

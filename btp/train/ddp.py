@@ -88,14 +88,14 @@ def mean_across(env: DistEnv, value: float) -> float:
     return float(t.item()) / env.world_size
 
 
-def wrap_model(model, env: DistEnv, device: str = "cpu"):
-    """DDP-wrap when distributed (``find_unused_parameters`` for ablations that drop branches)."""
+def wrap_model(model, env: DistEnv, device: str = "cpu", find_unused: bool = False):
+    """DDP-wrap when distributed (frozen parameters are not DDP's: ablations need no unused-parameter scan)."""
     if not env.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [env.local_rank] if device.startswith("cuda") else None
-    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
 
 def unwrap(model):

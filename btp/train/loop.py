@@ -110,7 +110,7 @@ def train_btp(cfg: BTPConfig, arrays: dict[str, np.ndarray], out_dir, opts: BTPO
     history: list[tuple[int, float]] = []
     t0 = time.time()
     step = start
-    with Progress("btp", total=total, start=start, enabled=progress and env.is_main) as bar:
+    with Progress("btp", total=total, start=start, enabled=env.is_main, bar=progress) as bar:
         while step < total:
             epoch, offset = divmod(step, steps_per_epoch)
             sampler.set_epoch(epoch)

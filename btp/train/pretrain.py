@@ -65,16 +65,28 @@ def chamfer(pred, target):
     return d.min(dim=2).values.mean() + d.min(dim=1).values.mean()
 
 
-def _make_modules(cfg: BTPConfig):
+def _make_net(cfg: BTPConfig):
+    """encoder (PointBERT) + MPM head + InfoNCE logit scale in one module (one DDP wrap)."""
     import torch
     from torch import nn
 
     from btp.model.pointbert import PointBERT
 
-    encoder = PointBERT(cfg.encoder, cfg.text.embed_dim)
-    t, k = cfg.encoder.trans_dim, cfg.encoder.group_size
-    head = nn.Sequential(nn.Linear(t, 256), nn.GELU(), nn.Linear(256, k * 3))
-    return encoder, head, nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))
+    class PretrainNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = PointBERT(cfg.encoder, cfg.text.embed_dim)
+            t, k = cfg.encoder.trans_dim, cfg.encoder.group_size
+            self.head = nn.Sequential(nn.Linear(t, 256), nn.GELU(), nn.Linear(256, k * 3))
+            self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
+
+        def forward(self, neighborhood, center, mask):
+            # neighborhood [B,G,K,C] (masked patches zeroed), center [B,G,3], mask bool [B,G]
+            feats = self.encoder(neighborhood, center)
+            pred = self.head(feats.patch_tokens[mask])  # [M, K*3]
+            return pred.reshape(pred.shape[0], -1, 3), feats.global_embed
+
+    return PretrainNet()
 
 
 def pretrain(cfg: BTPConfig, shapes, out_dir, opts: PretrainOptions, *, resume: bool = False,
@@ -84,13 +96,15 @@ def pretrain(cfg: BTPConfig, shapes, out_dir, opts: PretrainOptions, *, resume: 
     from safetensors.torch import save_file
 
     from btp.train.checkpointing import load_training_state, save_training_state
+    from btp.train.ddp import init_distributed, shutdown, unwrap, wrap_model
     from btp.train.progress import Progress
 
     env: DistEnv = dist_env()
+    init_distributed(env)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / "encoder.safetensors"
-    state_path = out_dir / "pretrain_state.pt.safetensors"
+    state_path = out_dir / "pretrain_state.safetensors"
     torch.manual_seed(opts.seed)
     pool = tdata.surface_pool(shapes, opts.pool_points, opts.seed, out_dir.parent / "cache")
     text = None  # alignment needs the MiniLM space as the text space (btp-mini: D = 384)
@@ -99,16 +113,19 @@ def pretrain(cfg: BTPConfig, shapes, out_dir, opts: PretrainOptions, *, resume: 
     elif opts.align_weight > 0:
         log(f"pretrain: text.kind={cfg.text.kind!r} is not minilm: text alignment off")
 
-    encoder, head, logit_scale = _make_modules(cfg)
-    params = list(encoder.parameters()) + list(head.parameters()) + [logit_scale]
+    net = _make_net(cfg)
+    logit_scale = net.logit_scale
+    if text is None:
+        logit_scale.requires_grad_(False)  # unused without alignment (and DDP wants no unused parameters)
+    params = [p for p in net.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.95))
-    modules = {"encoder": encoder, "head": head}
+    modules = {"net": net}
     start = 0
     if resume and state_path.is_file():
-        start = load_training_state(state_path, modules, opt, extra_params={"logit_scale": logit_scale})
+        start = load_training_state(state_path, modules, opt)
         log(f"pretrain: resumed at step {start}/{opts.steps}")
     warm = max(1, opts.steps // 10)
 
@@ -117,12 +134,12 @@ def pretrain(cfg: BTPConfig, shapes, out_dir, opts: PretrainOptions, *, resume: 
             return opts.lr * (0.1 + 0.9 * step / warm)
         return 1e-6 + 0.5 * (opts.lr - 1e-6) * (1 + np.cos(np.pi * (step - warm) / max(1, opts.steps - 1 - warm)))
 
-    encoder.train()
-    head.train()
+    ddp_net = wrap_model(net, env, find_unused=text is None)  # pc_projection idle without alignment
+    net.train()
     n_shapes = len(shapes)
     history = []
     t0 = time.time()
-    with Progress("pretrain", total=opts.steps, start=start, enabled=progress and env.is_main) as bar:
+    with Progress("pretrain", total=opts.steps, start=start, enabled=env.is_main, bar=progress) as bar:
         for step in range(start, opts.steps):
             rng = np.random.default_rng([opts.seed, step, env.rank])  # per-step: resume-exact
             ids = rng.choice(n_shapes, size=opts.batch_size, replace=opts.batch_size > n_shapes)
@@ -138,13 +155,12 @@ def pretrain(cfg: BTPConfig, shapes, out_dir, opts: PretrainOptions, *, resume: 
             masked[..., :3][torch.from_numpy(mask)] = 0.0
             for group_ in opt.param_groups:
                 group_["lr"] = lr_of(step)
-            feats = encoder(masked, torch.from_numpy(center))
-            pred = head(feats.patch_tokens[torch.from_numpy(mask)])  # [M, K*3]
-            loss_mpm = chamfer(pred.reshape(pred.shape[0], -1, 3), target)
+            pred, global_embed = ddp_net(masked, torch.from_numpy(center), torch.from_numpy(mask))
+            loss_mpm = chamfer(pred, target)
             loss = loss_mpm
             loss_align = torch.zeros(())
             if text is not None and opts.align_weight > 0:
-                gemb = torch.nn.functional.normalize(feats.global_embed, dim=-1)
+                gemb = torch.nn.functional.normalize(global_embed, dim=-1)
                 logits = logit_scale.exp().clamp(max=100) * gemb @ text.T  # [B, S]
                 loss_align = torch.nn.functional.cross_entropy(logits, torch.from_numpy(ids).long())
                 loss = loss + opts.align_weight * loss_align
@@ -155,15 +171,16 @@ def pretrain(cfg: BTPConfig, shapes, out_dir, opts: PretrainOptions, *, resume: 
             history.append((step, float(loss_mpm.detach()), float(loss_align.detach())))
             bar.update(step + 1, loss=float(loss.detach()), mpm=history[-1][1], align=history[-1][2])
             if opts.ckpt_every and (step + 1) % opts.ckpt_every == 0 and step + 1 < opts.steps and env.is_main:
-                save_training_state(state_path, modules, opt, step + 1,
-                                    extra_params={"logit_scale": logit_scale})
+                save_training_state(state_path, modules, opt, step + 1)
+    net = unwrap(ddp_net)
     if env.is_main:
-        tensors = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
+        tensors = {k: v.detach().contiguous() for k, v in net.encoder.state_dict().items()}
         meta = {"stage": "pretrain", "options": json.dumps(asdict(opts)), "config": cfg.to_json(),
                 "shapes": json.dumps([s.name for s in shapes]), "wall_s": f"{time.time() - t0:.1f}",
                 "last_losses": json.dumps(history[-20:])}
         save_file(tensors, str(final), metadata=meta)
         log(f"pretrain: wrote {final} ({time.time() - t0:.0f} s, last mpm {history[-1][1] if history else float('nan'):.4f})")
+    shutdown(env)
     return final
 
 

@@ -6,15 +6,18 @@ import time
 
 
 class Progress:
-    def __init__(self, name: str, total: int, start: int = 0, enabled: bool = True, log_every_s: float = 30.0):
-        self.name, self.total, self.start, self.enabled = name, total, start, enabled
+    def __init__(self, name: str, total: int, start: int = 0, enabled: bool = True, log_every_s: float = 30.0,
+                 bar: bool = True):
+        """enabled: show anything (False on non-main DDP ranks); bar: a rich bar when on a terminal,
+        else (or with bar=False) one log line every ``log_every_s`` seconds."""
+        self.name, self.total, self.start, self.enabled, self.bar = name, total, start, enabled, bar
         self.log_every_s = log_every_s
         self._rich = None
         self._last_log = 0.0
         self._t0 = time.time()
 
     def __enter__(self):
-        if self.enabled and sys.stderr.isatty():
+        if self.enabled and self.bar and sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
                 TimeElapsedColumn, TimeRemainingColumn
 
