@@ -1,0 +1,255 @@
+"""The TensorRT-free logic of btp.export.tensorrt: engine cache keys, manifest checks (rebuild,
+never load blindly), optimization profiles from the ONNX metadata, the FP16 precision policy,
+ORT TensorRT-EP options, and `btp build` failing cleanly without TensorRT."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from btp.config import tiny_config
+from btp.export import tensorrt as trt_export
+from btp.export.tensorrt import CacheDecision, EngineKey, check_cache, make_manifest
+
+G, K, C = 32, 16, 6  # tiny_config
+
+
+def tiny_onnx(path, *, batch="B", num_group=G, with_meta=True):
+    """A small graph shaped like the exported BTP model, with torch.onnx-style node names."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nb = helper.make_tensor_value_info("neighborhood", TensorProto.FLOAT, [batch, num_group, K, C])
+    ce = helper.make_tensor_value_info("center", TensorProto.FLOAT, [batch, num_group, 3])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [batch, num_group]) for n in ("patch_logits", "patch_probs")]
+    outs.append(helper.make_tensor_value_info("patch_embed", TensorProto.FLOAT, [batch, num_group, 8]))
+    w = helper.make_tensor("w_embed", TensorProto.FLOAT, [C * K, 8], np.ones(C * K * 8, np.float32) * 0.01)
+    text = helper.make_tensor("frozen_text", TensorProto.FLOAT, [8, 2], np.ones(16, np.float32))
+    shape = helper.make_tensor("flat_shape", TensorProto.INT64, [3], [0, num_group, C * K])
+    gamma = helper.make_tensor("ln_gamma", TensorProto.FLOAT, [8], np.ones(8, np.float32))
+    nodes = [
+        helper.make_node("Reshape", ["neighborhood", "flat_shape"], ["flat"], name="/point_encoder/Reshape"),
+        helper.make_node("MatMul", ["flat", "w_embed"], ["tok"], name="/point_encoder/blocks.0/mlp/fc1/MatMul"),
+        helper.make_node("LayerNormalization", ["tok", "ln_gamma"], ["tok_n"], name="/point_encoder/blocks.0/norm1/LayerNormalization", axis=-1),
+        helper.make_node("Softmax", ["tok_n"], ["att"], name="/point_encoder/blocks.0/attn/Softmax", axis=-1),
+        helper.make_node("ReduceMean", ["att"], ["m"], name="/point_encoder/norm/ReduceMean", keepdims=1, axes=[-1]),
+        helper.make_node("Sub", ["att", "m"], ["patch_embed"], name="/mgfem/fuse/fuse.2/Sub"),
+        helper.make_node("MatMul", ["patch_embed", "frozen_text"], ["scores"], name="/MatMul_3"),
+        helper.make_node("ReduceSum", ["scores"], ["patch_logits"], name="/mgfem_tail/ReduceSum", keepdims=0),
+        helper.make_node("Sigmoid", ["patch_logits"], ["patch_probs"], name="/Sigmoid"),
+    ]
+    graph = helper.make_graph(nodes, "btp", [nb, ce], outs, [w, text, shape, gamma])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if with_meta:
+        helper.set_model_props(model, {"btp": json.dumps({"config": tiny_config().to_dict(), "model": {}})})
+    onnx.save(model, str(path))
+    return path
+
+
+def key(**changes) -> EngineKey:
+    base = EngineKey("ab" * 32, "NVIDIA Jetson AGX Orin", "8.7", "10.3.0", "fp16", (1, 1, 4), 2048)
+    return dataclasses.replace(base, **changes)
+
+
+# ---- keys and manifests --------------------------------------------------------------------------
+
+def test_key_digest_changes_with_every_field():
+    base = key()
+    variants = [key(model_sha256="cd" * 32), key(gpu_name="NVIDIA H100"), key(compute_capability="9.0"),
+                key(trt_version="10.8.0"), key(precision="fp32"), key(batch=(1, 2, 8)), key(workspace_mb=1024),
+                key(calib_sha256="x")]
+    digests = {base.digest(), *(v.digest() for v in variants)}
+    assert len(digests) == len(variants) + 1
+    assert base.digest() == key().digest()  # stable
+    assert base.dirname().startswith("nvidia-jetson-agx-orin-sm87-trt10.3.0-fp16-b1-4-")
+
+
+def test_key_validates_precision_and_batch():
+    with pytest.raises(ValueError, match="precision"):
+        key(precision="bf16")
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        key(batch=(2, 1, 4))
+
+
+def write_slot(tmp_path, k: EngineKey, plan=b"PLAN-BYTES"):
+    plan_path, manifest_path = tmp_path / "engine.plan", tmp_path / "manifest.json"
+    plan_path.write_bytes(plan)
+    manifest = make_manifest(k, plan, profile={"center": {"min": (1, G, 3), "opt": (1, G, 3), "max": (4, G, 3)}},
+                             outputs=["patch_logits"], fp32_layers=["/Sigmoid"], build_seconds=1.0,
+                             strongly_typed=False)
+    manifest_path.write_text(json.dumps(manifest))
+    return plan_path, manifest_path
+
+
+def test_matching_manifest_loads(tmp_path):
+    plan, manifest = write_slot(tmp_path, key())
+    assert check_cache(plan, manifest, key()) == CacheDecision("load")
+    assert json.loads(manifest.read_text())["key"]["batch"] == [1, 1, 4]
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"trt_version": "10.8.0"}, "another TensorRT version"),
+    ({"gpu_name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"}, "another GPU"),
+    ({"model_sha256": "cd" * 32}, "model file changed"),
+    ({"precision": "fp32"}, "another precision"),
+    ({"batch": (1, 1, 8)}, "another batch profile"),
+])
+def test_mismatched_engine_is_rebuilt_never_loaded(tmp_path, change, words):
+    plan, manifest = write_slot(tmp_path, key())
+    decision = check_cache(plan, manifest, key(**change))
+    assert decision.action == "build"
+    assert any(words in reason for reason in decision.reasons), decision.reasons
+
+
+def test_missing_corrupt_or_foreign_files_rebuild(tmp_path):
+    plan, manifest = write_slot(tmp_path, key())
+    plan.write_bytes(b"OTHER-BYTES")  # replaced plan
+    assert "does not match the hash" in check_cache(plan, manifest, key()).reasons[0]
+    manifest.write_text("{not json")
+    assert check_cache(plan, manifest, key()).action == "build"
+    manifest.write_text(json.dumps({"format": "something-else"}))
+    assert "not a btp-trt-engine" in check_cache(plan, manifest, key()).reasons[0]
+    manifest.unlink()
+    assert "not loaded blindly" in check_cache(plan, manifest, key()).reasons[0]
+    plan.unlink()
+    assert check_cache(plan, manifest, key()).reasons[0].startswith("no engine")
+
+
+def test_cache_layout(tmp_path):
+    k = key()
+    slot = trt_export.engine_dir(tmp_path, "models/model.onnx", k)
+    assert slot == tmp_path / "engines" / f"model-{'ab' * 6}" / k.dirname()
+    assert trt_export.timing_cache_path(tmp_path, k).name == "nvidia-jetson-agx-orin-sm87-trt10.3.0.cache"
+
+
+# ---- profiles from the ONNX ----------------------------------------------------------------------
+
+def test_profile_from_onnx_metadata(tmp_path):
+    io = trt_export.read_onnx_io(tiny_onnx(tmp_path / "m.onnx"))
+    assert io.inputs == {"neighborhood": ["B", G, K, C], "center": ["B", G, 3]}
+    assert io.outputs == ["patch_logits", "patch_probs", "patch_embed"]
+    profile = trt_export.profile_shapes(io, (1, 2, 8))
+    assert profile["neighborhood"] == {"min": (1, G, K, C), "opt": (2, G, K, C), "max": (8, G, K, C)}
+    assert profile["center"]["max"] == (8, G, 3)
+
+
+def test_profile_refuses_inconsistent_models(tmp_path):
+    fixed = trt_export.read_onnx_io(tiny_onnx(tmp_path / "fixed.onnx", batch=1))
+    assert trt_export.profile_shapes(fixed, (1, 1, 1))["center"]["max"] == (1, G, 3)
+    with pytest.raises(ValueError, match="batch fixed to 1"):
+        trt_export.profile_shapes(fixed, (1, 1, 4))
+    other_g = trt_export.read_onnx_io(tiny_onnx(tmp_path / "g.onnx", num_group=64))
+    with pytest.raises(ValueError, match="disagree with the config"):
+        trt_export.profile_shapes(other_g, (1, 1, 4))
+    bare = trt_export.read_onnx_io(tiny_onnx(tmp_path / "bare.onnx", with_meta=False))
+    with pytest.raises(ValueError, match="no btp metadata"):
+        trt_export.profile_shapes(bare, (1, 1, 4))
+
+
+# ---- precision policy ----------------------------------------------------------------------------
+
+def test_precision_policy_keeps_sensitive_layers_fp32():
+    layers = [
+        ("/point_encoder/blocks.0/norm1/LayerNormalization", "LayerNormalization"),
+        ("/point_encoder/blocks.0/norm1/ReduceMean", "ReduceMean"),
+        ("/point_encoder/blocks.0/norm2/Sub", "Sub"),              # decomposed LayerNorm
+        ("/point_encoder/blocks.3/attn/Softmax", "Softmax"),
+        ("/point_encoder/blocks.0/mlp/fc1/MatMul", "MatMul"),
+        ("/point_encoder/blocks.0/attn/qkv/MatMul", "MatMul"),
+        ("/gfcm/convs/convs.0/Conv", "Conv"),
+        ("/MatMul_3", "MatMul"),                                  # text dot product at top level
+        ("/Sigmoid", "Sigmoid"),
+        ("/mgfem/layer_mlp/Gemm", "Gemm"),
+        ("blocks.2.norm1 + residual", "NORMALIZATION"),           # a TensorRT layer type
+        ("/point_encoder/normalize_feats/Div", "Div"),            # 'normalize' is not a LayerNorm scope
+    ]
+    got = {p.name: p.precision for p in trt_export.precision_policy(layers, scoring_tail={"/mgfem/layer_mlp/Gemm"})}
+    assert got == {
+        "/point_encoder/blocks.0/norm1/LayerNormalization": "fp32",
+        "/point_encoder/blocks.0/norm1/ReduceMean": "fp32",
+        "/point_encoder/blocks.0/norm2/Sub": "fp32",
+        "/point_encoder/blocks.3/attn/Softmax": "fp32",
+        "/point_encoder/blocks.0/mlp/fc1/MatMul": "fp16",
+        "/point_encoder/blocks.0/attn/qkv/MatMul": "fp16",
+        "/gfcm/convs/convs.0/Conv": "fp16",
+        "/MatMul_3": "fp32",
+        "/Sigmoid": "fp32",
+        "/mgfem/layer_mlp/Gemm": "fp32",
+        "blocks.2.norm1 + residual": "fp32",
+        "/point_encoder/normalize_feats/Div": "fp16",
+    }
+
+
+def test_scoring_tail_is_everything_downstream_of_patch_embed():
+    nodes = [("c", ["b"], ["c_out"]), ("a", ["x"], ["patch_embed"]), ("b", ["patch_embed", "t"], ["b_out"]),
+             ("d", ["c_out"], ["y"]), ("e", ["x"], ["z"])]
+    assert trt_export.scoring_tail(nodes) == {"b"}  # "c" reads "b" (a node name), not a tensor
+    nodes[0] = ("c", ["b_out"], ["c_out"])
+    assert trt_export.scoring_tail(nodes) == {"b", "c", "d"}
+
+
+def test_precision_plan_on_an_onnx_graph(tmp_path):
+    plan = {p.name: p for p in trt_export.precision_plan(tiny_onnx(tmp_path / "m.onnx"))}
+    assert plan["/point_encoder/blocks.0/mlp/fc1/MatMul"].precision == "fp16"
+    assert plan["/point_encoder/blocks.0/norm1/LayerNormalization"].precision == "fp32"
+    assert plan["/mgfem_tail/ReduceSum"].reason == "scoring tail (after patch_embed)"
+    assert plan["/MatMul_3"].precision == "fp32"
+
+
+# ---- ORT TensorRT EP -------------------------------------------------------------------------------
+
+def test_ort_trt_provider_options(tmp_path):
+    profile = trt_export.profile_shapes(trt_export.read_onnx_io(tiny_onnx(tmp_path / "m.onnx")), (1, 1, 4))
+    providers = trt_export.ort_trt_providers(profile, tmp_path / "cache", workspace_mb=512, device_id=1)
+    name, options = providers[0]
+    assert name == "TensorrtExecutionProvider"
+    assert providers[1:] == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert options["trt_profile_min_shapes"] == f"neighborhood:1x{G}x{K}x{C},center:1x{G}x3"
+    assert options["trt_profile_max_shapes"] == f"neighborhood:4x{G}x{K}x{C},center:4x{G}x3"
+    assert options["trt_max_workspace_size"] == 512 << 20
+    assert options["trt_fp16_enable"] is True and options["trt_layer_norm_fp32_fallback"] is True
+    assert options["trt_engine_cache_path"] == str(tmp_path / "cache" / "ort-trt")
+    with pytest.raises(ValueError, match="calibration table"):
+        trt_export.ort_trt_providers(profile, tmp_path, int8=True)
+
+
+# ---- without TensorRT ----------------------------------------------------------------------------------
+
+needs_no_trt = pytest.mark.skipif(trt_export.tensorrt_unavailable_reason() is None,
+                                  reason="TensorRT is usable here: the 'missing TensorRT' paths cannot be seen")
+
+
+@needs_no_trt
+def test_btp_build_exits_2_naming_what_is_missing(tmp_path):
+    from btp.cli import app
+
+    model = tiny_onnx(tmp_path / "m.onnx")
+    result = CliRunner().invoke(app, ["build", str(model), "--fp16"])
+    assert result.exit_code == 2
+    assert "TensorRT is not available here" in result.output and "tensorrt" in result.output.lower()
+
+
+def test_btp_build_checks_the_model_before_tensorrt(tmp_path):
+    from btp.cli import app
+
+    runner = CliRunner()
+    bare = tiny_onnx(tmp_path / "bare.onnx", with_meta=False)
+    result = runner.invoke(app, ["build", str(bare)])
+    assert result.exit_code == 2 and "no btp metadata" in result.output
+    result = runner.invoke(app, ["build", str(tiny_onnx(tmp_path / "m.onnx")), "--int8"])
+    assert result.exit_code == 2 and "--int8 needs --calib" in result.output
+    result = runner.invoke(app, ["build", str(tmp_path / "absent.onnx")])
+    assert result.exit_code == 2 and "no such file" in result.output
+
+
+@needs_no_trt
+def test_trt_backend_says_what_is_missing(tmp_path):
+    from btp.errors import NotAvailableError
+    from btp.runtime.backends.trt import TensorRTBackend, TrtBackend
+
+    assert TrtBackend is TensorRTBackend
+    with pytest.raises(NotAvailableError, match="TensorRT"):
+        TensorRTBackend(tiny_onnx(tmp_path / "m.onnx"), None)
