@@ -59,6 +59,11 @@ def _one_class_reason(y: np.ndarray) -> str | None:
     return None
 
 
+def _unit(value: float) -> float:
+    """Clip float round-off (sklearn's AP can return 1.0000000000000002) into [0, 1]."""
+    return float(min(1.0, max(0.0, value)))
+
+
 def _nan(what: str, reason: str) -> float:
     warnings.warn(f"{what} undefined: {reason}", DegenerateMetricWarning, stacklevel=3)
     return float("nan")
@@ -70,7 +75,7 @@ def auroc(labels, scores) -> float:
 
     y, s = _binary(labels, scores, "auroc")
     reason = _one_class_reason(y)
-    return _nan("AUROC", reason) if reason else float(roc_auc_score(y, s))
+    return _nan("AUROC", reason) if reason else _unit(roc_auc_score(y, s))
 
 
 def average_precision(labels, scores) -> float:
@@ -79,7 +84,7 @@ def average_precision(labels, scores) -> float:
 
     y, s = _binary(labels, scores, "average_precision")
     reason = _one_class_reason(y)
-    return _nan("AP", reason) if reason else float(average_precision_score(y, s))
+    return _nan("AP", reason) if reason else _unit(average_precision_score(y, s))
 
 
 def f1_max(labels, scores) -> float:
@@ -93,7 +98,7 @@ def f1_max(labels, scores) -> float:
     precision, recall, _ = precision_recall_curve(y, s)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
-    return float(f1.max())
+    return _unit(f1.max())
 
 
 # ---- AU-PRO ----------------------------------------------------------------------------
@@ -174,7 +179,7 @@ def au_pro(point_scores: Sequence[np.ndarray], point_labels: Sequence[np.ndarray
         fpr, pro = pro_curve(point_scores, point_labels, points, num_thresholds, radius_factor, nn_k)
     except _Degenerate as err:
         return _nan("AU-PRO", str(err))
-    return float(_trapezoid_to(fpr, pro, fpr_limit) / fpr_limit)
+    return _unit(_trapezoid_to(fpr, pro, fpr_limit) / fpr_limit)
 
 
 def _trapezoid_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
