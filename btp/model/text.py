@@ -16,6 +16,7 @@ Implementations:
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -146,6 +147,12 @@ def infer_openclip_dims(state: dict[str, torch.Tensor], heads: int | None = None
     )
 
 
+@functools.lru_cache(maxsize=4)
+def _clip_tokenizer(vocab_path: str) -> CLIPTokenizer:
+    """Reading the 262k-line merges file takes a while; share one tokenizer per file."""
+    return CLIPTokenizer(vocab_path)
+
+
 class OpenCLIPTextEncoder(_FrozenEncoderMixin, nn.Module):
     """OpenCLIP text tower: token_embedding + positional_embedding -> causal transformer ->
     ln_final -> the end-of-text token's feature @ text_projection [width, D]."""
@@ -154,7 +161,7 @@ class OpenCLIPTextEncoder(_FrozenEncoderMixin, nn.Module):
                  layers: int = 32, embed_dim: int = 1280, mlp_width: int | None = None,
                  vocab_path: str | Path | None = None):
         super().__init__()
-        self.tokenizer = CLIPTokenizer(vocab_path or DEFAULT_VOCAB)
+        self.tokenizer = _clip_tokenizer(str(vocab_path or DEFAULT_VOCAB))
         if self.tokenizer.vocab_size > vocab_size:
             raise TextEncoderError(
                 f"tokenizer {self.tokenizer.path} has {self.tokenizer.vocab_size} symbols but the "
