@@ -77,9 +77,19 @@ def test_buffers_are_reused_across_scans_of_different_size(raw_scan):
     np.testing.assert_array_equal(again.neighborhood, big.neighborhood)
 
 
-def test_refuses_scans_smaller_than_num_points(raw_scan):
+def test_scan_smaller_than_num_points_keeps_all_points(raw_scan):
+    # as btp.runtime.stages.downsample_points: min(N, M) points, all of them in FPS order
     from btp.kernels.emu import EmuDevice
 
+    raw = raw_scan[0][:300]
     pre = GpuPreprocessor(512, 32, 16, device=EmuDevice(), blocks=SMALL)
-    with pytest.raises(ValueError, match="fewer than preprocess.num_points"):
-        pre.run(raw_scan[0][:100])
+    got = pre.run(raw)
+    sample_idx = geometry.downsample(raw, 300, 0, method="exact")
+    normed, _, _ = geometry.normalize(raw[sample_idx])
+    ref = geometry.group(normed, 32, 16)
+    np.testing.assert_array_equal(got.sample_idx, sample_idx)
+    np.testing.assert_array_equal(got.neighborhood[0], ref.neighborhood)
+    point_scores, raw_scores = pre.scores(np.linspace(0, 1, 32, dtype=np.float32))
+    assert point_scores.shape == (300,) and raw_scores.shape == (300,)
+    with pytest.raises(ValueError, match="fewer than the model's max"):
+        pre.run(raw[:20])

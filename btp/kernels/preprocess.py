@@ -12,6 +12,9 @@ This is the CPU pipeline of btp.geometry with ``downsample(method="exact")`` (th
 ``normalize``, ``group``, ``propagate_patch_scores`` and ``interpolate_to_raw("nearest")``,
 which tests/test_kernels_preprocess.py checks with the kernels under the CPU emulation. The
 raw-scan interpolation runs in the raw frame (sampled raw xyz vs raw xyz).
+Note: btp.runtime's CPU default ``downsample(method="auto")`` switches to bucket FPS above
+16384 raw points, whose indices differ from the exact rule; the GPU always runs the exact rule,
+so CPU/GPU parity on large scans needs ``method="exact"`` on the CPU side.
 
 Torch-free. The device is any ``btp.kernels.ops.Device``: ``btp.kernels.cuda.CudaDevice`` (the
 default, pycuda) or ``btp.kernels.emu.EmuDevice``.
@@ -33,6 +36,7 @@ class DevicePrepared:
     """Device buffers of one prepared cloud (B = 1)."""
 
     n_raw: int
+    n_points: int          # min(N, M): a scan with fewer than N points keeps all of them (FPS order)
     raw_xyz: Any           # float32 [1, M, 3], raw frame
     sample_idx: Any        # int32 [1, N] into the raw scan
     sampled_xyz: Any       # float32 [1, N, 3], raw frame
@@ -114,7 +118,10 @@ class GpuPreprocessor:
 
     def prepare(self, raw_points: np.ndarray, colors: np.ndarray | None = None,
                 out: ops.DeviceGroups | None = None) -> DevicePrepared:
-        """raw_points [M, 3] (M >= N), colors [M, 3] in [0, 1] or None -> DevicePrepared.
+        """raw_points [M, 3] (M >= max(G, K)), colors [M, 3] in [0, 1] or None -> DevicePrepared.
+
+        N' = min(N, M) points are sampled (all M, in FPS order, for a scan smaller than N: as
+        btp.runtime.stages.downsample_points does).
 
         ``out``: DeviceGroups whose ``neighborhood`` / ``center`` are the engine's input buffers
         (other fields may be this object's own: pass ``self.groups_buffers()._replace(...)``).
@@ -125,15 +132,16 @@ class GpuPreprocessor:
         if raw.ndim != 2 or raw.shape[1] != 3:
             raise ValueError(f"raw_points: expected [M, 3], got shape {raw.shape}")
         n_raw = raw.shape[0]
-        if n_raw < self.num_points:
-            raise ValueError(f"raw scan has {n_raw} points, fewer than preprocess.num_points={self.num_points}")
+        need = max(self.num_group, self.group_size)
+        if n_raw < need:
+            raise ValueError(f"raw scan has {n_raw} points, fewer than the model's max(G, K) = {need}")
         if not np.isfinite(raw).all():
             raise ValueError("raw_points: contains NaN or inf; drop those rows first (btp.io does)")
         if not 0 <= self.fps_start < n_raw:
             raise ValueError(f"fps_start={self.fps_start} outside the raw scan's {n_raw} points")
         self._raw_buffers(n_raw)
         raw_dev = dev.upload(raw[None], out=self._raw)  # [1, M, 3] into the reused [1, cap, 3]
-        n, c = self.num_points, self.in_channels
+        n, c = min(self.num_points, n_raw), self.in_channels
         ops.enqueue_fps(dev, raw_dev, 1, n_raw, n, self._start, out_idx=self._sample_idx,
                         workspace=self._fps_ws_raw, blocks=blocks)
         ops.enqueue_gather(dev, raw_dev, self._sample_idx, 1, n_raw, n, 3, out=self._sampled, blocks=blocks)
@@ -151,7 +159,7 @@ class GpuPreprocessor:
         groups = ops.enqueue_group(dev, self._normed, sampled_colors, 1, n, self.num_group, self.group_size, c,
                                    self.rgb_fill, self._start, out=groups._replace(center_idx=self._groups.center_idx),
                                    fps_workspace=self._fps_ws_n, blocks=blocks)
-        self._last = DevicePrepared(n_raw, raw_dev, self._sample_idx, self._sampled, self._normed,
+        self._last = DevicePrepared(n_raw, n, raw_dev, self._sample_idx, self._sampled, self._normed,
                                     self._centre_scale, groups)
         return self._last
 
@@ -163,14 +171,14 @@ class GpuPreprocessor:
         """patch scores (device buffer [1, G]) -> point scores device buffer [1, N] (model frame)."""
         prep = prepared or self._require()
         return ops.enqueue_propagate(self.device, patch_scores, prep.groups.patch_idx, prep.groups.center,
-                                     prep.normed_xyz, 1, self.num_points, self.num_group, self.group_size,
+                                     prep.normed_xyz, 1, prep.n_points, self.num_group, self.group_size,
                                      out=self._point_scores, sums=self._sums, counts=self._counts,
                                      blocks=self.blocks)
 
     def raw_scores(self, point_scores, prepared: DevicePrepared | None = None):
         """point scores [1, N] (device) -> raw-scan scores device buffer [M] (nearest sampled point)."""
         prep = prepared or self._require()
-        return ops.enqueue_interpolate_nearest(self.device, prep.sampled_xyz, point_scores, self.num_points,
+        return ops.enqueue_interpolate_nearest(self.device, prep.sampled_xyz, point_scores, prep.n_points,
                                                prep.raw_xyz, prep.n_raw, out=self._raw_scores,
                                                blocks=self.blocks)
 
@@ -186,12 +194,12 @@ class GpuPreprocessor:
         prep = self.prepare(raw_points, colors)
         dev = self.device
         centre_scale = dev.download(prep.centre_scale)[0]
+        n = prep.n_points
         if not centre_scale[3] > 0:
-            raise DegenerateCloudError(f"normalize: all {self.num_points} sampled points coincide (max radius 0); "
-                                       f"check the scan")
+            raise DegenerateCloudError(f"normalize: all {n} sampled points coincide (max radius 0); check the scan")
         return HostPrepared(
-            sample_idx=dev.download(prep.sample_idx)[0].astype(np.int64),
-            normed=dev.download(prep.normed_xyz)[0],
+            sample_idx=dev.download(prep.sample_idx)[0, :n].astype(np.int64),
+            normed=dev.download(prep.normed_xyz)[0, :n],
             centre=centre_scale[:3].copy(), scale=float(centre_scale[3]),
             center_idx=dev.download(prep.groups.center_idx)[0].astype(np.int64),
             patch_idx=dev.download(prep.groups.patch_idx)[0].astype(np.int64),
@@ -204,5 +212,5 @@ class GpuPreprocessor:
         scores = np.ascontiguousarray(np.asarray(patch_scores, dtype=np.float32).reshape(1, self.num_group))
         points = self.point_scores(dev.upload(scores))
         raw = self.raw_scores(points)
-        n_raw = self._require().n_raw
-        return dev.download(points)[0], dev.download(raw)[:n_raw]
+        prep = self._require()
+        return dev.download(points)[0, :prep.n_points], dev.download(raw)[:prep.n_raw]
