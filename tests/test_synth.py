@@ -175,3 +175,16 @@ def test_cli_synth_writes_real3d_layout(shapes_root, tmp_path):
     bad = CliRunner().invoke(app, ["data", "synth", "--shapes", str(shapes_root), "--out", str(tmp_path / "x"),
                                    "--classes", "no_such_mesh"])
     assert bad.exit_code == 2 and "no_such_mesh" in bad.output
+
+
+def test_cli_synth_split_keeps_only_that_side_of_the_zero_shot_split(shapes_root, tmp_path):
+    from btp.cli import app
+    from btp.train.split import zero_shot_split
+
+    split = zero_shot_split(shapes_root)
+    assert "fandisk" in split.names("heldout") and "hex_nut" in split.names("train")
+    result = CliRunner().invoke(app, ["data", "synth", "--shapes", str(shapes_root), "--out", str(tmp_path),
+                                      "--classes", "fandisk,hex_nut", "--split", "heldout", "--per-class-train", "0",
+                                      "--per-class-test-good", "1", "--per-class-test-bad", "0", "--points", "256"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["fandisk"]

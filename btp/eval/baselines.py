@@ -164,7 +164,8 @@ class LearnedBaseline:
 def fit_learned_baseline(samples: Iterable, *, num_points: int | None = None, seed: int = 0,
                          num_rounds: int = 200, max_negatives_per_sample: int | None = 512,
                          params: dict | None = None) -> LearnedBaseline:
-    """Train the learned baseline on labelled samples (objects with `points` [M,3], `labels` [M]).
+    """Train the learned baseline on labelled samples: objects with `points` [M,3] and `labels` [M]
+    (`btp.io.Sample`, `btp.train.synth.SynthSample`) or `(points, labels)` pairs.
 
     Each sample goes through the same preprocessing as evaluation (downsample to `num_points`,
     default the btp-mini N, then normalize); normal points are subsampled to
@@ -180,8 +181,9 @@ def fit_learned_baseline(samples: Iterable, *, num_points: int | None = None, se
     rng = np.random.default_rng(seed)
     xs, ys = [], []
     for sample in samples:
-        labels = np.asarray(sample.labels).reshape(-1)
-        prepared = prepare(sample.points, pre)
+        points, labels = (sample.points, sample.labels) if hasattr(sample, "points") else sample
+        labels = np.asarray(labels).reshape(-1)
+        prepared = prepare(points, pre)
         feats = local_features(prepared.normed)
         y = labels[prepared.sampled_idx]
         if max_negatives_per_sample is not None:

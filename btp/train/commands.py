@@ -115,6 +115,8 @@ def synth(
     shapes: Path = typer.Option(..., "--shapes", help="Folder of meshes (e.g. ../shared/data/shapes)."),
     out: Path = typer.Option(..., "--out", help="Output data-set root."),
     classes: str = typer.Option("", "--classes", help="Comma-separated class (mesh) names; default all."),
+    split: str = typer.Option("", "--split", help="Only the meshes of the zero-shot split: train | heldout "
+                                                  "(btp.train.split); combines with --classes."),
     per_class_train: int = typer.Option(4, "--per-class-train", help="Normal train samples per class."),
     per_class_test_good: int = typer.Option(6, "--per-class-test-good", help="Normal test samples per class."),
     per_class_test_bad: int = typer.Option(12, "--per-class-test-bad", help="Anomalous test samples per class."),
@@ -132,6 +134,16 @@ def synth(
     if layout not in LAYOUTS:
         raise typer.BadParameter(f"{layout!r}: choose one of {', '.join(LAYOUTS)}", param_hint="--layout")
     chosen = [c.strip() for c in classes.split(",") if c.strip()] or None
+    if split:
+        from btp.train.split import zero_shot_split
+
+        if split not in ("train", "heldout"):
+            raise typer.BadParameter(f"{split!r}: choose train or heldout", param_hint="--split")
+        in_split = zero_shot_split(shapes).names(split)
+        chosen = [c for c in chosen if c in in_split] if chosen else in_split
+        if not chosen:
+            typer.echo(f"btp data synth: none of the --classes is in the {split} split", err=True)
+            raise typer.Exit(code=2)
     plan = SynthPlan(per_class_train, per_class_test_good, per_class_test_bad, seed, layout)
     cfg = SynthConfig(num_points=points, noise=noise, partial_prob=partial)
     try:
