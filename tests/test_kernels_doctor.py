@@ -1,0 +1,27 @@
+"""`btp doctor [--gpu]`: reports what this machine can run; --gpu fails with the reason where
+there is no usable GPU."""
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from btp.cli import app
+from btp.kernels.cuda import gpu_unavailable_reason
+from btp.kernels.commands import collect_checks
+
+
+def test_doctor_lists_every_check():
+    names = [c.name for c in collect_checks()]
+    assert names[:3] == ["python", "numpy", "onnxruntime"]
+    for name in ("nvcc", "kernel emulation (g++)", "CUDA GPU (pycuda)", "TensorRT", "torch"):
+        assert name in names
+    result = CliRunner().invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    assert "CUDA GPU (pycuda)" in result.output
+
+
+@pytest.mark.skipif(gpu_unavailable_reason() is None, reason="a GPU is usable here: the no-GPU exit cannot be seen")
+def test_doctor_gpu_exits_2_with_the_reason():
+    result = CliRunner().invoke(app, ["doctor", "--gpu"])
+    assert result.exit_code == 2
+    assert "no usable GPU" in result.output and gpu_unavailable_reason().split(";")[0] in result.output.replace("\n", "")
