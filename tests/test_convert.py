@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from btp.cli import app
 from btp.config import tiny_config, ulip2_config
-from btp.model import OUTPUT_NAMES, load_checkpoint
+from btp.model import OUTPUT_NAMES, OpenCLIPTextEncoder, load_checkpoint
 from btp.model.convert import ConversionError, convert_ulip2
 from model_batches import real_batch
 
@@ -195,3 +195,12 @@ def test_full_ulip2_point_encoder_shapes_give_the_ulip2_config(tmp_path):
     assert model.cfg.encoder == ulip2_config().encoder
     assert model.cfg.text.embed_dim == 1280 and report.point_keys == 227
     assert torch.equal(model.point_encoder.blocks.blocks[17].mlp.fc2.weight, point["blocks.blocks.17.mlp.fc2.weight"])
+
+
+def test_openclip_text_encoder_loads_an_open_clip_bin_directly(fake):
+    _, _, text, _, clip = fake
+    enc = OpenCLIPTextEncoder.from_file(clip, heads=4)  # visual.* and logit_scale are skipped
+    assert (enc.width, enc.layers, enc.heads, enc.embed_dim, enc.context_length) == (32, 2, 4, 32, 77)
+    assert enc.state_dict().keys() == text.keys()
+    assert all(not p.requires_grad for p in enc.parameters())
+    assert OpenCLIPTextEncoder.from_file(clip).heads == 1  # width 32 // 64, at least one head

@@ -216,6 +216,39 @@ def test_freeze_text_makes_forward_independent_of_the_text_encoder(tiny, tiny_ba
         bare(tiny_batch["neighborhood"], tiny_batch["center"])
 
 
+def _reference_openclip_encode_text(enc: OpenCLIPTextEncoder, ids: torch.Tensor) -> torch.Tensor:
+    """OpenCLIP's encode_text as published: full 77-token context, torch's nn.MultiheadAttention
+    with an additive -inf causal mask, pooling at the EOT token (the highest id)."""
+    x = enc.token_embedding(ids) + enc.positional_embedding
+    mask = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)
+    for blk in enc.transformer.resblocks:
+        mha = torch.nn.MultiheadAttention(enc.width, enc.heads, batch_first=True)
+        mha.load_state_dict({"in_proj_weight": blk.attn.in_proj_weight, "in_proj_bias": blk.attn.in_proj_bias,
+                             "out_proj.weight": blk.attn.out_proj.weight, "out_proj.bias": blk.attn.out_proj.bias})
+        y = blk.ln_1(x)
+        x = x + mha(y, y, y, need_weights=False, attn_mask=mask)[0]
+        x = x + blk.mlp.c_proj(F.gelu(blk.mlp.c_fc(blk.ln_2(x))))
+    x = enc.ln_final(x)
+    return x[torch.arange(ids.shape[0]), ids.argmax(dim=-1)] @ enc.text_projection
+
+
+def test_openclip_text_encoder_matches_the_published_encode_text(tiny):
+    """Context vectors equal to real token embeddings must give exactly the embedding of the
+    plain token sequence: checks context placement, attention layout, causal mask, EOT pooling."""
+    torch.manual_seed(6)
+    enc = OpenCLIPTextEncoder.from_config(tiny.text)
+    tok = enc.tokenizer
+    ctx_ids, word_ids = tok.encode("a photo of"), tok.encode("a scratched object.")
+    ids = torch.zeros(1, enc.context_length, dtype=torch.long)
+    row = [tok.sot_id] + ctx_ids + word_ids + [tok.eot_id]
+    ids[0, : len(row)] = torch.tensor(row)
+    with torch.no_grad():
+        ctx = enc.token_embedding.weight[ctx_ids]  # [n_ctx, width]
+        ours = enc.encode_with_context(ctx, ["a scratched object."])
+        ref = _reference_openclip_encode_text(enc, ids)
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
 def test_clip_tokenizer_matches_openai_clip_ids():
     tok = CLIPTokenizer()
     assert tok.vocab_size == 49408 and (tok.sot_id, tok.eot_id) == (49406, 49407)
