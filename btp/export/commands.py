@@ -1,9 +1,64 @@
-"""`btp export` / `btp-export` (owned by btp.export; `btp build` is in trt_commands.py)."""
+"""`btp export` / `btp-export` (owned by btp.export; `btp build` is in trt_commands.py).
+
+torch / onnx are imported inside the command, so `btp --help` stays instant.
+"""
 from __future__ import annotations
 
-from btp._placeholder import not_available
+from pathlib import Path
+
+import typer
+
+from btp.export.formats import formats_help
 
 
-def export() -> None:
-    """Export a BTP checkpoint to one self-describing model.onnx."""
-    not_available("export", "ONNX export lands with the export/runtime issue")
+def export(
+    model: str = typer.Option("btp-mini", "--model", "-m",
+                              help="Checkpoint (.safetensors) or preset name: btp-mini (default: the committed "
+                                   "models/btp-mini.safetensors; a fresh, untrained init if it is absent), tiny, ulip2."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output model.onnx."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset, 17..20 (>= 17 keeps LayerNormalization one op)."),
+    batch: str = typer.Option("dynamic", "--batch", help="'dynamic' (symbolic B) or a fixed batch size N."),
+    fp16_safe: bool = typer.Option(False, "--fp16-safe",
+                                   help="Check the graph for FP16 engines (LayerNormalization kept, weights in "
+                                        "FP16 range) and list the nodes TensorRT should keep FP32 in the metadata."),
+    simplify: bool = typer.Option(True, "--simplify/--no-simplify", help="Simplify with onnxslim."),
+    patch_embed: bool = typer.Option(False, "--patch-embed", help="Also output patch_embed [B,G,D] (debugging)."),
+    seed: int = typer.Option(0, "--seed", help="Torch seed of a fresh init (when no committed weights exist)."),
+) -> None:
+    """Export a BTP model to one self-describing model.onnx (parity-checked against PyTorch).
+
+    Everything after grouping goes into the graph, with the text embeddings frozen as initializers;
+    G, K, N, channels, scoring constants, prompts, weights hash and provenance go into
+    metadata_props["btp"]. Formats: """
+    from rich.console import Console
+
+    from btp.errors import BTPError
+    from btp.export.onnx import ExportError, export_onnx, load_model, unsupported_trt_ops
+
+    console = Console(stderr=True)
+    prefix = "[bold]btp-export[/bold]"
+    try:
+        loaded = load_model(model, seed=seed)
+        if loaded.info.get("fresh_init"):
+            console.print(f"{prefix} [yellow]warning: no trained weights for {model!r} "
+                          f"(looked for models/{model}.safetensors): exporting a FRESHLY INITIALISED, untrained "
+                          f"model (torch seed {seed}); its scores carry no meaning. The metadata says so.")
+        result = export_onnx(loaded, out, opset=opset, batch=batch, fp16_safe=fp16_safe, simplify=simplify,
+                             patch_embed=patch_embed, log=lambda msg: console.print(f"{prefix} {msg}"))
+    except (ExportError, BTPError, ValueError) as exc:
+        console.print(f"{prefix} [red]failed:[/red] {exc}")
+        raise typer.Exit(code=1) from None
+    for check in result.parity:
+        console.print(f"{prefix} parity {check.output}: max abs diff {check.value:.2e} "
+                      f"(limit {check.limit:g}) {check.verdict}")
+    import onnx
+
+    missing = unsupported_trt_ops(onnx.load(str(result.path), load_external_data=False))
+    if missing:
+        console.print(f"{prefix} [yellow]note: ops TensorRT's ONNX parser does not list: {', '.join(missing)}")
+    console.print(f"{prefix} success ✅ {result.seconds:.1f}s, saved as '{result.path}' "
+                  f"({result.size_bytes / 1e6:.1f} MB), {len(result.op_types)} op types, "
+                  f"parity vs PyTorch {result.verdict}")
+
+
+export.__doc__ = (export.__doc__ or "") + formats_help() + "."

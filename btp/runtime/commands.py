@@ -1,19 +1,150 @@
-"""`btp run` / `btp-run`, `btp calibrate`, `btp demo` (owned by btp.runtime). Torch-free."""
+"""`btp run` / `btp-run`, `btp calibrate`, `btp demo` (owned by btp.runtime).
+
+`run` and `calibrate` are torch-free; `demo` needs torch only to export the model the first time.
+Heavy imports happen inside the commands, so `btp --help` stays instant.
+"""
 from __future__ import annotations
 
-from btp._placeholder import not_available
+from pathlib import Path
+from typing import List, Optional
+
+import typer
 
 
-def run() -> None:
-    """Score point-cloud files with model.onnx."""
-    not_available("run", "the runtime lands with the export/runtime issue")
+def _split_heatmaps(values: list[str]) -> tuple[str, ...]:
+    from btp.runtime.run import HEATMAP_CHOICES
+
+    chosen = tuple(v.strip() for item in values for v in item.split(",") if v.strip())
+    bad = [v for v in chosen if v not in HEATMAP_CHOICES]
+    if bad:
+        raise typer.BadParameter(f"{bad}: choose from {', '.join(HEATMAP_CHOICES)}", param_hint="--heatmap")
+    return chosen
 
 
-def calibrate() -> None:
-    """Pick an object-score threshold from known-good scans."""
-    not_available("calibrate", "calibration lands with the export/runtime issue")
+def run(
+    model: Path = typer.Argument(..., help="model.onnx from btp-export (everything else comes from its metadata)."),
+    inputs: List[str] = typer.Argument(..., help="Point-cloud files, directories or globs (.pcd .ply .xyz .txt .csv .npy .npz)."),
+    out: Path = typer.Option(Path("btp-out"), "--out", "-o", help="Output folder."),
+    backend: str = typer.Option("ort-cpu", "--backend", "-b", help="ort-cpu | ort-cuda | ort-trt | trt."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Scans per engine call."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", "-t",
+                                              help="Object-score threshold for the decision (default: the "
+                                                   "model's sidecar MODEL.threshold.json from `btp calibrate`, if any)."),
+    fmt: str = typer.Option("json", "--format", "-f", help="json (one <stem>.json per scan) | csv (one results.csv)."),
+    heatmap: List[str] = typer.Option(["ply"], "--heatmap",
+                                      help="ply | png | none; repeat or comma-separate for several (ply,png)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: ORT's)."),
+) -> None:
+    """Score point clouds: per scan an object score (+ decision), <stem>.npy with one score per input
+    point (file order), a heat-mapped <stem>.ply and optionally a <stem>.png.
+
+    Bad files are reported and skipped; the exit code is 1 if any file failed (2: unusable model)."""
+    from rich.console import Console
+
+    from btp.errors import BTPError
+    from btp.runtime.calibration import CalibrationError, find_threshold
+    from btp.runtime.outputs import write_json
+    from btp.runtime.pipeline import Pipeline
+    from btp.runtime.run import FORMAT_CHOICES, expand_inputs, run_files, summary_doc
+
+    console = Console(stderr=True)
+    if fmt not in FORMAT_CHOICES:
+        raise typer.BadParameter(f"{fmt!r}: choose json or csv", param_hint="--format")
+    heatmaps = _split_heatmaps(heatmap)
+    try:
+        pipeline = Pipeline(model, backend=backend, threads=threads)
+        source = "--threshold"
+        if threshold is None:
+            sidecar = find_threshold(model)
+            if sidecar is not None:
+                threshold, source = sidecar.value, f"sidecar (q={sidecar.quantile}, margin={sidecar.margin}, " \
+                                                   f"{sidecar.n_scans} good scans)"
+    except (BTPError, CalibrationError, ValueError, OSError) as exc:
+        console.print(f"[red]btp run: {exc}")
+        raise typer.Exit(code=2) from None
+    if pipeline.meta.model.get("fresh_init"):
+        console.print("[yellow]btp run: this model.onnx holds a freshly initialised, UNTRAINED model: "
+                      "its scores carry no meaning")
+    files = expand_inputs(inputs, exclude=out)
+    if not files:
+        console.print("[red]btp run: no input files found")
+        raise typer.Exit(code=1)
+
+    def report(oc) -> None:
+        if oc.ok:
+            d = oc.doc
+            decision = f" -> {d['decision']}" if d["decision"] else ""
+            console.print(f"[green]ok[/green] {oc.path}: object score {d['object_score']:.4f}{decision} "
+                          f"({d['points']} points, {d['total_ms']:.0f} ms)")
+        else:
+            console.print(f"[red]FAILED[/red] {oc.path}: {oc.error}")
+
+    try:
+        outcomes = run_files(pipeline, files, out, batch=batch, threshold=threshold,
+                             threshold_source=source if threshold is not None else None, fmt=fmt,
+                             heatmaps=heatmaps, backend=backend, on_outcome=report)
+    except KeyboardInterrupt:
+        console.print("[red]btp run: interrupted; every output written so far is complete")
+        raise typer.Exit(code=130) from None
+    summary = summary_doc(outcomes, pipeline)
+    write_json(out / "summary.json", summary)
+    failed = len(summary["failed"])
+    console.print(f"btp run: {summary['succeeded']} of {len(outcomes)} scans scored, {failed} failed; outputs in {out}")
+    if failed:
+        raise typer.Exit(code=1)
 
 
-def demo() -> None:
-    """The main job: export the default model, score sample scans, print a table, write heat maps."""
-    not_available("demo", "the demo lands with the export/runtime issue")
+def calibrate(
+    model: Path = typer.Argument(..., help="model.onnx from btp-export."),
+    good_scans: List[str] = typer.Argument(..., help="Known-good scans: files, directories or globs."),
+    quantile: float = typer.Option(1.0, "--quantile", "-q", min=0.0, max=1.0,
+                                   help="Quantile of the good scans' object scores (1.0 = their max)."),
+    margin: float = typer.Option(0.0, "--margin", "-m", help="Added to the quantile."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="Sidecar JSON (default: MODEL.threshold.json next to the model, "
+                                            "which btp-run picks up automatically)."),
+    backend: str = typer.Option("ort-cpu", "--backend", "-b", help="ort-cpu | ort-cuda | ort-trt | trt."),
+) -> None:
+    """Pick an object-score threshold from known-good scans: quantile + margin -> sidecar JSON."""
+    from rich.console import Console
+
+    from btp.errors import BTPError
+    from btp.runtime.calibration import make_threshold, sidecar_path, write_threshold
+    from btp.runtime.pipeline import Pipeline
+    from btp.runtime.run import expand_inputs, run_files
+
+    console = Console(stderr=True)
+    try:
+        pipeline = Pipeline(model, backend=backend)
+    except (BTPError, ValueError, OSError) as exc:
+        console.print(f"[red]btp calibrate: {exc}")
+        raise typer.Exit(code=2) from None
+    files = expand_inputs(good_scans)
+    outcomes = run_files(pipeline, files, Path("."), write=False, backend=backend)
+    for oc in outcomes:
+        if not oc.ok:
+            console.print(f"[red]FAILED[/red] {oc.path}: {oc.error}")
+    scores = [oc.result.object_score for oc in outcomes if oc.ok]
+    if not scores:
+        console.print("[red]btp calibrate: no good scan could be scored")
+        raise typer.Exit(code=1)
+    threshold = make_threshold(model, scores, quantile, margin, pipeline.meta.name)
+    path = write_threshold(out or sidecar_path(model), threshold)
+    console.print(f"btp calibrate: threshold {threshold.value:.6f} = quantile {quantile} of {len(scores)} good "
+                  f"object scores (min {min(scores):.4f}, max {max(scores):.4f}) + margin {margin}; wrote {path}")
+    if len(scores) < len(outcomes):
+        raise typer.Exit(code=1)
+
+
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Output folder for scans, scores and heat maps."),
+    model: str = typer.Option("btp-mini", "--model", "-m", help="Checkpoint or preset (default: committed btp-mini)."),
+    backend: str = typer.Option("ort-cpu", "--backend", "-b", help="ort-cpu | ort-cuda | ort-trt | trt."),
+    png: bool = typer.Option(True, "--png/--no-png", help="Also render <stem>.png heat maps."),
+) -> None:
+    """The main job on shipped samples: export the default model to ONNX (cached), make sample scans
+    with synthetic defects from the meshes in btp/data, score them with the btp-run code path,
+    print a table and write heat maps."""
+    from btp.runtime.demo import run_demo
+
+    raise typer.Exit(code=run_demo(out, model=model, backend=backend, png=png))

@@ -73,11 +73,13 @@ class Job:
 
 class Pipeline:
     def __init__(self, model_path: str | Path, backend: str = "ort-cpu", threads: int | None = None,
-                 downsample_method: str = "auto"):
+                 downsample_method: str = "auto", **backend_options):
+        """``backend``: ort-cpu | ort-cuda | ort-trt | trt; ``threads``: intra-op threads (None = ORT's
+        default); ``backend_options`` go to the backend (e.g. ``precision="fp16"`` for trt)."""
         self.model_path = Path(model_path)
         self.meta = read_model_meta(self.model_path)
         self.cfg = self.meta.config
-        self.engine = make_backend(backend, self.model_path, self.meta, threads=threads)
+        self.engine = make_backend(backend, self.model_path, self.meta, threads=threads, **backend_options)
         self.downsample_method = downsample_method
 
     def __call__(self, points) -> Result:
@@ -118,6 +120,8 @@ class Pipeline:
     def infer(self, jobs: list[Job], batch_size: int | None = None) -> list[Result]:
         fixed = self.meta.batch
         step = fixed or batch_size or max(len(jobs), 1)
+        if getattr(self.engine, "max_batch", None):  # a TensorRT profile's largest batch
+            step = min(step, int(self.engine.max_batch))
         results: list[Result] = []
         for start in range(0, len(jobs), step):
             chunk = jobs[start:start + step]

@@ -31,19 +31,19 @@ class Backend(Protocol):
     def run(self, neighborhood: np.ndarray, center: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
-def make_backend(name: str, model_path: str | Path, meta, *, threads: int | None = None) -> Backend:
-    """The backend called ``name`` for ``model_path`` (``meta``: its ``ModelMeta``)."""
+def make_backend(name: str, model_path: str | Path, meta, *, threads: int | None = None, **options) -> Backend:
+    """The backend called ``name`` for ``model_path`` (``meta``: its ``ModelMeta``).
+
+    ``options`` go to the backend's constructor (e.g. ``precision="fp16"`` for trt)."""
     if name in ("ort-cpu", "ort-cuda", "ort-trt"):
         from btp.runtime.backends.ort import OrtBackend
 
-        return OrtBackend(model_path, meta, provider=name, threads=threads)
+        return OrtBackend(model_path, meta, provider=name, threads=threads, **options)
     if name == "trt":
         try:
             from btp.runtime.backends import trt
-        except ImportError as exc:
+        except ImportError as exc:  # TensorRT / pycuda themselves are imported in the constructor
             raise BackendError(f"backend 'trt' is not available here ({exc}); use --backend ort-cpu, "
                                "or install the [gpu] extra on a machine with an NVIDIA GPU") from exc
-        if not hasattr(trt, "TrtBackend"):
-            raise BackendError("btp.runtime.backends.trt defines no TrtBackend(model_path, meta) yet")
-        return trt.TrtBackend(model_path, meta)
+        return trt.TensorRTBackend(model_path, meta, **options)
     raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
