@@ -102,7 +102,7 @@ def test_goals_met_and_missed_with_margins():
     gf = goals["encoder achieved GFLOP/s"]
     assert gf.met is None and gf.value == pytest.approx(5e9 / 0.019 / 1e9 / 500)
     missing = evaluate_goals({"results": []})
-    assert all(g.met is None for g in missing) and len(missing) == 5
+    assert all(g.met is None for g in missing) and len(missing) == 6
 
 
 # ---- FLOPs ----------------------------------------------------------------------------------------
@@ -232,3 +232,85 @@ def test_unavailable_backends_have_reasons():
     if not gpus():
         for name in ("ort-cuda", "trt-fp32", "trt-fp16"):
             assert unavailable_reason(name)
+
+
+# ---- end to end on a tiny exported model (the real Pipeline, ORT CPU and torch) -------------------------
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory, shapes_root):
+    import os
+
+    os.environ.setdefault("BTP_SHAPES", str(shapes_root))
+    from btp.export.onnx import export_onnx, load_model
+
+    path = tmp_path_factory.mktemp("model") / "tiny.onnx"
+    export_onnx(load_model("tiny"), path, patch_embed=True, parity_scans=2)
+    return path
+
+
+def _write_anomaly_shapenet(root, shapes_root, n_points=1500):
+    """Two classes, one normal and two 'anomalous' scans each (labels on a patch of the surface)."""
+    from btp.benchmarks.data import sample_cloud
+    from btp.io import write_point_cloud
+
+    for c, mesh in enumerate(("cgal__stanford_bunny.ply", "cgal__cactus.ply")):
+        cls = mesh.split("__")[1].removesuffix(".ply")
+        (root / cls / "test").mkdir(parents=True)
+        (root / cls / "GT").mkdir()
+        for i, stem in enumerate((f"{cls}_positive0", f"{cls}_bulge0", f"{cls}_dent0")):
+            pts = sample_cloud(n_points, mesh=str(shapes_root / mesh), seed=10 * c + i)
+            write_point_cloud(root / cls / "test" / f"{stem}.pcd", pts)
+            if "positive" not in stem:
+                d = np.linalg.norm(pts - pts[7 * i], axis=1)
+                labels = (d <= np.quantile(d, 0.05)).astype(np.int64)
+                np.savetxt(root / cls / "GT" / f"{stem}.txt", np.column_stack([pts, labels]), fmt="%.7f %.7f %.7f %d")
+
+
+def test_latency_command_end_to_end(tiny_onnx, tmp_path):
+    from typer.testing import CliRunner
+
+    from btp.benchmarks.commands import app
+
+    out = tmp_path / "res"
+    res = CliRunner().invoke(app, ["latency", str(tiny_onnx), "--backends", "torch,ort-cpu,trt-fp16",
+                                   "--points", "600,3000", "--batch", "1,2", "--warmup", "0", "--duration", "0",
+                                   "--min-iters", "3", "--out", str(out), "--json", str(tmp_path / "lat.json")])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "lat.json").read_text())
+    assert {(r["backend"], r["points"], r["batch"]) for r in data["results"]} == {
+        (b, n, k) for b in ("torch", "ort-cpu") for n in (600, 3000) for k in (1, 2)}
+    for r in data["results"]:
+        assert r["throughput"] > 0 and r["peak_rss_mb"] > 0 and r["iterations"] == 3
+        for stage in ("end_to_end", "engine", "fps", "group", "downsample", "propagate", "interpolate"):
+            _ordered(r["stages"][stage])
+    torch_row = next(r for r in data["results"] if r["backend"] == "torch")
+    assert "same weights as model.onnx" in torch_row["weights"]
+    if unavailable := [s for s in data["skipped"] if s["backend"] == "trt-fp16"]:
+        assert unavailable[0]["reason"]
+    assert data["flops"]["total"] > 0 and data["matmul_peak"]["gflops"] > 0
+    assert len(data["goals"]) == 6 and all(g["verdict"] == "n/a" for g in data["goals"][:3])  # no 2048 row
+    assert sorted(p.suffix for p in out.iterdir()) == [".json", ".md", ".png"]
+    assert "skipped" in next(out.glob("*.md")).read_text()
+
+
+def test_parity_command_end_to_end(tiny_onnx, tmp_path, shapes_root):
+    from typer.testing import CliRunner
+
+    from btp.benchmarks.commands import app
+
+    _write_anomaly_shapenet(tmp_path / "data", shapes_root)
+    res = CliRunner().invoke(app, ["parity", str(tiny_onnx), "--data", str(tmp_path / "data"),
+                                   "--backends", "ort-cpu,trt-fp16", "--out", str(tmp_path / "res"),
+                                   "--json", str(tmp_path / "par.json")])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "par.json").read_text())
+    assert data["n_samples"] == 6 and data["reference"] == "torch"
+    ort = next(b for b in data["backends"] if b["backend"] == "ort-cpu")
+    assert ort["verdict"] == "PASS"
+    checks = {c["output"]: c for c in ort["checks"]}
+    assert set(checks) == {"patch_probs", "global_prob", "object_score", "point_scores", "patch_embed", "fps_idx",
+                           "knn_idx", "o_auroc", "p_auroc"}
+    assert checks["point_scores"]["n"] == 6 * 1500 and checks["fps_idx"]["value"] == 1.0
+    assert all(c["why"] and c["limit"] is not None for c in ort["checks"])
+    md = next((tmp_path / "res").glob("parity-*.md")).read_text()
+    assert "PASS" in md and "tolerance" in md

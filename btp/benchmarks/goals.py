@@ -115,4 +115,7 @@ def evaluate_goals(latency: dict, ops_summary: Sequence[dict] | None = None, flo
                           achieved / peak["gflops"], None, None,
                           "FLOPs of MatMul/Gemm/Conv counted from the ONNX graph; peak = best float32 GEMM "
                           "(numpy/torch) on this machine"))
+    else:
+        goals.append(Goal("encoder achieved GFLOP/s (ORT CPU, batch 1)", "report vs matmul peak", "not measured",
+                          None, None, None, "needs FLOPs, the matmul peak and an ort-cpu row at 2048 points"))
     return goals

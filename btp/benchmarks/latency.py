@@ -119,12 +119,9 @@ def make_pipeline(backend: str, model_path, *, threads: int | None = None, check
     from btp.runtime import Pipeline
 
     if backend == "torch":
-        from btp.benchmarks.torch_backend import TorchBackend, find_checkpoint, onnx_metadata
-        from btp.config import BTPConfig
+        from btp.benchmarks.torch_backend import TorchBackend
 
-        ckpt = find_checkpoint(model_path, checkpoint)
-        config = None if ckpt else BTPConfig.from_dict(onnx_metadata(model_path)["config"])
-        torch_backend = TorchBackend(ckpt, config=config, threads=threads)
+        torch_backend = TorchBackend.for_onnx(model_path, checkpoint=checkpoint, threads=threads)
         pipe = Pipeline(model_path, backend="ort-cpu", threads=threads)
         _swap_backend(pipe, torch_backend)
         return pipe, torch_backend.weights
@@ -132,11 +129,13 @@ def make_pipeline(backend: str, model_path, *, threads: int | None = None, check
         pipe = Pipeline(model_path, backend="trt", threads=threads, precision=precision_of(backend))
     else:
         pipe = Pipeline(model_path, backend=backend, threads=threads)
-    return pipe, "model.onnx"
+    info = getattr(getattr(pipe, "meta", None), "model", {}) or {}
+    label = "model.onnx" + (f" ({info.get('source')})" if info.get("source") else "")
+    return pipe, label
 
 
 def _swap_backend(pipe, backend) -> None:
-    for attr in ("backend", "_backend", "engine"):
+    for attr in ("engine", "backend", "_backend"):
         if hasattr(pipe, attr):
             setattr(pipe, attr, backend)
             return

@@ -66,7 +66,8 @@ def _ordered_stages(stages: Sequence[str]) -> list[str]:
 def goals_markdown(goals: Sequence[dict]) -> list[str]:
     lines = ["| goal | target | measured | verdict | note |", "|---|---|---|---|---|"]
     for g in goals:
-        lines.append(f"| {g['name']} | {g['target']} | {g['measured']} | **{g['verdict']}** | {g['detail']} |")
+        lines.append(f"| {g['name']} | {g['target']} | {_cell(g['measured'])} | **{g['verdict']}** | "
+                     f"{_cell(g['detail'])} |")
     return lines
 
 
@@ -163,20 +164,18 @@ def latency_plot(data: dict, path: Path) -> Path | None:
     ax.legend(fontsize=7)
     rows = [r for r in data["results"] if r["batch"] == 1]
     stages = _ordered_stages({k for r in rows for k in r["stages"] if not k.startswith("pipeline_")})
-    labels = [f"{r['backend']}\n{r['points']}" for r in rows]
+    labels = [f"{r['backend']}\n{r['points']}\n{r['stages']['end_to_end']['p50']:.0f} ms" for r in rows]
     bottom = [0.0] * len(rows)
     for j, s in enumerate(stages):
-        vals = [r["stages"].get(s, {}).get("p50", 0.0) for r in rows]
-        ax2.bar(range(len(rows)), vals, bottom=bottom, label=s, color=f"C{j % 10}")
-        bottom = [a + b for a, b in zip(bottom, vals)]
-    ax2.plot(range(len(rows)), [r["stages"]["end_to_end"]["p50"] for r in rows], "k_", markersize=20,
-             label="end-to-end p50")
+        shares = [100.0 * r["stages"].get(s, {}).get("p50", 0.0) / r["stages"]["end_to_end"]["p50"] for r in rows]
+        ax2.bar(range(len(rows)), shares, bottom=bottom, label=s, color=f"C{j % 10}")
+        bottom = [a + b for a, b in zip(bottom, shares)]
+    ax2.axhline(100.0, color="k", linewidth=0.8)
     ax2.set_xticks(range(len(rows)))
     ax2.set_xticklabels(labels, fontsize=7)
-    ax2.set_yscale("log")
-    ax2.set_ylabel("ms (p50 per stage, stacked)")
-    ax2.set_title("stage breakdown, batch 1")
-    ax2.legend(fontsize=6, ncol=2)
+    ax2.set_ylabel("% of end-to-end p50 (stage p50s, stacked)")
+    ax2.set_title("where the time goes, batch 1")
+    ax2.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(f"btp-bench latency - {data['machine'].get('cpu_model')} - {date_tag(data['machine'])}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -285,15 +284,28 @@ def parity_markdown(data: dict) -> str:
         lines += [f"## {b['backend']} ({b['precision']}) vs {data['reference']}: **{b['verdict']}**", "",
                   "| check | kind | value | mean | tolerance | verdict | n | rule |", "|---|---|---|---|---|---|---|---|"]
         for c in b["checks"]:
-            op = {"abs": "max |d| <=", "metric": "|delta| <=", "cosine": "min cos >=", "index": "agree >="}[c["kind"]]
+            op = {"abs": "max abs diff <=", "metric": "abs delta <=", "cosine": "min cos >=",
+                  "index": "agreement >="}[c["kind"]]
+            show = _cos if c["kind"] == "cosine" else fmt
             note = f" ({c['note']})" if c.get("note") else ""
-            lines.append(f"| {c['output']} | {c['kind']} | {fmt(c['value'])} | {fmt(c['mean'])} | {op} "
-                         f"{fmt(c['limit'])} | {c['verdict']}{note} | {c['n']} | {c['why']} |")
+            lines.append(f"| {c['output']} | {c['kind']} | {show(c['value'])} | {show(c['mean'])} | {op} "
+                         f"{show(c['limit'])} | {c['verdict']}{note} | {c['n']} | {_cell(c['why'])} |")
         if b.get("metrics"):
             m = b["metrics"]
             lines += ["", f"Metrics: {', '.join(f'{k} {fmt(v)}' for k, v in m.items())}"]
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _cos(value: float | None) -> str:
+    """Cosines near 1 as '1 - 3.2e-06' (a plain 4-digit print would hide the difference)."""
+    if value is None:
+        return "-"
+    return "1" if value >= 1.0 else f"1 - {1.0 - value:.1e}"
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|")
 
 
 def write_parity(data: dict, out_dir: Path | None = None, json_path: Path | None = None) -> list[Path]:

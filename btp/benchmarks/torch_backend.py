@@ -3,11 +3,19 @@
 A backend (docs/design.md) is any object with ``name`` and ``run(neighborhood [B,G,K,C],
 center [B,G,3]) -> dict[str, np.ndarray]`` keyed by the ONNX output names. This one runs
 ``BTPModel.forward`` in eval mode under ``torch.inference_mode`` — the baseline a user would run
-without btp-edge: same checkpoint, same preprocessing, torch instead of the engine.
+without btp-edge: same weights, same preprocessing (it sits inside the same Pipeline), torch
+instead of the engine.
+
+Which weights: ``--checkpoint`` if given; else what model.onnx's metadata says it was exported
+from — a checkpoint file (looked up beside model.onnx, in $BTP_MODELS, in models/) or a fresh
+init (rebuilt with the same torch seed). The weights' sha256 is compared with the one in the
+metadata and the row's label says whether they match.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,35 +32,65 @@ def onnx_metadata(model_path) -> dict:
     return {}
 
 
-class TorchBackend:
-    """PyTorch eager forward of a btp checkpoint (or a freshly initialised model, labelled so)."""
+def _candidates(model_path: Path, source: str) -> list[Path]:
+    name = Path(source).name
+    repo = Path(__file__).resolve().parents[2]
+    dirs = [model_path.parent] + ([Path(os.environ["BTP_MODELS"])] if os.environ.get("BTP_MODELS") else [])
+    return [d / name for d in dirs + [repo / "models"]]
 
-    def __init__(self, checkpoint=None, *, config=None, threads: int | None = None, seed: int = 0):
+
+def load_torch_model(model_path, checkpoint=None):
+    """-> (BTPModel in eval mode with frozen text, label saying where the weights came from)."""
+    from btp.export.onnx import fresh_model, load_model, state_sha256
+
+    model_path = Path(model_path)
+    meta = onnx_metadata(model_path)
+    info = meta.get("model", {}) if isinstance(meta, dict) else {}
+    if checkpoint is not None:
+        loaded = load_model(Path(checkpoint))
+        where = f"checkpoint {Path(checkpoint).name}"
+    elif info.get("fresh_init"):
+        from btp.config import BTPConfig
+
+        seed = int(m.group(1)) if (m := re.search(r"seed (\d+)", str(info.get("source", "")))) else 0
+        loaded = fresh_model(BTPConfig.from_dict(meta["config"]), seed)
+        where = f"fresh init, torch seed {seed} (untrained)"
+    else:
+        source = str(info.get("source", ""))
+        found = next((p for p in _candidates(model_path, source) if source and p.is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"the torch row needs the checkpoint model.onnx was exported from "
+                                    f"({source or 'unknown'}); pass --checkpoint PATH")
+        loaded = load_model(found)
+        where = f"checkpoint {found.name}"
+    want = info.get("weights_sha256")
+    have = loaded.info.get("weights_sha256")
+    if not want:
+        check = "model.onnx records no weights hash"
+    elif want == have or (info.get("fresh_init") and want == state_sha256(loaded.model)):
+        check = "same weights as model.onnx (sha256)"
+    else:
+        check = "WEIGHTS DIFFER from model.onnx (sha256 mismatch)"
+    return loaded.model.eval(), f"{where}; {check}"
+
+
+class TorchBackend:
+    """PyTorch eager forward of a BTPModel (see module docstring)."""
+
+    def __init__(self, model, *, threads: int | None = None, weights: str = ""):
         import torch
 
         if threads is not None:
             torch.set_num_threads(threads)
         self._torch = torch
-        if checkpoint is not None:
-            from btp.model.checkpoint import load_checkpoint
-
-            self.model, self.provenance = load_checkpoint(checkpoint, text_encoder=None)
-            self.weights = f"checkpoint {Path(checkpoint).name}"
-        else:
-            if config is None:
-                raise ValueError("TorchBackend needs a checkpoint or a config (from the ONNX metadata)")
-            import torch.nn.functional as F
-
-            from btp.model import BTPModel
-
-            torch.manual_seed(seed)
-            self.model = BTPModel(config)
-            self.model.frozen_text = F.normalize(torch.randn(2, config.text.embed_dim), dim=-1)
-            self.provenance = {"weights": f"freshly initialised (seed {seed})"}
-            self.weights = f"freshly initialised {config.name} (seed {seed}): timing only, not the ONNX weights"
-        self.model.eval()
+        self.model = model.eval()
         self.name = "torch"
-        self.config = self.model.cfg
+        self.weights = weights
+
+    @classmethod
+    def for_onnx(cls, model_path, *, checkpoint=None, threads: int | None = None) -> "TorchBackend":
+        model, label = load_torch_model(model_path, checkpoint)
+        return cls(model, threads=threads, weights=label)
 
     def run(self, neighborhood: np.ndarray, center: np.ndarray) -> dict[str, np.ndarray]:
         torch = self._torch
@@ -60,22 +98,3 @@ class TorchBackend:
             out = self.model(torch.from_numpy(np.ascontiguousarray(neighborhood, dtype=np.float32)),
                              torch.from_numpy(np.ascontiguousarray(center, dtype=np.float32)))
         return {k: v.numpy() for k, v in out.items()}
-
-
-def find_checkpoint(model_path, explicit=None) -> Path | None:
-    """The checkpoint the torch row should load: --checkpoint, else the one the ONNX provenance
-    names (if it exists), else ``<model>.safetensors`` beside model.onnx, else the default model."""
-    if explicit:
-        return Path(explicit)
-    meta = onnx_metadata(model_path)
-    prov = meta.get("provenance", {}) if isinstance(meta, dict) else {}
-    candidates = [prov.get(k) for k in ("checkpoint", "checkpoint_path", "source", "model_path")]
-    model_path = Path(model_path)
-    candidates += [model_path.with_suffix(".safetensors")]
-    repo = Path(__file__).resolve().parents[2]
-    name = (meta.get("config") or {}).get("name", "")
-    candidates += [repo / "models" / f"{name}.safetensors"] if name else []
-    for cand in candidates:
-        if cand and Path(cand).is_file() and str(cand).endswith(".safetensors"):
-            return Path(cand)
-    return None
