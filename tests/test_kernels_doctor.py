@@ -25,3 +25,15 @@ def test_doctor_gpu_exits_2_with_the_reason():
     result = CliRunner().invoke(app, ["doctor", "--gpu"])
     assert result.exit_code == 2
     assert "no usable GPU" in result.output and gpu_unavailable_reason().split(";")[0] in result.output.replace("\n", "")
+
+
+def test_gpu_modules_import_without_torch_pycuda_or_tensorrt():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import btp.kernels.ops, btp.kernels.emu, btp.kernels.cuda, btp.kernels.preprocess, btp.kernels.build\n"
+            "import btp.kernels.commands, btp.kernels.gpubench, btp.export.tensorrt, btp.runtime.backends.trt\n"
+            "print(sorted(m for m in ('torch', 'pycuda', 'tensorrt') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
