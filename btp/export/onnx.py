@@ -23,6 +23,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,7 +172,10 @@ def trace_to_onnx(model, example: tuple[np.ndarray, np.ndarray], *, opset: int, 
     if batch == "dynamic":
         dynamic_axes = {name: {0: "B"} for name in INPUT_NAMES + names}
     buf = io.BytesIO()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch >= 2.9 calls the TorchScript exporter "legacy"; the dynamo one needs onnxscript and
+        # gives no better graph for this model. Its deprecation notes are not the user's business.
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(graph, (neighborhood, center), buf, dynamo=False, opset_version=opset,
                           input_names=list(INPUT_NAMES), output_names=list(names), dynamic_axes=dynamic_axes,
                           do_constant_folding=True)

@@ -1,0 +1,183 @@
+"""btp.export.onnx: parity with PyTorch on real shapes, metadata, frozen text, TensorRT-parsable ops."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from btp.config import tiny_config
+from btp.export.onnx import (
+    ExportError,
+    export_onnx,
+    fresh_model,
+    load_model,
+    op_types,
+    state_sha256,
+    torch_outputs,
+    trt_supported_ops,
+    unsupported_trt_ops,
+)
+from btp.export.samples import engine_inputs
+from btp.runtime.backends.ort import OrtBackend
+from btp.runtime.metadata import read_model_meta
+from tests.runtime_helpers import REAL_SHAPES, real_scan, tiny_export
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    return tiny_export(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def real_inputs(shapes_root):
+    """Engine inputs of 3 real shapes (not the shipped demo meshes) through the runtime's stages."""
+    scans = [real_scan(shapes_root, name, 2000, seed=i) for i, name in enumerate(REAL_SHAPES)]
+    return engine_inputs(scans, tiny_config())
+
+
+def test_parity_torch_vs_ort_cpu_on_real_shapes(exported, real_inputs):
+    path, loaded = exported
+    neighborhood, center = real_inputs
+    ref = torch_outputs(loaded.model, neighborhood, center)
+    got = OrtBackend(path, provider="ort-cpu").run(neighborhood, center)
+    assert set(got) == {"patch_logits", "patch_probs", "global_prob", "object_score"}
+    assert got["patch_probs"].shape == (3, tiny_config().encoder.num_group)
+    for name in ("patch_probs", "global_prob", "object_score"):
+        assert np.abs(got[name] - ref[name]).max() <= 1e-4, name
+    # the scores are not degenerate: patches of one real shape differ
+    assert np.ptp(got["patch_logits"][0]) > 0
+
+
+def test_same_inputs_same_outputs_across_sessions(exported, real_inputs):
+    path, _ = exported
+    a = OrtBackend(path, threads=1).run(*real_inputs)
+    b = OrtBackend(path, threads=2).run(*real_inputs)
+    c = OrtBackend(path, threads=2).run(*real_inputs)
+    for name in a:
+        np.testing.assert_array_equal(b[name], c[name])
+        np.testing.assert_allclose(a[name], b[name], atol=1e-6)
+
+
+def test_metadata_is_one_json_document_the_runtime_reads(exported):
+    path, loaded = exported
+    proto = onnx.load(str(path))
+    assert [p.key for p in proto.metadata_props] == ["btp"]
+    doc = json.loads(proto.metadata_props[0].value)
+    meta = read_model_meta(path)
+    cfg = tiny_config()
+    assert meta.config.to_dict() == cfg.to_dict()
+    assert (meta.num_points, meta.num_group, meta.group_size, meta.in_channels) == (512, 32, 16, 6)
+    assert meta.batch is None and doc["export"]["batch"] == "dynamic" and doc["export"]["opset"] == 17
+    assert doc["model"]["weights_sha256"] == state_sha256(loaded.model)
+    assert doc["model"]["fresh_init"] is True
+    assert doc["model"]["text_prompts"] == ["normal object.", "defective object."]
+    assert "freshly initialised" in doc["provenance"]["weights"]
+    assert doc["io"]["inputs"]["neighborhood"]["shape"] == ["B", 32, 16, 6]
+    assert doc["io"]["outputs"]["object_score"]["shape"] == ["B"]
+    # graph inputs/outputs are the contract, with a symbolic batch axis
+    assert [i.name for i in proto.graph.input] == ["neighborhood", "center"]
+    assert [o.name for o in proto.graph.output] == ["patch_logits", "patch_probs", "global_prob", "object_score"]
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "B" and [d.dim_value for d in dims[1:]] == [32, 16, 6]
+
+
+def test_text_embeddings_are_frozen_initializers(exported):
+    path, loaded = exported
+    text = loaded.model.frozen_text.numpy()  # [2, D]
+    proto = onnx.load(str(path))
+    arrays = [numpy_helper.to_array(init) for init in proto.graph.initializer]
+    assert any(a.shape == text.T.shape and np.array_equal(a, text.T) for a in arrays) or \
+        any(a.shape == text.shape and np.array_equal(a, text) for a in arrays)
+    assert loaded.model.text_encoder is None  # nothing of the text tower is exported
+
+
+def test_ops_are_all_parsable_by_tensorrt(exported):
+    proto = onnx.load(str(exported[0]))
+    ops = op_types(proto)
+    assert {d for d, _ in ops} == {"ai.onnx"}  # no torch-only / custom domain
+    supported = trt_supported_ops()
+    assert {"LayerNormalization", "TopK", "MatMul", "Conv"} <= supported and "NonMaxSuppression" in supported
+    assert "Unique" not in supported and "SequenceAt" not in supported  # 'N' rows are not in the list
+    assert unsupported_trt_ops(proto) == [], sorted(op for _, op in ops)
+    # TensorRT needs TopK's K as a build-time constant: the object score's TopK takes an initializer
+    inits = {i.name for i in proto.graph.initializer} | {o for n in proto.graph.node if n.op_type == "Constant"
+                                                        for o in n.output}
+    topk = [n for n in proto.graph.node if n.op_type == "TopK"]
+    assert topk and all(n.input[1] in inits for n in topk)
+    assert any(n.op_type == "LayerNormalization" for n in proto.graph.node)  # opset 17: one op, FP16-safe
+
+
+def test_fixed_batch_fp16_safe_and_patch_embed(tmp_path, real_inputs):
+    loaded = fresh_model(tiny_config(), seed=1)
+    out = tmp_path / "b2.onnx"
+    result = export_onnx(loaded, out, batch=2, fp16_safe=True, patch_embed=True, simplify=False)
+    assert result.verdict == "PASS" and out.stat().st_size == result.size_bytes
+    proto = onnx.load(str(out))
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 2
+    assert [o.name for o in proto.graph.output][-1] == "patch_embed"
+    meta = read_model_meta(out)
+    assert meta.batch == 2
+    fp16 = meta.export["fp16"]
+    ln = [n.name for n in proto.graph.node if n.op_type == "LayerNormalization"]
+    assert ln and set(ln) <= set(fp16["keep_fp32_nodes"])
+    got = OrtBackend(out).run(real_inputs[0][:2], real_inputs[1][:2])
+    ref = torch_outputs(loaded.model, real_inputs[0][:2], real_inputs[1][:2])
+    cos = (got["patch_embed"] * ref["patch_embed"]).sum(-1) / (
+        np.linalg.norm(got["patch_embed"], axis=-1) * np.linalg.norm(ref["patch_embed"], axis=-1))
+    assert cos.min() >= 1 - 1e-5
+
+
+def test_failed_parity_leaves_no_file(tmp_path):
+    loaded = fresh_model(tiny_config(), seed=2)
+    out = tmp_path / "never.onnx"
+    with pytest.raises(ExportError, match="does not match PyTorch"):
+        export_onnx(loaded, out, atol=-1.0, simplify=False)  # an impossible tolerance
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    loaded = fresh_model(tiny_config(), seed=3)
+    with pytest.raises(ValueError, match="opset"):
+        export_onnx(loaded, tmp_path / "x.onnx", opset=13)
+    with pytest.raises(ValueError, match="batch"):
+        export_onnx(loaded, tmp_path / "x.onnx", batch="big")
+    with pytest.raises(ExportError, match="no such checkpoint"):
+        load_model(tmp_path / "missing.safetensors")
+
+
+def test_checkpoint_export_hashes_the_file(tmp_path, real_inputs):
+    from btp.export.onnx import file_sha256
+    from btp.model import BTPModel
+    from btp.model.checkpoint import save_checkpoint
+
+    torch.manual_seed(4)
+    model = BTPModel.with_default_text_encoder(tiny_config())
+    model.freeze_text(drop_encoder=True)
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", model, {"data": "test"})
+    loaded = load_model(ckpt)
+    assert loaded.info["fresh_init"] is False and loaded.info["weights_sha256"] == file_sha256(ckpt)
+    assert loaded.provenance == {"data": "test"}
+    result = export_onnx(loaded, tmp_path / "m.onnx", parity_scans=2)
+    assert result.verdict == "PASS"
+    got = OrtBackend(tmp_path / "m.onnx").run(*real_inputs)
+    ref = torch_outputs(model.eval(), *real_inputs)
+    assert np.abs(got["object_score"] - ref["object_score"]).max() <= 1e-4
+
+
+def test_btp_export_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from btp.cli import app
+
+    res = CliRunner().invoke(app, ["export", "--model", "tiny", "--out", str(tmp_path / "cli.onnx"), "--no-simplify"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())  # rich wraps at the terminal width
+    assert "success" in text and "MB" in text and "FRESHLY INITIALISED" in text
+    assert read_model_meta(tmp_path / "cli.onnx").export["simplified"] is False
+    bad = CliRunner().invoke(app, ["export", "--model", str(tmp_path / "nope.safetensors"), "--out",
+                                   str(tmp_path / "x.onnx")])
+    assert bad.exit_code == 1 and "no such checkpoint" in " ".join(bad.output.split())
