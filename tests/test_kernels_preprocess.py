@@ -93,3 +93,22 @@ def test_scan_smaller_than_num_points_keeps_all_points(raw_scan):
     assert point_scores.shape == (300,) and raw_scores.shape == (300,)
     with pytest.raises(ValueError, match="fewer than the model's max"):
         pre.run(raw[:20])
+
+
+def test_runtime_prepared_equals_the_runtime_cpu_stages(raw_scan):
+    # the drop-in for btp.runtime's preprocess stage (its own stage functions, method="exact")
+    from btp.kernels.emu import EmuDevice
+    from btp.runtime import stages
+
+    raw = raw_scan[0]
+    cfg = tiny_config()
+    pre = GpuPreprocessor.from_config(cfg, device=EmuDevice(), blocks=SMALL)
+    got = pre.runtime_prepared(raw)
+    sample_idx = stages.downsample_points(raw, cfg, "exact")
+    points, centre, scale = stages.normalize_points(raw[sample_idx])
+    center_idx = stages.fps_centres(points, cfg)
+    patch_idx, neighborhood, center = stages.knn_group(points, center_idx, cfg)
+    ref = stages.Prepared(raw, sample_idx, points, center_idx, patch_idx, neighborhood, center, centre, scale)
+    for name in ("raw_points", "sample_idx", "points", "center_idx", "patch_idx", "neighborhood", "center", "centre"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(ref, name), err_msg=name)
+    assert got.scale == np.float32(ref.scale)

@@ -206,6 +206,16 @@ class GpuPreprocessor:
             neighborhood=dev.download(prep.groups.neighborhood),
             center=dev.download(prep.groups.center))
 
+    def runtime_prepared(self, raw_points: np.ndarray):
+        """``run`` packed as btp.runtime.stages.Prepared (neighborhood [G, K, C], center [G, 3]), the
+        object Pipeline.prepare builds on the CPU: a drop-in for its preprocess stage."""
+        from btp.runtime.stages import Prepared
+
+        raw = np.ascontiguousarray(np.asarray(raw_points, dtype=np.float32))
+        got = self.run(raw)
+        return Prepared(raw, got.sample_idx, got.normed, got.center_idx, got.patch_idx, got.neighborhood[0],
+                        got.center[0], got.centre, got.scale)
+
     def scores(self, patch_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """patch scores [G] of the last prepared cloud -> (point scores [N], raw scores [M])."""
         dev = self.device

@@ -20,7 +20,8 @@
 //   caller's value to the warp's exchange slots, waits at a barrier of the 32 lanes, reads the
 //   source lane's slot, and waits again so no lane overwrites a slot before all have read it.
 //   This equals the hardware result for full-mask shuffles in warp-converged code, which is the
-//   only way our kernels use them (the mask is checked).
+//   only way our kernels use them (the mask is checked). Only __shfl_down_sync is provided,
+//   because it is the only shuffle the kernels use.
 // - atomicAdd uses std::atomic_ref (C++20): a real atomic read-modify-write on the same memory.
 // - Float arithmetic: the kernels spell out __fmul_rn/__fadd_rn where rounding matters; here
 //   they are the plain IEEE float ops, and -ffp-contract=off forbids g++ from fusing them.
@@ -95,15 +96,6 @@ inline T __shfl_down_sync(unsigned mask, T value, unsigned delta) {
     return lane + static_cast<int>(delta) < emu::kWarp ? lane + static_cast<int>(delta) : lane;
   });
 }
-template <typename T>
-inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
-  return emu::shuffle(mask, value, [lane_mask](int lane) { return (lane ^ lane_mask) & (emu::kWarp - 1); });
-}
-template <typename T>
-inline T __shfl_sync(unsigned mask, T value, int src_lane) {
-  return emu::shuffle(mask, value, [src_lane](int) { return src_lane & (emu::kWarp - 1); });
-}
-
 // ---- atomics and intrinsics -----------------------------------------------------------------
 template <typename T>
 inline T atomicAdd(T* address, T value) {
