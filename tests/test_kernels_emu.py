@@ -245,3 +245,17 @@ def test_normalize_matches_geometry(dev, bunny_points, shape_points):
         np.testing.assert_array_equal(got, ref)
         np.testing.assert_array_equal(centre, ref_centre)
         assert scale == np.float32(ref_scale)
+
+
+def test_default_gpu_block_sizes(dev, bunny_points):
+    # the block sizes the GPU runs (FPS and normalisation 1024 threads = 32 warps, so the second
+    # arg-max stage is a full warp; kNN 64; elementwise 256), on a few samples to stay fast
+    from btp.geometry import normalize
+
+    defaults = BlockSizes()
+    got = ops.group(dev, bunny_points, 16, 16, start_idx=9, blocks=defaults)
+    ref = group(bunny_points, 16, 16, start_idx=9)
+    for a, b in zip(got, ref):
+        np.testing.assert_array_equal(a, b)
+    normed, _, _ = ops.normalize(dev, bunny_points, blocks=defaults)
+    np.testing.assert_array_equal(normed, normalize(bunny_points)[0])
