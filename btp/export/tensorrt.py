@@ -478,8 +478,9 @@ class _Logger:
                 trt.ILogger.__init__(self)
 
             def log(self, severity, msg):
-                if severity <= trt.ILogger.Severity.WARNING:
-                    log(f"TensorRT {severity.name}: {msg}")
+                # pybind enums compare reliably as ints: INTERNAL_ERROR 0 < ERROR 1 < WARNING 2 < INFO 3
+                if int(severity) <= int(trt.ILogger.Severity.WARNING):
+                    log(f"TensorRT {getattr(severity, 'name', severity)}: {msg}")
 
         return Logger()
 
