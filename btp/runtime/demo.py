@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
 DEMO_POINTS = 8192  # raw points per sample scan (the model FPS-samples N = 2048 of them)
 DEMO_DEFECTS = (("dent", "hole"), ("bulge", "groove"), ("crack", "broken"))
 
@@ -72,6 +70,7 @@ def make_samples(folder: Path, num_points: int = DEMO_POINTS) -> dict[Path, dict
 
 def run_demo(out: Path, *, model: str = "btp-mini", backend: str = "ort-cpu", png: bool = True) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from btp.runtime.outputs import write_json
@@ -83,22 +82,23 @@ def run_demo(out: Path, *, model: str = "btp-mini", backend: str = "ort-cpu", pn
     pipeline = Pipeline(onnx_path, backend=backend)
     fresh = bool(pipeline.meta.model.get("fresh_init"))
     if fresh:
-        console.print("[bold yellow]No trained weights found (models/btp-mini.safetensors): this demo runs a "
-                      "FRESHLY INITIALISED, UNTRAINED btp-mini. The pipeline is real; the scores carry no meaning.")
+        console.print(f"[bold yellow]No trained weights found (models/{model}.safetensors): this demo runs a "
+                      f"FRESHLY INITIALISED, UNTRAINED {pipeline.meta.name}. The pipeline is real; the scores "
+                      "carry no meaning.")
     samples = make_samples(out / "scans")
     outcomes = run_files(pipeline, list(samples), out / "results", heatmaps=("ply", "png") if png else ("ply",),
                          backend=backend)
     write_json(out / "results" / "summary.json", summary_doc(outcomes, pipeline))
-    title = f"btp demo: {pipeline.meta.name}" + (" [UNTRAINED fresh init]" if fresh else "") + f" on {backend}"
+    title = escape(f"btp demo: {pipeline.meta.name}" + (" [UNTRAINED fresh init]" if fresh else "") + f" on {backend}")
     table = Table(title=title)
-    for col, just in (("file", "left"), ("true defect", "left"), ("object score", "right"),
-                      ("anomalous region", "right"), ("true region", "right"), ("latency ms", "right"),
-                      ("engine ms", "right")):
+    table.add_column("file", no_wrap=True)
+    for col, just in (("true defect", "left"), ("object score", "right"), ("anomalous region", "right"),
+                      ("true region", "right"), ("latency ms", "right"), ("engine ms", "right")):
         table.add_column(col, justify=just)
     for oc in outcomes:
         info = samples[oc.path]
         if not oc.ok:
-            table.add_row(oc.path.name, info["defect"], "[red]failed", oc.error or "", "", "", "")
+            table.add_row(oc.path.name, info["defect"], "[red]failed", escape(oc.error or ""), "", "", "")
             continue
         ps = oc.doc["point_scores"]
         table.add_row(oc.path.name, info["defect"], f"{oc.result.object_score:.4f}",
@@ -113,5 +113,3 @@ def run_demo(out: Path, *, model: str = "btp-mini", backend: str = "ort-cpu", pn
     return 0 if all(oc.ok for oc in outcomes) else 1
 
 
-def _median(values) -> float:
-    return float(np.median(values)) if len(values) else float("nan")
