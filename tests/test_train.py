@@ -171,3 +171,20 @@ def test_pretrain_writes_loadable_encoder_and_lowers_mpm(split, tmp_path):
 
     losses = [mpm for _, mpm, _ in json.loads(meta["last_losses"])]
     assert meta["stage"] == "pretrain" and len(losses) == 20 and all(math.isfinite(v) for v in losses)
+
+
+def test_tiny_recipe_is_deterministic_by_seed(shapes_root, tmp_path):
+    from safetensors.torch import load_file
+
+    from btp.train.recipes import get_recipe, run_recipe
+
+    quiet = dict(progress=False, shapes_limit=2, log=lambda *_: None)
+    a = run_recipe(get_recipe("tiny"), shapes_root, tmp_path / "a", seed=3, **quiet)
+    b = run_recipe(get_recipe("tiny"), shapes_root, tmp_path / "b", seed=3, **quiet)
+    c = run_recipe(get_recipe("tiny"), shapes_root, tmp_path / "c", seed=4, **quiet)
+    ta, tb, tc = (load_file(r["checkpoint"]) for r in (a, b, c))
+    assert set(ta) == set(tb) and "frozen_text" in ta
+    for key in ta:
+        torch.testing.assert_close(ta[key], tb[key], rtol=0, atol=0, msg=key)
+    assert not torch.equal(ta["mgfem.fuse.0.weight"], tc["mgfem.fuse.0.weight"])
+    assert set(a["heldout_shapes"]).isdisjoint(a["train_shapes"])
