@@ -259,3 +259,29 @@ def test_default_gpu_block_sizes(dev, bunny_points):
         np.testing.assert_array_equal(a, b)
     normed, _, _ = ops.normalize(dev, bunny_points, blocks=defaults)
     np.testing.assert_array_equal(normed, normalize(bunny_points)[0])
+
+
+# ---- wide FPS (many blocks per cloud, one launch per step) --------------------------------------
+
+WIDE = BlockSizes(fps=64, knn=64, elementwise=64, fps_wide_from=0, fps_wide_blocks=5)
+
+
+def test_wide_fps_equals_reference_with_ties_across_blocks(dev, bunny_points):
+    # 5 blocks x 64 threads stride the cloud: equal maxima sit in different blocks, and the
+    # last-block reduction must still pick the lowest index
+    rng = np.random.default_rng(10)
+    grid = lattice(7)
+    base = rng.random((30, 3), dtype=np.float32)
+    clouds = [(grid, 0, 40), (grid[rng.permutation(len(grid))], 100, 40),
+              (np.concatenate([base, base, base]), 4, 40), (bunny_points, 11, 32)]
+    for cloud, start, s in clouds:
+        got = ops.fps(dev, cloud, s, start, blocks=WIDE)
+        np.testing.assert_array_equal(got, fps_reference(cloud, s, start))
+    assert [name for name, _ in dev.launches[-s:]] == ["btp_fps_wide_init"] + ["btp_fps_wide_step"] * (s - 1)
+
+
+def test_wide_fps_batch(dev):
+    points = np.random.default_rng(11).normal(size=(2, 900, 3)).astype(np.float32)
+    got = ops.fps(dev, points, 24, [5, 899], blocks=WIDE)
+    for b, start in enumerate((5, 899)):
+        np.testing.assert_array_equal(got[b], fps_reference(points[b], 24, start))

@@ -41,7 +41,7 @@ class EmuDevice:
     def empty(self, shape, dtype) -> np.ndarray:
         # filled with garbage-like values, as device memory would be: kernels must not rely on 0s
         out = np.empty(shape, dtype=dtype)
-        out.fill(np.nan if np.dtype(dtype).kind == "f" else -12345)
+        out.fill(np.nan if np.dtype(dtype).kind == "f" else (12345 if np.dtype(dtype).kind == "u" else -12345))
         return out
 
     def upload(self, array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -14,6 +14,8 @@ KERNEL_FILES = ("fps.cu", "group.cu", "normalize.cu", "scores.cu")
 KERNELS: dict[str, tuple[str, str]] = {
     # name: (source file, parameter kinds)
     "btp_fps": ("fps.cu", "PiiPPP"),
+    "btp_fps_wide_init": ("fps.cu", "iiiPPPP"),
+    "btp_fps_wide_step": ("fps.cu", "PiiiPPPPP"),
     "btp_gather_rows": ("fps.cu", "PPiiiP"),
     "btp_knn_group": ("group.cu", "PPPiiiifPPPP"),
     "btp_normalize": ("normalize.cu", "PiPP"),
@@ -23,7 +25,7 @@ KERNELS: dict[str, tuple[str, str]] = {
 }
 
 # the hot kernels: the resource check forbids register spills in them
-HOT_KERNELS = ("btp_fps", "btp_knn_group", "btp_interpolate_nearest")
+HOT_KERNELS = ("btp_fps", "btp_fps_wide_step", "btp_knn_group", "btp_interpolate_nearest")
 
 MAX_K = 64  # BTP_KNN_MAX_K in group.cu
 MAX_BLOCK = 1024
@@ -45,13 +47,20 @@ class BlockSizes:
     Defaults are for real GPUs; the emulation tests pass small ones (64) to stay fast. FPS runs
     one block per cloud, so its block is the only parallelism inside a cloud: as large as
     allowed. kNN runs one thread per centre: small blocks spread G centres over more SMs.
+    Clouds of ``fps_wide_from`` points or more use the wide FPS instead (``fps_wide_blocks``
+    blocks of ``elementwise`` threads per cloud, one launch per step). None of these numbers
+    has been measured on a GPU yet (docs/gpu.md).
     """
 
     fps: int = 1024
     knn: int = 64
     elementwise: int = 256
+    fps_wide_from: int = 65536
+    fps_wide_blocks: int = 128
 
     def __post_init__(self) -> None:
+        if self.fps_wide_blocks < 1:
+            raise ValueError(f"BlockSizes.fps_wide_blocks={self.fps_wide_blocks}: must be >= 1")
         for name in ("fps", "knn", "elementwise"):
             value = getattr(self, name)
             if value <= 0 or value % WARP or value > MAX_BLOCK:
@@ -70,6 +79,16 @@ def fps_launch(batch: int, block: int) -> Launch:
 def normalize_launch(batch: int, block: int) -> Launch:
     """btp_normalize: one block per cloud."""
     return Launch((batch, 1), block)
+
+
+def fps_wide_init_launch(batch: int, n_points: int, block: int) -> Launch:
+    """btp_fps_wide_init: grid-stride over B * N (at most 1024 blocks)."""
+    return Launch((min(1024, _blocks(batch * n_points, block)), 1), block)
+
+
+def fps_wide_step_launch(batch: int, n_points: int, block: int, max_blocks: int) -> Launch:
+    """btp_fps_wide_step: up to max_blocks blocks per cloud (grid y = cloud)."""
+    return Launch((min(max_blocks, _blocks(n_points, block)), batch), block)
 
 
 def gather_launch(batch: int, n_idx: int, n_channels: int, block: int) -> Launch:

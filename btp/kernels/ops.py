@@ -20,7 +20,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from btp.kernels.launch import (
-    BlockSizes, Launch, check_sizes, fps_launch, gather_launch, knn_launch, normalize_launch, points_launch,
+    BlockSizes, Launch, check_sizes, fps_launch, fps_wide_init_launch, fps_wide_step_launch, gather_launch, knn_launch, normalize_launch, points_launch,
     scatter_launch,
 )
 
@@ -55,12 +55,28 @@ class DeviceGroups(NamedTuple):
 
 def enqueue_fps(dev: Device, points, batch: int, n_points: int, n_samples: int, start_idx,
                 out_idx=None, workspace=None, blocks: BlockSizes = BlockSizes()):
-    """points float32 [B, N, 3], start_idx int32 [B] -> out_idx int32 [B, S] (device)."""
+    """points float32 [B, N, 3], start_idx int32 [B] -> out_idx int32 [B, S] (device).
+
+    N < blocks.fps_wide_from: ``btp_fps``, one block per cloud, one launch. Otherwise the wide
+    FPS: ``btp_fps_wide_init`` then S - 1 launches of ``btp_fps_wide_step`` (many blocks per
+    cloud). Both follow the same rule and give the same indices.
+    """
     check_sizes(n_points, n_samples)
     out_idx = dev.empty((batch, n_samples), np.int32) if out_idx is None else out_idx
     workspace = dev.empty((batch, n_points), np.float32) if workspace is None else workspace
-    dev.launch("btp_fps", fps_launch(batch, blocks.fps), points, n_points, n_samples, start_idx,
-               workspace, out_idx)
+    if n_points < blocks.fps_wide_from:
+        dev.launch("btp_fps", fps_launch(batch, blocks.fps), points, n_points, n_samples, start_idx,
+                   workspace, out_idx)
+        return out_idx
+    step = fps_wide_step_launch(batch, n_points, blocks.elementwise, blocks.fps_wide_blocks)
+    part_d = dev.empty((batch, step.grid[0]), np.float32)
+    part_i = dev.empty((batch, step.grid[0]), np.int32)
+    done = dev.empty((batch,), np.uint32)
+    dev.launch("btp_fps_wide_init", fps_wide_init_launch(batch, n_points, blocks.elementwise), n_points,
+               n_samples, batch, start_idx, workspace, done, out_idx)
+    for i in range(1, n_samples):
+        dev.launch("btp_fps_wide_step", step, points, n_points, n_samples, i, workspace, part_d, part_i, done,
+                   out_idx)
     return out_idx
 
 

@@ -111,6 +111,8 @@ inline double __dsub_rn(double a, double b) { return a - b; }
 inline double __ddiv_rn(double a, double b) { return a / b; }
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
+// a full fence orders this thread's earlier writes before its later ones for every observer
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 // ---- launch ---------------------------------------------------------------------------------
 namespace emu {

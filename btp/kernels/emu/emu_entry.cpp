@@ -30,6 +30,19 @@ int emu_btp_fps(int gx, int gy, int bx, const float* points, int n_points, int n
                                    start_idx, min_d2, out_idx); });
 }
 
+int emu_btp_fps_wide_init(int gx, int gy, int bx, int n_points, int n_samples, int batch,
+                          const int* start_idx, float* min_d2, unsigned int* done, int* out_idx) {
+  return guarded([&] { emu::launch(dim3(gx, gy), dim3(bx), btp_fps_wide_init, n_points, n_samples, batch,
+                                   start_idx, min_d2, done, out_idx); });
+}
+
+int emu_btp_fps_wide_step(int gx, int gy, int bx, const float* points, int n_points, int n_samples,
+                          int step, float* min_d2, float* part_d, int* part_i, unsigned int* done,
+                          int* out_idx) {
+  return guarded([&] { emu::launch(dim3(gx, gy), dim3(bx), btp_fps_wide_step, points, n_points, n_samples,
+                                   step, min_d2, part_d, part_i, done, out_idx); });
+}
+
 int emu_btp_normalize(int gx, int gy, int bx, const float* points, int n_points, float* normed,
                       float* centre_scale) {
   return guarded([&] { emu::launch(dim3(gx, gy), dim3(bx), btp_normalize, points, n_points, normed,
