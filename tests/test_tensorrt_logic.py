@@ -253,3 +253,57 @@ def test_trt_backend_says_what_is_missing(tmp_path):
     assert TrtBackend is TensorRTBackend
     with pytest.raises(NotAvailableError, match="TensorRT"):
         TensorRTBackend(tiny_onnx(tmp_path / "m.onnx"), None)
+
+
+# ---- cache orchestration (the TensorRT calls replaced by a stand-in builder) -------------------------
+
+def test_cached_engine_builds_once_then_reuses_and_rebuilds_on_change(tmp_path, monkeypatch):
+    model = tiny_onnx(tmp_path / "m.onnx")
+    current = {"trt": "10.3.0"}
+    builds = []
+
+    def fake_key(model_path, precision, batch, workspace_mb, calib_dir=None):
+        return EngineKey(trt_export.file_sha256(model_path), "NVIDIA H100 80GB HBM3", "9.0", current["trt"],
+                         precision, tuple(batch), workspace_mb)
+
+    def fake_build(model_path, key, timing_cache, *, calib_dir=None, log=print):
+        builds.append(key.trt_version)
+        profile = trt_export.profile_shapes(trt_export.read_onnx_io(model_path), key.batch)
+        return f"plan for {key.digest()}".encode(), {"profile": profile, "outputs": ["patch_logits"],
+                                                      "fp32_layers": [], "strongly_typed": False}
+
+    monkeypatch.setattr(trt_export, "engine_key_for", fake_key)
+    monkeypatch.setattr(trt_export, "build_engine", fake_build)
+    lines = []
+    first = trt_export.cached_engine(model, cache_dir=tmp_path / "cache", log=lines.append)
+    assert first.built and builds == ["10.3.0"]
+    manifest = json.loads(first.manifest_path.read_text())
+    assert manifest["key"]["trt_version"] == "10.3.0" and manifest["profile"]["center"]["max"] == [4, G, 3]
+    again = trt_export.cached_engine(model, cache_dir=tmp_path / "cache", log=lines.append)
+    assert not again.built and again.plan_path == first.plan_path and builds == ["10.3.0"]
+    current["trt"] = "10.8.0"  # TensorRT upgraded: another slot, built, the old plan never loaded
+    upgraded = trt_export.cached_engine(model, cache_dir=tmp_path / "cache", log=lines.append)
+    assert upgraded.built and upgraded.plan_path != first.plan_path and builds == ["10.3.0", "10.8.0"]
+    forced = trt_export.cached_engine(model, cache_dir=tmp_path / "cache", force=True, log=lines.append)
+    assert forced.built and builds[-1] == "10.8.0" and len(builds) == 3
+    assert any(line.startswith("engine cache hit") for line in lines)
+
+
+def test_btp_build_prints_the_plan(tmp_path, monkeypatch):
+    from btp.cli import app
+
+    model = tiny_onnx(tmp_path / "m.onnx")
+    plan = tmp_path / "engine.plan"
+    plan.write_bytes(b"x" * 2_000_000)
+    calls = {}
+
+    def fake_cached_engine(model_path, **kwargs):
+        calls.update(kwargs)
+        return trt_export.BuildResult(plan, tmp_path / "manifest.json", True, 12.5, ())
+
+    monkeypatch.setattr(trt_export, "tensorrt_unavailable_reason", lambda: None)
+    monkeypatch.setattr(trt_export, "cached_engine", fake_cached_engine)
+    result = CliRunner().invoke(app, ["build", str(model), "--fp32", "--max-batch", "8", "--workspace", "512"])
+    assert result.exit_code == 0, result.output
+    assert "engine.plan (2.0 MB, fp32, built in 12.5 s)" in result.output
+    assert calls["precision"] == "fp32" and calls["batch"] == (1, 1, 8) and calls["workspace_mb"] == 512
