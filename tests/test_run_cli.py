@@ -105,6 +105,21 @@ def test_threshold_sidecar_override_csv_and_png(model_path, scan_dir, tmp_path):
     assert any(",ok," in r and ",anomalous," in r for r in rows) and any("TruncatedFileError" in r for r in rows)
 
 
+def test_batched_run_matches_one_by_one(model_path, tmp_path, shapes_root):
+    for i in range(3):
+        write_point_cloud(tmp_path / f"s{i}.ply", real_scan(shapes_root, n=900 + 100 * i, seed=10 + i))
+    runs = {}
+    for batch in ("1", "2"):
+        out = tmp_path / f"out{batch}"
+        res = CliRunner().invoke(app, ["run", str(model_path), str(tmp_path / "s*.ply"), "--out", str(out),
+                                       "--batch", batch, "--heatmap", "none"])
+        assert res.exit_code == 0, res.output
+        runs[batch] = {i: json.loads((out / f"s{i}.json").read_text()) for i in range(3)}
+    for i in range(3):
+        assert runs["2"][i]["batch_size"] == (2 if i < 2 else 1)
+        assert runs["2"][i]["object_score"] == pytest.approx(runs["1"][i]["object_score"], abs=1e-5)
+
+
 def test_failed_write_leaves_no_outputs_for_that_scan(model_path, scan_dir, tmp_path, monkeypatch):
     from btp.runtime import outputs
 

@@ -192,9 +192,8 @@ def check_graph(proto):
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"the exported graph does not pass onnx.checker / shape inference: {exc}") from exc
     for out in inferred.graph.output:
-        dims = out.type.tensor_type.shape.dim
-        if not dims and out.name != "global_prob" and out.name != "object_score":
-            raise ExportError(f"output {out.name!r} has no inferred shape")
+        if not out.type.tensor_type.HasField("shape") or not out.type.tensor_type.shape.dim:
+            raise ExportError(f"output {out.name!r} has no inferred shape after shape inference")
     return inferred
 
 
