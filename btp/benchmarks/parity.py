@@ -2,14 +2,15 @@
 
 For each test sample of a data set (Anomaly-ShapeNet / Real3D-AD layout, read by btp.io):
 
-1. Engine level (identical inputs): the sample is preprocessed once on the CPU (normalize,
-   downsample, FPS + kNN group by btp.geometry); the same ``neighborhood``/``center`` go to the
+1. Engine level (identical inputs): the sample is preprocessed once on the CPU by the runtime's
+   own stages (``Pipeline.prepare``: downsample, normalize, FPS + kNN group); the same ``neighborhood``/``center`` go to the
    reference backend and to each test backend -> patch_probs, global_prob, object_score,
    patch_embed (when the model exports it).
 2. Pipeline level (each backend's own full path): ``Pipeline(points)`` -> point scores at the
    raw scan's resolution and the object score; O-AUROC and P-AUROC (btp.eval.metrics) on them.
-3. Indices: the centre and patch indices a backend's preprocessing produces (the GPU kernels
-   on GPU backends, btp.geometry on CPU ones) against ``fps_reference`` / ``knn_reference``.
+3. Indices: the centre and patch indices each backend's own ``Pipeline.prepare`` produces (the
+   GPU kernels where a GPU pipeline uses them, btp.geometry on CPU) against ``fps_reference`` /
+   ``knn_reference`` (the plain-numpy rule) on the reference's sampled points.
 
 Everything is collected into arrays and handed to ``btp.benchmarks.compare.compare`` (the pure
 comparator) with the tolerances of the backend's precision.
@@ -33,20 +34,11 @@ def _backend_of(pipe):
     raise RuntimeError("Pipeline exposes no backend with run(neighborhood, center)")
 
 
-def _preprocess(points: np.ndarray, cfg) -> dict:
-    """CPU preprocessing by btp.geometry (the reference path): -> arrays for the engine + indices."""
-    from btp.geometry import downsample, group, normalize
-
-    pre = cfg.preprocess
-    pts = np.asarray(points, dtype=np.float32)
-    normed, _, _ = normalize(pts)
-    if len(normed) > pre.num_points:
-        normed = normed[downsample(normed, pre.num_points, pre.fps_start, method="exact")]
-    enc = cfg.encoder
-    groups = group(normed, enc.num_group, enc.group_size, start_idx=pre.fps_start, rgb_fill=pre.rgb_fill,
-                   in_channels=enc.in_channels)
-    return {"sampled": normed, "neighborhood": groups.neighborhood[None], "center": groups.center[None],
-            "center_idx": groups.center_idx, "patch_idx": groups.patch_idx}
+def _preprocess(pipe, points: np.ndarray) -> dict:
+    """The runtime's own CPU preprocessing (``Pipeline.prepare``): engine inputs + indices."""
+    prep = pipe.prepare(points).prep
+    return {"sampled": prep.points, "neighborhood": prep.neighborhood[None], "center": prep.center[None],
+            "center_idx": prep.center_idx, "patch_idx": prep.patch_idx}
 
 
 def _reference_indices(sampled: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray]:
@@ -55,19 +47,6 @@ def _reference_indices(sampled: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray
     center_idx = fps_reference(sampled, cfg.encoder.num_group, cfg.preprocess.fps_start)
     patch_idx, _ = knn_reference(sampled, sampled[center_idx], cfg.encoder.group_size)
     return center_idx, patch_idx
-
-
-def _backend_indices(backend: str, sampled: np.ndarray, cfg, cpu: dict) -> tuple[np.ndarray, np.ndarray] | None:
-    """Indices of the backend's own preprocessing: the CUDA kernels on GPU backends, else btp.geometry."""
-    if backend in ("ort-cuda", "trt-fp32", "trt-fp16"):
-        try:
-            from btp.kernels import gpu_group  # lands with the GPU issue
-
-            g = gpu_group(sampled, cfg.encoder.num_group, cfg.encoder.group_size, start_idx=cfg.preprocess.fps_start)
-            return np.asarray(g.center_idx), np.asarray(g.patch_idx)
-        except (ImportError, AttributeError):
-            return None
-    return cpu["center_idx"], cpu["patch_idx"]
 
 
 def _metrics(object_labels, object_scores, point_labels, point_scores) -> dict:
@@ -103,8 +82,12 @@ def run_parity(model_path, data_dir, *, backends: Sequence[str] = ("ort-cpu",), 
             break
     if not samples:
         raise FileNotFoundError(f"{data_dir}: no test samples ({layout} layout)")
-    say(f"{len(samples)} test samples; preprocessing on the CPU (btp.geometry)")
-    pre = [_preprocess(s.points, cfg) for s in samples]
+    say(f"{len(samples)} test samples; preprocessing on the CPU (btp.runtime, ort-cpu pipeline)")
+    from btp.runtime import Pipeline
+
+    cpu_pipe = Pipeline(model_path, backend="ort-cpu", threads=threads)
+    pre = [_preprocess(cpu_pipe, s.points) for s in samples]
+    del cpu_pipe
     ref_idx = [_reference_indices(p["sampled"], cfg) for p in pre]
 
     def collect(name: str):
@@ -112,8 +95,11 @@ def run_parity(model_path, data_dir, *, backends: Sequence[str] = ("ort-cpu",), 
         pipe, weights = make_pipeline(name, model_path, threads=threads, checkpoint=checkpoint)
         engine = _backend_of(pipe)
         outs: dict[str, list] = {}
-        point_scores, object_scores = [], []
+        point_scores, object_scores, fps_idx, knn_idx = [], [], [], []
         for s, p in zip(samples, pre):
+            own = pipe.prepare(s.points).prep  # this backend's own preprocessing (GPU kernels on GPU)
+            fps_idx.append(np.asarray(own.center_idx))
+            knn_idx.append(sorted_index_sets(own.patch_idx))
             res = engine.run(p["neighborhood"], p["center"])
             for key in ("patch_logits", "patch_probs", "global_prob", "object_score", "patch_embed"):
                 if key in res:
@@ -123,6 +109,7 @@ def run_parity(model_path, data_dir, *, backends: Sequence[str] = ("ort-cpu",), 
             object_scores.append(float(result.object_score))
         arrays = {k: np.stack(v) for k, v in outs.items()}
         arrays["point_scores"] = np.concatenate(point_scores)
+        arrays["fps_idx"], arrays["knn_idx"] = np.stack(fps_idx), np.stack(knn_idx)
         metrics = _metrics([s.object_label for s in samples], object_scores, [s.labels for s in samples],
                            point_scores)
         return arrays, metrics, weights
@@ -150,10 +137,6 @@ def run_parity(model_path, data_dir, *, backends: Sequence[str] = ("ort-cpu",), 
         except Exception as exc:  # noqa: BLE001 - a backend that cannot run is a skipped row
             out["backends"].append({"backend": name, "skipped": f"{type(exc).__name__}: {exc}"})
             continue
-        idx = [_backend_indices(name, p["sampled"], cfg, p) for p in pre]
-        if all(i is not None for i in idx):
-            arrays["fps_idx"] = np.stack([c for c, _ in idx])
-            arrays["knn_idx"] = np.stack([sorted_index_sets(k) for _, k in idx])
         arrays["o_auroc"] = np.array([metrics["o_auroc"]])
         arrays["p_auroc"] = np.array([metrics["p_auroc"]])
         precision = precision_of(name)
