@@ -307,3 +307,47 @@ def test_btp_build_prints_the_plan(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "engine.plan (2.0 MB, fp32, built in 12.5 s)" in result.output
     assert calls["precision"] == "fp32" and calls["batch"] == (1, 1, 8) and calls["workspace_mb"] == 512
+
+
+def test_common_scope_and_scoped_root_ops():
+    names = ["/inner/point_encoder/blocks/blocks.0/attn/qkv/MatMul", "/inner/MatMul", "/inner/Sub_1",
+             "/inner/mgfem/fuse/fuse.2/Add", "onnx::MatMul_815"]
+    assert trt_export.common_scope(names) == "/inner/"
+    assert trt_export.common_scope(["/MatMul_3", "/a/b/Conv"]) == "/"
+    got = {p.name: p.precision for p in trt_export.precision_policy((n, "MatMul") for n in names)}
+    assert got == {"/inner/point_encoder/blocks/blocks.0/attn/qkv/MatMul": "fp16", "/inner/MatMul": "fp32",
+                   "/inner/Sub_1": "fp32", "/inner/mgfem/fuse/fuse.2/Add": "fp16", "onnx::MatMul_815": "fp16"}
+    no_root = trt_export.precision_policy([("/inner/MatMul", "MatMul")], root_ops=False)
+    assert no_root[0].precision == "fp16"
+
+
+@pytest.fixture(scope="module")
+def exported_tiny(tmp_path_factory):
+    pytest.importorskip("torch")
+    from btp.export.onnx import export_onnx, fresh_model
+
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    export_onnx(fresh_model(tiny_config()), path, parity_scans=2)
+    return path
+
+
+def test_precision_plan_on_the_real_exported_model(exported_tiny):
+    import onnx
+
+    plan = {p.name: p for p in trt_export.precision_plan(exported_tiny)}
+    nodes = {n.name: n for n in onnx.load(str(exported_tiny)).graph.node}
+    for name, node in nodes.items():
+        if node.op_type in ("LayerNormalization", "Softmax", "TopK", "Sigmoid"):
+            assert plan[name].precision == "fp32", name
+    # the text dot products and logits sit at the model's top level: FP32
+    text_matmuls = [n for n, node in nodes.items() if node.op_type == "MatMul" and "/" not in n[len("/inner/"):]]
+    assert text_matmuls and all(plan[n].precision == "fp32" for n in text_matmuls)
+    producers = {out: n for n, node in nodes.items() for out in node.output}
+    for output in ("patch_logits", "object_score", "global_prob"):
+        assert plan[producers[output]].precision == "fp32", output
+    # the heavy layers (attention, MLPs, convs) run FP16
+    heavy = [n for n, node in nodes.items()
+             if node.op_type in ("MatMul", "Conv", "Gemm") and ("/blocks" in n or "/convs" in n)]
+    assert heavy and all(plan[n].precision == "fp16" for n in heavy)
+    share = sum(p.precision == "fp16" for p in plan.values()) / len(plan)
+    assert share > 0.7

@@ -261,10 +261,21 @@ FP32_OP_TYPES = frozenset({
 })
 # LayerNorm modules by their exported names: /point_encoder/norm/..., /blocks.3/norm1/...
 _NORM_SCOPE = re.compile(r"(^|[/.])(norm\d*|ln_?\w*|layer_?norm\w*)([/.]|$)", re.IGNORECASE)
-# ops at the model's top level (no module path): torch.onnx names them "/MatMul_3", "/Sigmoid";
-# in BTPModel.forward these are the scoring tail (text dot products, logits, top-k, object score)
-_ROOT_SCOPE = re.compile(r"^/?[A-Za-z0-9]+(_\d+)?(_output_\d+)?$")
+# ops at the model's top level (no submodule path below the model's own scope): torch.onnx names
+# them "<scope>/MatMul_3", "<scope>/Sigmoid" (scope "/inner/" in btp.export.onnx's graphs); in
+# BTPModel.forward these are the scoring tail (text dot products, logits, top-k, object score)
+_ROOT_OP = re.compile(r"[A-Za-z0-9]+(_\d+)?")
 SCORING_TENSORS = ("patch_embed",)
+
+
+def common_scope(names: Iterable[str]) -> str:
+    """The module scope every scoped node name shares ("/inner/" for btp.export.onnx graphs,
+    "/" for a plain torch.onnx export); names without a "/" are ignored. Pure."""
+    scopes = [name[:name.rindex("/") + 1] for name in names if "/" in name]
+    if not scopes:
+        return ""
+    prefix = os.path.commonprefix(scopes)
+    return prefix[:prefix.rindex("/") + 1] if "/" in prefix else ""
 
 
 @dataclass(frozen=True)
@@ -275,14 +286,20 @@ class LayerPrecision:
     reason: str
 
 
-def precision_policy(layers: Iterable[tuple[str, str]], scoring_tail: Iterable[str] = ()) -> list[LayerPrecision]:
+def precision_policy(layers: Iterable[tuple[str, str]], scoring_tail: Iterable[str] = (),
+                     root_scope: str | None = None, root_ops: bool = True) -> list[LayerPrecision]:
     """FP16 with LayerNorm/Softmax/normalisation/scoring kept FP32. Pure.
 
     layers: (name, op_type) pairs - ONNX node names and op types, or TensorRT layer names and
-    LayerType names. scoring_tail: names of layers downstream of ``patch_embed`` (see
-    ``scoring_tail``), kept FP32 because cosine-similarity heads amplify small errors.
+    LayerType names. scoring_tail: names kept FP32 as the scoring tail (``scoring_tail``: nodes
+    downstream of ``patch_embed``; for TensorRT layers, the FP32 node names of ``precision_plan``),
+    because cosine-similarity heads amplify small errors. root_scope: the model's own scope
+    (default: ``common_scope`` of the names); with ``root_ops`` ops directly in it are the
+    scoring tail too.
     """
+    layers = list(layers)
     tail = set(scoring_tail)
+    root = common_scope(name for name, _ in layers) if root_scope is None else root_scope
     out = []
     for name, op_type in layers:
         if op_type in FP32_OP_TYPES:
@@ -291,7 +308,7 @@ def precision_policy(layers: Iterable[tuple[str, str]], scoring_tail: Iterable[s
             out.append(LayerPrecision(name, op_type, "fp32", "inside a LayerNorm/normalisation"))
         elif name in tail:
             out.append(LayerPrecision(name, op_type, "fp32", "scoring tail (after patch_embed)"))
-        elif _ROOT_SCOPE.match(name):
+        elif root_ops and name.startswith(root) and "/" in name and _ROOT_OP.fullmatch(name[len(root):]):
             out.append(LayerPrecision(name, op_type, "fp32", "top-level op (scoring)"))
         else:
             out.append(LayerPrecision(name, op_type, "fp16", "default"))
@@ -527,8 +544,10 @@ def build_engine(model_path: str | os.PathLike, key: EngineKey, timing_cache: Pa
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         layers = [network.get_layer(i) for i in range(network.num_layers)]
-        onnx_tail = {p.name for p in precision_plan(model_path) if p.reason.startswith("scoring tail")}
-        policy = precision_policy(((layer.name, layer.type.name) for layer in layers), onnx_tail)
+        # the parser names layers after ONNX nodes: pin the FP32 nodes of the ONNX-level plan by
+        # name, plus the sensitive layer types (no scope rule: TensorRT adds layers of its own names)
+        onnx_fp32 = {p.name for p in precision_plan(model_path) if p.precision == "fp32"}
+        policy = precision_policy(((layer.name, layer.type.name) for layer in layers), onnx_fp32, root_ops=False)
         floats = (trt.float32, trt.float16)
         for layer, decision in zip(layers, policy):
             float_outputs = [i for i in range(layer.num_outputs) if layer.get_output(i).dtype in floats]
