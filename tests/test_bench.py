@@ -314,3 +314,16 @@ def test_parity_command_end_to_end(tiny_onnx, tmp_path, shapes_root):
     assert all(c["why"] and c["limit"] is not None for c in ort["checks"])
     md = next((tmp_path / "res").glob("parity-*.md")).read_text()
     assert "PASS" in md and "tolerance" in md
+
+
+def test_whatif_variants_run_in_subprocesses(tiny_onnx):
+    from btp.benchmarks.whatif import run_whatif, whatif_markdown
+
+    data = run_whatif(tiny_onnx, variants=("default", "omp1+nospin+identity"), points=(512, 2000), warmup=0.0,
+                      duration=0.0)
+    assert [v["variant"] for v in data["variants"]] == ["default", "omp1+nospin+identity"]
+    for v in data["variants"]:
+        assert "error" not in v, v
+        for row in v["rows"]:
+            _ordered(row["stages"]["end_to_end"])
+    assert "| omp1+nospin+identity |" in whatif_markdown(data)

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from importlib import metadata
 
+THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
 LIBRARIES = ("btp-edge", "numpy", "scipy", "onnx", "onnxruntime", "onnxruntime-gpu", "torch",
              "fpsample", "pykdtree", "open3d", "tensorrt", "pycuda", "psutil")
 
@@ -95,6 +96,7 @@ def describe_machine() -> dict:
         "python": platform.python_version(),
         "gpus": gpus(),
         "libraries": {name: v for name in LIBRARIES if (v := _version(name)) is not None},
+        "thread_env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
@@ -117,9 +119,10 @@ def machine_line(machine: dict) -> str:
             "tensorrt")
     lib_text = ", ".join(f"{k} {libs[k]}" for k in keys if k in libs)
     gpu = "; ".join(g["name"] for g in machine.get("gpus", [])) or "no GPU"
+    env = ", ".join(f"{k}={v}" for k, v in machine.get("thread_env", {}).items()) or "no thread env vars set"
     return (f"{machine.get('cpu_model')} ({machine.get('usable_cores')} usable cores, "
             f"{', '.join(machine.get('cpu_flags', [])) or 'no SIMD flags read'}), "
-            f"{machine.get('memory_gb')} GB RAM, {gpu}; Python {machine.get('python')}; {lib_text}")
+            f"{machine.get('memory_gb')} GB RAM, {gpu}; Python {machine.get('python')}; {lib_text}; {env}")
 
 
 def date_tag(machine: dict) -> str:
