@@ -14,7 +14,8 @@ from btp.export.formats import formats_help
 def export(
     model: str = typer.Option("btp-mini", "--model", "-m",
                               help="Checkpoint (.safetensors) or preset name: btp-mini (default: the committed "
-                                   "models/btp-mini.safetensors; a fresh, untrained init if it is absent), tiny, ulip2."),
+                                   "models/btp-mini.safetensors; a fresh, untrained init if it is absent), "
+                                   "tiny, ulip2."),
     out: Path = typer.Option(..., "--out", "-o", help="Output model.onnx."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset, 17..20 (>= 17 keeps LayerNormalization one op)."),
     batch: str = typer.Option("dynamic", "--batch", help="'dynamic' (symbolic B) or a fixed batch size N."),
@@ -31,6 +32,7 @@ def export(
     G, K, N, channels, scoring constants, prompts, weights hash and provenance go into
     metadata_props["btp"]. Formats: """
     from rich.console import Console
+    from rich.markup import escape
 
     from btp.errors import BTPError
     from btp.export.onnx import ExportError, export_onnx, load_model, unsupported_trt_ops
@@ -48,6 +50,11 @@ def export(
     except (ExportError, BTPError, ValueError) as exc:
         console.print(f"{prefix} [red]failed:[/red] {exc}")
         raise typer.Exit(code=1) from None
+    io = result.metadata["io"]
+    def shapes(spec: dict) -> str:
+        return escape(", ".join(f"{k} [{','.join(str(d) for d in v['shape'])}]" for k, v in spec.items()))
+
+    console.print(f"{prefix} inputs {shapes(io['inputs'])} -> outputs {shapes(io['outputs'])}")
     for check in result.parity:
         console.print(f"{prefix} parity {check.output}: max abs diff {check.value:.2e} "
                       f"(limit {check.limit:g}) {check.verdict}")

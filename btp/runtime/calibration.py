@@ -82,7 +82,8 @@ def read_threshold(path: str | Path, model_path: str | Path | None = None) -> Th
         doc["scores"] = tuple(doc.get("scores", ()))
         threshold = Threshold(**doc)
     except (OSError, ValueError, TypeError) as exc:
-        raise CalibrationError(f"{path}: not a btp threshold sidecar ({exc}); re-create it with `btp calibrate`") from exc
+        raise CalibrationError(f"{path}: not a btp threshold sidecar ({exc}); "
+                               "re-create it with `btp calibrate`") from exc
     if model_path is not None and threshold.model_sha256 != model_sha256(model_path):
         raise CalibrationError(f"{path}: calibrated for another model (sha256 {threshold.model_sha256[:12]}...) than "
                                f"{model_path}; re-run `btp calibrate {model_path} GOOD_SCANS...` or pass --threshold")

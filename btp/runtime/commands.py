@@ -23,13 +23,15 @@ def _split_heatmaps(values: list[str]) -> tuple[str, ...]:
 
 def run(
     model: Path = typer.Argument(..., help="model.onnx from btp-export (everything else comes from its metadata)."),
-    inputs: List[str] = typer.Argument(..., help="Point-cloud files, directories or globs (.pcd .ply .xyz .txt .csv .npy .npz)."),
+    inputs: List[str] = typer.Argument(..., help="Point-cloud files, directories or globs "
+                                                 "(.pcd .ply .xyz .txt .csv .npy .npz)."),
     out: Path = typer.Option(Path("btp-out"), "--out", "-o", help="Output folder."),
     backend: str = typer.Option("ort-cpu", "--backend", "-b", help="ort-cpu | ort-cuda | ort-trt | trt."),
     batch: int = typer.Option(1, "--batch", min=1, help="Scans per engine call."),
     threshold: Optional[float] = typer.Option(None, "--threshold", "-t",
-                                              help="Object-score threshold for the decision (default: the "
-                                                   "model's sidecar MODEL.threshold.json from `btp calibrate`, if any)."),
+                                              help="Object-score threshold for the decision (default: "
+                                                   "the model's sidecar MODEL.threshold.json from "
+                                                   "`btp calibrate`, if any)."),
     fmt: str = typer.Option("json", "--format", "-f", help="json (one <stem>.json per scan) | csv (one results.csv)."),
     heatmap: List[str] = typer.Option(["ply"], "--heatmap",
                                       help="ply | png | none; repeat or comma-separate for several (ply,png)."),

@@ -140,7 +140,8 @@ def csv_row(outcome: FileOutcome) -> dict[str, Any]:
         return {"file": str(outcome.path), "status": "error", "error": outcome.error}
     d = outcome.doc
     ps = d["point_scores"]
-    return {"file": d["file"], "status": "ok", "object_score": f"{d['object_score']:.6f}", "decision": d["decision"] or "",
+    return {"file": d["file"], "status": "ok", "object_score": f"{d['object_score']:.6f}",
+            "decision": d["decision"] or "",
             "threshold": "" if d["threshold"] is None else d["threshold"]["value"], "points": d["points"],
             "anomalous_points": ps["anomalous_points"], "anomalous_fraction": f"{ps['anomalous_fraction']:.6f}",
             "score_max": f"{ps['max']:.6f}", "score_mean": f"{ps['mean']:.6f}", "total_ms": d["total_ms"], "error": ""}
