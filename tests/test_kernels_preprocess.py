@@ -112,3 +112,19 @@ def test_runtime_prepared_equals_the_runtime_cpu_stages(raw_scan):
     for name in ("raw_points", "sample_idx", "points", "center_idx", "patch_idx", "neighborhood", "center", "centre"):
         np.testing.assert_array_equal(getattr(got, name), getattr(ref, name), err_msg=name)
     assert got.scale == np.float32(ref.scale)
+
+
+def test_wide_fps_path_for_large_raw_scans(raw_scan):
+    # raw scans from fps_wide_from points on take the wide FPS (here forced small); same result,
+    # and its scratch buffers are reused from one scan to the next
+    from btp.kernels.emu import EmuDevice
+
+    raw = raw_scan[0][:1200]
+    wide = BlockSizes(fps=64, knn=64, elementwise=64, fps_wide_from=1000, fps_wide_blocks=3)
+    pre = GpuPreprocessor(48, 8, 8, 3, device=EmuDevice(), blocks=wide)
+    first = pre.run(raw)
+    scratch = dict(pre._wide_scratch)
+    np.testing.assert_array_equal(first.sample_idx, geometry.downsample(raw, 48, 0, method="exact"))
+    assert "btp_fps_wide_step" in [name for name, _ in pre.device.launches]
+    pre.run(raw[::-1].copy())
+    assert all(pre._wide_scratch[k] is scratch[k] for k in scratch)

@@ -54,12 +54,13 @@ class DeviceGroups(NamedTuple):
 # ---- device layer --------------------------------------------------------------------------
 
 def enqueue_fps(dev: Device, points, batch: int, n_points: int, n_samples: int, start_idx,
-                out_idx=None, workspace=None, blocks: BlockSizes = BlockSizes()):
+                out_idx=None, workspace=None, blocks: BlockSizes = BlockSizes(), scratch: dict | None = None):
     """points float32 [B, N, 3], start_idx int32 [B] -> out_idx int32 [B, S] (device).
 
     N < blocks.fps_wide_from: ``btp_fps``, one block per cloud, one launch. Otherwise the wide
     FPS: ``btp_fps_wide_init`` then S - 1 launches of ``btp_fps_wide_step`` (many blocks per
-    cloud). Both follow the same rule and give the same indices.
+    cloud). Both follow the same rule and give the same indices. ``scratch``: a dict kept by the
+    caller in which the wide FPS's small buffers are allocated once and reused.
     """
     check_sizes(n_points, n_samples)
     out_idx = dev.empty((batch, n_samples), np.int32) if out_idx is None else out_idx
@@ -69,9 +70,13 @@ def enqueue_fps(dev: Device, points, batch: int, n_points: int, n_samples: int, 
                    workspace, out_idx)
         return out_idx
     step = fps_wide_step_launch(batch, n_points, blocks.elementwise, blocks.fps_wide_blocks)
-    part_d = dev.empty((batch, step.grid[0]), np.float32)
-    part_i = dev.empty((batch, step.grid[0]), np.int32)
-    done = dev.empty((batch,), np.uint32)
+    scratch = {} if scratch is None else scratch
+    shapes = {"part_d": ((batch, step.grid[0]), np.float32), "part_i": ((batch, step.grid[0]), np.int32),
+              "done": ((batch,), np.uint32)}
+    for name, (shape, dtype) in shapes.items():
+        if name not in scratch or tuple(scratch[name].shape) != shape:
+            scratch[name] = dev.empty(shape, dtype)
+    part_d, part_i, done = scratch["part_d"], scratch["part_i"], scratch["done"]
     dev.launch("btp_fps_wide_init", fps_wide_init_launch(batch, n_points, blocks.elementwise), n_points,
                n_samples, batch, start_idx, workspace, done, out_idx)
     for i in range(1, n_samples):

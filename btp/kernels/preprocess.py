@@ -97,6 +97,7 @@ class GpuPreprocessor:
         self._sums = dev.empty((1, n), np.float32)
         self._counts = dev.empty((1, n), np.int32)
         self._raw_capacity = 0
+        self._wide_scratch: dict = {}  # the wide FPS's small buffers (raw scans >= fps_wide_from)
         self._last: DevicePrepared | None = None
 
     @classmethod
@@ -143,7 +144,7 @@ class GpuPreprocessor:
         raw_dev = dev.upload(raw[None], out=self._raw)  # [1, M, 3] into the reused [1, cap, 3]
         n, c = min(self.num_points, n_raw), self.in_channels
         ops.enqueue_fps(dev, raw_dev, 1, n_raw, n, self._start, out_idx=self._sample_idx,
-                        workspace=self._fps_ws_raw, blocks=blocks)
+                        workspace=self._fps_ws_raw, blocks=blocks, scratch=self._wide_scratch)
         ops.enqueue_gather(dev, raw_dev, self._sample_idx, 1, n_raw, n, 3, out=self._sampled, blocks=blocks)
         sampled_colors = None
         if colors is not None and c == 6:
