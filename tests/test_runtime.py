@@ -106,11 +106,19 @@ def test_pointcloud_and_file_inputs(pipe, scans, tmp_path):
     assert from_file.path == path and from_file.object_score == from_cloud.object_score
 
 
-def test_sparse_scan_uses_all_points_and_says_so(pipe, scans):
+def test_sparse_scan_uses_all_points_and_says_so(pipe, scans, tmp_path_factory):
+    from btp.eval.scoring import score_cloud_torch
+
     raw = scans[0][:300]  # G = 32 <= 300 < N = 512
     res = pipe(raw)
-    assert res.point_scores.shape == (300,) and len(res.sampled_idx) == 300
+    assert res.point_scores.shape == (300,)
+    np.testing.assert_array_equal(res.sampled_idx, np.arange(300))  # used as it is, no FPS permutation
+    np.testing.assert_array_equal(res.point_scores, res.sampled_scores)
     assert any("fewer than the model's N" in w for w in res.warnings)
+    # same scores as btp.eval's torch path, which FPS-permutes the 300 points first
+    ref = score_cloud_torch(tiny_export(tmp_path_factory)[1].model, raw)
+    assert np.abs(ref.point_scores - res.point_scores).max() <= 1e-4
+    assert abs(ref.object_score - res.object_score) <= 1e-4
 
 
 def test_bad_arrays_are_refused_with_reasons(pipe, scans):

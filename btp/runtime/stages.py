@@ -89,9 +89,13 @@ def sanitize(cloud: PointCloud, cfg: BTPConfig) -> np.ndarray:
 
 
 def downsample_points(raw: np.ndarray, cfg: BTPConfig, method: str = "auto") -> np.ndarray:
-    """Indices int64 [N] of N well-spread raw points (exact FPS up to 16k points, bucket FPS above);
-    all M points (in FPS order) when the scan has fewer than N. Same call as btp.train / btp.eval."""
-    n = min(cfg.preprocess.num_points, raw.shape[0])
+    """Indices int64 [N] of N well-spread raw points (exact FPS up to 16k points, bucket FPS above),
+    the same call as btp.train.data / btp.eval. A scan of M <= N points is used as it is
+    (``arange(M)``, like btp.train.data for M == N): FPS of all its points would only permute them,
+    and interpolation back to the raw scan becomes the identity."""
+    n = cfg.preprocess.num_points
+    if raw.shape[0] <= n:
+        return np.arange(raw.shape[0], dtype=np.int64)
     return downsample(raw, n, cfg.preprocess.fps_start, method=method)
 
 
@@ -130,6 +134,8 @@ def interpolate(sampled_scores: np.ndarray, prep: Prepared, cfg: BTPConfig) -> n
     """Scores of the N sampled points -> every raw point [M] in input order (scoring.raw_interpolation),
     in raw coordinates as btp.eval does."""
     raw = prep.raw_points
+    if len(prep.sample_idx) == len(raw):  # the scan was used as it is (M <= N): identity
+        return np.asarray(sampled_scores, dtype=np.float32)
     return interpolate_to_raw(raw[prep.sample_idx], sampled_scores, raw, method=cfg.scoring.raw_interpolation)
 
 
