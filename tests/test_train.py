@@ -129,6 +129,28 @@ def test_short_training_run_lowers_the_loss(tiny_arrays, tmp_path):
     assert prov["stage"] == "btp" and prov["btp_steps"] == 80
 
 
+def test_cached_encoder_features_match_the_model_forward(tiny_arrays):
+    from btp.train.loop import _collate, precompute_features
+
+    cfg = tiny_config()
+    model = build_model(cfg, None, BTPOptions())
+    model.eval()
+    dataset = tdata.BTPArrays(tiny_arrays, cfg)
+    idx = [5, 2, 7]
+    batch = _collate([dataset[i] for i in idx])
+    with torch.no_grad():
+        real = model(batch["neighborhood"], batch["center"])
+        cached = precompute_features(model.point_encoder, dataset, batch_size=3, log=lambda *_: None)
+        model.point_encoder = cached
+        cached.select(idx)
+        fast = model(batch["neighborhood"], batch["center"])
+    for key in ("patch_logits", "global_logit", "object_score"):
+        torch.testing.assert_close(fast[key], real[key], rtol=2e-2, atol=2e-2, msg=key)
+    with pytest.raises(RuntimeError):
+        cached.select([0])
+        model(batch["neighborhood"], batch["center"])
+
+
 def test_resume_continues_from_the_saved_step(tiny_arrays, tmp_path, monkeypatch):
     cfg = tiny_config()
     opts = BTPOptions(epochs=2, batch_size=2, ckpt_every=3, seed=1)  # 8 steps, checkpoints at 3 and 6

@@ -31,8 +31,64 @@ class BTPOptions:
     use_gfcm: bool = True  # False: GFCM descriptor replaced by zeros, no geometric loss
     learn_prompt: bool = True  # False: prompt context stays at its random init
     max_steps: int | None = None  # cap on iterations (tests, quick runs)
+    # The encoder is frozen and the samples are fixed, so its outputs are computed once per
+    # dataset (float16, in memory) instead of every step: same maths, ~3x faster on CPU.
+    cache_features: bool = True
     threads: int | None = None
     extra: dict = field(default_factory=dict)
+
+
+def _cached_encoder_cls():
+    import torch
+    from torch import nn
+
+    from btp.model.pointbert import PointFeatures
+
+    class CachedPointEncoder(nn.Module):
+        """Stands in for the frozen PointBERT during the BTP stage: returns the features computed
+        once by ``precompute`` for the samples named by ``select(idx)``. ``patch_tokens`` is None
+        (BTPModel's heads do not read it; a future reader fails loudly instead of silently)."""
+
+        def __init__(self, layers: list, cls: torch.Tensor, global_embed: torch.Tensor):
+            super().__init__()
+            self.layers, self.cls, self.global_embed = layers, cls, global_embed  # float16 [S, ...]
+            self._idx = None
+
+        def select(self, idx) -> None:
+            self._idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+
+        def forward(self, neighborhood, center):
+            idx = self._idx
+            if idx is None or idx.numel() != neighborhood.shape[0]:
+                raise RuntimeError("CachedPointEncoder: select(batch indices) before every forward")
+            return PointFeatures(cls=self.cls[idx].float(), patch_tokens=None,
+                                 layer_features=[f[idx].float() for f in self.layers],
+                                 global_embed=self.global_embed[idx].float())
+
+    return CachedPointEncoder
+
+
+def precompute_features(encoder, dataset, batch_size: int = 8, log=print):
+    """Run the frozen encoder once over every sample -> CachedPointEncoder (float16 features)."""
+    import torch
+
+    was = encoder.training
+    encoder.eval()
+    layers, cls, glob = None, [], []
+    t0 = time.time()
+    with torch.no_grad():
+        for b0 in range(0, len(dataset), batch_size):
+            batch = _collate([dataset[i] for i in range(b0, min(len(dataset), b0 + batch_size))])
+            feats = encoder(batch["neighborhood"], batch["center"])
+            if layers is None:
+                layers = [[] for _ in feats.layer_features]
+            for store, f in zip(layers, feats.layer_features):
+                store.append(f.half())
+            cls.append(feats.cls.half())
+            glob.append(feats.global_embed.half())
+    encoder.train(was)
+    log(f"btp: encoder features of {len(dataset)} samples cached in {time.time() - t0:.0f} s")
+    return _cached_encoder_cls()([torch.cat(x) for x in layers], torch.cat(cls), torch.cat(glob))
 
 
 def _collate(items: list[dict]) -> dict:
@@ -105,6 +161,11 @@ def train_btp(cfg: BTPConfig, arrays: dict[str, np.ndarray], out_dir, opts: BTPO
     if resume and state_path.is_file():
         start = load_training_state(state_path, modules, optimizer, extra_params=extra)
         log(f"btp: resumed from {state_path} at step {start}/{total}")
+    real_encoder = model.point_encoder
+    cached = None
+    if opts.cache_features:
+        cached = precompute_features(real_encoder, dataset, log=log if env.is_main else (lambda *_: None))
+        model.point_encoder = cached
     ddp_model = wrap_model(model, env)
     model.train()
     history: list[tuple[int, float]] = []
@@ -118,6 +179,8 @@ def train_btp(cfg: BTPConfig, arrays: dict[str, np.ndarray], out_dir, opts: BTPO
             b0 = offset * opts.batch_size
             batch_idx = order[b0:b0 + opts.batch_size]
             batch = _collate([dataset[i] for i in batch_idx])
+            if cached is not None:
+                cached.select(batch_idx)
             set_lr(optimizer, step, total, cfg.train)
             outputs = ddp_model(batch["neighborhood"], batch["center"])
             loss, parts = btp_loss(outputs, batch, cfg.loss, gfcm=cfg.gfcm, object_alpha=cfg.scoring.object_alpha)
@@ -136,6 +199,7 @@ def train_btp(cfg: BTPConfig, arrays: dict[str, np.ndarray], out_dir, opts: BTPO
                                     meta={"total": total, "options": asdict(opts)})
     wall = time.time() - t0
     model = unwrap(ddp_model)
+    model.point_encoder = real_encoder  # the checkpoint holds the real (frozen) encoder
     summary = {"steps": total, "resumed_from": start, "wall_s": round(wall, 1), "losses": history,
                "steps_per_epoch": steps_per_epoch, "samples": len(dataset)}
     if env.is_main:
