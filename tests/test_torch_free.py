@@ -66,3 +66,21 @@ def test_pipeline_and_btp_run_score_a_scan_without_torch(tmp_path_factory, tmp_p
     first = json.loads(proc.stdout.splitlines()[0])
     assert first["n"] == 1500 and 0.0 < first["score"] < 1.0
     assert np.load(out / "bunny.npy").shape == (1500,)
+
+
+def test_demo_runs_without_torch_on_an_exported_model(tmp_path_factory, tmp_path):
+    model, _ = tiny_export(tmp_path_factory)
+    out = tmp_path / "demo"
+    proc = _run(f"""
+        import btp.runtime.demo as demo
+        demo.DEMO_POINTS = 1024
+        code = demo.run_demo(__import__("pathlib").Path({str(out)!r}), model={str(model)!r}, png=False)
+        assert code == 0, code
+        try:
+            demo.cached_onnx("tiny", None)  # exporting would need torch: a clear error, no traceback
+        except demo.DemoError as exc:
+            print("DEMO-ERROR", exc)
+    """, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "DEMO-ERROR" in proc.stdout and "needs torch" in proc.stdout
+    assert len(list((out / "results").glob("*.npy"))) == 9

@@ -140,7 +140,8 @@ def calibrate(
 
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Output folder for scans, scores and heat maps."),
-    model: str = typer.Option("btp-mini", "--model", "-m", help="Checkpoint or preset (default: committed btp-mini)."),
+    model: str = typer.Option("btp-mini", "--model", "-m",
+                              help="Checkpoint, preset (default: the committed btp-mini) or an exported model.onnx."),
     backend: str = typer.Option("ort-cpu", "--backend", "-b", help="ort-cpu | ort-cuda | ort-trt | trt."),
     png: bool = typer.Option(True, "--png/--no-png", help="Also render <stem>.png heat maps."),
 ) -> None:

@@ -14,6 +14,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from btp.errors import BTPError
+
+class DemoError(BTPError, RuntimeError):
+    """The demo cannot run here; the message says what is missing and the fix."""
+
+
 DEMO_POINTS = 8192  # raw points per sample scan (the model FPS-samples N = 2048 of them)
 DEMO_DEFECTS = (("dent", "hole"), ("bulge", "groove"), ("crack", "broken"))
 
@@ -27,6 +33,10 @@ def cached_onnx(model: str, console) -> Path:
     from btp.export.onnx import file_sha256, model_search_paths
     from btp.runtime.metadata import ModelMetadataError, read_model_meta
 
+    if model.endswith(".onnx"):  # an exported model: nothing to export
+        read_model_meta(model)
+        console.print(f"model: {model}")
+        return Path(model)
     ckpt = Path(model) if Path(model).is_file() else next((p for p in model_search_paths(model) if p.is_file()), None)
     key = file_sha256(ckpt)[:12] if ckpt is not None else "fresh-init-seed0"
     name = ckpt.stem if ckpt is not None else model
@@ -38,6 +48,11 @@ def cached_onnx(model: str, console) -> Path:
             return path
         except ModelMetadataError:
             path.unlink()
+    try:
+        import torch  # noqa: F401  (only the first export needs it)
+    except ImportError as exc:
+        raise DemoError(f"exporting {model} to ONNX needs torch ({exc}): install the [train] extra "
+                        "(`make demo` does), or pass an exported model: btp demo --model model.onnx") from None
     from btp.export.onnx import export_onnx, load_model
 
     loaded = load_model(str(ckpt) if ckpt is not None else model)
@@ -78,8 +93,12 @@ def run_demo(out: Path, *, model: str = "btp-mini", backend: str = "ort-cpu", pn
     from btp.runtime.run import run_files, summary_doc
 
     console = Console()
-    onnx_path = cached_onnx(model, console)
-    pipeline = Pipeline(onnx_path, backend=backend)
+    try:
+        onnx_path = cached_onnx(model, console)
+        pipeline = Pipeline(onnx_path, backend=backend)
+    except (BTPError, ValueError, OSError) as exc:
+        console.print(f"[red]btp demo: {escape(str(exc))}")
+        return 2
     fresh = bool(pipeline.meta.model.get("fresh_init"))
     if fresh:
         console.print(f"[bold yellow]No trained weights found (models/{model}.safetensors): this demo runs a "
