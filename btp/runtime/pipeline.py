@@ -63,7 +63,7 @@ def _timed(timings: dict[str, float], stage: str):
 
 @dataclass
 class Job:
-    """One scan between the stages: its preprocessing, timings and (later) the engine outputs."""
+    """One scan between pre-processing and the engine: its prepared arrays, stage timings, source."""
 
     prep: stages.Prepared
     timings: dict[str, float]
