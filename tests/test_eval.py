@@ -170,3 +170,14 @@ def test_degenerate_class_reports_null_with_reason(shapes_root, tmp_path):
     spot = report["baseline"]["classes"]["spot"]
     assert spot["o_auroc"] is None and spot["au_pro"] is None
     assert "only normal" in report["data"]["notes"]["baseline"]["spot"]["o_auroc"]
+
+
+def test_summarize_runs_gives_mean_and_std_over_seeds():
+    from btp.eval.evaluate import summarize_runs
+
+    runs = [{"mean": {"o_auroc": 0.6, "p_auroc": None}, "baseline": {"mean": {"o_auroc": 0.5}}, "learned_baseline": {}},
+            {"mean": {"o_auroc": 0.8, "p_auroc": 0.7}, "baseline": {"mean": {"o_auroc": 0.5}}, "learned_baseline": {}}]
+    summary = summarize_runs(runs)
+    assert summary["model"]["o_auroc"] == pytest.approx({"mean": 0.7, "std": 0.1, "n": 2})
+    assert summary["model"]["p_auroc"] == {"mean": 0.7, "std": 0.0, "n": 1}
+    assert summary["baseline"]["o_auroc"]["std"] == 0.0 and "learned_baseline" not in summary

@@ -75,6 +75,8 @@ def feature_names(scales: tuple[int, ...] = LEARNED_SCALES, wide_k: int = LEARNE
     for k in scales:
         names += [f"{f}_k{k}" for f in _BASE_FEATURES]
         names += [f"{f}_k{k}_rel{wide_k}" for f in _BASE_FEATURES]
+        names.append(f"normal_deviation_k{k}_vs{wide_k}")
+    names += [f"plane_distance_wide{wide_k}", f"surface_variation_wide{wide_k}"]
     return names
 
 
@@ -84,8 +86,10 @@ def local_features(points: np.ndarray, scales: tuple[int, ...] = LEARNED_SCALES,
 
     For each scale k: surface variation, linearity, planarity, distance to the local plane
     (in units of the neighbourhood's mean distance), density (mean kNN distance relative to
-    the cloud's median); and each of them relative to a wider neighbourhood (value minus the
-    mean of that value over the `wide_k` nearest points; a ratio for density).
+    the cloud's median); each of them relative to a wider neighbourhood (value minus the
+    mean of that value over the `wide_k` nearest points; a ratio for density); and the
+    deviation of the scale's normal from the wide normal (1 - |cos|). Plus, once: the distance
+    to the wide neighbourhood's plane (in its mean distance) and its surface variation.
     """
     pts = np.ascontiguousarray(points, dtype=np.float32)
     n = pts.shape[0]
@@ -93,6 +97,8 @@ def local_features(points: np.ndarray, scales: tuple[int, ...] = LEARNED_SCALES,
     idx_all, d2_all = knn(pts, pts, k_max)  # [N,k_max] sorted by distance
     dist_all = np.sqrt(np.maximum(d2_all, 0.0)).astype(np.float64)
     wide = idx_all[:, : min(wide_k, n)]
+    evals_w, normal_w, mean_w = _neighbourhood_eigen(pts, wide)
+    spread_w = np.maximum(dist_all[:, 1:wide.shape[1]].mean(axis=1), 1e-12) if wide.shape[1] > 1 else np.ones(n)
     columns = []
     for k in scales:
         k = min(k, n)
@@ -115,6 +121,10 @@ def local_features(points: np.ndarray, scales: tuple[int, ...] = LEARNED_SCALES,
             around = base[name][wide].mean(axis=1)
             rel = base[name] / np.maximum(around, 1e-12) if name == "density" else base[name] - around
             columns.append(rel)
+        columns.append(1.0 - np.abs(np.einsum("ni,ni->n", normal, normal_w)))  # bent against the wide normal
+    # height over the wide neighbourhood's plane: a bulge or dent sticks out of it
+    columns.append(np.abs(np.einsum("ni,ni->n", pts - mean_w, normal_w)) / spread_w)
+    columns.append(evals_w[:, 0] / np.maximum(evals_w.sum(axis=1), 1e-20))
     return np.stack(columns, axis=1).astype(np.float32)
 
 

@@ -157,3 +157,23 @@ def table_rows(section: dict) -> list[tuple[str, dict]]:
 
 
 SHOWN_KEYS: tuple[str, ...] = (*METRIC_KEYS, *EXTRA_KEYS)
+
+
+def summarize_runs(reports: list[dict]) -> dict:
+    """Mean and std over runs (seeds) of each method's class-mean metrics, for a model card's
+    "mean ± std" rows: `{"model"|"baseline"|"learned_baseline": {metric: {"mean", "std", "n"}}}`.
+    Methods or metrics missing (or null) in a run are left out of that run's numbers."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    sections = {"model": lambda r: r.get("mean") or {},
+                "baseline": lambda r: (r.get("baseline") or {}).get("mean") or {},
+                "learned_baseline": lambda r: (r.get("learned_baseline") or {}).get("mean") or {}}
+    for name, get in sections.items():
+        values: dict[str, list[float]] = {}
+        for report in reports:
+            for key, value in get(report).items():
+                if value is not None:
+                    values.setdefault(key, []).append(float(value))
+        if values:
+            out[name] = {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v)}
+                         for k, v in values.items()}
+    return out
