@@ -281,7 +281,7 @@ def run_latency(model_path, *, backends: Sequence[str] = ("torch", "ort-cpu") + 
                     peak_rss_mb=round(rss.peak_mb, 1), rss_before_mb=round(rss.before_mb, 1),
                     device_memory_mb=device_memory_mb() if backend in GPU_BACKENDS else None,
                     iterations=iters,
-                    timer="cuda-events" if backend in GPU_BACKENDS else "perf_counter",
+                    timer=str(getattr(getattr(pipe, "engine", None), "timer", "perf_counter")),
                     precision=precision_of(backend), weights=weights,
                 ))
         del pipe
