@@ -3,8 +3,8 @@
 For every (backend, points, batch) the same deterministic scans (sampled from a real mesh, raw
 units, not normalised) run through ``btp.runtime.Pipeline``: warm-up (not recorded), then timed
 calls for ``duration`` seconds (at least ``min_iters``). End-to-end = wall clock of the whole
-call (perf_counter), stages = the pipeline's own ``Result.timings`` (the GPU backends time
-theirs with CUDA events). Peak RSS is sampled by a psutil thread during each configuration;
+call (perf_counter), stages = the pipeline's own ``Result.timings``; a backend that times its
+stages otherwise (CUDA events) says so in its ``timer`` attribute, recorded per row. Peak RSS is sampled by a psutil thread during each configuration;
 device memory is read from nvidia-smi after a GPU configuration.
 
 Backends that cannot run here are rows with ``skipped: <reason>``, never dropped. The torch
