@@ -181,3 +181,25 @@ def test_summarize_runs_gives_mean_and_std_over_seeds():
     assert summary["model"]["o_auroc"] == pytest.approx({"mean": 0.7, "std": 0.1, "n": 2})
     assert summary["model"]["p_auroc"] == {"mean": 0.7, "std": 0.0, "n": 1}
     assert summary["baseline"]["o_auroc"]["std"] == 0.0 and "learned_baseline" not in summary
+
+
+def test_onnx_model_through_the_runtime_matches_the_torch_checkpoint(datasets, tiny_checkpoint, tmp_path):
+    """`--model model.onnx` (btp.runtime.Pipeline) and `--model CKPT` (score_cloud_torch) see the same
+    points and give the same metrics: the eval's torch path preprocesses like the runtime."""
+    pytest.importorskip("onnxruntime")
+    from btp.eval.evaluate import load_scorer
+    from btp.export.onnx import export_onnx, load_model
+
+    onnx_path = export_onnx(load_model(tiny_checkpoint), tmp_path / "tiny.onnx", simplify=False, parity_scans=1).path
+    root = datasets["anomaly-shapenet"]
+    torch_scorer, onnx_scorer = load_scorer(tiny_checkpoint), load_scorer(onnx_path)
+    sample = next(iter_samples(root))
+    a, b = torch_scorer(sample.points), onnx_scorer(sample.points)
+    np.testing.assert_array_equal(a.sampled_idx, b.sampled_idx)
+    np.testing.assert_allclose(a.point_scores, b.point_scores, atol=1e-5)
+    assert a.object_score == pytest.approx(b.object_score, abs=1e-5)
+    r_torch = evaluate(root, scorer=torch_scorer, classes=["spot"])
+    r_onnx = evaluate(root, scorer=onnx_scorer, classes=["spot"])
+    assert r_onnx["model"]["kind"] == "onnx"
+    for key, value in r_torch["mean"].items():
+        assert r_onnx["mean"][key] == pytest.approx(value, abs=1e-4), key
