@@ -132,6 +132,8 @@ def test_learned_baseline_fits_saves_as_text_and_reloads(datasets, tmp_path):
     model = fit_learned_baseline(samples, num_points=512, num_rounds=30, seed=0)
     feats = local_features(prepare(samples[-1].points, PreprocessConfig(num_points=512)).normed)
     assert feats.shape == (512, len(feature_names())) and np.isfinite(feats).all()
+    twin = fit_learned_baseline(samples, num_points=512, num_rounds=30, seed=0)
+    assert twin.booster.model_to_string() == model.booster.model_to_string()  # deterministic by seed
     path = model.save(tmp_path / "learned.txt")
     assert path.read_text().startswith("tree")  # LightGBM's text format, not pickle
     again = LearnedBaseline.load(path)
