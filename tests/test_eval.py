@@ -205,3 +205,22 @@ def test_onnx_model_through_the_runtime_matches_the_torch_checkpoint(datasets, t
     assert r_onnx["model"]["kind"] == "onnx"
     for key, value in r_torch["mean"].items():
         assert r_onnx["mean"][key] == pytest.approx(value, abs=1e-4), key
+
+
+def test_synth_metrics_baselines_and_baseline_eval_do_not_import_torch(datasets):
+    """Synthetic data, metrics and a baseline-only eval never import torch (the edge side has none).
+
+    (Checked by "not in sys.modules" rather than blocking the import: scipy/sklearn probe a
+    torch entry in sys.modules, so a None placeholder breaks them, not us.)"""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import btp.train.synth, btp.eval.metrics, btp.eval.baselines\n"
+            "from btp.config import PreprocessConfig\n"
+            "from btp.eval.evaluate import evaluate\n"
+            f"r = evaluate({str(datasets['real3d'])!r}, classes=['spot'], preprocess=PreprocessConfig(num_points=256))\n"
+            "assert r['baseline']['mean']['p_auroc'] is not None\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
