@@ -107,7 +107,8 @@ def train(
                        "(run --stage pretrain first, or pass --no-pretrain to silence this)", err=True)
     arrays = tdata.btp_samples(train_shapes, cfg, rec.per_shape, seed, out / "cache")
     train_btp(cfg, arrays, out, rec.btp, encoder_path=None if no_pretrain else encoder, resume=resume,
-              progress=progress, provenance={"stage": "btp", "seed": seed, "encoder": str(encoder)})
+              progress=progress, provenance={"stage": "btp", "seed": seed, "encoder": str(encoder)},
+              feature_cache=out / "cache")
 
 
 @data_app.command("synth")
@@ -117,14 +118,19 @@ def synth(
     classes: str = typer.Option("", "--classes", help="Comma-separated class (mesh) names; default all."),
     split: str = typer.Option("", "--split", help="Only the meshes of the zero-shot split: train | heldout "
                                                   "(btp.train.split); combines with --classes."),
-    per_class_train: int = typer.Option(4, "--per-class-train", help="Normal train samples per class."),
-    per_class_test_good: int = typer.Option(6, "--per-class-test-good", help="Normal test samples per class."),
-    per_class_test_bad: int = typer.Option(12, "--per-class-test-bad", help="Anomalous test samples per class."),
-    points: int = typer.Option(8192, "--points", help="Points per written scan."),
+    per_class_train: int = typer.Option(None, "--per-class-train",
+                                        help="Normal train samples per class [default: SynthPlan's]."),
+    per_class_test_good: int = typer.Option(None, "--per-class-test-good",
+                                            help="Normal test samples per class [default: SynthPlan's]."),
+    per_class_test_bad: int = typer.Option(None, "--per-class-test-bad",
+                                           help="Anomalous test samples per class [default: SynthPlan's]."),
+    points: int = typer.Option(None, "--points", help="Points per written scan [default: SynthConfig.num_points]."),
     seed: int = typer.Option(0, "--seed", help="Root seed: same seed, same files."),
     layout: str = typer.Option("anomaly-shapenet", "--layout", help="anomaly-shapenet | real3d"),
-    noise: float = typer.Option(0.0005, "--noise", help="Gaussian noise sigma, fraction of the object size."),
-    partial: float = typer.Option(0.0, "--partial", help="Share of single-view partial scans (0..1)."),
+    noise: float = typer.Option(None, "--noise", help="Gaussian noise sigma, fraction of the object size "
+                                                      "[default: SynthConfig.noise]."),
+    partial: float = typer.Option(None, "--partial", help="Share of single-view partial scans, 0..1 "
+                                                          "[default: SynthConfig.partial_prob]."),
 ) -> None:
     """Write synthetic defects on real shapes in the Anomaly-ShapeNet (or Real3D-AD) layout."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -144,11 +150,14 @@ def synth(
         if not chosen:
             typer.echo(f"btp data synth: none of the --classes is in the {split} split", err=True)
             raise typer.Exit(code=2)
-    plan = SynthPlan(per_class_train, per_class_test_good, per_class_test_bad, seed, layout)
-    cfg = SynthConfig(num_points=points, noise=noise, partial_prob=partial)
+    given = {"per_class_train": per_class_train, "per_class_test_good": per_class_test_good,
+             "per_class_test_bad": per_class_test_bad}
+    plan = SynthPlan(seed=seed, layout=layout, **{k: v for k, v in given.items() if v is not None})
+    options = {"num_points": points, "noise": noise, "partial_prob": partial}
+    cfg = SynthConfig(**{k: v for k, v in options.items() if v is not None})
     try:
         n_classes = len(chosen) if chosen else len(list_shapes(shapes))
-        total = n_classes * (per_class_train + per_class_test_good + per_class_test_bad)
+        total = n_classes * (plan.per_class_train + plan.per_class_test_good + plan.per_class_test_bad)
         with Progress(TextColumn("[bold]synth"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
             task = bar.add_task("synth", total=total)
             summary = write_dataset(shapes, out, chosen, plan, cfg, progress=lambda n: bar.advance(task, n))
