@@ -123,7 +123,9 @@ def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] 
         "root": str(root), "layout": layout, "classes": sorted(counts), "samples": counts,
         "num_points": pre.num_points, "fps_start": pre.fps_start,
         "point_metrics": "p_auroc, p_ap, p_f1max, au_pro: raw test scans (GT rows, scores carried back from the "
-                         f"sampled points); p_auroc_sampled, p_ap_sampled: the {pre.num_points} sampled points",
+                         f"sampled points); p_auroc_sampled, p_ap_sampled: the {pre.num_points} sampled points; "
+                         "all points of a class pooled with their scores as they are (no per-scan min-max "
+                         "normalisation; a global one would not change AUROC/AP)",
         "object_score": {"baseline": "mean of the top 1% point scores (surface variation, k=16)",
                          "learned_baseline": "mean of the top 1% point probabilities (LightGBM)",
                          "model": "alpha * global_prob + (1 - alpha) * mean(top patch probs)"},
