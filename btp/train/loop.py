@@ -11,6 +11,7 @@ process group + DDP + DistributedSampler (each rank sees its shard).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +67,40 @@ def _cached_encoder_cls():
                                  global_embed=self.global_embed[idx].float())
 
     return CachedPointEncoder
+
+
+def _features_key(encoder, arrays) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, value in sorted(encoder.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().float().numpy().tobytes())
+    for key in ("points", "patch_idx", "center"):
+        h.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def cached_features(encoder, dataset, arrays, cache_dir=None, log=print):
+    """``precompute_features``, kept on disk under ``cache_dir`` keyed by encoder weights + samples."""
+    if cache_dir is None:
+        return precompute_features(encoder, dataset, log=log)
+    from safetensors.torch import load_file, save_file
+
+    path = Path(cache_dir) / f"feats-{_features_key(encoder, arrays)}.safetensors"
+    if path.is_file():
+        t = load_file(str(path))
+        n_layers = sum(1 for k in t if k.startswith("layer"))
+        log(f"btp: encoder features from {path}")
+        return _cached_encoder_cls()([t[f"layer{i}"] for i in range(n_layers)], t["cls"], t["global_embed"])
+    cached = precompute_features(encoder, dataset, log=log)
+    tensors = {f"layer{i}": f.contiguous() for i, f in enumerate(cached.layers)}
+    tensors.update(cls=cached.cls.contiguous(), global_embed=cached.global_embed.contiguous())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+    return cached
 
 
 def precompute_features(encoder, dataset, batch_size: int = 8, log=print):
@@ -126,7 +161,7 @@ def trainable(model) -> list:
 
 def train_btp(cfg: BTPConfig, arrays: dict[str, np.ndarray], out_dir, opts: BTPOptions, *, encoder_path=None,
               resume: bool = False, progress: bool = True, log=print, text_encoder=None,
-              provenance: dict | None = None) -> dict:
+              provenance: dict | None = None, feature_cache=None) -> dict:
     """Run the BTP stage on cached samples; returns a summary (losses, steps, wall time, paths)."""
     import torch
     from torch.utils.data import DistributedSampler
@@ -164,7 +199,8 @@ def train_btp(cfg: BTPConfig, arrays: dict[str, np.ndarray], out_dir, opts: BTPO
     real_encoder = model.point_encoder
     cached = None
     if opts.cache_features:
-        cached = precompute_features(real_encoder, dataset, log=log if env.is_main else (lambda *_: None))
+        cached = cached_features(real_encoder, dataset, arrays, feature_cache,
+                                 log=log if env.is_main else (lambda *_: None))
         model.point_encoder = cached
     ddp_model = wrap_model(model, env)
     model.train()

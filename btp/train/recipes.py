@@ -37,7 +37,7 @@ RECIPES: dict[str, Recipe] = {
         name="btp-mini", config=btp_mini_config,
         pretrain=PretrainOptions(steps=200, batch_size=4, lr=1e-3, mask_ratio=0.6, align_weight=0.5,
                                  pool_points=8192, ckpt_every=50),
-        btp=BTPOptions(epochs=6, batch_size=4, ckpt_every=100),
+        btp=BTPOptions(epochs=2, batch_size=4, ckpt_every=100),
         per_shape=20,
     ),
     # seconds: for tests and smoke runs
@@ -103,7 +103,8 @@ def run_recipe(recipe: Recipe, shapes_root, out, *, seed: int = 0, resume: bool 
     }
     t0 = time.time()
     summary = train_btp(cfg, arrays, out / "btp", recipe.btp, encoder_path=encoder_path, resume=resume,
-                        progress=progress, log=log, provenance=provenance)
+                        progress=progress, log=log, provenance=provenance,
+                        feature_cache=out / "cache")
     times["btp_s"] = round(time.time() - t0, 1)
     times["total_s"] = round(time.time() - t_all, 1)
     result = {
