@@ -72,7 +72,7 @@ def _cached_encoder_cls():
 def _features_key(encoder, arrays) -> str:
     import hashlib
 
-    h = hashlib.sha256()
+    h = hashlib.sha256(repr(tuple(encoder.feature_layers)).encode())  # which blocks' features are stored
     for key, value in sorted(encoder.state_dict().items()):
         h.update(key.encode())
         h.update(value.detach().cpu().float().numpy().tobytes())
