@@ -295,7 +295,7 @@ def _broken(d: _Dense, centre: int, depth: float, target: int, cfg: SynthConfig,
         if not removed.any():
             return removed, np.zeros((0, 3)), np.zeros(len(d.points), bool)
         proj = d.points[removed] - (height[removed] - plane)[:, None] * axis[None, :]
-        face = _thin(proj, d.cell)  # surface density, not denser
+        face = _thin(proj, axis, d.cell)  # surface density, not denser
         face = face + (rough * (local[: len(face)] - 0.5))[:, None] * axis[None, :]
         edge = (~removed) & (height > plane - band)
         return removed, face, edge
@@ -310,11 +310,15 @@ def _broken(d: _Dense, centre: int, depth: float, target: int, cfg: SynthConfig,
     return points, labels, keep, {"cut_depth": float(cut_depth / d.size), "face_points": len(face)}
 
 
-def _thin(points: np.ndarray, spacing: float) -> np.ndarray:
-    """One point per occupied grid cell of side `spacing` (keeps the points' own random positions)."""
+def _thin(points: np.ndarray, normal: np.ndarray, spacing: float) -> np.ndarray:
+    """Points on a plane (unit `normal`) thinned to one per occupied square cell of side `spacing`
+    in the plane's own 2-D coordinates (keeps the points' own random positions)."""
     if len(points) == 0:
         return points
-    cells = np.floor(points / spacing).astype(np.int64)
+    u = np.cross(normal, np.eye(3)[np.argmin(np.abs(normal))])
+    u /= np.linalg.norm(u)
+    v = np.cross(normal, u)
+    cells = np.floor(np.stack([points @ u, points @ v], axis=1) / spacing).astype(np.int64)
     _, first = np.unique(cells, axis=0, return_index=True)
     return points[np.sort(first)]
 
