@@ -77,6 +77,7 @@ def test_cli_eval_with_a_tiny_checkpoint_writes_the_json_contract(datasets, tiny
     assert report["model"]["kind"] == "checkpoint" and report["model"]["name"] == "btp-tiny"
     assert report["data"]["layout"] == layout and report["data"]["num_points"] == 512
     assert report["data"]["samples"]["spot"] == {"good": 2, "bad": 3, "points": 5 * 1024}
+    assert {"model", "baseline"} <= set(report["data"]["ms_per_scan"])
     assert "mean" in result.output and "o_auroc" in result.output
 
 

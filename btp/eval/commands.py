@@ -95,3 +95,6 @@ def print_report(report: dict) -> None:
             table.add_row(f"[bold]{name}" if name == "mean" else name, *cells)
         console.print(table)
     console.print(f"point metrics: {data['point_metrics']}")
+    if data.get("ms_per_scan"):
+        console.print("scoring time per scan (ms, whole path incl. preprocessing): "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in data["ms_per_scan"].items()))

@@ -17,6 +17,7 @@ scans' points in GT row order (scores carried back from the N sampled points);
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -101,13 +102,17 @@ def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] 
         methods["learned_baseline"] = lambda raw: score_with(learned, raw, pre)
     collected: dict[str, dict[str, _Collected]] = {m: {} for m in methods}
     counts: dict[str, dict[str, int]] = {}
+    seconds: dict[str, float] = {}
     for done, entry in enumerate(files, 1):
         sample = read_sample(entry, min_points=1)
         c = counts.setdefault(sample.cls, {"good": 0, "bad": 0, "points": 0})
         c["bad" if sample.object_label else "good"] += 1
         c["points"] += int(sample.points.shape[0])
         for name, method in methods.items():
-            collected[name].setdefault(sample.cls, _Collected()).add(sample, method(sample.points))
+            t0 = time.perf_counter()
+            scores = method(sample.points)
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+            collected[name].setdefault(sample.cls, _Collected()).add(sample, scores)
         if progress:
             progress(done, len(files))
     report: dict = {"classes": {}, "mean": {}, "learned_baseline": {}}
@@ -129,6 +134,7 @@ def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] 
         "object_score": {"baseline": "mean of the top 1% point scores (surface variation, k=16)",
                          "learned_baseline": "mean of the top 1% point probabilities (LightGBM)",
                          "model": "alpha * global_prob + (1 - alpha) * mean(top patch probs)"},
+        "ms_per_scan": {name: round(1e3 * t / len(files), 2) for name, t in seconds.items()},  # wall, this machine
         "notes": notes,
     }
     return {k: report[k] for k in ("classes", "mean", "baseline", "learned_baseline", "model", "data")}
