@@ -50,6 +50,8 @@ def latency(
                                               "provenance / beside the model / models/<name>.safetensors)"),
     ops: bool = typer.Option(False, "--ops", help="also run the FPS/kNN ops benchmark in the same run, so the "
                              "report shows every goal"),
+    sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="engine-only 1- vs 2-thread medians per CPU "
+                               "backend in the same run"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="also write the JSON here"),
     out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
 ) -> None:
@@ -66,6 +68,13 @@ def latency(
     _say("counting encoder FLOPs and measuring the matmul peak")
     data["flops"] = onnx_flops(model).to_dict()
     data["matmul_peak"] = matmul_peak(threads=threads).to_dict()
+    if sweep:
+        from btp.benchmarks.latency import engine_thread_sweep
+
+        _say("engine-only thread sweep (1 and 2 intra-op threads)")
+        data["thread_sweep"] = engine_thread_sweep(model, backends=[b for b in ("ort-cpu", "torch")
+                                                                      if b in _names(backends)],
+                                                   checkpoint=checkpoint)
     if ops:
         from btp.benchmarks.ops import ops_summary, run_ops
 

@@ -30,6 +30,7 @@ BACKENDS = ("torch", "ort-cpu", "ort-cuda", "trt-fp32", "trt-fp16")
 DEFAULT_POINTS = (2048, 40000, 400000)
 DEFAULT_BATCHES = (1, 4)
 GPU_BACKENDS = ("ort-cuda", "trt-fp32", "trt-fp16")
+BATCH_STAGES = ("engine",)  # btp.runtime.Result: "engine = the whole batch call"
 
 
 @dataclass(frozen=True)
@@ -202,15 +203,19 @@ def make_scans(points: int, batch: int, mesh: str | None = None) -> list[np.ndar
 
 def bench_one(pipe, scans: Sequence[np.ndarray], *, warmup_s: float, duration_s: float,
               min_iters: int = 10, max_iters: int = 10_000) -> tuple[dict[str, Stats], int]:
-    """Time ``pipe`` on ``scans``: -> ({stage: Stats}, iterations). Stage timings of a batch are
-    summed over its scans (one call = one batch)."""
+    """Time ``pipe`` on ``scans``: -> ({stage: Stats}, iterations). One call = one batch: per-scan
+    stage timings are summed over the batch's scans; per-batch stages (``BATCH_STAGES``: the
+    engine call, which every Result of a batch reports whole) are counted once."""
     stage_samples: dict[str, list[float]] = {}
 
     def collect(results, ms):
         per_stage: dict[str, float] = {}
         for res in results:
             for stage, value in (getattr(res, "timings", None) or {}).items():
-                per_stage[stage] = per_stage.get(stage, 0.0) + float(value)
+                if stage in BATCH_STAGES:
+                    per_stage[stage] = max(per_stage.get(stage, 0.0), float(value))
+                else:
+                    per_stage[stage] = per_stage.get(stage, 0.0) + float(value)
         for stage, value in per_stage.items():
             stage_samples.setdefault(stage, []).append(value)
 
@@ -293,3 +298,33 @@ def stage_breakdown(row: LatencyRow | dict) -> dict[str, float]:
     indicative: stage medians need not add up to the end-to-end median)."""
     stages = row["stages"] if isinstance(row, dict) else row.stages
     return {k: v["p50"] for k, v in stages.items()}
+
+
+def engine_thread_sweep(model_path, *, threads: Sequence[int] = (1, 2), backends: Sequence[str] = ("ort-cpu", "torch"),
+                        checkpoint=None, repeat: int = 7, mesh: str | None = None) -> list[dict]:
+    """Engine-only median ms per (backend, intra-op threads) on one real preprocessed 2048-point
+    scan: shows how each backend's thread pool behaves on this machine (on a shared, loaded box a
+    2-thread pool can lose to 1 thread). Torch threads are process-global: restored afterwards."""
+    from btp.benchmarks.stats import median_ms
+    from btp.runtime import Pipeline
+
+    base = Pipeline(model_path, backend="ort-cpu")
+    prep = base.prepare(make_scans(base.cfg.preprocess.num_points, 1, mesh)[0]).prep
+    nb, ce = prep.neighborhood[None], prep.center[None]
+    rows = []
+    for backend in backends:
+        if unavailable_reason(backend):
+            continue
+        saved = None
+        if backend == "torch":
+            import torch
+
+            saved = torch.get_num_threads()
+        for t in threads:
+            pipe, _ = make_pipeline(backend, model_path, threads=t, checkpoint=checkpoint)
+            ms, _ = median_ms(lambda: pipe.engine.run(nb, ce), repeat=repeat, warmup=2, max_s=20.0)
+            rows.append({"backend": backend, "threads": t, "engine_ms": ms})
+            del pipe
+        if saved is not None:
+            torch.set_num_threads(saved)
+    return rows

@@ -125,6 +125,10 @@ def latency_markdown(data: dict) -> str:
                 share = f" ({gfs / peak:.0%} of peak)" if peak else ""
                 lines.append(f"- {r['backend']}, {r['points']} pts, batch {r['batch']}: engine p50 "
                              f"{r['stages']['engine']['p50']:.2f} ms -> {gfs:.0f} GFLOP/s{share}")
+    if data.get("thread_sweep"):
+        lines += ["", "## Engine only: intra-op threads (same run, one preprocessed 2048-point scan, median ms)", "",
+                  "| backend | threads | engine ms |", "|---|---|---|"]
+        lines += [f"| {r['backend']} | {r['threads']} | {r['engine_ms']:.2f} |" for r in data["thread_sweep"]]
     if data.get("ops_summary"):
         lines += ["", "## FPS / kNN against the libraries (same run; details in the ops report)", ""]
         lines += ops_summary_markdown(data["ops_summary"])
