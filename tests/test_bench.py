@@ -323,11 +323,11 @@ def test_parity_command_end_to_end(tiny_onnx, tmp_path, shapes_root):
 def test_whatif_variants_run_in_subprocesses(tiny_onnx):
     from btp.benchmarks.whatif import run_whatif, whatif_markdown
 
-    data = run_whatif(tiny_onnx, variants=("default", "omp1+nospin+identity"), points=(512, 2000), warmup=0.0,
+    data = run_whatif(tiny_onnx, variants=("default", "omp1+nospin+nearest1"), points=(512, 2000), warmup=0.0,
                       duration=0.0)
-    assert [v["variant"] for v in data["variants"]] == ["default", "omp1+nospin+identity"]
+    assert [v["variant"] for v in data["variants"]] == ["default", "omp1+nospin+nearest1"]
     for v in data["variants"]:
         assert "error" not in v, v
         for row in v["rows"]:
             _ordered(row["stages"]["end_to_end"])
-    assert "| omp1+nospin+identity |" in whatif_markdown(data)
+    assert "| omp1+nospin+nearest1 |" in whatif_markdown(data)

@@ -156,15 +156,15 @@ def ops(
 @app.command()
 def whatif(
     model: Path = typer.Argument(..., exists=True, dir_okay=False, help="model.onnx (from btp-export)"),
-    variants: str = typer.Option(",".join(["default", "omp1", "nospin", "omp1+nospin", "omp1+nospin+identity",
-                                           "omp1+nospin+voxel", "omp1+nospin+bucket"]), help="variants to run"),
+    variants: str = typer.Option("default,omp1,nospin,omp1+nospin,omp1+nospin+nearest1,ort1",
+                                 help="variants to run (see btp/benchmarks/whatif.py)"),
     points: str = typer.Option("2048,400000", help="raw-scan sizes"),
     warmup: float = typer.Option(0.5, help="warm-up seconds per row"),
     duration: float = typer.Option(3.0, help="timed seconds per row"),
     threads: Optional[int] = typer.Option(None, help="ORT intra-op threads"),
     out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
 ) -> None:
-    """Measured prototypes of runtime changes (thread settings, skipped stages, downsampling methods)."""
+    """Measured prototypes of runtime changes (thread settings, ORT spinning, a plain nearest interpolation)."""
     from btp.benchmarks import report as rep
     from btp.benchmarks.whatif import VARIANTS, run_whatif, whatif_markdown
 

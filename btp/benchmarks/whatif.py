@@ -10,10 +10,10 @@ runtime's owner sees what a change buys before making it. Variants:
 - ``nospin``: ORT session config ``session.intra_op.allow_spinning = 0`` (ORT's idle worker
   threads stop busy-waiting after a run, leaving the cores to the post-processing).
 - ``omp1+nospin``: both.
-- ``omp1+nospin+identity``: both, and a scan of exactly N points skips downsampling (identity
-  order instead of FPS of all N) and interpolation (the sampled points are the raw points).
-- ``omp1+nospin+voxel``: the identity variant with ``downsample_method="voxel"`` for big scans.
-- ``omp1+nospin+bucket``: the identity variant with ``downsample_method="bucket"``.
+- ``omp1+nospin+nearest1``: both, and the raw-scan interpolation as one plain pykdtree k=1
+  query (no extra candidates, no exact tie resolution: ties at exactly equal distance have
+  measure zero on real scans; where they happen the score is that of an equally near sample).
+- ``ort1``: ORT with 1 intra-op thread (what a loaded / shared 2-core box may prefer).
 """
 from __future__ import annotations
 
@@ -24,13 +24,12 @@ import sys
 from pathlib import Path
 
 VARIANTS = {
-    "default": {"env": {}, "spin": None, "identity": False, "downsample": "auto"},
-    "omp1": {"env": {"OMP_NUM_THREADS": "1"}, "spin": None, "identity": False, "downsample": "auto"},
-    "nospin": {"env": {}, "spin": "0", "identity": False, "downsample": "auto"},
-    "omp1+nospin": {"env": {"OMP_NUM_THREADS": "1"}, "spin": "0", "identity": False, "downsample": "auto"},
-    "omp1+nospin+identity": {"env": {"OMP_NUM_THREADS": "1"}, "spin": "0", "identity": True, "downsample": "auto"},
-    "omp1+nospin+voxel": {"env": {"OMP_NUM_THREADS": "1"}, "spin": "0", "identity": True, "downsample": "voxel"},
-    "omp1+nospin+bucket": {"env": {"OMP_NUM_THREADS": "1"}, "spin": "0", "identity": True, "downsample": "bucket"},
+    "default": {"env": {}, "spin": None, "nearest1": False, "threads": None},
+    "omp1": {"env": {"OMP_NUM_THREADS": "1"}, "spin": None, "nearest1": False, "threads": None},
+    "nospin": {"env": {}, "spin": "0", "nearest1": False, "threads": None},
+    "omp1+nospin": {"env": {"OMP_NUM_THREADS": "1"}, "spin": "0", "nearest1": False, "threads": None},
+    "omp1+nospin+nearest1": {"env": {"OMP_NUM_THREADS": "1"}, "spin": "0", "nearest1": True, "threads": None},
+    "ort1": {"env": {}, "spin": None, "nearest1": False, "threads": 1},
 }
 
 
@@ -47,24 +46,22 @@ def _apply(variant: dict) -> None:
             return opts
 
         ort_backend.session_options = session_options
-    if variant["identity"]:
+    if variant["nearest1"]:
         import numpy as np
+        from pykdtree.kdtree import KDTree
 
         from btp.runtime import stages
 
-        down, interp = stages.downsample_points, stages.interpolate
-
-        def downsample_points(raw, cfg, method="auto"):
-            if raw.shape[0] == cfg.preprocess.num_points:
-                return np.arange(raw.shape[0], dtype=np.int64)
-            return down(raw, cfg, method)
+        exact = stages.interpolate
 
         def interpolate(sampled_scores, prep, cfg):
-            if len(prep.sample_idx) == len(prep.raw_points) and (prep.sample_idx == np.arange(len(prep.sample_idx))).all():
-                return np.asarray(sampled_scores, dtype=np.float32)
-            return interp(sampled_scores, prep, cfg)
+            if cfg.scoring.raw_interpolation != "nearest" or len(prep.sample_idx) == len(prep.raw_points):
+                return exact(sampled_scores, prep, cfg)
+            raw = prep.raw_points
+            _, idx = KDTree(np.ascontiguousarray(raw[prep.sample_idx])).query(raw, k=1)
+            return np.asarray(sampled_scores, dtype=np.float32)[idx.reshape(-1)]
 
-        stages.downsample_points, stages.interpolate = downsample_points, interpolate
+        stages.interpolate = interpolate
 
 
 def _child(model: str, name: str, points: list[int], warmup: float, duration: float, threads: int | None) -> dict:
@@ -73,7 +70,7 @@ def _child(model: str, name: str, points: list[int], warmup: float, duration: fl
     from btp.benchmarks.latency import bench_one, make_scans
     from btp.runtime import Pipeline
 
-    pipe = Pipeline(model, backend="ort-cpu", threads=threads, downsample_method=variant["downsample"])
+    pipe = Pipeline(model, backend="ort-cpu", threads=variant["threads"] or threads)
     rows = []
     for n in points:
         stats, iters = bench_one(pipe, make_scans(n, 1), warmup_s=warmup, duration_s=duration)
