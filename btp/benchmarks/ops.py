@@ -89,10 +89,15 @@ def _fps_fpsample_bucket(pts, n, start):
 
 
 def _fps_open3d(pts, n, start):
+    """open3d returns a point cloud, not indices: the index rides along in the colour channel
+    (float64 holds integers exactly), so the timed call yields indices (in ascending order)."""
     import open3d as o3d
 
     cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts.astype(np.float64)))
-    return np.asarray(cloud.farthest_point_down_sample(n, start).points, dtype=np.float32)  # points, not idx
+    carrier = np.zeros((len(pts), 3))
+    carrier[:, 0] = np.arange(len(pts))
+    cloud.colors = o3d.utility.Vector3dVector(carrier)
+    return np.asarray(cloud.farthest_point_down_sample(n, start).colors)[:, 0].astype(np.int64)
 
 
 def _fps_torch(pts, n, start):
@@ -210,13 +215,7 @@ def _run_fps(name, fn, pts, g, truth_idx, truth_cover, repeat, max_s):
         return OpRow("fps", name, len(pts), g, None, None, None, None, None, False,
                      skipped=f"numpy reference skipped above N*G = {_FPS_REFERENCE_MAX:.0e} (takes seconds)")
     ms, out = median_ms(lambda: fn(pts, g, 0), repeat=repeat, max_s=max_s)
-    note = ""
-    if out.dtype != np.int64 and out.ndim == 2:  # open3d returns the sampled points: map back
-        from pykdtree.kdtree import KDTree
-
-        d, out = KDTree(pts).query(np.ascontiguousarray(out, dtype=np.float32), k=1)
-        out = out.astype(np.int64)
-        note = "returns points; indices recovered by exact coordinate match"
+    note = "indices ride in the colour channel; returned in ascending order" if name.startswith("open3d") else ""
     if name == "fpsample bucket (kdline)":
         note = f"h={_bucket_height(len(pts))}; ignores start_idx order (anchors.md)"
     same = order_agreement(truth_idx, out)
