@@ -80,8 +80,12 @@ class TorchBackend:
     def __init__(self, model, *, threads: int | None = None, weights: str = ""):
         import torch
 
-        if threads is not None:
-            torch.set_num_threads(threads)
+        if threads is None:  # same default as ONNX Runtime (one thread per physical core), whatever
+            import psutil  # OMP_NUM_THREADS says (torch would take its thread count from it)
+
+            threads = psutil.cpu_count(logical=False) or 1
+        torch.set_num_threads(threads)
+        self.threads = threads
         self._torch = torch
         self.model = model.eval()
         self.name = "torch"
