@@ -100,19 +100,32 @@ def _fps_open3d(pts, n, start):
     return np.asarray(cloud.farthest_point_down_sample(n, start).colors)[:, 0].astype(np.int64)
 
 
-def _fps_torch(pts, n, start):
+def _cuda_or_skip():
     import torch
 
-    p = torch.from_numpy(pts)
-    min_d2 = torch.full((p.shape[0],), float("inf"))
-    out = torch.empty(n, dtype=torch.int64)
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device for torch on this machine")
+    return torch
+
+
+def _fps_torch(pts, n, start, device="cpu"):
+    import torch
+
+    p = torch.from_numpy(pts).to(device)
+    min_d2 = torch.full((p.shape[0],), float("inf"), device=device)
+    out = torch.empty(n, dtype=torch.int64, device=device)
     last = start
     for i in range(n):
         out[i] = last
         d2 = ((p - p[last]) ** 2).sum(dim=1)
         torch.minimum(min_d2, d2, out=min_d2)
-        last = int(torch.argmax(min_d2))
-    return out.numpy()
+        last = int(torch.argmax(min_d2))  # a host sync per step on CUDA, as a plain loop does
+    return out.cpu().numpy()
+
+
+def _fps_torch_cuda(pts, n, start):
+    _cuda_or_skip()
+    return _fps_torch(pts, n, start, device="cuda")
 
 
 FPS_IMPLS: dict[str, Callable] = {
@@ -122,6 +135,7 @@ FPS_IMPLS: dict[str, Callable] = {
     "fpsample bucket (kdline)": _fps_fpsample_bucket,
     "open3d farthest_point_down_sample": _fps_open3d,
     "torch CPU loop": _fps_torch,
+    "torch CUDA loop": _fps_torch_cuda,
 }
 
 
@@ -162,12 +176,17 @@ def _knn_open3d(pts, q, k):
     return idx.numpy().astype(np.int64), d2.numpy().astype(np.float32)
 
 
-def _knn_torch(pts, q, k):
+def _knn_torch(pts, q, k, device="cpu"):
     import torch
 
-    d = torch.cdist(torch.from_numpy(q), torch.from_numpy(pts))  # [G, N]
+    d = torch.cdist(torch.from_numpy(q).to(device), torch.from_numpy(pts).to(device))  # [G, N]
     d2, idx = torch.topk(d, k, dim=1, largest=False, sorted=True)
-    return idx.numpy(), (d2.numpy() ** 2)
+    return idx.cpu().numpy(), (d2.cpu().numpy() ** 2)  # the copy back synchronises the stream
+
+
+def _knn_torch_cuda(pts, q, k):
+    _cuda_or_skip()
+    return _knn_torch(pts, q, k, device="cuda")
 
 
 KNN_IMPLS: dict[str, Callable] = {
@@ -177,6 +196,7 @@ KNN_IMPLS: dict[str, Callable] = {
     "scipy cKDTree": _knn_ckdtree,
     "open3d nns (knn_search)": _knn_open3d,
     "torch CPU cdist+topk": _knn_torch,
+    "torch CUDA cdist+topk": _knn_torch_cuda,
 }
 
 
@@ -232,6 +252,7 @@ def _run_knn(name, fn, pts, q, k, truth, repeat, max_s):
     err = float(np.max(np.abs(np.sort(d2, axis=1) - truth[1])))
     exact = same == 1.0 and err <= 1e-6 * max(1.0, float(np.max(truth[1])))
     note = "brute force via matmul expansion" if name.startswith("torch") else ""
+    note += "; host->device copies included" if "CUDA" in name else ""
     return OpRow("knn", name, len(pts), len(q), k, ms, order_agreement(truth[0], idx), same, err, exact, note)
 
 
@@ -297,7 +318,7 @@ def ops_summary(rows: Sequence[OpRow], goal_ratio: float = 1.2) -> list[dict]:
     """Per (op, N, G): ours, the best library overall, the best library with the same output,
     and the ratios.
 
-    Libraries = every implementation but ours and the numpy reference. "Same output" = the
+    Libraries = every CPU implementation but ours and the numpy reference. "Same output" = the
     identical index set (FPS centres in any order / kNN rows). ``meets_goal`` = ours <=
     goal_ratio x the best library of all (the issue's goal: approximate FPS counts too).
     """
@@ -306,7 +327,7 @@ def ops_summary(rows: Sequence[OpRow], goal_ratio: float = 1.2) -> list[dict]:
     for op, n, g in keys:
         group = [r for r in rows if (r.op, r.n_points, r.n_groups) == (op, n, g) and r.median_ms is not None]
         ours = next((r for r in group if r.impl == OURS), None)
-        libs = [r for r in group if r.impl not in (OURS, REFERENCE)]
+        libs = [r for r in group if r.impl not in (OURS, REFERENCE) and "CUDA" not in r.impl]  # CPU goal
         if ours is None or not libs:
             continue
         best = min(libs, key=lambda r: r.median_ms)
