@@ -25,6 +25,16 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _match_openmp(threads: int | None) -> None:
+    """--threads N also caps the OpenMP libraries (pykdtree in kNN/interpolation) at N, unless
+    OMP_NUM_THREADS is already set: libgomp reads it once, when first loaded (later in this
+    process). Recorded in the report's machine header (thread_env)."""
+    import os
+
+    if threads is not None:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
 def _say(msg: str) -> None:
     typer.echo(msg, err=True)
 
@@ -45,7 +55,8 @@ def latency(
     warmup: float = typer.Option(1.0, help="warm-up seconds per row (not recorded)"),
     duration: float = typer.Option(5.0, help="timed seconds per row (at least --min-iters calls)"),
     min_iters: int = typer.Option(10, help="minimum timed calls per row"),
-    threads: Optional[int] = typer.Option(None, help="intra-op threads for ORT/torch (default: all cores)"),
+    threads: Optional[int] = typer.Option(None, help="intra-op threads for ORT and torch, and OMP_NUM_THREADS for "
+                                          "OpenMP libraries unless set (default: one per physical core)"),
     checkpoint: Optional[Path] = typer.Option(None, help="checkpoint for the torch row (default: from the ONNX "
                                               "provenance / beside the model / models/<name>.safetensors)"),
     ops: bool = typer.Option(False, "--ops", help="also run the FPS/kNN ops benchmark in the same run, so the "
@@ -61,6 +72,7 @@ def latency(
     from btp.benchmarks.goals import evaluate_goals
     from btp.benchmarks.latency import run_latency
 
+    _match_openmp(threads)
     result = run_latency(model, backends=_names(backends), points=_ints(points, "--points"),
                          batches=_ints(batch, "--batch"), warmup_s=warmup, duration_s=duration,
                          min_iters=min_iters, threads=threads, checkpoint=checkpoint, progress=_say)
@@ -109,6 +121,7 @@ def parity(
     from btp.benchmarks import report as rep
     from btp.benchmarks.parity import run_parity
 
+    _match_openmp(threads)
     result = run_parity(model, data, backends=_names(backends), reference=reference, checkpoint=checkpoint,
                         limit=limit, layout=layout, threads=threads, progress=_say)
     paths = rep.write_parity(result, out)
