@@ -24,7 +24,7 @@ from btp.export.onnx import (
 from btp.export.samples import engine_inputs
 from btp.runtime.backends.ort import OrtBackend
 from btp.runtime.metadata import read_model_meta
-from tests.runtime_helpers import REAL_SHAPES, real_scan, tiny_export
+from runtime_helpers import REAL_SHAPES, real_scan, tiny_export
 
 
 @pytest.fixture(scope="module")

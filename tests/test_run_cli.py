@@ -11,7 +11,7 @@ from btp.cli import app
 from btp.io import write_point_cloud
 from btp.runtime import Pipeline
 from btp.runtime.run import expand_inputs, run_files, unique_stems
-from tests.runtime_helpers import real_scan, tiny_export
+from runtime_helpers import real_scan, tiny_export
 
 
 def _flat(text: str) -> str:

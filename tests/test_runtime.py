@@ -17,7 +17,7 @@ from btp.runtime.calibration import (
     write_threshold,
 )
 from btp.runtime.metadata import ModelMetadataError, read_model_meta
-from tests.runtime_helpers import REAL_SHAPES, real_scan, tiny_export
+from runtime_helpers import REAL_SHAPES, real_scan, tiny_export
 
 STAGES = ["load", "sanitize", "downsample", "normalize", "fps", "group", "engine", "propagate", "interpolate", "object"]
 

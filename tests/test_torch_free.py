@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 
 from btp.io import write_point_cloud
-from tests.runtime_helpers import real_scan, tiny_export
+from runtime_helpers import real_scan, tiny_export
 
 BLOCK_TORCH = "import sys; sys.modules['torch'] = None\n"
 
