@@ -323,11 +323,13 @@ def test_parity_command_end_to_end(tiny_onnx, tmp_path, shapes_root):
 def test_whatif_variants_run_in_subprocesses(tiny_onnx):
     from btp.benchmarks.whatif import run_whatif, whatif_markdown
 
-    data = run_whatif(tiny_onnx, variants=("default", "omp1+nospin+nearest1"), points=(512, 2000), warmup=0.0,
-                      duration=0.0)
-    assert [v["variant"] for v in data["variants"]] == ["default", "omp1+nospin+nearest1"]
+    data = run_whatif(tiny_onnx, variants=("default", "omp1+nospin+nearest1", "split-concat-conv"),
+                      points=(512, 2000), warmup=0.0, duration=0.0)
+    assert [v["variant"] for v in data["variants"]] == ["default", "omp1+nospin+nearest1", "split-concat-conv"]
     for v in data["variants"]:
         assert "error" not in v, v
         for row in v["rows"]:
             _ordered(row["stages"]["end_to_end"])
+    split = data["variants"][2]
+    assert split["rewritten_nodes"] == 1 and max(split["max_output_diff"].values()) < 1e-4
     assert "| omp1+nospin+nearest1 |" in whatif_markdown(data)
