@@ -169,7 +169,8 @@ def ops(
 @app.command()
 def whatif(
     model: Path = typer.Argument(..., exists=True, dir_okay=False, help="model.onnx (from btp-export)"),
-    variants: str = typer.Option("default,omp1,nospin,omp1+nospin,omp1+nospin+nearest1,ort1,split-concat-conv",
+    variants: str = typer.Option("default,omp1,nospin,omp1+nospin,omp1+nospin+nearest1,omp1+nearest1+thin,ort1,"
+                                 "split-concat-conv",
                                  help="variants to run (see btp/benchmarks/whatif.py)"),
     points: str = typer.Option("2048,400000", help="raw-scan sizes"),
     warmup: float = typer.Option(0.5, help="warm-up seconds per row"),

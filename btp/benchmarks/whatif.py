@@ -14,6 +14,9 @@ runtime's owner sees what a change buys before making it. Variants:
   query (no extra candidates, no exact tie resolution: ties at exactly equal distance have
   measure zero on real scans; where they happen the score is that of an equally near sample).
 - ``ort1``: ORT with 1 intra-op thread (what a loaded / shared 2-core box may prefer).
+- ``omp1+nearest1+thin``: omp1 and nearest1, and scans above 8 N points are first thinned by a
+  fixed stride to about 8 N points, then bucket FPS picks N of those (a lighter downsampling
+  path for huge scans; the covering radius against the default path is reported).
 - ``split-concat-conv``: model.onnx rewritten by ``split_concat_conv`` (below): the mini-PointNet's
   ``Conv(Concat([Expand(max), local]))`` becomes ``Conv_local(local) + Conv_global(max)``, the
   same linear map with the global half applied once per patch instead of once per point
@@ -36,6 +39,8 @@ VARIANTS = {
     "omp1+nospin": {"env": {"OMP_NUM_THREADS": "1"}, "spin": "0", "nearest1": False, "threads": None},
     "omp1+nospin+nearest1": {"env": {"OMP_NUM_THREADS": "1"}, "spin": "0", "nearest1": True, "threads": None},
     "ort1": {"env": {}, "spin": None, "nearest1": False, "threads": 1},
+    "omp1+nearest1+thin": {"env": {"OMP_NUM_THREADS": "1"}, "spin": None, "nearest1": True, "threads": None,
+                           "thin": 8},
     "split-concat-conv": {"env": {}, "spin": None, "nearest1": False, "threads": None, "graph": "split"},
 }
 
@@ -150,6 +155,25 @@ def _apply(variant: dict) -> None:
         stages.interpolate = interpolate
 
 
+def _thin_then_bucket(factor: int):
+    """A downsample_points replacement: stride-thin scans above factor*N points, then bucket FPS."""
+    import numpy as np
+
+    from btp.geometry import downsample
+    from btp.runtime import stages
+
+    default = stages.downsample_points
+
+    def downsample_points(raw, cfg, method="auto"):
+        n = cfg.preprocess.num_points
+        if raw.shape[0] <= factor * n:
+            return default(raw, cfg, method)
+        keep = np.arange(0, raw.shape[0], raw.shape[0] // (factor * n), dtype=np.int64)
+        return keep[downsample(raw[keep], n, cfg.preprocess.fps_start, method="bucket")]
+
+    return default, downsample_points
+
+
 def _child(model: str, name: str, points: list[int], warmup: float, duration: float, threads: int | None) -> dict:
     variant = VARIANTS[name]
     _apply(variant)
@@ -157,6 +181,19 @@ def _child(model: str, name: str, points: list[int], warmup: float, duration: fl
     from btp.runtime import Pipeline
 
     extra = {}
+    if variant.get("thin"):
+        from btp.benchmarks.ops import covering_radius
+        from btp.runtime import stages
+        from btp.runtime.metadata import read_model_meta
+
+        cfg = read_model_meta(model).config
+        default, thinned = _thin_then_bucket(variant["thin"])
+        stages.downsample_points = thinned
+        extra["cover_vs_default"] = {}
+        for n in (p for p in points if p > variant["thin"] * cfg.preprocess.num_points):
+            raw = make_scans(n, 1)[0]
+            extra["cover_vs_default"][str(n)] = (covering_radius(raw, raw[thinned(raw, cfg)])
+                                                 / covering_radius(raw, raw[default(raw, cfg)]))
     if variant.get("graph") == "split":
         import tempfile
 
@@ -217,6 +254,10 @@ def whatif_markdown(data: dict) -> str:
     for v in data["variants"]:
         if "error" in v:
             lines.append(f"- {v['variant']}: failed: {v['error']}")
+        if "cover_vs_default" in v:
+            cover = ", ".join(f"{n} pts {r:.2f}x" for n, r in v["cover_vs_default"].items())
+            lines.append(f"- {v['variant']}: covering radius of the sampled points vs the default path: {cover} "
+                         "(1.00x = as well spread)")
         if "max_output_diff" in v:
             diffs = ", ".join(f"{k} {d:.1e}" for k, d in v["max_output_diff"].items())
             lines.append(f"- {v['variant']}: {v['rewritten_nodes']} Concat+Conv rewritten; max abs output diff vs "
