@@ -293,13 +293,6 @@ def run_latency(model_path, *, backends: Sequence[str] = ("torch", "ort-cpu") + 
     return report
 
 
-def stage_breakdown(row: LatencyRow | dict) -> dict[str, float]:
-    """p50 ms per stage of one row, plus the share of end-to-end (medians, so shares are
-    indicative: stage medians need not add up to the end-to-end median)."""
-    stages = row["stages"] if isinstance(row, dict) else row.stages
-    return {k: v["p50"] for k, v in stages.items()}
-
-
 def engine_thread_sweep(model_path, *, threads: Sequence[int] = (1, 2), backends: Sequence[str] = ("ort-cpu", "torch"),
                         checkpoint=None, repeat: int = 7, mesh: str | None = None) -> list[dict]:
     """Engine-only median ms per (backend, intra-op threads) on one real preprocessed 2048-point
