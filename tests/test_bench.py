@@ -304,7 +304,7 @@ def test_parity_command_end_to_end(tiny_onnx, tmp_path, shapes_root):
 
     _write_anomaly_shapenet(tmp_path / "data", shapes_root)
     res = CliRunner().invoke(app, ["parity", str(tiny_onnx), "--data", str(tmp_path / "data"),
-                                   "--backends", "ort-cpu,trt-fp16", "--out", str(tmp_path / "res"),
+                                   "--backends", "ort-cpu,trt-fp16,torch-fp16", "--out", str(tmp_path / "res"),
                                    "--json", str(tmp_path / "par.json")])
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "par.json").read_text())
@@ -316,6 +316,10 @@ def test_parity_command_end_to_end(tiny_onnx, tmp_path, shapes_root):
                            "knn_idx", "o_auroc", "p_auroc"}
     assert checks["point_scores"]["n"] == 6 * 1500 and checks["fps_idx"]["value"] == 1.0
     assert all(c["why"] and c["limit"] is not None for c in ort["checks"])
+    half = next(b for b in data["backends"] if b["backend"] == "torch-fp16")
+    assert half["precision"] == "fp16" and half["verdict"] in ("PASS", "FAIL")
+    half_probs = next(c for c in half["checks"] if c["output"] == "patch_probs")
+    assert half_probs["limit"] > checks["patch_probs"]["limit"] and "r=16u" in half_probs["why"]
     md = next((tmp_path / "res").glob("parity-*.md")).read_text()
     assert "PASS" in md and "tolerance" in md
 
@@ -333,3 +337,16 @@ def test_whatif_variants_run_in_subprocesses(tiny_onnx):
     split = data["variants"][2]
     assert split["rewritten_nodes"] == 1 and max(split["max_output_diff"].values()) < 1e-4
     assert "| omp1+nospin+nearest1 |" in whatif_markdown(data)
+
+
+def test_metric_tolerance_counts_swappable_pairs():
+    labels = np.array([1, 1, 0, 0])
+    scores = np.array([0.50, 0.90, 0.5005, 0.10])
+    # pairs (pos, neg): (0.50, 0.5005) within 2 * 1e-3, the other three are not
+    assert cmp.auroc_swap_bound(labels, scores, 1e-3) == pytest.approx(1 / 4)
+    assert cmp.auroc_swap_bound(labels, scores, 1e-5) == 0.0
+    ref = {"object_score": scores, "patch_probs": np.array([[0.5, 0.6]]), "global_prob": np.array([0.5])}
+    tol = {t.output: t for t in cmp.tolerances("fp16", ref, object_labels=labels)}
+    assert tol["o_auroc"].limit == pytest.approx(cmp.auroc_swap_bound(labels, scores, tol["object_score"].limit))
+    assert "pairs" in tol["o_auroc"].why
+    assert tol["p_auroc"].limit == 5e-3  # no point labels given: the floor

@@ -108,7 +108,9 @@ def parity(
     model: Path = typer.Argument(..., exists=True, dir_okay=False, help="model.onnx (from btp-export)"),
     data: Path = typer.Option(..., exists=True, file_okay=False, help="test data in the Anomaly-ShapeNet or "
                               "Real3D-AD layout (e.g. written by `btp data synth`)"),
-    backends: str = typer.Option("ort-cpu,ort-cuda,trt-fp32,trt-fp16", help="backends to compare"),
+    backends: str = typer.Option("ort-cpu,ort-cuda,trt-fp32,trt-fp16,torch-fp16",
+                                 help="backends to compare (torch-fp16: the model run entirely in float16 by torch "
+                                      "on the CPU, a worst-case check of the FP16 tolerances without a GPU)"),
     reference: str = typer.Option("torch", help="reference backend"),
     checkpoint: Optional[Path] = typer.Option(None, help="checkpoint for the torch reference"),
     limit: Optional[int] = typer.Option(None, help="at most this many test samples"),

@@ -26,7 +26,7 @@ import numpy as np
 from btp.benchmarks.data import sample_cloud
 from btp.benchmarks.stats import Stats, measure, summarize
 
-BACKENDS = ("torch", "ort-cpu", "ort-cuda", "trt-fp32", "trt-fp16")
+BACKENDS = ("torch", "ort-cpu", "ort-cuda", "trt-fp32", "trt-fp16", "torch-fp16")
 DEFAULT_POINTS = (2048, 40000, 400000)
 DEFAULT_BATCHES = (1, 4)
 GPU_BACKENDS = ("ort-cuda", "trt-fp32", "trt-fp16")
@@ -81,7 +81,7 @@ def unavailable_reason(backend: str) -> str | None:
     """Why ``backend`` cannot run on this machine (None = try it)."""
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}"
-    if backend == "torch":
+    if backend in ("torch", "torch-fp16"):
         return None if importlib.util.find_spec("torch") else "torch not installed (pip install btp-edge[train])"
     if backend == "ort-cpu":
         return None if importlib.util.find_spec("onnxruntime") else "onnxruntime not installed"
@@ -119,10 +119,11 @@ def make_pipeline(backend: str, model_path, *, threads: int | None = None, check
     """
     from btp.runtime import Pipeline
 
-    if backend == "torch":
+    if backend in ("torch", "torch-fp16"):
         from btp.benchmarks.torch_backend import TorchBackend
 
-        torch_backend = TorchBackend.for_onnx(model_path, checkpoint=checkpoint, threads=threads)
+        torch_backend = TorchBackend.for_onnx(model_path, checkpoint=checkpoint, threads=threads,
+                                              half=backend == "torch-fp16")
         pipe = Pipeline(model_path, backend="ort-cpu", threads=threads)
         _swap_backend(pipe, torch_backend)
         return pipe, torch_backend.weights
@@ -250,7 +251,7 @@ def run_latency(model_path, *, backends: Sequence[str] = ("torch", "ort-cpu") + 
                   "threads": threads, "mesh": mesh or "cgal__stanford_bunny.ply"},
     )
     # torch last: importing it grows the process (RSS of the other rows stays honest)
-    ordered = sorted(dict.fromkeys(backends), key=lambda b: b == "torch")
+    ordered = sorted(dict.fromkeys(backends), key=lambda b: b.startswith("torch"))
     for backend in ordered:
         reason = unavailable_reason(backend)
         if reason:

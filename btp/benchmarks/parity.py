@@ -141,7 +141,9 @@ def run_parity(model_path, data_dir, *, backends: Sequence[str] = ("ort-cpu",), 
         arrays["p_auroc"] = np.array([metrics["p_auroc"]])
         precision = precision_of(name)
         tols = tolerances(precision, ref_arrays, object_alpha=cfg.scoring.object_alpha,
-                          global_temperature=cfg.scoring.global_temperature)
+                          global_temperature=cfg.scoring.global_temperature,
+                          object_labels=np.array([s.object_label for s in samples]),
+                          point_labels=np.concatenate([s.labels for s in samples]))
         checks = compare(ref_arrays, arrays, tols)
         out["backends"].append({"backend": name, "precision": precision, "verdict": overall(checks),
                                 "checks": [c.to_dict() for c in checks],

@@ -77,7 +77,7 @@ def load_torch_model(model_path, checkpoint=None):
 class TorchBackend:
     """PyTorch eager forward of a BTPModel (see module docstring)."""
 
-    def __init__(self, model, *, threads: int | None = None, weights: str = ""):
+    def __init__(self, model, *, threads: int | None = None, weights: str = "", half: bool = False):
         import torch
 
         if threads is None:  # same default as ONNX Runtime (one thread per physical core), whatever
@@ -87,18 +87,19 @@ class TorchBackend:
         torch.set_num_threads(threads)
         self.threads = threads
         self._torch = torch
-        self.model = model.eval()
-        self.name = "torch"
-        self.weights = weights
+        self.model = model.eval().half() if half else model.eval()
+        self.dtype = torch.float16 if half else torch.float32
+        self.name = "torch-fp16" if half else "torch"
+        self.weights = weights + ("; every op in float16 (CPU emulation of an all-FP16 engine)" if half else "")
 
     @classmethod
-    def for_onnx(cls, model_path, *, checkpoint=None, threads: int | None = None) -> "TorchBackend":
+    def for_onnx(cls, model_path, *, checkpoint=None, threads: int | None = None, half: bool = False) -> "TorchBackend":
         model, label = load_torch_model(model_path, checkpoint)
-        return cls(model, threads=threads, weights=label)
+        return cls(model, threads=threads, weights=label, half=half)
 
     def run(self, neighborhood: np.ndarray, center: np.ndarray) -> dict[str, np.ndarray]:
         torch = self._torch
         with torch.inference_mode():
-            out = self.model(torch.from_numpy(np.ascontiguousarray(neighborhood, dtype=np.float32)),
-                             torch.from_numpy(np.ascontiguousarray(center, dtype=np.float32)))
-        return {k: v.numpy() for k, v in out.items()}
+            out = self.model(torch.from_numpy(np.ascontiguousarray(neighborhood, dtype=np.float32)).to(self.dtype),
+                             torch.from_numpy(np.ascontiguousarray(center, dtype=np.float32)).to(self.dtype))
+        return {k: v.float().numpy() for k, v in out.items()}
