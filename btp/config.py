@@ -219,6 +219,11 @@ def btp_mini_config() -> BTPConfig:
         ),
         text=TextConfig(kind="minilm", embed_dim=384),
         mgfem=MGFEMConfig(hidden=256),
+        # CPU budget: 2 epochs of batch 4 (580 iterations on 1160 synthetic samples) instead of the
+        # spec's 100 epochs of batch 2. At the spec's 5e-4 the heads learned nothing in 150
+        # iterations (point AUROC 0.50 on samples of 10 training-split meshes kept out of that
+        # run); 3e-3 (prompt context too) did learn. Chosen on training-split meshes only.
+        train=TrainConfig(lr=3e-3, lr_prompt=3e-3, batch_size=4, epochs=2),
     ).validate()
 
 

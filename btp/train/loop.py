@@ -24,8 +24,8 @@ from btp.train.ddp import DistEnv, dist_env, init_distributed, mean_across, shut
 
 @dataclass
 class BTPOptions:
-    epochs: int = 4
-    batch_size: int = 4
+    epochs: int | None = None  # None: cfg.train.epochs
+    batch_size: int | None = None  # None: cfg.train.batch_size
     ckpt_every: int = 100
     seed: int = 0
     # ablation switches (all on = the spec's model)
@@ -172,6 +172,9 @@ def train_btp(cfg: BTPConfig, arrays: dict[str, np.ndarray], out_dir, opts: BTPO
     from btp.train.progress import Progress
     from btp.train.schedule import make_optimizer, set_lr
 
+    from dataclasses import replace
+
+    opts = replace(opts, epochs=opts.epochs or cfg.train.epochs, batch_size=opts.batch_size or cfg.train.batch_size)
     env: DistEnv = dist_env()
     init_distributed(env)
     if opts.threads:

@@ -37,7 +37,7 @@ RECIPES: dict[str, Recipe] = {
         name="btp-mini", config=btp_mini_config,
         pretrain=PretrainOptions(steps=200, batch_size=4, lr=1e-3, mask_ratio=0.6, align_weight=0.5,
                                  pool_points=8192, ckpt_every=50),
-        btp=BTPOptions(epochs=2, batch_size=4, ckpt_every=100),
+        btp=BTPOptions(ckpt_every=100),  # epochs, batch size, learning rates: btp_mini_config().train
         per_shape=20,
     ),
     # seconds: for tests and smoke runs
