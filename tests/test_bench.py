@@ -350,3 +350,8 @@ def test_metric_tolerance_counts_swappable_pairs():
     assert tol["o_auroc"].limit == pytest.approx(cmp.auroc_swap_bound(labels, scores, tol["object_score"].limit))
     assert "pairs" in tol["o_auroc"].why
     assert tol["p_auroc"].limit == 5e-3  # no point labels given: the floor
+    tied = {"object_score": np.full(4, 0.5), "patch_probs": np.array([[0.5]]), "global_prob": np.array([0.5])}
+    vacuous = {t.output: t for t in cmp.tolerances("fp16", tied, object_labels=labels)}["o_auroc"]
+    assert not vacuous.informative
+    res = cmp.check(np.array([0.7]), np.array([0.6]), vacuous)
+    assert res.verdict == "SKIP" and "not informative" in res.note

@@ -32,6 +32,7 @@ class Tolerance:
     kind: str  # "abs" | "cosine" | "index" | "metric"
     limit: float
     why: str
+    informative: bool = True  # False: the limit is so loose that a PASS would say nothing (-> SKIP)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ def check(ref, test, tol: Tolerance) -> CheckResult:
         return CheckResult(tol.output, tol.kind, None, None, tol.limit, False, int(ref_arr.size), tol.why,
                            note=f"shape mismatch: reference {ref_arr.shape} vs test {test_arr.shape}")
     n = int(ref_arr.size)
+    if not tol.informative:
+        diff = float(np.max(np.abs(test_arr.astype(np.float64) - ref_arr.astype(np.float64)))) if n else None
+        return CheckResult(tol.output, tol.kind, diff, diff, tol.limit, None, n, tol.why,
+                           note="not informative: the reference scores are near-ties at this tolerance")
     if tol.kind in ("abs", "metric"):
         diff = np.abs(test_arr.astype(np.float64) - ref_arr.astype(np.float64))
         if n == 0 or not np.isfinite(diff).all():
@@ -139,7 +144,8 @@ def tolerances(precision: str, reference: Mapping[str, object], *, object_alpha:
     cos >= 1 - 8 r^2. Metric deltas <= 5e-3 (FP32: 1e-3), or - when labels are given - at most
     the share of (anomalous, normal) pairs whose reference scores are close enough for the
     tolerated score error to swap them (``auroc_swap_bound``), whichever is larger: near-tied
-    scores (an untrained model, few objects) can move AUROC without any check being wrong.
+    scores (an untrained model, few objects) can move AUROC without any check being wrong; when
+    a quarter or more of the pairs can swap, the check is reported as SKIP (not informative).
     Indices stay exact: preprocessing is FP32 on every backend.
     """
     checks = _score_tolerances(precision, reference, object_alpha, global_temperature)
@@ -155,7 +161,7 @@ def tolerances(precision: str, reference: Mapping[str, object], *, object_alpha:
                     t = Tolerance(t.output, t.kind, bound,
                                   f"share of (anomalous, normal) pairs within 2 x tol({level}) = "
                                   f"{2 * by_name[level].limit:.1e} in the reference: swaps the tolerated score "
-                                  f"error allows (> the {t.limit:g} floor)")
+                                  f"error allows (> the {t.limit:g} floor)", informative=bound < 0.25)
         out.append(t)
     return tuple(out)
 
