@@ -190,7 +190,8 @@ class BTPArrays:
 
 
 def btp_samples(shapes, cfg: BTPConfig, per_shape: int, seed: int, cache_dir, *, anomalous_frac: float = 0.5,
-                synth_points: int = 8192, progress=None, log=print) -> dict[str, np.ndarray]:
+                synth_points: int = 8192, rotate: bool = False, progress=None,
+                log=print) -> dict[str, np.ndarray]:
     """Synthetic BTP training samples on ``shapes`` (training split only!), preprocessed + cached.
 
     Per shape: ``per_shape`` clouds, the first ``round(anomalous_frac * per_shape)`` anomalous
@@ -198,13 +199,16 @@ def btp_samples(shapes, cfg: BTPConfig, per_shape: int, seed: int, cache_dir, *,
     ``synth_points`` points (like the written datasets' raw scans) and is FPS-sampled to N by
     ``prepare``. Sample seeds: ``synth.sample_seed(seed, shape, "btp-train", i)``; a sample whose
     defect cannot be placed is retried with the next seed (``i + 1000 * attempt``).
+    ``rotate``: every cloud gets a uniformly random rotation (drawn from its sample seed), so that
+    the 20 clouds of one mesh do not share a pose and absolute position cannot stand in for
+    "how this mesh normally looks" (GFCM sees absolute patch xyz).
     """
     from btp.train import synth
 
     key = _key({"v": DATA_VERSION, "synth": synth.SynthConfig().__dict__, "names": [s.name for s in shapes],
                 "per_shape": per_shape, "seed": seed, "anom": anomalous_frac, "pts": synth_points,
                 "pre": cfg.preprocess.__dict__, "G": cfg.encoder.num_group, "K": cfg.encoder.group_size,
-                "gfcm": cfg.gfcm.__dict__})
+                "gfcm": cfg.gfcm.__dict__, **({"rotate": True} if rotate else {})})
     path = Path(cache_dir) / f"btp-{key}.npz"
     if path.is_file():
         return load_arrays(path)
@@ -229,7 +233,11 @@ def btp_samples(shapes, cfg: BTPConfig, per_shape: int, seed: int, cache_dir, *,
             else:
                 log(f"data: skipped {shape.name} sample {i} (no defect could be placed)")
                 continue
-            items.append(prepare(sample.points, sample.labels, cfg))
+            points = sample.points
+            if rotate:
+                rot = random_rotation(np.random.default_rng([sample_seed, 7]))
+                points = (points @ rot.T).astype(np.float32)
+            items.append(prepare(points, sample.labels, cfg))
             obj.append(sample.object_label)
             sid.append(s_i)
             if progress:

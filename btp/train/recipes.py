@@ -28,6 +28,7 @@ class Recipe:
     per_shape: int  # synthetic BTP samples per training mesh (half anomalous)
     notes: str = ""
     use_pretrain: bool = True  # ablation: False = frozen *random* encoder
+    rotate: bool = False  # BTP samples in uniformly random poses (see btp.train.data.btp_samples)
     extra: dict = field(default_factory=dict)
 
 
@@ -39,6 +40,14 @@ RECIPES: dict[str, Recipe] = {
                                  pool_points=8192, ckpt_every=50),
         btp=BTPOptions(ckpt_every=100),  # epochs, batch size, learning rates: btp_mini_config().train
         per_shape=20,
+    ),
+    # btp-mini with the BTP samples in random poses (diagnosis of the first run: see the card)
+    "btp-mini-rot": Recipe(
+        name="btp-mini-rot", config=btp_mini_config,
+        pretrain=PretrainOptions(steps=200, batch_size=4, lr=1e-3, mask_ratio=0.6, align_weight=0.5,
+                                 pool_points=8192, ckpt_every=50),
+        btp=BTPOptions(ckpt_every=100),
+        per_shape=20, rotate=True,
     ),
     # seconds: for tests and smoke runs
     "tiny": Recipe(
@@ -89,7 +98,7 @@ def run_recipe(recipe: Recipe, shapes_root, out, *, seed: int = 0, resume: bool 
         times["pretrain_s"] = round(time.time() - t0, 1)
 
     t0 = time.time()
-    arrays = tdata.btp_samples(train_shapes, cfg, recipe.per_shape, seed, out / "cache", log=log)
+    arrays = tdata.btp_samples(train_shapes, cfg, recipe.per_shape, seed, out / "cache", rotate=recipe.rotate, log=log)
     times["data_s"] = round(time.time() - t0, 1)
     log(f"recipe {recipe.name}: {len(arrays['points'])} BTP samples ({int(arrays['object_label'].sum())} anomalous) "
         f"from {len(train_shapes)} training meshes in {times['data_s']} s")
@@ -99,7 +108,8 @@ def run_recipe(recipe: Recipe, shapes_root, out, *, seed: int = 0, resume: bool 
         "train_shapes": [s.name for s in train_shapes], "heldout_shapes": split.names("heldout"),
         "pretrained_encoder": bool(recipe.use_pretrain),
         "pretrain_options": asdict(recipe.pretrain) if recipe.use_pretrain else None,
-        "per_shape": recipe.per_shape, "data": "synthetic defects (btp.train.synth) on training-split meshes",
+        "per_shape": recipe.per_shape, "rotate": recipe.rotate,
+        "data": "synthetic defects (btp.train.synth) on training-split meshes",
     }
     t0 = time.time()
     summary = train_btp(cfg, arrays, out / "btp", recipe.btp, encoder_path=encoder_path, resume=resume,
