@@ -45,6 +45,16 @@ def _print_paths(paths) -> None:
             typer.echo(f"wrote {p}")
 
 
+def ops_report(latency_data: dict) -> dict:
+    """The ops report of a `latency --ops` run, from its rows (same machine header, same run)."""
+    from btp.benchmarks.ops import DEFAULT_GROUPS, DEFAULT_K, DEFAULT_POINTS
+
+    return {"machine": latency_data["machine"],
+            "settings": {"points": list(DEFAULT_POINTS), "groups": list(DEFAULT_GROUPS), "k": DEFAULT_K, "repeat": 7,
+                         "threads": latency_data["settings"]["threads"], "run": "btp bench latency --ops"},
+            "rows": latency_data["ops_rows"], "summary": latency_data["ops_summary"]}
+
+
 @app.command()
 def latency(
     model: Path = typer.Argument(..., exists=True, dir_okay=False, help="model.onnx (from btp-export)"),
@@ -93,9 +103,10 @@ def latency(
         rows = run_ops(threads=threads, progress=_say)
         data["ops_rows"] = [r.to_dict() for r in rows]
         data["ops_summary"] = ops_summary(rows)
+        ops_paths = rep.write_ops(ops_report(data), out)  # the same rows as their own report
     data["goals"] = [g.to_dict() for g in evaluate_goals(data, data.get("ops_summary"), data["flops"],
                                                          data["matmul_peak"])]
-    paths = rep.write_latency(data, out)
+    paths = rep.write_latency(data, out) + (ops_paths if ops else [])
     if json_file:
         paths.append(rep.write_json(json_file, data))
     _print_paths(paths)
