@@ -1,7 +1,8 @@
 """ONNX Runtime backend: ort-cpu / ort-cuda / ort-trt (execution providers of one session).
 
 Session: graph optimisation level ALL, intra-op threads from ``threads`` (None = ORT's default,
-one per physical core), sequential execution (one small graph: inter-op parallelism only costs).
+one per physical core), sequential execution (one small graph: inter-op parallelism only costs),
+no spinning of idle workers (they would take the cores from the pre/post-processing).
 On CUDA the outputs are bound with IO binding to pre-allocated host buffers; on CPU a plain
 ``session.run`` is already zero-copy for numpy inputs, so binding would only add calls.
 """
@@ -31,6 +32,10 @@ def session_options(threads: int | None):
             raise BackendError(f"threads={threads}: expected a positive number of intra-op threads")
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
+    # idle intra-op workers block instead of busy-waiting after a run, leaving the cores to the
+    # CPU pre/post-processing around the engine (benchmarks/results/cpu-findings-2026-11-25.md:
+    # with OMP_NUM_THREADS=1 it took the 2048-point e2e from 83.7 to 45.1 ms on the shared 2-vCPU box)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
     return opts
 
