@@ -78,6 +78,13 @@ def test_partial_nan_rows_are_dropped_with_a_warning(model_path, tmp_path, shape
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "holes.json").read_text())
     assert doc["points"] == 1188 and any("dropped 12" in w for w in doc["warnings"])
+    # the .npy keeps one score per input row, in input order: NaN exactly where a row was dropped
+    assert doc["rows"] == 1200
+    scores = np.load(out / "holes.npy")
+    assert scores.shape == (1200,)
+    lost = np.zeros(1200, dtype=bool)
+    lost[::100] = True
+    assert np.array_equal(np.isnan(scores), lost)
 
 
 def test_threshold_sidecar_override_csv_and_png(model_path, scan_dir, tmp_path):

@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import btp
 from btp.config import PRESETS, BTPConfig, preset
 from btp.errors import BTPError
 from btp.export.formats import check_batch, check_opset
+from btp.io.atomic import atomic_write_bytes
 from btp.runtime.metadata import DEBUG_OUTPUT_NAMES, INPUT_NAMES, META_KEY, OUTPUT_NAMES, build_metadata
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -356,21 +356,8 @@ def export_onnx(loaded: LoadedModel, out: str | Path, *, opset: int = 17, batch:
         lines = "; ".join(f"{c.output}: max {c.value} > {c.limit} {c.note}".strip() for c in checks if not c.passed)
         raise ExportError(f"{out}: ONNX Runtime does not match PyTorch on {n_scans} real sampled shapes ({lines}); "
                           "nothing was written")
-    _atomic_write(out, payload)
+    atomic_write_bytes(out, payload)
     ops = tuple(sorted(op for _, op in op_types(proto)))
     return ExportResult(out, len(payload), time.perf_counter() - t0, checks, verdict, ops, metadata)
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

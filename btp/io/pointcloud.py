@@ -12,7 +12,6 @@ Torch-free.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import numpy as np
 
 from btp.io import pcd as _pcd
 from btp.io import ply as _ply
+from btp.io.atomic import atomic_write_bytes
 from btp.io.colors import heat_colors
 from btp.io.errors import (
     EmptyCloudError,
@@ -33,14 +33,6 @@ from btp.io.errors import (
     TruncatedFileError,
     UnsupportedFormatError,
 )
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_current_umask()  # what open() would give a new file (mkstemp gives 0600)
 
 READ_SUFFIXES = (".pcd", ".ply", ".xyz", ".txt", ".csv", ".npy", ".npz")
 WRITE_SUFFIXES = (".pcd", ".ply")
@@ -57,6 +49,9 @@ class PointCloud:
     colors  float32 [N, 3] in [0, 1] or None
     path    the file it came from (None for arrays)
     scalars float32 [N] or None    a per-point ``anomaly`` score field (what ``write_point_cloud`` writes)
+    row_mask bool [R] or None      which of the file's R rows were kept (None: all of them); rows with
+                                   NaN/inf are dropped, and outputs that promise one value per input
+                                   row (``btp-run``'s ``.npy``) put NaN there
     """
 
     points: np.ndarray
@@ -64,6 +59,7 @@ class PointCloud:
     colors: np.ndarray | None = None
     path: Path | None = None
     scalars: np.ndarray | None = None
+    row_mask: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.points.shape[0])
@@ -106,6 +102,7 @@ def _finish(path: Path, points: np.ndarray, labels, colors, scalars, min_points:
     if labels is not None and labels.dtype.kind == "f":
         finite &= np.isfinite(labels)
     dropped = int(n - finite.sum())
+    row_mask = finite if dropped else None
     if dropped:
         warnings.warn(f"{path}: dropped {dropped} of {n} rows with NaN/inf values", stacklevel=3)
         points = points[finite]
@@ -125,7 +122,7 @@ def _finish(path: Path, points: np.ndarray, labels, colors, scalars, min_points:
         colors = np.clip(np.asarray(colors, dtype=np.float32), 0.0, 1.0)
     if scalars is not None:
         scalars = np.asarray(scalars, dtype=np.float32)
-    return PointCloud(np.ascontiguousarray(points, dtype=np.float32), labels, colors, path, scalars)
+    return PointCloud(np.ascontiguousarray(points, dtype=np.float32), labels, colors, path, scalars, row_mask)
 
 
 def _as_labels(path: Path, labels: np.ndarray) -> np.ndarray:
@@ -359,23 +356,7 @@ def write_point_cloud(path: str | os.PathLike, points: np.ndarray, scalars: np.n
     elif scalars is not None:
         colors_u8 = heat_colors(scalars)
     encode = _pcd.encode_binary if suffix == ".pcd" else _ply.encode_binary
-    _atomic_write(path, encode(points, scalars, colors_u8))
+    atomic_write_bytes(path, encode(points, scalars, colors_u8))
     return path
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

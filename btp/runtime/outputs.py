@@ -14,33 +14,16 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from btp.io.atomic import atomic_write_bytes
+
 POINT_THRESHOLD = 0.5  # a point is "anomalous" when its mean patch probability favours "defective"
 CSV_FIELDS = ("file", "status", "object_score", "decision", "threshold", "points", "anomalous_points",
               "anomalous_fraction", "score_max", "score_mean", "total_ms", "error")
-
-
-def atomic_write_bytes(path: str | Path, payload: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_json(path: str | Path, doc: Any) -> Path:

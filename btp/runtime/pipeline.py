@@ -48,6 +48,15 @@ class Result:
     warnings: tuple[str, ...] = ()
     sampled_idx: np.ndarray | None = field(default=None, repr=False)  # int64 [N] into points
     sampled_scores: np.ndarray | None = field(default=None, repr=False)  # float32 [N] before interpolation
+    row_mask: np.ndarray | None = field(default=None, repr=False)  # bool [R]: file rows kept (None = all)
+
+    def scores_per_row(self) -> np.ndarray:
+        """float32 [R]: one score per row of the input file, NaN where a NaN/inf row was dropped."""
+        if self.row_mask is None:
+            return self.point_scores
+        full = np.full(self.row_mask.shape[0], np.nan, dtype=np.float32)
+        full[self.row_mask] = self.point_scores
+        return full
 
     @property
     def total_ms(self) -> float:
@@ -69,6 +78,7 @@ class Job:
     timings: dict[str, float]
     path: Path | None = None
     warnings: tuple[str, ...] = ()
+    row_mask: np.ndarray | None = None  # bool [R] from btp.io: which file rows were kept
 
 
 class Pipeline:
@@ -114,7 +124,7 @@ class Pipeline:
         if len(sample_idx) < cfg.preprocess.num_points:
             notes.append(f"scan has {len(raw)} points, fewer than the model's N = {cfg.preprocess.num_points}: "
                          "all of them were scored (patches cover more surface than in training)")
-        return Job(prep, t, cloud.path, tuple(notes))
+        return Job(prep, t, cloud.path, tuple(notes), cloud.row_mask)
 
     # ---- engine + post-processing ----------------------------------------------------------
     def infer(self, jobs: list[Job], batch_size: int | None = None) -> list[Result]:
@@ -148,4 +158,4 @@ class Pipeline:
             score = stages.object_score(outputs, b)
         global_prob = float(outputs["global_prob"][b]) if "global_prob" in outputs else float("nan")
         return Result(score, point_scores, patch_probs, t, global_prob, job.prep.raw_points, job.path, batch,
-                      job.warnings, job.prep.sample_idx, sampled_scores)
+                      job.warnings, job.prep.sample_idx, sampled_scores, job.row_mask)

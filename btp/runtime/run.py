@@ -99,6 +99,7 @@ def result_doc(result: Result, pipeline: Pipeline, path: Path, threshold: float 
         "decision": decision,
         "threshold": None if threshold is None else {"value": threshold, "source": threshold_source},
         "points": int(len(result.point_scores)),
+        "rows": int(len(result.row_mask)) if result.row_mask is not None else int(len(result.point_scores)),
         "point_scores": outputs.point_summary(result.point_scores),
         "timings_ms": {k: round(v, 3) for k, v in result.timings.items()},
         "total_ms": round(result.total_ms, 3),
@@ -123,7 +124,7 @@ def write_outcome(out_dir: Path, outcome: FileOutcome, heatmaps: tuple[str, ...]
     r = outcome.result
     stem = out_dir / outcome.stem
     files = {"npy": stem.with_suffix(".npy")}
-    outputs.write_npy(files["npy"], r.point_scores)
+    outputs.write_npy(files["npy"], r.scores_per_row())  # one per input row; NaN for dropped rows
     if "ply" in heatmaps:
         files["ply"] = outputs.write_heatmap_ply(stem.with_suffix(".ply"), r.points, r.point_scores)
     if "png" in heatmaps:
