@@ -111,6 +111,30 @@ def test_ops_are_all_parsable_by_tensorrt(exported):
     assert any(n.op_type == "LayerNormalization" for n in proto.graph.node)  # opset 17: one op, FP16-safe
 
 
+def test_split_concat_conv_rewrite_keeps_the_model_and_drops_the_expand(exported, real_inputs):
+    from btp.export.onnx import state_sha256
+    from btp.export.rewrite import split_concat_conv
+
+    path, loaded = exported
+    model = loaded.model
+    proto = onnx.load(str(path))
+    nodes = [n for n in proto.graph.node if "/encoder/" in n.name]
+    assert not any(n.op_type in ("Expand", "Concat") for n in nodes)  # global half once per patch
+    split = [n for n in nodes if "second_conv.0/" in n.name and n.op_type == "Conv"]
+    assert len(split) == 2 and all(n.name.startswith("/inner/") for n in split)
+    assert json.loads(proto.metadata_props[0].value)["export"]["rewrites"] == ["split_concat_conv"]
+    # the swap is temporary and exact: same outputs, the model's own modules and weights afterwards
+    before = state_sha256(model)
+    nb, ct = (torch.from_numpy(a) for a in real_inputs)
+    with torch.no_grad():
+        ref = model(nb, ct)["patch_probs"]
+        with split_concat_conv(model) as swapped:
+            got = model(nb, ct)["patch_probs"]
+    assert swapped == 1 and float((got - ref).abs().max()) <= 1e-5
+    assert state_sha256(model) == before and "forward" not in vars(model.point_encoder.encoder)
+    assert isinstance(model.point_encoder.encoder.second_conv[0], torch.nn.Conv1d)
+
+
 def test_fixed_batch_fp16_safe_and_patch_embed(tmp_path, real_inputs):
     loaded = fresh_model(tiny_config(), seed=1)
     out = tmp_path / "b2.onnx"
