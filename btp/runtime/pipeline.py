@@ -85,7 +85,10 @@ class Pipeline:
     def __init__(self, model_path: str | Path, backend: str = "ort-cpu", threads: int | None = None,
                  downsample_method: str = "auto", **backend_options):
         """``backend``: ort-cpu | ort-cuda | ort-trt | trt; ``threads``: intra-op threads (None = ORT's
-        default); ``backend_options`` go to the backend (e.g. ``precision="fp16"`` for trt)."""
+        default); ``backend_options`` go to the backend (e.g. ``precision="fp16"`` for trt).
+        OMP_NUM_THREADS (pykdtree's kNN/interpolation) defaults to 1 for the process when unset, so
+        OpenMP does not fight ORT's pool for the cores (``stages.default_openmp_threads``)."""
+        stages.default_openmp_threads()
         self.model_path = Path(model_path)
         self.meta = read_model_meta(self.model_path)
         self.cfg = self.meta.config

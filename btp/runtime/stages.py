@@ -11,6 +11,7 @@ fill, interpolation) come from the model's config (``ModelMeta.config``), never 
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,13 +131,54 @@ def propagate(patch_probs: np.ndarray, prep: Prepared) -> np.ndarray:
     return propagate_patch_scores(patch_probs, prep.patch_idx, prep.center, prep.points)
 
 
-def interpolate(sampled_scores: np.ndarray, prep: Prepared, cfg: BTPConfig) -> np.ndarray:
+def interpolate(sampled_scores: np.ndarray, prep: Prepared, cfg: BTPConfig, *, exact: bool = False) -> np.ndarray:
     """Scores of the N sampled points -> every raw point [M] in input order (scoring.raw_interpolation),
-    in raw coordinates as btp.eval does."""
+    in raw coordinates as btp.eval does.
+
+    ``"nearest"`` runs as one plain k=1 pykdtree query (``nearest_scores``): on a 400k-point scan
+    148 -> ~80 ms (benchmarks/results/cpu-findings-2026-11-25.md, proposal 5). It equals
+    ``btp.geometry.interpolate_to_raw`` (ties -> lowest index, the rule of btp.eval and the CUDA
+    kernel) except where a raw point is at exactly (float32) the same distance from two sampled
+    points, where the tree may pick either. ``exact=True`` uses ``interpolate_to_raw`` itself."""
     raw = prep.raw_points
     if len(prep.sample_idx) == len(raw):  # the scan was used as it is (M <= N): identity
         return np.asarray(sampled_scores, dtype=np.float32)
-    return interpolate_to_raw(raw[prep.sample_idx], sampled_scores, raw, method=cfg.scoring.raw_interpolation)
+    method = cfg.scoring.raw_interpolation
+    if method == "nearest" and not exact:
+        return nearest_scores(raw[prep.sample_idx], sampled_scores, raw)
+    return interpolate_to_raw(raw[prep.sample_idx], sampled_scores, raw, method=method)
+
+
+def nearest_scores(sampled_xyz: np.ndarray, sampled_scores: np.ndarray, raw_xyz: np.ndarray) -> np.ndarray:
+    """float32 [M]: the score of each raw point's nearest sampled point, one pykdtree k=1 query
+    (no tie rule: on an exact distance tie the tree picks one of the tied points)."""
+    from pykdtree.kdtree import KDTree
+
+    src = np.ascontiguousarray(sampled_xyz, dtype=np.float32)
+    dst = np.ascontiguousarray(raw_xyz, dtype=np.float32)
+    _, idx = KDTree(src).query(dst, k=1)
+    return np.asarray(sampled_scores, dtype=np.float32)[np.asarray(idx, dtype=np.int64).reshape(-1)]
+
+
+OPENMP_DEFAULT_THREADS = "1"
+
+
+def default_openmp_threads() -> bool:
+    """Set ``OMP_NUM_THREADS=1`` for this process when it is unset; -> whether it was set here.
+
+    The runtime's kNN and interpolation (pykdtree) run OpenMP threads, ONNX Runtime its own
+    intra-op pool: two pools on the same cores oversubscribe them. With one OpenMP thread the
+    2048-point e2e went 83.7 -> 45.1 ms at ORT's default threads on the shared 2-vCPU box (group
+    9.5 -> 1.3 ms; benchmarks/results/cpu-findings-2026-11-25.md, proposal 1); these queries are
+    ~1 ms at N = 2048, too small to gain from threads. An explicit OMP_NUM_THREADS is never
+    overridden (e.g. ``OMP_NUM_THREADS=2`` on a dedicated edge box for 400k-point scans).
+    OpenMP reads the variable when its runtime loads (the first pykdtree import), so this must
+    run before any kNN in the process: ``Pipeline`` calls it first thing in its constructor.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return False
+    os.environ["OMP_NUM_THREADS"] = OPENMP_DEFAULT_THREADS
+    return True
 
 
 def object_score(outputs: dict[str, np.ndarray], b: int) -> float:
