@@ -21,39 +21,9 @@ import numpy as np
 
 from btp.config import BTPConfig
 from btp.geometry import downsample, fpfh_patches, group, normalize
+from btp.io import load_mesh, sample_surface
 
 DATA_VERSION = 1
-
-
-# ---- meshes --------------------------------------------------------------------------------
-
-def load_mesh(path) -> tuple[np.ndarray, np.ndarray]:
-    """(vertices [V,3] float64, faces [F,3] int64) via btp.io (open3d fallback while it lands)."""
-    try:
-        from btp.io import load_mesh as io_load_mesh
-    except ImportError:
-        import open3d as o3d
-
-        mesh = o3d.io.read_triangle_mesh(str(path))
-        return np.asarray(mesh.vertices, np.float64), np.asarray(mesh.triangles, np.int64)
-    return io_load_mesh(path)
-
-
-def sample_surface(vertices, faces, n: int, seed: int) -> np.ndarray:
-    """Area-weighted surface points [n,3] float32 (btp.io's sampler; numpy fallback)."""
-    try:
-        from btp.io import sample_surface as io_sample_surface
-    except ImportError:
-        rng = np.random.default_rng(seed)
-        tri = np.asarray(vertices)[np.asarray(faces)]  # [F, 3, 3]
-        area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
-        face = rng.choice(len(tri), size=n, p=area / area.sum())
-        u, v = rng.random(n), rng.random(n)
-        flip = u + v > 1
-        u[flip], v[flip] = 1 - u[flip], 1 - v[flip]
-        t = tri[face]
-        return (t[:, 0] + u[:, None] * (t[:, 1] - t[:, 0]) + v[:, None] * (t[:, 2] - t[:, 0])).astype(np.float32)
-    return io_sample_surface(vertices, faces, n, seed)[0]
 
 
 def _key(payload: dict) -> str:
@@ -69,7 +39,7 @@ def surface_pool(shapes, pool_points: int, seed: int, cache_dir) -> np.ndarray:
     if path.is_file():
         return np.load(path)["points"]
     pool = np.stack([
-        sample_surface(*load_mesh(s.path), pool_points, seed + i) for i, s in enumerate(shapes)
+        sample_surface(*load_mesh(s.path), pool_points, seed + i)[0] for i, s in enumerate(shapes)
     ]).astype(np.float32)
     save_arrays(path, {"points": pool})
     return pool
