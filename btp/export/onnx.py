@@ -38,8 +38,14 @@ import btp
 from btp.config import PRESETS, BTPConfig, preset
 from btp.errors import BTPError
 from btp.export.formats import check_batch, check_opset
-from btp.io.atomic import atomic_write_bytes
-from btp.runtime.metadata import DEBUG_OUTPUT_NAMES, INPUT_NAMES, META_KEY, OUTPUT_NAMES, build_metadata
+from btp.io.files import atomic_write_bytes, file_sha256
+from btp.runtime.metadata import (
+    DEBUG_OUTPUT_NAMES,
+    INPUT_NAMES,
+    META_KEY,
+    OUTPUT_NAMES,
+    build_metadata,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = "btp-mini"
@@ -72,14 +78,6 @@ def model_search_paths(name: str) -> list[Path]:
         paths.append(Path(os.environ["BTP_MODELS"]) / f"{name}.safetensors")
     paths.append(REPO_ROOT / "models" / f"{name}.safetensors")
     return paths
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def state_sha256(model) -> str:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from btp.errors import BTPError, NotAvailableError
+from btp.io.files import file_sha256
 
 MANIFEST_FORMAT = "btp-trt-engine"
 MANIFEST_SCHEMA = 1
@@ -44,15 +45,6 @@ class EngineBuildError(BTPError):
 
 
 # ---- engine cache key and manifest -----------------------------------------------------------
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 hex of a file's bytes (the model hash of the cache key)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"

@@ -21,7 +21,7 @@ import numpy as np
 
 from btp.io import pcd as _pcd
 from btp.io import ply as _ply
-from btp.io.atomic import atomic_write_bytes
+from btp.io.files import atomic_write_bytes
 from btp.io.colors import heat_colors
 from btp.io.errors import (
     EmptyCloudError,

@@ -8,7 +8,6 @@ sidecar calibrated for another model is refused with a message rather than used.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from btp.errors import BTPError
+from btp.io.files import file_sha256
 
 SIDECAR_SUFFIX = ".threshold.json"
 
@@ -38,14 +38,6 @@ class Threshold:
     source: str = "btp calibrate"
 
 
-def model_sha256(model_path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(model_path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def sidecar_path(model_path: str | Path) -> Path:
     """``dir/model.onnx`` -> ``dir/model.threshold.json``."""
     p = Path(model_path)
@@ -64,7 +56,7 @@ def calibrate_threshold(scores, quantile: float = 1.0, margin: float = 0.0) -> f
 
 def make_threshold(model_path: str | Path, scores, quantile: float, margin: float, model_name: str = "") -> Threshold:
     value = calibrate_threshold(scores, quantile, margin)
-    return Threshold(value, quantile, margin, len(scores), tuple(float(s) for s in scores), model_sha256(model_path),
+    return Threshold(value, quantile, margin, len(scores), tuple(float(s) for s in scores), file_sha256(model_path),
                      model_name, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
@@ -84,7 +76,7 @@ def read_threshold(path: str | Path, model_path: str | Path | None = None) -> Th
     except (OSError, ValueError, TypeError) as exc:
         raise CalibrationError(f"{path}: not a btp threshold sidecar ({exc}); "
                                "re-create it with `btp calibrate`") from exc
-    if model_path is not None and threshold.model_sha256 != model_sha256(model_path):
+    if model_path is not None and threshold.model_sha256 != file_sha256(model_path):
         raise CalibrationError(f"{path}: calibrated for another model (sha256 {threshold.model_sha256[:12]}...) than "
                                f"{model_path}; re-run `btp calibrate {model_path} GOOD_SCANS...` or pass --threshold")
     return threshold

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from btp.errors import BTPError
 
+
 class DemoError(BTPError, RuntimeError):
     """The demo cannot run here; the message says what is missing and the fix."""
 
@@ -30,7 +31,8 @@ def cache_dir() -> Path:
 
 def cached_onnx(model: str, console) -> Path:
     """Export ``model`` once per weights hash into the cache; reuse it afterwards (no torch then)."""
-    from btp.export.onnx import file_sha256, model_search_paths
+    from btp.export.onnx import model_search_paths
+    from btp.io.files import file_sha256
     from btp.runtime.metadata import ModelMetadataError, read_model_meta
 
     if model.endswith(".onnx"):  # an exported model: nothing to export

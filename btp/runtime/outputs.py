@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from btp.io.atomic import atomic_write_bytes
+from btp.io.files import atomic_write_bytes
 
 POINT_THRESHOLD = 0.5  # a point is "anomalous" when its mean patch probability favours "defective"
 CSV_FIELDS = ("file", "status", "object_score", "decision", "threshold", "points", "anomalous_points",

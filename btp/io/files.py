@@ -1,4 +1,6 @@
-"""Atomic file writes: every output of btp (point clouds, scores, JSON, model.onnx) goes through here.
+"""File helpers shared by every stage: atomic writes and content hashes.
+
+``atomic_write_bytes``: every output of btp (point clouds, scores, JSON, model.onnx) goes through it.
 
 The payload is written to a temporary file in the target's folder, flushed to disk, then renamed
 over the target: after a crash or Ctrl-C there is either the complete old file, the complete new
@@ -6,6 +8,7 @@ one, or nothing - never a half-written file.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -36,3 +39,12 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 hex of a file's bytes (model hashes in metadata, calibration sidecars, engine caches)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
