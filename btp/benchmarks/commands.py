@@ -211,6 +211,8 @@ def whatif(
 def table(
     results: Path = typer.Option(None, help="results folder (default benchmarks/results/)"),
     out: Path = typer.Option(None, help="output (default <results>/README-table.md)"),
+    readme: Path = typer.Option(None, help="also replace the block between the perf-table markers of this "
+                                            "README (e.g. README.md)"),
 ) -> None:
     """Generate README's performance table from the newest committed CPU results."""
     from btp.benchmarks import report as rep
@@ -223,3 +225,13 @@ def table(
         raise typer.Exit(code=2) from None
     path = rep.write_text(Path(out or results / "README-table.md"), text)
     typer.echo(f"wrote {path}")
+    if readme is not None:
+        start, end = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+        doc = Path(readme).read_text()
+        if start not in doc or end not in doc:
+            typer.echo(f"btp bench table: {readme} has no {start} ... {end} block to replace", err=True)
+            raise typer.Exit(code=2)
+        head, rest = doc.split(start, 1)
+        tail = rest.split(end, 1)[1]
+        rep.write_text(Path(readme), f"{head}{start}\n{text.rstrip()}\n{end}{tail}")
+        typer.echo(f"updated {readme}")

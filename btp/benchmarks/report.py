@@ -12,6 +12,7 @@ from typing import Sequence
 
 from btp.benchmarks.compare import fmt
 from btp.benchmarks.machine import date_tag, machine_line, machine_slug
+from btp.io.files import atomic_write_bytes
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 SHARED_BOX_NOTE = ("Measured on a shared machine (other processes may run at the same time): "
@@ -43,11 +44,7 @@ def _jsonable(obj):
 
 
 def write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return atomic_write_bytes(path, text.encode())
 
 
 def _header(title: str, machine: dict) -> list[str]:

@@ -56,8 +56,10 @@ def export(
 
     console.print(f"{prefix} inputs {shapes(io['inputs'])} -> outputs {shapes(io['outputs'])}")
     for check in result.parity:
-        console.print(f"{prefix} parity {check.output}: max abs diff {check.value:.2e} "
-                      f"(limit {check.limit:g}) {check.verdict}")
+        what = {"abs": "max abs diff", "cosine": "min cosine", "index": "agreement"}.get(check.kind, check.kind)
+        rel = ">=" if check.kind in ("cosine", "index") else "<="
+        value = f"{check.value:.6f}" if check.kind in ("cosine", "index") else f"{check.value:.2e}"
+        console.print(f"{prefix} parity {check.output}: {what} {value} (limit {rel} {check.limit:g}) {check.verdict}")
     import onnx
 
     missing = unsupported_trt_ops(onnx.load(str(result.path), load_external_data=False))
