@@ -131,6 +131,10 @@ def run_demo(out: Path, *, model: str = "btp-mini", backend: str = "ort-cpu", pn
                   "them) is >= 0.5; true region = points the synthetic defect changed.")
     console.print(f"heat maps and per-point scores: {out / 'results'} (<stem>.ply / .png / .npy / .json); "
                   f"scans: {out / 'scans'}")
+    if not fresh:
+        console.print(f"[yellow]How far to trust these scores: read the model card (models/{pipeline.meta.name}.md) - "
+                      "its held-out results (synthetic defects on unseen meshes) say what this model can and "
+                      "cannot detect; the demo shows the pipeline, not a quality claim.")
     return 0 if all(oc.ok for oc in outcomes) else 1
 
 
