@@ -1,7 +1,6 @@
 """Typed errors shared by every stage. Each names the file (when there is one) and the reason."""
 from __future__ import annotations
 
-from pathlib import Path
 
 
 class BTPError(Exception):

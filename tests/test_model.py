@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import gzip
 import io
-import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from btp.config import BTPConfig, GFCMConfig, TextConfig, tiny_config, ulip2_config
-from btp.geometry import fpfh_patches, group_batch, normalize, propagate_patch_scores
-from btp.io import load_mesh, sample_surface
+from btp.config import tiny_config, ulip2_config
+from btp.geometry import propagate_patch_scores
 from btp.model import (OUTPUT_NAMES, BTPModel, MiniLMTextEncoder, OpenCLIPTextEncoder, TextNotReadyError,
                        btp_loss, point_logits_from_patches)
 from btp.model.losses import dice_loss, focal_loss, geometric_loss

@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence

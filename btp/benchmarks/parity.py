@@ -17,7 +17,6 @@ comparator) with the tolerances of the backend's precision.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from btp.config import BTPConfig, EncoderConfig, TextConfig, preset
+from btp.config import BTPConfig, EncoderConfig, preset
 from btp.errors import BTPError
 from btp.model.text import (OPENCLIP_TEXT_PREFIXES, OpenCLIPTextEncoder, TextEncoderError, infer_openclip_dims,
                             load_openclip_state, openclip_text_state)
