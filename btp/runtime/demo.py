@@ -95,6 +95,8 @@ def run_demo(out: Path, *, model: str = "btp-mini", backend: str = "ort-cpu", pn
     from btp.runtime.run import run_files, summary_doc
 
     console = Console()
+    if console.width < 120:  # the table has 7 columns; don't squeeze it on a narrow or non-tty console
+        console = Console(width=120)
     try:
         onnx_path = cached_onnx(model, console)
         pipeline = Pipeline(onnx_path, backend=backend)
