@@ -43,6 +43,16 @@ def _jsonable(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def _save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_text(path: Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
@@ -188,11 +198,7 @@ def latency_plot(data: dict, path: Path) -> Path | None:
     ax2.set_title("where the time goes, batch 1")
     ax2.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(f"btp-bench latency - {data['machine'].get('cpu_model')} - {date_tag(data['machine'])}", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def write_latency(data: dict, out_dir: Path | None = None, json_path: Path | None = None) -> list[Path]:
@@ -265,11 +271,7 @@ def ops_plot(data: dict, path: Path) -> Path | None:
         ax.set_title(f"{op.upper()} (G={g}{', K=32' if op == 'knn' else ''})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def write_ops(data: dict, out_dir: Path | None = None, json_path: Path | None = None) -> list[Path]:
