@@ -61,6 +61,15 @@ class GFCMConfig:
     conv_dims: tuple[int, int, int] = (64, 128, 256)
     hidden: int = 128
     out_dim: int = 33  # FPFH width
+    # What GFCM sees. "world": absolute patch xyz (the spec). "local": each patch centred on its
+    # mean, rotated into its own principal-axis frame (signs fixed by the third moment) and scaled
+    # by local_scale - a pose-invariant view of the local shape (see models/btp-mini.md).
+    frame: str = "world"
+    local_scale: float = 10.0
+    # context_k > 0: each patch's conv feature is also compared with the mean over its context_k
+    # nearest patches (centre distance), so the descriptor says how a patch differs from its
+    # surroundings. 0 = the spec's per-patch descriptor.
+    context_k: int = 0
     normal_radius: float = 0.05
     normal_max_nn: int = 30
     fpfh_radius: float = 0.1
@@ -98,6 +107,9 @@ class PreprocessConfig:
 
 @dataclass
 class LossConfig:
+    # point term: "focal" (the spec: sigmoid focal, gamma/alpha below) or "balanced-bce" (BCE with
+    # the positives weighted by the batch's negative/positive ratio; see models/btp-mini.md)
+    point_loss: str = "focal"
     focal_gamma: float = 2.0
     focal_alpha: float = 0.25
     dice_weight: float = 1.0
@@ -167,6 +179,12 @@ class BTPConfig:
             problems.append(f"scoring.top_ratio={self.scoring.top_ratio} outside (0, 1]")
         if self.text.kind not in ("openclip", "minilm"):
             problems.append(f"text.kind={self.text.kind!r}: expected 'openclip' or 'minilm'")
+        if self.loss.point_loss not in ("focal", "balanced-bce"):
+            problems.append(f"loss.point_loss={self.loss.point_loss!r}: expected 'focal' or 'balanced-bce'")
+        if self.gfcm.frame not in ("world", "local"):
+            problems.append(f"gfcm.frame={self.gfcm.frame!r}: expected 'world' or 'local'")
+        if not 0 <= self.gfcm.context_k < e.num_group:
+            problems.append(f"gfcm.context_k={self.gfcm.context_k} outside 0..num_group-1={e.num_group - 1}")
         if problems:
             raise ValueError("invalid BTPConfig: " + "; ".join(problems))
         return self
@@ -218,12 +236,19 @@ def btp_mini_config() -> BTPConfig:
             encoder_dims=192, pointnet_dims=(64, 128, 256), pos_hidden=128, feature_layers=(2, 3, 4, 6),
         ),
         text=TextConfig(kind="minilm", embed_dim=384),
+        # Deviations from the spec, each chosen on training-split meshes only (train on 48, validate
+        # on the other 10; models/btp-mini.md "Design"): our small self-trained encoder's features
+        # carry no transferable defect signal, so the signal has to come from GFCM. It sees each
+        # patch in its own principal-axis frame and next to its 8 nearest patches; the point term
+        # is class-balanced BCE (focal alpha 0.25 learned nothing: anomalous points are 0.5-8 %);
+        # the object score averages the top 2 % of patches (defects cover few of the 256).
+        gfcm=GFCMConfig(frame="local", context_k=8),
+        loss=LossConfig(point_loss="balanced-bce"),
+        scoring=ScoringConfig(top_ratio=0.02),
         mgfem=MGFEMConfig(hidden=256),
-        # CPU budget: 2 epochs of batch 4 (580 iterations on 1160 synthetic samples) instead of the
-        # spec's 100 epochs of batch 2. At the spec's 5e-4 the heads learned nothing in 150
-        # iterations (point AUROC 0.50 on samples of 10 training-split meshes kept out of that
-        # run); 3e-3 (prompt context too) did learn. Chosen on training-split meshes only.
-        train=TrainConfig(lr=3e-3, lr_prompt=3e-3, batch_size=4, epochs=2),
+        # CPU budget: 4 epochs of batch 8 (580 iterations on 1160 synthetic samples) instead of the
+        # spec's 100 epochs of batch 2, at lr 3e-3 (the spec's 5e-4 learned nothing in this budget).
+        train=TrainConfig(lr=3e-3, lr_prompt=3e-3, batch_size=8, epochs=4),
     ).validate()
 
 

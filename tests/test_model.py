@@ -162,6 +162,55 @@ def test_gfcm_sees_absolute_patch_coordinates(tiny_model, tiny_batch):
     assert not torch.allclose(a, moved, atol=1e-3)
 
 
+def test_local_frame_is_pose_invariant_and_uses_the_principal_axes(tiny_batch):
+    """frame="local": same output for a rotated/translated/reflected patch; axes = eigh's, variance-sorted."""
+    from btp.model.heads import local_frame
+
+    xyz = (tiny_batch["neighborhood"][..., :3] + tiny_batch["center"][:, :, None]).double()
+    torch.manual_seed(0)
+    rot, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))  # includes reflections half the time
+    ref = local_frame(xyz, 10.0)
+    moved = local_frame(xyz @ rot.T + torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64), 10.0)
+    assert torch.allclose(ref, moved, atol=1e-6)
+    centred = (xyz - xyz.mean(dim=2, keepdim=True)) * 10.0
+    _, vecs = torch.linalg.eigh(centred.transpose(2, 3) @ centred)  # ascending eigenvalues
+    expect = (centred @ vecs.flip(-1)).abs()  # largest-variance axis first
+    assert torch.allclose(ref.abs(), expect, atol=1e-5)
+    assert (ref.pow(3).sum(dim=2) >= -1e-9).all()  # signs fixed by the third moment
+    var = ref.pow(2).mean(dim=2)
+    assert (var[..., 0] >= var[..., 1] - 1e-9).all() and (var[..., 1] >= var[..., 2] - 1e-9).all()
+
+
+def test_gfcm_local_frame_and_context_export_and_match(tiny_batch):
+    """The pose-invariant GFCM (+ neighbour context) is plain ONNX and ORT matches torch."""
+    import onnxruntime as ort
+
+    cfg = tiny_config()
+    cfg.gfcm.frame, cfg.gfcm.context_k = "local", 4
+    torch.manual_seed(1)
+    model = BTPModel(cfg.validate()).gfcm.eval()
+    nb, ctr = tiny_batch["neighborhood"][:1], tiny_batch["center"][:1]
+    xyz = nb[..., :3] + ctr[:, :, None]
+    torch.manual_seed(2)
+    rot, _ = torch.linalg.qr(torch.randn(3, 3))
+    with torch.no_grad():
+        ref = model(xyz, ctr)
+        # rotating the whole cloud changes neither the local shapes nor who neighbours whom
+        assert torch.allclose(model(xyz @ rot.T, ctr @ rot.T), ref, atol=1e-4)
+        no_context = model.head[0].weight.shape[1] == cfg.gfcm.conv_dims[-1]
+    assert not no_context  # [h, h - context] doubles the head's input
+    buf = io.BytesIO()
+    torch.onnx.export(model, (xyz, ctr), buf, opset_version=17, dynamo=False, input_names=["xyz", "center"])
+    import onnx
+
+    from btp.export.onnx import unsupported_trt_ops
+
+    assert unsupported_trt_ops(onnx.load_from_string(buf.getvalue())) == []  # TensorRT parses it too
+    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"xyz": xyz.numpy(), "center": ctr.numpy()})[0]
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
 # ---- text side ---------------------------------------------------------------------------------
 
 def test_prompt_context_flows_through_the_openclip_text_encoder(tiny):
@@ -310,6 +359,18 @@ def test_point_logits_match_the_numpy_propagation(tiny_batch, tiny):
         np.testing.assert_allclose(ours[i].numpy(), ref, atol=1e-5)
     with pytest.raises(ValueError):
         point_logits_from_patches(logits, tiny_batch["patch_idx"], 10)
+
+
+def test_balanced_bce_weighs_both_classes_equally():
+    from btp.model.losses import balanced_bce_loss
+
+    labels = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 0]])
+    miss_pos = torch.full((1, 8), -3.0)  # the one positive wrong, the 7 negatives right
+    miss_negs = torch.full((1, 8), 3.0)  # the positive right, all 7 negatives wrong
+    # the single positive counts as much as all seven negatives together
+    torch.testing.assert_close(balanced_bce_loss(miss_pos, labels), balanced_bce_loss(miss_negs, labels))
+    plain = F.binary_cross_entropy_with_logits
+    assert plain(miss_negs, labels) > 5 * plain(miss_pos, labels)  # plain BCE: the opposite
 
 
 def test_focal_and_dice_losses_behave():

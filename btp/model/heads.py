@@ -6,31 +6,87 @@ from torch import nn
 
 from btp.config import GFCMConfig
 
+_FRAME_SQUARINGS = 12  # power iteration by repeated squaring: eigenvalue ratios enter as r**4096
+
 
 def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, d_out))
 
 
-class GFCM(nn.Module):
-    """Geometric feature creation: absolute patch xyz [B,G,K,3] -> learned descriptor [B,G,out_dim].
+def _dominant_eigvec(m: torch.Tensor) -> torch.Tensor:
+    """Unit eigenvector of the largest eigenvalue of symmetric PSD ``m [..., 3, 3]`` (sign arbitrary).
 
-    Conv2d(3,c0)-BN-ReLU, Conv2d(c0,c1)-BN-ReLU, Conv2d(c1,c2)-BN-ReLU (1x1), max over K,
-    Linear(c2,hidden)-ReLU-Linear(hidden,out_dim) (out_dim = 33, the FPFH width it learns to mimic).
+    Repeated squaring (trace-normalised) leaves ~ e e^T; its column with the largest diagonal
+    entry is a multiple of e. MatMul/ArgMax/GatherElements only, so it exports to ONNX/TensorRT,
+    unlike torch.linalg.eigh.
+    """
+    for _ in range(_FRAME_SQUARINGS):
+        m = m @ m
+        m = m / m.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)[..., None, None]
+    idx = m.diagonal(dim1=-2, dim2=-1).argmax(dim=-1)  # [...]
+    col = torch.gather(m, -1, idx[..., None, None].expand(*m.shape[:-1], 1)).squeeze(-1)  # [..., 3]
+    return col / col.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    ax, ay, az = a.unbind(-1)
+    bx, by, bz = b.unbind(-1)
+    return torch.stack([ay * bz - az * by, az * bx - ax * bz, ax * by - ay * bx], dim=-1)
+
+
+def local_frame(patch_xyz: torch.Tensor, scale: float) -> torch.Tensor:
+    """Patch xyz [B,G,K,3] -> the same points centred on the patch mean, in the patch's principal
+    axes (largest, middle, smallest variance), each axis signed so the third moment is >= 0, times
+    ``scale``. Invariant to the patch's position and rotation (and to reflections)."""
+    x = (patch_xyz - patch_xyz.mean(dim=2, keepdim=True)) * scale  # [B, G, K, 3]
+    with torch.no_grad():  # the frame is preprocessing: no gradient flows through it
+        cov = x.transpose(2, 3) @ x  # [B, G, 3, 3]
+        cov = cov / cov.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)[..., None, None]
+        eye = torch.eye(3, dtype=x.dtype, device=x.device)
+        normal = _dominant_eigvec(eye - cov)  # smallest-variance axis
+        proj = eye - normal.unsqueeze(-1) * normal.unsqueeze(-2)
+        major = _dominant_eigvec(proj @ cov @ proj)
+        major = major - (major * normal).sum(-1, keepdim=True) * normal
+        major = major / major.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        frame = torch.stack([major, _cross(normal, major), normal], dim=-1)  # [B, G, 3, 3] columns
+    y = x @ frame  # [B, G, K, 3]
+    sign = torch.where(y.pow(3).sum(dim=2, keepdim=True) >= 0, 1.0, -1.0).to(y.dtype)  # [B, G, 1, 3]
+    return y * sign
+
+
+class GFCM(nn.Module):
+    """Geometric feature creation: patch xyz [B,G,K,3] -> learned descriptor [B,G,out_dim].
+
+    Input view: absolute xyz (``frame="world"``, the spec) or ``local_frame`` (``frame="local"``).
+    Conv2d(3,c0)-BN-ReLU, Conv2d(c0,c1)-BN-ReLU, Conv2d(c1,c2)-BN-ReLU (1x1), max over K, then
+    (``context_k > 0``) [h, h - mean of h over the context_k nearest patches], then
+    Linear(.,hidden)-ReLU-Linear(hidden,out_dim) (out_dim = 33, the FPFH width it learns to mimic).
     """
 
     def __init__(self, cfg: GFCMConfig):
         super().__init__()
         c0, c1, c2 = cfg.conv_dims
+        self.frame, self.local_scale, self.context_k = cfg.frame, cfg.local_scale, cfg.context_k
         layers: list[nn.Module] = []
         for c_in, c_out in ((3, c0), (c0, c1), (c1, c2)):
             layers += [nn.Conv2d(c_in, c_out, 1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
         self.convs = nn.Sequential(*layers)
-        self.head = _mlp(c2, cfg.hidden, cfg.out_dim)
+        self.head = _mlp(2 * c2 if cfg.context_k else c2, cfg.hidden, cfg.out_dim)
 
-    def forward(self, patch_xyz: torch.Tensor) -> torch.Tensor:
-        # patch_xyz [B, G, K, 3] absolute coordinates
+    def forward(self, patch_xyz: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
+        # patch_xyz [B, G, K, 3] absolute coordinates; center [B, G, 3] (needed when context_k > 0)
+        if self.frame == "local":
+            patch_xyz = local_frame(patch_xyz, self.local_scale)
         x = self.convs(patch_xyz.permute(0, 3, 1, 2))  # [B, c2, G, K]
         x = x.max(dim=3).values.transpose(1, 2)  # [B, G, c2]
+        if self.context_k:
+            if center is None:
+                raise ValueError("GFCM with context_k > 0 needs the patch centres")
+            dist = torch.cdist(center, center)  # [B, G, G]
+            kth = dist.topk(self.context_k, dim=-1, largest=False).values[..., -1:]  # [B, G, 1]
+            near = (dist <= kth).to(x.dtype)  # self included; ties may add a neighbour
+            context = (near / near.sum(dim=-1, keepdim=True)) @ x  # [B, G, c2]
+            x = torch.cat([x, x - context], dim=-1)
         return self.head(x)  # [B, G, out_dim]
 
 

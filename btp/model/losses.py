@@ -29,6 +29,15 @@ def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0, a
     return (alpha_t * (1 - p_t) ** gamma * ce).mean()
 
 
+def balanced_bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """BCE with the positives weighted by (#negatives / #positives) of the batch, so both classes
+    weigh the same however rare the anomalous points are; mean over elements."""
+    labels = labels.to(logits.dtype)
+    pos = labels.sum()
+    pos_weight = ((labels.numel() - pos) / pos.clamp_min(1.0)).detach()
+    return F.binary_cross_entropy_with_logits(logits, labels, pos_weight=pos_weight)
+
+
 def dice_loss(probs: torch.Tensor, labels: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """1 - soft Dice per sample ([B, N]), averaged over the batch (eps smooths all-normal samples)."""
     labels = labels.to(probs.dtype)
@@ -85,7 +94,12 @@ def btp_loss(
         patch_logits, batch["patch_idx"], point_labels.shape[1],
         points=batch.get("points"), center=batch.get("center"),
     )  # [B, N]
-    focal = focal_loss(point_logits, point_labels, cfg.focal_gamma, cfg.focal_alpha)
+    if cfg.point_loss == "balanced-bce":
+        focal = balanced_bce_loss(point_logits, point_labels)
+    elif cfg.point_loss == "focal":
+        focal = focal_loss(point_logits, point_labels, cfg.focal_gamma, cfg.focal_alpha)
+    else:
+        raise ValueError(f"unknown point loss {cfg.point_loss!r}: expected 'focal' or 'balanced-bce'")
     dice = dice_loss(torch.sigmoid(point_logits), point_labels)
     object_logit = object_alpha * outputs["global_logit"] + (1 - object_alpha) * patch_logits.max(dim=1).values
     global_term = F.binary_cross_entropy_with_logits(object_logit, batch["object_label"].to(object_logit.dtype))
@@ -93,6 +107,7 @@ def btp_loss(
         geometric = geometric_loss(outputs["geo_desc"], batch["fpfh"], gfcm.loss, gfcm.temperature)
     else:
         geometric = patch_logits.new_zeros(())
+    # parts["focal"] is the point term, whichever form cfg.point_loss picks
     total = focal + cfg.dice_weight * dice + cfg.global_weight * global_term + cfg.geometric_weight * geometric
     parts = {"focal": focal, "dice": dice, "global": global_term, "geometric": geometric}
     return total, {k: v.detach() for k, v in parts.items()}

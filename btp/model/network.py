@@ -112,7 +112,7 @@ class BTPModel(nn.Module):
         # neighborhood [B, G, K, C], center [B, G, 3]
         feats = self.point_encoder(neighborhood, center)
         patch_xyz = neighborhood[..., :3] + center.unsqueeze(2)  # [B, G, K, 3] absolute
-        geo_desc = self.gfcm(patch_xyz)  # [B, G, 33]
+        geo_desc = self.gfcm(patch_xyz, center)  # [B, G, 33]
         patch_embed = self.mgfem(feats.layer_features, geo_desc, feats.cls)  # [B, G, D]
         text = self.text_embeddings()  # [2, D]
         patch_scores = patch_embed @ text.t()  # [B, G, 2] = (s_n, s_a)

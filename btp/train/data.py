@@ -159,6 +159,12 @@ class BTPArrays:
         }
 
 
+def _fpfh_params(gfcm) -> dict:
+    """The GFCM settings the cached samples depend on (their FPFH targets); the module's own
+    architecture fields (frame, context, widths) do not change the samples."""
+    return {k: getattr(gfcm, k) for k in ("normal_radius", "normal_max_nn", "fpfh_radius", "fpfh_max_nn")}
+
+
 def btp_samples(shapes, cfg: BTPConfig, per_shape: int, seed: int, cache_dir, *, anomalous_frac: float = 0.5,
                 synth_points: int = 8192, rotate: bool = False, progress=None,
                 log=print) -> dict[str, np.ndarray]:
@@ -178,7 +184,7 @@ def btp_samples(shapes, cfg: BTPConfig, per_shape: int, seed: int, cache_dir, *,
     key = _key({"v": DATA_VERSION, "synth": synth.SynthConfig().__dict__, "names": [s.name for s in shapes],
                 "per_shape": per_shape, "seed": seed, "anom": anomalous_frac, "pts": synth_points,
                 "pre": cfg.preprocess.__dict__, "G": cfg.encoder.num_group, "K": cfg.encoder.group_size,
-                "gfcm": cfg.gfcm.__dict__, **({"rotate": True} if rotate else {})})
+                "fpfh": _fpfh_params(cfg.gfcm), **({"rotate": True} if rotate else {})})
     path = Path(cache_dir) / f"btp-{key}.npz"
     if path.is_file():
         return load_arrays(path)
