@@ -33,7 +33,7 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    # Sized for ~15 min on a shared 2-core CPU (see models/btp-mini.md for measured times).
+    # ~27 min per seed on the shared 2-core CPU (measured per stage in models/btp-mini.md).
     "btp-mini": Recipe(
         name="btp-mini", config=btp_mini_config,
         pretrain=PretrainOptions(steps=200, batch_size=4, lr=1e-3, mask_ratio=0.6, align_weight=0.5,
