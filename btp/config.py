@@ -93,6 +93,10 @@ class ScoringConfig:
     top_ratio: float = 0.2
     global_temperature: float = 0.07
     raw_interpolation: str = "nearest"  # "nearest" | "idw3": sampled points -> raw scan
+    # A point counts as anomalous in run summaries and the demo when its score >= this. 0.5 = the
+    # uncalibrated default; the BTP stage sets it to the point-F1-max threshold on its own
+    # training samples (btp.train.loop.calibrate_point_threshold).
+    point_threshold: float = 0.5
 
 
 @dataclass
@@ -175,6 +179,8 @@ class BTPConfig:
             problems.append(f"encoder.in_channels={e.in_channels}: expected 3 (xyz) or 6 (xyz+rgb)")
         if not 0.0 <= self.scoring.object_alpha <= 1.0:
             problems.append(f"scoring.object_alpha={self.scoring.object_alpha} outside [0, 1]")
+        if not 0.0 < self.scoring.point_threshold < 1.0:
+            problems.append(f"scoring.point_threshold={self.scoring.point_threshold} outside (0, 1)")
         if not 0.0 < self.scoring.top_ratio <= 1.0:
             problems.append(f"scoring.top_ratio={self.scoring.top_ratio} outside (0, 1]")
         if self.text.kind not in ("openclip", "minilm"):

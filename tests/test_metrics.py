@@ -13,6 +13,7 @@ from btp.eval.metrics import (
     average_precision,
     compute_metrics,
     f1_max,
+    f1_max_threshold,
     gt_regions,
     mean_metrics,
     pro_curve,
@@ -24,6 +25,13 @@ def test_auroc_counts_ties_half():
     assert auroc([0, 0, 1, 1], [0.1, 0.5, 0.5, 0.9]) == pytest.approx(0.875)
     assert auroc([0, 1], [0.3, 0.3]) == pytest.approx(0.5)
     assert auroc([1, 0, 1, 0], [0.2, 0.4, 0.6, 0.8]) == pytest.approx(0.25)
+
+
+def test_f1max_threshold_by_hand():
+    # >= 0.35 flags {0.35, 0.4, 0.8}: P 2/3, R 1, F1 0.8; >= 0.8: F1 2/3; >= 0.4: F1 0.5
+    f1, threshold = f1_max_threshold([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    assert f1 == pytest.approx(0.8) and threshold == pytest.approx(0.35)
+    assert f1_max([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.8)
 
 
 def test_f1max_by_hand():

@@ -188,3 +188,29 @@ def test_demo_runs_offline_and_writes_heat_maps(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 1
     again = CliRunner().invoke(app, ["demo", "--model", "tiny", "--out", str(out), "--no-png"])
     assert again.exit_code == 0 and "cached export" in _flat(again.output)
+
+
+def test_point_summary_uses_the_models_point_threshold(tmp_path, shapes_root):
+    """The 'anomalous points' count follows cfg.scoring.point_threshold from the model file."""
+    from btp.config import tiny_config
+
+    scan = tmp_path / "scan.pcd"
+    write_point_cloud(scan, real_scan(shapes_root, n=1500))
+    cfg = tiny_config()
+    default = Pipeline(_export(cfg, tmp_path / "default.onnx"))(scan)
+    cfg.scoring.point_threshold = float(np.median(default.point_scores))  # flags about half the points
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["run", str(_export(cfg, tmp_path / "calibrated.onnx")), str(scan), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "scan.json").read_text())["point_scores"]
+    assert doc["point_threshold"] == pytest.approx(cfg.scoring.point_threshold)
+    scores = np.load(out / "scan.npy")
+    assert doc["anomalous_points"] == int((scores >= cfg.scoring.point_threshold).sum())
+    assert 0.3 * len(scores) < doc["anomalous_points"] < 0.7 * len(scores)
+
+
+def _export(cfg, path):
+    from btp.export.onnx import export_onnx, fresh_model
+
+    export_onnx(fresh_model(cfg, seed=0), path)
+    return path

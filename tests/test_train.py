@@ -127,6 +127,23 @@ def test_short_training_run_lowers_the_loss(tiny_arrays, tmp_path):
     model, prov = load_checkpoint(summary["checkpoint"], text_encoder=None)
     assert model.frozen_text.shape == (2, cfg.text.embed_dim)
     assert prov["stage"] == "btp" and prov["btp_steps"] == 80
+    # the point threshold is the F1-max one on the training samples, stored in the model's config
+    threshold = summary["point_threshold"]
+    assert model.cfg.scoring.point_threshold == pytest.approx(threshold)
+    assert prov["point_threshold"]["point_threshold"] == pytest.approx(threshold)
+    from btp.eval.metrics import f1_max_threshold
+    from btp.model.scoring import point_logits_from_patches
+    from btp.train.loop import _collate
+
+    model.eval()
+    dataset = tdata.BTPArrays(tiny_arrays, cfg)
+    batch = _collate([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        probs = model(batch["neighborhood"], batch["center"])["patch_probs"]
+    scores = point_logits_from_patches(probs, batch["patch_idx"], batch["point_labels"].shape[1],
+                                       points=batch["points"], center=batch["center"]).numpy().ravel()
+    f1, expect = f1_max_threshold(batch["point_labels"].numpy().ravel(), scores)
+    assert threshold == pytest.approx(expect, abs=1e-4) and summary["point_f1_at_threshold"] == pytest.approx(f1, abs=1e-3)
 
 
 def test_cached_encoder_features_match_the_model_forward(tiny_arrays):

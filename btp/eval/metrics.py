@@ -89,16 +89,22 @@ def average_precision(labels, scores) -> float:
 
 def f1_max(labels, scores) -> float:
     """Best F1 over all thresholds (predict anomalous when score >= threshold)."""
+    return f1_max_threshold(labels, scores)[0]
+
+
+def f1_max_threshold(labels, scores) -> tuple[float, float]:
+    """(best F1, the threshold that reaches it) over all thresholds (anomalous when score >= it)."""
     from sklearn.metrics import precision_recall_curve
 
     y, s = _binary(labels, scores, "f1_max")
     reason = _one_class_reason(y)
     if reason:
-        return _nan("F1max", reason)
-    precision, recall, _ = precision_recall_curve(y, s)
+        return _nan("F1max", reason), float("nan")
+    precision, recall, thresholds = precision_recall_curve(y, s)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
-    return _unit(f1.max())
+    best = int(f1[:-1].argmax()) if len(thresholds) else 0  # the last (P=1, R=0) point has no threshold
+    return _unit(f1.max()), float(thresholds[best]) if len(thresholds) else float("nan")
 
 
 # ---- AU-PRO ----------------------------------------------------------------------------

@@ -129,8 +129,10 @@ def run_demo(out: Path, *, model: str = "btp-mini", backend: str = "ort-cpu", pn
                       f"{100 * info['true_fraction']:.1f}%", f"{oc.result.total_ms:.0f}",
                       f"{oc.result.timings['engine']:.0f}")
     console.print(table)
-    console.print("anomalous region = raw points whose score (mean probability of the patches containing "
-                  "them) is >= 0.5; true region = points the synthetic defect changed.")
+    threshold = pipeline.meta.config.scoring.point_threshold
+    console.print(f"anomalous region = raw points whose score (mean probability of the patches containing "
+                  f"them) is >= {threshold:.3g}, the model's point threshold (point-F1-max on its training "
+                  "samples; 0.5 if uncalibrated); true region = points the synthetic defect changed.")
     console.print(f"heat maps and per-point scores: {out / 'results'} (<stem>.ply / .png / .npy / .json); "
                   f"scans: {out / 'scans'}")
     if not fresh:

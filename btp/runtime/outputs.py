@@ -21,7 +21,7 @@ import numpy as np
 
 from btp.io.files import atomic_write_bytes
 
-POINT_THRESHOLD = 0.5  # a point is "anomalous" when its mean patch probability favours "defective"
+POINT_THRESHOLD = 0.5  # default only: run summaries use the model's cfg.scoring.point_threshold
 CSV_FIELDS = ("file", "status", "object_score", "decision", "threshold", "points", "anomalous_points",
               "anomalous_fraction", "score_max", "score_mean", "total_ms", "error")
 

@@ -100,7 +100,7 @@ def result_doc(result: Result, pipeline: Pipeline, path: Path, threshold: float 
         "threshold": None if threshold is None else {"value": threshold, "source": threshold_source},
         "points": int(len(result.point_scores)),
         "rows": int(len(result.row_mask)) if result.row_mask is not None else int(len(result.point_scores)),
-        "point_scores": outputs.point_summary(result.point_scores),
+        "point_scores": outputs.point_summary(result.point_scores, meta.config.scoring.point_threshold),
         "timings_ms": {k: round(v, 3) for k, v in result.timings.items()},
         "total_ms": round(result.total_ms, 3),
         "batch_size": result.batch_size,

@@ -132,6 +132,38 @@ def _collate(items: list[dict]) -> dict:
     return {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in items[0]}
 
 
+def calibrate_point_threshold(model, dataset, cached=None, batch_size: int = 16) -> tuple[float, float]:
+    """Point-F1-max threshold of the trained model on ``dataset`` (its own training samples).
+
+    Scores as the runtime makes them on the N sampled points: the mean probability of the patches
+    containing a point. Returns (threshold, F1 at it); sets ``model.cfg.scoring.point_threshold``.
+    """
+    import torch
+
+    from btp.eval.metrics import f1_max_threshold
+    from btp.model.scoring import point_logits_from_patches
+
+    was = model.training
+    model.eval()
+    scores, labels = [], []
+    with torch.no_grad():
+        for b0 in range(0, len(dataset), batch_size):
+            idx = list(range(b0, min(len(dataset), b0 + batch_size)))
+            batch = _collate([dataset[i] for i in idx])
+            if cached is not None:
+                cached.select(idx)
+            probs = model(batch["neighborhood"], batch["center"])["patch_probs"]
+            point = point_logits_from_patches(probs, batch["patch_idx"], batch["point_labels"].shape[1],
+                                              points=batch["points"], center=batch["center"])
+            scores.append(point.numpy().ravel())
+            labels.append(batch["point_labels"].numpy().ravel())
+    model.train(was)
+    f1, threshold = f1_max_threshold(np.concatenate(labels), np.concatenate(scores))
+    if np.isfinite(threshold):
+        model.cfg.scoring.point_threshold = float(min(max(threshold, 1e-6), 1 - 1e-6))
+    return model.cfg.scoring.point_threshold, f1
+
+
 def build_model(cfg: BTPConfig, encoder_path=None, opts: BTPOptions | None = None, text_encoder=None):
     """BTPModel with the config's text encoder, the stage-1 encoder loaded and frozen."""
     from btp.model import BTPModel
@@ -238,9 +270,14 @@ def train_btp(cfg: BTPConfig, arrays: dict[str, np.ndarray], out_dir, opts: BTPO
                                     meta={"total": total, "options": asdict(opts)})
     wall = time.time() - t0
     model = unwrap(ddp_model)
-    model.point_encoder = real_encoder  # the checkpoint holds the real (frozen) encoder
     summary = {"steps": total, "resumed_from": start, "wall_s": round(wall, 1), "losses": history,
                "steps_per_epoch": steps_per_epoch, "samples": len(dataset)}
+    if env.is_main:  # model.point_encoder is still the cached one here: calibration is cheap
+        threshold, f1 = calibrate_point_threshold(model, dataset, cached)
+        summary_threshold = {"point_threshold": threshold, "point_f1_at_threshold": f1}
+        summary.update(summary_threshold)
+        log(f"btp: point threshold {threshold:.4f} (point-F1-max {f1:.3f} on the {len(dataset)} training samples)")
+    model.point_encoder = real_encoder  # the checkpoint holds the real (frozen) encoder
     if env.is_main:
         save_training_state(state_path, modules, optimizer, total, extra_params=extra,
                             meta={"total": total, "options": asdict(opts)})
@@ -248,7 +285,8 @@ def train_btp(cfg: BTPConfig, arrays: dict[str, np.ndarray], out_dir, opts: BTPO
         model.freeze_text(drop_encoder=True)
         prov = dict(provenance or {})
         prov.update({"stage": "btp", "btp_options": asdict(opts), "btp_steps": total, "btp_wall_s": round(wall, 1),
-                     "final_loss_mean_last50": float(np.mean([v for _, v in history[-50:]])) if history else None})
+                     "final_loss_mean_last50": float(np.mean([v for _, v in history[-50:]])) if history else None,
+                     "point_threshold": summary_threshold})
         summary["checkpoint"] = str(save_checkpoint(out_dir / f"{cfg.name}.safetensors", model, prov))
         (out_dir / "btp_history.json").write_text(json.dumps(summary, indent=1))
     shutdown(env)
