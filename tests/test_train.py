@@ -48,6 +48,23 @@ def test_split_holds_out_whole_kinds_and_is_disjoint(split):
 
 # ---- data --------------------------------------------------------------------------------
 
+def test_btp_samples_take_synth_overrides(split, tmp_path):
+    """Recipe-level data ablations (scan realism, defect variety) reach the generator and the cache key."""
+    cfg = tiny_config()
+
+    def make(**over):
+        return tdata.btp_samples(split.train[:1], cfg, per_shape=2, seed=0, cache_dir=tmp_path,
+                                 synth_points=2048, synth_overrides=over or None)
+
+    base, clean = make(), make(noise=0.0, pose_deg=0.0, pose_shift=0.0)
+    dents, bulges = make(defect_types=("dent",)), make(defect_types=("bulge",))
+    assert len(list(tmp_path.glob("btp-*.npz"))) == 4  # one cache file per variant
+    assert not np.array_equal(base["points"][1], clean["points"][1])  # the normal sample: noise + pose
+    assert not np.array_equal(dents["labels"][0], bulges["labels"][0])  # the anomalous one: another defect
+    again = make(noise=0.0, pose_deg=0.0, pose_shift=0.0)
+    np.testing.assert_array_equal(again["points"], clean["points"])
+
+
 def test_btp_samples_match_runtime_preprocessing(tiny_arrays):
     cfg = tiny_config()
     n, g, k = cfg.preprocess.num_points, cfg.encoder.num_group, cfg.encoder.group_size

@@ -11,6 +11,7 @@ Everything is computed once per dataset and cached as ``.npz`` under the run's c
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -166,8 +167,8 @@ def _fpfh_params(gfcm) -> dict:
 
 
 def btp_samples(shapes, cfg: BTPConfig, per_shape: int, seed: int, cache_dir, *, anomalous_frac: float = 0.5,
-                synth_points: int = 8192, rotate: bool = False, progress=None,
-                log=print) -> dict[str, np.ndarray]:
+                synth_points: int = 8192, rotate: bool = False, synth_overrides: dict | None = None,
+                progress=None, log=print) -> dict[str, np.ndarray]:
     """Synthetic BTP training samples on ``shapes`` (training split only!), preprocessed + cached.
 
     Per shape: ``per_shape`` clouds, the first ``round(anomalous_frac * per_shape)`` anomalous
@@ -181,14 +182,15 @@ def btp_samples(shapes, cfg: BTPConfig, per_shape: int, seed: int, cache_dir, *,
     """
     from btp.train import synth
 
-    key = _key({"v": DATA_VERSION, "synth": synth.SynthConfig().__dict__, "names": [s.name for s in shapes],
+    base = dataclasses.replace(synth.SynthConfig(), **(synth_overrides or {}))  # ablations: scan realism, defects
+    key = _key({"v": DATA_VERSION, "synth": base.__dict__, "names": [s.name for s in shapes],
                 "per_shape": per_shape, "seed": seed, "anom": anomalous_frac, "pts": synth_points,
                 "pre": cfg.preprocess.__dict__, "G": cfg.encoder.num_group, "K": cfg.encoder.group_size,
                 "fpfh": _fpfh_params(cfg.gfcm), **({"rotate": True} if rotate else {})})
     path = Path(cache_dir) / f"btp-{key}.npz"
     if path.is_file():
         return load_arrays(path)
-    scfg = synth.with_points(synth.SynthConfig(), synth_points)
+    scfg = synth.with_points(base, synth_points)
     n_bad = int(round(anomalous_frac * per_shape))
     items, obj, sid = [], [], []
     for s_i, shape in enumerate(shapes):
@@ -199,7 +201,7 @@ def btp_samples(shapes, cfg: BTPConfig, per_shape: int, seed: int, cache_dir, *,
                 sample_seed = synth.sample_seed(seed, shape.name, "btp-train", i + 1000 * attempt)
                 try:
                     if bad:
-                        kind = synth.DEFECT_TYPES[i % len(synth.DEFECT_TYPES)]
+                        kind = scfg.defect_types[i % len(scfg.defect_types)]
                         sample = synth.make_anomalous(surface, sample_seed, scfg, kind if attempt < 2 else None)
                     else:
                         sample = synth.make_normal(surface, sample_seed, scfg)

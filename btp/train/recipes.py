@@ -29,6 +29,7 @@ class Recipe:
     notes: str = ""
     use_pretrain: bool = True  # ablation: False = frozen *random* encoder
     rotate: bool = False  # BTP samples in uniformly random poses (see btp.train.data.btp_samples)
+    synth: dict = field(default_factory=dict)  # SynthConfig overrides for the BTP samples (ablations)
     extra: dict = field(default_factory=dict)
 
 
@@ -48,6 +49,22 @@ RECIPES: dict[str, Recipe] = {
                                  pool_points=8192, ckpt_every=50),
         btp=BTPOptions(ckpt_every=100),
         per_shape=20, rotate=True,
+    ),
+    # ablations of the training data (held-out results in models/btp-mini.md): scan realism and
+    # defect variety. Same config, pre-training and BTP budget as btp-mini; only the samples differ.
+    "btp-mini-clean": Recipe(
+        name="btp-mini-clean", config=btp_mini_config,
+        pretrain=PretrainOptions(steps=200, batch_size=4, lr=1e-3, mask_ratio=0.6, align_weight=0.5,
+                                 pool_points=8192, ckpt_every=50),
+        btp=BTPOptions(ckpt_every=100),
+        per_shape=20, synth={"noise": 0.0, "pose_deg": 0.0, "pose_shift": 0.0},
+    ),
+    "btp-mini-2defects": Recipe(
+        name="btp-mini-2defects", config=btp_mini_config,
+        pretrain=PretrainOptions(steps=200, batch_size=4, lr=1e-3, mask_ratio=0.6, align_weight=0.5,
+                                 pool_points=8192, ckpt_every=50),
+        btp=BTPOptions(ckpt_every=100),
+        per_shape=20, synth={"defect_types": ("bulge", "dent")},
     ),
     # seconds: for tests and smoke runs
     "tiny": Recipe(
@@ -98,7 +115,8 @@ def run_recipe(recipe: Recipe, shapes_root, out, *, seed: int = 0, resume: bool 
         times["pretrain_s"] = round(time.time() - t0, 1)
 
     t0 = time.time()
-    arrays = tdata.btp_samples(train_shapes, cfg, recipe.per_shape, seed, out / "cache", rotate=recipe.rotate, log=log)
+    arrays = tdata.btp_samples(train_shapes, cfg, recipe.per_shape, seed, out / "cache", rotate=recipe.rotate,
+                               synth_overrides=recipe.synth, log=log)
     times["data_s"] = round(time.time() - t0, 1)
     log(f"recipe {recipe.name}: {len(arrays['points'])} BTP samples ({int(arrays['object_label'].sum())} anomalous) "
         f"from {len(train_shapes)} training meshes in {times['data_s']} s")
@@ -108,7 +126,7 @@ def run_recipe(recipe: Recipe, shapes_root, out, *, seed: int = 0, resume: bool 
         "train_shapes": [s.name for s in train_shapes], "heldout_shapes": split.names("heldout"),
         "pretrained_encoder": bool(recipe.use_pretrain),
         "pretrain_options": asdict(recipe.pretrain) if recipe.use_pretrain else None,
-        "per_shape": recipe.per_shape, "rotate": recipe.rotate,
+        "per_shape": recipe.per_shape, "rotate": recipe.rotate, "synth_overrides": recipe.synth,
         "data": "synthetic defects (btp.train.synth) on training-split meshes",
     }
     t0 = time.time()
