@@ -17,6 +17,7 @@ import importlib.util
 import subprocess
 import threading
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -314,10 +315,10 @@ def engine_thread_sweep(model_path, *, threads: Sequence[int] = (1, 2), backends
 
             saved = torch.get_num_threads()
         for t in threads:
-            pipe, _ = make_pipeline(backend, model_path, threads=t, checkpoint=checkpoint)
-            ms, _ = median_ms(lambda: pipe.engine.run(nb, ce), repeat=repeat, warmup=2, max_s=20.0)
+            engine = make_pipeline(backend, model_path, threads=t, checkpoint=checkpoint)[0].engine
+            ms, _ = median_ms(partial(engine.run, nb, ce), repeat=repeat, warmup=2, max_s=20.0)
             rows.append({"backend": backend, "threads": t, "engine_ms": ms})
-            del pipe
+            del engine  # free this session before the next thread count builds its own
         if saved is not None:
             torch.set_num_threads(saved)
     return rows

@@ -103,8 +103,8 @@ def f1_max_threshold(labels, scores) -> tuple[float, float]:
     precision, recall, thresholds = precision_recall_curve(y, s)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
-    best = int(f1[:-1].argmax()) if len(thresholds) else 0  # the last (P=1, R=0) point has no threshold
-    return _unit(f1.max()), float(thresholds[best]) if len(thresholds) else float("nan")
+    best = int(f1[:-1].argmax())  # the last (P=1, R=0) point has no threshold
+    return _unit(f1.max()), float(thresholds[best])
 
 
 # ---- AU-PRO ----------------------------------------------------------------------------

@@ -178,7 +178,7 @@ def btp_samples(shapes, cfg: BTPConfig, per_shape: int, seed: int, cache_dir, *,
     defect cannot be placed is retried with the next seed (``i + 1000 * attempt``).
     ``rotate``: every cloud gets a uniformly random rotation (drawn from its sample seed), so that
     the 20 clouds of one mesh do not share a pose and absolute position cannot stand in for
-    "how this mesh normally looks" (GFCM sees absolute patch xyz).
+    "how this mesh normally looks" (with ``gfcm.frame="world"`` GFCM sees absolute patch xyz).
     """
     from btp.train import synth
 

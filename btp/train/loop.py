@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -203,8 +203,6 @@ def train_btp(cfg: BTPConfig, arrays: dict[str, np.ndarray], out_dir, opts: BTPO
     from btp.train.data import BTPArrays
     from btp.train.progress import Progress
     from btp.train.schedule import make_optimizer, set_lr
-
-    from dataclasses import replace
 
     opts = replace(opts, epochs=opts.epochs or cfg.train.epochs, batch_size=opts.batch_size or cfg.train.batch_size)
     env: DistEnv = dist_env()

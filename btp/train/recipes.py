@@ -33,39 +33,24 @@ class Recipe:
     extra: dict = field(default_factory=dict)
 
 
-RECIPES: dict[str, Recipe] = {
+_BTP_MINI = Recipe(
     # ~27 min per seed on the shared 2-core CPU (measured per stage in models/btp-mini.md).
-    "btp-mini": Recipe(
-        name="btp-mini", config=btp_mini_config,
-        pretrain=PretrainOptions(steps=200, batch_size=4, lr=1e-3, mask_ratio=0.6, align_weight=0.5,
-                                 pool_points=8192, ckpt_every=50),
-        btp=BTPOptions(ckpt_every=100),  # epochs, batch size, learning rates: btp_mini_config().train
-        per_shape=20,
-    ),
+    name="btp-mini", config=btp_mini_config,
+    pretrain=PretrainOptions(steps=200, batch_size=4, lr=1e-3, mask_ratio=0.6, align_weight=0.5,
+                             pool_points=8192, ckpt_every=50),
+    btp=BTPOptions(ckpt_every=100),  # epochs, batch size, learning rates: btp_mini_config().train
+    per_shape=20,
+)
+
+RECIPES: dict[str, Recipe] = {
+    "btp-mini": _BTP_MINI,
     # btp-mini with the BTP samples in random poses (diagnosis of the first run: see the card)
-    "btp-mini-rot": Recipe(
-        name="btp-mini-rot", config=btp_mini_config,
-        pretrain=PretrainOptions(steps=200, batch_size=4, lr=1e-3, mask_ratio=0.6, align_weight=0.5,
-                                 pool_points=8192, ckpt_every=50),
-        btp=BTPOptions(ckpt_every=100),
-        per_shape=20, rotate=True,
-    ),
+    "btp-mini-rot": replace(_BTP_MINI, name="btp-mini-rot", rotate=True),
     # ablations of the training data (held-out results in models/btp-mini.md): scan realism and
     # defect variety. Same config, pre-training and BTP budget as btp-mini; only the samples differ.
-    "btp-mini-clean": Recipe(
-        name="btp-mini-clean", config=btp_mini_config,
-        pretrain=PretrainOptions(steps=200, batch_size=4, lr=1e-3, mask_ratio=0.6, align_weight=0.5,
-                                 pool_points=8192, ckpt_every=50),
-        btp=BTPOptions(ckpt_every=100),
-        per_shape=20, synth={"noise": 0.0, "pose_deg": 0.0, "pose_shift": 0.0},
-    ),
-    "btp-mini-2defects": Recipe(
-        name="btp-mini-2defects", config=btp_mini_config,
-        pretrain=PretrainOptions(steps=200, batch_size=4, lr=1e-3, mask_ratio=0.6, align_weight=0.5,
-                                 pool_points=8192, ckpt_every=50),
-        btp=BTPOptions(ckpt_every=100),
-        per_shape=20, synth={"defect_types": ("bulge", "dent")},
-    ),
+    "btp-mini-clean": replace(_BTP_MINI, name="btp-mini-clean",
+                              synth={"noise": 0.0, "pose_deg": 0.0, "pose_shift": 0.0}),
+    "btp-mini-2defects": replace(_BTP_MINI, name="btp-mini-2defects", synth={"defect_types": ("bulge", "dent")}),
     # seconds: for tests and smoke runs
     "tiny": Recipe(
         name="tiny", config=tiny_config,
