@@ -92,7 +92,9 @@ def test_au_pro_two_regions_by_hand():
 def test_au_pro_perfect_and_reversed():
     points, labels, _ = _two_region_sample()
     assert au_pro([labels.astype(float)], [labels], [points]) == pytest.approx(1.0)
-    assert au_pro([1.0 - labels], [labels], [points]) == pytest.approx(0.0)
+    # reversed: every threshold flags all normals before any anomaly, so the curve is (0,0) -> (1,1)
+    # and the official linear interpolation at FPR 0.3 gives PRO 0.3: area 0.045 / 0.3 = 0.15
+    assert au_pro([1.0 - labels], [labels], [points]) == pytest.approx(0.15)
 
 
 def test_au_pro_without_anomalies_is_nan():

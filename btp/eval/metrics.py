@@ -2,15 +2,19 @@
 
 - ``auroc`` / ``average_precision`` / ``f1_max``: one label and one score per item (an object,
   or a point of the pooled test points of a class). Ties count half (sklearn's ROC).
-- ``au_pro``: the standard per-region overlap curve for point clouds. Ground-truth regions are
-  the connected components of each sample's anomalous points, two of them linked when closer
-  than ``radius_factor`` x the median distance from an anomalous point to its ``nn_k``-th
-  nearest anomalous neighbour (2.5 x 6-NN, per sample). At each of ``num_thresholds`` (200)
-  thresholds spread evenly between the smallest and largest pooled score, PRO = mean over all
-  regions (all samples) of the share of the region's points scored >= threshold, FPR = share of
-  all normal points (all samples) scored >= threshold. The curve starts at (0, 0) (threshold
-  above every score), is integrated with the trapezoid rule up to FPR = ``fpr_limit`` (0.3; PRO
-  linearly interpolated there) and divided by ``fpr_limit``, so a perfect detector scores 1.
+- ``au_pro``: the standard AU-PRO of the official BTP-3DAD evaluation (``test_standard_aupro.py``),
+  same formula. Ground-truth regions are the connected components of each sample's anomalous
+  points, two of them linked when at most ``radius_factor`` (2.5) x the median over all their
+  1st..``nn_k``-th (6) nearest-anomalous-neighbour distances apart (zero distances dropped, per
+  sample). At each of ``num_thresholds`` (200) thresholds evenly spaced from the largest to the
+  smallest pooled score, PRO = mean over all regions (all samples) of the share of the region's
+  points scored >= threshold, FPR = share of all normal points scored >= threshold. Per distinct
+  FPR the highest PRO is kept, (0, 0) is prepended, the curve is integrated with the trapezoid
+  rule up to FPR = ``fpr_limit`` (0.3; PRO interpolated there) and divided by ``fpr_limit``.
+- F1max: ``f1_max`` groups tied scores (a threshold can only take all of them: the best F1 a
+  deployed threshold can reach); ``f1_max_official`` is the official rule, cumulative counts
+  along the scores sorted descending (stable order, no tie grouping, eps 1e-12). They differ
+  only where scores tie across the classes.
 
 Degenerate inputs (only one class present, no anomalous region, no normal point) give NaN and
 a ``DegenerateMetricWarning`` saying why; ``compute_metrics`` collects those reasons in ``notes``.
@@ -27,7 +31,8 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 METRIC_KEYS: tuple[str, ...] = ("o_auroc", "p_auroc", "au_pro", "o_ap", "p_ap", "o_f1max")
-EXTRA_KEYS: tuple[str, ...] = ("p_f1max", "p_auroc_sampled", "p_ap_sampled")
+EXTRA_KEYS: tuple[str, ...] = ("p_f1max", "o_f1max_official", "p_f1max_official", "p_auroc_sampled",
+                                "p_ap_sampled")
 
 PRO_FPR_LIMIT = 0.3
 PRO_THRESHOLDS = 200
@@ -107,16 +112,42 @@ def f1_max_threshold(labels, scores) -> tuple[float, float]:
     return _unit(f1.max()), float(thresholds[best])
 
 
+def f1_max_official(labels, scores, eps: float = 1e-12) -> float:
+    """Best F1 as the official evaluation computes it: cumulative TP along the scores sorted
+    descending (mergesort, no tie grouping), precision = TP / (rank + eps), recall = TP / (P + eps)."""
+    y, s = _binary(labels, scores, "f1_max_official")
+    reason = _one_class_reason(y)
+    if reason:
+        return _nan("F1max", reason)
+    tp = np.cumsum(y[np.argsort(-s, kind="mergesort")])
+    precision = tp / (np.arange(1, y.size + 1) + eps)
+    recall = tp / (y.sum() + eps)
+    return float(np.nanmax(2 * precision * recall / (precision + recall + eps)))
+
+
 # ---- AU-PRO ----------------------------------------------------------------------------
+
+def region_radius(anomalous_points: np.ndarray, radius_factor: float = PRO_RADIUS_FACTOR,
+                  nn_k: int = PRO_NN_K) -> float:
+    """Link radius of one sample's regions: radius_factor x the median over ALL 1st..nn_k-th
+    nearest-anomalous-neighbour distances of its anomalous points (zero distances dropped;
+    fewer neighbours when it has fewer points). 0 when it has at most one anomalous point."""
+    a = np.asarray(anomalous_points, dtype=np.float32)
+    if a.shape[0] <= 1:
+        return 0.0
+    dist = cKDTree(a).query(a, k=min(nn_k + 1, a.shape[0]))[0][:, 1:].reshape(-1)  # column 0: itself
+    dist = dist[np.isfinite(dist) & (dist > 0)]
+    return float(np.median(dist) * radius_factor) if dist.size else 0.0
+
 
 def gt_regions(points: np.ndarray, labels: np.ndarray, radius_factor: float = PRO_RADIUS_FACTOR,
                nn_k: int = PRO_NN_K) -> np.ndarray:
     """Connected anomalous regions of one sample: int64 [N], region id 0.. for anomalous points, -1 else.
 
-    Link radius = radius_factor x median over anomalous points of the distance to their nn_k-th
-    nearest anomalous neighbour (fewer neighbours when the sample has fewer anomalous points).
+    Two anomalous points are linked when at most ``region_radius`` apart (float32 coordinates);
+    a sample whose radius is 0 (one point, or all coincide) is one region.
     """
-    pts = np.asarray(points, dtype=np.float64)
+    pts = np.asarray(points, dtype=np.float32)
     lab = np.asarray(labels).reshape(-1)
     if pts.ndim != 2 or pts.shape != (lab.shape[0], 3):
         raise ValueError(f"gt_regions: points {pts.shape} and labels {lab.shape} must be [N,3] and [N]")
@@ -124,15 +155,12 @@ def gt_regions(points: np.ndarray, labels: np.ndarray, radius_factor: float = PR
     anomalous = np.flatnonzero(lab == 1)
     if anomalous.size == 0:
         return region
-    if anomalous.size == 1:
+    a = pts[anomalous]
+    radius = region_radius(a, radius_factor, nn_k)
+    if radius <= 0:
         region[anomalous] = 0
         return region
-    a = pts[anomalous]
-    tree = cKDTree(a)
-    k = min(nn_k, a.shape[0] - 1)
-    kth = tree.query(a, k=k + 1)[0][:, k]  # column 0 is the point itself
-    radius = radius_factor * float(np.median(kth))
-    pairs = tree.query_pairs(max(radius, 0.0), output_type="ndarray")
+    pairs = cKDTree(a).query_pairs(radius, output_type="ndarray")
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])) if len(pairs) else
                        ([], ([], [])), shape=(a.shape[0], a.shape[0]))
     _, comp = connected_components(graph, directed=False)
@@ -143,13 +171,15 @@ def gt_regions(points: np.ndarray, labels: np.ndarray, radius_factor: float = PR
 def pro_curve(point_scores: Sequence[np.ndarray], point_labels: Sequence[np.ndarray],
               points: Sequence[np.ndarray], num_thresholds: int = PRO_THRESHOLDS,
               radius_factor: float = PRO_RADIUS_FACTOR, nn_k: int = PRO_NN_K) -> tuple[np.ndarray, np.ndarray]:
-    """(fpr, pro) at `num_thresholds` evenly spaced thresholds, plus the (0, 0) start; sorted by fpr."""
+    """(fpr, pro): (0, 0) then, per distinct FPR, the highest PRO over ``num_thresholds`` thresholds
+    evenly spaced from max + 1e-12 down to min - 1e-12 of the pooled (float32) scores; sorted by fpr."""
     if not (len(point_scores) == len(point_labels) == len(points)):
         raise ValueError("pro_curve: give one score, label and point array per sample")
     region_scores: list[np.ndarray] = []
     normal_scores: list[np.ndarray] = []
     for s, y, p in zip(point_scores, point_labels, points):
         y, s = _binary(y, s, "au_pro")
+        s = s.astype(np.float32).astype(np.float64)  # scores are compared as float32 values
         region = gt_regions(p, y, radius_factor, nn_k)
         normal_scores.append(s[y == 0])
         for r in range(int(region.max()) + 1):
@@ -160,16 +190,18 @@ def pro_curve(point_scores: Sequence[np.ndarray], point_labels: Sequence[np.ndar
     if normal.size == 0:
         raise _Degenerate("no normal points (FPR undefined)")
     pooled = np.concatenate([normal, *region_scores])
-    thresholds = np.linspace(pooled.min(), pooled.max(), num_thresholds)  # [T]
-    normal_sorted = np.sort(normal)
-    fpr = 1.0 - np.searchsorted(normal_sorted, thresholds, side="left") / normal.size  # share >= t
+    lo, hi = float(pooled.min()), float(pooled.max())
+    if lo == hi:
+        raise _Degenerate("every point has the same score")
+    thresholds = np.linspace(hi + 1e-12, lo - 1e-12, num_thresholds)  # [T]
+    fpr = 1.0 - np.searchsorted(np.sort(normal), thresholds, side="left") / normal.size  # share >= t
     overlaps = np.stack([1.0 - np.searchsorted(np.sort(rs), thresholds, side="left") / rs.size
                          for rs in region_scores])  # [R, T]
     pro = overlaps.mean(axis=0)
-    fpr = np.concatenate([[0.0], fpr])
-    pro = np.concatenate([[0.0], pro])
-    order = np.lexsort((pro, fpr))
-    return fpr[order], pro[order]
+    unique_fpr, inverse = np.unique(fpr, return_inverse=True)
+    best_pro = np.full(unique_fpr.shape, -np.inf)
+    np.maximum.at(best_pro, inverse, pro)
+    return np.concatenate([[0.0], unique_fpr]), np.concatenate([[0.0], best_pro])
 
 
 class _Degenerate(Exception):
@@ -185,18 +217,16 @@ def au_pro(point_scores: Sequence[np.ndarray], point_labels: Sequence[np.ndarray
         fpr, pro = pro_curve(point_scores, point_labels, points, num_thresholds, radius_factor, nn_k)
     except _Degenerate as err:
         return _nan("AU-PRO", str(err))
-    return _unit(_trapezoid_to(fpr, pro, fpr_limit) / fpr_limit)
+    return float(_trapezoid_to(fpr, pro, fpr_limit) / fpr_limit)
 
 
 def _trapezoid_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
-    """Trapezoid area under y(x) for x in [x[0], x_max], y interpolated at x_max."""
+    """Trapezoid area under y(x) for the points with x <= x_max, closed at x_max with y
+    interpolated there (held at the last value when the curve ends before x_max)."""
     inside = x <= x_max
     xs, ys = x[inside], y[inside]
-    if xs[-1] < x_max and (~inside).any():
-        j = np.flatnonzero(~inside)[0]  # first point beyond the limit
-        x0, y0, x1, y1 = x[j - 1], y[j - 1], x[j], y[j]
-        y_at = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
-        xs, ys = np.append(xs, x_max), np.append(ys, y_at)
+    if xs[-1] < x_max:
+        xs, ys = np.append(xs, x_max), np.append(ys, np.interp(x_max, x, y))
     return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) * 0.5))
 
 
@@ -232,6 +262,8 @@ def compute_metrics(object_labels: Sequence[int], object_scores: Sequence[float]
         "p_ap": lambda: average_precision(pooled_y, pooled_s),
         "o_f1max": lambda: f1_max(object_labels, object_scores),
         "p_f1max": lambda: f1_max(pooled_y, pooled_s),
+        "o_f1max_official": lambda: f1_max_official(object_labels, object_scores),
+        "p_f1max_official": lambda: f1_max_official(pooled_y, pooled_s),
     }
     if sampled_labels is not None and sampled_scores is not None:
         sy = np.concatenate([np.asarray(y).reshape(-1) for y in sampled_labels])
