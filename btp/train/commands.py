@@ -165,3 +165,26 @@ def synth(
         typer.echo(f"btp data synth: {err}", err=True)
         raise typer.Exit(code=2) from None
     typer.echo(f"wrote {total} scans of {len(summary['classes'])} classes ({layout}) to {out}")
+
+
+@data_app.command("corpus")
+def corpus(
+    out: Path = typer.Option(..., "--out", help="Output folder (index.json + meshes/ + corpus.json)."),
+    shapes: Path = typer.Option(None, "--shapes", help="shared/data/shapes (default $BTP_SHAPES or ../shared/data/shapes)."),
+    kicad_root: Path = typer.Option(None, "--kicad-root", help="kicad-packages3d's 3dmodels folder "
+                                    "[default: /usr/share/kicad/3dmodels]."),
+    per_family: int = typer.Option(4, "--per-family", min=1, help="KiCad parts per family."),
+    max_faces: int = typer.Option(20000, "--max-faces", min=100, help="Decimate each part to at most this many triangles."),
+) -> None:
+    """Build the training corpus: the shared shapes + Debian's kicad-packages3d parts (decimated,
+    deduplicated), with a manifest of source, licence and sha256 per mesh. The ten kicad folders
+    reserved for independent evaluation are never read."""
+    from btp.train.corpus import KICAD_ROOT, CorpusError, CorpusOptions, build_corpus
+
+    opts = CorpusOptions(per_family=per_family, max_faces=max_faces, shapes=str(shapes or _default_shapes()),
+                         kicad_root=str(kicad_root or KICAD_ROOT))
+    try:
+        build_corpus(out, opts, log=typer.echo)
+    except CorpusError as err:
+        typer.echo(f"btp data corpus: {err}", err=True)
+        raise typer.Exit(code=2) from None

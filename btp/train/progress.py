@@ -38,7 +38,10 @@ class Progress:
         now = time.time()
         if now - self._last_log >= self.log_every_s or step == self.total:
             self._last_log = now
-            print(f"[{self.name}] step {step}/{self.total} {info} ({now - self._t0:.0f} s)", file=sys.stderr,
+            elapsed = now - self._t0
+            done = step - self.start
+            eta = f", ETA {elapsed / done * (self.total - step) / 60:.1f} min" if done > 0 else ""
+            print(f"[{self.name}] step {step}/{self.total} {info} ({elapsed:.0f} s{eta})", file=sys.stderr,
                   flush=True)
 
     def __exit__(self, *exc):

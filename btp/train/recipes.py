@@ -51,6 +51,10 @@ RECIPES: dict[str, Recipe] = {
     "btp-mini-clean": replace(_BTP_MINI, name="btp-mini-clean",
                               synth={"noise": 0.0, "pose_deg": 0.0, "pose_shift": 0.0}),
     "btp-mini-2defects": replace(_BTP_MINI, name="btp-mini-2defects", synth={"defect_types": ("bulge", "dent")}),
+    # btp-mini's model and budget per sample on the corpus of `btp data corpus` (shared shapes +
+    # kicad-packages3d parts; its split holds out whole kicad families): ~5x the training meshes,
+    # 12 samples each. Run with --shapes CORPUS_DIR.
+    "btp-corpus": replace(_BTP_MINI, name="btp-corpus", per_shape=12),
     # seconds: for tests and smoke runs
     "tiny": Recipe(
         name="tiny", config=tiny_config,

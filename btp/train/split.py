@@ -5,13 +5,16 @@ held-out set. Held out: *all* shapes of the kinds ``household`` and ``vehicle`` 
 categories) plus a fixed share of the other kinds (drawn once with
 ``numpy.random.default_rng(20260101)``: 20% of organic / mechanical, 25% of other, and then
 written down here by name so a change of numpy cannot move it). Held-out meshes are never used
-in training, pre-training or tuning. Torch-free.
+in training, pre-training or tuning. The corpus of ``btp data corpus`` adds whole held-out kicad
+families (``btp.train.corpus.HELDOUT_KICAD_FAMILIES``). Torch-free.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from btp.train.corpus import HELDOUT_KICAD_FAMILIES, check_not_reserved
 
 HELDOUT_KINDS: tuple[str, ...] = ("household", "vehicle")
 HELDOUT_NAMES: tuple[str, ...] = (
@@ -30,6 +33,7 @@ class Shape:
     name: str
     kind: str
     path: Path
+    family: str = ""  # corpus entries (btp.train.corpus): "kicad:<folder>" or "shapes:<kind>"
 
 
 @dataclass(frozen=True)
@@ -48,11 +52,17 @@ def read_index(shapes_root) -> list[Shape]:
     if not index.is_file():
         raise FileNotFoundError(f"{index}: not found; point --shapes (or $BTP_SHAPES) at shared/data/shapes")
     entries = json.loads(index.read_text())
-    return sorted((Shape(e["name"], e["kind"], root / e["file"]) for e in entries), key=lambda s: s.name)
+    shapes = sorted((Shape(e["name"], e["kind"], root / e["file"], e.get("family", "")) for e in entries),
+                    key=lambda s: s.name)
+    for s in shapes:
+        check_not_reserved(s.path)
+    return shapes
 
 
 def is_heldout(shape: Shape) -> bool:
-    return shape.kind in HELDOUT_KINDS or shape.name in HELDOUT_NAMES
+    """Held-out kinds and names of the shared shapes, and the held-out kicad families of the corpus."""
+    family = shape.family.removeprefix("kicad:") if shape.family.startswith("kicad:") else None
+    return shape.kind in HELDOUT_KINDS or shape.name in HELDOUT_NAMES or family in HELDOUT_KICAD_FAMILIES
 
 
 def zero_shot_split(shapes_root) -> ZeroShotSplit:
