@@ -5,6 +5,7 @@ exported model describes itself and no flag has to be matched by hand. Torch-fre
 
 Presets:
 - ``ulip2``    : the ULIP-2 PointBERT-10k encoder + OpenCLIP ViT-bigG-14 text tower (spec, D=1280).
+- ``btp-3dad`` : ``ulip2`` with the official BTP-3DAD code's inference semantics (``btp convert btp-3dad``).
 - ``btp-mini`` : the default edge model (small PointBERT, offline MiniLM text encoder, D=384).
 - ``tiny``     : a few-second config for tests.
 """
@@ -43,6 +44,9 @@ class TextConfig:
     kind: str = "openclip"  # "openclip" | "minilm"
     embed_dim: int = 1280  # D: the shared point/text space width
     n_ctx: int = 8  # learnable context tokens in each prompt
+    # False: the text embeddings are the encoder's encoding of the plain prompts, the context is not
+    # inserted (the official BTP-3DAD scoring: its learned context never reaches the text tower).
+    prompt_context: bool = True
     normal_template: str = "normal {}."
     anomaly_template: str = "defective {}."
     object_name: str = "object"
@@ -97,6 +101,9 @@ class ScoringConfig:
     # uncalibrated default; the BTP stage sets it to the point-F1-max threshold on its own
     # training samples (btp.train.loop.calibrate_point_threshold).
     point_threshold: float = 0.5
+    # Sampled points that lie in no patch: "nearest_center" takes the score of the nearest FPS
+    # centre; "zero" gives them 0 (the official BTP-3DAD rule: sum / (count + 1e-6)).
+    uncovered_points: str = "nearest_center"
 
 
 @dataclass
@@ -106,7 +113,13 @@ class PreprocessConfig:
     num_points: int = 2048  # N: the raw scan is FPS-downsampled to this many points
     fps_start: int = 0  # explicit FPS start index, identical on every backend
     rgb_fill: float = 0.5  # colour channels for scans without colour
-    normalize: str = "unit_sphere"  # centre at centroid, divide by max radius
+    # centre at the centroid, divide by the max radius: "unit_sphere" of the N sampled points, or
+    # "unit_sphere_raw" of the whole raw scan before downsampling (the official preprocessing)
+    normalize: str = "unit_sphere"
+    # where the downsampling FPS (raw -> N) starts: "fixed" = fps_start; "seeded-random" = the
+    # official code's torch.manual_seed(downsample_seed); torch.randint(0, M) (btp.geometry.prepare)
+    downsample_start: str = "fixed"
+    downsample_seed: int = 0
 
 
 @dataclass
@@ -187,6 +200,13 @@ class BTPConfig:
             problems.append(f"text.kind={self.text.kind!r}: expected 'openclip' or 'minilm'")
         if self.loss.point_loss not in ("focal", "balanced-bce"):
             problems.append(f"loss.point_loss={self.loss.point_loss!r}: expected 'focal' or 'balanced-bce'")
+        if p.normalize not in ("unit_sphere", "unit_sphere_raw"):
+            problems.append(f"preprocess.normalize={p.normalize!r}: expected 'unit_sphere' or 'unit_sphere_raw'")
+        if p.downsample_start not in ("fixed", "seeded-random"):
+            problems.append(f"preprocess.downsample_start={p.downsample_start!r}: expected 'fixed' or 'seeded-random'")
+        if self.scoring.uncovered_points not in ("nearest_center", "zero"):
+            problems.append(f"scoring.uncovered_points={self.scoring.uncovered_points!r}: "
+                            "expected 'nearest_center' or 'zero'")
         if self.gfcm.frame not in ("world", "local"):
             problems.append(f"gfcm.frame={self.gfcm.frame!r}: expected 'world' or 'local'")
         if not 0 <= self.gfcm.context_k < e.num_group:
@@ -226,6 +246,22 @@ def _has_default(f: dataclasses.Field) -> bool:
 def ulip2_config() -> BTPConfig:
     """The spec's model: ULIP-2 PointBERT-10k (6-channel) + OpenCLIP ViT-bigG-14 text tower."""
     return BTPConfig(name="btp-ulip2").validate()
+
+
+def btp3dad_config() -> BTPConfig:
+    """A model trained with the official BTP-3DAD code, scored the way its test_standard_aupro.py
+    scores it: ULIP-2 PointBERT (G 512, K 32, N 2048, layers 2/5/8/11), the raw scan normalised to
+    the unit sphere and then FPS-sampled from a seeded random start, text = the OpenCLIP encoding
+    of "normal ." / "defective ." without the learned context, object = 0.5 * global + 0.5 * mean
+    of the top 20 % patch probabilities, uncovered sampled points scored 0. ``btp convert btp-3dad``
+    fills in the head widths from the checkpoint."""
+    return BTPConfig(
+        name="btp-3dad",
+        text=TextConfig(object_name="", prompt_context=False),
+        scoring=ScoringConfig(object_alpha=0.5, top_ratio=0.2, global_temperature=0.07, uncovered_points="zero"),
+        preprocess=PreprocessConfig(num_points=2048, normalize="unit_sphere_raw", downsample_start="seeded-random",
+                                    downsample_seed=0),
+    ).validate()
 
 
 def btp_mini_config() -> BTPConfig:
@@ -274,7 +310,7 @@ def tiny_config() -> BTPConfig:
     ).validate()
 
 
-PRESETS = {"ulip2": ulip2_config, "btp-mini": btp_mini_config, "tiny": tiny_config}
+PRESETS = {"ulip2": ulip2_config, "btp-3dad": btp3dad_config, "btp-mini": btp_mini_config, "tiny": tiny_config}
 
 
 def preset(name: str) -> BTPConfig:

@@ -16,7 +16,8 @@ from typing import Callable
 import numpy as np
 
 from btp.config import BTPConfig, PreprocessConfig
-from btp.geometry import downsample, group, interpolate_to_raw, normalize, propagate_patch_scores
+from btp.geometry import group, interpolate_to_raw, propagate_patch_scores
+from btp.geometry.prepare import sample_points
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,10 @@ class CloudScores:
 
 
 def prepare(raw_points: np.ndarray, pre: PreprocessConfig, method: str = "auto") -> Prepared:
-    """FPS-downsample to `pre.num_points` (all points when the scan has fewer), then normalize."""
-    raw = np.ascontiguousarray(raw_points, dtype=np.float32)
-    n = min(pre.num_points, raw.shape[0])
-    idx = downsample(raw, n, start_idx=pre.fps_start, method=method)
-    normed, centre, scale = normalize(raw[idx])
-    return Prepared(idx, normed, centre, float(scale))
+    """The runtime's rule (btp.geometry.prepare.sample_points): N points (all when the scan has
+    fewer), normalised before or after sampling as ``pre.normalize`` says."""
+    s = sample_points(raw_points, pre, method)
+    return Prepared(s.sample_idx, s.points, s.centre, s.scale)
 
 
 def to_raw(raw_points: np.ndarray, prepared: Prepared, sampled_scores: np.ndarray, object_score: float,
@@ -93,7 +92,8 @@ def score_cloud_torch(model, raw_points: np.ndarray, cfg: BTPConfig | None = Non
     finally:
         model.train(was_training)
     patch_probs = out["patch_probs"][0].float().cpu().numpy()  # [G]
-    sampled = propagate_patch_scores(patch_probs, groups.patch_idx, groups.center, prepared.normed)
+    sampled = propagate_patch_scores(patch_probs, groups.patch_idx, groups.center, prepared.normed,
+                                     cfg.scoring.uncovered_points)
     return to_raw(raw_points, prepared, sampled, float(out["object_score"][0]),
                   interpolation or cfg.scoring.raw_interpolation)
 

@@ -10,18 +10,24 @@ from btp.geometry.neighbors import knn, knn_candidates
 INTERPOLATION_METHODS = ("nearest", "idw3")
 
 
-def propagate_patch_scores(patch_scores, patch_idx, center, points) -> np.ndarray:
+UNCOVERED_RULES = ("nearest_center", "zero")
+
+
+def propagate_patch_scores(patch_scores, patch_idx, center, points, uncovered: str = "nearest_center") -> np.ndarray:
     """Each point's score = mean of the scores of the patches that contain it.
 
     patch_scores [G], patch_idx int [G, K], center [G, 3], points [N, 3] -> float32 [N].
     A point listed twice in one patch counts twice (index_add semantics, as the spec's
-    ``index_add / counts``). Points in no patch take the score of their nearest centre
-    (``knn`` rule: ties -> lowest centre index). With a leading batch dim on every argument
-    ([B,G], [B,G,K], [B,G,3], [B,N,3]) returns [B, N]. Sums are accumulated in float64.
+    ``index_add / counts``). Points in no patch (``scoring.uncovered_points``): ``"nearest_center"``
+    takes the score of their nearest centre (``knn`` rule: ties -> lowest centre index);
+    ``"zero"`` gives 0. With a leading batch dim on every argument ([B,G], [B,G,K], [B,G,3],
+    [B,N,3]) returns [B, N]. Sums are accumulated in float64.
     """
+    if uncovered not in UNCOVERED_RULES:
+        raise GeometryError(f"propagate_patch_scores: uncovered={uncovered!r}; choose one of {UNCOVERED_RULES}")
     scores = np.asarray(patch_scores)
     if scores.ndim == 2:
-        return np.stack([propagate_patch_scores(scores[b], patch_idx[b], center[b], points[b])
+        return np.stack([propagate_patch_scores(scores[b], patch_idx[b], center[b], points[b], uncovered)
                          for b in range(scores.shape[0])])
     pts = as_points(points)
     ctr = as_points(center, "center")
@@ -40,7 +46,9 @@ def propagate_patch_scores(patch_scores, patch_idx, center, points) -> np.ndarra
     covered = counts > 0
     out = np.empty(n_points, dtype=np.float32)
     out[covered] = sums[covered] / counts[covered]
-    if not covered.all():
+    if not covered.all() and uncovered == "zero":
+        out[~covered] = 0.0
+    elif not covered.all():
         nearest, _ = knn(ctr, pts[~covered], 1)  # [U, 1]
         out[~covered] = scores[nearest[:, 0]]
     return out

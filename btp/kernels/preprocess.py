@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from btp.errors import NotAvailableError
 from btp.geometry.errors import DegenerateCloudError
 from btp.kernels import ops
 from btp.kernels.launch import BlockSizes, check_sizes
@@ -102,8 +103,16 @@ class GpuPreprocessor:
 
     @classmethod
     def from_config(cls, cfg, **kwargs) -> "GpuPreprocessor":
-        """From a BTPConfig (btp/config.py)."""
+        """From a BTPConfig (btp/config.py). The kernels implement btp's own preprocessing rule only
+        (normalise after sampling, fixed FPS start, uncovered points -> nearest centre)."""
         e, p = cfg.encoder, cfg.preprocess
+        unsupported = [f"{name}={value!r}" for name, value, ours in (
+            ("preprocess.normalize", p.normalize, "unit_sphere"),
+            ("preprocess.downsample_start", p.downsample_start, "fixed"),
+            ("scoring.uncovered_points", cfg.scoring.uncovered_points, "nearest_center")) if value != ours]
+        if unsupported:
+            raise NotAvailableError(f"the CUDA preprocessing does not implement {', '.join(unsupported)} "
+                                    f"(model {cfg.name}); preprocess on the CPU")
         return cls(p.num_points, e.num_group, e.group_size, e.in_channels, p.rgb_fill, p.fps_start, **kwargs)
 
     # ---- stages ------------------------------------------------------------------------------

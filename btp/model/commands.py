@@ -49,3 +49,44 @@ def ulip2(
                + (f" from {report.text_source}" if report.text_source else " (no text tower)"))
     if report.ignored:
         typer.echo("ignored: " + ", ".join(report.ignored))
+
+
+@convert_app.command("btp-3dad")
+def btp3dad(
+    heads_ckpt: Path = typer.Option(..., "--heads", help="best.pth of the official BTP-3DAD train.py "
+                                    "(patch_feature_embedder, patch_geo_encoder, prompt_learner)."),
+    point_ckpt: Path = typer.Option(..., "--point-ckpt", help="ULIP-2-PointBERT-10k-xyzrgb-pc-vit_g-"
+                                    "objaverse_shapenet-pretrained.pt (module.point_encoder.*, module.pc_projection)."),
+    clip_ckpt: Optional[Path] = typer.Option(None, "--clip-ckpt", help="open_clip_pytorch_model.bin of "
+                                             "ViT-bigG-14 (default: module.open_clip_model.* inside --point-ckpt)."),
+    out: Path = typer.Option(..., "--out", help="Output btp checkpoint (.safetensors)."),
+    use_learned_context: bool = typer.Option(False, "--use-learned-context", help="Freeze the text "
+                                             "embeddings through the learned prompt context (the official "
+                                             "scoring does not use it: default off)."),
+    heads: Optional[int] = typer.Option(None, "--attention-heads", help="PointBERT attention heads (default trans_dim / 64)."),
+    text_heads: Optional[int] = typer.Option(None, "--text-heads", help="Text tower heads (default width / 64)."),
+) -> None:
+    """Bring in a model trained with the official BTP-3DAD code: encoder, heads and the frozen text
+    embeddings computed as its scoring does, in one btp checkpoint (config preset btp-3dad).
+
+    Every file is read with torch.load(weights_only=True); a missing, unexpected or mis-shaped
+    key is listed by name and the command exits with code 1.
+    """
+    from btp.model.checkpoint import save_checkpoint
+    from btp.model.convert import ConversionError, btp3dad_provenance, convert_btp3dad
+
+    try:
+        model, report = convert_btp3dad(heads_ckpt, point_ckpt, clip_ckpt, use_learned_context=use_learned_context,
+                                        heads=heads, text_heads=text_heads)
+    except ConversionError as exc:
+        typer.echo(f"btp convert btp-3dad: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    path = save_checkpoint(out, model, btp3dad_provenance(heads_ckpt, point_ckpt, clip_ckpt, report,
+                                                          use_learned_context))
+    cfg = report.config
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {cfg.name}, PointBERT trans_dim="
+               f"{cfg.encoder.trans_dim} depth={cfg.encoder.depth}, G={cfg.encoder.num_group} "
+               f"K={cfg.encoder.group_size} N={cfg.preprocess.num_points}, D={cfg.text.embed_dim}, "
+               f"object = {cfg.scoring.object_alpha} x global + {1 - cfg.scoring.object_alpha} x mean of the top "
+               f"{cfg.scoring.top_ratio:.0%} patches; text frozen "
+               + ("through the learned context" if use_learned_context else 'from "normal ." / "defective ."'))

@@ -57,6 +57,7 @@ class ConversionReport:
     text_keys: int
     text_source: str | None
     ignored: list[str] = field(default_factory=list)
+    official: dict[str, Any] = field(default_factory=dict)  # btp-3dad: best.pth's epoch, loss
 
 
 def load_ulip_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -227,4 +228,181 @@ def conversion_provenance(point_ckpt: str | Path, clip_ckpt: str | Path | None, 
         "ignored": report.ignored,
         "heads_initialised": f"GFCM, MGFEM, prompt context: random (seed {seed}); train them with `btp train`",
         "text_frozen": False,
+    }
+
+
+# ---- official BTP-3DAD heads (train.py's best.pth) ---------------------------------------------
+
+HEAD_GROUPS = ("patch_feature_embedder", "patch_geo_encoder", "prompt_learner")
+_MLP_NAMES = {"mapper_pointbert": "layer_mlp", "mapper_fpfh": "desc_mlp", "mapper_global": "cls_mlp",
+              "fusion_proj": "fuse"}
+_BN_FIELDS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+PROMPT_BUFFERS = ("token_prefix_pos", "token_suffix_pos", "token_prefix_neg", "token_suffix_neg")
+
+
+def official_head_names() -> dict[str, str]:
+    """Official key (``group.key``) -> btp BTPModel state key, for every tensor we load."""
+    names = {"patch_feature_embedder.layer_weights": "mgfem.layer_weights", "prompt_learner.ctx": "prompt_ctx"}
+    for official, ours in _MLP_NAMES.items():
+        for i in (0, 2):
+            for p in ("weight", "bias"):
+                names[f"patch_feature_embedder.{official}.{i}.{p}"] = f"mgfem.{ours}.{i}.{p}"
+    for i in range(3):  # mlp{1,2,3} = Conv2d(1x1) + BatchNorm2d  ->  convs.{3i}, convs.{3i+1}
+        for p in ("weight", "bias"):
+            names[f"patch_geo_encoder.mlp{i + 1}.0.{p}"] = f"gfcm.convs.{3 * i}.{p}"
+        for p in _BN_FIELDS:
+            names[f"patch_geo_encoder.mlp{i + 1}.1.{p}"] = f"gfcm.convs.{3 * i + 1}.{p}"
+    for i in (0, 2):
+        for p in ("weight", "bias"):
+            names[f"patch_geo_encoder.fc.{i}.{p}"] = f"gfcm.head.{i}.{p}"
+    return names
+
+
+def load_official_heads(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``best.pth`` of the official train.py -> (flat ``{group.key: tensor}``, its other plain
+    entries such as epoch and loss), read with torch.load(weights_only=True).
+
+    The file is ``{"patch_feature_embedder": sd, "patch_geo_encoder": sd, "prompt_learner": sd,
+    "epoch": int, "loss": float}``; a pickled object of any other class is refused unread."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(path, reason="file not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConversionError(path, reason=f"not readable with torch.load(weights_only=True) (a pickled object "
+                                           f"that is not a tensor or plain value is never executed): {exc}") from exc
+    if not isinstance(ckpt, dict):
+        raise ConversionError(path, reason=f"expected the dict train.py saves, got {type(ckpt).__name__}")
+    missing_groups = [g for g in HEAD_GROUPS if g not in ckpt]
+    if missing_groups:
+        raise ConversionError(path, missing=missing_groups,
+                              reason="not a BTP-3DAD heads checkpoint (train.py saves these three state dicts)")
+    flat: dict[str, torch.Tensor] = {}
+    bad = []
+    for group in HEAD_GROUPS:
+        if not isinstance(ckpt[group], dict):
+            raise ConversionError(path, reason=f"`{group}` is a {type(ckpt[group]).__name__}, expected a state dict")
+        for k, v in ckpt[group].items():
+            (flat.__setitem__(f"{group}.{k}", v) if isinstance(v, torch.Tensor) else bad.append(f"{group}.{k}"))
+    if bad:
+        raise ConversionError(path, mis_shaped=[f"{k}: not a tensor" for k in bad])
+    extras = {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in ckpt.items()
+              if k not in HEAD_GROUPS and isinstance(v, (int, float, str, torch.Tensor))}
+    return flat, extras
+
+
+def _shape(heads: dict[str, torch.Tensor], key: str, source: Path, dims: int) -> tuple[int, ...]:
+    if key not in heads:
+        raise ConversionError(source, missing=[key], reason="cannot infer the head widths")
+    shape = tuple(heads[key].shape)
+    if len(shape) < dims:
+        raise ConversionError(source, mis_shaped=[f"{key}: shape {shape}, expected {dims} dimensions"])
+    return shape
+
+
+def infer_head_config(heads: dict[str, torch.Tensor], base: BTPConfig, source: Path) -> BTPConfig:
+    """GFCM and MGFEM widths from the official heads' tensor shapes (everything else from ``base``)."""
+    pfe, pge = "patch_feature_embedder.", "patch_geo_encoder."
+    hidden, in_dim = _shape(heads, pfe + "mapper_pointbert.0.weight", source, 2)[:2]
+    n_layers = _shape(heads, pfe + "layer_weights", source, 1)[0]
+    conv_dims = tuple(_shape(heads, f"{pge}mlp{i}.0.weight", source, 2)[0] for i in (1, 2, 3))
+    gfcm_hidden = _shape(heads, pge + "fc.0.weight", source, 2)[0]
+    out_dim = _shape(heads, pge + "fc.2.weight", source, 2)[0]
+    problems = []
+    if in_dim != base.encoder.trans_dim:
+        problems.append(f"{pfe}mapper_pointbert.0.weight: takes {in_dim}-d layer features, the encoder gives "
+                        f"{base.encoder.trans_dim}")
+    if n_layers != len(base.encoder.feature_layers):
+        problems.append(f"{pfe}layer_weights: {n_layers} layers, the config fuses {len(base.encoder.feature_layers)} "
+                        f"(blocks {base.encoder.feature_layers})")
+    if problems:
+        raise ConversionError(source, mis_shaped=problems)
+    return dataclasses.replace(
+        base, gfcm=dataclasses.replace(base.gfcm, conv_dims=conv_dims, hidden=gfcm_hidden, out_dim=out_dim,
+                                       frame="world", context_k=0),
+        mgfem=dataclasses.replace(base.mgfem, hidden=hidden))
+
+
+def _check_prompt_buffers(heads, model, source: Path) -> list[str]:
+    """Shape problems of the prompt learner's token buffers ([1, 1, W] prefix, [1, L-1, W] suffix)."""
+    width = model.prompt_ctx.shape[1]
+    length = model.text_encoder.context_length if model.text_encoder is not None else None
+    problems = []
+    for name in PROMPT_BUFFERS:
+        key = f"prompt_learner.{name}"
+        if key not in heads:
+            continue
+        shape = tuple(heads[key].shape)
+        want = (1, 1, width) if "prefix" in name else (1, (length or shape[1] + 1) - 1, width)
+        if shape != want:
+            problems.append(f"{key}: checkpoint {shape}, expected {want}")
+    return problems
+
+
+def convert_btp3dad(heads_ckpt: str | Path, point_ckpt: str | Path, clip_ckpt: str | Path | None = None, *,
+                    use_learned_context: bool = False, heads: int | None = None, text_heads: int | None = None):
+    """Official BTP-3DAD heads + ULIP-2 + OpenCLIP -> (BTPModel with frozen text, ConversionReport).
+
+    Encoder and text tower go through ``convert_ulip2``; the heads are mapped by
+    ``official_head_names`` after a strict key/shape check (every bad key named). The text
+    embeddings are then frozen as the official scoring computes them: the tower's encoding of
+    "normal ." / "defective ." (``--use-learned-context``: with the learned context inserted), and
+    the tower is dropped - the checkpoint holds encoder, heads and the two embeddings.
+    """
+    from btp.config import btp3dad_config
+
+    heads_ckpt = Path(heads_ckpt)
+    head_state, extras = load_official_heads(heads_ckpt)
+    base = btp3dad_config()
+    if use_learned_context:
+        base = dataclasses.replace(base, text=dataclasses.replace(base.text, prompt_context=True))
+    # the encoder's width decides MGFEM's input: convert it first with the preset's head widths
+    model, report = convert_ulip2(point_ckpt, clip_ckpt, heads=heads, text_heads=text_heads, base_config=base)
+    if model.text_encoder is None:
+        raise ConversionError(point_ckpt, missing=[f"{CLIP_IN_ULIP_PREFIX}*"],
+                              reason="the official scoring needs the OpenCLIP text tower: pass --clip-ckpt "
+                                     "open_clip_pytorch_model.bin")
+    cfg = infer_head_config(head_state, model.cfg, heads_ckpt)
+    if cfg.text.n_ctx != head_state.get("prompt_learner.ctx", torch.empty(cfg.text.n_ctx)).shape[0]:
+        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, n_ctx=int(head_state["prompt_learner.ctx"].shape[0])))
+    from btp.model.network import BTPModel
+
+    full = BTPModel(cfg, model.text_encoder)
+    full.point_encoder.load_state_dict(model.point_encoder.state_dict())
+
+    names = official_head_names()
+    ours = full.state_dict()
+    expected = {k: ours[v] for k, v in names.items()}
+    given = {k: v for k, v in head_state.items() if not k.split(".", 1)[1] in PROMPT_BUFFERS}
+    missing, unexpected, mis_shaped = _compare(expected, given, lambda k: k)
+    mis_shaped += _check_prompt_buffers(head_state, full, heads_ckpt)
+    missing += [f"prompt_learner.{b}" for b in PROMPT_BUFFERS if f"prompt_learner.{b}" not in head_state]
+    if missing or unexpected or mis_shaped:
+        raise ConversionError(heads_ckpt, sorted(missing), unexpected, sorted(mis_shaped))
+    with torch.no_grad():
+        for official, key in names.items():
+            ours[key].copy_(head_state[official])
+    full.eval()
+    full.freeze_text(drop_encoder=True)
+    report = dataclasses.replace(report, config=cfg, official=extras)
+    return full, report
+
+
+def btp3dad_provenance(heads_ckpt, point_ckpt, clip_ckpt, report: ConversionReport,
+                       use_learned_context: bool) -> dict[str, Any]:
+    from btp.io.files import file_sha256
+
+    files = {"heads": heads_ckpt, "point": point_ckpt, "clip": clip_ckpt}
+    return {
+        "source": "btp convert btp-3dad",
+        "heads_checkpoint": str(heads_ckpt), "point_checkpoint": str(point_ckpt),
+        "clip_checkpoint": str(clip_ckpt) if clip_ckpt else None,
+        "sha256": {k: file_sha256(v) for k, v in files.items() if v},
+        "text_tower": report.text_source,
+        "text_frozen": True,
+        "text": ("OpenCLIP encoding of the prompts with the learned context inserted" if use_learned_context
+                 else 'OpenCLIP encoding of "normal ." / "defective ." (the official scoring; learned context unused)'),
+        "point_tensors": report.point_keys, "text_tensors": report.text_keys, "ignored": report.ignored,
+        "official_checkpoint_info": {k: v for k, v in report.official.items() if isinstance(v, (int, float, str))},
     }

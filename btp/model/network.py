@@ -5,7 +5,8 @@ Contract (docs/design.md "btp.model"):
     forward(neighborhood [B,G,K,C], center [B,G,3]) -> dict with
         patch_logits [B,G], patch_probs [B,G], global_logit [B], global_prob [B], object_score [B],
         patch_embed [B,G,D], geo_desc [B,G,33]
-    text_embeddings() -> [2, D] (normal, anomaly), L2-normalised
+    text_embeddings() -> [2, D] (normal, anomaly), L2-normalised (the plain prompts without the
+        context tokens when cfg.text.prompt_context is False)
     freeze_text() -> buffer `frozen_text [2, D]`, used from then on (the exported form).
 """
 from __future__ import annotations
@@ -75,7 +76,8 @@ class BTPModel(nn.Module):
         if self.text_encoder is None:
             raise TextNotReadyError("BTPModel has no text encoder and no frozen text embeddings: "
                                     "pass text_encoder= or load a checkpoint that holds `frozen_text`")
-        return F.normalize(self.text_encoder.encode_with_context(self.prompt_ctx, self.prompt_texts), dim=-1)
+        ctx = self.prompt_ctx if self.cfg.text.prompt_context else self.prompt_ctx[:0]  # [n_ctx | 0, W]
+        return F.normalize(self.text_encoder.encode_with_context(ctx, self.prompt_texts), dim=-1)
 
     @torch.no_grad()
     def freeze_text(self, drop_encoder: bool = False) -> torch.Tensor:

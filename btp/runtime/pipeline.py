@@ -115,10 +115,17 @@ class Pipeline:
                 cloud, notes = stages.load(source, cfg), []
         with _timed(t, "sanitize"):
             raw = stages.sanitize(cloud, cfg)  # [M, 3]
-        with _timed(t, "downsample"):
-            sample_idx = stages.downsample_points(raw, cfg, self.downsample_method)  # [N]
-        with _timed(t, "normalize"):
-            points, centre, scale = stages.normalize_points(raw[sample_idx])  # [N, 3]
+        if cfg.preprocess.normalize == "unit_sphere_raw":  # the whole scan first, then sample it
+            with _timed(t, "normalize"):
+                normed_raw, centre, scale = stages.normalize_points(raw)  # [M, 3]
+            with _timed(t, "downsample"):
+                sample_idx = stages.downsample_points(normed_raw, cfg, self.downsample_method)  # [N]
+                points = normed_raw[sample_idx]  # [N, 3]
+        else:
+            with _timed(t, "downsample"):
+                sample_idx = stages.downsample_points(raw, cfg, self.downsample_method)  # [N]
+            with _timed(t, "normalize"):
+                points, centre, scale = stages.normalize_points(raw[sample_idx])  # [N, 3]
         with _timed(t, "fps"):
             center_idx = stages.fps_centres(points, cfg)  # [G]
         with _timed(t, "group"):
@@ -154,7 +161,7 @@ class Pipeline:
         t = dict(job.timings, engine=engine_ms)
         patch_probs = np.asarray(outputs["patch_probs"][b], dtype=np.float32)  # [G]
         with _timed(t, "propagate"):
-            sampled_scores = stages.propagate(patch_probs, job.prep)  # [N]
+            sampled_scores = stages.propagate(patch_probs, job.prep, self.cfg)  # [N]
         with _timed(t, "interpolate"):
             point_scores = stages.interpolate(sampled_scores, job.prep, self.cfg)  # [M]
         with _timed(t, "object"):

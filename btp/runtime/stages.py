@@ -20,6 +20,7 @@ import numpy as np
 
 from btp.config import BTPConfig
 from btp.geometry import downsample, fps, interpolate_to_raw, knn, normalize, propagate_patch_scores
+from btp.geometry.prepare import downsample_start
 from btp.io import PointCloud, read_point_cloud
 from btp.io.errors import InvalidValuesError, TooFewPointsError
 
@@ -97,11 +98,12 @@ def downsample_points(raw: np.ndarray, cfg: BTPConfig, method: str = "auto") -> 
     n = cfg.preprocess.num_points
     if raw.shape[0] <= n:
         return np.arange(raw.shape[0], dtype=np.int64)
-    return downsample(raw, n, cfg.preprocess.fps_start, method=method)
+    return downsample(raw, n, downsample_start(raw.shape[0], cfg.preprocess), method=method)
 
 
 def normalize_points(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """Unit sphere (preprocess.normalize) of the sampled points: -> (normed [N, 3], centre [3], scale)."""
+    """Unit sphere of the points (the N sampled ones, or the whole raw scan first when
+    ``preprocess.normalize == "unit_sphere_raw"``): -> (normed [N, 3], centre [3], scale)."""
     return normalize(points)
 
 
@@ -126,9 +128,10 @@ def knn_group(points: np.ndarray, center_idx: np.ndarray, cfg: BTPConfig):
     return patch_idx, neighborhood, center
 
 
-def propagate(patch_probs: np.ndarray, prep: Prepared) -> np.ndarray:
-    """Patch probabilities [G] -> scores of the N sampled points [N] (mean over containing patches)."""
-    return propagate_patch_scores(patch_probs, prep.patch_idx, prep.center, prep.points)
+def propagate(patch_probs: np.ndarray, prep: Prepared, cfg: BTPConfig) -> np.ndarray:
+    """Patch probabilities [G] -> scores of the N sampled points [N] (mean over containing patches;
+    points in no patch by ``scoring.uncovered_points``)."""
+    return propagate_patch_scores(patch_probs, prep.patch_idx, prep.center, prep.points, cfg.scoring.uncovered_points)
 
 
 def interpolate(sampled_scores: np.ndarray, prep: Prepared, cfg: BTPConfig, *, exact: bool = False) -> np.ndarray:
