@@ -360,3 +360,28 @@ def test_metric_tolerance_counts_swappable_pairs():
     assert not vacuous.informative
     res = cmp.check(np.array([0.7]), np.array([0.6]), vacuous)
     assert res.verdict == "SKIP" and "not informative" in res.note
+
+
+def test_fp16_mixed_emulation_keeps_the_keep_list_in_fp32(tiny_onnx, shapes_root):
+    """torch-fp16-mixed: LayerNorm and MGFEM parameters stay float32, the rest float16, and its
+    outputs are no further from FP32 than the all-FP16 emulation's on real engine inputs."""
+    torch = pytest.importorskip("torch")
+    from btp.benchmarks.torch_backend import TorchBackend
+    from btp.config import tiny_config
+    from model_batches import real_batch
+
+    fp32 = TorchBackend.for_onnx(tiny_onnx)
+    half = TorchBackend.for_onnx(tiny_onnx, half=True)
+    mixed = TorchBackend.for_onnx(tiny_onnx, half=True, mixed=True)
+    assert mixed.name == "torch-fp16-mixed"
+    norms = [m for m in mixed.model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(m.weight.dtype == torch.float32 for m in norms)
+    assert all(p.dtype == torch.float32 for p in mixed.model.mgfem.parameters())
+    assert mixed.model.point_encoder.blocks.blocks[0].attn.qkv.weight.dtype == torch.float16
+    batch = real_batch(shapes_root, tiny_config(), batch_size=2)
+    nb, ct = batch["neighborhood"].numpy(), batch["center"].numpy()
+    ref = fp32.run(nb, ct)["patch_logits"]
+    err_half = np.abs(half.run(nb, ct)["patch_logits"] - ref).mean()
+    got = mixed.run(nb, ct)["patch_logits"]
+    err_mixed = np.abs(got - ref).mean()
+    assert 0 < err_mixed <= 1.05 * err_half and np.abs(got - ref).max() < 1e-2

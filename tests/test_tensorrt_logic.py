@@ -316,7 +316,7 @@ def test_common_scope_and_scoped_root_ops():
     assert trt_export.common_scope(["/MatMul_3", "/a/b/Conv"]) == "/"
     got = {p.name: p.precision for p in trt_export.precision_policy((n, "MatMul") for n in names)}
     assert got == {"/inner/point_encoder/blocks/blocks.0/attn/qkv/MatMul": "fp16", "/inner/MatMul": "fp32",
-                   "/inner/Sub_1": "fp32", "/inner/mgfem/fuse/fuse.2/Add": "fp16", "onnx::MatMul_815": "fp16"}
+                   "/inner/Sub_1": "fp32", "/inner/mgfem/fuse/fuse.2/Add": "fp32", "onnx::MatMul_815": "fp16"}
     no_root = trt_export.precision_policy([("/inner/MatMul", "MatMul")], root_ops=False)
     assert no_root[0].precision == "fp16"
 
@@ -349,5 +349,8 @@ def test_precision_plan_on_the_real_exported_model(exported_tiny):
     heavy = [n for n, node in nodes.items()
              if node.op_type in ("MatMul", "Conv", "Gemm") and ("/blocks" in n or "/convs" in n)]
     assert heavy and all(plan[n].precision == "fp16" for n in heavy)
+    # the MGFEM fusion head feeds the unnormalised patch embedding: FP32
+    head = [n for n in nodes if "/mgfem/" in n]
+    assert head and all(plan[n].precision == "fp32" for n in head)
     share = sum(p.precision == "fp16" for p in plan.values()) / len(plan)
-    assert share > 0.7
+    assert share > 0.6

@@ -244,3 +244,54 @@ def test_tiny_recipe_is_deterministic_by_seed(shapes_root, tmp_path):
         torch.testing.assert_close(ta[key], tb[key], rtol=0, atol=0, msg=key)
     assert not torch.equal(ta["mgfem.fuse.0.weight"], tc["mgfem.fuse.0.weight"])
     assert set(a["heldout_shapes"]).isdisjoint(a["train_shapes"])
+
+
+def test_btp_stage_from_a_converted_ulip2_checkpoint(tiny_arrays, tmp_path):
+    """`btp train --stage btp --from`: the BTP heads train on top of a converted ULIP-2 encoder and
+    OpenCLIP tower (tiny fakes with the official key names); the encoder stays as converted."""
+    from btp.model.checkpoint import load_checkpoint, save_checkpoint
+    from btp.model.convert import conversion_provenance, convert_ulip2
+    from test_convert import VISUAL, openclip_text_state, save_ulip, tiny_point_state
+
+    torch.manual_seed(0)
+    point, proj = tiny_point_state()
+    ulip = save_ulip(tmp_path / "ulip2.pt", point, proj)
+    clip = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save({**openclip_text_state(), **VISUAL}, clip)
+    converted, report = convert_ulip2(ulip, clip, base_config="tiny")
+    start = save_checkpoint(tmp_path / "converted.safetensors", converted,
+                            conversion_provenance(ulip, clip, report, 0))
+    summary = train_btp(converted.cfg, tiny_arrays, tmp_path / "btp", BTPOptions(epochs=12, batch_size=2, ckpt_every=0),
+                        init_from=start, progress=False, log=lambda *_: None)
+    losses = np.array([v for _, v in summary["losses"]])
+    assert np.isfinite(losses).all() and losses[-8:].mean() < losses[:4].mean()
+    trained, prov = load_checkpoint(summary["checkpoint"])
+    assert prov["stage"] == "btp" and trained.is_text_frozen and trained.text_encoder is None
+    for k, v in converted.point_encoder.state_dict().items():
+        torch.testing.assert_close(trained.point_encoder.state_dict()[k], v, atol=0, rtol=0)
+    assert (trained.prompt_ctx - converted.prompt_ctx).abs().max() > 0  # learned through the OpenCLIP tower
+    assert (trained.mgfem.fuse[2].weight - converted.mgfem.fuse[2].weight).abs().max() > 0
+
+
+def test_btp_stage_cli_from_a_checkpoint_with_frozen_text(shapes_root, tmp_path):
+    """A checkpoint whose text is frozen and holds no tower (what `btp convert btp-3dad` writes):
+    the heads train against the frozen embeddings, which stay as they are."""
+    from typer.testing import CliRunner
+
+    from btp.cli import app
+    from btp.model import BTPModel
+    from btp.model.checkpoint import load_checkpoint, save_checkpoint
+    from btp.model.text import build_text_encoder
+
+    cfg = tiny_config()
+    torch.manual_seed(1)
+    model = BTPModel(cfg, build_text_encoder(cfg.text))
+    model.freeze_text(drop_encoder=True)
+    start = save_checkpoint(tmp_path / "start.safetensors", model, {"source": "test"})
+    res = CliRunner().invoke(app, ["train", "--stage", "btp", "--from", str(start), "--shapes", str(shapes_root),
+                                   "--out", str(tmp_path / "run"), "--per-shape", "1", "--max-steps", "3",
+                                   "--batch-size", "2", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    trained, _ = load_checkpoint(tmp_path / "run" / f"{cfg.name}.safetensors")
+    torch.testing.assert_close(trained.frozen_text, model.frozen_text, atol=0, rtol=0)
+    assert (trained.gfcm.head[0].weight - model.gfcm.head[0].weight).abs().max() > 0

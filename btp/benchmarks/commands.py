@@ -119,8 +119,10 @@ def parity(
     model: Path = typer.Argument(..., exists=True, dir_okay=False, help="model.onnx (from btp-export)"),
     data: Path = typer.Option(..., exists=True, file_okay=False, help="test data in the Anomaly-ShapeNet or "
                               "Real3D-AD layout (e.g. written by `btp data synth`)"),
-    backends: str = typer.Option("ort-cpu,ort-cuda,trt-fp32,trt-fp16,torch-fp16",
-                                 help="backends to compare (torch-fp16: the model run entirely in float16 by torch "
+    backends: str = typer.Option("ort-cpu,ort-cuda,trt-fp32,trt-fp16,torch-fp16,torch-fp16-mixed",
+                                 help="backends to compare (torch-fp16-mixed: float16 with the export's FP32 "
+                                      "keep-list - LayerNorm, the scoring head - in float32, as a TensorRT FP16 "
+                                      "engine; torch-fp16: the model run entirely in float16 by torch "
                                       "on the CPU, a worst-case check of the FP16 tolerances without a GPU)"),
     reference: str = typer.Option("torch", help="reference backend"),
     checkpoint: Optional[Path] = typer.Option(None, help="checkpoint for the torch reference"),

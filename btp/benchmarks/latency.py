@@ -26,7 +26,8 @@ import numpy as np
 from btp.benchmarks.data import sample_cloud
 from btp.benchmarks.stats import Stats, measure, summarize
 
-BACKENDS = ("torch", "ort-cpu", "ort-cuda", "trt-fp32", "trt-fp16", "torch-fp16")
+BACKENDS = ("torch", "ort-cpu", "ort-cuda", "trt-fp32", "trt-fp16", "torch-fp16", "torch-fp16-mixed")
+TORCH_BACKENDS = ("torch", "torch-fp16", "torch-fp16-mixed")
 DEFAULT_POINTS = (2048, 40000, 400000)
 DEFAULT_BATCHES = (1, 4)
 GPU_BACKENDS = ("ort-cuda", "trt-fp32", "trt-fp16")
@@ -81,7 +82,7 @@ def unavailable_reason(backend: str) -> str | None:
     """Why ``backend`` cannot run on this machine (None = try it)."""
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}"
-    if backend in ("torch", "torch-fp16"):
+    if backend in TORCH_BACKENDS:
         return None if importlib.util.find_spec("torch") else "torch not installed (pip install btp-edge[train])"
     if backend == "ort-cpu":
         return None if importlib.util.find_spec("onnxruntime") else "onnxruntime not installed"
@@ -107,7 +108,7 @@ def unavailable_reason(backend: str) -> str | None:
 
 
 def precision_of(backend: str) -> str:
-    return "fp16" if backend.endswith("fp16") else "int8" if backend.endswith("int8") else "fp32"
+    return "fp16" if "fp16" in backend else "int8" if backend.endswith("int8") else "fp32"
 
 
 # ---- pipeline construction ---------------------------------------------------------------------
@@ -119,11 +120,11 @@ def make_pipeline(backend: str, model_path, *, threads: int | None = None, check
     """
     from btp.runtime import Pipeline
 
-    if backend in ("torch", "torch-fp16"):
+    if backend in TORCH_BACKENDS:
         from btp.benchmarks.torch_backend import TorchBackend
 
         torch_backend = TorchBackend.for_onnx(model_path, checkpoint=checkpoint, threads=threads,
-                                              half=backend == "torch-fp16")
+                                              half=backend != "torch", mixed=backend == "torch-fp16-mixed")
         pipe = Pipeline(model_path, backend="ort-cpu", threads=threads)
         _swap_backend(pipe, torch_backend)
         return pipe, torch_backend.weights

@@ -77,7 +77,11 @@ def load_torch_model(model_path, checkpoint=None):
 class TorchBackend:
     """PyTorch eager forward of a BTPModel (see module docstring)."""
 
-    def __init__(self, model, *, threads: int | None = None, weights: str = "", half: bool = False):
+    def __init__(self, model, *, threads: int | None = None, weights: str = "", half: bool = False,
+                 mixed: bool = False):
+        """half: every op in float16; with mixed, the FP16 keep-list of btp.export.tensorrt stays
+        float32 (LayerNorm modules, the MGFEM head and the scoring after patch_embed), as a
+        TensorRT FP16 engine built with that list computes it."""
         import torch
 
         if threads is None:  # same default as ONNX Runtime (one thread per physical core), whatever
@@ -89,17 +93,46 @@ class TorchBackend:
         self._torch = torch
         self.model = model.eval().half() if half else model.eval()
         self.dtype = torch.float16 if half else torch.float32
-        self.name = "torch-fp16" if half else "torch"
-        self.weights = weights + ("; every op in float16 (CPU emulation of an all-FP16 engine)" if half else "")
+        self.mixed = half and mixed
+        if self.mixed:
+            _keep_fp32(self.model)
+        self.name = ("torch-fp16-mixed" if self.mixed else "torch-fp16") if half else "torch"
+        self.weights = weights + (
+            "; float16 with LayerNorm, MGFEM and the scoring head in float32 (CPU emulation of a TensorRT FP16 "
+            "engine with the keep-list)" if self.mixed else
+            "; every op in float16 (CPU emulation of an all-FP16 engine)" if half else "")
 
     @classmethod
-    def for_onnx(cls, model_path, *, checkpoint=None, threads: int | None = None, half: bool = False) -> "TorchBackend":
+    def for_onnx(cls, model_path, *, checkpoint=None, threads: int | None = None, half: bool = False,
+                 mixed: bool = False) -> "TorchBackend":
         model, label = load_torch_model(model_path, checkpoint)
-        return cls(model, threads=threads, weights=label, half=half)
+        return cls(model, threads=threads, weights=label, half=half, mixed=mixed)
 
     def run(self, neighborhood: np.ndarray, center: np.ndarray) -> dict[str, np.ndarray]:
         torch = self._torch
         with torch.inference_mode():
-            out = self.model(torch.from_numpy(np.ascontiguousarray(neighborhood, dtype=np.float32)).to(self.dtype),
-                             torch.from_numpy(np.ascontiguousarray(center, dtype=np.float32)).to(self.dtype))
+            inputs = (torch.from_numpy(np.ascontiguousarray(neighborhood, dtype=np.float32)).to(self.dtype),
+                      torch.from_numpy(np.ascontiguousarray(center, dtype=np.float32)).to(self.dtype))
+            if self.mixed:
+                out = self.model.score(*(t.float() for t in self.model.embed(*inputs)))
+            else:
+                out = self.model(*inputs)
         return {k: v.float().numpy() for k, v in out.items()}
+
+
+def _keep_fp32(model) -> None:
+    """The FP16 keep-list of btp.export.tensorrt.precision_policy on a half model: LayerNorm
+    modules back to float32 (fed and returning float16) and the MGFEM head in float32 (its
+    float32 output goes on to the scoring, which ``run`` computes in float32)."""
+    import torch
+
+    def to_float(args):
+        return tuple([a.float() for a in x] if isinstance(x, (list, tuple)) else x.float() for x in args)
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.float()
+            module.register_forward_pre_hook(lambda m, args: to_float(args))
+            module.register_forward_hook(lambda m, args, out: out.half())
+    model.mgfem.float()
+    model.mgfem.register_forward_pre_hook(lambda m, args: to_float(args))

@@ -51,8 +51,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = "btp-mini"
 TRT_OPS_FILE = Path(__file__).with_name("trt_onnx_ops.txt")
 PARITY_ATOL = 1e-4  # issue 4: max abs diff of probabilities and object score in FP32
-# ops whose FP16 evaluation can overflow / lose the score: TensorRT should keep them FP32
-FP16_PIN_OPS = ("LayerNormalization", "ReduceL2", "Softmax", "Div", "TopK", "ReduceMean", "Sigmoid")
 FP16_MAX = 65504.0
 
 
@@ -231,21 +229,32 @@ def unsupported_trt_ops(proto) -> list[str]:
 
 
 def fp16_report(proto) -> dict[str, Any]:
-    """What TensorRT FP16 needs to know: nodes to keep FP32 and weights outside the FP16 range."""
+    """What TensorRT FP16 needs to know: the nodes to keep FP32 (btp.export.tensorrt's one
+    precision policy: LayerNorm, softmax, normalisation, the scoring head) and a range check."""
     from onnx import numpy_helper
 
-    pinned = sorted(n.name for n in proto.graph.node if n.op_type in FP16_PIN_OPS)
+    from btp.export.tensorrt import FP32_OP_TYPES, precision_policy, scoring_tail
+
+    nodes = proto.graph.node
+    names = [node.name or f"{node.op_type}_{i}" for i, node in enumerate(nodes)]
+    tail = scoring_tail((n, list(node.input), list(node.output)) for n, node in zip(names, nodes))
+    plan = precision_policy(((n, node.op_type) for n, node in zip(names, nodes)), tail)
     out_of_range = []
     for init in proto.graph.initializer:
         arr = numpy_helper.to_array(init)
         if arr.dtype.kind == "f" and arr.size and float(np.abs(arr).max()) > FP16_MAX:
             out_of_range.append(init.name)
-    if not any(n.op_type == "LayerNormalization" for n in proto.graph.node):
+    if not any(node.op_type == "LayerNormalization" for node in nodes):
         raise ExportError("--fp16-safe: the graph has no LayerNormalization op (decomposed into "
                           "ReduceMean/Pow/...), so TensorRT cannot keep it FP32; export with opset >= 17")
     if out_of_range:
         raise ExportError(f"--fp16-safe: initializers exceed the FP16 range ({FP16_MAX}): {out_of_range[:5]}")
-    return {"keep_fp32_ops": list(FP16_PIN_OPS), "keep_fp32_nodes": pinned}
+    keep = [p for p in plan if p.precision == "fp32"]
+    reasons: dict[str, int] = {}
+    for p in keep:
+        reasons[p.reason] = reasons.get(p.reason, 0) + 1
+    return {"keep_fp32_ops": sorted(op for op in FP32_OP_TYPES if not op.isupper()),
+            "keep_fp32_nodes": [p.name for p in keep], "keep_fp32_reasons": reasons}
 
 
 def set_metadata(proto, metadata: dict[str, Any]) -> None:

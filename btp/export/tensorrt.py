@@ -258,6 +258,10 @@ _NORM_SCOPE = re.compile(r"(^|[/.])(norm\d*|ln_?\w*|layer_?norm\w*)([/.]|$)", re
 # BTPModel.forward these are the scoring tail (text dot products, logits, top-k, object score)
 _ROOT_OP = re.compile(r"[A-Za-z0-9]+(_\d+)?")
 SCORING_TENSORS = ("patch_embed",)
+# the MGFEM fusion head (/mgfem/... in the exported graph): it produces the unnormalised patch
+# embedding that the text dot product amplifies; in FP16 its rounding alone moved full-size patch
+# probabilities past the FP16 tolerance (benchmarks/results/fp16-btp3dad-*.md)
+_HEAD_SCOPE = re.compile(r"(^|/)mgfem[/.]")
 
 
 def common_scope(names: Iterable[str]) -> str:
@@ -280,7 +284,7 @@ class LayerPrecision:
 
 def precision_policy(layers: Iterable[tuple[str, str]], scoring_tail: Iterable[str] = (),
                      root_scope: str | None = None, root_ops: bool = True) -> list[LayerPrecision]:
-    """FP16 with LayerNorm/Softmax/normalisation/scoring kept FP32. Pure.
+    """FP16 with LayerNorm/Softmax/normalisation, the MGFEM head and the scoring kept FP32. Pure.
 
     layers: (name, op_type) pairs - ONNX node names and op types, or TensorRT layer names and
     LayerType names. scoring_tail: names kept FP32 as the scoring tail (``scoring_tail``: nodes
@@ -298,6 +302,8 @@ def precision_policy(layers: Iterable[tuple[str, str]], scoring_tail: Iterable[s
             out.append(LayerPrecision(name, op_type, "fp32", f"{op_type} is FP16-sensitive"))
         elif _NORM_SCOPE.search(name):
             out.append(LayerPrecision(name, op_type, "fp32", "inside a LayerNorm/normalisation"))
+        elif _HEAD_SCOPE.search(name):
+            out.append(LayerPrecision(name, op_type, "fp32", "MGFEM fusion head (feeds the scoring)"))
         elif name in tail:
             out.append(LayerPrecision(name, op_type, "fp32", "scoring tail (after patch_embed)"))
         elif root_ops and name.startswith(root) and "/" in name and _ROOT_OP.fullmatch(name[len(root):]):

@@ -81,7 +81,10 @@ class BTPModel(nn.Module):
 
     @torch.no_grad()
     def freeze_text(self, drop_encoder: bool = False) -> torch.Tensor:
-        """Store the current text embeddings in the buffer `frozen_text [2, D]`; forward uses it from now on."""
+        """Store the current text embeddings in the buffer `frozen_text [2, D]`; forward uses it from now on.
+        Already frozen without an encoder (nothing to recompute them from): kept as they are."""
+        if self.text_encoder is None and self.frozen_text is not None:
+            return self.frozen_text
         self.frozen_text = None
         text = self.text_embeddings().detach().clone().contiguous()
         self.frozen_text = text
@@ -112,15 +115,23 @@ class BTPModel(nn.Module):
     # ---- forward -----------------------------------------------------------------------
     def forward(self, neighborhood: torch.Tensor, center: torch.Tensor) -> dict[str, torch.Tensor]:
         # neighborhood [B, G, K, C], center [B, G, 3]
+        return self.score(*self.embed(neighborhood, center))
+
+    def embed(self, neighborhood: torch.Tensor, center: torch.Tensor):
+        """-> (patch_embed [B, G, D], global_embed [B, D] (not normalised), geo_desc [B, G, 33])."""
         feats = self.point_encoder(neighborhood, center)
         patch_xyz = neighborhood[..., :3] + center.unsqueeze(2)  # [B, G, K, 3] absolute
         geo_desc = self.gfcm(patch_xyz, center)  # [B, G, 33]
         patch_embed = self.mgfem(feats.layer_features, geo_desc, feats.cls)  # [B, G, D]
-        text = self.text_embeddings()  # [2, D]
+        return patch_embed, feats.global_embed, geo_desc
+
+    def score(self, patch_embed: torch.Tensor, global_embed: torch.Tensor, geo_desc: torch.Tensor):
+        """The scoring head: embeddings against the text -> the output dict of ``forward``."""
+        text = self.text_embeddings().to(patch_embed.dtype)  # [2, D]
         patch_scores = patch_embed @ text.t()  # [B, G, 2] = (s_n, s_a)
         patch_logits = patch_scores[..., 1] - patch_scores[..., 0]  # [B, G]
         patch_probs = torch.sigmoid(patch_logits)  # == softmax([s_n, s_a])[1]
-        global_scores = F.normalize(feats.global_embed, dim=-1) @ text.t()  # [B, 2]
+        global_scores = F.normalize(global_embed, dim=-1) @ text.t()  # [B, 2]
         global_logit = (global_scores[:, 1] - global_scores[:, 0]) / self.cfg.scoring.global_temperature  # [B]
         global_prob = torch.sigmoid(global_logit)
         top_mean = patch_probs.topk(self.top_k, dim=1).values.mean(dim=1)  # [B]

@@ -31,6 +31,8 @@ def train(
     seed: int = typer.Option(0, "--seed", help="One seed for everything random."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
     encoder: Path = typer.Option(None, "--encoder", help="--stage btp: stage-1 encoder.safetensors (default <out>/../pretrain or none)."),
+    init_from: Path = typer.Option(None, "--from", help="--stage btp: start from a btp checkpoint (e.g. `btp convert "
+                                   "ulip2` / `btp convert btp-3dad` output): its encoder, heads, text side and config."),
     steps: int = typer.Option(0, "--steps", help="--stage pretrain: iterations (0 = recipe default)."),
     epochs: int = typer.Option(0, "--epochs", help="--stage btp: epochs (0 = recipe default)."),
     max_steps: int = typer.Option(0, "--max-steps", help="--stage btp: cap on iterations (0 = none)."),
@@ -99,6 +101,17 @@ def train(
     from btp.train import data as tdata
     from btp.train.loop import train_btp
 
+    if init_from is not None:
+        from btp.model.checkpoint import CheckpointError, read_checkpoint
+
+        try:
+            cfg = read_checkpoint(init_from)[0]
+        except CheckpointError as err:
+            raise typer.BadParameter(str(err), param_hint="--from") from None
+        arrays = tdata.btp_samples(train_shapes, cfg, rec.per_shape, seed, out / "cache")
+        train_btp(cfg, arrays, out, rec.btp, init_from=init_from, resume=resume, progress=progress,
+                  provenance={"stage": "btp", "seed": seed, "from": str(init_from)}, feature_cache=out / "cache")
+        return
     if encoder is None and not no_pretrain:
         guess = out.parent / "pretrain" / "encoder.safetensors"
         encoder = guess if guess.is_file() else None

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from btp.config import BTPConfig
-from btp.geometry import downsample, fpfh_patches, group, normalize
+from btp.geometry import fpfh_patches, group, normalize
+from btp.geometry.prepare import sample_points
 from btp.io import load_mesh, sample_surface
 
 DATA_VERSION = 1
@@ -99,12 +100,10 @@ def prepare(points: np.ndarray, labels: np.ndarray, cfg: BTPConfig) -> Prepared:
     n = cfg.preprocess.num_points
     pts = np.asarray(points, np.float32)
     lab = np.asarray(labels, np.int64)
-    if pts.shape[0] > n:  # the same call as btp.eval / the runtime (exact FPS up to 16384 points)
-        keep = downsample(pts, n, start_idx=cfg.preprocess.fps_start)
-        pts, lab = pts[keep], lab[keep]
-    elif pts.shape[0] < n:
+    if pts.shape[0] < n:
         raise ValueError(f"cloud has {pts.shape[0]} points < preprocess.num_points={n}")
-    pts, _, _ = normalize(pts)
+    sampled = sample_points(pts, cfg.preprocess)  # the runtime's rule (btp.geometry.prepare)
+    pts, lab = sampled.points, lab[sampled.sample_idx]
     g = group(pts, cfg.encoder.num_group, cfg.encoder.group_size, start_idx=cfg.preprocess.fps_start,
               in_channels=3)
     return Prepared(points=pts.astype(np.float32), labels=lab, patch_idx=g.patch_idx.astype(np.int64),

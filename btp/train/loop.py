@@ -164,14 +164,29 @@ def calibrate_point_threshold(model, dataset, cached=None, batch_size: int = 16)
     return model.cfg.scoring.point_threshold, f1
 
 
-def build_model(cfg: BTPConfig, encoder_path=None, opts: BTPOptions | None = None, text_encoder=None):
-    """BTPModel with the config's text encoder, the stage-1 encoder loaded and frozen."""
+def build_model(cfg: BTPConfig, encoder_path=None, opts: BTPOptions | None = None, text_encoder=None,
+                init_from=None):
+    """BTPModel with the config's text encoder, the stage-1 encoder loaded and frozen.
+
+    ``init_from``: a btp checkpoint (e.g. from ``btp convert ulip2`` / ``btp convert btp-3dad``) to
+    start from instead - its encoder (frozen), heads, prompt context and text side. With an OpenCLIP
+    tower in the file the prompt context learns through it; a checkpoint whose text is frozen and
+    that holds no tower trains GFCM and MGFEM against its frozen text embeddings."""
     from btp.model import BTPModel
     from btp.model.text import build_text_encoder
     from btp.train.pretrain import load_encoder_weights
 
     opts = opts or BTPOptions()
-    model = BTPModel(cfg, text_encoder if text_encoder is not None else build_text_encoder(cfg.text))
+    if init_from is not None:
+        from btp.model.checkpoint import load_checkpoint
+
+        model, _ = load_checkpoint(init_from)
+        if model.text_encoder is not None and model.is_text_frozen:
+            model.unfreeze_text()
+        if model.text_encoder is None:
+            opts = replace(opts, learn_prompt=False)
+    else:
+        model = BTPModel(cfg, text_encoder if text_encoder is not None else build_text_encoder(cfg.text))
     if encoder_path is not None:
         load_encoder_weights(model.point_encoder, encoder_path)
     model.set_point_encoder_frozen(True)
@@ -193,8 +208,9 @@ def trainable(model) -> list:
 
 def train_btp(cfg: BTPConfig, arrays: dict[str, np.ndarray], out_dir, opts: BTPOptions, *, encoder_path=None,
               resume: bool = False, progress: bool = True, log=print, text_encoder=None,
-              provenance: dict | None = None, feature_cache=None) -> dict:
-    """Run the BTP stage on cached samples; returns a summary (losses, steps, wall time, paths)."""
+              provenance: dict | None = None, feature_cache=None, init_from=None) -> dict:
+    """Run the BTP stage on cached samples; returns a summary (losses, steps, wall time, paths).
+    ``init_from``: start from a btp checkpoint (``build_model``); ``cfg`` must be its config."""
     import torch
     from torch.utils.data import DistributedSampler
 
@@ -213,7 +229,8 @@ def train_btp(cfg: BTPConfig, arrays: dict[str, np.ndarray], out_dir, opts: BTPO
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / "train_state.safetensors"
     torch.manual_seed(opts.seed)
-    model = build_model(cfg, encoder_path, opts, text_encoder)
+    model = build_model(cfg, encoder_path, opts, text_encoder, init_from=init_from)
+    cfg = model.cfg
     named = trainable(model)
     optimizer = make_optimizer(named, cfg.train)
     dataset = BTPArrays(arrays, cfg)
