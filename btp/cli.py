@@ -25,6 +25,7 @@ app = typer.Typer(
 )
 
 app.command("train")(train_commands.train)
+train_commands.data_app.command("eval-sets")(eval_commands.eval_sets)
 app.add_typer(train_commands.data_app, name="data")
 app.command("eval")(eval_commands.evaluate)
 app.command("export")(export_commands.export)

@@ -98,3 +98,24 @@ def print_report(report: dict) -> None:
     if data.get("ms_per_scan"):
         console.print("scoring time per scan (ms, whole path incl. preprocessing): "
                       + ", ".join(f"{k} {v:.1f}" for k, v in data["ms_per_scan"].items()))
+
+
+def eval_sets(
+    out: Path = typer.Option(..., "--out", help="Output root: <maker>-<layout>/ per set + sets.json."),
+    shapes: Path = typer.Option(..., "--shapes", help="Meshes + index.json: shared/data/shapes or the `btp data corpus` folder."),
+    good: int = typer.Option(4, "--good", min=1, help="Normal test scans per held-out mesh."),
+    bad: int = typer.Option(8, "--bad", min=1, help="Anomalous test scans per held-out mesh."),
+    makers: str = typer.Option("synth,mesh", "--makers", help="synth (the training maker) and/or mesh (eval only)."),
+    layouts: str = typer.Option("anomaly-shapenet,real3d", "--layouts", help="anomaly-shapenet and/or real3d."),
+) -> None:
+    """Held-out test sets of the zero-shot split from both defect makers (the training one and the
+    evaluation-only mesh editor, btp.eval.meshdefects), in both public layouts."""
+    from btp.eval.sets import LAYOUT_SEEDS, MAKERS, write_eval_sets
+
+    chosen_makers = [m.strip() for m in makers.split(",") if m.strip()]
+    chosen_layouts = [x.strip() for x in layouts.split(",") if x.strip()]
+    bad_args = [m for m in chosen_makers if m not in MAKERS] + [x for x in chosen_layouts if x not in LAYOUT_SEEDS]
+    if bad_args or not chosen_makers or not chosen_layouts:
+        raise typer.BadParameter(f"unknown or missing makers/layouts {bad_args}: makers {MAKERS}, layouts "
+                                 f"{tuple(LAYOUT_SEEDS)}")
+    write_eval_sets(shapes, out, good=good, bad=bad, makers=chosen_makers, layouts=chosen_layouts, log=typer.echo)

@@ -9,7 +9,7 @@ import typer
 
 def build(
     model: Path = typer.Argument(..., help="model.onnx from `btp export`"),
-    fp16: bool = typer.Option(True, "--fp16/--fp32", help="FP16 (LayerNorm/Softmax/scoring kept FP32) or all FP32"),
+    fp16: bool = typer.Option(True, "--fp16/--fp32", help="FP16 (LayerNorm/Softmax, the MGFEM head and scoring kept FP32) or all FP32"),
     int8: bool = typer.Option(False, "--int8", help="INT8 with calibration (TensorRT 10 only); needs --calib"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="directory of .npz batches (neighborhood, center)"),
     workspace: int = typer.Option(2048, "--workspace", help="builder workspace limit in MB"),

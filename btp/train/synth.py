@@ -500,7 +500,7 @@ class SynthPlan:
     layout: str = "anomaly-shapenet"
 
 
-def _names(layout: str, cls: str) -> dict[str, Callable[..., str]]:
+def layout_names(layout: str, cls: str) -> dict[str, Callable[..., str]]:
     if layout == "anomaly-shapenet":
         return {"gt_dir": lambda: "GT", "train": lambda i: f"{cls}_template{i}",
                 "good": lambda i: f"{cls}_positive{i}", "bad": lambda kind, i: f"{cls}_{kind}{i}"}
@@ -513,7 +513,7 @@ def _names(layout: str, cls: str) -> dict[str, Callable[..., str]]:
 def iter_class_samples(shape: ShapeSurface, plan: SynthPlan, cfg: SynthConfig = SynthConfig()
                        ) -> Iterator[tuple[str, str, SynthSample]]:
     """(split, stem, sample) for one class in a fixed order; defect types cycle over the bad ones."""
-    names = _names(plan.layout, shape.name)
+    names = layout_names(plan.layout, shape.name)
     for i in range(plan.per_class_train):
         yield "train", names["train"](i), make_normal(shape, sample_seed(plan.seed, shape.name, "train", i), cfg)
     for i in range(plan.per_class_test_good):
@@ -550,7 +550,7 @@ def write_dataset(shapes_dir: str | Path, out: str | Path, classes: list[str] | 
     if missing:
         raise SynthError(f"{shapes_dir}: no mesh for class(es) {missing}; available: {', '.join(shapes)}")
     out = Path(out)
-    names = {c: _names(plan.layout, c) for c in chosen}
+    names = {c: layout_names(plan.layout, c) for c in chosen}
     summary = {"layout": plan.layout, "seed": plan.seed, "shapes": str(shapes_dir),
                "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
                "plan": plan.__dict__, "classes": {}}
