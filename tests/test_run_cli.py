@@ -133,7 +133,7 @@ def test_failed_write_leaves_no_outputs_for_that_scan(model_path, scan_dir, tmp_
     def broken_png(path, *args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(outputs, "render_png", broken_png)
+    monkeypatch.setattr(outputs, "render_views", broken_png)
     out = tmp_path / "out"
     outcomes = run_files(Pipeline(model_path), [scan_dir / "good.pcd"], out, heatmaps=("ply", "png"))
     assert not outcomes[0].ok and "No space left" in outcomes[0].error
@@ -142,7 +142,7 @@ def test_failed_write_leaves_no_outputs_for_that_scan(model_path, scan_dir, tmp_
     def interrupted(path, *args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(outputs, "render_png", interrupted)
+    monkeypatch.setattr(outputs, "render_views", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_files(Pipeline(model_path), [scan_dir / "good.pcd"], out, heatmaps=("ply", "png"))
     assert list(out.iterdir()) == []

@@ -182,6 +182,52 @@ def ops(
 
 
 @app.command()
+def render(
+    points: str = typer.Option("100000", help="scan sizes (points sampled from a real mesh)"),
+    repeats: int = typer.Option(10, min=3, help="timed renders per size (after one warm-up)"),
+    out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
+) -> None:
+    """Time of the three-view heat-map PNG (btp.runtime.outputs.render_views) per scan size."""
+    import time
+
+    import numpy as np
+
+    from btp.benchmarks import report as rep
+    from btp.benchmarks.data import sample_cloud
+    from btp.benchmarks.machine import describe_machine, machine_line
+    from btp.benchmarks.stats import summarize
+    from btp.runtime.outputs import render_views
+
+    machine = describe_machine()
+    rows = []
+    tmp = Path(out or rep.RESULTS_DIR) / ".render-bench.png"
+    for n in _ints(points, "--points"):
+        pts = sample_cloud(n, seed=0)
+        scores = np.exp(-np.linalg.norm(pts - pts[0], axis=1) / (0.05 * np.ptp(pts, axis=0).max()))
+        render_views(tmp, pts, scores, title="warm-up", point_threshold=0.5)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            render_views(tmp, pts, scores, title=f"{n} points", point_threshold=0.5)
+            times.append((time.perf_counter() - t0) * 1e3)
+        st = summarize(times)
+        rows.append({"points": n, "p50_ms": st.p50, "p90_ms": st.p90, "max_ms": st.max, "n": len(times)})
+        _say(f"{n} points: p50 {st.p50:.0f} ms")
+    tmp.unlink(missing_ok=True)
+    data = {"machine": machine, "rows": rows, "goal": "<= 300 ms per scan at 100k points"}
+    lines = ["# Heat-map rendering (three views, `render_views`)", "", f"- Machine: {machine_line(machine)}",
+             f"- Date (UTC): {machine['date_utc']}", "- Run: `btp-bench render`; one warm-up render, then "
+             f"{repeats} timed ones per size (Agg canvas, PNG encoded in memory and written).", "",
+             "| points | p50 ms | p90 ms | max ms | verdict (<= 300 ms at 100k) |", "|---|---|---|---|---|"]
+    for r in rows:
+        verdict = ("MET" if r["p50_ms"] <= 300 else "MISSED") if r["points"] == 100000 else ""
+        lines.append(f"| {r['points']:,} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | {r['max_ms']:.0f} | {verdict} |")
+    base = Path(out or rep.RESULTS_DIR) / rep.stem("render", machine)
+    _print_paths([rep.write_json(base.with_suffix(".json"), data), rep.write_text(base.with_suffix(".md"),
+                                                                               "\n".join(lines) + "\n")])
+
+
+@app.command()
 def whatif(
     model: Path = typer.Argument(..., exists=True, dir_okay=False, help="model.onnx (from btp-export)"),
     variants: str = typer.Option("default,omp1,nospin,omp1+nospin,omp1+nospin+nearest1,omp1+nearest1+thin,ort1,"

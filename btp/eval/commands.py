@@ -107,6 +107,8 @@ def eval_sets(
     bad: int = typer.Option(8, "--bad", min=1, help="Anomalous test scans per held-out mesh."),
     makers: str = typer.Option("synth,mesh", "--makers", help="synth (the training maker) and/or mesh (eval only)."),
     layouts: str = typer.Option("anomaly-shapenet,real3d", "--layouts", help="anomaly-shapenet and/or real3d."),
+    split: str = typer.Option("heldout", "--split", help="heldout (test sets) | train (data to fit a learned "
+                              "baseline on; training maker only)."),
 ) -> None:
     """Held-out test sets of the zero-shot split from both defect makers (the training one and the
     evaluation-only mesh editor, btp.eval.meshdefects), in both public layouts."""
@@ -118,4 +120,10 @@ def eval_sets(
     if bad_args or not chosen_makers or not chosen_layouts:
         raise typer.BadParameter(f"unknown or missing makers/layouts {bad_args}: makers {MAKERS}, layouts "
                                  f"{tuple(LAYOUT_SEEDS)}")
-    write_eval_sets(shapes, out, good=good, bad=bad, makers=chosen_makers, layouts=chosen_layouts, log=typer.echo)
+    if split not in ("heldout", "train"):
+        raise typer.BadParameter(f"{split!r}: choose heldout or train", param_hint="--split")
+    try:
+        write_eval_sets(shapes, out, good=good, bad=bad, makers=chosen_makers, layouts=chosen_layouts, split=split,
+                        log=typer.echo)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--makers") from None

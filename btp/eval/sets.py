@@ -20,18 +20,22 @@ LAYOUT_SEEDS = {"anomaly-shapenet": 100, "real3d": 200}
 
 
 def write_eval_sets(shapes_root, out, *, good: int = 4, bad: int = 8, makers=MAKERS,
-                    layouts=tuple(LAYOUT_SEEDS), log=print) -> dict:
+                    layouts=tuple(LAYOUT_SEEDS), split: str = "heldout", log=print) -> dict:
+    """``split="train"``: the same scans on the training meshes (to fit a learned baseline on the
+    same kind of data the model trains on; only the training maker belongs there)."""
     from btp.eval.meshdefects import write_mesh_defect_dataset
     from btp.train.split import zero_shot_split
     from btp.train.synth import SynthConfig, SynthError, SynthPlan, write_dataset
 
-    names = zero_shot_split(shapes_root).names("heldout")
+    if split == "train" and "mesh" in makers:
+        raise ValueError("the mesh defect maker is for evaluation only: no training-split sets")
+    names = zero_shot_split(shapes_root).names(split)
     out = Path(out)
-    manifest: dict = {"heldout": names, "good": good, "bad": bad, "sets": {}}
+    manifest: dict = {"split": split, "classes": names, "good": good, "bad": bad, "sets": {}}
     for maker in makers:
         for layout in layouts:
             dest = out / f"{maker}-{layout}"
-            seed = LAYOUT_SEEDS[layout] + (0 if maker == "synth" else 1000)
+            seed = LAYOUT_SEEDS[layout] + (0 if maker == "synth" else 1000) + (7 if split == "train" else 0)
             if maker == "mesh":
                 summary = write_mesh_defect_dataset(shapes_root, dest, names, per_class_good=good,
                                                     per_class_bad=bad, seed=seed, layout=layout, log=log)

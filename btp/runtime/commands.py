@@ -36,9 +36,11 @@ def run(
     heatmap: List[str] = typer.Option(["ply"], "--heatmap",
                                       help="ply | png | none; repeat or comma-separate for several (ply,png)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: ORT's)."),
+    report: str = typer.Option("none", "--report", help="html: also write OUT/report.html (sortable table, "
+                               "three-view heat maps, 3D views; implies --heatmap png) | none."),
 ) -> None:
     """Score point clouds: per scan an object score (+ decision), <stem>.npy with one score per input
-    point (file order), a heat-mapped <stem>.ply and optionally a <stem>.png.
+    point (file order), a heat-mapped <stem>.ply and optionally a <stem>.png (three views).
 
     Bad files are reported and skipped; the exit code is 1 if any file failed (2: unusable model)."""
     from rich.console import Console
@@ -53,6 +55,10 @@ def run(
     if fmt not in FORMAT_CHOICES:
         raise typer.BadParameter(f"{fmt!r}: choose json or csv", param_hint="--format")
     heatmaps = _split_heatmaps(heatmap)
+    if report not in ("none", "html"):
+        raise typer.BadParameter(f"{report!r}: choose html or none", param_hint="--report")
+    if report == "html" and "png" not in heatmaps:
+        heatmaps = tuple(h for h in heatmaps if h != "none") + ("png",)
     try:
         pipeline = Pipeline(model, backend=backend, threads=threads)
         source = "--threshold"
@@ -72,7 +78,7 @@ def run(
         console.print("[red]btp run: no input files found")
         raise typer.Exit(code=1)
 
-    def report(oc) -> None:
+    def say(oc) -> None:
         if oc.ok:
             d = oc.doc
             decision = f" -> {d['decision']}" if d["decision"] else ""
@@ -84,12 +90,17 @@ def run(
     try:
         outcomes = run_files(pipeline, files, out, batch=batch, threshold=threshold,
                              threshold_source=source if threshold is not None else None, fmt=fmt,
-                             heatmaps=heatmaps, backend=backend, on_outcome=report)
+                             heatmaps=heatmaps, backend=backend, on_outcome=say)
     except KeyboardInterrupt:
         console.print("[red]btp run: interrupted; every output written so far is complete")
         raise typer.Exit(code=130) from None
     summary = summary_doc(outcomes, pipeline)
     write_json(out / "summary.json", summary)
+    if report == "html":
+        from btp.runtime.report import entries_from_outcomes, write_report
+
+        page = write_report(out, entries_from_outcomes(outcomes), model=f"{pipeline.meta.name} ({model})")
+        console.print(f"btp run: report {page}")
     failed = len(summary["failed"])
     console.print(f"btp run: {summary['succeeded']} of {len(outcomes)} scans scored, {failed} failed; outputs in {out}")
     if failed:
@@ -151,3 +162,17 @@ def demo(
     from btp.runtime.demo import run_demo
 
     raise typer.Exit(code=run_demo(out, model=model, backend=backend, png=png))
+
+
+def report(
+    results: Path = typer.Argument(..., exists=True, file_okay=False, help="A btp-run output folder."),
+) -> None:
+    """Write RESULTS/report.html from a finished btp-run folder: every scored scan (its <stem>.json,
+    <stem>.png, and a 3D view from <stem>.ply or the source file) and every failure in summary.json."""
+    from btp.runtime.report import entries_from_results, write_report
+
+    entries, model = entries_from_results(results)
+    if not entries:
+        typer.echo(f"btp report: {results} holds no btp-run results (<stem>.json or summary.json)", err=True)
+        raise typer.Exit(code=1)
+    typer.echo(f"wrote {write_report(results, entries, model=model)} ({len(entries)} scans)")

@@ -112,6 +112,10 @@ def run_demo(out: Path, *, model: str = "btp-mini", backend: str = "ort-cpu", pn
     outcomes = run_files(pipeline, list(samples), out / "results", heatmaps=("ply", "png") if png else ("ply",),
                          backend=backend)
     write_json(out / "results" / "summary.json", summary_doc(outcomes, pipeline))
+    from btp.runtime.report import entries_from_outcomes, write_report
+
+    page = write_report(out / "results", entries_from_outcomes(outcomes), title="btp demo: inspection report",
+                        model=pipeline.meta.name)
     title = escape(f"btp demo: {pipeline.meta.name}" + (" [UNTRAINED fresh init]" if fresh else "") + f" on {backend}")
     table = Table(title=title)
     table.add_column("file", no_wrap=True)
@@ -135,6 +139,7 @@ def run_demo(out: Path, *, model: str = "btp-mini", backend: str = "ort-cpu", pn
                   "samples; 0.5 if uncalibrated); true region = points the synthetic defect changed.")
     console.print(f"heat maps and per-point scores: {out / 'results'} (<stem>.ply / .png / .npy / .json); "
                   f"scans: {out / 'scans'}")
+    console.print(f"[bold]inspection report: {page}[/bold] (open it in a browser: table, heat maps, 3D views)")
     if not fresh:
         console.print(f"[yellow]How far to trust these scores: read the model card (models/{pipeline.meta.name}.md) - "
                       "its held-out results (synthetic defects on unseen meshes) say what this model can and "

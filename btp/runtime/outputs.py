@@ -2,7 +2,7 @@
 
     <stem>.npy   float32 [M]: one score per point of the scan, in the file's point order
     <stem>.ply   the scan with an ``anomaly`` scalar and turbo heat colours (btp.io.write_point_cloud)
-    <stem>.png   offscreen render of the anomaly map (matplotlib Agg, no display)
+    <stem>.png   three views of the anomaly map (matplotlib Agg, no display; ``render_views``)
     <stem>.json  object score, decision, point-score summary, timings (written last: its presence
                  means the scan's outputs are complete)
 
@@ -43,34 +43,93 @@ def write_heatmap_ply(path: str | Path, points: np.ndarray, scores: np.ndarray) 
     return write_point_cloud(path, points, scalars=scores, colors=heat_colors(scores, vmin=0.0, vmax=1.0))
 
 
-def render_png(path: str | Path, points: np.ndarray, scores: np.ndarray, title: str = "",
-               max_points: int = 30000) -> Path:
-    """Offscreen 3D scatter (Agg canvas, no pyplot state, no display), turbo colours on 0..1."""
+def view_axes(points: np.ndarray, scores: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """Three orthogonal views: the first looks at the highest-scoring region (the direction from
+    the centroid to the mean of the top 1 % of points, weighted by how far their scores stand
+    above the median), the other two along the remaining axes.
+    -> [(name, view direction d, right u, up v)]: a point p is drawn at (p.u, p.v), depth p.d."""
+    pts = np.asarray(points, dtype=np.float64)
+    sc = np.asarray(scores, dtype=np.float64)
+    centre = pts.mean(axis=0)
+    # weights: how far the top 1 % of scores stand above the median (zero for a flat map)
+    w = np.clip(sc - np.median(sc), 0, None) if len(sc) else np.zeros(0)
+    cut = np.quantile(w, 0.99) if w.any() else 0.0
+    if cut > 0:  # more than 1 % above the median: keep the top 1 %
+        w = np.where(w >= cut, w, 0.0)
+    d = (w[:, None] * (pts - centre)).sum(axis=0) / w.sum() if w.any() else np.zeros(3)
+    if np.linalg.norm(d) < 1e-9 * max(np.ptp(pts, axis=0).max(), 1e-30):
+        d = np.array([0.0, 0.0, 1.0])
+    d /= np.linalg.norm(d)
+    helper = np.array([0.0, 0.0, 1.0]) if abs(d[2]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    u = np.cross(helper, d)
+    u /= np.linalg.norm(u)
+    v = np.cross(d, u)
+    # camera on the defect's side looking back at the part: depth grows towards the camera
+    return [("facing the highest scores", d, u, v), ("side", u, -d, v), ("top", v, u, -d)]
+
+
+def _front_surface(x: np.ndarray, y: np.ndarray, depth: np.ndarray, extent: float, cells: int = 160) -> np.ndarray:
+    """Indices of the points on the visible side: per cell of a cells x cells grid over the view,
+    those within 3 % of the part's extent of the nearest point (a coarse depth buffer)."""
+    cell = max(float(np.ptp(x)), float(np.ptp(y)), 1e-30) / cells
+    ix = np.minimum(((x - x.min()) / cell).astype(np.int64), cells)
+    iy = np.minimum(((y - y.min()) / cell).astype(np.int64), cells)
+    key = ix * (cells + 1) + iy
+    nearest = np.full((cells + 1) ** 2, -np.inf)
+    np.maximum.at(nearest, key, depth)
+    return np.flatnonzero(depth >= nearest[key] - 0.03 * extent)
+
+
+def render_views(path: str | Path, points: np.ndarray, scores: np.ndarray, *, title: str = "",
+                 point_threshold: float | None = None, max_points: int = 30000) -> Path:
+    """One PNG with three orthogonal views of the heat-mapped scan (Agg canvas, no display).
+
+    Each view is an orthographic projection filling its panel, points drawn far to near so the
+    visible surface is on top, turbo colours on a fixed 0..1 scale; points at or above
+    ``point_threshold`` get a black rim and the threshold is marked on the colour bar.
+    Deterministic: an evenly strided subset of at most ``max_points`` points.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     pts = np.asarray(points, dtype=np.float32)
-    sc = np.asarray(scores, dtype=np.float32)
-    if len(pts) > max_points:  # evenly strided subset: deterministic, keeps the map readable
+    sc = np.nan_to_num(np.asarray(scores, dtype=np.float32), nan=0.0)
+    if len(pts) > max_points:
         keep = np.linspace(0, len(pts) - 1, max_points).astype(np.int64)
         pts, sc = pts[keep], sc[keep]
-    order = np.argsort(sc, kind="stable")  # draw anomalous points last (on top)
-    fig = Figure(figsize=(6, 6), dpi=100)
+    fig = Figure(figsize=(13.5, 4.9), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(projection="3d")
-    art = ax.scatter(pts[order, 0], pts[order, 1], pts[order, 2], c=sc[order], cmap="turbo", vmin=0.0, vmax=1.0,
-                     s=1.5, linewidths=0)
-    span = (pts.max(axis=0) - pts.min(axis=0)).max() / 2 or 1.0
-    mid = (pts.max(axis=0) + pts.min(axis=0)) / 2
-    ax.set_xlim(mid[0] - span, mid[0] + span)
-    ax.set_ylim(mid[1] - span, mid[1] + span)
-    ax.set_zlim(mid[2] - span, mid[2] + span)
-    ax.set_axis_off()
-    fig.colorbar(art, ax=ax, shrink=0.6, label="anomaly score")
+    axes = fig.subplots(1, 3, gridspec_kw={"wspace": 0.02, "left": 0.01, "right": 0.93, "top": 0.86, "bottom": 0.02})
+    art = None
+    hot_mask = sc >= point_threshold if point_threshold is not None else np.zeros(len(sc), bool)
+    extent = float(np.ptp(pts, axis=0).max()) or 1.0
+    for ax, (name, d, u, v) in zip(axes, view_axes(pts, sc)):
+        x, y, depth = pts @ u, pts @ v, pts @ d
+        front = _front_surface(x, y, depth, extent)  # what an opaque part would show
+        order = front[np.argsort(depth[front], kind="stable")]  # far first
+        size = max(0.6, min(8.0, 12000.0 / max(len(order), 1)))
+        art = ax.scatter(x[order], y[order], c=sc[order], cmap="turbo", vmin=0.0, vmax=1.0, s=size, linewidths=0)
+        hot = order[hot_mask[order]]
+        if len(hot):
+            ax.scatter(x[hot], y[hot], c=sc[hot], cmap="turbo", vmin=0.0, vmax=1.0, s=size * 2.5,
+                       edgecolors="black", linewidths=0.3)
+        pad_x, pad_y = 0.03 * (np.ptp(x) or 1.0), 0.03 * (np.ptp(y) or 1.0)
+        ax.set_xlim(x.min() - pad_x, x.max() + pad_x)
+        ax.set_ylim(y.min() - pad_y, y.max() + pad_y)
+        ax.set_aspect("equal", adjustable="box")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(name, fontsize=9)
+    cax = fig.add_axes([0.945, 0.1, 0.012, 0.7])
+    bar = fig.colorbar(art, cax=cax, label="anomaly score")
+    if point_threshold is not None:
+        bar.ax.axhline(point_threshold, color="black", linewidth=1.5)
+        bar.ax.text(1.0, point_threshold, " point threshold", va="bottom", ha="left", fontsize=7,
+                    transform=bar.ax.get_yaxis_transform(), rotation=90)
     if title:
-        ax.set_title(title, fontsize=9)
+        fig.suptitle(title, fontsize=11)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", metadata={"Software": None})
     return atomic_write_bytes(path, buf.getvalue())
 
 

@@ -128,8 +128,11 @@ def write_outcome(out_dir: Path, outcome: FileOutcome, heatmaps: tuple[str, ...]
     if "ply" in heatmaps:
         files["ply"] = outputs.write_heatmap_ply(stem.with_suffix(".ply"), r.points, r.point_scores)
     if "png" in heatmaps:
-        title = f"{outcome.path.name}: object score {r.object_score:.3f}"
-        files["png"] = outputs.render_png(stem.with_suffix(".png"), r.points, r.point_scores, title)
+        d = outcome.doc
+        decision = f" - {d['decision']}" if d.get("decision") else ""
+        title = f"{outcome.path.name}: object score {r.object_score:.3f}{decision}"
+        files["png"] = outputs.render_views(stem.with_suffix(".png"), r.points, r.point_scores, title=title,
+                                            point_threshold=d["point_scores"]["point_threshold"])
     outcome.doc["outputs"] = {k: str(v) for k, v in files.items()}
     if write_json:
         files["json"] = outputs.write_json(stem.with_suffix(".json"), outcome.doc)

@@ -1,0 +1,108 @@
+"""The inspection report: btp-run --report html / btp report on a batch with a good scan, a
+defective one and a failed file; its structure, its assets, and (where Debian's chromium is
+installed) the page in a real headless browser: loads without console errors, sorts, draws the 3D view."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from btp.cli import app
+from btp.io import write_point_cloud
+from btp.runtime.outputs import view_axes
+from runtime_helpers import real_scan, tiny_export
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+                  "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--enable-logging=stderr", "--v=0",
+                  "--virtual-time-budget=8000"]
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory, shapes_root):
+    model = tiny_export(tmp_path_factory)[0]
+    d = tmp_path_factory.mktemp("scans")
+    good = real_scan(shapes_root, n=4000, seed=1)
+    bad = real_scan(shapes_root, n=4000, seed=2)
+    bad[np.linalg.norm(bad - bad[0], axis=1) < 0.02 * np.ptp(bad, axis=0).max()] *= 1.05  # a bulge
+    write_point_cloud(d / "part_good.pcd", good)
+    write_point_cloud(d / "part_dent.pcd", bad)
+    (d / "broken.ply").write_bytes(b"ply\nformat ascii 1.0\nelement vertex 3\n")  # truncated header
+    out = tmp_path_factory.mktemp("results")
+    res = CliRunner().invoke(app, ["run", str(model), str(d), "--out", str(out), "--report", "html",
+                                   "--threshold", "0.5"])
+    assert res.exit_code == 1, res.output  # one file failed
+    return out
+
+
+def _rows(page: str) -> list[dict]:
+    return json.loads(re.search(r"const ROWS = (.*);\n", page).group(1))
+
+
+def test_report_lists_every_scan_and_the_failure(batch):
+    page = (batch / "report.html").read_text()
+    rows = {r["stem"]: r for r in _rows(page)}
+    assert set(rows) == {"part_good", "part_dent", "broken"}
+    assert rows["broken"]["status"] == "failed" and "broken.ply" in rows["broken"]["file"]
+    assert rows["broken"]["notes"]  # the reason, as btp-run reported it
+    summary = json.loads((batch / "summary.json").read_text())
+    assert rows["broken"]["notes"] == summary["failed"][0]["error"]
+    for stem in ("part_good", "part_dent"):
+        r = rows[stem]
+        assert r["status"] == "ok" and r["decision"] in ("normal", "anomalous") and 0 <= r["score"] <= 1
+        assert (batch / r["image"]).is_file()  # the three-view heat map it references
+        assert r["cloud"] and (batch / "report_assets" / "clouds" / f"{stem}.js").is_file()
+    assert (batch / "report_assets" / "three.min.js").is_file()
+    assert "MIT" in (batch / "report_assets" / "three.LICENSE.txt").read_text()
+    assert "http://" not in page and "https://" not in page  # nothing fetched at view time
+
+
+def test_btp_report_rebuilds_it_from_the_files(batch, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(batch, copy)
+    (copy / "report.html").unlink()
+    res = CliRunner().invoke(app, ["report", str(copy)])
+    assert res.exit_code == 0, res.output
+    rows = _rows((copy / "report.html").read_text())
+    assert sorted(r["stem"] for r in rows) == ["broken", "part_dent", "part_good"]
+    assert all(r["cloud"] for r in rows if r["status"] == "ok")
+
+
+def test_cloud_asset_respects_the_point_budget(tmp_path, shapes_root):
+    from btp.runtime.report import write_cloud_asset
+
+    pts = real_scan(shapes_root, n=50_000, seed=3)
+    path = write_cloud_asset(tmp_path / "c.js", "c", pts, np.linspace(0, 1, len(pts)), budget=5000)
+    payload = json.loads(path.read_text().split("= ", 2)[-1].rstrip(";\n"))
+    assert payload["n"] == 5000
+
+
+def test_the_first_view_faces_the_highest_scores(shapes_root):
+    pts = real_scan(shapes_root, n=5000, seed=4)
+    scores = np.zeros(len(pts))
+    hot = np.argmax(pts[:, 0])
+    scores[np.linalg.norm(pts - pts[hot], axis=1) < 0.05 * np.ptp(pts, axis=0).max()] = 1
+    (_, d, u, v), *_ = view_axes(pts, scores)
+    assert d[0] > 0.8  # looking at the hot region from its side
+    assert abs(np.dot(d, u)) < 1e-9 and abs(np.dot(d, v)) < 1e-9 and abs(np.dot(u, v)) < 1e-9
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_report_in_headless_chromium(batch, tmp_path):
+    url = (batch / "report.html").as_uri() + "#sort=file-asc&open=part_dent&3d=1"
+    proc = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", url],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
+    assert not console, console  # no console errors or warnings from the page
+    dom = proc.stdout
+    order = re.findall(r'<tr class="scan [^"]*" data-stem="([^"]+)"', dom)
+    files = re.findall(r'<tr class="scan [^"]*" data-stem="[^"]+"><td>([^<]+)</td>', dom)
+    assert sorted(order) == ["broken", "part_dent", "part_good"] and files == sorted(files)  # sorted by file
+    assert 'class="views"' in dom and '<canvas class="cloud"' in dom  # heat map shown, 3D view drawn
