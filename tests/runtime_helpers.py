@@ -19,6 +19,9 @@ def tiny_export(tmp_path_factory, batch="dynamic"):
     once per session and batch setting."""
     key = str(batch)
     if key not in _EXPORTS:
+        import pytest
+
+        pytest.importorskip("torch", reason="exporting a model needs torch (the edge-only venv has none)")
         from btp.export.onnx import export_onnx, fresh_model
 
         loaded = fresh_model(tiny_config(), seed=0)

@@ -358,3 +358,18 @@ def test_interpolate_rejects_unknown_method(mesh_clouds):
     cloud = mesh_clouds[MESHES[0]][:10]
     with pytest.raises(GeometryError, match="raw_interpolation"):
         interpolate_to_raw(cloud, np.zeros(10), cloud, method="linear")
+
+
+def test_fps_without_fpsample_gives_the_same_indices(shapes_root, monkeypatch):
+    """Machines without fpsample >= 1.0 (aarch64 cp310) run the numpy rule: identical indices;
+    the bucket downsampling becomes the voxel rule."""
+    from btp.geometry import sampling
+    from btp.io import load_mesh, sample_surface
+
+    v, f = load_mesh(shapes_root / "cgal__stanford_bunny.ply")
+    pts = sample_surface(v, f, 3000, 0)[0]
+    fast = sampling.fps(pts, 256, 17)
+    big = sample_surface(v, f, 20000, 1)[0]
+    monkeypatch.setattr(sampling, "_fpsample", lambda: None)
+    np.testing.assert_array_equal(sampling.fps(pts, 256, 17), fast)
+    np.testing.assert_array_equal(sampling.downsample(big, 512, 0, "bucket"), sampling.downsample(big, 512, 0, "voxel"))

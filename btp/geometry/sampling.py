@@ -19,6 +19,8 @@ float64 evaluation can differ on near-ties, so the inputs are cast to float32 be
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from btp.geometry._checks import as_points, check_count, check_start
@@ -56,6 +58,18 @@ def fps_reference(points, n_samples: int, start_idx: int = 0) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _fpsample():
+    """fpsample >= 1.0 (``fps_sampling`` + ``bucket_fps_kdline_sampling`` with ``start_idx``), or None
+    where it is not installed (its aarch64/cp310 wheels stop at 0.3.3, another API)."""
+    try:
+        import fpsample
+    except ImportError:
+        return None
+    ok = all(hasattr(fpsample, f) for f in ("fps_sampling", "bucket_fps_kdline_sampling"))
+    return fpsample if ok and int(getattr(fpsample, "__version__", "1").split(".")[0]) >= 1 else None
+
+
 def fps(points, n_samples: int, start_idx: int = 0) -> np.ndarray:
     """Fast FPS with exactly the reference's indices (the rule in this module's docstring).
 
@@ -73,8 +87,9 @@ def fps(points, n_samples: int, start_idx: int = 0) -> np.ndarray:
     n_points = pts.shape[0]
     n = check_count(n_samples, n_points, "n_samples")
     start = check_start(start_idx, n_points)
-    import fpsample
-
+    fpsample = _fpsample()
+    if fpsample is None:  # same indices, ~10x slower (machines without fpsample >= 1.0: aarch64 cp310)
+        return fps_reference(pts, n, start)
     reversed_pts = np.asfortranarray(pts[::-1])
     picked = fpsample.fps_sampling(reversed_pts, n, start_idx=n_points - 1 - start)
     return (n_points - 1) - picked.astype(np.int64)
@@ -106,7 +121,8 @@ def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto")
       anchored at the cloud's min corner; the voxel size is set in two passes so that about
       8 * n_samples cells are occupied), then ``fps`` over the representatives (start at the
       representative of ``start_idx``'s voxel). Reproducible rule, slower and coarser here.
-    - ``"auto"`` (default): ``"exact"`` for M <= 16384, ``"bucket"`` above.
+    - ``"auto"`` (default): ``"exact"`` for M <= 16384, ``"bucket"`` above. Without fpsample
+      (``_fpsample``) ``"bucket"`` runs as ``"voxel"``, and ``fps`` as ``fps_reference``.
 
     Measured on this 2-core box, M = 400 000 points sampled from a real mesh (bunny) -> 2048,
     median ms (max / mean distance of a raw point to its nearest sample, bunny units):
@@ -124,9 +140,10 @@ def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto")
         method = "exact" if n_points <= AUTO_EXACT_MAX_POINTS else "bucket"
     if method == "exact" or n == n_points:
         return fps(pts, n, start)
+    fpsample = _fpsample() if method == "bucket" else None
+    if method == "bucket" and fpsample is None:
+        method = "voxel"  # the other approximate rule: reproducible, slower (no fpsample on this machine)
     if method == "bucket":
-        import fpsample
-
         height = BUCKET_HEIGHT
         while height > 1 and (1 << height) > n_points:
             height -= 1
