@@ -22,6 +22,8 @@ def evaluate(
                                       help="Fit the learned baseline on this labelled data set's test split "
                                            "(e.g. synthetic training classes) and save it to --baseline-model."),
     backend: str = typer.Option("ort-cpu", "--backend", help="Runtime backend for a .onnx model."),
+    baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also score the surface-variation "
+                                   "and learned baselines (off: the model only, e.g. a second model on the same set)."),
 ) -> None:
     """Zero-shot evaluation: O-AUROC, P-AUROC, AU-PRO, O-AP, P-AP, O-F1max per class and mean."""
     from rich.console import Console
@@ -59,7 +61,7 @@ def evaluate(
                       console=console) as bar:
             task = bar.add_task("eval", total=None)
             report = run_eval(data, layout=layout or None, classes=chosen, scorer=scorer, learned=learned,
-                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+                              baselines=baselines, progress=lambda done, total: bar.update(task, completed=done, total=total))
     except (BTPError, FileNotFoundError) as err:
         typer.echo(f"btp eval: {err}", err=True)
         raise typer.Exit(code=2) from None
@@ -82,7 +84,8 @@ def print_report(report: dict) -> None:
         console = Console(width=max(console.width, 150))
     data = report["data"]
     sections = [("model: " + (report["model"] or {}).get("name", "-"), report)] if report.get("classes") else []
-    sections.append(("baseline: surface variation (training-free)", report["baseline"]))
+    if report.get("baseline"):
+        sections.append(("baseline: surface variation (training-free)", report["baseline"]))
     if report.get("learned_baseline"):
         sections.append(("learned baseline: covariance features + LightGBM", report["learned_baseline"]))
     for title, section in sections:

@@ -80,12 +80,13 @@ def load_scorer(model: str | Path | None, backend: str = "ort-cpu") -> CloudScor
 
 def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] | None = None,
              scorer: CloudScorer | None = None, learned: LearnedBaseline | None = None,
-             preprocess: PreprocessConfig | None = None,
+             preprocess: PreprocessConfig | None = None, baselines: bool = True,
              progress: Callable[[int, int], None] | None = None) -> dict:
     """Score every test sample of `root` and compute the metrics (see the module docstring).
 
     `preprocess` (N, FPS start) for the baselines: the model's when a scorer with a config is
-    given, else btp-mini's. `progress(done, total)` is called after every sample.
+    given, else btp-mini's; ``baselines=False`` scores the model only. `progress(done, total)` is
+    called after every sample.
     """
     root = Path(root)
     layout = layout or detect_layout(root)
@@ -97,8 +98,9 @@ def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] 
     methods: dict[str, Callable[[np.ndarray], CloudScores]] = {}
     if scorer is not None:
         methods["model"] = scorer
-    methods["baseline"] = lambda raw: score_with(surface_variation_scorer, raw, pre)
-    if learned is not None:
+    if baselines:
+        methods["baseline"] = lambda raw: score_with(surface_variation_scorer, raw, pre)
+    if learned is not None and baselines:
         methods["learned_baseline"] = lambda raw: score_with(learned, raw, pre)
     collected: dict[str, dict[str, _Collected]] = {m: {} for m in methods}
     counts: dict[str, dict[str, int]] = {}
@@ -137,7 +139,7 @@ def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] 
         "ms_per_scan": {name: round(1e3 * t / len(files), 2) for name, t in seconds.items()},  # wall, this machine
         "notes": notes,
     }
-    return {k: report[k] for k in ("classes", "mean", "baseline", "learned_baseline", "model", "data")}
+    return {k: report.get(k, {}) for k in ("classes", "mean", "baseline", "learned_baseline", "model", "data")}
 
 
 def _metrics(by_class: dict[str, _Collected]) -> tuple[dict, dict, dict]:

@@ -117,13 +117,16 @@ def read_wrl(path: str | Path, max_faces: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def geometry_hash(vertices: np.ndarray, faces: np.ndarray) -> str:
-    """Hash of the shape up to position and scale: centred, unit max radius, rounded to 1e-3,
-    vertices sorted - identical parts with other names collide."""
+    """Hash of the shape up to position and scale, robust to float noise: vertex and face counts,
+    the normalised covariance spectrum (3 decimals) and a 16-bin histogram of vertex radii from
+    the centroid - identical parts under other names (or moved, or in other units) collide."""
     v = vertices - vertices.mean(axis=0)
-    r = float(np.linalg.norm(v, axis=1).max()) or 1.0
-    q = np.round(v / r, 3)
-    q = q[np.lexsort(q.T[::-1])]
-    return hashlib.sha256(q.tobytes() + str(len(faces)).encode()).hexdigest()
+    radii = np.linalg.norm(v, axis=1)
+    r = float(radii.max()) or 1.0
+    spectrum = np.linalg.eigvalsh((v / r).T @ (v / r) / max(len(v), 1))
+    hist = np.histogram(radii / r, bins=16, range=(0.0, 1.0))[0]
+    key = f"{len(vertices)}|{len(faces)}|{np.round(spectrum, 3).tolist()}|{hist.tolist()}"
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def write_ply(path: Path, vertices: np.ndarray, faces: np.ndarray) -> None:
