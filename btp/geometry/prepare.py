@@ -1,4 +1,5 @@
-"""Raw scan -> the model's N normalised points: the one rule shared by the runtime and btp eval.
+"""Raw scan -> the model's N normalised points: the one rule of btp eval and training; btp.runtime.Pipeline
+runs the same two calls as its timed downsample / normalize stages (btp.runtime.stages).
 
 ``sample_points(raw [M,3], pre, method) -> SampledPoints`` (indices into the raw scan, the N
 normalised points, and the normalisation that maps them back), by ``PreprocessConfig``:
