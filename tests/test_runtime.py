@@ -17,7 +17,7 @@ from btp.runtime.calibration import (
     write_threshold,
 )
 from btp.runtime.metadata import ModelMetadataError, read_model_meta
-from runtime_helpers import REAL_SHAPES, real_scan, tiny_export
+from runtime_helpers import REAL_SHAPES, real_scan, tiny_export, tiny_torch_model
 
 STAGES = ["load", "sanitize", "downsample", "normalize", "fps", "group", "engine", "propagate", "interpolate", "object"]
 
@@ -41,7 +41,7 @@ def test_pipeline_matches_pytorch_end_to_end(pipe, tmp_path_factory, scans):
     """The torch-free pipeline == btp.eval's PyTorch path (same geometry, torch model) on real scans."""
     from btp.eval.scoring import score_cloud_torch
 
-    _, loaded = tiny_export(tmp_path_factory)
+    loaded = tiny_torch_model(tmp_path_factory)
     for raw in scans:
         got = pipe(raw)
         ref = score_cloud_torch(loaded.model, raw)
@@ -116,7 +116,7 @@ def test_sparse_scan_uses_all_points_and_says_so(pipe, scans, tmp_path_factory):
     np.testing.assert_array_equal(res.point_scores, res.sampled_scores)
     assert any("fewer than the model's N" in w for w in res.warnings)
     # same scores as btp.eval's torch path, which FPS-permutes the 300 points first
-    ref = score_cloud_torch(tiny_export(tmp_path_factory)[1].model, raw)
+    ref = score_cloud_torch(tiny_torch_model(tmp_path_factory).model, raw)
     assert np.abs(ref.point_scores - res.point_scores).max() <= 1e-4
     assert abs(ref.object_score - res.object_score) <= 1e-4
 
