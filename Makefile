@@ -21,7 +21,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	@# torch first, pinned: any other torch spec pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[train,test,corpus]'
+	$(BIN)/python -m pip install -q -e '.[train,test,corpus,serve]'
+	@# Triton's server binary comes with PyPI's nvidia-pytriton, which pins numpy<2: its own venv
+	test -x .venv-triton/bin/python || $(PY) -m venv .venv-triton
+	.venv-triton/bin/python -m pip install -q nvidia-pytriton==0.7.0
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -31,4 +34,4 @@ test: $(STAMP)
 	BTP_SHAPES=$(SHAPES) $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-triton build *.egg-info .pytest_cache

@@ -182,6 +182,26 @@ def ops(
 
 
 @app.command()
+def serve(
+    model: Path = typer.Argument(..., exists=True, dir_okay=False, help="model.onnx (from btp-export)"),
+    concurrency: str = typer.Option("1,4,16", help="client threads per row"),
+    protocols: str = typer.Option("http,grpc", help="http and/or grpc"),
+    duration: float = typer.Option(10.0, help="seconds per row"),
+    points: int = typer.Option(8192, help="points per scan"),
+    out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
+) -> None:
+    """Load test of btp on a real Triton server (Python-backend repository) vs the in-process runtime."""
+    from btp.benchmarks import report as rep
+    from btp.benchmarks.serve import run_serve_bench, serve_markdown
+
+    data = run_serve_bench(model, concurrency=_ints(concurrency, "--concurrency"), protocols=_names(protocols),
+                           duration_s=duration, points=points, progress=_say)
+    base = Path(out or rep.RESULTS_DIR) / rep.stem("serve", data["machine"])
+    _print_paths([rep.write_json(base.with_suffix(".json"), data),
+                  rep.write_text(base.with_suffix(".md"), serve_markdown(data))])
+
+
+@app.command()
 def render(
     points: str = typer.Option("100000", help="scan sizes (points sampled from a real mesh)"),
     repeats: int = typer.Option(10, min=3, help="timed renders per size (after one warm-up)"),

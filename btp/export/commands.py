@@ -16,7 +16,13 @@ def export(
                               help="Checkpoint (.safetensors) or preset name: btp-mini (default: the committed "
                                    "models/btp-mini.safetensors; a fresh, untrained init if it is absent), "
                                    "tiny, ulip2."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output model.onnx."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output model.onnx (--format triton: the repository folder)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx | triton (a Triton model repository; --model may then "
+                            "also be an exported model.onnx)."),
+    layout: str = typer.Option("python", "--layout", help="--format triton: python (one Python-backend model "
+                               "running btp.runtime.Pipeline) | ensemble (pre -> ORT/TensorRT engine -> post)."),
+    engine: str = typer.Option("onnx", "--engine", help="--format triton --layout ensemble: onnx | plan."),
+    plan: Path = typer.Option(None, "--plan", help="--engine plan: the TensorRT engine from `btp build`."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset, 17..20 (>= 17 keeps LayerNormalization one op)."),
     batch: str = typer.Option("dynamic", "--batch", help="'dynamic' (symbolic B) or a fixed batch size N."),
     fp16_safe: bool = typer.Option(False, "--fp16-safe",
@@ -39,6 +45,11 @@ def export(
 
     console = Console(stderr=True)
     prefix = "[bold]btp-export[/bold]"
+    if fmt not in ("onnx", "triton"):
+        raise typer.BadParameter(f"{fmt!r}: choose onnx or triton", param_hint="--format")
+    if fmt == "triton":
+        _export_triton(model, out, layout, engine, plan, opset, console, prefix)
+        return
     try:
         loaded = load_model(model, seed=seed)
         if loaded.info.get("fresh_init"):
@@ -68,6 +79,63 @@ def export(
     console.print(f"{prefix} success ✅ {result.seconds:.1f}s, saved as '{result.path}' "
                   f"({result.size_bytes / 1e6:.1f} MB), {len(result.op_types)} op types, "
                   f"parity vs PyTorch {result.verdict}")
+
+
+def _export_triton(model: str, out: Path, layout: str, engine: str, plan, opset: int, console, prefix: str) -> None:
+    import tempfile
+
+    from btp.errors import BTPError
+    from btp.export.triton import export_repository
+
+    try:
+        source = Path(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            if source.suffix != ".onnx":  # a checkpoint or preset: export it first
+                from btp.export.onnx import export_onnx, load_model
+
+                source = export_onnx(load_model(model), Path(tmp) / "model.onnx", opset=opset).path
+            repo = export_repository(source, out, layout=layout, engine=engine, plan=plan)
+    except (BTPError, ValueError, OSError) as exc:
+        console.print(f"{prefix} [red]failed:[/red] {exc}")
+        raise typer.Exit(code=1) from None
+    console.print(f"{prefix} Triton model repository ({layout}) written to {repo}; serve it with `btp serve {repo}`")
+
+
+def serve(
+    repo: Path = typer.Argument(..., exists=True, file_okay=False, help="A repository from `btp export --format triton`."),
+    http_port: int = typer.Option(8000, "--http-port"),
+    grpc_port: int = typer.Option(8001, "--grpc-port"),
+    metrics_port: int = typer.Option(8002, "--metrics-port"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default loopback only)."),
+) -> None:
+    """Run NVIDIA Triton Inference Server on a btp model repository (KServe v2 HTTP and gRPC) until
+    Ctrl-C / SIGTERM, then stop it cleanly."""
+    import signal
+
+    from btp.errors import BTPError
+    from btp.export.triton import start_server, stop_server, wait_ready
+
+    try:
+        proc = start_server(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, host=host,
+                            log_path=repo / "tritonserver.log")
+    except BTPError as exc:
+        typer.echo(f"btp serve: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        wait_ready(proc, http_port, host)
+        typer.echo(f"btp serve: ready - http://{host}:{http_port}/v2/models/btp/infer, gRPC {host}:{grpc_port} "
+                   f"(log: {repo / 'tritonserver.log'}); Ctrl-C to stop")
+        proc.wait()
+        typer.echo(f"btp serve: tritonserver exited with code {proc.returncode}", err=True)
+        raise typer.Exit(code=1)
+    except KeyboardInterrupt:
+        typer.echo("btp serve: stopping ...", err=True)
+    except BTPError as exc:
+        typer.echo(f"btp serve: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    finally:
+        stop_server(proc)
 
 
 export.__doc__ = (export.__doc__ or "") + formats_help() + "."

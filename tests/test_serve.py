@@ -1,0 +1,127 @@
+"""Triton serving: `btp export --format triton` -> `btp serve` (a real tritonserver on free loopback
+ports) -> a real scan over plain KServe-v2 HTTP JSON gets btp-run's scores; bad requests get a 4xx
+and the server keeps serving. Skipped with the reason where the server binary cannot start."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from btp.cli import app
+from runtime_helpers import real_scan, tiny_export
+
+
+def _server_or_skip():
+    from btp.errors import NotAvailableError
+    from btp.export.triton import find_tritonserver
+
+    try:
+        return find_tritonserver()
+    except NotAvailableError as exc:
+        pytest.skip(str(exc))
+
+
+def _infer(port: int, points: np.ndarray):
+    body = {"inputs": [{"name": "points", "shape": list(points.shape), "datatype": "FP32",
+                        "data": points.ravel().tolist()}]}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/btp/infer", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return {o["name"]: np.asarray(o["data"], np.float32) for o in json.loads(r.read())["outputs"]}
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, shapes_root):
+    _server_or_skip()
+    from btp.export.triton import free_port
+
+    model = tiny_export(tmp_path_factory)[0]
+    repo = tmp_path_factory.mktemp("repo") / "btp-repo"
+    res = CliRunner().invoke(app, ["export", "--format", "triton", "--model", str(model), "--out", str(repo)])
+    assert res.exit_code == 0, res.output
+    ports = [free_port() for _ in range(3)]
+    proc = subprocess.Popen([sys.executable, "-m", "btp.cli", "serve", str(repo), "--http-port", str(ports[0]),
+                             "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not _ready(ports[0]):
+        if proc.poll() is not None or time.time() > deadline:
+            out = proc.stdout.read() if proc.poll() is not None else ""
+            proc.kill()
+            log = (repo / "tritonserver.log").read_text()[-3000:] if (repo / "tritonserver.log").exists() else ""
+            pytest.fail(f"btp serve did not become ready: {out}\n{log}")
+        time.sleep(0.5)
+    yield model, ports[0], proc
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def test_a_scan_over_kserve_http_gets_btp_runs_scores(served, shapes_root, tmp_path):
+    model, port, _ = served
+    scan = real_scan(shapes_root, n=3000, seed=11)
+    got = _infer(port, scan)
+    np.save(tmp_path / "scan.npy", scan)
+    res = CliRunner().invoke(app, ["run", str(model), str(tmp_path / "scan.npy"), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    ref_points = np.load(tmp_path / "out" / "scan.npy")
+    ref_object = json.loads((tmp_path / "out" / "scan.json").read_text())["object_score"]
+    assert got["point_scores"].shape == (3000,)
+    np.testing.assert_allclose(got["point_scores"], ref_points, atol=1e-5, rtol=0)
+    assert abs(float(got["object_score"][0]) - ref_object) <= 1e-6
+    assert 0 <= float(got["global_prob"][0]) <= 1
+
+
+def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(served, shapes_root):
+    _, port, proc = served
+    for bad in (np.zeros((3, 3), np.float32),                      # fewer points than the model needs
+                np.full((500, 3), np.nan, np.float32)):              # NaN rows only
+        with pytest.raises(urllib.error.HTTPError) as err:
+            _infer(port, bad)
+        assert 400 <= err.value.code < 500
+        assert "fewer than the model" in err.value.read().decode()
+    body = {"inputs": [{"name": "points", "shape": [10, 2], "datatype": "FP32", "data": [0.0] * 20}]}  # wrong shape
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/btp/infer", data=json.dumps(body).encode())
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert 400 <= err.value.code < 500
+    assert _ready(port) and proc.poll() is None
+    assert _infer(port, real_scan(shapes_root, n=2000, seed=3))["point_scores"].shape == (2000,)
+
+
+def test_nan_rows_keep_one_score_per_input_row(served, shapes_root):
+    _, port, _ = served
+    scan = real_scan(shapes_root, n=2000, seed=4)
+    scan[::50] = np.nan
+    got = _infer(port, scan)["point_scores"]
+    assert got.shape == (2000,) and np.isnan(got[::50]).all() and np.isfinite(np.delete(got, np.s_[::50])).all()
+
+
+def test_ensemble_layout_is_written_for_triton_containers(tmp_path_factory, tmp_path):
+    from btp.export.triton import export_repository
+
+    model = tiny_export(tmp_path_factory)[0]
+    repo = export_repository(model, tmp_path / "ens", layout="ensemble")
+    ensemble = (repo / "btp" / "config.pbtxt").read_text()
+    assert 'platform: "ensemble"' in ensemble and ensemble.count("model_name:") == 3
+    engine = (repo / "btp_engine" / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in engine and "dynamic_batching" in engine
+    assert (repo / "btp_engine" / "1" / "model.onnx").is_file()
+    for step in ("btp_pre", "btp_post"):
+        assert (repo / step / "1" / "model.py").is_file() and (repo / step / "1" / "btp_env.json").is_file()
+        compile((repo / step / "1" / "model.py").read_text(), step, "exec")  # valid Python
