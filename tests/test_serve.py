@@ -95,11 +95,13 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(served, shapes_root
             _infer(port, bad)
         assert 400 <= err.value.code < 500
         assert "fewer than the model" in err.value.read().decode()
-    body = {"inputs": [{"name": "points", "shape": [10, 2], "datatype": "FP32", "data": [0.0] * 20}]}  # wrong shape
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/btp/infer", data=json.dumps(body).encode())
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(req, timeout=30)
-    assert 400 <= err.value.code < 500
+    for shape, dtype in (([10, 2], "FP32"), ([400, 3], "FP64")):  # wrong shape, wrong dtype
+        n = shape[0] * shape[1]
+        body = {"inputs": [{"name": "points", "shape": shape, "datatype": dtype, "data": [0.5] * n}]}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/btp/infer", data=json.dumps(body).encode())
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=30)
+        assert 400 <= err.value.code < 500, (shape, dtype)
     assert _ready(port) and proc.poll() is None
     assert _infer(port, real_scan(shapes_root, n=2000, seed=3))["point_scores"].shape == (2000,)
 
