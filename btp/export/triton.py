@@ -116,17 +116,18 @@ class TritonPythonModel:
         return responses
 '''
 
-# Ensemble steps (layout "ensemble").
-_PRE_MODEL = _PIPELINE_MODEL.split("class TritonPythonModel")[0] + '''class TritonPythonModel:
-    """raw points -> engine inputs + what btp_post needs to map scores back."""
-
-    def initialize(self, args):
+# Ensemble steps (layout "ensemble"): both read the stages' config from the model file's metadata.
+_STAGES_INIT = '''    def initialize(self, args):
         from btp.runtime import stages
         from btp.runtime.metadata import read_model_meta
 
         self.stages = stages
         self.cfg = read_model_meta(os.path.join(_HERE, _ENV["model_file"])).config
+'''
+_PRE_MODEL = _PIPELINE_MODEL.split("class TritonPythonModel")[0] + '''class TritonPythonModel:
+    """raw points -> engine inputs + what btp_post needs to map scores back."""
 
+''' + _STAGES_INIT + '''
     def execute(self, requests):
         st, cfg, responses = self.stages, self.cfg, []
         for request in requests:
@@ -161,13 +162,7 @@ _POST_MODEL = _PIPELINE_MODEL.split("def _points")[0] + '''def _get(request, nam
 class TritonPythonModel:
     """engine patch probabilities -> per-row point scores (btp.runtime's propagate / interpolate)."""
 
-    def initialize(self, args):
-        from btp.runtime import stages
-        from btp.runtime.metadata import read_model_meta
-
-        self.stages = stages
-        self.cfg = read_model_meta(os.path.join(_HERE, _ENV["model_file"])).config
-
+''' + _STAGES_INIT + '''
     def execute(self, requests):
         st, cfg, responses = self.stages, self.cfg, []
         for request in requests:
