@@ -12,7 +12,6 @@ whose synthetic defect cannot be placed with the root seed is retried with root 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 MAKERS = ("synth", "mesh")
@@ -24,8 +23,8 @@ def write_eval_sets(shapes_root, out, *, good: int = 4, bad: int = 8, makers=MAK
     """``split="train"``: the same scans on the training meshes (to fit a learned baseline on the
     same kind of data the model trains on; only the training maker belongs there)."""
     from btp.eval.meshdefects import write_mesh_defect_dataset
+    from btp.train.evalsets import write_class
     from btp.train.split import zero_shot_split
-    from btp.train.synth import SynthConfig, SynthError, SynthPlan, write_dataset
 
     if split == "train" and "mesh" in makers:
         raise ValueError("the mesh defect maker is for evaluation only: no training-split sets")
@@ -44,24 +43,15 @@ def write_eval_sets(shapes_root, out, *, good: int = 4, bad: int = 8, makers=MAK
                                                            for c, s in summary["classes"].items()
                                                            if any(isinstance(v, str) for v in s.values())}}
                 continue
+            plan_kw = {"per_class_train": 0, "per_class_test_good": good, "per_class_test_bad": bad, "seed": seed,
+                       "layout": layout}
             used = {}
             for cls in names:
-                for bump in range(5):
-                    plan = SynthPlan(per_class_train=0, per_class_test_good=good, per_class_test_bad=bad,
-                                     seed=seed + bump, layout=layout)
-                    try:
-                        write_dataset(shapes_root, dest / "_one", [cls], plan, SynthConfig())
-                        break
-                    except SynthError as err:
-                        log(f"eval-sets: {cls} root seed {plan.seed}: {err}; next root seed")
-                        shutil.rmtree(dest / "_one" / cls, ignore_errors=True)
-                else:
+                used_seed = write_class(shapes_root, dest, cls, plan_kw, log=log)
+                if used_seed is None:
                     log(f"eval-sets: {cls}: no root seed worked; left out of {dest.name}")
-                    continue
-                shutil.rmtree(dest / cls, ignore_errors=True)
-                (dest / "_one" / cls).replace(dest / cls)
-                used[cls] = plan.seed
-            shutil.rmtree(dest / "_one", ignore_errors=True)
+                else:
+                    used[cls] = used_seed
             manifest["sets"][dest.name] = {"maker": "btp.train.synth", "layout": layout, "root_seed_used": used}
             log(f"eval-sets: wrote {dest} ({len(used)} classes)")
     out.mkdir(parents=True, exist_ok=True)

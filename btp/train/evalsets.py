@@ -22,9 +22,31 @@ HELDOUT_PLAN = {"per_class_train": 0, "per_class_test_good": 6, "per_class_test_
 TRAIN_PLAN = {"per_class_train": 0, "per_class_test_good": 10, "per_class_test_bad": 10, "seed": 7}
 
 
+def write_class(shapes_root, dest_root: Path, cls: str, plan_kw: dict, *, tries: int = 5, log=print) -> int | None:
+    """Write one class's scans under ``dest_root/cls`` with root seed ``plan_kw["seed"]``, else the
+    next ones (a defect that cannot be placed); -> the root seed used, None when none worked."""
+    from btp.train.synth import SynthConfig, SynthError, SynthPlan, write_dataset
+
+    staging = dest_root / "_one"
+    try:
+        for bump in range(tries):
+            plan = SynthPlan(**{**plan_kw, "seed": plan_kw["seed"] + bump})
+            try:
+                write_dataset(shapes_root, staging, [cls], plan, SynthConfig())
+            except SynthError as err:
+                log(f"evalsets: {cls} root seed {plan.seed}: {err}; retrying with the next root seed")
+                shutil.rmtree(staging / cls, ignore_errors=True)
+                continue
+            shutil.rmtree(dest_root / cls, ignore_errors=True)
+            (staging / cls).replace(dest_root / cls)
+            return plan.seed
+        return None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_sets(shapes_root, out, which=("heldout", "train-synth"), log=print) -> dict:
     from btp.train.split import zero_shot_split
-    from btp.train.synth import SynthConfig, SynthError, SynthPlan, write_dataset
 
     split = zero_shot_split(shapes_root)
     out = Path(out)
@@ -33,21 +55,10 @@ def write_sets(shapes_root, out, which=("heldout", "train-synth"), log=print) ->
         plan_kw, names = (HELDOUT_PLAN, split.names("heldout")) if name == "heldout" else (TRAIN_PLAN, split.names("train"))
         seeds = {}
         for cls in names:
-            for bump in range(5):
-                plan = SynthPlan(**{**plan_kw, "seed": plan_kw["seed"] + bump})
-                try:
-                    write_dataset(shapes_root, out / name / "_one", [cls], plan, SynthConfig())
-                    break
-                except SynthError as err:
-                    log(f"evalsets: {cls} root seed {plan.seed}: {err}; retrying with the next root seed")
-                    shutil.rmtree(out / name / "_one" / cls, ignore_errors=True)
-            else:
+            seed = write_class(shapes_root, out / name, cls, plan_kw, log=log)
+            if seed is None:
                 raise SystemExit(f"evalsets: no root seed worked for {cls}")
-            dest = out / name / cls
-            shutil.rmtree(dest, ignore_errors=True)
-            (out / name / "_one" / cls).replace(dest)
-            seeds[cls] = plan.seed
-        shutil.rmtree(out / name / "_one", ignore_errors=True)
+            seeds[cls] = seed
         manifest[name] = {"plan": plan_kw, "root_seed_used": seeds}
         log(f"evalsets: wrote {name} ({len(names)} classes)")
     (out / "evalsets.json").write_text(json.dumps(manifest, indent=1))
