@@ -27,6 +27,7 @@ import json
 import os
 import time
 import warnings
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,12 +234,10 @@ def fp16_report(proto) -> dict[str, Any]:
     precision policy: LayerNorm, softmax, normalisation, the scoring head) and a range check."""
     from onnx import numpy_helper
 
-    from btp.export.tensorrt import FP32_OP_TYPES, precision_policy, scoring_tail
+    from btp.export.tensorrt import FP32_OP_TYPES, graph_precision_plan
 
     nodes = proto.graph.node
-    names = [node.name or f"{node.op_type}_{i}" for i, node in enumerate(nodes)]
-    tail = scoring_tail((n, list(node.input), list(node.output)) for n, node in zip(names, nodes))
-    plan = precision_policy(((n, node.op_type) for n, node in zip(names, nodes)), tail)
+    plan = graph_precision_plan(proto.graph)
     out_of_range = []
     for init in proto.graph.initializer:
         arr = numpy_helper.to_array(init)
@@ -250,11 +249,8 @@ def fp16_report(proto) -> dict[str, Any]:
     if out_of_range:
         raise ExportError(f"--fp16-safe: initializers exceed the FP16 range ({FP16_MAX}): {out_of_range[:5]}")
     keep = [p for p in plan if p.precision == "fp32"]
-    reasons: dict[str, int] = {}
-    for p in keep:
-        reasons[p.reason] = reasons.get(p.reason, 0) + 1
     return {"keep_fp32_ops": sorted(op for op in FP32_OP_TYPES if not op.isupper()),
-            "keep_fp32_nodes": [p.name for p in keep], "keep_fp32_reasons": reasons}
+            "keep_fp32_nodes": [p.name for p in keep], "keep_fp32_reasons": dict(Counter(p.reason for p in keep))}
 
 
 def set_metadata(proto, metadata: dict[str, Any]) -> None:

@@ -330,14 +330,18 @@ def scoring_tail(nodes: Iterable[tuple[str, list[str], list[str]]], start_tensor
     return tail
 
 
-def precision_plan(model_path: str | os.PathLike) -> list[LayerPrecision]:
-    """``precision_policy`` over model.onnx's nodes (with the scoring tail found in its graph)."""
-    import onnx
-
-    graph = onnx.load(str(model_path), load_external_data=False).graph
+def graph_precision_plan(graph) -> list[LayerPrecision]:
+    """``precision_policy`` over an ONNX graph's nodes (with the scoring tail found in it)."""
     names = [node.name or f"{node.op_type}_{i}" for i, node in enumerate(graph.node)]
     tail = scoring_tail((n, list(node.input), list(node.output)) for n, node in zip(names, graph.node))
     return precision_policy(((n, node.op_type) for n, node in zip(names, graph.node)), tail)
+
+
+def precision_plan(model_path: str | os.PathLike) -> list[LayerPrecision]:
+    """``graph_precision_plan`` of model.onnx."""
+    import onnx
+
+    return graph_precision_plan(onnx.load(str(model_path), load_external_data=False).graph)
 
 
 def mixed_precision_onnx(model_path: str | os.PathLike, out_path: str | os.PathLike) -> Path:
