@@ -284,7 +284,10 @@ def load_official_heads(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
         if not isinstance(ckpt[group], dict):
             raise ConversionError(path, reason=f"`{group}` is a {type(ckpt[group]).__name__}, expected a state dict")
         for k, v in ckpt[group].items():
-            (flat.__setitem__(f"{group}.{k}", v) if isinstance(v, torch.Tensor) else bad.append(f"{group}.{k}"))
+            if isinstance(v, torch.Tensor):
+                flat[f"{group}.{k}"] = v
+            else:
+                bad.append(f"{group}.{k}")
     if bad:
         raise ConversionError(path, mis_shaped=[f"{k}: not a tensor" for k in bad])
     extras = {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in ckpt.items()
@@ -302,13 +305,15 @@ def _shape(heads: dict[str, torch.Tensor], key: str, source: Path, dims: int) ->
 
 
 def infer_head_config(heads: dict[str, torch.Tensor], base: BTPConfig, source: Path) -> BTPConfig:
-    """GFCM and MGFEM widths from the official heads' tensor shapes (everything else from ``base``)."""
+    """GFCM and MGFEM widths and the prompt context length from the official heads' tensor shapes
+    (everything else from ``base``)."""
     pfe, pge = "patch_feature_embedder.", "patch_geo_encoder."
     hidden, in_dim = _shape(heads, pfe + "mapper_pointbert.0.weight", source, 2)[:2]
     n_layers = _shape(heads, pfe + "layer_weights", source, 1)[0]
     conv_dims = tuple(_shape(heads, f"{pge}mlp{i}.0.weight", source, 2)[0] for i in (1, 2, 3))
     gfcm_hidden = _shape(heads, pge + "fc.0.weight", source, 2)[0]
     out_dim = _shape(heads, pge + "fc.2.weight", source, 2)[0]
+    n_ctx = _shape(heads, "prompt_learner.ctx", source, 2)[0]
     problems = []
     if in_dim != base.encoder.trans_dim:
         problems.append(f"{pfe}mapper_pointbert.0.weight: takes {in_dim}-d layer features, the encoder gives "
@@ -321,20 +326,19 @@ def infer_head_config(heads: dict[str, torch.Tensor], base: BTPConfig, source: P
     return dataclasses.replace(
         base, gfcm=dataclasses.replace(base.gfcm, conv_dims=conv_dims, hidden=gfcm_hidden, out_dim=out_dim,
                                        frame="world", context_k=0),
-        mgfem=dataclasses.replace(base.mgfem, hidden=hidden))
+        mgfem=dataclasses.replace(base.mgfem, hidden=hidden), text=dataclasses.replace(base.text, n_ctx=n_ctx))
 
 
 def _check_prompt_buffers(heads, model, source: Path) -> list[str]:
     """Shape problems of the prompt learner's token buffers ([1, 1, W] prefix, [1, L-1, W] suffix)."""
-    width = model.prompt_ctx.shape[1]
-    length = model.text_encoder.context_length if model.text_encoder is not None else None
+    width, length = model.prompt_ctx.shape[1], model.text_encoder.context_length
     problems = []
     for name in PROMPT_BUFFERS:
         key = f"prompt_learner.{name}"
         if key not in heads:
             continue
         shape = tuple(heads[key].shape)
-        want = (1, 1, width) if "prefix" in name else (1, (length or shape[1] + 1) - 1, width)
+        want = (1, 1, width) if "prefix" in name else (1, length - 1, width)
         if shape != want:
             problems.append(f"{key}: checkpoint {shape}, expected {want}")
     return problems
@@ -364,8 +368,6 @@ def convert_btp3dad(heads_ckpt: str | Path, point_ckpt: str | Path, clip_ckpt: s
                               reason="the official scoring needs the OpenCLIP text tower: pass --clip-ckpt "
                                      "open_clip_pytorch_model.bin")
     cfg = infer_head_config(head_state, model.cfg, heads_ckpt)
-    if cfg.text.n_ctx != head_state.get("prompt_learner.ctx", torch.empty(cfg.text.n_ctx)).shape[0]:
-        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, n_ctx=int(head_state["prompt_learner.ctx"].shape[0])))
     from btp.model.network import BTPModel
 
     full = BTPModel(cfg, model.text_encoder)
