@@ -127,3 +127,89 @@ def test_ensemble_layout_is_written_for_triton_containers(tmp_path_factory, tmp_
     for step in ("btp_pre", "btp_post"):
         assert (repo / step / "1" / "model.py").is_file() and (repo / step / "1" / "btp_env.json").is_file()
         compile((repo / step / "1" / "model.py").read_text(), step, "exec")  # valid Python
+
+
+class _FakeTensor:
+    def __init__(self, name, array):
+        self.name, self.array = name, np.asarray(array)
+
+    def __dlpack__(self, **kw):
+        return self.array.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self.array.__dlpack_device__()
+
+    @classmethod
+    def from_dlpack(cls, name, array):
+        return cls(name, np.from_dlpack(array))
+
+
+class _FakeResponse:
+    def __init__(self, output_tensors=(), error=None):
+        self.outputs = {t.name: t.array for t in output_tensors}
+        self.error = error
+
+
+def _fake_pb_utils():
+    """The few triton_python_backend_utils names the generated models use, over numpy."""
+    import types
+
+    class TritonError(Exception):
+        INVALID_ARG = 3
+
+        def __init__(self, msg, code=None):
+            super().__init__(msg)
+
+    mod = types.ModuleType("triton_python_backend_utils")
+    mod.Tensor = _FakeTensor
+    mod.InferenceResponse = _FakeResponse
+    mod.TritonError = TritonError
+    mod.TritonModelException = RuntimeError
+    mod.get_input_tensor_by_name = lambda request, name: request[name]
+    return mod
+
+
+def _load_model_py(path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
+    spec = importlib.util.spec_from_file_location(f"m_{path.parent.parent.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    model.initialize({})
+    return model
+
+
+def test_ensemble_steps_compute_the_pipelines_scores(tmp_path_factory, tmp_path, shapes_root, monkeypatch):
+    """btp_pre -> the engine (ONNX Runtime here, as Triton's onnxruntime backend would) -> btp_post,
+    run through the generated model.py files with a stand-in for Triton's Python utils: the same
+    scores as btp.runtime.Pipeline (no server here has the ONNX Runtime backend)."""
+    from btp.export.triton import export_repository
+    from btp.runtime import Pipeline
+    from btp.runtime.backends import make_backend
+    from btp.runtime.metadata import read_model_meta
+
+    model = tiny_export(tmp_path_factory)[0]
+    repo = export_repository(model, tmp_path / "ens", layout="ensemble")
+    pre = _load_model_py(repo / "btp_pre" / "1" / "model.py", monkeypatch)
+    post = _load_model_py(repo / "btp_post" / "1" / "model.py", monkeypatch)
+    engine_path = repo / "btp_engine" / "1" / "model.onnx"
+    engine = make_backend("ort-cpu", engine_path, read_model_meta(engine_path))
+    scan = real_scan(shapes_root, n=3000, seed=12)
+    scan[::100] = np.nan
+    request = {"points": _FakeTensor("points", scan)}
+    p = pre.execute([request])[0]
+    assert p.error is None, p.error
+    out = engine.run(p.outputs["neighborhood"], p.outputs["center"])
+    post_request = {k: _FakeTensor(k, v) for k, v in p.outputs.items()}
+    post_request["points"] = request["points"]
+    post_request["patch_probs"] = _FakeTensor("patch_probs", out["patch_probs"])
+    q = post.execute([post_request])[0]
+    finite = np.isfinite(scan).all(axis=1)
+    ref = Pipeline(model)(scan[finite])
+    np.testing.assert_allclose(q.outputs["point_scores"][finite], ref.point_scores, atol=1e-5, rtol=0)
+    assert np.isnan(q.outputs["point_scores"][~finite]).all()
+    assert abs(float(out["object_score"][0]) - ref.object_score) <= 1e-5
+    bad = pre.execute([{"points": _FakeTensor("points", np.zeros((3, 3), np.float32))}])[0]
+    assert bad.error is not None and "fewer than" in str(bad.error)

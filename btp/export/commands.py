@@ -121,7 +121,10 @@ def serve(
     except BTPError as exc:
         typer.echo(f"btp serve: {exc}", err=True)
         raise typer.Exit(code=2) from None
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    def on_sigterm(*_):
+        raise KeyboardInterrupt  # the same clean stop as Ctrl-C
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         wait_ready(proc, http_port, host)
         typer.echo(f"btp serve: ready - http://{host}:{http_port}/v2/models/btp/infer, gRPC {host}:{grpc_port} "

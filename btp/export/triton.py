@@ -129,19 +129,16 @@ _PRE_MODEL = _PIPELINE_MODEL.split("class TritonPythonModel")[0] + '''class Trit
 
 ''' + _STAGES_INIT + '''
     def execute(self, requests):
+        from btp.geometry.prepare import sample_points  # the runtime's raw scan -> N points rule
+
         st, cfg, responses = self.stages, self.cfg, []
         for request in requests:
             try:
                 pts = _points(request)
                 finite = np.isfinite(pts).all(axis=1) if pts.ndim == 2 else np.zeros(0, bool)
                 raw = st.sanitize(st.load(pts[finite] if pts.ndim == 2 else pts, cfg), cfg)
-                if cfg.preprocess.normalize == "unit_sphere_raw":
-                    normed, _, _ = st.normalize_points(raw)
-                    idx = st.downsample_points(normed, cfg)
-                    points = normed[idx]
-                else:
-                    idx = st.downsample_points(raw, cfg)
-                    points, _, _ = st.normalize_points(raw[idx])
+                sampled = sample_points(raw, cfg.preprocess)
+                idx, points = sampled.sample_idx, sampled.points
                 patch_idx, neighborhood, center = st.knn_group(points, st.fps_centres(points, cfg), cfg)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
                     _tensor("neighborhood", neighborhood[None]), _tensor("center", center[None]),

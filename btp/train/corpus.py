@@ -93,8 +93,8 @@ def family_files(root: str | Path, family: str, per_family: int) -> list[Path]:
     if not files:
         return []
     k = min(per_family, len(files))
-    picks = sorted({int(round(i * (len(files) - 1) / max(k - 1, 1))) for i in range(k)})
-    return [files[i] for i in picks] + [f for i, f in enumerate(files) if i not in set(picks)]
+    picks = {int(round(i * (len(files) - 1) / max(k - 1, 1))) for i in range(k)}
+    return [files[i] for i in sorted(picks)] + [f for i, f in enumerate(files) if i not in picks]
 
 
 def read_wrl(path: str | Path, max_faces: int) -> tuple[np.ndarray, np.ndarray]:
