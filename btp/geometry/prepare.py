@@ -59,15 +59,20 @@ def downsample_start(n_points: int, pre: PreprocessConfig) -> int:
     return seeded_start(n_points, pre.downsample_seed) if pre.downsample_start == "seeded-random" else pre.fps_start
 
 
+def sample_indices(points: np.ndarray, pre: PreprocessConfig, method: str = "auto") -> np.ndarray:
+    """int64 [min(N, M)]: the downsampled rows of ``points`` [M, 3] (all of them when M <= N)."""
+    m, n = points.shape[0], pre.num_points
+    return np.arange(m, dtype=np.int64) if m <= n else downsample(points, n, downsample_start(m, pre), method)
+
+
 def sample_points(raw: np.ndarray, pre: PreprocessConfig, method: str = "auto") -> SampledPoints:
     """raw float32 [M, 3] -> SampledPoints (see the module docstring)."""
     raw = np.ascontiguousarray(raw, dtype=np.float32)
-    m, n = raw.shape[0], pre.num_points
     if pre.normalize == "unit_sphere_raw":
         normed, centre, scale = normalize(raw)  # [M, 3]
-        idx = np.arange(m, dtype=np.int64) if m <= n else downsample(normed, n, downsample_start(m, pre), method)
+        idx = sample_indices(normed, pre, method)
         return SampledPoints(sample_idx=idx, points=np.ascontiguousarray(normed[idx]), centre=centre,
                              scale=float(scale))
-    idx = np.arange(m, dtype=np.int64) if m <= n else downsample(raw, n, downsample_start(m, pre), method)
+    idx = sample_indices(raw, pre, method)
     points, centre, scale = normalize(raw[idx])
     return SampledPoints(sample_idx=idx, points=points, centre=centre, scale=float(scale))

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from btp.config import BTPConfig
-from btp.geometry import downsample, fps, interpolate_to_raw, knn, normalize, propagate_patch_scores
-from btp.geometry.prepare import downsample_start
+from btp.geometry import fps, interpolate_to_raw, knn, normalize, propagate_patch_scores
+from btp.geometry.prepare import sample_indices
 from btp.io import PointCloud, read_point_cloud
 from btp.io.errors import InvalidValuesError, TooFewPointsError
 
@@ -95,10 +95,7 @@ def downsample_points(raw: np.ndarray, cfg: BTPConfig, method: str = "auto") -> 
     the same call as btp.train.data / btp.eval. A scan of M <= N points is used as it is
     (``arange(M)``, like btp.train.data for M == N): FPS of all its points would only permute them,
     and interpolation back to the raw scan becomes the identity."""
-    n = cfg.preprocess.num_points
-    if raw.shape[0] <= n:
-        return np.arange(raw.shape[0], dtype=np.int64)
-    return downsample(raw, n, downsample_start(raw.shape[0], cfg.preprocess), method=method)
+    return sample_indices(raw, cfg.preprocess, method)
 
 
 def normalize_points(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
