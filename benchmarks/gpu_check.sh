@@ -4,12 +4,15 @@
 #   benchmarks/gpu_check.sh [--wheels DIR] [--sizes 2048,40000,400000,2000000] [--quick]
 #
 # 1. installs what is missing (pycuda, tensorrt, onnxruntime-gpu) from local wheels/sdists in
-#    DIR if given (pip --no-index --find-links DIR), otherwise from the configured index;
-# 2. `btp doctor --gpu` (GPU, nvcc, TensorRT; kernels vs CPU on one cloud);
-# 3. the kernel tests: nvcc compile/resource check, the CPU emulation, and the GPU tests
-#    (kernels vs btp.geometry on random, lattice and real shapes at the given sizes);
-# 4. python -m btp.kernels.gpubench: CUDA-event latencies next to PyTorch references, the
-#    torch-CUDA model path and TensorRT (if importable) ->
+#    DIR if given (pip --no-index --find-links DIR), otherwise from the configured index; the
+#    kernels run through pycuda or, without it, NVIDIA's cuda-python (driver API + NVRTC);
+# 2. `btp doctor --gpu` (GPU, CUDA bindings, nvcc, TensorRT; kernels vs CPU on one cloud);
+# 3. the kernel tests: nvcc/NVRTC compile and resource check, the CPU emulation, the GPU tests
+#    (kernels vs btp.geometry on random, lattice and real shapes at the given sizes, through
+#    each usable binding) and Pipeline(preprocess="cuda"|"cuda-emu") against the CPU chain;
+# 4. python -m btp.benchmarks.gpu: CUDA-event latencies next to PyTorch references, the
+#    product's Pipeline(preprocess="cuda"), the torch-CUDA model path and TensorRT (reported
+#    as skipped, with the reason, where it is not importable) ->
 #    benchmarks/results/gpu-<device>-<date>.md|json (commit them, naming the machine).
 # Exit status: 0 all passed, 1 a check failed, 2 no usable GPU.
 set -uo pipefail
@@ -54,6 +57,7 @@ install() {  # module pip-spec
 }
 $PY -c "import btp" >/dev/null 2>&1 || $PY -m pip install -q -e '.[test]'
 install pycuda pycuda
+install cuda.bindings cuda-python
 install tensorrt tensorrt
 $PY -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" \
   >/dev/null 2>&1 || echo "   (onnxruntime without CUDA EP: install onnxruntime-gpu for the ort-cuda/ort-trt backends)"
@@ -68,9 +72,9 @@ if [ $rc -eq 2 ]; then echo "gpu_check.sh: no usable GPU (see above)" >&2; exit 
 # 3. tests
 echo "== kernel tests (compile, emulation, GPU) at N = $SIZES"
 $PY -m pytest -q -rs tests/test_kernels_compile.py tests/test_kernels_emu.py tests/test_kernels_preprocess.py \
-  tests/test_kernels_gpu.py tests/test_tensorrt_logic.py || status=1
+  tests/test_kernels_gpu.py tests/test_pipeline_device.py tests/test_tensorrt_logic.py || status=1
 
 # 4. benchmark + report
 echo "== benchmark"
-$PY -m btp.kernels.gpubench --out benchmarks/results --sizes "$SIZES" --iters "$ITERS" || status=1
+$PY -m btp.benchmarks.gpu --out benchmarks/results --sizes "$SIZES" --iters "$ITERS" || status=1
 exit $status

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from btp.benchmarks import compare as cmp
+from btp.export import compare as cmp
 from btp.benchmarks import report as rep
 from btp.benchmarks.goals import evaluate_goals
 from btp.benchmarks.stats import measure, summarize
@@ -171,7 +171,10 @@ def test_ops_rows_schema_and_checks(shapes_root, monkeypatch):
 # ---- latency runner on a stand-in pipeline (the narrow contract: call -> Result.timings) ---------------
 
 class _FakePipeline:
-    def __call__(self, points):
+    def run_batch(self, scans):
+        return [self._one(points) for points in scans]
+
+    def _one(self, points):
         t0 = time.perf_counter()
         np.sort(points, axis=0)
         pre = (time.perf_counter() - t0) * 1e3
@@ -270,7 +273,7 @@ def _write_anomaly_shapenet(root, shapes_root, n_points=1500):
 def test_latency_command_end_to_end(tiny_onnx, tmp_path):
     from typer.testing import CliRunner
 
-    from btp.benchmarks.commands import app
+    from btp.cli.bench import app
 
     out = tmp_path / "res"
     res = CliRunner().invoke(app, ["latency", str(tiny_onnx), "--backends", "torch,ort-cpu,trt-fp16",
@@ -300,7 +303,7 @@ def test_latency_command_end_to_end(tiny_onnx, tmp_path):
 def test_parity_command_end_to_end(tiny_onnx, tmp_path, shapes_root):
     from typer.testing import CliRunner
 
-    from btp.benchmarks.commands import app
+    from btp.cli.bench import app
 
     _write_anomaly_shapenet(tmp_path / "data", shapes_root)
     res = CliRunner().invoke(app, ["parity", str(tiny_onnx), "--data", str(tmp_path / "data"),
@@ -322,26 +325,6 @@ def test_parity_command_end_to_end(tiny_onnx, tmp_path, shapes_root):
     assert half_probs["limit"] > checks["patch_probs"]["limit"] and "r=16u" in half_probs["why"]
     md = next((tmp_path / "res").glob("parity-*.md")).read_text()
     assert "PASS" in md and "tolerance" in md
-
-
-def test_whatif_variants_run_in_subprocesses(tiny_onnx, tmp_path):
-    from btp.benchmarks.whatif import run_whatif, split_concat_conv, whatif_markdown
-    from btp.export.onnx import export_onnx, load_model
-
-    # btp-export already applies the split (btp.export.rewrite): nothing left for the prototype
-    assert split_concat_conv(tiny_onnx, tmp_path / "again.onnx") == 0
-    plain = tmp_path / "plain.onnx"  # the graph as traced from the model's own forward
-    export_onnx(load_model("tiny"), plain, parity_scans=2, rewrite=False)
-    data = run_whatif(plain, variants=("default", "omp1+nospin+nearest1", "split-concat-conv"),
-                      points=(512, 2000), warmup=0.0, duration=0.0)
-    assert [v["variant"] for v in data["variants"]] == ["default", "omp1+nospin+nearest1", "split-concat-conv"]
-    for v in data["variants"]:
-        assert "error" not in v, v
-        for row in v["rows"]:
-            _ordered(row["stages"]["end_to_end"])
-    split = data["variants"][2]
-    assert split["rewritten_nodes"] == 1 and max(split["max_output_diff"].values()) < 1e-4
-    assert "| omp1+nospin+nearest1 |" in whatif_markdown(data)
 
 
 def test_metric_tolerance_counts_swappable_pairs():

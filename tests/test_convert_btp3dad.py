@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from btp.cli import app
 from btp.config import btp3dad_config
-from btp.geometry import group, propagate_patch_scores
-from btp.geometry.prepare import sample_points, seeded_start
+from btp.geometry import propagate_patch_scores
+from btp.geometry.prepare import prepare, seeded_start
 from btp.io import load_mesh, sample_surface
 from btp.model.checkpoint import load_checkpoint
 from btp.model.convert import ConversionError, convert_btp3dad
@@ -79,29 +79,21 @@ def scan(shapes_root, name="cgal__stanford_bunny.ply", m=6000, seed=3) -> np.nda
     return sample_surface(v, f, m, seed)[0] * 40.0 + 7.0  # raw units, off the origin
 
 
-def engine_inputs(raw: np.ndarray):
-    cfg = btp3dad_config()
-    s = sample_points(raw, cfg.preprocess, "exact")
-    g = group(s.points, cfg.encoder.num_group, cfg.encoder.group_size, start_idx=cfg.preprocess.fps_start,
-              rgb_fill=cfg.preprocess.rgb_fill, in_channels=6)
-    return s, g
-
-
 def compare_with_reference(model, fakes, raw, atol):
-    s, g = engine_inputs(raw)
+    p = prepare(raw, btp3dad_config(), "exact")  # the CPU chain, exact FPS
     with torch.no_grad():
-        out = model(torch.from_numpy(g.neighborhood[None]), torch.from_numpy(g.center[None]))
-    ours_points = propagate_patch_scores(out["patch_probs"][0].numpy(), g.patch_idx, g.center, s.points, "zero")
+        out = model(torch.from_numpy(p.neighborhood[None]), torch.from_numpy(p.center[None]))
+    ours_points = propagate_patch_scores(out["patch_probs"][0].numpy(), p.patch_idx, p.center, p.points, "zero")
     text = ref_text(fakes["text"])
-    ref = ref_forward(fakes["point"], fakes["proj"], flat(fakes["heads"]), text, torch.from_numpy(s.points[None]),
-                      torch.from_numpy(g.center_idx[None]), torch.from_numpy(g.patch_idx[None]))
+    ref = ref_forward(fakes["point"], fakes["proj"], flat(fakes["heads"]), text, torch.from_numpy(p.points[None]),
+                      torch.from_numpy(p.center_idx[None]), torch.from_numpy(p.patch_idx[None]))
     probs = ref["patch_probs"][0].numpy()
     assert probs.std() > 1e-3, "fake weights give constant probabilities: the comparison would be vacuous"
     np.testing.assert_allclose(out["patch_probs"][0].numpy(), probs, atol=atol, rtol=0)
     np.testing.assert_allclose(ours_points, ref["point_scores"][0].numpy(), atol=atol, rtol=0)
     np.testing.assert_allclose(out["global_prob"].numpy(), ref["global_prob"].numpy(), atol=atol, rtol=0)
     np.testing.assert_allclose(out["object_score"].numpy(), ref["object_score"].numpy(), atol=atol, rtol=0)
-    return s, g, ref
+    return p, ref
 
 
 @pytest.fixture()
@@ -157,10 +149,10 @@ def test_cli_convert_export_run(small, shapes_root, tmp_path):
     assert scores.shape == (len(raw),) and np.isfinite(scores).all()
 
     # the runtime (ORT CPU, its own CPU preprocessing) against the official reference: <= 1e-4
-    result = Pipeline(onnx_path, downsample_method="exact")(raw)
+    result = Pipeline(onnx_path, downsample="exact")(raw)
     model, _ = load_checkpoint(ckpt)
-    s, g, ref = compare_with_reference(model, small, raw, atol=1e-5)
-    np.testing.assert_array_equal(result.sampled_idx, s.sample_idx)
+    p, ref = compare_with_reference(model, small, raw, atol=1e-5)
+    np.testing.assert_array_equal(result.sampled_idx, p.sample_idx)
     np.testing.assert_allclose(result.patch_probs, ref["patch_probs"][0].numpy(), atol=1e-4, rtol=0)
     np.testing.assert_allclose(result.sampled_scores, ref["point_scores"][0].numpy(), atol=1e-4, rtol=0)
     assert abs(result.object_score - float(ref["object_score"][0])) <= 1e-4
@@ -235,14 +227,14 @@ def test_full_size_fake_matches_the_official_forward_torch_and_onnx(tmp_path, sh
     model, _ = convert_btp3dad(fakes["best"], fakes["ulip"], fakes["clip"])
     raw = scan(shapes_root, "cgal__fandisk.ply" if (shapes_root / "cgal__fandisk.ply").is_file() else
                "cgal__stanford_bunny.ply", m=9000, seed=5)
-    s, g, ref = compare_with_reference(model, fakes, raw, atol=1e-5)
+    p, ref = compare_with_reference(model, fakes, raw, atol=1e-5)
 
     from btp.model.checkpoint import save_checkpoint
 
     ckpt = save_checkpoint(tmp_path / "full.safetensors", model, {"source": "test"})
     result = export_onnx(load_model(ckpt), tmp_path / "full.onnx", parity_scans=2)
     assert result.verdict == "PASS" and result.size_bytes < 2 ** 31  # one file, no external data
-    got = onnx_outputs(result.path, g.neighborhood[None], g.center[None], None)
+    got = onnx_outputs(result.path, p.neighborhood[None], p.center[None], None)
     np.testing.assert_allclose(got["patch_probs"][0], ref["patch_probs"][0].numpy(), atol=1e-4, rtol=0)
     np.testing.assert_allclose(got["object_score"], ref["object_score"].numpy(), atol=1e-4, rtol=0)
     np.testing.assert_allclose(got["global_prob"], ref["global_prob"].numpy(), atol=1e-4, rtol=0)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from btp.config import PreprocessConfig
+from btp.config import PreprocessConfig, btp_mini_config
 from btp.eval import evaluate as evaluate_mod
 from btp.eval.baselines import (
     BaselineError,
@@ -20,7 +21,8 @@ from btp.eval.baselines import (
 )
 from btp.eval.evaluate import evaluate
 from btp.eval.metrics import METRIC_KEYS
-from btp.eval.scoring import CloudScores, prepare
+from btp.eval.scoring import CloudScores
+from btp.geometry.prepare import prepare
 from btp.io import iter_samples
 from btp.train.synth import SynthConfig, SynthPlan, write_dataset
 
@@ -92,7 +94,7 @@ def test_oracle_scores_give_perfect_metrics_in_gt_row_order(datasets):
 
         def __call__(self, raw):
             s = truth[np.ascontiguousarray(raw, dtype=np.float32).tobytes()]
-            idx = prepare(raw, pre).sampled_idx
+            idx = prepare(raw, replace(btp_mini_config(), preprocess=pre), group=False).sample_idx
             scores = s.labels.astype(np.float32)
             return CloudScores(float(s.object_label), scores, idx, scores[idx])
 
@@ -131,7 +133,7 @@ def test_surface_variation_is_high_on_a_crease_and_zero_on_a_plane():
 def test_learned_baseline_fits_saves_as_text_and_reloads(datasets, tmp_path):
     samples = list(iter_samples(datasets["anomaly-shapenet"]))
     model = fit_learned_baseline(samples, num_points=512, num_rounds=30, seed=0)
-    feats = local_features(prepare(samples[-1].points, PreprocessConfig(num_points=512)).normed)
+    feats = local_features(prepare(samples[-1].points, replace(btp_mini_config(), preprocess=PreprocessConfig(num_points=512)), group=False).points)
     assert feats.shape == (512, len(feature_names())) and np.isfinite(feats).all()
     twin = fit_learned_baseline(samples, num_points=512, num_rounds=30, seed=0)
     assert twin.booster.model_to_string() == model.booster.model_to_string()  # deterministic by seed

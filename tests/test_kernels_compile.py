@@ -34,6 +34,29 @@ def test_compiles_without_warnings_or_spills(source, arch):
     assert all(k in KERNELS for k in HOT_KERNELS)
 
 
+def _nvrtc_reason() -> str | None:
+    try:
+        from btp.kernels.cuda_python import _bindings, check
+
+        check(_bindings()[1].nvrtcVersion(), "nvrtcVersion")
+    except Exception as exc:  # noqa: BLE001 - no cuda-python, or no libnvrtc
+        return f"NVRTC not usable here ({type(exc).__name__}: {exc}); pip install cuda-bindings nvidia-cuda-nvrtc"
+    return None
+
+
+@pytest.mark.skipif(_nvrtc_reason() is not None, reason=_nvrtc_reason() or "")
+@pytest.mark.parametrize("source", KERNEL_FILES)
+def test_nvrtc_compiles_every_kernel_for_hopper(source, tmp_path, monkeypatch):
+    # the cuda-python route (btp.kernels.cuda_python): NVRTC, no host headers, cubin for sm_90
+    monkeypatch.setenv("BTP_CACHE_DIR", str(tmp_path))
+    cubin = build.compile_nvrtc(source, 90)
+    assert cubin[:4] == b"\x7fELF"
+    names = {name for name, (file, _) in KERNELS.items() if file == source}
+    assert all(name.encode() in cubin for name in names)  # extern "C" symbols, as cuModuleGetFunction needs
+    assert build.compile_nvrtc(source, 90) == cubin  # cached by source hash
+    assert list(tmp_path.rglob("*.cubin"))
+
+
 @needs_nvcc
 def test_warnings_are_errors(tmp_path, monkeypatch):
     # the check above would be worthless if nvcc let warnings through

@@ -1,7 +1,8 @@
-"""The CUDA kernels on a real GPU (pycuda) against btp.geometry's CPU path, on random clouds
-and real shapes at N = 2k, 40k, 400k, 2M (override with BTP_GPU_SIZES="2048,40000").
+"""The CUDA kernels on a real GPU, through each CUDA binding (pycuda, cuda-python), against
+btp.geometry's CPU path, on random clouds and real shapes at N = 2k, 40k, 400k, 2M (override
+with BTP_GPU_SIZES="2048,40000").
 
-Skipped with the precise reason where pycuda, the CUDA driver or a GPU is missing
+Skipped with the precise reason where a binding, the CUDA driver or a GPU is missing
 (run benchmarks/gpu_check.sh on an NVIDIA machine).
 """
 from __future__ import annotations
@@ -13,18 +14,21 @@ import pytest
 
 from btp import geometry
 from btp.kernels import ops
-from btp.kernels.cuda import gpu_unavailable_reason
+from btp.kernels.devices import BINDINGS, gpu_unavailable_reason, unavailable_reasons
 
 REASON = gpu_unavailable_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
 SIZES = [int(s) for s in os.environ.get("BTP_GPU_SIZES", "2048,40000,400000,2000000").split(",")]
 
 
-@pytest.fixture(scope="module")
-def cuda_dev():
-    from btp.kernels.cuda import CudaDevice
+@pytest.fixture(scope="module", params=BINDINGS)
+def cuda_dev(request):
+    from btp.kernels.devices import open_device
 
-    dev = CudaDevice()
+    why = unavailable_reasons()[request.param]
+    if why:
+        pytest.skip(why)
+    dev = open_device(request.param)
     yield dev
     dev.close()
 

@@ -48,13 +48,13 @@ def test_prepare_and_scores_match_cpu_pipeline(raw_scan, with_colors):
     n, g, k = cfg.preprocess.num_points, cfg.encoder.num_group, cfg.encoder.group_size
     sample_idx, normed, centre, scale, groups = cpu_pipeline(raw, colors, n, g, k, 6, cfg.preprocess.rgb_fill, 5)
     np.testing.assert_array_equal(got.sample_idx, sample_idx)
-    np.testing.assert_array_equal(got.normed, normed)
-    np.testing.assert_array_equal(got.centre, centre)
+    np.testing.assert_array_equal(got.points, normed)
+    np.testing.assert_array_equal(got.origin, centre)
     assert got.scale == np.float32(scale)
     np.testing.assert_array_equal(got.center_idx, groups.center_idx)
     np.testing.assert_array_equal(got.patch_idx, groups.patch_idx)
-    np.testing.assert_array_equal(got.neighborhood, groups.neighborhood[None])  # the engine's input
-    np.testing.assert_array_equal(got.center, groups.center[None])
+    np.testing.assert_array_equal(got.neighborhood, groups.neighborhood)  # the engine's input
+    np.testing.assert_array_equal(got.center, groups.center)
 
     patch_scores = np.random.default_rng(1).random(g, dtype=np.float32)
     point_scores, raw_scores = pre.scores(patch_scores)
@@ -78,40 +78,37 @@ def test_buffers_are_reused_across_scans_of_different_size(raw_scan):
 
 
 def test_scan_smaller_than_num_points_keeps_all_points(raw_scan):
-    # as btp.runtime.stages.downsample_points: min(N, M) points, all of them in FPS order
+    # the one rule of btp.geometry.prepare: M <= N keeps all M points, in input order
     from btp.kernels.emu import EmuDevice
 
     raw = raw_scan[0][:300]
     pre = GpuPreprocessor(512, 32, 16, device=EmuDevice(), blocks=SMALL)
     got = pre.run(raw)
-    sample_idx = geometry.downsample(raw, 300, 0, method="exact")
+    sample_idx = np.arange(300)
     normed, _, _ = geometry.normalize(raw[sample_idx])
     ref = geometry.group(normed, 32, 16)
     np.testing.assert_array_equal(got.sample_idx, sample_idx)
-    np.testing.assert_array_equal(got.neighborhood[0], ref.neighborhood)
+    np.testing.assert_array_equal(got.neighborhood, ref.neighborhood)
     point_scores, raw_scores = pre.scores(np.linspace(0, 1, 32, dtype=np.float32))
     assert point_scores.shape == (300,) and raw_scores.shape == (300,)
     with pytest.raises(ValueError, match="fewer than the model's max"):
         pre.run(raw[:20])
 
 
-def test_runtime_prepared_equals_the_runtime_cpu_stages(raw_scan):
-    # the drop-in for btp.runtime's preprocess stage (its own stage functions, method="exact")
+def test_run_equals_the_cpu_chain_with_exact_downsampling(raw_scan):
+    # the device chain is btp.geometry.prepare with method="exact": the one Prepared, field by field
+    from btp.geometry.prepare import prepare
     from btp.kernels.emu import EmuDevice
-    from btp.runtime import stages
 
     raw = raw_scan[0]
     cfg = tiny_config()
     pre = GpuPreprocessor.from_config(cfg, device=EmuDevice(), blocks=SMALL)
-    got = pre.runtime_prepared(raw)
-    sample_idx = stages.downsample_points(raw, cfg, "exact")
-    points, centre, scale = stages.normalize_points(raw[sample_idx])
-    center_idx = stages.fps_centres(points, cfg)
-    patch_idx, neighborhood, center = stages.knn_group(points, center_idx, cfg)
-    ref = stages.Prepared(raw, sample_idx, points, center_idx, patch_idx, neighborhood, center, centre, scale)
-    for name in ("raw_points", "sample_idx", "points", "center_idx", "patch_idx", "neighborhood", "center", "centre"):
-        np.testing.assert_array_equal(getattr(got, name), getattr(ref, name), err_msg=name)
-    assert got.scale == np.float32(ref.scale)
+    for scan in (raw, raw[:400]):  # M > N, and M <= N (all points, in input order)
+        got, ref = pre.run(scan), prepare(scan, cfg, "exact")
+        for name in ("raw_points", "sample_idx", "points", "center_idx", "patch_idx", "neighborhood", "center",
+                     "origin"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(ref, name), err_msg=name)
+        assert got.scale == np.float32(ref.scale)
 
 
 def test_wide_fps_path_for_large_raw_scans(raw_scan):

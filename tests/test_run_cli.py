@@ -173,7 +173,7 @@ def test_demo_runs_offline_and_writes_heat_maps(tmp_path, monkeypatch):
     pytest.importorskip("torch", reason="the demo exports the tiny model first")
     monkeypatch.setenv("BTP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("BTP_MODELS", str(tmp_path / "no-models"))
-    monkeypatch.setattr("btp.runtime.demo.DEMO_POINTS", 1024)
+    monkeypatch.setattr("btp.cli.demo.DEMO_POINTS", 1024)
     monkeypatch.setenv("COLUMNS", "160")  # rich: one table row per line
     out = tmp_path / "demo"
     res = CliRunner().invoke(app, ["demo", "--model", "tiny", "--out", str(out), "--no-png"])

@@ -19,7 +19,7 @@ from btp.runtime.calibration import (
 from btp.runtime.metadata import ModelMetadataError, read_model_meta
 from runtime_helpers import REAL_SHAPES, real_scan, tiny_export, tiny_torch_model
 
-STAGES = ["load", "sanitize", "downsample", "normalize", "fps", "group", "engine", "propagate", "interpolate", "object"]
+STAGES = ["load", "sanitize", "downsample", "normalize", "fps", "group", "engine", "propagate", "interpolate"]
 
 
 @pytest.fixture(scope="module")
@@ -174,24 +174,24 @@ def test_nearest_fast_path_equals_the_exact_rule_on_real_scans(shapes_root):
     # the runtime's plain k=1 tree query == btp.geometry.interpolate_to_raw (ties -> lowest index)
     # on real scans, which have no exact distance ties; exact=True is the rule itself
     from btp.config import tiny_config
-    from btp.geometry import interpolate_to_raw
-    from btp.runtime import stages
+    from btp.geometry import interpolate_to_raw, nearest_scores
+    from btp.geometry.prepare import sample_indices
 
     cfg = tiny_config()
     for i, name in enumerate(REAL_SHAPES):
         raw = real_scan(shapes_root, name, 30000, seed=i)
-        sample_idx = stages.downsample_points(raw, cfg)
+        sample_idx = sample_indices(raw, cfg.preprocess)
         scores = np.random.default_rng(i).random(len(sample_idx), dtype=np.float32)
         ref = interpolate_to_raw(raw[sample_idx], scores, raw, method="nearest")
-        np.testing.assert_array_equal(stages.nearest_scores(raw[sample_idx], scores, raw), ref)
+        np.testing.assert_array_equal(nearest_scores(raw[sample_idx], scores, raw), ref)
 
 
 def test_pipeline_defaults_openmp_threads_only_when_unset(model_path, monkeypatch):
-    from btp.runtime import stages
+    from btp.runtime.pipeline import default_openmp_threads
 
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     Pipeline(model_path)
-    assert stages.default_openmp_threads() is False
+    assert default_openmp_threads() is False
     import os
     assert os.environ["OMP_NUM_THREADS"] == "2"
     monkeypatch.delenv("OMP_NUM_THREADS")

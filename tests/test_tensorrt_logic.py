@@ -1,4 +1,4 @@
-"""The TensorRT-free logic of btp.export.tensorrt: engine cache keys, manifest checks (rebuild,
+"""The TensorRT-free logic of btp.runtime.tensorrt: engine cache keys, manifest checks (rebuild,
 never load blindly), optimization profiles from the ONNX metadata, the FP16 precision policy,
 ORT TensorRT-EP options, and `btp build` failing cleanly without TensorRT."""
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from btp.config import tiny_config
-from btp.export import tensorrt as trt_export
-from btp.export.tensorrt import CacheDecision, EngineKey, check_cache, make_manifest
+from btp.runtime import tensorrt as trt_export
+from btp.runtime.tensorrt import CacheDecision, EngineKey, check_cache, make_manifest
 
 G, K, C = 32, 16, 6  # tiny_config
 
@@ -44,7 +44,7 @@ def tiny_onnx(path, *, batch="B", num_group=G, with_meta=True):
     graph = helper.make_graph(nodes, "btp", [nb, ce], outs, [w, text, shape, gamma])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     if with_meta:
-        helper.set_model_props(model, {"btp": json.dumps({"config": tiny_config().to_dict(), "model": {}})})
+        helper.set_model_props(model, {"btp": json.dumps({"format": "btp-onnx", "format_version": 1, "config": tiny_config().to_dict(), "model": {}})})
     onnx.save(model, str(path))
     return path
 
@@ -199,23 +199,6 @@ def test_precision_plan_on_an_onnx_graph(tmp_path):
     assert plan["/MatMul_3"].precision == "fp32"
 
 
-# ---- ORT TensorRT EP -------------------------------------------------------------------------------
-
-def test_ort_trt_provider_options(tmp_path):
-    profile = trt_export.profile_shapes(trt_export.read_onnx_io(tiny_onnx(tmp_path / "m.onnx")), (1, 1, 4))
-    providers = trt_export.ort_trt_providers(profile, tmp_path / "cache", workspace_mb=512, device_id=1)
-    name, options = providers[0]
-    assert name == "TensorrtExecutionProvider"
-    assert providers[1:] == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
-    assert options["trt_profile_min_shapes"] == f"neighborhood:1x{G}x{K}x{C},center:1x{G}x3"
-    assert options["trt_profile_max_shapes"] == f"neighborhood:4x{G}x{K}x{C},center:4x{G}x3"
-    assert options["trt_max_workspace_size"] == 512 << 20
-    assert options["trt_fp16_enable"] is True and options["trt_layer_norm_fp32_fallback"] is True
-    assert options["trt_engine_cache_path"] == str(tmp_path / "cache" / "ort-trt")
-    with pytest.raises(ValueError, match="calibration table"):
-        trt_export.ort_trt_providers(profile, tmp_path, int8=True)
-
-
 # ---- without TensorRT ----------------------------------------------------------------------------------
 
 needs_no_trt = pytest.mark.skipif(trt_export.tensorrt_unavailable_reason() is None,
@@ -248,9 +231,8 @@ def test_btp_build_checks_the_model_before_tensorrt(tmp_path):
 @needs_no_trt
 def test_trt_backend_says_what_is_missing(tmp_path):
     from btp.errors import NotAvailableError
-    from btp.runtime.backends.trt import TensorRTBackend, TrtBackend
+    from btp.runtime.backends.trt import TensorRTBackend
 
-    assert TrtBackend is TensorRTBackend
     with pytest.raises(NotAvailableError, match="TensorRT"):
         TensorRTBackend(tiny_onnx(tmp_path / "m.onnx"), None)
 

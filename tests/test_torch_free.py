@@ -29,11 +29,12 @@ def test_blocking_really_blocks(tmp_path):
 def test_edge_modules_import_and_help_without_torch(tmp_path):
     proc = _run("""
         import importlib
-        for name in ("btp.runtime", "btp.runtime.pipeline", "btp.runtime.stages", "btp.runtime.metadata",
+        for name in ("btp.runtime", "btp.runtime.pipeline", "btp.runtime.device", "btp.runtime.metadata",
                      "btp.runtime.backends", "btp.runtime.backends.ort", "btp.runtime.run", "btp.runtime.outputs",
-                     "btp.runtime.calibration", "btp.runtime.commands", "btp.runtime.demo",
+                     "btp.runtime.calibration", "btp.cli.run", "btp.cli.demo",
                      "btp.export.samples", "btp.export.formats",
-                     "btp.io", "btp.geometry", "btp.kernels", "btp.cli"):
+                     "btp.io", "btp.geometry", "btp.geometry.prepare", "btp.kernels", "btp.kernels.devices",
+                     "btp.kernels.cuda_python", "btp.cli"):
             importlib.import_module(name)
         from btp.runtime import Pipeline, Result  # the lazy exports resolve too
         from typer.main import get_command
@@ -72,7 +73,7 @@ def test_demo_runs_without_torch_on_an_exported_model(tmp_path_factory, tmp_path
     model, _ = tiny_export(tmp_path_factory)
     out = tmp_path / "demo"
     proc = _run(f"""
-        import btp.runtime.demo as demo
+        import btp.cli.demo as demo
         demo.DEMO_POINTS = 1024
         code = demo.run_demo(__import__("pathlib").Path({str(out)!r}), model={str(model)!r}, png=False)
         assert code == 0, code

@@ -125,35 +125,19 @@ def make_pipeline(backend: str, model_path, *, threads: int | None = None, check
 
         torch_backend = TorchBackend.for_onnx(model_path, checkpoint=checkpoint, threads=threads,
                                               half=backend != "torch", mixed=backend == "torch-fp16-mixed")
-        pipe = Pipeline(model_path, backend="ort-cpu", threads=threads)
-        _swap_backend(pipe, torch_backend)
-        return pipe, torch_backend.weights
+        return Pipeline(model_path, backend=torch_backend, preprocess="cpu"), torch_backend.weights
     if backend.startswith("trt-"):
         pipe = Pipeline(model_path, backend="trt", threads=threads, precision=precision_of(backend))
     else:
-        pipe = Pipeline(model_path, backend=backend, threads=threads)
+        pipe = Pipeline(model_path, backend=backend, threads=threads, preprocess="cpu")
     info = getattr(getattr(pipe, "meta", None), "model", {}) or {}
     label = "model.onnx" + (f" ({info.get('source')})" if info.get("source") else "")
     return pipe, label
 
 
-def _swap_backend(pipe, backend) -> None:
-    for attr in ("engine", "backend", "_backend"):
-        if hasattr(pipe, attr):
-            setattr(pipe, attr, backend)
-            return
-    raise RuntimeError("btp.runtime.Pipeline exposes no backend attribute to put the torch model in")
-
-
 def call_pipeline(pipe, scans: Sequence[np.ndarray]):
     """Run one batch of scans; returns the list of Results."""
-    if len(scans) == 1:
-        return [pipe(scans[0])]
-    for name in ("run_batch", "batch"):
-        fn = getattr(pipe, name, None)
-        if callable(fn):
-            return list(fn(list(scans)))
-    return [pipe(s) for s in scans]
+    return pipe.run_batch(list(scans))
 
 
 # ---- memory ----------------------------------------------------------------------------------
@@ -238,15 +222,15 @@ def run_latency(model_path, *, backends: Sequence[str] = ("torch", "ort-cpu") + 
                 threads: int | None = None, checkpoint=None, mesh: str | None = None,
                 progress: Callable[[str], None] | None = None) -> LatencyReport:
     from btp.benchmarks.machine import describe_machine
-    from btp.benchmarks.torch_backend import onnx_metadata
+    from btp.runtime.metadata import read_model_meta
 
     model_path = Path(model_path)
-    meta = onnx_metadata(model_path)
+    meta = read_model_meta(model_path)
     report = LatencyReport(
         machine=describe_machine(),
-        model={"path": str(model_path), "name": (meta.get("config") or {}).get("name"),
+        model={"path": str(model_path), "name": meta.config.name,
                "size_mb": round(model_path.stat().st_size / 2**20, 2),
-               "provenance": meta.get("provenance", {}), "info": meta.get("model", {})},
+               "provenance": meta.provenance, "info": meta.model},
         settings={"backends": list(backends), "points": list(points), "batches": list(batches),
                   "warmup_s": warmup_s, "duration_s": duration_s, "min_iters": min_iters,
                   "threads": threads, "mesh": mesh or "cgal__stanford_bunny.ply"},
@@ -303,7 +287,7 @@ def engine_thread_sweep(model_path, *, threads: Sequence[int] = (1, 2), backends
     from btp.benchmarks.stats import median_ms
     from btp.runtime import Pipeline
 
-    base = Pipeline(model_path, backend="ort-cpu")
+    base = Pipeline(model_path, backend="ort-cpu", preprocess="cpu")
     prep = base.prepare(make_scans(base.cfg.preprocess.num_points, 1, mesh)[0]).prep
     nb, ce = prep.neighborhood[None], prep.center[None]
     rows = []
@@ -316,7 +300,7 @@ def engine_thread_sweep(model_path, *, threads: Sequence[int] = (1, 2), backends
 
             saved = torch.get_num_threads()
         for t in threads:
-            engine = make_pipeline(backend, model_path, threads=t, checkpoint=checkpoint)[0].engine
+            engine = make_pipeline(backend, model_path, threads=t, checkpoint=checkpoint)[0].backend
             ms, _ = median_ms(partial(engine.run, nb, ce), repeat=repeat, warmup=2, max_s=20.0)
             rows.append({"backend": backend, "threads": t, "engine_ms": ms})
             del engine  # free this session before the next thread count builds its own

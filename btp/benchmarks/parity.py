@@ -12,7 +12,7 @@ For each test sample of a data set (Anomaly-ShapeNet / Real3D-AD layout, read by
    GPU kernels where a GPU pipeline uses them, btp.geometry on CPU) against ``fps_reference`` /
    ``knn_reference`` (the plain-numpy rule) on the reference's sampled points.
 
-Everything is collected into arrays and handed to ``btp.benchmarks.compare.compare`` (the pure
+Everything is collected into arrays and handed to ``btp.export.compare.compare`` (the pure
 comparator) with the tolerances of the backend's precision.
 """
 from __future__ import annotations
@@ -21,16 +21,18 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from btp.benchmarks.compare import compare, overall, sorted_index_sets, tolerances
+from btp.export.compare import compare, overall, sorted_index_sets, tolerances
 from btp.benchmarks.latency import make_pipeline, precision_of, unavailable_reason
 
 
-def _backend_of(pipe):
-    for attr in ("backend", "_backend", "engine"):
-        obj = getattr(pipe, attr, None)
-        if obj is not None and callable(getattr(obj, "run", None)):
-            return obj
-    raise RuntimeError("Pipeline exposes no backend with run(neighborhood, center)")
+def _own_prepared(pipe, points: np.ndarray):
+    """The backend pipeline's own preprocessing of a scan: our kernels when it runs them on the
+    device (``pipe.device_chain``), else the CPU chain."""
+    if pipe.device_chain is not None:
+        from btp.geometry.prepare import check_scan
+
+        return pipe.device_chain.kernels.run(check_scan(points, pipe.cfg))
+    return pipe.prepare(points).prep
 
 
 def _preprocess(pipe, points: np.ndarray) -> dict:
@@ -67,12 +69,11 @@ def run_parity(model_path, data_dir, *, backends: Sequence[str] = ("ort-cpu",), 
                checkpoint=None, limit: int | None = None, layout: str | None = None, threads: int | None = None,
                progress: Callable[[str], None] | None = None) -> dict:
     from btp.benchmarks.machine import describe_machine
-    from btp.benchmarks.torch_backend import onnx_metadata
-    from btp.config import BTPConfig
     from btp.io import detect_layout, iter_samples
+    from btp.runtime.metadata import read_model_meta
 
     say = progress or (lambda _msg: None)
-    cfg = BTPConfig.from_dict(onnx_metadata(model_path)["config"])
+    cfg = read_model_meta(model_path).config
     layout = layout or detect_layout(data_dir)
     samples = []
     for sample in iter_samples(data_dir, layout=layout, split="test"):
@@ -84,7 +85,7 @@ def run_parity(model_path, data_dir, *, backends: Sequence[str] = ("ort-cpu",), 
     say(f"{len(samples)} test samples; preprocessing on the CPU (btp.runtime, ort-cpu pipeline)")
     from btp.runtime import Pipeline
 
-    cpu_pipe = Pipeline(model_path, backend="ort-cpu", threads=threads)
+    cpu_pipe = Pipeline(model_path, backend="ort-cpu", threads=threads, preprocess="cpu")
     pre = [_preprocess(cpu_pipe, s.points) for s in samples]
     del cpu_pipe
     ref_idx = [_reference_indices(p["sampled"], cfg) for p in pre]
@@ -92,11 +93,11 @@ def run_parity(model_path, data_dir, *, backends: Sequence[str] = ("ort-cpu",), 
     def collect(name: str):
         """Engine outputs on identical inputs + the backend's own pipeline results, all samples."""
         pipe, weights = make_pipeline(name, model_path, threads=threads, checkpoint=checkpoint)
-        engine = _backend_of(pipe)
+        engine = pipe.backend
         outs: dict[str, list] = {}
         point_scores, object_scores, fps_idx, knn_idx = [], [], [], []
         for s, p in zip(samples, pre):
-            own = pipe.prepare(s.points).prep  # this backend's own preprocessing (GPU kernels on GPU)
+            own = _own_prepared(pipe, s.points)  # this backend's own preprocessing (our kernels on a GPU)
             fps_idx.append(np.asarray(own.center_idx))
             knn_idx.append(sorted_index_sets(own.patch_idx))
             res = engine.run(p["neighborhood"], p["center"])

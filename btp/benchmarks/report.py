@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from btp.benchmarks.compare import fmt
 from btp.benchmarks.machine import date_tag, machine_line, machine_slug
+from btp.export.compare import fmt
 from btp.io.files import atomic_write_bytes
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"

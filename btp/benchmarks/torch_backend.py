@@ -13,51 +13,30 @@ metadata and the row's label says whether they match.
 """
 from __future__ import annotations
 
-import json
-import os
-import re
 from pathlib import Path
 
 import numpy as np
 
 
-def onnx_metadata(model_path) -> dict:
-    """The ``metadata_props["btp"]`` JSON of an exported model ({} if absent)."""
-    import onnx
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    for prop in model.metadata_props:
-        if prop.key == "btp":
-            return json.loads(prop.value)
-    return {}
-
-
-def _candidates(model_path: Path, source: str) -> list[Path]:
-    name = Path(source).name
-    repo = Path(__file__).resolve().parents[2]
-    dirs = [model_path.parent] + ([Path(os.environ["BTP_MODELS"])] if os.environ.get("BTP_MODELS") else [])
-    return [d / name for d in dirs + [repo / "models"]]
-
-
 def load_torch_model(model_path, checkpoint=None):
     """-> (BTPModel in eval mode with frozen text, label saying where the weights came from)."""
-    from btp.export.onnx import fresh_model, load_model, state_sha256
+    from btp.export.onnx import fresh_model, load_model, model_search_paths, state_sha256
+    from btp.runtime.metadata import read_model_meta
 
     model_path = Path(model_path)
-    meta = onnx_metadata(model_path)
-    info = meta.get("model", {}) if isinstance(meta, dict) else {}
+    meta = read_model_meta(model_path)
+    info = meta.model
     if checkpoint is not None:
         loaded = load_model(Path(checkpoint))
         where = f"checkpoint {Path(checkpoint).name}"
     elif info.get("fresh_init"):
-        from btp.config import BTPConfig
-
-        seed = int(m.group(1)) if (m := re.search(r"seed (\d+)", str(info.get("source", "")))) else 0
-        loaded = fresh_model(BTPConfig.from_dict(meta["config"]), seed)
+        seed = int(info.get("seed", 0))
+        loaded = fresh_model(meta.config, seed)
         where = f"fresh init, torch seed {seed} (untrained)"
     else:
         source = str(info.get("source", ""))
-        found = next((p for p in _candidates(model_path, source) if source and p.is_file()), None)
+        candidates = [model_path.parent / Path(source).name] + model_search_paths(Path(source).stem)
+        found = next((p for p in candidates if source and p.is_file()), None)
         if found is None:
             raise FileNotFoundError(f"the torch row needs the checkpoint model.onnx was exported from "
                                     f"({source or 'unknown'}); pass --checkpoint PATH")
@@ -79,7 +58,7 @@ class TorchBackend:
 
     def __init__(self, model, *, threads: int | None = None, weights: str = "", half: bool = False,
                  mixed: bool = False):
-        """half: every op in float16; with mixed, the FP16 keep-list of btp.export.tensorrt stays
+        """half: every op in float16; with mixed, the FP16 keep-list of btp.runtime.tensorrt stays
         float32 (LayerNorm modules, the MGFEM head and the scoring after patch_embed), as a
         TensorRT FP16 engine built with that list computes it."""
         import torch
@@ -121,7 +100,7 @@ class TorchBackend:
 
 
 def _keep_fp32(model) -> None:
-    """The FP16 keep-list of btp.export.tensorrt.precision_policy on a half model: LayerNorm
+    """The FP16 keep-list of btp.runtime.tensorrt.precision_policy on a half model: LayerNorm
     modules back to float32 (fed and returning float16) and the MGFEM head in float32 (its
     float32 output goes on to the scoring, which ``run`` computes in float32)."""
     import torch

@@ -184,18 +184,20 @@ def fit_learned_baseline(samples: Iterable, *, num_points: int | None = None, se
     """
     import lightgbm as lgb
 
-    from btp.config import PreprocessConfig
-    from btp.eval.scoring import prepare
+    from btp.config import btp_mini_config
+    from btp.geometry.prepare import prepare
 
-    pre = PreprocessConfig() if num_points is None else PreprocessConfig(num_points=int(num_points))
+    cfg = btp_mini_config()
+    if num_points is not None:
+        cfg.preprocess.num_points = int(num_points)
     rng = np.random.default_rng(seed)
     xs, ys = [], []
     for sample in samples:
         points, labels = (sample.points, sample.labels) if hasattr(sample, "points") else sample
         labels = np.asarray(labels).reshape(-1)
-        prepared = prepare(points, pre)
-        feats = local_features(prepared.normed)
-        y = labels[prepared.sampled_idx]
+        prepared = prepare(points, cfg, group=False)
+        feats = local_features(prepared.points)
+        y = labels[prepared.sample_idx]
         if max_negatives_per_sample is not None:
             neg = np.flatnonzero(y == 0)
             if neg.size > max_negatives_per_sample:

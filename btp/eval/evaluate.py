@@ -17,6 +17,8 @@ scans' points in GT row order (scores carried back from the N sampled points);
 """
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,15 +95,16 @@ def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] 
     files = sample_files(root, layout, "test", classes)
     if not files:
         raise FileNotFoundError(f"{root}: no test samples found ({layout} layout, classes {classes or 'all'})")
-    cfg = getattr(scorer, "cfg", None)
-    pre = preprocess or (cfg.preprocess if cfg is not None else btp_mini_config().preprocess)
+    cfg = getattr(scorer, "cfg", None) or btp_mini_config()
+    base_cfg = dataclasses.replace(cfg, preprocess=preprocess) if preprocess is not None else cfg  # the baselines'
+    pre = base_cfg.preprocess
     methods: dict[str, Callable[[np.ndarray], CloudScores]] = {}
     if scorer is not None:
         methods["model"] = scorer
     if baselines:
-        methods["baseline"] = lambda raw: score_with(surface_variation_scorer, raw, pre)
+        methods["baseline"] = lambda raw: score_with(surface_variation_scorer, raw, base_cfg)
     if learned is not None and baselines:
-        methods["learned_baseline"] = lambda raw: score_with(learned, raw, pre)
+        methods["learned_baseline"] = lambda raw: score_with(learned, raw, base_cfg)
     collected: dict[str, dict[str, _Collected]] = {m: {} for m in methods}
     counts: dict[str, dict[str, int]] = {}
     seconds: dict[str, float] = {}

@@ -1,11 +1,11 @@
-"""Score one raw scan: preprocessing shared by every scorer, the torch-model path, the ONNX path.
+"""Score one raw scan: the CPU chain of every scorer, the torch-model path, the ONNX path.
 
-raw scan [M,3] -> `downsample` to N (config) -> `normalize` -> scorer on the N points ->
-point scores [N] -> `interpolate_to_raw` -> point scores [M] in the raw scan's row order.
+raw scan [M,3] -> ``btp.geometry.prepare.prepare`` (downsample to N, normalize, group) -> scorer
+-> scores [N] -> ``scores_to_raw`` / ``interpolate`` -> point scores [M] in the raw scan's row order.
 
 `score_cloud_torch(model, raw_points)` is the one place that runs a PyTorch `BTPModel` on a
-cloud the way the runtime does (same geometry ops), for `btp eval --model CKPT` and for
-validation during training. Torch is imported only there.
+cloud the way the runtime does (same chain), for `btp eval --model CKPT` and for validation
+during training. Torch is imported only there.
 """
 from __future__ import annotations
 
@@ -15,23 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from btp.config import BTPConfig, PreprocessConfig
-from btp.geometry import group, interpolate_to_raw, propagate_patch_scores
-from btp.geometry.prepare import sample_points
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A raw scan reduced to the model's N points.
-
-    sampled_idx int64 [N] into the raw scan; normed float32 [N,3] (centroid 0, max radius 1);
-    centre float32 [3] and scale so that raw[sampled_idx] = normed * scale + centre.
-    """
-
-    sampled_idx: np.ndarray
-    normed: np.ndarray
-    centre: np.ndarray
-    scale: float
+from btp.config import BTPConfig
+from btp.geometry.prepare import interpolate, prepare, scores_to_raw
 
 
 @dataclass(frozen=True)
@@ -45,57 +30,37 @@ class CloudScores:
     sampled_scores: np.ndarray
 
 
-def prepare(raw_points: np.ndarray, pre: PreprocessConfig, method: str = "auto") -> Prepared:
-    """The runtime's rule (btp.geometry.prepare.sample_points): N points (all when the scan has
-    fewer), normalised before or after sampling as ``pre.normalize`` says."""
-    s = sample_points(raw_points, pre, method)
-    return Prepared(s.sample_idx, s.points, s.centre, s.scale)
-
-
-def to_raw(raw_points: np.ndarray, prepared: Prepared, sampled_scores: np.ndarray, object_score: float,
-           interpolation: str = "nearest") -> CloudScores:
-    """Carry scores of the sampled points back to every raw point."""
-    raw = np.asarray(raw_points, dtype=np.float32)
-    point_scores = interpolate_to_raw(raw[prepared.sampled_idx], sampled_scores, raw, method=interpolation)
-    return CloudScores(float(object_score), point_scores, prepared.sampled_idx,
-                       np.asarray(sampled_scores, dtype=np.float32))
-
-
 def score_with(scorer: Callable[[np.ndarray], tuple[float, np.ndarray]], raw_points: np.ndarray,
-               pre: PreprocessConfig, interpolation: str = "nearest") -> CloudScores:
+               cfg: BTPConfig) -> CloudScores:
     """Generic path: `scorer(normed [N,3]) -> (object_score, point_scores [N])` (the baselines)."""
-    prepared = prepare(raw_points, pre)
-    object_score, sampled_scores = scorer(prepared.normed)
-    return to_raw(raw_points, prepared, sampled_scores, object_score, interpolation)
+    prepared = prepare(raw_points, cfg, group=False)
+    object_score, sampled_scores = scorer(prepared.points)
+    sampled_scores = np.asarray(sampled_scores, dtype=np.float32)
+    return CloudScores(float(object_score), interpolate(sampled_scores, prepared, cfg, exact=True),
+                       prepared.sample_idx, sampled_scores)
 
 
-def score_cloud_torch(model, raw_points: np.ndarray, cfg: BTPConfig | None = None, device: str = "cpu",
-                      interpolation: str | None = None) -> CloudScores:
+def score_cloud_torch(model, raw_points: np.ndarray, cfg: BTPConfig | None = None, device: str = "cpu") -> CloudScores:
     """Run a PyTorch `BTPModel` on one raw scan [M,3] (eval mode, no grad).
 
-    Patch probabilities -> points (`propagate_patch_scores`, mean over containing patches) ->
-    raw scan; object score = the model's `object_score`.
+    Patch probabilities -> points (mean over containing patches) -> raw scan; object score =
+    the model's `object_score`.
     """
     import torch
 
     cfg = cfg or model.cfg
-    enc, pre = cfg.encoder, cfg.preprocess
-    prepared = prepare(raw_points, pre)
-    groups = group(prepared.normed, enc.num_group, enc.group_size, start_idx=pre.fps_start,
-                   rgb_fill=pre.rgb_fill, in_channels=enc.in_channels)
+    prepared = prepare(raw_points, cfg)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.from_numpy(groups.neighborhood[None]).to(device),
-                        torch.from_numpy(groups.center[None]).to(device))
+            out = model(torch.from_numpy(prepared.neighborhood[None]).to(device),
+                        torch.from_numpy(prepared.center[None]).to(device))
     finally:
         model.train(was_training)
     patch_probs = out["patch_probs"][0].float().cpu().numpy()  # [G]
-    sampled = propagate_patch_scores(patch_probs, groups.patch_idx, groups.center, prepared.normed,
-                                     cfg.scoring.uncovered_points)
-    return to_raw(raw_points, prepared, sampled, float(out["object_score"][0]),
-                  interpolation or cfg.scoring.raw_interpolation)
+    sampled, point_scores = scores_to_raw(patch_probs, prepared, cfg, exact=True)
+    return CloudScores(float(out["object_score"][0]), point_scores, prepared.sample_idx, sampled)
 
 
 class TorchScorer:

@@ -39,6 +39,7 @@ import btp
 from btp.config import PRESETS, BTPConfig, preset
 from btp.errors import BTPError
 from btp.export.formats import check_batch, check_opset
+from btp.geometry.prepare import pad_batch
 from btp.io.files import atomic_write_bytes, file_sha256
 from btp.runtime.metadata import (
     DEBUG_OUTPUT_NAMES,
@@ -112,7 +113,7 @@ def fresh_model(cfg: BTPConfig, seed: int = 0) -> LoadedModel:
 
     torch.manual_seed(seed)
     model = BTPModel.with_default_text_encoder(cfg)
-    info = {"source": f"fresh init (torch seed {seed}, untrained)", "fresh_init": True}
+    info = {"source": f"fresh init (torch seed {seed}, untrained)", "fresh_init": True, "seed": seed}
     provenance = {"weights": f"freshly initialised {cfg.name}, torch seed {seed}: untrained, scores carry no meaning"}
     return _finish_model(model, info, provenance)
 
@@ -230,11 +231,11 @@ def unsupported_trt_ops(proto) -> list[str]:
 
 
 def fp16_report(proto) -> dict[str, Any]:
-    """What TensorRT FP16 needs to know: the nodes to keep FP32 (btp.export.tensorrt's one
+    """What TensorRT FP16 needs to know: the nodes to keep FP32 (btp.runtime.tensorrt's one
     precision policy: LayerNorm, softmax, normalisation, the scoring head) and a range check."""
     from onnx import numpy_helper
 
-    from btp.export.tensorrt import FP32_OP_TYPES, graph_precision_plan
+    from btp.runtime.tensorrt import FP32_OP_TYPES, graph_precision_plan
 
     nodes = proto.graph.node
     plan = graph_precision_plan(proto.graph)
@@ -285,17 +286,16 @@ def onnx_outputs(model_bytes_or_path, neighborhood: np.ndarray, center: np.ndarr
     for s in range(0, len(neighborhood), step):
         nb, ct = neighborhood[s:s + step], center[s:s + step]
         real = len(nb)
-        if fixed_batch and real < fixed_batch:
-            nb = np.concatenate([nb, np.repeat(nb[:1], fixed_batch - real, 0)])
-            ct = np.concatenate([ct, np.repeat(ct[:1], fixed_batch - real, 0)])
+        if fixed_batch:
+            nb, ct = pad_batch(nb, fixed_batch), pad_batch(ct, fixed_batch)
         for n, v in zip(names, sess.run(names, {"neighborhood": nb, "center": ct})):
             parts[n].append(v[:real])
     return {n: np.concatenate(v) for n, v in parts.items()}
 
 
 def verify_parity(model, model_bytes, neighborhood, center, fixed_batch: int | None, atol: float = PARITY_ATOL):
-    """PyTorch vs ONNX Runtime CPU on the same engine inputs -> (checks, verdict) (btp.benchmarks.compare)."""
-    from btp.benchmarks.compare import Tolerance, compare, overall
+    """PyTorch vs ONNX Runtime CPU on the same engine inputs -> (checks, verdict) (btp.export.compare)."""
+    from btp.export.compare import Tolerance, compare, overall
 
     ref = torch_outputs(model, neighborhood, center)
     got = onnx_outputs(model_bytes, neighborhood, center, fixed_batch)
@@ -314,7 +314,7 @@ class ExportResult:
     path: Path
     size_bytes: int
     seconds: float
-    parity: tuple = ()  # btp.benchmarks.compare.CheckResult per output
+    parity: tuple = ()  # btp.export.compare.CheckResult per output
     verdict: str = "SKIP"
     op_types: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict, repr=False)

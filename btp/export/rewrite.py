@@ -8,10 +8,9 @@
 
 (W = [W_g | W_x] split along its input channels, the eval-mode BatchNorm folded into W', b'), so
 the global half runs once per patch instead of once per point: -2*G*K*p1*p2 FLOPs per scan and no
-Expand/Concat in the graph (benchmarks/results/cpu-findings-2026-11-25.md, proposal 2; prototype
-on the ONNX graph: ``btp.benchmarks.whatif.split_concat_conv``). The split convs stay in the
+Expand/Concat in the graph (benchmarks/results/cpu-findings-2026-11-25.md, proposal 2). The split convs stay in the
 ``second_conv/second_conv.0`` scope (``/inner/point_encoder/encoder/...`` in model.onnx), which
-TensorRT's precision policy (btp.export.tensorrt) treats as a heavy FP16 layer like before.
+TensorRT's precision policy (btp.runtime.tensorrt) treats as a heavy FP16 layer like before.
 
 The swap is temporary: on exit the modules get their own ``forward`` and children back, so the
 PyTorch model, its state dict and the exporter's parity reference (the *original* forward) are

@@ -1,7 +1,7 @@
 """Real samples for export parity and the demo: points sampled from the meshes shipped in btp/data.
 
-Torch-free. The engine inputs are made by the runtime's own stages (``btp.runtime.stages``), so
-parity covers exactly what ``Pipeline`` feeds the engine.
+Torch-free. The engine inputs are made by the runtime's own CPU chain (``btp.geometry.prepare``),
+so parity covers exactly what ``Pipeline`` feeds the engine.
 """
 from __future__ import annotations
 
@@ -37,19 +37,10 @@ def sample_scans(n_scans: int, n_points: int, seed: int = 0, meshes: list[Path] 
 
 
 def engine_inputs(scans: list[np.ndarray], cfg: BTPConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Raw scans -> (neighborhood float32 [B,G,K,C], center float32 [B,G,3]) by the runtime's stages."""
-    from btp.io import PointCloud
-    from btp.runtime import stages
+    """Raw scans -> (neighborhood float32 [B,G,K,C], center float32 [B,G,3]) by the runtime's chain."""
+    from btp.geometry.prepare import engine_batch, prepare
 
-    neighborhoods, centers = [], []
-    for scan in scans:
-        raw = stages.sanitize(PointCloud(scan), cfg)
-        idx = stages.downsample_points(raw, cfg)
-        points, _, _ = stages.normalize_points(raw[idx])
-        _, neighborhood, center = stages.knn_group(points, stages.fps_centres(points, cfg), cfg)
-        neighborhoods.append(neighborhood)
-        centers.append(center)
-    return np.stack(neighborhoods), np.stack(centers)
+    return engine_batch([prepare(scan, cfg) for scan in scans])
 
 
 def parity_inputs(cfg: BTPConfig, n_scans: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -118,10 +118,8 @@ class TritonPythonModel:
 
 # Ensemble steps (layout "ensemble"): both read the stages' config from the model file's metadata.
 _STAGES_INIT = '''    def initialize(self, args):
-        from btp.runtime import stages
         from btp.runtime.metadata import read_model_meta
 
-        self.stages = stages
         self.cfg = read_model_meta(os.path.join(_HERE, _ENV["model_file"])).config
 '''
 _PRE_MODEL = _PIPELINE_MODEL.split("class TritonPythonModel")[0] + '''class TritonPythonModel:
@@ -129,22 +127,19 @@ _PRE_MODEL = _PIPELINE_MODEL.split("class TritonPythonModel")[0] + '''class Trit
 
 ''' + _STAGES_INIT + '''
     def execute(self, requests):
-        from btp.geometry.prepare import sample_points  # the runtime's raw scan -> N points rule
+        from btp.geometry.prepare import prepare  # the runtime's CPU chain
 
-        st, cfg, responses = self.stages, self.cfg, []
+        cfg, responses = self.cfg, []
         for request in requests:
             try:
                 pts = _points(request)
                 finite = np.isfinite(pts).all(axis=1) if pts.ndim == 2 else np.zeros(0, bool)
-                raw = st.sanitize(st.load(pts[finite] if pts.ndim == 2 else pts, cfg), cfg)
-                sampled = sample_points(raw, cfg.preprocess)
-                idx, points = sampled.sample_idx, sampled.points
-                patch_idx, neighborhood, center = st.knn_group(points, st.fps_centres(points, cfg), cfg)
+                prep = prepare(pts[finite] if pts.ndim == 2 else pts, cfg)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    _tensor("neighborhood", neighborhood[None]), _tensor("center", center[None]),
-                    _tensor("patch_idx", patch_idx.astype(np.int64)),
-                    _tensor("sample_idx", idx.astype(np.int64)),
-                    _tensor("sampled_points", points.astype(np.float32)),
+                    _tensor("neighborhood", prep.neighborhood[None]), _tensor("center", prep.center[None]),
+                    _tensor("patch_idx", prep.patch_idx.astype(np.int64)),
+                    _tensor("sample_idx", prep.sample_idx.astype(np.int64)),
+                    _tensor("sampled_points", prep.points.astype(np.float32)),
                     _tensor("row_mask", finite.astype(np.bool_))]))
             except Exception as exc:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
@@ -161,16 +156,17 @@ class TritonPythonModel:
 
 ''' + _STAGES_INIT + '''
     def execute(self, requests):
-        st, cfg, responses = self.stages, self.cfg, []
+        from btp.geometry.prepare import Prepared, scores_to_raw
+
+        cfg, responses = self.cfg, []
         for request in requests:
             raw_all = np.ascontiguousarray(_get(request, "points"), np.float32)
             mask = np.asarray(_get(request, "row_mask"), bool)
-            raw = raw_all[mask]
-            prep = st.Prepared(raw, _get(request, "sample_idx"), _get(request, "sampled_points"), None,
-                               _get(request, "patch_idx"), None, _get(request, "center")[0], None, 1.0)
-            sampled = st.propagate(np.asarray(_get(request, "patch_probs"))[0], prep, cfg)
+            prep = Prepared(raw_points=raw_all[mask], sample_idx=_get(request, "sample_idx"),
+                            points=_get(request, "sampled_points"), origin=np.zeros(3, np.float32), scale=1.0,
+                            patch_idx=_get(request, "patch_idx"), center=_get(request, "center")[0])
             scores = np.full(len(raw_all), np.nan, np.float32)
-            scores[mask] = st.interpolate(sampled, prep, cfg)
+            scores[mask] = scores_to_raw(np.asarray(_get(request, "patch_probs"))[0], prep, cfg)[1]
             responses.append(pb_utils.InferenceResponse(output_tensors=[_tensor("point_scores", scores)]))
         return responses
 '''

@@ -6,17 +6,17 @@ every backend (incl. the CUDA kernels in btp.kernels) must reproduce are written
 """
 from btp.geometry.errors import DegenerateCloudError, GeometryError
 from btp.geometry.features import fpfh_patches
-from btp.geometry.neighbors import Groups, group, group_batch, knn, knn_reference
+from btp.geometry.neighbors import Groups, group, group_batch, knn, knn_reference, neighborhoods
 from btp.geometry.normalize import denormalize, normalize
 from btp.geometry.sampling import downsample, fps, fps_reference
-from btp.geometry.scores import interpolate_to_raw, propagate_patch_scores
+from btp.geometry.scores import interpolate_to_raw, nearest_scores, propagate_patch_scores
 
 __all__ = [
     "normalize", "denormalize",
     "fps", "fps_reference", "downsample",
     "knn", "knn_reference",
-    "group", "group_batch", "Groups",
+    "group", "group_batch", "Groups", "neighborhoods",
     "fpfh_patches",
-    "propagate_patch_scores", "interpolate_to_raw",
+    "propagate_patch_scores", "interpolate_to_raw", "nearest_scores",
     "GeometryError", "DegenerateCloudError",
 ]

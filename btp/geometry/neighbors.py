@@ -160,14 +160,19 @@ def group(points, num_group: int, group_size: int, *, start_idx: int = 0, colors
     center_idx = fps(pts, num_group, start_idx)  # [G]
     center = pts[center_idx]  # [G, 3]
     patch_idx, _ = knn(pts, center, group_size)  # [G, K]
-    neighborhood = np.empty((num_group, group_size, in_channels), dtype=np.float32)
-    neighborhood[..., :3] = pts[patch_idx] - center[:, None, :]
+    return Groups(center_idx, patch_idx, neighborhoods(pts, patch_idx, center, in_channels, rgb_fill, colors), center)
+
+
+def neighborhoods(points: np.ndarray, patch_idx: np.ndarray, center: np.ndarray, in_channels: int = 6,
+                  rgb_fill: float = 0.5, colors: np.ndarray | None = None) -> np.ndarray:
+    """The encoder's input: float32 [G, K, C] with ``points[patch_idx] - center[:, None]`` in
+    channels 0..2 and, for C = 6, the colours of those points (``colors`` [N, 3]) or ``rgb_fill``."""
+    g, k = patch_idx.shape
+    out = np.empty((g, k, in_channels), dtype=np.float32)
+    out[..., :3] = points[patch_idx] - center[:, None, :]
     if in_channels == 6:
-        if colors is None:
-            neighborhood[..., 3:] = np.float32(rgb_fill)
-        else:
-            neighborhood[..., 3:] = colors[patch_idx]
-    return Groups(center_idx, patch_idx, neighborhood, center)
+        out[..., 3:] = np.float32(rgb_fill) if colors is None else colors[patch_idx]
+    return out
 
 
 def group_batch(points, num_group: int, group_size: int, *, start_idx: int = 0, colors=None,

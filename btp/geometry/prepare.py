@@ -1,39 +1,98 @@
-"""Raw scan -> the model's N normalised points: the one rule of btp eval and training; btp.runtime.Pipeline
-runs the same two calls as its timed downsample / normalize stages (btp.runtime.stages).
+"""The one CPU chain between a raw scan and the engine, and back (numpy, torch-free).
 
-``sample_points(raw [M,3], pre, method) -> SampledPoints`` (indices into the raw scan, the N
-normalised points, and the normalisation that maps them back), by ``PreprocessConfig``:
+    raw [M, 3] --check_scan--> float32 [M, 3]
+      --downsample (N)--> sample_idx [N] --normalize--> points [N, 3] (+ origin, scale)
+      --fps (G)--> center_idx [G] --knn (K)--> patch_idx [G, K], neighborhood [G, K, C], center [G, 3]
+    [engine: neighborhood, center -> patch_probs [G]]
+    patch_probs --propagate--> sampled scores [N] --interpolate--> raw scores [M]
 
-- ``normalize = "unit_sphere"``: downsample the raw scan to N, then centre the N points at their
-  centroid and divide by their max radius (btp's own models are trained this way);
-- ``normalize = "unit_sphere_raw"``: centre and scale the whole raw scan first, then downsample
-  (the official BTP-3DAD preprocessing);
-- ``downsample_start = "fixed"``: the downsampling FPS starts at ``fps_start``;
+``prepare(raw, cfg, method) -> Prepared`` and its inverse ``scores_to_raw(patch_probs, prepared,
+cfg)`` are used by the runtime (``btp.runtime.Pipeline``), evaluation, training samples, the
+export's parity samples, the Triton pre/post steps, and as the reference of the CUDA kernels
+(``btp.kernels.preprocess``). Every number comes from the model's ``BTPConfig``:
+
+- ``preprocess.normalize = "unit_sphere"``: downsample the raw scan to N, then centre the N
+  points at their centroid and divide by their max radius (btp's own models are trained so);
+  ``"unit_sphere_raw"``: centre and scale the whole raw scan first, then downsample (the
+  official BTP-3DAD preprocessing).
+- ``preprocess.downsample_start = "fixed"``: the downsampling FPS starts at ``fps_start``;
   ``"seeded-random"``: at ``seeded_start(M, downsample_seed)``, the index the official code's
   ``torch.manual_seed(seed); torch.randint(0, M, (1,))`` draws on the CPU.
-- A scan of M <= N points is used as it is (``arange(M)``): FPS of all its points would only
-  permute them.
+- **Scan size**, the one rule: M > N: FPS to N points (``method``: exact | bucket | voxel |
+  auto, ``btp.geometry.sampling.downsample``); M <= N: all M points in their own order
+  (``arange(M)``; FPS of all of them would only permute them) and the interpolation back to the
+  raw scan is the identity. M < max(G, K) is refused (``TooFewPointsError``).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from btp.config import PreprocessConfig
+from btp.config import BTPConfig, PreprocessConfig
+from btp.geometry.neighbors import knn, neighborhoods
 from btp.geometry.normalize import normalize
-from btp.geometry.sampling import downsample
+from btp.geometry.sampling import downsample, fps
+from btp.geometry.scores import interpolate_to_raw, nearest_scores, propagate_patch_scores
+from btp.io.errors import InvalidValuesError, TooFewPointsError
+
+DOWNSAMPLE_METHODS = ("auto", "exact", "bucket", "voxel")
 
 
 @dataclass(frozen=True, kw_only=True)
-class SampledPoints:
-    """sample_idx int64 [N] into the raw scan; points float32 [N, 3] normalised; centre float32 [3]
-    and scale with raw[sample_idx] ~= points * scale + centre."""
+class Prepared:
+    """One scan after the chain: the engine's inputs and all that maps scores back.
 
+    raw_points    float32 [M, 3]  the scan as given (input order, raw units)
+    sample_idx    int64 [N]       the downsampled points (indices into raw_points; N = min(N, M))
+    points        float32 [N, 3]  the sampled points, normalised (centroid 0, max radius 1)
+    origin/scale  the normalisation: raw_points[sample_idx] ~= points * scale + origin (the
+                  centroid and max radius; ``center`` below is the patch centres)
+    center_idx    int64 [G]       FPS centres (indices into points)
+    patch_idx     int64 [G, K]    kNN of each centre among points
+    neighborhood  float32 [G, K, C], center float32 [G, 3]: the engine's inputs
+    (the last four are None when ``prepare(..., group=False)``)
+    """
+
+    raw_points: np.ndarray
     sample_idx: np.ndarray
     points: np.ndarray
-    centre: np.ndarray
+    origin: np.ndarray
     scale: float
+    center_idx: np.ndarray | None = None
+    patch_idx: np.ndarray | None = None
+    neighborhood: np.ndarray | None = None
+    center: np.ndarray | None = None
+
+    @property
+    def identity(self) -> bool:
+        """True when every raw point was used as it is (M <= N): no interpolation needed."""
+        return len(self.sample_idx) == len(self.raw_points)
+
+
+def min_points(cfg: BTPConfig) -> int:
+    """The fewest points a scan may have: G centres and K neighbours must exist (max(G, K))."""
+    return max(cfg.encoder.num_group, cfg.encoder.group_size)
+
+
+def check_scan(points, cfg: BTPConfig, where: str | Path | None = None) -> np.ndarray:
+    """-> float32 [M, 3] C-contiguous, or a typed error naming ``where``: shape [M, 3], every
+    value finite (btp.io drops NaN/inf rows of files with a warning; an array handed in must not
+    have them: dropping them here would break one score per input point), M >= max(G, K)."""
+    pts = np.asarray(points)
+    if pts.ndim != 2 or pts.shape[1] != 3:
+        raise InvalidValuesError(where, f"points have shape {pts.shape}; expected [M, 3]")
+    finite = np.isfinite(pts).all(axis=1)
+    if not finite.all():
+        raise InvalidValuesError(where, f"{int((~finite).sum())} of {len(pts)} points are NaN/inf; "
+                                        "drop them before scoring (btp.io.read_point_cloud does)")
+    need = min_points(cfg)
+    if pts.shape[0] < need:
+        raise TooFewPointsError(where, f"{pts.shape[0]} points, fewer than the model's max(G, K) = {need}: "
+                                       "use a denser scan")
+    return np.ascontiguousarray(pts, dtype=np.float32)
 
 
 def seeded_start(n_points: int, seed: int = 0) -> int:
@@ -65,14 +124,86 @@ def sample_indices(points: np.ndarray, pre: PreprocessConfig, method: str = "aut
     return np.arange(m, dtype=np.int64) if m <= n else downsample(points, n, downsample_start(m, pre), method)
 
 
-def sample_points(raw: np.ndarray, pre: PreprocessConfig, method: str = "auto") -> SampledPoints:
-    """raw float32 [M, 3] -> SampledPoints (see the module docstring)."""
-    raw = np.ascontiguousarray(raw, dtype=np.float32)
-    if pre.normalize == "unit_sphere_raw":
-        normed, centre, scale = normalize(raw)  # [M, 3]
-        idx = sample_indices(normed, pre, method)
-        return SampledPoints(sample_idx=idx, points=np.ascontiguousarray(normed[idx]), centre=centre,
-                             scale=float(scale))
-    idx = sample_indices(raw, pre, method)
-    points, centre, scale = normalize(raw[idx])
-    return SampledPoints(sample_idx=idx, points=points, centre=centre, scale=float(scale))
+def _untimed(stage: str):
+    return nullcontext()
+
+
+def prepare(raw, cfg: BTPConfig, method: str = "auto", *, group: bool = True, where: str | Path | None = None,
+            timer=_untimed) -> Prepared:
+    """raw [M, 3] -> Prepared (the module docstring gives the rules).
+
+    ``method``: the downsampling rule for M > N (``exact`` is the one the CUDA kernels run);
+    ``group=False`` stops after normalisation (scorers of the N points, e.g. the baselines);
+    ``where``: the file named in errors; ``timer(stage)``: a context manager around each stage
+    (sanitize, downsample, normalize, fps, group), e.g. the Pipeline's per-stage timings.
+    """
+    pre, enc = cfg.preprocess, cfg.encoder
+    with timer("sanitize"):
+        raw = check_scan(raw, cfg, where)
+    if pre.normalize == "unit_sphere_raw":  # the whole scan first, then sample it
+        with timer("normalize"):
+            normed_raw, centre, scale = normalize(raw)  # [M, 3]
+        with timer("downsample"):
+            sample_idx = sample_indices(normed_raw, pre, method)  # [N]
+            points = np.ascontiguousarray(normed_raw[sample_idx])  # [N, 3]
+    else:
+        with timer("downsample"):
+            sample_idx = sample_indices(raw, pre, method)  # [N]
+        with timer("normalize"):
+            points, centre, scale = normalize(raw[sample_idx])  # [N, 3]
+    if not group:
+        return Prepared(raw_points=raw, sample_idx=sample_idx, points=points, origin=centre, scale=float(scale))
+    with timer("fps"):
+        center_idx = fps(points, enc.num_group, pre.fps_start)  # [G]
+    with timer("group"):
+        center = points[center_idx]  # [G, 3]
+        patch_idx, _ = knn(points, center, enc.group_size)  # [G, K]
+        neighborhood = neighborhoods(points, patch_idx, center, enc.in_channels, pre.rgb_fill)  # [G, K, C]
+    return Prepared(raw_points=raw, sample_idx=sample_idx, points=points, origin=centre, scale=float(scale),
+                    center_idx=center_idx, patch_idx=patch_idx, neighborhood=neighborhood, center=center)
+
+
+def engine_batch(prepared: list[Prepared], fixed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """-> (neighborhood [B, G, K, C], center [B, G, 3]) of the scans; a graph with a fixed batch
+    ``fixed`` > B gets copies of the first scan as padding (their outputs are ignored)."""
+    neighborhood = np.stack([p.neighborhood for p in prepared])
+    center = np.stack([p.center for p in prepared])
+    if fixed and len(prepared) < fixed:
+        return pad_batch(neighborhood, fixed), pad_batch(center, fixed)
+    return neighborhood, center
+
+
+def pad_batch(array: np.ndarray, size: int) -> np.ndarray:
+    """[B, ...] -> [size, ...] with copies of row 0 appended (B <= size)."""
+    return np.concatenate([array, np.repeat(array[:1], size - len(array), 0)]) if len(array) < size else array
+
+
+def propagate(patch_probs: np.ndarray, prepared: Prepared, cfg: BTPConfig) -> np.ndarray:
+    """Patch probabilities [G] -> scores of the N sampled points [N] (mean over the patches that
+    contain a point; points in no patch by ``scoring.uncovered_points``)."""
+    return propagate_patch_scores(patch_probs, prepared.patch_idx, prepared.center, prepared.points,
+                                  cfg.scoring.uncovered_points)
+
+
+def interpolate(sampled_scores: np.ndarray, prepared: Prepared, cfg: BTPConfig, *, exact: bool = False) -> np.ndarray:
+    """Scores of the N sampled points -> every raw point [M] in input order, in raw coordinates
+    (``scoring.raw_interpolation``). ``"nearest"`` runs as one k=1 tree query (``nearest_scores``)
+    unless ``exact``: then ties go to the lowest index (``interpolate_to_raw``, the rule of the
+    CUDA kernel)."""
+    if prepared.identity:
+        return np.asarray(sampled_scores, dtype=np.float32)
+    raw = prepared.raw_points
+    method = cfg.scoring.raw_interpolation
+    if method == "nearest" and not exact:
+        return nearest_scores(raw[prepared.sample_idx], sampled_scores, raw)
+    return interpolate_to_raw(raw[prepared.sample_idx], sampled_scores, raw, method=method)
+
+
+def scores_to_raw(patch_probs: np.ndarray, prepared: Prepared, cfg: BTPConfig, *, exact: bool = False,
+                  timer=_untimed) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of ``prepare``: patch probabilities [G] -> (sampled scores [N], raw scores [M])."""
+    with timer("propagate"):
+        sampled = propagate(patch_probs, prepared, cfg)
+    with timer("interpolate"):
+        raw = interpolate(sampled, prepared, cfg, exact=exact)
+    return sampled, raw

@@ -6,6 +6,12 @@
 #define BTP_WARP 32
 #define BTP_INDEX_NONE 0x7fffffff
 
+// nvcc brings INFINITY in with math.h; NVRTC (the cuda-python path) compiles without any
+// host headers, so define it from the IEEE bit pattern there.
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
 // Squared distance by the rule of btp.geometry (fps/knn): differences rounded to float32,
 // squares added left to right, (dx*dx + dy*dy) + dz*dz, NO fused multiply-add. The _rn
 // intrinsics are never contracted into an FMA by nvcc, whatever -fmad says.

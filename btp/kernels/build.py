@@ -130,6 +130,42 @@ def compile_fatbin(source_name: str, nvcc: str | None = None, archs=None) -> Pat
     return _atomic_build(target, build)
 
 
+NVRTC_FLAGS = ("-std=c++14", "--fmad=false")
+
+
+def compile_nvrtc(source_name: str, arch: int, nvrtc=None) -> bytes:
+    """btp/kernels/<source_name> -> cubin bytes for sm_<arch> by NVRTC (cuda-python's ``nvrtc``
+    module), cached by source hash, arch and NVRTC version. The distances use the _rn intrinsics,
+    which are never contracted into FMAs; ``--fmad=false`` keeps the rest as nvcc's build does."""
+    if nvrtc is None:
+        from btp.kernels.cuda_python import _bindings
+
+        nvrtc = _bindings()[1]
+    from btp.kernels.cuda_python import check
+
+    version = ".".join(str(v) for v in check(nvrtc.nvrtcVersion(), "nvrtcVersion"))
+    source = KERNEL_DIR / source_name
+    headers = [KERNEL_DIR / h for h in COMMON_HEADERS]
+    options = [*NVRTC_FLAGS, f"--gpu-architecture=sm_{arch}"]
+    key = source_hash([source, *headers], "nvrtc " + version, " ".join(options))
+    target = cache_dir() / "kernels" / key / f"{source.stem}.sm_{arch}.cubin"
+    if target.is_file():
+        return target.read_bytes()
+    prog = check(nvrtc.nvrtcCreateProgram(source.read_bytes(), source.name.encode(), len(headers),
+                                          [h.read_bytes() for h in headers], [h.name.encode() for h in headers]),
+                 "nvrtcCreateProgram")
+    status = nvrtc.nvrtcCompileProgram(prog, len(options), [o.encode() for o in options])
+    size = check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+    log = b" " * size
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    if int(status[0]) != 0:
+        raise RuntimeError(f"NVRTC {version} failed on {source} for sm_{arch}:\n{log.decode(errors='replace')}")
+    cubin = b" " * check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+    check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+    _atomic_build(target, lambda tmp: tmp.write_bytes(cubin))
+    return cubin
+
+
 def emu_library() -> Path:
     """Build (once per source hash) the CPU emulation of the kernels: btp_emu.so."""
     cxx = os.environ.get("CXX") or shutil.which("g++")

@@ -21,6 +21,7 @@ import numpy as np
 from btp.errors import NotAvailableError
 from btp.kernels import build
 from btp.kernels.launch import KERNEL_FILES, KERNELS, Launch
+from btp.kernels.ops import upload_target
 
 
 def gpu_unavailable_reason() -> str | None:
@@ -54,6 +55,8 @@ def _import_pycuda():
 class CudaDevice:
     """Buffers are pycuda GPUArrays; everything is enqueued on ``self.stream``."""
 
+    binding = "pycuda"
+
     def __init__(self, device_id: int = 0, *, stream: Any = None, nvcc: str | None = None) -> None:
         cuda, gpuarray = _import_pycuda()
         self._cuda, self._gpuarray = cuda, gpuarray
@@ -61,6 +64,7 @@ class CudaDevice:
         self.context = self.device.retain_primary_context()
         self.context.push()
         self.stream = stream if stream is not None else cuda.Stream()
+        self.stream_handle = int(self.stream.handle)
         major, minor = self.device.compute_capability()
         self.arch = major * 10 + minor
         self.name = f"cuda:{device_id} {self.device.name()} (sm_{self.arch})"
@@ -104,6 +108,9 @@ class CudaDevice:
     def empty(self, shape, dtype):
         return self._gpuarray.empty(tuple(shape), dtype=np.dtype(dtype))
 
+    def pointer(self, buf) -> int:
+        return int(buf.gpudata)
+
     def _stage(self, nbytes: int) -> np.ndarray:
         """A pinned host buffer of nbytes whose previous async copy has finished."""
         entry = self._staging.get(nbytes)
@@ -118,11 +125,7 @@ class CudaDevice:
         return self._staging[nbytes][1]
 
     def upload(self, array: np.ndarray, out=None):
-        host = np.ascontiguousarray(array)
-        if out is None:
-            out = self.empty(host.shape, host.dtype)
-        elif host.nbytes > out.nbytes or host.dtype != out.dtype:
-            raise ValueError(f"upload: {host.dtype} x {host.size} into a {out.dtype} buffer of {out.size}")
+        host, out = upload_target(self, array, out)
         if host.nbytes == 0:
             return out
         stage = self._stage(host.nbytes)
@@ -160,6 +163,15 @@ class CudaDevice:
 
     def synchronize(self) -> None:
         self.stream.synchronize()
+
+    def elapsed_ms(self, fn) -> float:
+        """CUDA-event milliseconds of the work fn() enqueues on the stream."""
+        start, end = self._cuda.Event(), self._cuda.Event()
+        start.record(self.stream)
+        fn()
+        end.record(self.stream)
+        end.synchronize()
+        return start.time_till(end)
 
     def close(self) -> None:
         """Pop the primary context this object pushed."""

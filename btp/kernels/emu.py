@@ -33,6 +33,7 @@ class EmuDevice:
     """Buffers are C-contiguous numpy arrays; launches run the kernel source on host threads."""
 
     name = "cuda-emulation"
+    binding = "emu"
 
     def __init__(self) -> None:
         self.lib = _library()
@@ -52,6 +53,12 @@ class EmuDevice:
             raise ValueError(f"upload: {flat.size} values into a buffer of {out.size}")
         out.reshape(-1)[:flat.size] = flat
         return out
+
+    def pointer(self, buf: np.ndarray) -> int:
+        return int(buf.ctypes.data)
+
+    def synchronize(self) -> None:
+        pass
 
     def download(self, buf: np.ndarray) -> np.ndarray:
         return np.array(buf, copy=True)

@@ -39,6 +39,19 @@ class Device(Protocol):
     def download(self, buf: Any) -> np.ndarray: ...
     def zero(self, buf: Any) -> None: ...
     def launch(self, kernel: str, launch: Launch, *args: Any) -> None: ...
+    def pointer(self, buf: Any) -> int: ...  # the buffer's device address (engine bindings)
+    def synchronize(self) -> None: ...
+
+
+def upload_target(dev: Device, array: np.ndarray, out: Any = None) -> tuple[np.ndarray, Any]:
+    """(contiguous host array, the buffer it goes into) for a GPU device's ``upload``: ``out`` or a
+    new buffer of the array's shape; refuses a buffer that is too small or of another dtype."""
+    host = np.ascontiguousarray(array)
+    if out is None:
+        return host, dev.empty(host.shape, host.dtype)
+    if host.nbytes > out.nbytes or host.dtype != out.dtype:
+        raise ValueError(f"upload: {host.dtype} x {host.size} into a {out.dtype} buffer of {out.size}")
+    return host, out
 
 
 class DeviceGroups(NamedTuple):

@@ -1,23 +1,22 @@
 """``GpuPreprocessor``: raw scan -> engine inputs -> scores back to points, all on one device.
 
-Data flow of one cloud (every arrow is a kernel on the device's stream; the only transfers
-are the raw upload and whatever the caller downloads at the end):
+Data flow of one scan (every arrow is a kernel on the device's stream; the only transfers are
+the raw upload and whatever the caller downloads at the end):
 
     raw [M, 3] --FPS(N, fps_start)--> sample_idx [N] --gather--> sampled [N, 3] (raw frame)
       --normalize--> normed [N, 3] (+ centre, scale) --FPS(G)+kNN(K)+gather--> neighborhood
       [1, G, K, C], center [1, G, 3]  (written straight into the engine's input buffers)
     engine patch scores [1, G] --scatter/mean--> point scores [1, N] --nearest--> raw scores [M]
 
-This is the CPU pipeline of btp.geometry with ``downsample(method="exact")`` (the FPS rule),
-``normalize``, ``group``, ``propagate_patch_scores`` and ``interpolate_to_raw("nearest")``,
-which tests/test_kernels_preprocess.py checks with the kernels under the CPU emulation. The
-raw-scan interpolation runs in the raw frame (sampled raw xyz vs raw xyz).
-Note: btp.runtime's CPU default ``downsample(method="auto")`` switches to bucket FPS above
-16384 raw points, whose indices differ from the exact rule; the GPU always runs the exact rule,
-so CPU/GPU parity on large scans needs ``method="exact"`` on the CPU side.
+It is the CPU chain ``btp.geometry.prepare`` with ``method="exact"`` (the FPS rule; a scan of
+M <= N points keeps all of them in input order) and ``scores_to_raw(exact=True)``;
+tests/test_kernels_preprocess.py checks it with the kernels under the CPU emulation, and
+``btp.runtime.Pipeline(preprocess="cuda-emu")`` runs it in the product's own path.
+The CPU chain's default ``method="auto"`` switches to bucket FPS above 16384 raw points, whose
+indices differ from the exact rule: CPU/GPU parity on large scans needs ``exact`` on the CPU.
 
-Torch-free. The device is any ``btp.kernels.ops.Device``: ``btp.kernels.cuda.CudaDevice`` (the
-default, pycuda) or ``btp.kernels.emu.EmuDevice``.
+Torch-free. The device is any ``btp.kernels.ops.Device`` (``btp.kernels.devices.open_device``:
+pycuda, cuda-python, or the emulation).
 """
 from __future__ import annotations
 
@@ -28,36 +27,23 @@ import numpy as np
 
 from btp.errors import NotAvailableError
 from btp.geometry.errors import DegenerateCloudError
+from btp.geometry.prepare import Prepared
 from btp.kernels import ops
 from btp.kernels.launch import BlockSizes, check_sizes
 
 
-@dataclass
-class DevicePrepared:
-    """Device buffers of one prepared cloud (B = 1)."""
+@dataclass(frozen=True, kw_only=True)
+class DeviceScan:
+    """Device buffers of one scan after ``GpuPreprocessor.prepare`` (B = 1)."""
 
     n_raw: int
-    n_points: int          # min(N, M): a scan with fewer than N points keeps all of them (FPS order)
+    n_points: int          # min(N, M): a scan of M <= N points keeps all of them
     raw_xyz: Any           # float32 [1, M, 3], raw frame
     sample_idx: Any        # int32 [1, N] into the raw scan
     sampled_xyz: Any       # float32 [1, N, 3], raw frame
     normed_xyz: Any        # float32 [1, N, 3], model frame
     centre_scale: Any      # float32 [1, 4]
     groups: ops.DeviceGroups
-
-
-@dataclass(frozen=True)
-class HostPrepared:
-    """What ``run`` returns: numpy arrays of one cloud."""
-
-    sample_idx: np.ndarray    # int64 [N]
-    normed: np.ndarray        # float32 [N, 3]
-    centre: np.ndarray        # float32 [3]
-    scale: float
-    center_idx: np.ndarray    # int64 [G]
-    patch_idx: np.ndarray     # int64 [G, K]
-    neighborhood: np.ndarray  # float32 [1, G, K, C]
-    center: np.ndarray        # float32 [1, G, 3]
 
 
 class GpuPreprocessor:
@@ -74,9 +60,9 @@ class GpuPreprocessor:
         if num_group > num_points:
             raise ValueError(f"num_group={num_group} > num_points={num_points}")
         if device is None:
-            from btp.kernels.cuda import CudaDevice
+            from btp.kernels.devices import open_device
 
-            device = CudaDevice()
+            device = open_device("auto")
         self.device = device
         self.num_points, self.num_group, self.group_size = num_points, num_group, group_size
         self.in_channels, self.rgb_fill, self.fps_start = in_channels, float(rgb_fill), int(fps_start)
@@ -99,20 +85,28 @@ class GpuPreprocessor:
         self._counts = dev.empty((1, n), np.int32)
         self._raw_capacity = 0
         self._wide_scratch: dict = {}  # the wide FPS's small buffers (raw scans >= fps_wide_from)
-        self._last: DevicePrepared | None = None
+        self._last: DeviceScan | None = None
 
-    @classmethod
-    def from_config(cls, cfg, **kwargs) -> "GpuPreprocessor":
-        """From a BTPConfig (btp/config.py). The kernels implement btp's own preprocessing rule only
-        (normalise after sampling, fixed FPS start, uncovered points -> nearest centre)."""
-        e, p = cfg.encoder, cfg.preprocess
+    @staticmethod
+    def check_config(cfg) -> None:
+        """NotAvailableError when the kernels cannot run this BTPConfig's rules: they implement
+        btp's own preprocessing (normalise after sampling, fixed FPS start, uncovered points ->
+        nearest centre, nearest-point interpolation)."""
+        p = cfg.preprocess
         unsupported = [f"{name}={value!r}" for name, value, ours in (
             ("preprocess.normalize", p.normalize, "unit_sphere"),
             ("preprocess.downsample_start", p.downsample_start, "fixed"),
-            ("scoring.uncovered_points", cfg.scoring.uncovered_points, "nearest_center")) if value != ours]
+            ("scoring.uncovered_points", cfg.scoring.uncovered_points, "nearest_center"),
+            ("scoring.raw_interpolation", cfg.scoring.raw_interpolation, "nearest")) if value != ours]
         if unsupported:
             raise NotAvailableError(f"the CUDA preprocessing does not implement {', '.join(unsupported)} "
                                     f"(model {cfg.name}); preprocess on the CPU")
+
+    @classmethod
+    def from_config(cls, cfg, **kwargs) -> "GpuPreprocessor":
+        """From a BTPConfig (btp/config.py); ``check_config`` says which ones it takes."""
+        cls.check_config(cfg)
+        e, p = cfg.encoder, cfg.preprocess
         return cls(p.num_points, e.num_group, e.group_size, e.in_channels, p.rgb_fill, p.fps_start, **kwargs)
 
     # ---- stages ------------------------------------------------------------------------------
@@ -127,11 +121,11 @@ class GpuPreprocessor:
             self._raw_capacity = cap
 
     def prepare(self, raw_points: np.ndarray, colors: np.ndarray | None = None,
-                out: ops.DeviceGroups | None = None) -> DevicePrepared:
-        """raw_points [M, 3] (M >= max(G, K)), colors [M, 3] in [0, 1] or None -> DevicePrepared.
+                out: ops.DeviceGroups | None = None) -> DeviceScan:
+        """raw_points [M, 3] (M >= max(G, K)), colors [M, 3] in [0, 1] or None -> DeviceScan.
 
-        N' = min(N, M) points are sampled (all M, in FPS order, for a scan smaller than N: as
-        btp.runtime.stages.downsample_points does).
+        N' = min(N, M) points are sampled (all M, in input order, for a scan of M <= N points:
+        the rule of btp.geometry.prepare.sample_indices).
 
         ``out``: DeviceGroups whose ``neighborhood`` / ``center`` are the engine's input buffers
         (other fields may be this object's own: pass ``self.groups_buffers()._replace(...)``).
@@ -152,8 +146,11 @@ class GpuPreprocessor:
         self._raw_buffers(n_raw)
         raw_dev = dev.upload(raw[None], out=self._raw)  # [1, M, 3] into the reused [1, cap, 3]
         n, c = min(self.num_points, n_raw), self.in_channels
-        ops.enqueue_fps(dev, raw_dev, 1, n_raw, n, self._start, out_idx=self._sample_idx,
-                        workspace=self._fps_ws_raw, blocks=blocks, scratch=self._wide_scratch)
+        if n_raw <= self.num_points:  # the one rule for small scans: all points, in input order
+            dev.upload(np.arange(n_raw, dtype=np.int32)[None], out=self._sample_idx)
+        else:
+            ops.enqueue_fps(dev, raw_dev, 1, n_raw, n, self._start, out_idx=self._sample_idx,
+                            workspace=self._fps_ws_raw, blocks=blocks, scratch=self._wide_scratch)
         ops.enqueue_gather(dev, raw_dev, self._sample_idx, 1, n_raw, n, 3, out=self._sampled, blocks=blocks)
         sampled_colors = None
         if colors is not None and c == 6:
@@ -169,15 +166,16 @@ class GpuPreprocessor:
         groups = ops.enqueue_group(dev, self._normed, sampled_colors, 1, n, self.num_group, self.group_size, c,
                                    self.rgb_fill, self._start, out=groups._replace(center_idx=self._groups.center_idx),
                                    fps_workspace=self._fps_ws_n, blocks=blocks)
-        self._last = DevicePrepared(n_raw, n, raw_dev, self._sample_idx, self._sampled, self._normed,
-                                    self._centre_scale, groups)
+        self._last = DeviceScan(n_raw=n_raw, n_points=n, raw_xyz=raw_dev, sample_idx=self._sample_idx,
+                                sampled_xyz=self._sampled, normed_xyz=self._normed, centre_scale=self._centre_scale,
+                                groups=groups)
         return self._last
 
     def groups_buffers(self) -> ops.DeviceGroups:
         """This object's own device buffers for the groups (to swap in engine inputs)."""
         return self._groups
 
-    def point_scores(self, patch_scores, prepared: DevicePrepared | None = None):
+    def point_scores(self, patch_scores, prepared: DeviceScan | None = None):
         """patch scores (device buffer [1, G]) -> point scores device buffer [1, N] (model frame)."""
         prep = prepared or self._require()
         return ops.enqueue_propagate(self.device, patch_scores, prep.groups.patch_idx, prep.groups.center,
@@ -185,46 +183,45 @@ class GpuPreprocessor:
                                      out=self._point_scores, sums=self._sums, counts=self._counts,
                                      blocks=self.blocks)
 
-    def raw_scores(self, point_scores, prepared: DevicePrepared | None = None):
+    def raw_scores(self, point_scores, prepared: DeviceScan | None = None):
         """point scores [1, N] (device) -> raw-scan scores device buffer [M] (nearest sampled point)."""
         prep = prepared or self._require()
         return ops.enqueue_interpolate_nearest(self.device, prep.sampled_xyz, point_scores, prep.n_points,
                                                prep.raw_xyz, prep.n_raw, out=self._raw_scores,
                                                blocks=self.blocks)
 
-    def _require(self) -> DevicePrepared:
+    def _require(self) -> DeviceScan:
         if self._last is None:
             raise RuntimeError("GpuPreprocessor: call prepare() first")
         return self._last
 
     # ---- numpy conveniences ------------------------------------------------------------------
 
-    def run(self, raw_points: np.ndarray, colors: np.ndarray | None = None) -> HostPrepared:
-        """prepare() and download: the runtime's preprocess stage with numpy out."""
-        prep = self.prepare(raw_points, colors)
-        dev = self.device
-        centre_scale = dev.download(prep.centre_scale)[0]
-        n = prep.n_points
+    def centre_scale(self, scan: DeviceScan | None = None) -> tuple[np.ndarray, float]:
+        """(centre float32 [3], scale) of a prepared scan; DegenerateCloudError when scale is 0."""
+        scan = scan or self._require()
+        centre_scale = self.device.download(scan.centre_scale)[0]
         if not centre_scale[3] > 0:
-            raise DegenerateCloudError(f"normalize: all {n} sampled points coincide (max radius 0); check the scan")
-        return HostPrepared(
-            sample_idx=dev.download(prep.sample_idx)[0, :n].astype(np.int64),
-            normed=dev.download(prep.normed_xyz)[0, :n],
-            centre=centre_scale[:3].copy(), scale=float(centre_scale[3]),
-            center_idx=dev.download(prep.groups.center_idx)[0].astype(np.int64),
-            patch_idx=dev.download(prep.groups.patch_idx)[0].astype(np.int64),
-            neighborhood=dev.download(prep.groups.neighborhood),
-            center=dev.download(prep.groups.center))
+            raise DegenerateCloudError(f"normalize: all {scan.n_points} sampled points coincide (max radius 0); "
+                                       "check the scan")
+        return centre_scale[:3].copy(), float(centre_scale[3])
 
-    def runtime_prepared(self, raw_points: np.ndarray):
-        """``run`` packed as btp.runtime.stages.Prepared (neighborhood [G, K, C], center [G, 3]), the
-        object Pipeline.prepare builds on the CPU: a drop-in for its preprocess stage."""
-        from btp.runtime.stages import Prepared
+    def download_prepared(self, scan: DeviceScan | None = None) -> Prepared:
+        """The device buffers of a prepared scan as the CPU chain's ``Prepared`` (numpy)."""
+        scan = scan or self._require()
+        dev, n = self.device, scan.n_points
+        centre, scale = self.centre_scale(scan)
+        return Prepared(
+            raw_points=dev.download(scan.raw_xyz)[0, :scan.n_raw],
+            sample_idx=dev.download(scan.sample_idx)[0, :n].astype(np.int64),
+            points=dev.download(scan.normed_xyz)[0, :n], origin=centre, scale=scale,
+            center_idx=dev.download(scan.groups.center_idx)[0].astype(np.int64),
+            patch_idx=dev.download(scan.groups.patch_idx)[0].astype(np.int64),
+            neighborhood=dev.download(scan.groups.neighborhood)[0], center=dev.download(scan.groups.center)[0])
 
-        raw = np.ascontiguousarray(np.asarray(raw_points, dtype=np.float32))
-        got = self.run(raw)
-        return Prepared(raw, got.sample_idx, got.normed, got.center_idx, got.patch_idx, got.neighborhood[0],
-                        got.center[0], got.centre, got.scale)
+    def run(self, raw_points: np.ndarray, colors: np.ndarray | None = None) -> Prepared:
+        """prepare() and download: the CPU chain's ``btp.geometry.prepare.prepare`` on the device."""
+        return self.download_prepared(self.prepare(raw_points, colors))
 
     def scores(self, patch_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """patch scores [G] of the last prepared cloud -> (point scores [N], raw scores [M])."""

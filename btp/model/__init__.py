@@ -1,6 +1,6 @@
 """The BTP model in PyTorch (point encoder, GFCM, MGFEM, prompt learner, scoring, losses, checkpoints).
 
-Imports are lazy so that `btp --help` (which imports btp.model.commands) does not import torch.
+Imports are lazy so that `btp --help` (which imports btp.cli.convert) does not import torch.
 """
 from __future__ import annotations
 

@@ -1,40 +1,57 @@
 """``Pipeline``: a raw scan in, an object score and a per-point anomaly map out (torch-free).
 
-Reads as its data flow, with a timing per stage (ms), like CUDA-PointPillars:
-
-    pre-processing   load -> sanitize -> downsample (N) -> normalize -> fps (G) -> group (K)
-    engine           model.onnx on the chosen backend: neighborhood [B,G,K,C], center [B,G,3]
-    post-processing  propagate (patch -> N points) -> interpolate (N -> raw M) -> object score
-
     pipe = Pipeline("model.onnx")                 # everything else comes from the ONNX metadata
     result = pipe(points)                         # [M, 3] array, PointCloud or a file path
     result.object_score, result.point_scores      # float, float32 [M] in the input's order
     results = pipe.run_batch(["a.pcd", "b.ply"])  # one engine call per batch
+
+Read top to bottom, ``prepare`` -> ``infer`` -> ``finish`` is the data flow of one scan, with a
+timing per stage (ms):
+
+    load (btp.io) -> the chain of btp.geometry.prepare: sanitize, downsample (N), normalize,
+    fps (G), group (K) -> engine (the backend: neighborhood [B,G,K,C], center [B,G,3] ->
+    patch_probs [B,G], object_score [B]) -> propagate (patch -> N points) -> interpolate
+    (N -> raw M points) -> Result
+
+With ``preprocess="cuda"`` / ``"cuda-emu"`` the chain runs as our kernels on the device instead
+(``btp.runtime.device.DeviceChain``: stages preprocess, engine, postprocess; one scan per engine call).
 """
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from btp.runtime import stages
+from btp.geometry.prepare import (
+    DOWNSAMPLE_METHODS, Prepared, check_scan, engine_batch, min_points, prepare, scores_to_raw,
+)
+from btp.io import PointCloud, read_point_cloud
 from btp.runtime.backends import make_backend
+from btp.runtime.device import DeviceChain, PreprocessError, resolve_preprocess
 from btp.runtime.metadata import read_model_meta
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Result:
     """Scores of one scan.
 
-    object_score  float                 alpha * global_prob + (1 - alpha) * mean(top patch probs)
-    point_scores  float32 [M]           per raw point, in the input's order (mean patch probability)
-    patch_probs   float32 [G]           per FPS patch
-    timings       {stage: ms}           load, sanitize, downsample, normalize, fps, group, engine,
-                                        propagate, interpolate, object (engine = the whole batch call)
-    points        float32 [M, 3]        the raw points the scores belong to
+    object_score    float          alpha * global_prob + (1 - alpha) * mean(top patch probs)
+    point_scores    float32 [M]    per raw point, in the input's order (mean patch probability)
+    patch_probs     float32 [G]    per FPS patch
+    timings         {stage: ms}    load, sanitize, downsample, normalize, fps, group, engine, propagate,
+                                   interpolate (cpu) or load, preprocess, engine, postprocess (cuda);
+                                   engine = the whole batch call
+    global_prob     float          the global head's probability (NaN if the graph has none)
+    points          float32 [M, 3] the raw points the scores belong to
+    sampled_idx     int64 [N]      the downsampled points (indices into points)
+    sampled_scores  float32 [N]    their scores before interpolation
+    row_mask        bool [R]       which rows of the file were kept (None = all)
     """
 
     object_score: float
@@ -46,9 +63,9 @@ class Result:
     path: Path | None = None
     batch_size: int = 1
     warnings: tuple[str, ...] = ()
-    sampled_idx: np.ndarray | None = field(default=None, repr=False)  # int64 [N] into points
-    sampled_scores: np.ndarray | None = field(default=None, repr=False)  # float32 [N] before interpolation
-    row_mask: np.ndarray | None = field(default=None, repr=False)  # bool [R]: file rows kept (None = all)
+    sampled_idx: np.ndarray | None = field(default=None, repr=False)
+    sampled_scores: np.ndarray | None = field(default=None, repr=False)
+    row_mask: np.ndarray | None = field(default=None, repr=False)
 
     def scores_per_row(self) -> np.ndarray:
         """float32 [R]: one score per row of the input file, NaN where a NaN/inf row was dropped."""
@@ -63,6 +80,105 @@ class Result:
         return float(sum(self.timings.values()))
 
 
+@dataclass(kw_only=True)
+class Job:
+    """One scan between loading and the engine: its prepared arrays (None when the chain runs on
+    the device), stage timings so far, source file, warnings and which file rows were kept."""
+
+    raw: np.ndarray
+    prep: Prepared | None
+    timings: dict[str, float]
+    path: Path | None = None
+    warnings: tuple[str, ...] = ()
+    row_mask: np.ndarray | None = None
+
+
+class Pipeline:
+    def __init__(self, model_path: str | Path, backend="ort-cpu", threads: int | None = None, *,
+                 preprocess: str = "auto", downsample: str = "auto", **backend_options):
+        """``backend``: ort-cpu | ort-cuda | ort-trt | trt, or a backend object (``run(neighborhood,
+        center) -> outputs``, e.g. the benchmarks' PyTorch row); ``threads``: intra-op threads (None = ORT's
+        default); ``preprocess``: auto | cpu | cuda | cuda-emu (btp.runtime.device); ``downsample``:
+        auto | exact | bucket | voxel for scans of more than N points (exact: the reference rules,
+        also for the interpolation's ties); ``backend_options`` go to the backend (e.g.
+        ``precision="fp16"`` for trt)."""
+        if downsample not in DOWNSAMPLE_METHODS:
+            raise PreprocessError(f"downsample={downsample!r}; choose one of {', '.join(DOWNSAMPLE_METHODS)}")
+        default_openmp_threads()
+        self.model_path = Path(model_path)
+        self.meta = read_model_meta(self.model_path)
+        self.cfg = self.meta.config
+        self.preprocess, self.preprocess_reason = resolve_preprocess(preprocess, self.cfg, downsample)
+        self.downsample = "exact" if self.preprocess != "cpu" else downsample
+        self.backend = backend if not isinstance(backend, str) else make_backend(
+            backend, self.model_path, self.meta, threads=threads, device_resident=self.preprocess == "cuda",
+            **backend_options)
+        self.device_chain = DeviceChain(self.cfg, self.backend, self.preprocess) if self.preprocess != "cpu" else None
+
+    def __call__(self, source) -> Result:
+        return self.run_batch([source])[0]
+
+    def run_batch(self, sources, batch_size: int | None = None) -> list[Result]:
+        """Score several scans; the engine sees them ``batch_size`` at a time (default: all, or the
+        model's fixed batch). Raises on the first bad input (btp-run skips bad files instead)."""
+        return self.infer([self.prepare(s) for s in sources], batch_size)
+
+    def prepare(self, source) -> Job:
+        """Read the scan and, on the CPU, run the chain up to the engine's inputs."""
+        t: dict[str, float] = {}
+        with _timed(t, "load"):
+            cloud, notes = load(source, self.cfg)
+        timer = partial(_timed, t)
+        if self.device_chain is not None:  # the kernels run in infer, one scan at a time
+            with timer("sanitize"):
+                raw, prep = check_scan(cloud.points, self.cfg, cloud.path), None
+        else:
+            prep = prepare(cloud.points, self.cfg, self.downsample, where=cloud.path, timer=timer)
+            raw = prep.raw_points
+        if len(raw) < self.cfg.preprocess.num_points:
+            notes.append(f"scan has {len(raw)} points, fewer than the model's N = {self.cfg.preprocess.num_points}: "
+                         "all of them were scored (patches cover more surface than in training)")
+        return Job(raw=raw, prep=prep, timings=t, path=cloud.path, warnings=tuple(notes), row_mask=cloud.row_mask)
+
+    def infer(self, jobs: list[Job], batch_size: int | None = None) -> list[Result]:
+        """The engine on the prepared jobs, ``batch_size`` at a time, then ``finish`` each one."""
+        if self.device_chain is not None:
+            return [self.finish_on_device(job) for job in jobs]
+        step = self.meta.batch or batch_size or max(len(jobs), 1)
+        step = min(step, getattr(self.backend, "max_batch", None) or step)  # a TensorRT profile's largest batch
+        results: list[Result] = []
+        for start in range(0, len(jobs), step):
+            chunk = jobs[start:start + step]
+            neighborhood, center = engine_batch([job.prep for job in chunk], self.meta.batch)
+            t_engine: dict[str, float] = {}
+            with _timed(t_engine, "engine"):
+                outputs = self.backend.run(neighborhood, center)
+            results += [self.finish(job, outputs, b, t_engine["engine"], len(chunk)) for b, job in enumerate(chunk)]
+        return results
+
+    def finish(self, job: Job, outputs: dict[str, np.ndarray], b: int, engine_ms: float, batch: int) -> Result:
+        """Row ``b`` of the engine's outputs -> scores of the sampled points -> of every raw point."""
+        t = dict(job.timings, engine=engine_ms)
+        patch_probs = np.asarray(outputs["patch_probs"][b], dtype=np.float32)  # [G]
+        sampled, point_scores = scores_to_raw(patch_probs, job.prep, self.cfg, exact=self.downsample == "exact",
+                                              timer=partial(_timed, t))  # [N], [M]
+        return _result(job, outputs, b, t, point_scores, job.prep.sample_idx, sampled, batch)
+
+    def finish_on_device(self, job: Job) -> Result:
+        """The whole chain of one scan on the device (btp.runtime.device.DeviceChain)."""
+        t = dict(job.timings)
+        got = self.device_chain.run(job.raw, partial(_timed, t))
+        return _result(job, got.outputs, 0, t, got.point_scores, got.sample_idx, got.sampled_scores, 1)
+
+
+def _result(job: Job, outputs, b: int, timings, point_scores, sample_idx, sampled_scores, batch: int) -> Result:
+    return Result(object_score=float(outputs["object_score"][b]), point_scores=point_scores,
+                  patch_probs=np.asarray(outputs["patch_probs"][b], dtype=np.float32), timings=timings,
+                  global_prob=float(outputs["global_prob"][b]) if "global_prob" in outputs else float("nan"),
+                  points=job.raw, path=job.path, batch_size=batch, warnings=job.warnings, sampled_idx=sample_idx,
+                  sampled_scores=sampled_scores, row_mask=job.row_mask)
+
+
 @contextmanager
 def _timed(timings: dict[str, float], stage: str):
     t0 = time.perf_counter()
@@ -70,102 +186,36 @@ def _timed(timings: dict[str, float], stage: str):
     timings[stage] = (time.perf_counter() - t0) * 1e3
 
 
-@dataclass
-class Job:
-    """One scan between pre-processing and the engine: its prepared arrays, stage timings, source."""
+def load(source, cfg) -> tuple[PointCloud, list[str]]:
+    """A path (any ``btp.io`` format), a ``PointCloud`` or an array [M, 3] -> (PointCloud, the
+    warnings ``btp.io`` raised, e.g. dropped NaN rows, as text). A file with fewer than max(G, K)
+    finite points fails (InvalidValuesError / TooFewPointsError, naming the file)."""
+    if isinstance(source, PointCloud):
+        return source, []
+    if not isinstance(source, (str, Path)):
+        return PointCloud(np.asarray(source)), []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cloud = read_point_cloud(source, min_points=min_points(cfg))
+    return cloud, [str(w.message) for w in caught]
 
-    prep: stages.Prepared
-    timings: dict[str, float]
-    path: Path | None = None
-    warnings: tuple[str, ...] = ()
-    row_mask: np.ndarray | None = None  # bool [R] from btp.io: which file rows were kept
+
+OPENMP_DEFAULT_THREADS = "1"
 
 
-class Pipeline:
-    def __init__(self, model_path: str | Path, backend: str = "ort-cpu", threads: int | None = None,
-                 downsample_method: str = "auto", **backend_options):
-        """``backend``: ort-cpu | ort-cuda | ort-trt | trt; ``threads``: intra-op threads (None = ORT's
-        default); ``backend_options`` go to the backend (e.g. ``precision="fp16"`` for trt).
-        OMP_NUM_THREADS (pykdtree's kNN/interpolation) defaults to 1 for the process when unset, so
-        OpenMP does not fight ORT's pool for the cores (``stages.default_openmp_threads``)."""
-        stages.default_openmp_threads()
-        self.model_path = Path(model_path)
-        self.meta = read_model_meta(self.model_path)
-        self.cfg = self.meta.config
-        self.engine = make_backend(backend, self.model_path, self.meta, threads=threads, **backend_options)
-        self.downsample_method = downsample_method
+def default_openmp_threads() -> bool:
+    """Set ``OMP_NUM_THREADS=1`` for this process when it is unset; -> whether it was set here.
 
-    def __call__(self, points) -> Result:
-        return self.run_batch([points])[0]
-
-    def run_batch(self, sources, batch_size: int | None = None) -> list[Result]:
-        """Score several scans; the engine sees them ``batch_size`` at a time (default: all, or the
-        model's fixed batch). Raises on the first bad input (btp-run uses prepare/infer/finish to
-        skip bad files instead)."""
-        jobs = [self.prepare(s) for s in sources]
-        return self.infer(jobs, batch_size)
-
-    # ---- pre-processing ------------------------------------------------------------------
-    def prepare(self, source) -> Job:
-        cfg, t = self.cfg, {}
-        with _timed(t, "load"):
-            if isinstance(source, (str, Path)):
-                cloud, notes = stages.read_with_warnings(source, cfg)
-            else:
-                cloud, notes = stages.load(source, cfg), []
-        with _timed(t, "sanitize"):
-            raw = stages.sanitize(cloud, cfg)  # [M, 3]
-        if cfg.preprocess.normalize == "unit_sphere_raw":  # the whole scan first, then sample it
-            with _timed(t, "normalize"):
-                normed_raw, centre, scale = stages.normalize_points(raw)  # [M, 3]
-            with _timed(t, "downsample"):
-                sample_idx = stages.downsample_points(normed_raw, cfg, self.downsample_method)  # [N]
-                points = normed_raw[sample_idx]  # [N, 3]
-        else:
-            with _timed(t, "downsample"):
-                sample_idx = stages.downsample_points(raw, cfg, self.downsample_method)  # [N]
-            with _timed(t, "normalize"):
-                points, centre, scale = stages.normalize_points(raw[sample_idx])  # [N, 3]
-        with _timed(t, "fps"):
-            center_idx = stages.fps_centres(points, cfg)  # [G]
-        with _timed(t, "group"):
-            patch_idx, neighborhood, center = stages.knn_group(points, center_idx, cfg)  # [G,K], [G,K,C], [G,3]
-        prep = stages.Prepared(raw, sample_idx, points, center_idx, patch_idx, neighborhood, center, centre, scale)
-        if len(sample_idx) < cfg.preprocess.num_points:
-            notes.append(f"scan has {len(raw)} points, fewer than the model's N = {cfg.preprocess.num_points}: "
-                         "all of them were scored (patches cover more surface than in training)")
-        return Job(prep, t, cloud.path, tuple(notes), cloud.row_mask)
-
-    # ---- engine + post-processing ----------------------------------------------------------
-    def infer(self, jobs: list[Job], batch_size: int | None = None) -> list[Result]:
-        fixed = self.meta.batch
-        step = fixed or batch_size or max(len(jobs), 1)
-        if getattr(self.engine, "max_batch", None):  # a TensorRT profile's largest batch
-            step = min(step, int(self.engine.max_batch))
-        results: list[Result] = []
-        for start in range(0, len(jobs), step):
-            chunk = jobs[start:start + step]
-            neighborhood = np.stack([j.prep.neighborhood for j in chunk])  # [B, G, K, C]
-            center = np.stack([j.prep.center for j in chunk])  # [B, G, 3]
-            if fixed and len(chunk) < fixed:  # a fixed-batch graph: pad with copies of the first scan
-                pad = fixed - len(chunk)
-                neighborhood = np.concatenate([neighborhood, np.repeat(neighborhood[:1], pad, 0)])
-                center = np.concatenate([center, np.repeat(center[:1], pad, 0)])
-            t_engine = {}
-            with _timed(t_engine, "engine"):
-                outputs = self.engine.run(neighborhood, center)
-            results += [self.finish(job, outputs, b, t_engine["engine"], len(chunk)) for b, job in enumerate(chunk)]
-        return results
-
-    def finish(self, job: Job, outputs: dict[str, np.ndarray], b: int, engine_ms: float, batch: int) -> Result:
-        t = dict(job.timings, engine=engine_ms)
-        patch_probs = np.asarray(outputs["patch_probs"][b], dtype=np.float32)  # [G]
-        with _timed(t, "propagate"):
-            sampled_scores = stages.propagate(patch_probs, job.prep, self.cfg)  # [N]
-        with _timed(t, "interpolate"):
-            point_scores = stages.interpolate(sampled_scores, job.prep, self.cfg)  # [M]
-        with _timed(t, "object"):
-            score = stages.object_score(outputs, b)
-        global_prob = float(outputs["global_prob"][b]) if "global_prob" in outputs else float("nan")
-        return Result(score, point_scores, patch_probs, t, global_prob, job.prep.raw_points, job.path, batch,
-                      job.warnings, job.prep.sample_idx, sampled_scores, job.row_mask)
+    The CPU chain's kNN and interpolation (pykdtree) run OpenMP threads, ONNX Runtime its own
+    intra-op pool: two pools on the same cores oversubscribe them. With one OpenMP thread the
+    2048-point e2e went 83.7 -> 45.1 ms at ORT's default threads on the shared 2-vCPU box (group
+    9.5 -> 1.3 ms; benchmarks/results/cpu-findings-2026-11-25.md, proposal 1); these queries are
+    ~1 ms at N = 2048, too small to gain from threads. An explicit OMP_NUM_THREADS is never
+    overridden (e.g. ``OMP_NUM_THREADS=2`` on a dedicated edge box for 400k-point scans).
+    OpenMP reads the variable when its runtime loads (the first pykdtree import), so this must
+    run before any kNN in the process: ``Pipeline`` calls it first thing in its constructor.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return False
+    os.environ["OMP_NUM_THREADS"] = OPENMP_DEFAULT_THREADS
+    return True

@@ -105,6 +105,7 @@ def result_doc(result: Result, pipeline: Pipeline, path: Path, threshold: float 
         "total_ms": round(result.total_ms, 3),
         "batch_size": result.batch_size,
         "backend": backend,
+        "preprocess": pipeline.preprocess,
         "model": {
             "path": str(pipeline.model_path),
             "name": meta.name,

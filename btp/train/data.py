@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from btp.config import BTPConfig
-from btp.geometry import fpfh_patches, group, normalize
-from btp.geometry.prepare import sample_points
+from btp.geometry import fpfh_patches, group, neighborhoods, normalize
+from btp.geometry.prepare import prepare
 from btp.io import load_mesh, sample_surface
 
 DATA_VERSION = 1
@@ -56,14 +56,6 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
     return q
 
 
-def with_colour(neigh_xyz: np.ndarray, cfg: BTPConfig) -> np.ndarray:
-    """[..., K, 3] centred xyz -> [..., K, C] with rgb = rgb_fill when C = 6."""
-    if cfg.encoder.in_channels == 3:
-        return neigh_xyz.astype(np.float32)
-    fill = np.full(neigh_xyz.shape[:-1] + (3,), cfg.preprocess.rgb_fill, np.float32)
-    return np.concatenate([neigh_xyz.astype(np.float32), fill], axis=-1)
-
-
 def pretrain_batch(pool: np.ndarray, shape_ids: np.ndarray, cfg: BTPConfig, rng: np.random.Generator,
                    rotate: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """One pre-training batch: (neighborhood [B,G,K,C], center [B,G,3]) from random subsets."""
@@ -76,17 +68,17 @@ def pretrain_batch(pool: np.ndarray, shape_ids: np.ndarray, cfg: BTPConfig, rng:
         pts = pts * rng.uniform(0.85, 1.15)
         pts, _, _ = normalize(pts)
         g = group(pts, cfg.encoder.num_group, cfg.encoder.group_size, start_idx=int(rng.integers(n)),
-                  in_channels=3)
-        neighs.append(with_colour(g.neighborhood[..., :3], cfg))
+                  rgb_fill=cfg.preprocess.rgb_fill, in_channels=cfg.encoder.in_channels)
+        neighs.append(g.neighborhood)
         centers.append(g.center)
     return np.stack(neighs), np.stack(centers).astype(np.float32)
 
 
 # ---- BTP samples ---------------------------------------------------------------------------
 
-@dataclass
-class Prepared:
-    """One preprocessed training cloud (what the runtime computes, plus labels and FPFH)."""
+@dataclass(frozen=True, kw_only=True)
+class TrainingSample:
+    """One training cloud through the runtime's chain, with its labels and FPFH targets."""
 
     points: np.ndarray  # [N, 3] float32, normalised
     labels: np.ndarray  # [N] int64 (1 = anomalous)
@@ -95,22 +87,20 @@ class Prepared:
     fpfh: np.ndarray  # [G, 33] float32
 
 
-def prepare(points: np.ndarray, labels: np.ndarray, cfg: BTPConfig) -> Prepared:
-    """Raw cloud [M,3] + labels [M] -> FPS to N, normalise, group, FPFH (the runtime's steps)."""
+def training_sample(points: np.ndarray, labels: np.ndarray, cfg: BTPConfig) -> TrainingSample:
+    """Raw cloud [M,3] + labels [M] -> the chain of btp.geometry.prepare + labels of the sampled
+    points + FPFH of every patch. Samples are stacked into [S, N, ...] arrays, so M >= N."""
     n = cfg.preprocess.num_points
-    pts = np.asarray(points, np.float32)
-    lab = np.asarray(labels, np.int64)
-    if pts.shape[0] < n:
-        raise ValueError(f"cloud has {pts.shape[0]} points < preprocess.num_points={n}")
-    sampled = sample_points(pts, cfg.preprocess)  # the runtime's rule (btp.geometry.prepare)
-    pts, lab = sampled.points, lab[sampled.sample_idx]
-    g = group(pts, cfg.encoder.num_group, cfg.encoder.group_size, start_idx=cfg.preprocess.fps_start,
-              in_channels=3)
-    return Prepared(points=pts.astype(np.float32), labels=lab, patch_idx=g.patch_idx.astype(np.int64),
-                    center=g.center.astype(np.float32), fpfh=fpfh_patches(pts, g.patch_idx, cfg.gfcm))
+    if len(points) < n:
+        raise ValueError(f"training cloud has {len(points)} points < preprocess.num_points={n} (samples are "
+                         "stacked at N points each)")
+    prep = prepare(points, cfg)
+    return TrainingSample(points=prep.points, labels=np.asarray(labels, np.int64)[prep.sample_idx],
+                          patch_idx=prep.patch_idx, center=prep.center,
+                          fpfh=fpfh_patches(prep.points, prep.patch_idx, cfg.gfcm))
 
 
-def stack_prepared(items: list[Prepared], object_labels, shape_ids) -> dict[str, np.ndarray]:
+def stack_samples(items: list[TrainingSample], object_labels, shape_ids) -> dict[str, np.ndarray]:
     return {
         "points": np.stack([p.points for p in items]),
         "labels": np.stack([p.labels for p in items]),
@@ -147,9 +137,8 @@ class BTPArrays:
 
     def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         pts, pidx, ctr = self.a["points"][i], self.a["patch_idx"][i], self.a["center"][i]
-        neigh = pts[pidx] - ctr[:, None, :]  # [G, K, 3]
         return {
-            "neighborhood": with_colour(neigh, self.cfg),  # [G, K, C]
+            "neighborhood": neighborhoods(pts, pidx, ctr, self.cfg.encoder.in_channels, self.cfg.preprocess.rgb_fill),
             "center": ctr,  # [G, 3]
             "patch_idx": pidx,  # [G, K]
             "points": pts,  # [N, 3]
@@ -214,11 +203,11 @@ def btp_samples(shapes, cfg: BTPConfig, per_shape: int, seed: int, cache_dir, *,
             if rotate:
                 rot = random_rotation(np.random.default_rng([sample_seed, 7]))
                 points = (points @ rot.T).astype(np.float32)
-            items.append(prepare(points, sample.labels, cfg))
+            items.append(training_sample(points, sample.labels, cfg))
             obj.append(sample.object_label)
             sid.append(s_i)
             if progress:
                 progress(1)
-    arrays = stack_prepared(items, obj, sid)
+    arrays = stack_samples(items, obj, sid)
     save_arrays(path, arrays)
     return arrays

@@ -7,7 +7,11 @@ the ONNX output names. ``make_backend`` picks one by name; heavy imports happen 
 | ort-cpu  | ONNX Runtime, CPUExecutionProvider            | backends/ort.py             |
 | ort-cuda | ONNX Runtime, CUDAExecutionProvider           | backends/ort.py             |
 | ort-trt  | ONNX Runtime, TensorrtExecutionProvider       | backends/ort.py             |
-| trt      | TensorRT engine (+ CUDA pre/post kernels)     | backends/trt.py (GPU work)  |
+| trt      | TensorRT engine                               | backends/trt.py             |
+
+A backend that also has ``device``, ``input_buffers()`` and ``enqueue(batch)`` (trt, and ort-cuda
+made with ``device_resident=True``) takes its inputs from device buffers our kernels write and
+leaves its outputs on the device (``btp.runtime.device.DeviceChain``).
 """
 from __future__ import annotations
 
@@ -31,14 +35,17 @@ class Backend(Protocol):
     def run(self, neighborhood: np.ndarray, center: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
-def make_backend(name: str, model_path: str | Path, meta, *, threads: int | None = None, **options) -> Backend:
+def make_backend(name: str, model_path: str | Path, meta, *, threads: int | None = None,
+                 device_resident: bool = False, **options) -> Backend:
     """The backend called ``name`` for ``model_path`` (``meta``: its ``ModelMeta``).
 
+    ``device_resident``: ort-cuda binds its inputs/outputs to device buffers (trt always does);
     ``options`` go to the backend's constructor (e.g. ``precision="fp16"`` for trt)."""
     if name in ("ort-cpu", "ort-cuda", "ort-trt"):
         from btp.runtime.backends.ort import OrtBackend
 
-        return OrtBackend(model_path, meta, provider=name, threads=threads, **options)
+        return OrtBackend(model_path, meta, provider=name, threads=threads,
+                          device_resident=device_resident and name == "ort-cuda", **options)
     if name == "trt":
         try:
             from btp.runtime.backends import trt

@@ -6,8 +6,10 @@ no spinning of idle workers (they would take the cores from the pre/post-process
 pre/post-processing's own OpenMP pool (pykdtree) gets OMP_NUM_THREADS=1 unless set
 (``btp.runtime.stages.default_openmp_threads``, called by ``Pipeline``), so the two pools do not
 oversubscribe the cores.
-On CUDA the outputs are bound with IO binding to pre-allocated host buffers; on CPU a plain
-``session.run`` is already zero-copy for numpy inputs, so binding would only add calls.
+On CUDA the inputs and outputs go through IO binding; on CPU a plain ``session.run`` is already
+zero-copy for numpy inputs, so binding would only add calls. ``device_resident=True`` (ort-cuda,
+``Pipeline(preprocess="cuda")``): inputs and outputs are bound to buffers on our kernels' device
+(``input_buffers()`` / ``enqueue(1)``, the TensorRT backend's contract), one scan per call.
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ def session_options(threads: int | None):
 class OrtBackend:
     """``run(neighborhood [B,G,K,C], center [B,G,3]) -> {output name: array}`` with ONNX Runtime."""
 
-    def __init__(self, model_path: str | Path, meta=None, *, provider: str = "ort-cpu", threads: int | None = None):
+    def __init__(self, model_path: str | Path, meta=None, *, provider: str = "ort-cpu", threads: int | None = None,
+                 device_resident: bool = False):
         import onnxruntime as ort
 
         if provider not in PROVIDERS:
@@ -63,6 +66,37 @@ class OrtBackend:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_names = [i.name for i in self.session.get_inputs()]
         self._use_binding = provider != "ort-cpu"
+        self.device = None
+        if device_resident:
+            self._bind_device(meta)
+
+    # ---- device-resident path (ort-cuda) ---------------------------------------------------------
+
+    def _bind_device(self, meta) -> None:
+        from btp.kernels.devices import open_device
+
+        if self.name != "ort-cuda" or meta is None:
+            raise BackendError(f"device-resident buffers need ort-cuda and the model's metadata (got {self.name})")
+        self.device = open_device("auto")
+        shapes = {**meta.io.get("inputs", {}), **meta.io.get("outputs", {})}
+        self._device_buffers = {name: self.device.empty([1 if d == "B" else int(d) for d in spec["shape"]], np.float32)
+                                for name, spec in shapes.items() if name in (*self.input_names, *self.output_names)}
+
+    def input_buffers(self) -> dict:
+        """Device buffers (batch 1) the kernels write neighborhood / center into."""
+        return {name: self._device_buffers[name] for name in self.input_names}
+
+    def enqueue(self, batch: int) -> dict:
+        """Run on the bound device buffers (batch 1); -> the output device buffers."""
+        if batch != 1:
+            raise ValueError("the device-resident ort-cuda path runs one scan per call")
+        self.device.synchronize()  # the kernels wrote the inputs on our stream; ORT runs on its own
+        binding = self.session.io_binding()
+        for name, buf in self._device_buffers.items():
+            bind = binding.bind_input if name in self.input_names else binding.bind_output
+            bind(name, "cuda", 0, np.float32, list(buf.shape), self.device.pointer(buf))
+        self.session.run_with_iobinding(binding)  # returns when the outputs are written
+        return {name: self._device_buffers[name] for name in self.output_names}
 
     def run(self, neighborhood: np.ndarray, center: np.ndarray) -> dict[str, np.ndarray]:
         feeds = {"neighborhood": np.ascontiguousarray(neighborhood, dtype=np.float32),

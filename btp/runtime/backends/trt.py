@@ -2,16 +2,17 @@
 
 The backend contract (docs/design.md): ``name`` and ``run(neighborhood float32 [B,G,K,C],
 center float32 [B,G,3]) -> dict[str, np.ndarray]`` keyed by the ONNX output names. The engine
-comes from btp.export.tensorrt.cached_engine: reused when its manifest matches this GPU,
+comes from btp.runtime.tensorrt.cached_engine: reused when its manifest matches this GPU,
 TensorRT version, model hash and options, built otherwise (never loaded blindly).
 
-GPU-resident use with btp.kernels.GpuPreprocessor: ``backend.device`` is the CudaDevice whose
-stream carries preprocessing, engine and postprocessing; ``input_buffers(batch)`` gives the
-device buffers GpuPreprocessor.prepare(out=...) writes into, and ``enqueue(batch)`` runs the
-engine on them and returns the device output buffers - no host round trip in between.
+Device-resident use (``btp.runtime.device.DeviceChain``, ``Pipeline(preprocess="cuda")``):
+``backend.device`` is the kernels' device (pycuda or cuda-python, ``btp.kernels.devices``) whose
+stream carries preprocessing, engine and postprocessing; ``input_buffers()`` gives the device
+buffers our kernels write the engine inputs into, and ``enqueue(batch)`` runs the engine on them
+and returns the device output buffers - no host round trip in between.
 
-TensorRT and pycuda are imported lazily (``[gpu]`` extra); without them the constructor raises
-NotAvailableError naming what is missing.
+TensorRT is imported lazily (``[gpu]`` extra); without it, or without a CUDA binding, the
+constructor raises NotAvailableError naming what is missing.
 """
 from __future__ import annotations
 
@@ -29,15 +30,13 @@ class TensorRTBackend:
     def __init__(self, model_path: str | Path, meta: Any = None, *, precision: str = "fp16",
                  batch: tuple[int, int, int] = (1, 1, 4), workspace_mb: int = 2048,
                  cache_dir: str | Path | None = None, device: Any = None, log=None) -> None:
-        from btp.export import tensorrt as trt_export
+        from btp.kernels.devices import open_device
+        from btp.runtime import tensorrt as trt_export
 
-        trt = trt_export._import_trt()  # NotAvailableError with the reason when absent
-        from btp.kernels.cuda import CudaDevice
-
+        trt = trt_export.import_tensorrt()  # NotAvailableError with the reason when absent
         self._trt = trt
-        self.meta = meta  # the runtime's ModelMeta (unused here: the engine reads model.onnx itself)
         self.model_path = Path(model_path)
-        self.device = device if device is not None else CudaDevice()
+        self.device = device if device is not None else open_device("auto")
         log = log or (lambda line: None)
         result = trt_export.cached_engine(self.model_path, precision=precision, batch=batch,
                                           workspace_mb=workspace_mb, cache_dir=cache_dir, log=log)
@@ -68,9 +67,9 @@ class TensorRTBackend:
             self._buffers[name] = self.device.empty(shape, trt.nptype(self.engine.get_tensor_dtype(name)))
 
     def _deserialize(self, plan: bytes, log):
-        from btp.export.tensorrt import _Logger
+        from btp.runtime.tensorrt import TrtLogger
 
-        self._runtime = self._trt.Runtime(_Logger(self._trt, log))
+        self._runtime = self._trt.Runtime(TrtLogger(self._trt, log))
         return self._runtime.deserialize_cuda_engine(plan)
 
     # ---- device-resident path -------------------------------------------------------------------
@@ -88,8 +87,8 @@ class TensorRTBackend:
             full = self._buffers[name].shape
             self.context.set_input_shape(name, (batch, *full[1:]))
         for name, buf in self._buffers.items():
-            self.context.set_tensor_address(name, int(buf.gpudata))
-        if not self.context.execute_async_v3(self.device.stream.handle):
+            self.context.set_tensor_address(name, self.device.pointer(buf))
+        if not self.context.execute_async_v3(self.device.stream_handle):
             raise RuntimeError(f"{self.plan_path}: TensorRT execute_async_v3 failed")
         return {name: self._buffers[name] for name in self.output_names}
 
@@ -107,6 +106,3 @@ class TensorRTBackend:
         outputs = self.enqueue(batch)
         return {name: self.device.download(buf)[:batch] for name, buf in outputs.items()}
 
-
-# the name btp.runtime.backends.make_backend looks up
-TrtBackend = TensorRTBackend

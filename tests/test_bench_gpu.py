@@ -1,4 +1,4 @@
-"""The GPU report writer of btp.kernels.gpubench (pure parts; the timing needs a GPU) and the
+"""The GPU report writer of btp.benchmarks.gpu (pure parts; the timing needs a GPU) and the
 PyTorch FPS reference it times against (run on the CPU here: same rule as btp.geometry)."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from btp.kernels import gpubench
+from btp.benchmarks import gpu as gpubench
 
 
 def test_summarize_median_p90():

@@ -38,6 +38,13 @@ def run(
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: ORT's)."),
     report: str = typer.Option("none", "--report", help="html: also write OUT/report.html (sortable table, "
                                "three-view heat maps, 3D views; implies --heatmap png) | none."),
+    preprocess: str = typer.Option("auto", "--preprocess", help="auto | cpu | cuda | cuda-emu: where downsampling, "
+                                   "FPS, kNN and the scores' way back run (auto: our CUDA kernels where a GPU and a "
+                                   "CUDA binding are usable, else the CPU; `btp doctor` says which; cuda-emu: the "
+                                   "kernels' source emulated on the CPU, slow, for checks)."),
+    downsample: str = typer.Option("auto", "--downsample", help="auto | exact | bucket | voxel: how a scan of more "
+                                   "than N points is reduced to N on the CPU (exact: the reference FPS and tie "
+                                   "rules, as the CUDA kernels run them)."),
 ) -> None:
     """Score point clouds: per scan an object score (+ decision), <stem>.npy with one score per input
     point (file order), a heat-mapped <stem>.ply and optionally a <stem>.png (three views).
@@ -60,7 +67,7 @@ def run(
     if report == "html" and "png" not in heatmaps:
         heatmaps = tuple(h for h in heatmaps if h != "none") + ("png",)
     try:
-        pipeline = Pipeline(model, backend=backend, threads=threads)
+        pipeline = Pipeline(model, backend=backend, threads=threads, preprocess=preprocess, downsample=downsample)
         source = "--threshold"
         if threshold is None:
             sidecar = find_threshold(model)
@@ -70,6 +77,8 @@ def run(
     except (BTPError, CalibrationError, ValueError, OSError) as exc:
         console.print(f"[red]btp run: {exc}")
         raise typer.Exit(code=2) from None
+    if preprocess != "cpu":
+        console.print(f"btp run: preprocessing on {pipeline.preprocess} ({pipeline.preprocess_reason})")
     if pipeline.meta.model.get("fresh_init"):
         console.print("[yellow]btp run: this model.onnx holds a freshly initialised, UNTRAINED model: "
                       "its scores carry no meaning")
@@ -159,7 +168,7 @@ def demo(
     """The main job on shipped samples: export the default model to ONNX (cached), make sample scans
     with synthetic defects from the meshes in btp/data, score them with the btp-run code path,
     print a table and write heat maps."""
-    from btp.runtime.demo import run_demo
+    from btp.cli.demo import run_demo
 
     raise typer.Exit(code=run_demo(out, model=model, backend=backend, png=png))
 

@@ -248,34 +248,6 @@ def render(
 
 
 @app.command()
-def whatif(
-    model: Path = typer.Argument(..., exists=True, dir_okay=False, help="model.onnx (from btp-export)"),
-    variants: str = typer.Option("default,omp1,nospin,omp1+nospin,omp1+nospin+nearest1,omp1+nearest1+thin,ort1,"
-                                 "split-concat-conv",
-                                 help="variants to run (see btp/benchmarks/whatif.py)"),
-    points: str = typer.Option("2048,400000", help="raw-scan sizes"),
-    warmup: float = typer.Option(0.5, help="warm-up seconds per row"),
-    duration: float = typer.Option(3.0, help="timed seconds per row"),
-    threads: Optional[int] = typer.Option(None, help="ORT intra-op threads"),
-    tag: str = typer.Option("", help="suffix for the report's file name (e.g. threads1)"),
-    out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
-) -> None:
-    """Measured prototypes of runtime changes (thread settings, ORT spinning, a plain nearest interpolation)."""
-    from btp.benchmarks import report as rep
-    from btp.benchmarks.whatif import VARIANTS, run_whatif, whatif_markdown
-
-    names = _names(variants)
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise typer.BadParameter(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    data = run_whatif(model, variants=names, points=_ints(points, "--points"), warmup=warmup, duration=duration,
-                      threads=threads, progress=_say)
-    base = Path(out or rep.RESULTS_DIR) / (rep.stem("whatif", data["machine"]) + (f"-{tag}" if tag else ""))
-    _print_paths([rep.write_json(base.with_suffix(".json"), data),
-                  rep.write_text(base.with_suffix(".md"), whatif_markdown(data))])
-
-
-@app.command()
 def table(
     results: Path = typer.Option(None, help="results folder (default benchmarks/results/)"),
     out: Path = typer.Option(None, help="output (default <results>/README-table.md)"),

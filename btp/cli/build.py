@@ -1,4 +1,4 @@
-"""`btp build` (owned by the GPU/TensorRT work: btp.export.tensorrt)."""
+"""`btp build` (owned by the GPU/TensorRT work: btp.runtime.tensorrt)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,7 +21,7 @@ def build(
 ) -> None:
     """Build a TensorRT engine from model.onnx (engine cache keyed by GPU + TensorRT + model hash)."""
     from btp.errors import NotAvailableError
-    from btp.export import tensorrt as trt_export
+    from btp.runtime import tensorrt as trt_export
 
     def fail(message: str) -> None:
         typer.echo(f"btp build: {message}", err=True)

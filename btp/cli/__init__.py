@@ -1,4 +1,6 @@
-"""The `btp` command line: one typer app; each area owns its commands in `btp/<area>/commands.py`.
+"""The `btp` command line: one typer app; the commands of each area live in `btp/cli/<area>.py`
+(run, calibrate, report, demo in run.py/demo.py; doctor in doctor.py; bench, build, convert, eval,
+export, train), the top floor of the package: they may import everything below them.
 
 Heavy imports (torch, onnxruntime, open3d) happen inside the commands, so `btp --help` is instant
 and the torch-free commands run without torch installed.
@@ -7,14 +9,14 @@ from __future__ import annotations
 
 import typer
 
-from btp.benchmarks import commands as bench_commands
-from btp.eval import commands as eval_commands
-from btp.export import commands as export_commands
-from btp.export import trt_commands
-from btp.kernels import commands as kernel_commands
-from btp.model import commands as model_commands
-from btp.runtime import commands as runtime_commands
-from btp.train import commands as train_commands
+from btp.cli import bench as bench_commands
+from btp.cli import build as trt_commands
+from btp.cli import convert as model_commands
+from btp.cli import doctor as kernel_commands
+from btp.cli import eval as eval_commands
+from btp.cli import export as export_commands
+from btp.cli import run as runtime_commands
+from btp.cli import train as train_commands
 
 app = typer.Typer(
     name="btp",

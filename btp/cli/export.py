@@ -1,4 +1,4 @@
-"""`btp export` / `btp-export` (owned by btp.export; `btp build` is in trt_commands.py).
+"""`btp export` / `btp-export` (`btp build` is in btp/cli/build.py).
 
 torch / onnx are imported inside the command, so `btp --help` stays instant.
 """
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from btp.export.formats import formats_help
+from btp.export.formats import FORMATS_HELP
 
 
 def export(
@@ -141,4 +141,4 @@ def serve(
         stop_server(proc)
 
 
-export.__doc__ = (export.__doc__ or "") + formats_help() + "."
+export.__doc__ = (export.__doc__ or "") + FORMATS_HELP + "."

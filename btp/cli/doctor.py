@@ -1,4 +1,5 @@
-"""`btp doctor [--gpu]` (owned by btp.kernels): what this machine can run, and why not."""
+"""`btp doctor [--gpu]`: what this machine can run, and why not (GPU, CUDA bindings, kernels,
+TensorRT, ONNX Runtime, and which preprocessing `btp-run --preprocess auto` takes)."""
 from __future__ import annotations
 
 import platform
@@ -25,7 +26,7 @@ def _version(module: str) -> str | None:
 def collect_checks(gpu: bool = False) -> list[Check]:
     """The doctor's findings, in order. gpu=True also runs the kernels on the GPU against btp.geometry."""
     from btp.kernels import build
-    from btp.kernels.cuda import gpu_unavailable_reason
+    from btp.kernels.devices import gpu_identity, gpu_unavailable_reason, unavailable_reasons
 
     checks = [Check("python", None, f"{platform.python_version()} on {platform.machine()} ({platform.system()})")]
     import numpy
@@ -49,18 +50,17 @@ def collect_checks(gpu: bool = False) -> list[Check]:
         checks.append(Check("kernel emulation (g++)", True, f"built {build.emu_library().name}"))
     except Exception as exc:  # noqa: BLE001
         checks.append(Check("kernel emulation (g++)", False, str(exc).splitlines()[0]))
+    for binding, why in unavailable_reasons().items():
+        checks.append(Check(f"CUDA binding {binding}", why is None, why or "usable"))
     reason = gpu_unavailable_reason()
     if reason:
-        checks.append(Check("CUDA GPU (pycuda)", False, reason))
+        checks.append(Check("CUDA GPU", False, reason))
     else:
-        import pycuda.driver as cuda
-
-        dev = cuda.Device(0)
-        major, minor = dev.compute_capability()
-        driver = cuda.get_driver_version()
-        checks.append(Check("CUDA GPU (pycuda)", True, f"{dev.name()} sm_{major}{minor}, driver CUDA "
-                                                       f"{driver // 1000}.{driver % 1000 // 10}, {dev.total_memory() >> 20} MiB"))
-    from btp.export.tensorrt import tensorrt_unavailable_reason
+        name, arch = gpu_identity(0)
+        checks.append(Check("CUDA GPU", True, f"{name} sm_{arch.replace('.', '')}"))
+    checks.append(Check("preprocess auto", None, "cuda (our kernels on the GPU) for models btp's kernels implement"
+                        if reason is None else f"cpu: {reason}"))
+    from btp.runtime.tensorrt import tensorrt_unavailable_reason
 
     trt_reason = tensorrt_unavailable_reason()
     checks.append(Check("TensorRT", trt_reason is None, trt_reason or f"tensorrt {_version('tensorrt')}"))
@@ -83,10 +83,10 @@ def _gpu_smoke() -> Check:
 
     from btp import geometry
     from btp.kernels import ops
-    from btp.kernels.cuda import CudaDevice
+    from btp.kernels.devices import open_device
 
     try:
-        dev = CudaDevice()
+        dev = open_device("auto")
         points = np.random.default_rng(0).normal(size=(2048, 3)).astype(np.float32)
         got = ops.group(dev, points, 512, 32, start_idx=0)
         ref = geometry.group(points, 512, 32, start_idx=0)
@@ -115,7 +115,7 @@ def doctor(gpu: bool = typer.Option(False, "--gpu", help="also run the CUDA kern
         table.add_row(c.name, status, escape(c.detail))
     Console().print(table)
     if gpu:
-        gpu_check = next(c for c in checks if c.name == "CUDA GPU (pycuda)")
+        gpu_check = next(c for c in checks if c.name == "CUDA GPU")
         if not gpu_check.ok:
             typer.echo(f"btp doctor --gpu: no usable GPU: {gpu_check.detail}", err=True)
             raise typer.Exit(code=2)

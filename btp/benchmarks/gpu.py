@@ -1,6 +1,6 @@
 """GPU check + benchmark behind benchmarks/gpu_check.sh: run it on any NVIDIA machine.
 
-    python -m btp.kernels.gpubench --out benchmarks/results [--sizes 2048,40000,400000,2000000]
+    python -m btp.benchmarks.gpu --out benchmarks/results [--sizes 2048,40000,400000,2000000]
 
 For each N (points sampled from a real mesh, tests' shapes): our kernels (FPS, kNN grouping,
 the whole GpuPreprocessor, score propagation + interpolation) timed with CUDA events (median
@@ -36,22 +36,12 @@ def summarize(times_ms: list[float]) -> dict[str, float]:
             "min_ms": round(ordered[0], 4), "iters": len(ordered)}
 
 
-def time_pycuda(fn: Callable[[], Any], stream, warmup: int, iters: int) -> dict[str, float]:
-    """CUDA-event time of fn() enqueued on ``stream`` (pycuda)."""
-    import pycuda.driver as cuda
-
+def time_device(fn: Callable[[], Any], dev, warmup: int, iters: int) -> dict[str, float]:
+    """CUDA-event time of fn() enqueued on the device's stream (pycuda or cuda-python)."""
     for _ in range(warmup):
         fn()
-    stream.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = cuda.Event(), cuda.Event()
-        start.record(stream)
-        fn()
-        end.record(stream)
-        end.synchronize()
-        times.append(start.time_till(end))
-    return summarize(times)
+    dev.synchronize()
+    return summarize([dev.elapsed_ms(fn) for _ in range(iters)])
 
 
 def time_torch(fn: Callable[[], Any], warmup: int, iters: int) -> dict[str, float]:
@@ -83,11 +73,12 @@ def real_cloud(shapes_root: Path, n: int) -> np.ndarray:
 def bench_kernels(sizes, shapes_root: Path, warmup: int, iters: int) -> list[dict[str, Any]]:
     from btp import geometry
     from btp.config import btp_mini_config
+    from btp.geometry.prepare import sample_indices
     from btp.kernels import ops
-    from btp.kernels.cuda import CudaDevice
+    from btp.kernels.devices import open_device
     from btp.kernels.preprocess import GpuPreprocessor
 
-    dev = CudaDevice()
+    dev = open_device("auto")
     rows = []
     for n in sizes:
         points = real_cloud(shapes_root, n)
@@ -97,7 +88,7 @@ def bench_kernels(sizes, shapes_root: Path, warmup: int, iters: int) -> list[dic
         idx = dev.empty((1, s), np.int32)
         ws = dev.empty((1, n), np.float32)
         run_fps = lambda: ops.enqueue_fps(dev, pts, 1, n, s, start, out_idx=idx, workspace=ws)  # noqa: E731
-        t = time_pycuda(run_fps, dev.stream, warmup, iters)
+        t = time_device(run_fps, dev, warmup, iters)
         equal = bool(np.array_equal(dev.download(idx)[0], geometry.fps(points, s, 0)))
         rows.append({"op": f"FPS {n} -> {s}", "impl": "btp CUDA kernel", "n": n, **t, "equal_to_cpu": equal})
 
@@ -105,7 +96,7 @@ def bench_kernels(sizes, shapes_root: Path, warmup: int, iters: int) -> list[dic
         centers = dev.upload(np.ascontiguousarray(np.random.default_rng(0).choice(n, g, replace=False)[None], dtype=np.int32))
         out = ops.enqueue_knn_group(dev, pts, None, centers, 1, n, g, k, 6, 0.5)
         run_knn = lambda: ops.enqueue_knn_group(dev, pts, None, centers, 1, n, g, k, 6, 0.5, out=out)  # noqa: E731
-        t = time_pycuda(run_knn, dev.stream, warmup, iters)
+        t = time_device(run_knn, dev, warmup, iters)
         ref_idx, ref_d2 = geometry.knn(points, points[dev.download(centers)[0]], k)
         equal = bool(np.array_equal(dev.download(out.patch_idx)[0], ref_idx)
                      and np.array_equal(dev.download(out.patch_d2)[0], ref_d2))
@@ -113,17 +104,17 @@ def bench_kernels(sizes, shapes_root: Path, warmup: int, iters: int) -> list[dic
 
         cfg = btp_mini_config()
         pre = GpuPreprocessor.from_config(cfg, device=dev)
-        t = time_pycuda(lambda: pre.prepare(points), dev.stream, warmup, iters)
+        t = time_device(lambda: pre.prepare(points), dev, warmup, iters)
         got = pre.run(points)
-        sample_idx = geometry.downsample(points, min(n, cfg.preprocess.num_points), 0, method="exact")
+        sample_idx = sample_indices(points, cfg.preprocess, "exact")
         normed, _, _ = geometry.normalize(points[sample_idx])
         ref = geometry.group(normed, cfg.encoder.num_group, cfg.encoder.group_size)
-        equal = bool(np.array_equal(got.sample_idx, sample_idx) and np.array_equal(got.neighborhood[0], ref.neighborhood))
+        equal = bool(np.array_equal(got.sample_idx, sample_idx) and np.array_equal(got.neighborhood, ref.neighborhood))
         rows.append({"op": f"preprocess raw {n} -> N 2048 -> G 256 x K 32 (incl. H2D)", "impl": "GpuPreprocessor",
                      "n": n, **t, "equal_to_cpu": equal})
 
         scores = dev.upload(np.random.default_rng(1).random((1, cfg.encoder.num_group), dtype=np.float32))
-        t = time_pycuda(lambda: pre.raw_scores(pre.point_scores(scores)), dev.stream, warmup, iters)
+        t = time_device(lambda: pre.raw_scores(pre.point_scores(scores)), dev, warmup, iters)
         rows.append({"op": f"propagate + interpolate to raw {n}", "impl": "btp CUDA kernel", "n": n, **t,
                      "equal_to_cpu": None})
     dev.close()
@@ -215,28 +206,49 @@ def tensorrt_check(warmup: int, iters: int) -> dict[str, Any]:
             backend = TensorRTBackend(model_path, None, precision=precision, cache_dir=Path(tmp) / "cache")
             got = backend.run(neighborhood, center)
             diffs = {name: float(np.abs(got[name] - ref[name]).max()) for name in got if name in ref}
-            t = time_pycuda(lambda: backend.enqueue(neighborhood.shape[0]), backend.device.stream, warmup, iters)
+            t = time_device(lambda: backend.enqueue(neighborhood.shape[0]), backend.device, warmup, iters)
             out[precision] = {"max_abs_diff_vs_ort_cpu": diffs, "engine": str(backend.plan_path.name), **t}
+    return out
+
+
+def pipeline_check(shapes_root: Path) -> dict[str, Any]:
+    """The product's path: Pipeline(preprocess="cuda") (our kernels around the engine) against
+    Pipeline(preprocess="cpu", downsample="exact") on real scans of 2048 and 40000 points (tiny
+    model, ORT CPU engine: the kernels' side is what is checked)."""
+    from btp.config import tiny_config
+    from btp.export.onnx import export_onnx, fresh_model
+    from btp.runtime import Pipeline
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path = Path(tmp) / "tiny.onnx"
+        export_onnx(fresh_model(tiny_config()), model_path)
+        gpu = Pipeline(model_path, preprocess="cuda")
+        cpu = Pipeline(model_path, preprocess="cpu", downsample="exact")
+        for n in (2048, 40000):
+            scan = real_cloud(shapes_root, n)
+            a, b = gpu(scan), cpu(scan)
+            out[str(n)] = {"max_abs_diff_point_scores": float(np.abs(a.point_scores - b.point_scores).max()),
+                           "object_score_diff": abs(a.object_score - b.object_score),
+                           "gpu_ms": {k: round(v, 3) for k, v in a.timings.items()}}
     return out
 
 
 def environment() -> dict[str, Any]:
     info: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(),
                             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    try:
-        import pycuda.driver as cuda
+    from btp.kernels.devices import gpu_identity, unavailable_reasons
 
-        cuda.init()
-        dev = cuda.Device(0)
-        major, minor = dev.compute_capability()
-        drv = cuda.get_driver_version()
-        info.update(device=dev.name(), compute_capability=f"{major}.{minor}",
-                    driver_cuda=f"{drv // 1000}.{drv % 1000 // 10}", memory_mib=dev.total_memory() >> 20)
+    try:
+        name, arch = gpu_identity(0)
+        info.update(device=name, compute_capability=arch)
     except Exception as exc:  # noqa: BLE001
         info["device"] = f"unavailable ({exc})"
-    for module in ("pycuda", "tensorrt", "torch", "onnxruntime"):
+    info["bindings"] = {binding: why or "usable" for binding, why in unavailable_reasons().items()}
+    for module in ("pycuda", "cuda.bindings", "tensorrt", "torch", "onnxruntime"):
         try:
-            info[module] = __import__(module).VERSION_TEXT if module == "pycuda" else __import__(module).__version__
+            mod = __import__(module, fromlist=["_"])
+            info[module] = getattr(mod, "VERSION_TEXT", None) or getattr(mod, "__version__", "?")
         except Exception:  # noqa: BLE001
             info[module] = None
     return info
@@ -252,16 +264,16 @@ def report_paths(out_dir: Path, device: str, date: str) -> tuple[Path, Path]:
 def render_markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
     lines = [f"# GPU check: {env.get('device')}", "",
-             f"{env.get('date')}; compute capability {env.get('compute_capability')}, driver CUDA "
-             f"{env.get('driver_cuda')}; pycuda {env.get('pycuda')}, TensorRT {env.get('tensorrt')}, "
+             f"{env.get('date')}; compute capability {env.get('compute_capability')}; pycuda {env.get('pycuda')}, "
+             f"cuda-python {env.get('cuda.bindings')} (bindings: {env.get('bindings')}), TensorRT {env.get('tensorrt')}, "
              f"torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')}.", "",
              "Latencies: CUDA events, median (p90) of the timed runs, warm-up runs excluded. "
              "`= CPU`: the output equals btp.geometry's exactly (indices, dist2, engine inputs).", "",
              "| op | impl | median ms | p90 ms | runs | = CPU |", "|---|---|---|---|---|---|"]
-    for row in result.get("kernels", []) + result.get("torch", []):
+    for row in (result.get("kernels") or []) + (result.get("torch") or []):
         eq = {True: "yes", False: "**NO**", None: "-"}[row.get("equal_to_cpu")]
         lines.append(f"| {row['op']} | {row['impl']} | {row['median_ms']:.3f} | {row['p90_ms']:.3f} | {row['iters']} | {eq} |")
-    for section in ("torch_cuda_model", "tensorrt"):
+    for section in ("pipeline", "torch_cuda_model", "tensorrt"):
         lines += ["", f"## {section}", "", "```", json.dumps(result.get(section), indent=2, sort_keys=True), "```"]
     if result.get("errors"):
         lines += ["", "## errors", ""] + [f"- {e}" for e in result["errors"]]
@@ -290,11 +302,17 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"environment": environment(), "errors": []}
     sections = [("kernels", lambda: bench_kernels(sizes, args.shapes, args.warmup, args.iters)),
                 ("torch", lambda: bench_torch(sizes, args.shapes, args.warmup, args.iters)),
+                ("pipeline", lambda: pipeline_check(args.shapes)),
                 ("torch_cuda_model", torch_cuda_model_check),
                 ("tensorrt", lambda: tensorrt_check(args.warmup, args.iters))]
+    from btp.errors import NotAvailableError
+
     for name, fn in sections:
         try:
             result[name] = fn()
+        except NotAvailableError as exc:  # e.g. no TensorRT on a machine with cuda-python only
+            result[name] = {"skipped": str(exc)}
+            print(f"[gpubench] {name} skipped: {exc}")
         except Exception as exc:  # noqa: BLE001 - record and go on: a partial report is still useful
             result[name] = None
             result["errors"].append(f"{name}: {type(exc).__name__}: {exc}")

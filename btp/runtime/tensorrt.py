@@ -33,6 +33,7 @@ from typing import Any, Iterable
 
 from btp.errors import BTPError, NotAvailableError
 from btp.io.files import file_sha256
+from btp.runtime.metadata import META_KEY, parse_metadata
 
 MANIFEST_FORMAT = "btp-trt-engine"
 MANIFEST_SCHEMA = 1
@@ -200,10 +201,8 @@ def read_onnx_io(model_path: str | os.PathLike) -> OnnxIO:
         for d in value.type.tensor_type.shape.dim:
             dims.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?"))
         inputs[value.name] = dims
-    meta = {}
-    for prop in model.metadata_props:
-        if prop.key == "btp":
-            meta = json.loads(prop.value)
+    props = {p.key: p.value for p in model.metadata_props}
+    meta = parse_metadata(props[META_KEY], path).raw if META_KEY in props else {}
     return OnnxIO(inputs, [o.name for o in model.graph.output], meta)
 
 
@@ -363,40 +362,6 @@ def mixed_precision_onnx(model_path: str | os.PathLike, out_path: str | os.PathL
 
 # ---- ONNX Runtime TensorRT execution provider ------------------------------------------------------
 
-def _shape_string(profile: dict[str, dict[str, tuple[int, ...]]], which: str) -> str:
-    return ",".join(f"{name}:{'x'.join(str(d) for d in shapes[which])}" for name, shapes in profile.items())
-
-
-def ort_trt_providers(profile: dict[str, dict[str, tuple[int, ...]]], cache_dir: str | os.PathLike, *,
-                      fp16: bool = True, int8: bool = False, workspace_mb: int = 2048, device_id: int = 0,
-                      calib_table: str | None = None) -> list[tuple[str, dict[str, Any]] | str]:
-    """Providers for ``onnxruntime.InferenceSession(..., providers=...)``: TensorRT EP first (FP16,
-    engine + timing caches under cache_dir/ort-trt, explicit profile over the batch), CUDA EP and
-    CPU as fallbacks for anything TensorRT cannot take. Pure: builds the option dicts only.
-    LayerNorm runs in FP32 via ``trt_layer_norm_fp32_fallback``."""
-    cache = Path(cache_dir) / "ort-trt"
-    trt_options: dict[str, Any] = {
-        "device_id": device_id,
-        "trt_max_workspace_size": int(workspace_mb) * (1 << 20),
-        "trt_fp16_enable": bool(fp16),
-        "trt_int8_enable": bool(int8),
-        "trt_layer_norm_fp32_fallback": True,
-        "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(cache),
-        "trt_timing_cache_enable": True,
-        "trt_timing_cache_path": str(cache),
-        "trt_profile_min_shapes": _shape_string(profile, "min"),
-        "trt_profile_opt_shapes": _shape_string(profile, "opt"),
-        "trt_profile_max_shapes": _shape_string(profile, "max"),
-    }
-    if int8:
-        if not calib_table:
-            raise ValueError("INT8 through the ORT TensorRT EP needs a calibration table (trt_int8_calibration_table_name)")
-        trt_options["trt_int8_calibration_table_name"] = calib_table
-    return [("TensorrtExecutionProvider", trt_options), ("CUDAExecutionProvider", {"device_id": device_id}),
-            "CPUExecutionProvider"]
-
-
 # ---- TensorRT (lazy) -----------------------------------------------------------------------------------
 
 def tensorrt_unavailable_reason() -> str | None:
@@ -408,12 +373,12 @@ def tensorrt_unavailable_reason() -> str | None:
                 f"matches the CUDA driver (pip install 'btp-edge[gpu]', or JetPack's python3-libnvinfer)")
     except OSError as exc:
         return f"TensorRT's libraries (libnvinfer) are missing: {exc}"
-    from btp.kernels.cuda import gpu_unavailable_reason
+    from btp.kernels.devices import gpu_unavailable_reason
 
     return gpu_unavailable_reason()
 
 
-def _import_trt():
+def import_tensorrt():
     reason = tensorrt_unavailable_reason()
     if reason:
         raise NotAvailableError(reason)
@@ -423,13 +388,10 @@ def _import_trt():
 
 
 def current_gpu() -> tuple[str, str]:
-    """(name, compute capability "M.m") of CUDA device 0 via pycuda."""
-    import pycuda.driver as cuda
+    """(name, compute capability "M.m") of CUDA device $BTP_CUDA_DEVICE (default 0)."""
+    from btp.kernels.devices import gpu_identity
 
-    cuda.init()
-    dev = cuda.Device(int(os.environ.get("BTP_CUDA_DEVICE", "0")))
-    major, minor = dev.compute_capability()
-    return dev.name(), f"{major}.{minor}"
+    return gpu_identity(int(os.environ.get("BTP_CUDA_DEVICE", "0")))
 
 
 def strongly_typed_only(trt) -> bool:
@@ -449,7 +411,7 @@ class BuildResult:
 def engine_key_for(model_path: str | os.PathLike, precision: str, batch: tuple[int, int, int],
                    workspace_mb: int, calib_dir: str | os.PathLike | None = None) -> EngineKey:
     """The key of this GPU + TensorRT + model + options (needs TensorRT and a GPU)."""
-    trt = _import_trt()
+    trt = import_tensorrt()
     gpu_name, cc = current_gpu()
     calib = ""
     if calib_dir is not None:
@@ -488,7 +450,7 @@ def cached_engine(model_path: str | os.PathLike, *, precision: str = "fp16", bat
     return BuildResult(plan_path, manifest_path, True, seconds, decision.reasons)
 
 
-class _Logger:
+class TrtLogger:
     """TensorRT logger forwarding warnings and errors to ``log``."""
 
     def __new__(cls, trt, log):
@@ -510,7 +472,7 @@ def build_engine(model_path: str | os.PathLike, key: EngineKey, timing_cache: Pa
 
     Returns (plan bytes, manifest fields). Raises EngineBuildError naming the step that failed.
     """
-    trt = _import_trt()
+    trt = import_tensorrt()
     io = read_onnx_io(model_path)
     profile = profile_shapes(io, key.batch)
     strong = strongly_typed_only(trt)
@@ -520,7 +482,7 @@ def build_engine(model_path: str | os.PathLike, key: EngineKey, timing_cache: Pa
     if strong and key.precision == "int8":
         raise NotAvailableError("INT8 on TensorRT 11 needs explicit quantization (Q/DQ nodes, e.g. NVIDIA ModelOpt) "
                                 "in the ONNX; implicit calibration (--int8 --calib) exists only up to TensorRT 10")
-    logger = _Logger(trt, log)
+    logger = TrtLogger(trt, log)
     builder = trt.Builder(logger)
     flags = 0
     if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED") and strong:
@@ -577,7 +539,8 @@ def build_engine(model_path: str | os.PathLike, key: EngineKey, timing_cache: Pa
 def _make_calibrator(trt, calib_dir, profile, cache_file: Path):
     """IInt8EntropyCalibrator2 over calib_dir/*.npz (arrays `neighborhood` [B,G,K,C], `center` [B,G,3])."""
     import numpy as np
-    import pycuda.driver as cuda
+
+    from btp.kernels.devices import open_device
 
     files = sorted(Path(calib_dir).glob("*.npz"))
     if not files:
@@ -588,7 +551,8 @@ def _make_calibrator(trt, calib_dir, profile, cache_file: Path):
         def __init__(self):
             trt.IInt8EntropyCalibrator2.__init__(self)
             self.files = list(files)
-            self.buffers = {n: cuda.mem_alloc(int(np.prod(s)) * 4) for n, s in max_shapes.items()}
+            self.device = open_device("auto")
+            self.buffers = {n: self.device.empty(s, np.float32) for n, s in max_shapes.items()}
             self.batch = 1
 
         def get_batch_size(self):
@@ -599,9 +563,9 @@ def _make_calibrator(trt, calib_dir, profile, cache_file: Path):
                 return None
             data = np.load(self.files.pop(0))
             for name in names:
-                arr = np.ascontiguousarray(data[name], dtype=np.float32)
-                cuda.memcpy_htod(self.buffers[name], arr)
-            return [int(self.buffers[n]) for n in names]
+                self.device.upload(np.ascontiguousarray(data[name], dtype=np.float32), out=self.buffers[name])
+            self.device.synchronize()
+            return [self.device.pointer(self.buffers[n]) for n in names]
 
         def read_calibration_cache(self):
             return cache_file.read_bytes() if cache_file.is_file() else None

@@ -1,0 +1,4 @@
+"""`python -m btp.cli` = `btp`."""
+from btp.cli import main
+
+main()
