@@ -159,7 +159,7 @@ def test_expand_inputs_and_stems(tmp_path):
                            str(tmp_path / "missing.pcd")], exclude=tmp_path / "a" / "out")
     names = [f.relative_to(tmp_path).as_posix() for f in files]
     assert names == ["a/x.pcd", "a/y.npy", "b/x.ply", "missing.pcd"]
-    assert unique_stems(files) == ["x", "y", "x-2", "missing"]
+    assert unique_stems(files) == ["x", "y", "x.ply", "missing"]  # the extension tells the two x apart
 
 
 def test_run_refuses_a_non_model(tmp_path, scan_dir):

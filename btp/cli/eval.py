@@ -70,6 +70,12 @@ def evaluate(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=1, default=str))
         typer.echo(f"wrote {json_out}")
+    failed = report["data"].get("failed") or []
+    for f in failed:
+        typer.echo(f"btp eval: left out {f['file']}: {f['error']}", err=True)
+    if failed:
+        typer.echo(f"btp eval: {len(failed)} test samples could not be scored and are not in the metrics", err=True)
+        raise typer.Exit(code=1)
 
 
 def print_report(report: dict) -> None:

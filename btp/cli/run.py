@@ -5,6 +5,8 @@ Heavy imports happen inside the commands, so `btp --help` stays instant.
 """
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import List, Optional
 
@@ -19,6 +21,20 @@ def _split_heatmaps(values: list[str]) -> tuple[str, ...]:
     if bad:
         raise typer.BadParameter(f"{bad}: choose from {', '.join(HEATMAP_CHOICES)}", param_hint="--heatmap")
     return chosen
+
+
+def _check_threads(threads: int | None, force: bool) -> int | None:
+    """--threads: >= 1, and at most this machine's cores unless --force-threads (a huge pool can
+    leave the machine unable to start processes)."""
+    if threads is None:
+        return None
+    cores = os.cpu_count() or 1
+    if threads < 1:
+        raise typer.BadParameter(f"{threads}: expected at least 1", param_hint="--threads")
+    if threads > cores and not force:
+        raise typer.BadParameter(f"{threads} threads on a machine with {cores} cores; use at most {cores}, or "
+                                 "--force-threads", param_hint="--threads")
+    return threads
 
 
 def run(
@@ -45,12 +61,16 @@ def run(
     downsample: str = typer.Option("auto", "--downsample", help="auto | exact | bucket | voxel: how a scan of more "
                                    "than N points is reduced to N on the CPU (exact: the reference FPS and tie "
                                    "rules, as the CUDA kernels run them)."),
+    force_threads: bool = typer.Option(False, "--force-threads", help="Allow --threads above this machine's cores."),
+    debug: bool = typer.Option(False, "--debug", help="Print the traceback of an internal error (the run goes on)."),
 ) -> None:
     """Score point clouds: per scan an object score (+ decision), <stem>.npy with one score per input
     point (file order), a heat-mapped <stem>.ply and optionally a <stem>.png (three views).
 
-    Bad files are reported and skipped; the exit code is 1 if any file failed (2: unusable model)."""
+    Bad files are reported and skipped. Exit codes: 0 every scan scored; 1 some inputs failed (listed,
+    with the reason, in OUT/summary.json); 2 unusable model, arguments or output folder; 130 interrupted."""
     from rich.console import Console
+    from rich.markup import escape
 
     from btp.errors import BTPError
     from btp.runtime.calibration import CalibrationError, find_threshold
@@ -58,9 +78,18 @@ def run(
     from btp.runtime.pipeline import Pipeline
     from btp.runtime.run import FORMAT_CHOICES, expand_inputs, run_files, summary_doc
 
+    from btp.runtime.calibration import check_threshold
+    from btp.runtime.outputs import check_output_dir
+
     console = Console(stderr=True)
     if fmt not in FORMAT_CHOICES:
         raise typer.BadParameter(f"{fmt!r}: choose json or csv", param_hint="--format")
+    threads = _check_threads(threads, force_threads)
+    if threshold is not None:
+        try:
+            threshold = check_threshold(threshold)
+        except CalibrationError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--threshold") from None
     heatmaps = _split_heatmaps(heatmap)
     if report not in ("none", "html"):
         raise typer.BadParameter(f"{report!r}: choose html or none", param_hint="--report")
@@ -75,13 +104,18 @@ def run(
                 threshold, source = sidecar.value, f"sidecar (q={sidecar.quantile}, margin={sidecar.margin}, " \
                                                    f"{sidecar.n_scans} good scans)"
     except (BTPError, CalibrationError, ValueError, OSError) as exc:
-        console.print(f"[red]btp run: {exc}")
+        console.print(f"[red]btp run: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
-    if preprocess != "cpu":
-        console.print(f"btp run: preprocessing on {pipeline.preprocess} ({pipeline.preprocess_reason})")
+    if pipeline.preprocess != "cpu":
+        console.print(f"btp run: preprocessing on {pipeline.preprocess} ({escape(pipeline.preprocess_reason)})")
     if pipeline.meta.model.get("fresh_init"):
         console.print("[yellow]btp run: this model.onnx holds a freshly initialised, UNTRAINED model: "
                       "its scores carry no meaning")
+    try:
+        check_output_dir(out)
+    except BTPError as exc:
+        console.print(f"[red]btp run: {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
     files = expand_inputs(inputs, exclude=out)
     if not files:
         console.print("[red]btp run: no input files found")
@@ -91,10 +125,12 @@ def run(
         if oc.ok:
             d = oc.doc
             decision = f" -> {d['decision']}" if d["decision"] else ""
-            console.print(f"[green]ok[/green] {oc.path}: object score {d['object_score']:.4f}{decision} "
+            console.print(f"[green]ok[/green] {escape(str(oc.path))}: object score {d['object_score']:.4f}{decision} "
                           f"({d['points']} points, {d['total_ms']:.0f} ms)")
         else:
-            console.print(f"[red]FAILED[/red] {oc.path}: {oc.error}")
+            console.print(f"[red]FAILED[/red] {escape(str(oc.path))}: {escape(oc.error)}")
+            if debug and oc.traceback:
+                console.print(oc.traceback, markup=False, highlight=False)
 
     try:
         outcomes = run_files(pipeline, files, out, batch=batch, threshold=threshold,
@@ -104,7 +140,11 @@ def run(
         console.print("[red]btp run: interrupted; every output written so far is complete")
         raise typer.Exit(code=130) from None
     summary = summary_doc(outcomes, pipeline)
-    write_json(out / "summary.json", summary)
+    try:
+        write_json(out / "summary.json", summary)
+    except OSError as exc:
+        console.print(f"[red]btp run: could not write {out / 'summary.json'} ({exc}); the per-scan outputs are complete")
+        raise typer.Exit(code=2) from None
     if report == "html":
         from btp.runtime.report import entries_from_outcomes, write_report
 
@@ -129,29 +169,40 @@ def calibrate(
 ) -> None:
     """Pick an object-score threshold from known-good scans: quantile + margin -> sidecar JSON."""
     from rich.console import Console
+    from rich.markup import escape
 
     from btp.errors import BTPError
-    from btp.runtime.calibration import make_threshold, sidecar_path, write_threshold
+    from btp.runtime.calibration import CalibrationError, check_threshold, make_threshold, sidecar_path, write_threshold
     from btp.runtime.pipeline import Pipeline
     from btp.runtime.run import expand_inputs, run_files
 
     console = Console(stderr=True)
     try:
+        check_threshold(margin, "--margin")
+        check_threshold(quantile, "--quantile")
+        target = out or sidecar_path(model)
+        if target.is_dir():
+            raise CalibrationError(f"--out {target} is a directory; give the sidecar's file name "
+                                   f"(e.g. {target / sidecar_path(model).name})")
         pipeline = Pipeline(model, backend=backend)
     except (BTPError, ValueError, OSError) as exc:
-        console.print(f"[red]btp calibrate: {exc}")
+        console.print(f"[red]btp calibrate: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
     files = expand_inputs(good_scans)
     outcomes = run_files(pipeline, files, Path("."), write=False, backend=backend)
     for oc in outcomes:
         if not oc.ok:
-            console.print(f"[red]FAILED[/red] {oc.path}: {oc.error}")
+            console.print(f"[red]FAILED[/red] {escape(str(oc.path))}: {escape(oc.error)}")
     scores = [oc.result.object_score for oc in outcomes if oc.ok]
     if not scores:
         console.print("[red]btp calibrate: no good scan could be scored")
         raise typer.Exit(code=1)
-    threshold = make_threshold(model, scores, quantile, margin, pipeline.meta.name)
-    path = write_threshold(out or sidecar_path(model), threshold)
+    try:
+        threshold = make_threshold(model, scores, quantile, margin, pipeline.meta.name)
+        path = write_threshold(target, threshold)
+    except (CalibrationError, OSError) as exc:
+        console.print(f"[red]btp calibrate: {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
     console.print(f"btp calibrate: threshold {threshold.value:.6f} = quantile {quantile} of {len(scores)} good "
                   f"object scores (min {min(scores):.4f}, max {max(scores):.4f}) + margin {margin}; wrote {path}")
     if len(scores) < len(outcomes):

@@ -27,10 +27,12 @@ from typing import Callable, Protocol
 import numpy as np
 
 from btp.config import PreprocessConfig, btp_mini_config
+from btp.errors import BTPError
 from btp.eval.baselines import LearnedBaseline, surface_variation_scorer
 from btp.eval.metrics import EXTRA_KEYS, METRIC_KEYS, compute_metrics, mean_metrics
 from btp.eval.scoring import CloudScores, score_with
 from btp.io import detect_layout, read_sample, sample_files
+from btp.io.errors import GroundTruthMismatchError
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "btp-mini.safetensors"
 DEFAULT_LEARNED_BASELINE = Path(__file__).resolve().parents[2] / "models" / "learned-baseline.txt"
@@ -80,6 +82,18 @@ def load_scorer(model: str | Path | None, backend: str = "ort-cpu") -> CloudScor
     return TorchScorer(path)
 
 
+def _timed_methods(methods: dict, seconds: dict):
+    """(name, method) pairs whose calls add their wall time to ``seconds[name]``."""
+    for name, method in methods.items():
+        def timed(raw, _method=method, _name=name):
+            t0 = time.perf_counter()
+            try:
+                return _method(raw)
+            finally:
+                seconds[_name] = seconds.get(_name, 0.0) + time.perf_counter() - t0
+        yield name, timed
+
+
 def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] | None = None,
              scorer: CloudScorer | None = None, learned: LearnedBaseline | None = None,
              preprocess: PreprocessConfig | None = None, baselines: bool = True,
@@ -108,18 +122,29 @@ def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] 
     collected: dict[str, dict[str, _Collected]] = {m: {} for m in methods}
     counts: dict[str, dict[str, int]] = {}
     seconds: dict[str, float] = {}
+    failed: list[dict[str, str]] = []
     for done, entry in enumerate(files, 1):
-        sample = read_sample(entry, min_points=1)
+        try:  # one bad file is listed and left out; it never stops the evaluation
+            sample = read_sample(entry, min_points=1)
+            bad_labels = np.setdiff1d(np.unique(sample.labels), [0, 1])
+            if bad_labels.size:
+                raise GroundTruthMismatchError(sample.path, f"ground-truth labels {bad_labels[:5].tolist()} outside "
+                                                            "{0, 1}: each point must be 0 (normal) or 1 (anomalous)")
+            scored = {name: method(sample.points) for name, method in _timed_methods(methods, seconds)}
+        except (BTPError, ValueError, OSError) as exc:
+            failed.append({"file": str(getattr(entry, "path", entry)), "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        finally:
+            if progress:
+                progress(done, len(files))
         c = counts.setdefault(sample.cls, {"good": 0, "bad": 0, "points": 0})
         c["bad" if sample.object_label else "good"] += 1
         c["points"] += int(sample.points.shape[0])
-        for name, method in methods.items():
-            t0 = time.perf_counter()
-            scores = method(sample.points)
-            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+        for name, scores in scored.items():
             collected[name].setdefault(sample.cls, _Collected()).add(sample, scores)
-        if progress:
-            progress(done, len(files))
+    if not counts:
+        raise FileNotFoundError(f"{root}: none of the {len(files)} test samples could be scored: "
+                                + "; ".join(f"{f['file']}: {f['error']}" for f in failed[:3]))
     report: dict = {"classes": {}, "mean": {}, "learned_baseline": {}}
     notes: dict = {}
     for name, by_class in collected.items():
@@ -130,7 +155,7 @@ def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] 
             report[name] = {"classes": per_class, "mean": mean}
     report["model"] = scorer.info() if scorer is not None else None
     report["data"] = {
-        "root": str(root), "layout": layout, "classes": sorted(counts), "samples": counts,
+        "root": str(root), "layout": layout, "classes": sorted(counts), "samples": counts, "failed": failed,
         "num_points": pre.num_points, "fps_start": pre.fps_start,
         "point_metrics": "p_auroc, p_ap, p_f1max, au_pro: raw test scans (GT rows, scores carried back from the "
                          f"sampled points); p_auroc_sampled, p_ap_sampled: the {pre.num_points} sampled points; "

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from btp.config import BTPConfig, PreprocessConfig
+from btp.geometry.errors import DegenerateCloudError
 from btp.geometry.neighbors import knn, neighborhoods
 from btp.geometry.normalize import normalize
 from btp.geometry.sampling import downsample, fps
@@ -39,6 +40,10 @@ from btp.geometry.scores import interpolate_to_raw, nearest_scores, propagate_pa
 from btp.io.errors import InvalidValuesError, TooFewPointsError
 
 DOWNSAMPLE_METHODS = ("auto", "exact", "bucket", "voxel")
+# float32 squared distances (FPS, kNN, interpolation) overflow beyond ~1e19 and lose every
+# neighbour below ~1e-19: scans outside these bounds are refused with the reason
+MAX_ABS_COORDINATE = 1e15
+MIN_EXTENT = 1e-12
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +85,9 @@ def min_points(cfg: BTPConfig) -> int:
 def check_scan(points, cfg: BTPConfig, where: str | Path | None = None) -> np.ndarray:
     """-> float32 [M, 3] C-contiguous, or a typed error naming ``where``: shape [M, 3], every
     value finite (btp.io drops NaN/inf rows of files with a warning; an array handed in must not
-    have them: dropping them here would break one score per input point), M >= max(G, K)."""
+    have them: dropping them here would break one score per input point), M >= max(G, K), and a
+    range float32 distances can measure (|x| <= MAX_ABS_COORDINATE, extent >= MIN_EXTENT; all
+    points equal: DegenerateCloudError)."""
     pts = np.asarray(points)
     if pts.ndim != 2 or pts.shape[1] != 3:
         raise InvalidValuesError(where, f"points have shape {pts.shape}; expected [M, 3]")
@@ -92,7 +99,20 @@ def check_scan(points, cfg: BTPConfig, where: str | Path | None = None) -> np.nd
     if pts.shape[0] < need:
         raise TooFewPointsError(where, f"{pts.shape[0]} points, fewer than the model's max(G, K) = {need}: "
                                        "use a denser scan")
-    return np.ascontiguousarray(pts, dtype=np.float32)
+    pts = np.ascontiguousarray(pts, dtype=np.float32)
+    biggest = float(np.abs(pts).max())
+    if biggest > MAX_ABS_COORDINATE:
+        raise InvalidValuesError(where, f"coordinates up to {biggest:.3g}, beyond +-{MAX_ABS_COORDINATE:.0e} where "
+                                        "float32 distances overflow: check the file's units and byte order (a "
+                                        "big-endian or corrupt payload reads as such numbers)")
+    extent = float((pts.max(axis=0).astype(np.float64) - pts.min(axis=0)).max())
+    if extent == 0.0:
+        raise DegenerateCloudError(f"{where or '<array>'}: all {len(pts)} points coincide: a single repeated point "
+                                   "is not a surface; check the scan")
+    if extent < MIN_EXTENT:
+        raise InvalidValuesError(where, f"the scan spans only {extent:.3g} units, below {MIN_EXTENT:.0e} where float32 "
+                                        "distances vanish: rescale it (e.g. to millimetres)")
+    return pts
 
 
 def seeded_start(n_points: int, seed: int = 0) -> int:

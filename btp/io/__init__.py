@@ -21,6 +21,7 @@ from btp.io.datasets import (
 from btp.io.errors import (
     DatasetLayoutError,
     EmptyCloudError,
+    FileTooLargeError,
     GroundTruthMismatchError,
     InvalidValuesError,
     MalformedFileError,
@@ -40,5 +41,5 @@ __all__ = [
     "read_sample", "check_ground_truth",
     "PointCloudError", "MissingFileError", "UnsupportedFormatError", "EmptyCloudError", "InvalidValuesError",
     "TooFewPointsError", "GroundTruthMismatchError", "TruncatedFileError", "MalformedFileError",
-    "DatasetLayoutError",
+    "DatasetLayoutError", "FileTooLargeError",
 ]

@@ -60,6 +60,10 @@ class MalformedFileError(PointCloudError):
     """The file's content cannot be parsed (bad header, wrong column count, missing npz key)."""
 
 
+class FileTooLargeError(PointCloudError):
+    """The file is over the size one scan may have (``btp.io.pointcloud.max_file_bytes``)."""
+
+
 class DatasetLayoutError(PointCloudError):
     """A data-set root does not look like Anomaly-ShapeNet or Real3D-AD (the message says what was looked for)."""
 
@@ -74,5 +78,6 @@ __all__ = [
     "GroundTruthMismatchError",
     "TruncatedFileError",
     "MalformedFileError",
+    "FileTooLargeError",
     "DatasetLayoutError",
 ]

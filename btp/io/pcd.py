@@ -104,6 +104,12 @@ def read_header(path: Path, raw: bytes) -> PCDHeader:
     width = ints("WIDTH")[0]
     height = ints("HEIGHT", [1])[0]
     points = ints("POINTS", [width * height])[0]
+    if width < 0 or height < 0 or points < 0:
+        raise MalformedFileError(path, f"the PCD header declares WIDTH {width}, HEIGHT {height}, POINTS {points}: "
+                                       "counts must not be negative")
+    if points != width * height:
+        raise MalformedFileError(path, f"the PCD header declares POINTS {points} but WIDTH x HEIGHT = "
+                                       f"{width} x {height} = {width * height}: re-export the file")
     data = entries["DATA"][0].lower() if entries["DATA"] else ""
     if data not in ("ascii", "binary", "binary_compressed"):
         raise MalformedFileError(path, f"PCD DATA {data!r}: expected ascii, binary or binary_compressed")
@@ -124,6 +130,10 @@ def read_records(path: Path, raw: bytes, header: PCDHeader) -> np.ndarray:
             raise TruncatedFileError(
                 path, f"binary PCD announces {n} points ({need} bytes of data) but only {have} bytes follow "
                       f"the header ({have // max(dtype.itemsize, 1)} whole points): re-copy the file")
+        if have > need:
+            raise MalformedFileError(
+                path, f"binary PCD announces {n} points ({need} bytes of data) but {have} bytes follow the header "
+                      f"({have - need} more): the header does not describe the data; re-export the file")
         return np.frombuffer(raw, dtype=dtype, count=n, offset=header.data_offset).copy()
     if header.data == "binary_compressed":
         return _read_compressed(path, raw, header, dtype)
@@ -211,6 +221,8 @@ def lzf_decompress(data: bytes, expected_size: int) -> bytes:
     while i < end:
         ctrl = src[i]
         i += 1
+        if len(out) > expected_size:
+            break  # never inflate past the declared size (a hostile block could grow without bound)
         if ctrl < 32:
             run = ctrl + 1
             if i + run > end:
@@ -229,6 +241,8 @@ def lzf_decompress(data: bytes, expected_size: int) -> bytes:
         distance = ((ctrl & 0x1F) << 8) + src[i] + 1
         i += 1
         length += 2
+        if len(out) + length > expected_size:
+            raise ValueError(f"back-reference past the declared size of {expected_size} bytes")
         ref = len(out) - distance
         if ref < 0:
             raise ValueError("back-reference before the start of the output")

@@ -57,19 +57,29 @@ def read_header(path: Path, raw: bytes) -> PLYHeader:
         if not words or words[0] in ("comment", "obj_info", "ply"):
             continue
         if words[0] == "format":
+            if len(words) < 2:
+                raise MalformedFileError(path, f"bad PLY format line {line!r}: expected 'format <kind> 1.0'")
             fmt = words[1]
         elif words[0] == "element":
             try:
                 elements.append(PLYElement(words[1], int(words[2])))
             except (IndexError, ValueError):
                 raise MalformedFileError(path, f"bad PLY element line {line!r}") from None
+            if elements[-1].count < 0:
+                raise MalformedFileError(path, f"PLY element {words[1]!r} declares {words[2]} instances: "
+                                               "a count must not be negative")
         elif words[0] == "property":
             if not elements:
                 raise MalformedFileError(path, f"PLY property before any element: {line!r}")
-            if words[1] == "list":
+            if len(words) >= 2 and words[1] == "list":
+                if len(words) != 5:
+                    raise MalformedFileError(path, f"bad PLY list property {line!r}: expected "
+                                                   "'property list <count type> <item type> <name>'")
                 elements[-1].has_list = True
                 elements[-1].properties.append((words[-1], "list"))
             else:
+                if len(words) != 3:
+                    raise MalformedFileError(path, f"bad PLY property line {line!r}: expected 'property <type> <name>'")
                 if words[1] not in _PLY_TYPES:
                     raise MalformedFileError(path, f"unknown PLY property type {words[1]!r} in {line!r}")
                 elements[-1].properties.append((words[2], words[1]))
@@ -95,9 +105,34 @@ def read_binary_vertices(path: Path, raw: bytes, header: PLYHeader) -> np.ndarra
                 raise TruncatedFileError(
                     path, f"binary PLY announces {element.count} vertices ({need} bytes) but only {have} bytes "
                           f"follow ({have // max(dtype.itemsize, 1)} whole vertices): re-copy the file")
+            _check_trailing(path, header, len(raw))
             return np.frombuffer(raw, dtype=dtype, count=element.count, offset=offset).copy()
         offset += element.count * dtype.itemsize
     return None
+
+
+def _check_trailing(path: Path, header: PLYHeader, size: int) -> None:
+    """A binary PLY of fixed-size elements only must end where its elements do: extra bytes mean
+    the header does not describe the data (or something was appended)."""
+    if any(e.has_list for e in header.elements):
+        return
+    endian = "<" if header.format == "binary_little_endian" else ">"
+    total = header.data_offset + sum(e.count * np.dtype([(n, endian + _PLY_TYPES[t]) for n, t in e.properties]).itemsize
+                                     for e in header.elements)
+    if size > total:
+        raise MalformedFileError(path, f"binary PLY: {size - total} bytes after the last element its header "
+                                       "describes; the header does not match the data: re-export the file")
+
+
+def minimum_binary_size(header: PLYHeader) -> int:
+    """The fewest bytes a binary PLY can have up to the end of its vertices (every list empty)."""
+    size = header.data_offset
+    for element in header.elements:
+        row = sum(1 if typ == "list" else np.dtype(_PLY_TYPES[typ]).itemsize for _, typ in element.properties)
+        size += element.count * row
+        if element.name == "vertex":
+            break
+    return size
 
 
 def read_ascii_vertices(path: Path, raw: bytes, header: PLYHeader) -> np.ndarray | None:

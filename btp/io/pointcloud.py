@@ -25,6 +25,7 @@ from btp.io.files import atomic_write_bytes
 from btp.io.colors import heat_colors
 from btp.io.errors import (
     EmptyCloudError,
+    FileTooLargeError,
     InvalidValuesError,
     MalformedFileError,
     MissingFileError,
@@ -52,6 +53,9 @@ class PointCloud:
     row_mask bool [R] or None      which of the file's R rows were kept (None: all of them); rows with
                                    NaN/inf are dropped, and outputs that promise one value per input
                                    row (``btp-run``'s ``.npy``) put NaN there
+    offset  float64 [3] or None    ``points + offset`` are the file's coordinates: set when the file's
+                                   numbers carry more precision than float32 keeps and the reader was
+                                   asked to centre them (``read_point_cloud(..., centre=True)``)
     """
 
     points: np.ndarray
@@ -60,6 +64,7 @@ class PointCloud:
     path: Path | None = None
     scalars: np.ndarray | None = None
     row_mask: np.ndarray | None = None
+    offset: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.points.shape[0])
@@ -67,12 +72,45 @@ class PointCloud:
 
 # ---- reading ---------------------------------------------------------------------------
 
-def read_point_cloud(path: str | os.PathLike, *, min_points: int = 1) -> PointCloud:
+MAX_FILE_BYTES = 4 << 30  # default refusal size ($BTP_MAX_FILE_BYTES overrides): 5M points are ~200 MB as text
+
+
+MAX_POINTS = 20_000_000  # default most points of one scan ($BTP_MAX_POINTS overrides); line scanners give <= 5M
+
+
+def max_file_bytes() -> int:
+    return int(os.environ.get("BTP_MAX_FILE_BYTES", MAX_FILE_BYTES))
+
+
+def check_point_count(path: Path, n: int) -> None:
+    """Refuse a declared point count over ``$BTP_MAX_POINTS`` before reading the data (a small
+    compressed file can announce billions)."""
+    limit = int(os.environ.get("BTP_MAX_POINTS", MAX_POINTS))
+    if n > limit:
+        raise FileTooLargeError(path, f"declares {n} points, over the {limit} one scan may have; set "
+                                      "BTP_MAX_POINTS to read it")
+
+
+def centred(points: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """float64 points -> (float32 points, offset): centred at their float64 centroid first when
+    casting straight to float32 would round them (large global coordinates, e.g. UTM-like offsets,
+    keep their millimetres); float32-exact input is returned as it is with offset None."""
+    points = np.asarray(points)
+    as32 = np.ascontiguousarray(points, dtype=np.float32)
+    if points.dtype != np.float64 or np.array_equal(as32, points):
+        return as32, None
+    offset = points.mean(axis=0, dtype=np.float64)
+    return np.ascontiguousarray(points - offset, dtype=np.float32), offset
+
+
+def read_point_cloud(path: str | os.PathLike, *, min_points: int = 1, centre: bool = False) -> PointCloud:
     """Read one point cloud; typed errors (``btp.io.errors``) name the file and the reason.
 
     NaN/inf rows are dropped with a ``warnings.warn`` naming the count. Raises
     ``InvalidValuesError`` when that leaves fewer than ``min_points`` rows, ``TooFewPointsError``
     when the file simply holds fewer than ``min_points`` points (pass the model's N or K).
+    ``centre``: coordinates with more precision than float32 are centred in float64 before the
+    cast (``PointCloud.offset``). Files over ``max_file_bytes()`` are refused before reading.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -82,16 +120,23 @@ def read_point_cloud(path: str | os.PathLike, *, min_points: int = 1) -> PointCl
     if not path.exists():
         hint = "" if path.is_absolute() else f" (relative paths start at {Path.cwd()})"
         raise MissingFileError(path, f"no such file: check the path{hint}")
-    if not path.is_file():
+    if path.is_dir():
         raise MissingFileError(path, "is a directory, not a point-cloud file")
-    if path.stat().st_size == 0:
+    if not path.is_file():
+        raise MissingFileError(path, "is not a regular file (a FIFO, socket or device): copy the scan to a file")
+    size = path.stat().st_size
+    if size == 0:
         raise EmptyCloudError(path, "the file is empty (0 bytes)")
+    if size > max_file_bytes():
+        raise FileTooLargeError(path, f"{size / 2**30:.2f} GiB, over the {max_file_bytes() / 2**30:.2f} GiB limit "
+                                      "of one scan; set BTP_MAX_FILE_BYTES to read larger files")
     reader = {".pcd": _read_pcd, ".ply": _read_ply, ".npy": _read_npy, ".npz": _read_npz}.get(suffix, _read_text)
     points, labels, colors, scalars = reader(path)
-    return _finish(path, points, labels, colors, scalars, min_points)
+    return _finish(path, points, labels, colors, scalars, min_points, centre)
 
 
-def _finish(path: Path, points: np.ndarray, labels, colors, scalars, min_points: int) -> PointCloud:
+def _finish(path: Path, points: np.ndarray, labels, colors, scalars, min_points: int,
+            centre: bool = False) -> PointCloud:
     points = np.asarray(points)
     n = points.shape[0]
     if n == 0:
@@ -122,7 +167,8 @@ def _finish(path: Path, points: np.ndarray, labels, colors, scalars, min_points:
         colors = np.clip(np.asarray(colors, dtype=np.float32), 0.0, 1.0)
     if scalars is not None:
         scalars = np.asarray(scalars, dtype=np.float32)
-    return PointCloud(np.ascontiguousarray(points, dtype=np.float32), labels, colors, path, scalars, row_mask)
+    points32, offset = centred(points) if centre else (np.ascontiguousarray(points, dtype=np.float32), None)
+    return PointCloud(points32, labels, colors, path, scalars, row_mask, offset)
 
 
 def _as_labels(path: Path, labels: np.ndarray) -> np.ndarray:
@@ -150,6 +196,7 @@ def _read_pcd(path: Path):
     header = _pcd.read_header(path, raw)
     if header.points == 0:
         raise EmptyCloudError(path, "the PCD header announces POINTS 0")
+    check_point_count(path, header.points)
     records = _pcd.read_records(path, raw, header)
     names = records.dtype.names
     points = np.stack([records["x"], records["y"], records["z"]], axis=1)
@@ -171,11 +218,16 @@ def _read_ply(path: Path):
         raise MalformedFileError(path, "the PLY has no 'vertex' element")
     if vertex.count == 0:
         raise EmptyCloudError(path, "the PLY header announces 0 vertices")
+    check_point_count(path, vertex.count)
     if header.format == "ascii":
         records = _ply.read_ascii_vertices(path, raw, header)
     else:
         records = _ply.read_binary_vertices(path, raw, header)
     if records is None:
+        if header.format != "ascii" and len(raw) < _ply.minimum_binary_size(header):
+            raise TruncatedFileError(path, f"binary PLY of {len(raw)} bytes is shorter than its header's elements "
+                                           f"up to the {vertex.count} vertices can be "
+                                           f"({_ply.minimum_binary_size(header)} bytes at least): re-copy the file")
         return _read_ply_open3d(path, vertex.count)
     names = records.dtype.names
     missing = [axis for axis in "xyz" if axis not in names]
@@ -217,19 +269,44 @@ def _read_npy(path: Path):
         data_start = fh.tell()
     if dtype.hasobject:
         raise MalformedFileError(path, "the .npy holds Python objects; save a float array [N, 3] instead")
+    check_point_count(path, int(shape[0]) if shape else 0)
+    if dtype.names is not None and not {"x", "y", "z"} <= set(dtype.names):
+        raise MalformedFileError(path, f"the .npy holds records with fields {list(dtype.names)}; expected fields "
+                                       "x, y, z or a float array [N, 3]")
     need = data_start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     size = path.stat().st_size
     if size < need:
         raise TruncatedFileError(path, f"the .npy header announces shape {shape} ({need} bytes) but the file "
                                        f"has {size} bytes: re-copy the file")
-    array = np.load(path, allow_pickle=False)
+    array = np.load(path, allow_pickle=False, mmap_mode="r")  # a big file is paged in, not copied whole
+    if size > need:
+        raise MalformedFileError(path, f"the .npy header announces shape {shape} ({need} bytes) but the file has "
+                                       f"{size - need} bytes more: it is not one array; re-save it")
+    if array.dtype.names is not None:  # records with x, y, z fields
+        array = np.stack([array["x"], array["y"], array["z"]], axis=1)
     return _split_columns(path, array, "the .npy array")
+
+
+def _npz_rows(path: Path, archive, key: str) -> int:
+    """Rows of ``key`` from its .npy header inside the archive, without inflating the data."""
+    try:
+        with archive.zip.open(f"{key}.npy") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(fh)
+    except (KeyError, ValueError, zipfile.BadZipFile, OSError, EOFError) as err:
+        raise MalformedFileError(path, f"the .npz's {key!r} array has no readable header ({err})") from None
+    if dtype.hasobject:
+        raise MalformedFileError(path, f"the .npz's {key!r} array holds Python objects; save a float array [N, 3]")
+    return int(shape[0]) if shape else 0
 
 
 def _split_columns(path: Path, array: np.ndarray, what: str):
     if array.ndim != 2 or array.shape[1] < 3:
         raise MalformedFileError(path, f"{what} has shape {array.shape}; expected [N, 3] or [N, >=3] "
                                        "(x y z first)")
+    if array.dtype.kind not in "fiu":
+        raise MalformedFileError(path, f"{what} has dtype {array.dtype}; expected real numbers (float or int)")
     array = array.astype(np.float64, copy=False)
     labels = _maybe_label_column(path, array[:, 3]) if array.shape[1] == 4 else None
     return array[:, :3], labels, None, None
@@ -245,6 +322,7 @@ def _read_npz(path: Path):
         if "points" not in keys:
             raise MalformedFileError(path, f"the .npz has no 'points' array (keys: {keys}); "
                                            "save it with np.savez(path, points=..., labels=...)")
+        check_point_count(path, _npz_rows(path, archive, "points"))
         try:
             points = archive["points"]
             labels = archive["labels"] if "labels" in keys else None

@@ -44,14 +44,27 @@ def sidecar_path(model_path: str | Path) -> Path:
     return p.with_name(p.stem + SIDECAR_SUFFIX)
 
 
+def check_threshold(value, what: str = "threshold") -> float:
+    """A finite float, or CalibrationError: a NaN threshold would call every part normal."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise CalibrationError(f"{what}={value!r}: expected a number") from None
+    if not np.isfinite(value):
+        raise CalibrationError(f"{what}={value}: expected a finite number (NaN or inf would decide every part the same)")
+    return value
+
+
 def calibrate_threshold(scores, quantile: float = 1.0, margin: float = 0.0) -> float:
     """quantile_q(scores) + margin (numpy's linear quantile; q = 1.0 is the max)."""
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     if s.size == 0:
         raise CalibrationError("no good scans could be scored; nothing to calibrate on")
-    if not 0.0 <= quantile <= 1.0:
+    if not np.isfinite(s).all():
+        raise CalibrationError("some object scores are not finite; nothing to calibrate on")
+    if not 0.0 <= check_threshold(quantile, "quantile") <= 1.0:
         raise CalibrationError(f"quantile={quantile}: expected a value in [0, 1]")
-    return float(np.quantile(s, quantile) + margin)
+    return check_threshold(np.quantile(s, quantile) + check_threshold(margin, "margin"))
 
 
 def make_threshold(model_path: str | Path, scores, quantile: float, margin: float, model_name: str = "") -> Threshold:
@@ -73,6 +86,7 @@ def read_threshold(path: str | Path, model_path: str | Path | None = None) -> Th
         doc = json.loads(path.read_text())
         doc["scores"] = tuple(doc.get("scores", ()))
         threshold = Threshold(**doc)
+        check_threshold(threshold.value, "value")
     except (OSError, ValueError, TypeError) as exc:
         raise CalibrationError(f"{path}: not a btp threshold sidecar ({exc}); "
                                "re-create it with `btp calibrate`") from exc

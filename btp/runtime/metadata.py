@@ -124,8 +124,15 @@ def parse_metadata(text: str, path: str | Path = "<model.onnx>") -> ModelMeta:
         cfg = BTPConfig.from_dict(doc["config"]).validate()
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelMetadataError(path, f"bad config in metadata: {exc}") from exc
-    return ModelMeta(cfg, doc.get("model", {}), doc.get("provenance", {}), doc.get("export", {}),
-                     doc.get("io", {}), doc)
+    parts = {}
+    for key in ("model", "provenance", "export", "io"):
+        value = doc.get(key)
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ModelMetadataError(path, f"metadata {key!r} is {type(value).__name__}, expected an object")
+        parts[key] = value
+    return ModelMeta(cfg, parts["model"], parts["provenance"], parts["export"], parts["io"], doc)
 
 
 def read_model_meta(path: str | Path) -> ModelMeta:
@@ -142,4 +149,35 @@ def read_model_meta(path: str | Path) -> ModelMeta:
     props = {p.key: p.value for p in proto.metadata_props}
     if META_KEY not in props:
         raise ModelMetadataError(path, f"no metadata_props[{META_KEY!r}]: this ONNX file was not made by btp-export")
-    return parse_metadata(props[META_KEY], path)
+    meta = parse_metadata(props[META_KEY], path)
+    check_graph_io(proto.graph, meta, path)
+    return meta
+
+
+def _dims(value) -> list:
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in value.type.tensor_type.shape.dim]
+
+
+def check_graph_io(graph, meta: ModelMeta, path: str | Path) -> None:
+    """The graph must take and give what its metadata says: inputs neighborhood [B,G,K,C] and
+    center [B,G,3], outputs patch_probs [B,G] and object_score [B], every fixed dim equal to the
+    config's (a model whose metadata says G = 128 but whose graph has 256 is refused here)."""
+    g, k, c = meta.num_group, meta.group_size, meta.in_channels
+    batch = meta.batch if meta.batch is not None else None
+    want_in = {"neighborhood": [batch, g, k, c], "center": [batch, g, 3]}
+    want_out = {"patch_probs": [batch, g], "object_score": [batch]}
+    init = {i.name for i in graph.initializer}
+    inputs = {v.name: _dims(v) for v in graph.input if v.name not in init}
+    outputs = {v.name: _dims(v) for v in graph.output}
+    for kind, have, want in (("input", inputs, want_in), ("output", outputs, want_out)):
+        for name, dims in want.items():
+            if name not in have:
+                raise ModelMetadataError(path, f"the graph has no {kind} {name!r} (it has {sorted(have)}): not a "
+                                               "btp model, or a damaged one; export it again with btp-export")
+            got = have[name]
+            if len(got) != len(dims) or any(isinstance(a, int) and a > 0 and b is not None and a != b
+                                            for a, b in zip(got, dims)):
+                shown = ["B" if d is None else d for d in dims]
+                raise ModelMetadataError(path, f"graph {kind} {name!r} has shape {got}, but the metadata's config "
+                                               f"(G={g}, K={k}, C={c}) says {shown}: the metadata does not belong "
+                                               "to this graph; export it again with btp-export")

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from btp.errors import BTPError
 from btp.io.files import atomic_write_bytes
 
 POINT_THRESHOLD = 0.5  # default only: run summaries use the model's cfg.scoring.point_threshold
@@ -26,8 +27,41 @@ CSV_FIELDS = ("file", "status", "object_score", "decision", "threshold", "points
               "anomalous_fraction", "score_max", "score_mean", "total_ms", "error")
 
 
+class OutputPlaceError(BTPError, OSError):
+    """The output folder cannot take btp-run's files (the message says why)."""
+
+
+def check_output_dir(out: str | Path) -> Path:
+    """Create ``out`` if needed and prove a file can be written there (before any scan is scored),
+    or OutputPlaceError: an existing file, a device such as /dev/null, a read-only mount."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputPlaceError(f"--out {out} exists and is not a folder; give a folder for the outputs")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / ".btp-write-check", b"")
+        (out / ".btp-write-check").unlink()
+    except OSError as exc:
+        raise OutputPlaceError(f"--out {out}: cannot write there ({exc.strerror or exc}); choose a writable folder") from None
+    return out
+
+
 def write_json(path: str | Path, doc: Any) -> Path:
-    return atomic_write_bytes(path, (json.dumps(doc, indent=2, sort_keys=False, default=_jsonable) + "\n").encode())
+    """Strict JSON (RFC 8259): a NaN or infinite number is written as null, never as NaN/Infinity."""
+    text = json.dumps(_finite(doc), indent=2, sort_keys=False, default=_jsonable, allow_nan=False)
+    return atomic_write_bytes(path, (text + "\n").encode())
+
+
+def _finite(value):
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _finite(value.tolist())
+    return value
 
 
 def write_npy(path: str | Path, scores: np.ndarray) -> Path:

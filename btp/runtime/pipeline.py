@@ -32,6 +32,7 @@ from btp.geometry.prepare import (
     DOWNSAMPLE_METHODS, Prepared, check_scan, engine_batch, min_points, prepare, scores_to_raw,
 )
 from btp.io import PointCloud, read_point_cloud
+from btp.io.pointcloud import centred
 from btp.runtime.backends import make_backend
 from btp.runtime.device import DeviceChain, PreprocessError, resolve_preprocess
 from btp.runtime.metadata import read_model_meta
@@ -52,6 +53,8 @@ class Result:
     sampled_idx     int64 [N]      the downsampled points (indices into points)
     sampled_scores  float32 [N]    their scores before interpolation
     row_mask        bool [R]       which rows of the file were kept (None = all)
+    offset          float64 [3]    points + offset = the scan's own coordinates, when a float64 scan
+                                   was centred before the float32 cast (None: points are the scan's)
     """
 
     object_score: float
@@ -66,6 +69,7 @@ class Result:
     sampled_idx: np.ndarray | None = field(default=None, repr=False)
     sampled_scores: np.ndarray | None = field(default=None, repr=False)
     row_mask: np.ndarray | None = field(default=None, repr=False)
+    offset: np.ndarray | None = field(default=None, repr=False)
 
     def scores_per_row(self) -> np.ndarray:
         """float32 [R]: one score per row of the input file, NaN where a NaN/inf row was dropped."""
@@ -91,6 +95,7 @@ class Job:
     path: Path | None = None
     warnings: tuple[str, ...] = ()
     row_mask: np.ndarray | None = None
+    offset: np.ndarray | None = None
 
 
 class Pipeline:
@@ -138,7 +143,8 @@ class Pipeline:
         if len(raw) < self.cfg.preprocess.num_points:
             notes.append(f"scan has {len(raw)} points, fewer than the model's N = {self.cfg.preprocess.num_points}: "
                          "all of them were scored (patches cover more surface than in training)")
-        return Job(raw=raw, prep=prep, timings=t, path=cloud.path, warnings=tuple(notes), row_mask=cloud.row_mask)
+        return Job(raw=raw, prep=prep, timings=t, path=cloud.path, warnings=tuple(notes), row_mask=cloud.row_mask,
+                   offset=cloud.offset)
 
     def infer(self, jobs: list[Job], batch_size: int | None = None) -> list[Result]:
         """The engine on the prepared jobs, ``batch_size`` at a time, then ``finish`` each one."""
@@ -176,7 +182,7 @@ def _result(job: Job, outputs, b: int, timings, point_scores, sample_idx, sample
                   patch_probs=np.asarray(outputs["patch_probs"][b], dtype=np.float32), timings=timings,
                   global_prob=float(outputs["global_prob"][b]) if "global_prob" in outputs else float("nan"),
                   points=job.raw, path=job.path, batch_size=batch, warnings=job.warnings, sampled_idx=sample_idx,
-                  sampled_scores=sampled_scores, row_mask=job.row_mask)
+                  sampled_scores=sampled_scores, row_mask=job.row_mask, offset=job.offset)
 
 
 @contextmanager
@@ -189,14 +195,20 @@ def _timed(timings: dict[str, float], stage: str):
 def load(source, cfg) -> tuple[PointCloud, list[str]]:
     """A path (any ``btp.io`` format), a ``PointCloud`` or an array [M, 3] -> (PointCloud, the
     warnings ``btp.io`` raised, e.g. dropped NaN rows, as text). A file with fewer than max(G, K)
-    finite points fails (InvalidValuesError / TooFewPointsError, naming the file)."""
+    finite points fails (InvalidValuesError / TooFewPointsError, naming the file). Float64
+    coordinates are centred in float64 before the float32 cast (``btp.io.pointcloud.centred``), so
+    a part far from the origin scores as the same part at the origin."""
     if isinstance(source, PointCloud):
         return source, []
     if not isinstance(source, (str, Path)):
-        return PointCloud(np.asarray(source)), []
+        points = np.asarray(source)
+        if points.ndim == 2 and points.shape[1:] == (3,) and points.dtype == np.float64 and np.isfinite(points).all():
+            points, offset = centred(points)
+            return PointCloud(points, offset=offset), []
+        return PointCloud(points), []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cloud = read_point_cloud(source, min_points=min_points(cfg))
+        cloud = read_point_cloud(source, min_points=min_points(cfg), centre=True)
     return cloud, [str(w.message) for w in caught]
 
 

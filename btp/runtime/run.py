@@ -30,6 +30,7 @@ class FileOutcome:
     error: str | None = None  # "ErrorType: reason" when the scan failed
     doc: dict[str, Any] = field(default_factory=dict)
     written: list[Path] = field(default_factory=list)
+    traceback: str | None = None  # for an internal error (btp-run --debug prints it)
 
     @property
     def ok(self) -> bool:
@@ -70,20 +71,47 @@ def expand_inputs(inputs: list[str], exclude: Path | None = None) -> list[Path]:
     return unique
 
 
+RESERVED_STEMS = ("summary", "results", "report", "report_assets")  # the run's own outputs
+
+
 def unique_stems(paths: list[Path]) -> list[str]:
-    """Output stems: the file stem, made unique with -2, -3 ... when two inputs share one."""
-    counts: dict[str, int] = {}
+    """Output stems that cannot collide: the file stem; when it is taken (another input, compared
+    case-insensitively) or one of the run's own outputs' names (RESERVED_STEMS), the file name with
+    its extension (``a.ply``); if that is taken too, with -2, -3 ... appended."""
+    taken: set[str] = set()
     stems = []
     for p in paths:
-        stem = p.stem or p.name
-        counts[stem] = counts.get(stem, 0) + 1
-        stems.append(stem if counts[stem] == 1 else f"{stem}-{counts[stem]}")
+        candidates = [p.stem or p.name, p.name]
+        stem = next((c for c in candidates if c.casefold() not in taken and c.casefold() not in RESERVED_STEMS), None)
+        n = 2
+        while stem is None:
+            candidate = f"{p.name}-{n}"
+            stem = candidate if candidate.casefold() not in taken else None
+            n += 1
+        taken.add(stem.casefold())
+        stems.append(stem)
     return stems
 
 
+EXPECTED_ERRORS = (BTPError, ValueError, OSError)
+
+
 def describe_error(exc: BaseException) -> str:
+    """One line for the summary: the typed error and its reason, or - for an exception nobody
+    raised on purpose - "internal error" with a pointer to --debug."""
     reason = getattr(exc, "reason", None) or str(exc)
-    return f"{type(exc).__name__}: {reason}"
+    if isinstance(exc, EXPECTED_ERRORS):
+        return f"{type(exc).__name__}: {reason}"
+    return f"internal error ({type(exc).__name__}: {reason}); btp-run --debug prints the traceback"
+
+
+def _fail(oc: "FileOutcome", exc: BaseException, prefix: str = "") -> None:
+    import traceback
+
+    oc.error = prefix + describe_error(exc)
+    oc.result = None
+    if not isinstance(exc, EXPECTED_ERRORS):
+        oc.traceback = "".join(traceback.format_exception(exc))
 
 
 def result_doc(result: Result, pipeline: Pipeline, path: Path, threshold: float | None,
@@ -123,20 +151,24 @@ def result_doc(result: Result, pipeline: Pipeline, path: Path, threshold: float 
 def write_outcome(out_dir: Path, outcome: FileOutcome, heatmaps: tuple[str, ...], write_json: bool) -> None:
     """npy, ply, png, then the JSON last (its presence marks a complete set)."""
     r = outcome.result
-    stem = out_dir / outcome.stem
-    files = {"npy": stem.with_suffix(".npy")}
+
+    def place(suffix: str) -> Path:  # the stem may hold a dot (a.ply): append, never replace a suffix
+        return out_dir / f"{outcome.stem}{suffix}"
+
+    files = {"npy": place(".npy")}
     outputs.write_npy(files["npy"], r.scores_per_row())  # one per input row; NaN for dropped rows
     if "ply" in heatmaps:
-        files["ply"] = outputs.write_heatmap_ply(stem.with_suffix(".ply"), r.points, r.point_scores)
+        points = r.points if r.offset is None else r.points.astype(np.float64) + r.offset  # the scan's own frame
+        files["ply"] = outputs.write_heatmap_ply(place(".ply"), points, r.point_scores)
     if "png" in heatmaps:
         d = outcome.doc
         decision = f" - {d['decision']}" if d.get("decision") else ""
         title = f"{outcome.path.name}: object score {r.object_score:.3f}{decision}"
-        files["png"] = outputs.render_views(stem.with_suffix(".png"), r.points, r.point_scores, title=title,
+        files["png"] = outputs.render_views(place(".png"), r.points, r.point_scores, title=title,
                                             point_threshold=d["point_scores"]["point_threshold"])
     outcome.doc["outputs"] = {k: str(v) for k, v in files.items()}
     if write_json:
-        files["json"] = outputs.write_json(stem.with_suffix(".json"), outcome.doc)
+        files["json"] = outputs.write_json(place(".json"), outcome.doc)
     outcome.written = list(files.values())
 
 
@@ -150,6 +182,26 @@ def csv_row(outcome: FileOutcome) -> dict[str, Any]:
             "threshold": "" if d["threshold"] is None else d["threshold"]["value"], "points": d["points"],
             "anomalous_points": ps["anomalous_points"], "anomalous_fraction": f"{ps['anomalous_fraction']:.6f}",
             "score_max": f"{ps['max']:.6f}", "score_mean": f"{ps['mean']:.6f}", "total_ms": d["total_ms"], "error": ""}
+
+
+OUTPUT_SUFFIXES = (".npy", ".ply", ".png", ".json")
+
+
+def _infer(pipeline: Pipeline, ready: list[tuple[FileOutcome, Job]]) -> list[tuple[FileOutcome, Result]]:
+    """The engine on a batch; if the batch call fails, each scan alone, so that one scan the
+    engine cannot take costs only itself."""
+    if not ready:
+        return []
+    try:
+        return list(zip([oc for oc, _ in ready], pipeline.infer([job for _, job in ready], batch_size=len(ready))))
+    except Exception as exc:
+        if len(ready) == 1:
+            _fail(ready[0][0], exc, "engine failed: ")
+            return []
+    done = []
+    for item in ready:
+        done += _infer(pipeline, [item])
+    return done
 
 
 def _remove(paths: list[Path]) -> None:
@@ -176,32 +228,29 @@ def run_files(pipeline: Pipeline, files: list[Path], out_dir: Path, *, batch: in
         for oc in chunk:
             try:
                 ready.append((oc, pipeline.prepare(oc.path)))
-            except (BTPError, ValueError, OSError) as exc:
-                oc.error = describe_error(exc)
-        if ready:
+            except Exception as exc:  # one bad file never costs the others
+                _fail(oc, exc)
+        for oc, res in _infer(pipeline, ready):
+            oc.result = res
             try:
-                results = pipeline.infer([job for _, job in ready], batch_size=len(ready))
-            except (BTPError, ValueError, RuntimeError) as exc:
-                results = None
-                for oc, _ in ready:
-                    oc.error = f"engine failed: {describe_error(exc)}"
-            for (oc, _), res in zip(ready, results or []):
-                oc.result = res
                 oc.doc = result_doc(res, pipeline, oc.path, threshold, threshold_source, backend)
-                if not write:
-                    continue
-                try:
+                if write:
                     write_outcome(out_dir, oc, heatmaps, write_json=(fmt == "json"))
-                except BaseException as exc:
-                    _remove([out_dir / f"{oc.stem}{s}" for s in (".npy", ".ply", ".png", ".json")])
-                    if not isinstance(exc, (BTPError, OSError, ValueError)):
-                        raise
-                    oc.error, oc.result = f"writing outputs failed: {describe_error(exc)}", None
+            except BaseException as exc:  # a scan has a complete set of outputs or none
+                _remove([out_dir / f"{oc.stem}{s}" for s in OUTPUT_SUFFIXES])
+                if not isinstance(exc, Exception):
+                    raise
+                _fail(oc, exc, "writing outputs failed: ")
+        if write:
+            for oc in chunk:
+                if not oc.ok:  # a failed re-run leaves no outputs of an earlier run beside its error
+                    _remove([out_dir / f"{oc.stem}{s}" for s in OUTPUT_SUFFIXES])
+            if fmt == "csv":  # rewritten (atomically) after every batch: a kill loses the batch in flight at most
+                done = outcomes[:start + len(chunk)]
+                outputs.write_csv(out_dir / "results.csv", [csv_row(oc) for oc in done])
         for oc in chunk:
             if on_outcome is not None:
                 on_outcome(oc)
-    if write and fmt == "csv":
-        outputs.write_csv(out_dir / "results.csv", [csv_row(oc) for oc in outcomes])
     return outcomes
 
 

@@ -61,8 +61,12 @@ class OrtBackend:
                                f"{', '.join(available)}; use --backend ort-cpu or install onnxruntime-gpu")
         self.name = provider
         self.meta = meta
-        self.session = ort.InferenceSession(str(model_path), sess_options=session_options(threads),
-                                            providers=[p for p in wanted if p in available])
+        try:
+            self.session = ort.InferenceSession(str(model_path), sess_options=session_options(threads),
+                                                providers=[p for p in wanted if p in available])
+        except Exception as exc:  # onnxruntime's own InvalidGraph / Fail / NoSuchFile ...
+            raise BackendError(f"{model_path}: ONNX Runtime cannot load this model ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}); export it again with btp-export") from None
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_names = [i.name for i in self.session.get_inputs()]
         self._use_binding = provider != "ort-cpu"

@@ -1,0 +1,538 @@
+"""Reliability: one bad file never costs the others, and no silent wrong answers.
+
+One test per numbered case of the reliability issue, then a generated (fuzz) suite over every
+class of hostile input: each asserts the error type, the exit code, and that the good files of
+the same batch are bit-identical to a solo run. ``BTP_FUZZ_LONG=1`` runs the longer fuzz.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from btp.cli import app
+from btp.io import read_point_cloud, write_point_cloud
+from btp.io.errors import FileTooLargeError, InvalidValuesError, MalformedFileError, TruncatedFileError
+from btp.runtime import Pipeline
+from runtime_helpers import REAL_SHAPES, real_scan, tiny_export
+
+RUN = CliRunner()
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return tiny_export(tmp_path_factory)[0]
+
+
+@pytest.fixture(scope="module")
+def good_points(shapes_root):
+    return [real_scan(shapes_root, REAL_SHAPES[i % 3], 1200 + 100 * (i % 4), seed=i) for i in range(6)]
+
+
+def _pcd_header(n, data="binary", width=None):
+    width = n if width is None else width
+    return (f"# .PCD v0.7\nVERSION 0.7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\nWIDTH {width}\nHEIGHT 1\n"
+            f"VIEWPOINT 0 0 0 1 0 0 0\nPOINTS {n}\nDATA {data}\n").encode()
+
+
+def _ply(lines, body=b""):
+    return ("ply\n" + "\n".join(lines) + "\nend_header\n").encode() + body
+
+
+XYZ = ["property float x", "property float y", "property float z"]
+
+
+def hostile_files(pts: np.ndarray) -> dict[str, tuple[bytes | None, str]]:
+    """name -> (file bytes, the error type expected in the summary), one per class of case."""
+    rng = np.random.default_rng(0)
+    n = len(pts)
+    npy = {}
+    for name, array in (("huge.npy", pts * np.float32(1e30)), ("tiny_scale.npy", pts.astype(np.float64) * 1e-30),
+                        ("structured.npy", np.zeros(n, dtype=[("a", "f4"), ("b", "f4")])),
+                        ("strings.npy", np.array([["a", "b", "c"]] * n))):
+        from io import BytesIO
+
+        buf = BytesIO()
+        np.save(buf, array)
+        npy[name] = buf.getvalue()
+    return {
+        "random_payload.pcd": (_pcd_header(n) + rng.bytes(n * 12), "InvalidValuesError"),
+        "big_endian.pcd": (_pcd_header(n) + pts.astype(">f4").tobytes(), "InvalidValuesError"),
+        "huge.npy": (npy["huge.npy"], "InvalidValuesError"),
+        "tiny_scale.npy": (npy["tiny_scale.npy"], "InvalidValuesError"),
+        "structured.npy": (npy["structured.npy"], "MalformedFileError"),
+        "strings.npy": (npy["strings.npy"], "MalformedFileError"),
+        "prop_noname.ply": (_ply(["format binary_little_endian 1.0", f"element vertex {n}", "property float"],
+                                 pts.tobytes()), "MalformedFileError"),
+        "bare_prop.ply": (_ply(["format binary_little_endian 1.0", f"element vertex {n}", "property"], pts.tobytes()),
+                          "MalformedFileError"),
+        "format_noarg.ply": (_ply(["format", f"element vertex {n}", *XYZ], pts.tobytes()), "MalformedFileError"),
+        "neg_count.ply": (_ply(["format binary_little_endian 1.0", "element vertex -5", *XYZ], pts.tobytes()),
+                          "MalformedFileError"),
+        "trailing.ply": (_ply(["format binary_little_endian 1.0", f"element vertex {n}", *XYZ],
+                              pts.tobytes() + b"\0" * 100000), "MalformedFileError"),
+        "points_mismatch.pcd": (_pcd_header(n // 2) + pts.tobytes(), "MalformedFileError"),
+        "points_neg.pcd": (_pcd_header(-1) + pts.tobytes(), "MalformedFileError"),
+        "truncated.pcd": (_pcd_header(n) + pts.tobytes()[: n * 6], "TruncatedFileError"),
+        "identical.npy": (None, "DegenerateCloudError"),  # written below: one point repeated
+    }
+
+
+def write_hostile(d, pts) -> dict[str, str]:
+    d.mkdir(parents=True, exist_ok=True)
+    expected = {}
+    for name, (payload, error) in hostile_files(pts).items():
+        if payload is None:
+            np.save(d / name, np.repeat(pts[:1], len(pts), axis=0))
+        else:
+            (d / name).write_bytes(payload)
+        expected[name] = error
+    return expected
+
+
+def _summary(out) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+# ---- case 1: one bad file never aborts the batch ---------------------------------------------------
+
+def test_case1_hostile_files_are_contained_and_good_ones_equal_solo_runs(model_path, good_points, tmp_path):
+    d = tmp_path / "scans"
+    expected = write_hostile(d, good_points[0])
+    for i, pts in enumerate(good_points[:3]):
+        np.save(d / f"good{i}.npy", pts)
+    out = tmp_path / "out"
+    result = RUN.invoke(app, ["run", str(model_path), str(d), "--out", str(out), "--heatmap", "none", "--batch", "3"])
+    assert result.exit_code == 1, result.output
+    summary = _summary(out)
+    errors = {os.path.basename(f["file"]): f["error"] for f in summary["failed"]}
+    assert set(errors) == set(expected)
+    for name, error in expected.items():
+        assert errors[name].startswith(error), (name, errors[name])
+        assert "internal error" not in errors[name]
+    pipe = Pipeline(model_path)
+    for i, pts in enumerate(good_points[:3]):
+        solo = pipe(d / f"good{i}.npy")
+        np.testing.assert_array_equal(np.load(out / f"good{i}.npy"), solo.scores_per_row())
+
+
+def test_case1_an_unexpected_exception_is_an_internal_error_of_that_file(model_path, good_points, tmp_path,
+                                                                          monkeypatch):
+    from btp.runtime import pipeline as pipeline_mod
+
+    d = tmp_path / "scans"
+    d.mkdir()
+    np.save(d / "a.npy", good_points[0])
+    np.save(d / "b.npy", good_points[1])
+    real_load = pipeline_mod.load
+
+    def load(source, cfg):
+        if str(source).endswith("a.npy"):
+            raise KeyError("boom")  # nothing in btp raises this on purpose
+        return real_load(source, cfg)
+
+    monkeypatch.setattr(pipeline_mod, "load", load)
+    out = tmp_path / "out"
+    result = RUN.invoke(app, ["run", str(model_path), str(d), "--out", str(out), "--heatmap", "none", "--debug"])
+    assert result.exit_code == 1
+    failed = _summary(out)["failed"]
+    assert len(failed) == 1 and "internal error (KeyError" in failed[0]["error"] and "--debug" in failed[0]["error"]
+    assert "Traceback" in result.output  # --debug prints it
+    assert (out / "b.npy").is_file()
+
+
+def test_case1_calibrate_and_eval_contain_bad_files(model_path, good_points, tmp_path):
+    d = tmp_path / "good"
+    d.mkdir()
+    np.save(d / "g0.npy", good_points[0])
+    (d / "bad.ply").write_bytes(_ply(["format", "element vertex 3", *XYZ]))
+    side = tmp_path / "t.json"
+    result = RUN.invoke(app, ["calibrate", str(model_path), str(d), "-o", str(side)])
+    assert result.exit_code == 1 and side.is_file() and "MalformedFileError" in _flat(result.output)
+
+
+# ---- case 2: NaN / inf thresholds ------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_case2_non_finite_thresholds_are_refused(model_path, good_points, tmp_path, value):
+    d = tmp_path / "good"
+    d.mkdir()
+    np.save(d / "g0.npy", good_points[0])
+    result = RUN.invoke(app, ["calibrate", str(model_path), str(d), "-m", value, "-o", str(tmp_path / "t.json")])
+    assert result.exit_code == 2 and "finite" in _flat(result.output)
+    assert not (tmp_path / "t.json").exists()
+    result = RUN.invoke(app, ["run", str(model_path), str(d), "-t", value, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "finite" in _flat(result.output)
+
+
+def test_case2_sidecars_are_strict_json_and_validated_on_read(model_path, good_points, tmp_path):
+    from btp.runtime.calibration import CalibrationError, read_threshold
+
+    d = tmp_path / "good"
+    d.mkdir()
+    np.save(d / "g0.npy", good_points[0])
+    side = tmp_path / "t.json"
+    assert RUN.invoke(app, ["calibrate", str(model_path), str(d), "-o", str(side)]).exit_code == 0
+    doc = json.loads(side.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    doc["value"] = None
+    side.write_text(json.dumps(doc))
+    with pytest.raises(CalibrationError):
+        read_threshold(side)
+    out = tmp_path / "o"
+    RUN.invoke(app, ["run", str(model_path), str(d), "--out", str(out), "--heatmap", "none"])
+    for f in out.glob("*.json"):  # NaN values (e.g. a graph without a global head) are written as null
+        json.loads(f.read_text(), parse_constant=lambda c: pytest.fail(f"{f.name}: non-strict JSON {c}"))
+
+
+# ---- case 3: output names ----------------------------------------------------------------------------
+
+def test_case3_output_names_never_collide(model_path, good_points, tmp_path):
+    from btp.runtime.run import unique_stems
+
+    d = tmp_path / "scans"
+    d.mkdir()
+    names = ["a.pcd", "a.ply", "a-2.pcd", "summary.pcd", "results.npy", "A.npy"]
+    for i, name in enumerate(names):
+        write_point_cloud(d / name, good_points[i % 6]) if name.endswith((".pcd", ".ply")) else \
+            np.save(d / name, good_points[i % 6])
+    stems = unique_stems(sorted(d.iterdir()))
+    assert len({s.casefold() for s in stems}) == len(stems)
+    out = tmp_path / "out"
+    result = RUN.invoke(app, ["run", str(model_path), str(d), "--out", str(out), "--heatmap", "none"])
+    assert result.exit_code == 0, result.output
+    docs = [json.loads(p.read_text()) for p in out.glob("*.json") if p.name != "summary.json"]
+    assert sorted(os.path.basename(doc["file"]) for doc in docs) == sorted(names)
+    assert _summary(out)["succeeded"] == len(names)
+    pipe = Pipeline(model_path)
+    for doc in docs:
+        assert np.array_equal(np.load(doc["outputs"]["npy"]), pipe(doc["file"]).scores_per_row())
+
+
+# ---- case 4: truncation and header/data mismatch ------------------------------------------------------
+
+def test_case4_header_and_data_must_agree(good_points, tmp_path):
+    pts = good_points[0]
+    cases = {"short.pcd": (_pcd_header(len(pts)) + pts.tobytes()[:-100], TruncatedFileError),
+             "long.pcd": (_pcd_header(len(pts) // 2) + pts.tobytes(), MalformedFileError),
+             "neg.pcd": (_pcd_header(-1, width=-1) + pts.tobytes(), MalformedFileError),
+             "wh.pcd": (_pcd_header(len(pts), width=7) + pts.tobytes(), MalformedFileError),
+             "neg.ply": (_ply(["format binary_little_endian 1.0", "element vertex -3", *XYZ]), MalformedFileError),
+             "tail.ply": (_ply(["format binary_little_endian 1.0", f"element vertex {len(pts)}", *XYZ],
+                               pts.tobytes() + b"\0" * 12), MalformedFileError)}
+    faces_first = _ply(["format binary_little_endian 1.0", "element face 2", "property list uchar int vertex_indices",
+                        f"element vertex {len(pts)}", *XYZ],
+                       b"\x03" + struct.pack("<3i", 0, 1, 2) + b"\x03" + struct.pack("<3i", 1, 2, 3) + pts.tobytes())
+    cases["cut_after_faces.ply"] = (faces_first[:len(faces_first) // 3], TruncatedFileError)
+    for name, (payload, error) in cases.items():
+        (tmp_path / name).write_bytes(payload)
+        with pytest.raises(error):
+            read_point_cloud(tmp_path / name)
+
+
+# ---- case 5: large global coordinates ---------------------------------------------------------------
+
+def test_case5_a_part_far_from_the_origin_scores_as_at_the_origin(model_path, good_points, tmp_path):
+    part = good_points[0].astype(np.float64) * 50.0  # millimetres
+    far = part + np.array([5.0e6, 4.2e6, 1.3e5])  # a UTM-like offset
+    np.save(tmp_path / "origin.npy", part)
+    np.save(tmp_path / "far.npy", far)
+    pipe = Pipeline(model_path)
+    a, b = pipe(tmp_path / "origin.npy"), pipe(tmp_path / "far.npy")
+    assert abs(a.object_score - b.object_score) <= 1e-5
+    assert np.abs(a.point_scores - b.point_scores).max() <= 1e-5
+    assert b.offset is not None and np.allclose(b.points.astype(np.float64) + b.offset, far, atol=1e-3)
+    c = pipe(far)  # an array handed in directly gets the same treatment
+    assert np.abs(c.point_scores - b.point_scores).max() <= 1e-5
+    out = tmp_path / "out"
+    RUN.invoke(app, ["run", str(model_path), str(tmp_path / "far.npy"), "--out", str(out)])
+    written = read_point_cloud(out / "far.ply").points  # the heat map is in the scan's own frame
+    assert np.allclose(written, far, atol=1.0)
+
+
+# ---- case 6: unusable output places ------------------------------------------------------------------
+
+def test_case6_output_places_that_cannot_take_outputs_exit_2(model_path, good_points, tmp_path):
+    np.save(tmp_path / "g.npy", good_points[0])
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    places = [a_file, "/dev/null"] + ([read_only] if os.geteuid() != 0 else [])  # root writes anywhere
+    for place in places:
+        result = RUN.invoke(app, ["run", str(model_path), str(tmp_path / "g.npy"), "--out", str(place)])
+        assert result.exit_code == 2, (place, result.output)
+        assert "--out" in _flat(result.output)
+    result = RUN.invoke(app, ["calibrate", str(model_path), str(tmp_path / "g.npy"), "-o", str(tmp_path)])
+    assert result.exit_code == 2 and "is a directory" in _flat(result.output)
+
+
+def test_case6_disk_full_while_writing_the_summary(model_path, good_points, tmp_path, monkeypatch):
+    from btp.runtime import outputs
+
+    np.save(tmp_path / "g.npy", good_points[0])
+    real = outputs.atomic_write_bytes
+
+    def full(path, payload):
+        if str(path).endswith("summary.json"):
+            raise OSError(28, "No space left on device")
+        return real(path, payload)
+
+    monkeypatch.setattr(outputs, "atomic_write_bytes", full)
+    out = tmp_path / "out"
+    result = RUN.invoke(app, ["run", str(model_path), str(tmp_path / "g.npy"), "--out", str(out)])
+    assert result.exit_code == 2 and "No space left" in _flat(result.output)
+    assert (out / "g.npy").is_file() and (out / "g.json").is_file()
+
+
+# ---- case 7: metadata checked against the graph -----------------------------------------------------------
+
+def test_case7_metadata_that_does_not_fit_the_graph_is_refused_with_exit_2(model_path, good_points, tmp_path):
+    import onnx
+
+    np.save(tmp_path / "g.npy", good_points[0])
+    proto = onnx.load(str(model_path))
+    doc = json.loads(next(p.value for p in proto.metadata_props if p.key == "btp"))
+    variants = {}
+    wrong_g = json.loads(json.dumps(doc))
+    wrong_g["config"]["encoder"]["num_group"] = 16
+    variants["wrong_g"] = wrong_g
+    null_model = json.loads(json.dumps(doc))
+    null_model["model"] = None
+    variants["null_model"] = null_model
+    for name, meta in variants.items():
+        m = onnx.load(str(model_path))
+        next(p for p in m.metadata_props if p.key == "btp").value = json.dumps(meta)
+        onnx.save(m, str(tmp_path / f"{name}.onnx"))
+    other_outputs = onnx.load(str(model_path))
+    for o in other_outputs.graph.output:
+        o.name = "renamed_" + o.name
+    for node in other_outputs.graph.node:
+        node.output[:] = ["renamed_" + x if x in ("patch_probs", "object_score", "patch_logits", "global_prob")
+                          else x for x in node.output]
+    onnx.save(other_outputs, str(tmp_path / "other_outputs.onnx"))
+    (tmp_path / "garbage.onnx").write_bytes(b"\x08\x07" + os.urandom(200))
+    for name, expect in (("wrong_g", "G=16"), ("other_outputs", "no output 'patch_probs'"),
+                         ("garbage", "not an ONNX model")):
+        result = RUN.invoke(app, ["run", str(tmp_path / f"{name}.onnx"), str(tmp_path / "g.npy"),
+                                  "--out", str(tmp_path / name)])
+        assert result.exit_code == 2, (name, result.output)
+        assert expect in _flat(result.output), (name, result.output)
+    result = RUN.invoke(app, ["run", str(tmp_path / "null_model.onnx"), str(tmp_path / "g.npy"),
+                              "--out", str(tmp_path / "nm")])
+    assert result.exit_code == 0, result.output  # "model": null is read as no model info, not a crash
+
+
+# ---- case 8: thread counts ------------------------------------------------------------------------------
+
+def test_case8_threads_are_bounded(model_path, good_points, tmp_path):
+    np.save(tmp_path / "g.npy", good_points[0])
+    for value in ("0", "-3", "100000"):
+        result = RUN.invoke(app, ["run", str(model_path), str(tmp_path / "g.npy"), "--threads", value,
+                                  "--out", str(tmp_path / "o")])
+        assert result.exit_code == 2 and "--threads" in _flat(result.output), value
+    assert not (tmp_path / "o").exists()
+
+
+# ---- case 9: CSV written as it goes; stale outputs removed ------------------------------------------------
+
+def test_case9_csv_is_written_after_every_batch_and_stale_outputs_go(model_path, good_points, tmp_path, monkeypatch):
+    from btp.runtime import run as run_mod
+
+    d = tmp_path / "scans"
+    d.mkdir()
+    for i in range(4):
+        np.save(d / f"s{i}.npy", good_points[i])
+    out = tmp_path / "out"
+    seen = []
+    real = run_mod.outputs.write_csv
+
+    def spy(path, rows):
+        seen.append(len(rows))
+        return real(path, rows)
+
+    monkeypatch.setattr(run_mod.outputs, "write_csv", spy)
+    assert RUN.invoke(app, ["run", str(model_path), str(d), "--out", str(out), "-f", "csv"]).exit_code == 0
+    assert seen == [1, 2, 3, 4]  # a kill after scan k leaves a complete results.csv of k rows
+    assert (out / "s1.npy").is_file()
+    (d / "s1.npy").write_bytes(b"\x93NUMPY broken")  # the same stem fails on a re-run
+    assert RUN.invoke(app, ["run", str(model_path), str(d), "--out", str(out), "-f", "csv"]).exit_code == 1
+    assert not (out / "s1.npy").exists() and not (out / "s1.ply").exists()
+
+
+# ---- case 10: resource exhaustion -------------------------------------------------------------------------
+
+def test_case10_lzf_stops_at_the_declared_size():
+    from btp.io.pcd import lzf_decompress
+
+    bomb = b"\x00a" + b"\xe0\xff\x00" * 2000  # one literal, then back-references of 264 bytes each
+    with pytest.raises(ValueError, match="declared size"):
+        lzf_decompress(bomb, 1000)
+
+
+def test_case10_sizes_are_checked_before_reading(tmp_path, monkeypatch):
+    sparse = tmp_path / "sparse.npy"
+    with open(sparse, "wb") as fh:
+        fh.truncate(64 << 20)
+    monkeypatch.setenv("BTP_MAX_FILE_BYTES", str(32 << 20))
+    with pytest.raises(FileTooLargeError, match="BTP_MAX_FILE_BYTES"):
+        read_point_cloud(sparse)
+    monkeypatch.delenv("BTP_MAX_FILE_BYTES")
+    monkeypatch.setenv("BTP_MAX_POINTS", "1000000")
+    huge = tmp_path / "zeros.npz"
+    np.savez_compressed(huge, points=np.zeros((2_000_000, 3), np.float32))  # ~24 MB of zeros, ~30 KB on disk
+    with pytest.raises(FileTooLargeError, match="2000000 points"):
+        read_point_cloud(huge)
+    (tmp_path / "fifo.pcd").unlink(missing_ok=True)
+    os.mkfifo(tmp_path / "fifo.pcd")
+    from btp.io.errors import MissingFileError
+
+    with pytest.raises(MissingFileError, match="not a regular file"):
+        read_point_cloud(tmp_path / "fifo.pcd")
+
+
+def test_case10_identical_points_are_refused_at_once(model_path, tmp_path):
+    from btp.geometry.errors import DegenerateCloudError
+
+    pipe = Pipeline(model_path)
+    with pytest.raises(DegenerateCloudError, match="coincide"):
+        pipe(np.ones((2_000_000, 3), np.float32))  # O(M) check before any FPS
+
+
+# ---- case 11: messages ----------------------------------------------------------------------------------
+
+def test_case11_messages_say_what_is_wrong(model_path, good_points, tmp_path):
+    pipe = Pipeline(model_path)
+    tiny = good_points[0] * np.float32(1e-30)
+    with pytest.raises(InvalidValuesError, match="rescale"):
+        pipe(tiny)
+    np.savez(tmp_path / "objects.npz", points=np.array([object()] * 3000), allow_pickle=True)
+    with pytest.raises(MalformedFileError, match="Python objects"):
+        read_point_cloud(tmp_path / "objects.npz")
+    np.save(tmp_path / "few.npy", good_points[0][:10])
+    with pytest.raises(Exception) as err:
+        pipe(tmp_path / "few.npy")
+    assert "few.npy" in str(err.value)
+
+
+def test_case11_eval_lists_bad_samples_and_labels_outside_0_1(tmp_path, shapes_root):
+    from btp.config import PreprocessConfig
+    from btp.eval.evaluate import evaluate
+    from btp.train.synth import SynthConfig, SynthPlan, write_dataset
+
+    root = tmp_path / "ds"
+    write_dataset(shapes_root, root, ["spot"], SynthPlan(per_class_train=0, per_class_test_good=2,
+                                                         per_class_test_bad=2, seed=1), SynthConfig(num_points=1024))
+    victim = sorted((root / "spot" / "GT").glob("*.txt"))[0]
+    rows = np.loadtxt(victim)
+    rows[:, -1] = 7  # a label that is neither 0 nor 1
+    np.savetxt(victim, rows)
+    report = evaluate(root, preprocess=PreprocessConfig(num_points=256))
+    failed = report["data"]["failed"]
+    assert len(failed) == 1 and "outside {0, 1}" in failed[0]["error"], failed
+    assert sum(c["good"] + c["bad"] for c in report["data"]["samples"].values()) == 3
+
+
+# ---- fuzz ------------------------------------------------------------------------------------------------
+
+def _mutations(pts: np.ndarray, rng: np.random.Generator, n: int):
+    """Generated hostile inputs of every class above: cuts, header lines missing words, counts that
+    disagree with the data, trailing bytes, absurd magnitudes, odd dtypes, junk text, bad LZF."""
+    m = len(pts)
+    ply_lines = ["format binary_little_endian 1.0", f"element vertex {m}", *XYZ]
+    for i in range(n):
+        kind = i % 8
+        if kind == 0:  # cut anywhere
+            base = _pcd_header(m) + pts.tobytes() if rng.random() < 0.5 else _ply(ply_lines, pts.tobytes())
+            yield (".pcd" if base.startswith(b"#") else ".ply"), base[:int(rng.integers(1, len(base)))]
+        elif kind == 1:  # a header line loses its last word(s)
+            lines = list(ply_lines)
+            j = int(rng.integers(0, len(lines)))
+            lines[j] = " ".join(lines[j].split()[:int(rng.integers(0, len(lines[j].split())))])
+            yield ".ply", _ply(lines, pts.tobytes())
+        elif kind == 2:  # counts that disagree with the data
+            count = int(rng.choice([-1, 0, m // 3, m + 7, 2 ** 40]))
+            if rng.random() < 0.5:
+                yield ".pcd", _pcd_header(count) + pts.tobytes()
+            else:
+                yield ".ply", _ply(["format binary_little_endian 1.0", f"element vertex {count}", *XYZ], pts.tobytes())
+        elif kind == 3:  # trailing bytes
+            yield ".ply", _ply(ply_lines, pts.tobytes() + rng.bytes(int(rng.integers(1, 5000))))
+        elif kind == 4:  # absurd magnitudes (float32 overflow / underflow of distances)
+            scale = 10.0 ** float(rng.choice([-36, -30, -20, 20, 30, 37]))
+            yield ".npy", _npy((pts.astype(np.float64) * scale).astype(rng.choice([np.float32, np.float64])))
+        elif kind == 5:  # odd dtypes
+            odd = [np.zeros(m, dtype=[("a", "f4"), ("b", "f4")]), np.array([["1", "2", "3"]] * m),
+                   (pts * 1j).astype(np.complex64)]
+            yield ".npy", _npy(odd[int(rng.integers(0, len(odd)))])
+        elif kind == 6:  # text with junk
+            lines = [" ".join(str(v) for v in row) for row in pts[:int(rng.integers(1, 600))]]
+            lines.insert(int(rng.integers(0, len(lines))), str(rng.choice(["nan nan", "1 2 x", "", "1e999 0 0"])))
+            yield ".xyz", "\n".join(lines).encode()
+        else:  # compressed PCD with a corrupt block
+            payload = zlib.compress(pts.tobytes())[:100]
+            header = _pcd_header(m, data="binary_compressed")
+            yield ".pcd", header + struct.pack("<II", len(payload), m * 12) + payload
+
+
+def _npy(array: np.ndarray) -> bytes:
+    from io import BytesIO
+
+    buf = BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("count", [60] + ([600] if os.environ.get("BTP_FUZZ_LONG") else []))
+def test_fuzz_every_generated_file_is_contained(model_path, good_points, tmp_path, count):
+    rng = np.random.default_rng(count)
+    d = tmp_path / "scans"
+    d.mkdir()
+    for i, (suffix, payload) in enumerate(_mutations(good_points[1], rng, count)):
+        (d / f"fuzz{i:04d}{suffix}").write_bytes(payload)
+    for i in range(3):
+        np.save(d / f"zz_good{i}.npy", good_points[i])
+    out = tmp_path / "out"
+    result = RUN.invoke(app, ["run", str(model_path), str(d), "--out", str(out), "--heatmap", "none", "--batch", "4"])
+    assert result.exit_code in (0, 1), result.output
+    summary = _summary(out)
+    assert summary["files"] == count + 3
+    assert all("internal error" not in f["error"] for f in summary["failed"]), summary["failed"]
+    pipe = Pipeline(model_path)
+    for i in range(3):
+        np.testing.assert_array_equal(np.load(out / f"zz_good{i}.npy"), pipe(d / f"zz_good{i}.npy").scores_per_row())
+
+
+def test_two_hundred_scans_with_ten_hostile_ones(model_path, shapes_root, tmp_path):
+    """The acceptance run: 190 good scans are scored as in solo runs, the 10 hostile ones listed, exit 1."""
+    d = tmp_path / "scans"
+    pts = real_scan(shapes_root, REAL_SHAPES[0], 1200, seed=0)
+    expected = write_hostile(tmp_path / "hostile", pts)
+    hostile = sorted(expected)[:10]
+    for name in hostile:
+        d.mkdir(exist_ok=True)
+        (tmp_path / "hostile" / name).rename(d / name)
+    goods = []
+    for i in range(190):
+        name = f"part{i:03d}.npy"
+        np.save(d / name, real_scan(shapes_root, REAL_SHAPES[i % 3], 600 + (i % 7) * 50, seed=100 + i))
+        goods.append(name)
+    out = tmp_path / "out"
+    result = RUN.invoke(app, ["run", str(model_path), str(d), "--out", str(out), "--heatmap", "none", "--batch", "8"])
+    assert result.exit_code == 1, result.output
+    summary = _summary(out)
+    assert summary["succeeded"] == 190 and sorted(os.path.basename(f["file"]) for f in summary["failed"]) == hostile
+    assert all(f["error"] for f in summary["failed"])
+    pipe = Pipeline(model_path)
+    for name in goods:
+        np.testing.assert_array_equal(np.load(out / name.replace(".npy", ".npy")), pipe(d / name).scores_per_row())
