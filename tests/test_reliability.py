@@ -232,7 +232,10 @@ def test_case4_header_and_data_must_agree(good_points, tmp_path):
     faces_first = _ply(["format binary_little_endian 1.0", "element face 2", "property list uchar int vertex_indices",
                         f"element vertex {len(pts)}", *XYZ],
                        b"\x03" + struct.pack("<3i", 0, 1, 2) + b"\x03" + struct.pack("<3i", 1, 2, 3) + pts.tobytes())
-    cases["cut_after_faces.ply"] = (faces_first[:len(faces_first) // 3], TruncatedFileError)
+    cases["cut_in_faces.ply"] = (faces_first[:len(faces_first) // 3], TruncatedFileError)
+    cases["cut_in_vertices.ply"] = (faces_first[:-20], TruncatedFileError)  # faces complete, vertices short
+    (tmp_path / "whole.ply").write_bytes(faces_first)
+    np.testing.assert_array_equal(read_point_cloud(tmp_path / "whole.ply").points, pts)
     for name, (payload, error) in cases.items():
         (tmp_path / name).write_bytes(payload)
         with pytest.raises(error):

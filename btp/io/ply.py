@@ -1,10 +1,10 @@
 """``.ply`` files: header parsing (to catch truncation), vertex reading, binary writer.
 
 Vertices are read with numpy directly - exact, fast, and extra vertex properties such as
-``label`` are kept: binary PLY whose elements before and including ``vertex`` have only scalar
-properties (every point cloud and most meshes), and ascii PLY (one line per element instance).
-Only a binary PLY with list properties before its vertices goes through open3d (whose reader
-zero-fills a truncated file without saying so; there the caller checks what it can).
+``label`` are kept: binary PLY (elements before the vertices with list properties, e.g. faces
+written first, are walked row by row to find the vertices, so truncation is always detected) and
+ascii PLY (one line per element instance). Only a PLY whose vertex element itself has list
+properties goes through open3d.
 Torch-free.
 """
 from __future__ import annotations
@@ -30,6 +30,8 @@ class PLYElement:
     count: int
     properties: list[tuple[str, str]] = field(default_factory=list)  # (name, ply type)
     has_list: bool = False
+    # per property: (name, count type, item type) for lists, (name, None, byte size) for scalars
+    list_types: list[tuple[str, str | None, object]] = field(default_factory=list)
 
 
 @dataclass
@@ -75,30 +77,36 @@ def read_header(path: Path, raw: bytes) -> PLYHeader:
                 if len(words) != 5:
                     raise MalformedFileError(path, f"bad PLY list property {line!r}: expected "
                                                    "'property list <count type> <item type> <name>'")
+                if words[2] not in _PLY_TYPES or words[3] not in _PLY_TYPES:
+                    raise MalformedFileError(path, f"unknown PLY type in list property {line!r}")
                 elements[-1].has_list = True
                 elements[-1].properties.append((words[-1], "list"))
+                elements[-1].list_types.append((words[-1], words[2], words[3]))
             else:
                 if len(words) != 3:
                     raise MalformedFileError(path, f"bad PLY property line {line!r}: expected 'property <type> <name>'")
                 if words[1] not in _PLY_TYPES:
                     raise MalformedFileError(path, f"unknown PLY property type {words[1]!r} in {line!r}")
                 elements[-1].properties.append((words[2], words[1]))
+                elements[-1].list_types.append((words[2], None, np.dtype(_PLY_TYPES[words[1]]).itemsize))
     if fmt not in ("ascii", "binary_little_endian", "binary_big_endian"):
         raise MalformedFileError(path, f"PLY format {fmt!r}: expected ascii or binary_little/big_endian")
     return PLYHeader(fmt, elements, data_offset)
 
 
 def read_binary_vertices(path: Path, raw: bytes, header: PLYHeader) -> np.ndarray | None:
-    """Binary vertex records as a structured array ``[V]``, or ``None`` when numpy cannot read them directly."""
+    """Binary vertex records as a structured array ``[V]`` (None: ascii, or list properties in the
+    vertex element itself). Elements before the vertices that have list properties (faces written
+    first) are walked row by row to find where the vertices start, so the size check is exact."""
     if header.format == "ascii":
         return None
     endian = "<" if header.format == "binary_little_endian" else ">"
     offset = header.data_offset
     for element in header.elements:
-        if element.has_list:
-            return None
-        dtype = np.dtype([(name, endian + _PLY_TYPES[typ]) for name, typ in element.properties])
         if element.name == "vertex":
+            if element.has_list:
+                return None
+            dtype = np.dtype([(name, endian + _PLY_TYPES[typ]) for name, typ in element.properties])
             need = element.count * dtype.itemsize
             have = len(raw) - offset
             if have < need:
@@ -107,8 +115,56 @@ def read_binary_vertices(path: Path, raw: bytes, header: PLYHeader) -> np.ndarra
                           f"follow ({have // max(dtype.itemsize, 1)} whole vertices): re-copy the file")
             _check_trailing(path, header, len(raw))
             return np.frombuffer(raw, dtype=dtype, count=element.count, offset=offset).copy()
-        offset += element.count * dtype.itemsize
+        offset = _skip_element(path, raw, element, offset, endian)
     return None
+
+
+def _skip_element(path: Path, raw: bytes, element: PLYElement, offset: int, endian: str) -> int:
+    """The byte offset after ``element``'s rows (list properties: a count, then that many items)."""
+    if not element.has_list:
+        dtype = np.dtype([(name, endian + _PLY_TYPES[typ]) for name, typ in element.properties])
+        return offset + element.count * dtype.itemsize
+    parts = [(typ, item) for _, typ, item in element.list_types] if element.list_types else None
+    if parts is None:
+        raise MalformedFileError(path, f"PLY element {element.name!r}: list property types unknown")
+    size = len(raw)
+    fast = _constant_rows(raw, element, parts, offset, endian)
+    if fast is not None:
+        return fast
+    for _ in range(element.count):
+        for typ, item in parts:
+            if typ is None:  # a scalar property of `item` bytes
+                offset += item
+                continue
+            count_dtype, item_dtype = np.dtype(endian + _PLY_TYPES[typ]), np.dtype(endian + _PLY_TYPES[item])
+            if offset + count_dtype.itemsize > size:
+                raise TruncatedFileError(path, f"binary PLY ends inside its {element.name!r} element: re-copy the file")
+            n = int(np.frombuffer(raw, dtype=count_dtype, count=1, offset=offset)[0])
+            if n < 0:
+                raise MalformedFileError(path, f"binary PLY: a negative list length in element {element.name!r}")
+            offset += count_dtype.itemsize + n * item_dtype.itemsize
+    if offset > size:
+        raise TruncatedFileError(path, f"binary PLY ends inside its {element.name!r} element: re-copy the file")
+    return offset
+
+
+def _constant_rows(raw: bytes, element: PLYElement, parts, offset: int, endian: str) -> int | None:
+    """The end offset of an element with one list property whose every row has the first row's
+    length (triangle meshes), found with one strided read; None when the rows differ."""
+    lists = [(typ, item) for typ, item in parts if typ is not None]
+    if len(lists) != 1 or element.count == 0:
+        return None
+    before = sum(item for typ, item in parts[:[t for t, _ in parts].index(lists[0][0])] if typ is None)
+    count_dtype, item_dtype = np.dtype(endian + _PLY_TYPES[lists[0][0]]), np.dtype(endian + _PLY_TYPES[lists[0][1]])
+    if offset + before + count_dtype.itemsize > len(raw):
+        return None
+    first = int(np.frombuffer(raw, dtype=count_dtype, count=1, offset=offset + before)[0])
+    row = sum(item for typ, item in parts if typ is None) + count_dtype.itemsize + first * item_dtype.itemsize
+    end = offset + element.count * row
+    if first < 0 or end > len(raw):
+        return None
+    counts = np.ndarray((element.count,), dtype=count_dtype, buffer=raw, offset=offset + before, strides=(row,))
+    return end if bool((counts == first).all()) else None
 
 
 def _check_trailing(path: Path, header: PLYHeader, size: int) -> None:
