@@ -539,3 +539,33 @@ def test_two_hundred_scans_with_ten_hostile_ones(model_path, shapes_root, tmp_pa
     pipe = Pipeline(model_path)
     for name in goods:
         np.testing.assert_array_equal(np.load(out / name.replace(".npy", ".npy")), pipe(d / name).scores_per_row())
+
+
+# ---- reading ahead of the engine ------------------------------------------------------------------------
+
+def test_prefetch_gives_the_serial_outputs_in_input_order(model_path, good_points, tmp_path):
+    from btp.runtime.run import run_files
+
+    d = tmp_path / "scans"
+    write_hostile(d, good_points[0])
+    for i, pts in enumerate(good_points):
+        np.save(d / f"good{i}.npy", pts)
+    files = sorted(d.iterdir())
+    pipe = Pipeline(model_path)
+    serial = run_files(pipe, files, tmp_path / "serial", heatmaps=(), prefetch=0, batch=2)
+    ahead = run_files(pipe, files, tmp_path / "ahead", heatmaps=(), prefetch=3, batch=2)
+    assert [o.path for o in ahead] == files == [o.path for o in serial]
+    assert [o.error for o in ahead] == [o.error for o in serial]
+    for o in serial:
+        if o.ok:
+            np.testing.assert_array_equal(np.load(tmp_path / "ahead" / f"{o.stem}.npy"),
+                                          np.load(tmp_path / "serial" / f"{o.stem}.npy"))
+
+
+def test_bench_throughput_reports_both_modes(model_path, tmp_path):
+    result = RUN.invoke(app, ["bench", "throughput", str(model_path), "--files", "4", "--points", "1500",
+                              "--repeats", "1", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(next(tmp_path.glob("throughput-*.json")).read_text())
+    assert data["outputs_identical"] and data["median_scans_per_s"]["serial"] > 0 and data["ratio"] > 0
+    assert "scans/s" in next(tmp_path.glob("throughput-*.md")).read_text()

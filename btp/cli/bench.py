@@ -248,6 +248,26 @@ def render(
 
 
 @app.command()
+def throughput(
+    model: Path = typer.Argument(..., exists=True, dir_okay=False, help="model.onnx (from btp-export)"),
+    files: int = typer.Option(100, min=2, help="scan files written for the run"),
+    points: int = typer.Option(40000, min=64, help="points per scan (sampled from real meshes)"),
+    prefetch: int = typer.Option(2, min=1, help="files read ahead in the overlapped run"),
+    repeats: int = typer.Option(3, min=1, help="runs of each mode, alternated (the median is reported)"),
+    out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
+) -> None:
+    """btp-run on a folder of scans: scans/s of the serial loop against reading/preprocessing ahead
+    of the engine (run_files(prefetch=...)); both runs' outputs must be identical."""
+    from btp.benchmarks import report as rep
+    from btp.benchmarks.throughput import run_throughput, throughput_markdown
+
+    data = run_throughput(model, files=files, points=points, prefetch=prefetch, repeats=repeats, progress=_say)
+    base = Path(out or rep.RESULTS_DIR) / rep.stem("throughput", data["machine"])
+    _print_paths([rep.write_json(base.with_suffix(".json"), data),
+                  rep.write_text(base.with_suffix(".md"), throughput_markdown(data))])
+
+
+@app.command()
 def table(
     results: Path = typer.Option(None, help="results folder (default benchmarks/results/)"),
     out: Path = typer.Option(None, help="output (default <results>/README-table.md)"),

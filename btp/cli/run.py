@@ -62,6 +62,9 @@ def run(
                                    "than N points is reduced to N on the CPU (exact: the reference FPS and tie "
                                    "rules, as the CUDA kernels run them)."),
     force_threads: bool = typer.Option(False, "--force-threads", help="Allow --threads above this machine's cores."),
+    prefetch: int = typer.Option(2, "--prefetch", min=0, max=64, help="Files read and preprocessed ahead on a "
+                                 "reader thread while the engine runs, outputs written on a writer thread (0: all "
+                                 "one after the other; same outputs, same order)."),
     debug: bool = typer.Option(False, "--debug", help="Print the traceback of an internal error (the run goes on)."),
 ) -> None:
     """Score point clouds: per scan an object score (+ decision), <stem>.npy with one score per input
@@ -135,7 +138,7 @@ def run(
     try:
         outcomes = run_files(pipeline, files, out, batch=batch, threshold=threshold,
                              threshold_source=source if threshold is not None else None, fmt=fmt,
-                             heatmaps=heatmaps, backend=backend, on_outcome=say)
+                             heatmaps=heatmaps, backend=backend, prefetch=prefetch, on_outcome=say)
     except KeyboardInterrupt:
         console.print("[red]btp run: interrupted; every output written so far is complete")
         raise typer.Exit(code=130) from None

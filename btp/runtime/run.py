@@ -209,28 +209,97 @@ def _remove(paths: list[Path]) -> None:
         Path(p).unlink(missing_ok=True)
 
 
+class _Prefetch:
+    """``pipeline.prepare`` of the files ahead, on a reader thread: a bounded producer/consumer.
+
+    Up to ``depth`` files are read and preprocessed (numpy, pykdtree and the file reads release
+    the GIL) while the caller's thread runs the engine, the way back and the writes of the ones
+    before; results come back in input order, an exception of one file as that file's result."""
+
+    def __init__(self, pipeline: Pipeline, paths: list[Path], depth: int) -> None:
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pipeline, self._paths, self._depth = pipeline, list(paths), depth
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btp-read") if depth else None
+        self._ahead: deque = deque()
+        self._next = 0
+
+    def _fill(self) -> None:
+        while self._pool is not None and len(self._ahead) < self._depth and self._next < len(self._paths):
+            self._ahead.append(self._pool.submit(self._pipeline.prepare, self._paths[self._next]))
+            self._next += 1
+
+    def take(self) -> Job:
+        """The next file's Job (raises that file's error)."""
+        if self._pool is None:
+            path, self._next = self._paths[self._next], self._next + 1
+            return self._pipeline.prepare(path)
+        self._fill()
+        future = self._ahead.popleft()
+        self._fill()  # keep the reader busy while the caller waits on this one
+        return future.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            for future in self._ahead:
+                future.cancel()
+            self._pool.shutdown(wait=True)
+
+
 def run_files(pipeline: Pipeline, files: list[Path], out_dir: Path, *, batch: int = 1,
               threshold: float | None = None, threshold_source: str | None = None, fmt: str = "json",
               heatmaps: tuple[str, ...] = ("ply",), backend: str = "ort-cpu", write: bool = True,
+              prefetch: int = 2,
               on_outcome: Callable[[FileOutcome], None] | None = None) -> list[FileOutcome]:
     """Score ``files`` ``batch`` at a time; one FileOutcome per file, in input order.
 
     A scan that fails (unreadable, empty, NaN-only, too few points, engine error) gets
     ``error`` and no outputs; if writing a scan's outputs fails half-way, the files already
     written for it are removed, so a scan has a complete set of outputs or none.
+    ``prefetch``: files read and preprocessed ahead on a reader thread while the engine runs, and
+    each batch's outputs written on a writer thread while the engine takes the next one (0 = all
+    one after the other); the outputs and their order are the same either way.
     """
     heatmaps = tuple(h for h in heatmaps if h != "none")
     stems = unique_stems(files)
     outcomes = [FileOutcome(p, s) for p, s in zip(files, stems)]
-    for start in range(0, len(outcomes), max(batch, 1)):
-        chunk = outcomes[start:start + max(batch, 1)]
-        ready: list[tuple[FileOutcome, Job]] = []
-        for oc in chunk:
-            try:
-                ready.append((oc, pipeline.prepare(oc.path)))
-            except Exception as exc:  # one bad file never costs the others
-                _fail(oc, exc)
-        for oc, res in _infer(pipeline, ready):
+    reader = _Prefetch(pipeline, files, max(prefetch, batch) if prefetch else 0)
+    try:
+        _run_chunks(pipeline, outcomes, reader, out_dir, batch=batch, threshold=threshold,
+                    threshold_source=threshold_source, fmt=fmt, heatmaps=heatmaps, backend=backend, write=write,
+                    on_outcome=on_outcome, overlap=prefetch > 0)
+    finally:
+        reader.close()
+    return outcomes
+
+
+class _Inline:
+    """The serial loop's stand-in for the writer thread: runs each batch's writes at once."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        done: Future = Future()
+        done.set_result(fn(*args))
+        return done
+
+
+def _run_chunks(pipeline, outcomes, reader, out_dir, *, batch, threshold, threshold_source, fmt, heatmaps, backend,
+                write, on_outcome, overlap) -> None:
+    """Read ahead (``reader``) -> engine on this thread -> the outputs of each batch written on a
+    writer thread (in input order) while the engine takes the next batch; ``overlap=False``: all
+    of it one after the other on this thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def finish(start: int, chunk: list[FileOutcome], scored: list[tuple[FileOutcome, Result]]) -> None:
+        for oc, res in scored:
             oc.result = res
             try:
                 oc.doc = result_doc(res, pipeline, oc.path, threshold, threshold_source, backend)
@@ -251,7 +320,25 @@ def run_files(pipeline: Pipeline, files: list[Path], out_dir: Path, *, batch: in
         for oc in chunk:
             if on_outcome is not None:
                 on_outcome(oc)
-    return outcomes
+
+    pending = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="btp-write") if overlap else _Inline() as writer:
+        try:
+            for start in range(0, len(outcomes), max(batch, 1)):
+                chunk = outcomes[start:start + max(batch, 1)]
+                ready: list[tuple[FileOutcome, Job]] = []
+                for oc in chunk:
+                    try:
+                        ready.append((oc, reader.take()))
+                    except Exception as exc:  # one bad file never costs the others
+                        _fail(oc, exc)
+                scored = _infer(pipeline, ready)
+                pending.append(writer.submit(finish, start, chunk, scored))
+                while len(pending) > 1:  # at most one batch waits for its writes
+                    pending.pop(0).result()
+        finally:
+            for future in pending:
+                future.result()
 
 
 def summary_doc(outcomes: list[FileOutcome], pipeline: Pipeline) -> dict[str, Any]:
