@@ -89,6 +89,21 @@ def evaluate_goals(latency: dict, ops_summary: Sequence[dict] | None = None, flo
         goals.append(Goal(f"{large // 1000}k-point scan vs 2048 (ORT CPU e2e)", "<= 1.50x", "not measured", None,
                           1.5, None, f"needs ort-cpu rows at {small} and {large} points"))
 
+    # 3b. the 5M-point scan: time and memory (only when the run has that size)
+    huge = 5_000_000
+    ort_huge = _row(results, "ort-cpu", huge)
+    if ort_small and ort_huge:
+        a, b = _p50(ort_small, "end_to_end"), _p50(ort_huge, "end_to_end")
+        ratio = b / a
+        goals.append(Goal("5M-point scan vs 2048 (ORT CPU e2e)", "<= 8.00x", f"{b:.0f} ms / {a:.1f} ms = {ratio:.1f}x",
+                          ratio, 8.0, ratio <= 8.0,
+                          "" if ratio <= 8.0 else f"over by {ratio / 8.0:.2f}x: must take <= {8 * a:.0f} ms"))
+        rss = ort_huge.get("peak_rss_mb")
+        if rss is not None:
+            goals.append(Goal("5M-point scan peak RSS (ORT CPU, the benchmark process)", "<= 1024 MB", f"{rss:.0f} MB",
+                              rss, 1024.0, rss <= 1024.0,
+                              "process peak while the row ran, the model and the 5M-point scan included"))
+
     # 4. FPS / kNN vs the best library
     for op in ("fps", "knn"):
         rows = [s for s in (ops_summary or []) if s["op"] == op]

@@ -162,7 +162,7 @@ def latency_plot(data: dict, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax, ax3, ax2) = plt.subplots(1, 3, figsize=(17, 4.5))
     backends = sorted({r["backend"] for r in data["results"]})
     for i, backend in enumerate(backends):
         for batch in sorted({r["batch"] for r in data["results"]}):
@@ -183,6 +183,19 @@ def latency_plot(data: dict, path: Path) -> Path | None:
     ax.set_title("latency vs scan size")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
+    for i, backend in enumerate(backends):  # the cost curve's memory side: peak RSS per scan size
+        rows = sorted((r for r in data["results"] if r["backend"] == backend and r["batch"] == 1),
+                      key=lambda r: r["points"])
+        if rows and all(r.get("peak_rss_mb") is not None for r in rows):
+            ax3.plot([r["points"] for r in rows], [r["peak_rss_mb"] for r in rows], marker="o", color=f"C{i}",
+                     label=backend)
+    ax3.axhline(1024.0, color="k", linestyle=":", linewidth=0.8, label="1 GB")
+    ax3.set_xscale("log")
+    ax3.set_xlabel("points in the raw scan")
+    ax3.set_ylabel("peak RSS of the process (MB), batch 1")
+    ax3.set_title("memory vs scan size")
+    ax3.grid(True, which="both", alpha=0.3)
+    ax3.legend(fontsize=7)
     rows = [r for r in data["results"] if r["batch"] == 1]
     stages = _ordered_stages({k for r in rows for k in r["stages"] if not k.startswith("pipeline_")})
     labels = [f"{r['backend']}\n{r['points']}\n{r['stages']['end_to_end']['p50']:.0f} ms" for r in rows]

@@ -91,21 +91,25 @@ def check_scan(points, cfg: BTPConfig, where: str | Path | None = None) -> np.nd
     pts = np.asarray(points)
     if pts.ndim != 2 or pts.shape[1] != 3:
         raise InvalidValuesError(where, f"points have shape {pts.shape}; expected [M, 3]")
-    finite = np.isfinite(pts).all(axis=1)
-    if not finite.all():
-        raise InvalidValuesError(where, f"{int((~finite).sum())} of {len(pts)} points are NaN/inf; "
-                                        "drop them before scoring (btp.io.read_point_cloud does)")
     need = min_points(cfg)
     if pts.shape[0] < need:
         raise TooFewPointsError(where, f"{pts.shape[0]} points, fewer than the model's max(G, K) = {need}: "
                                        "use a denser scan")
     pts = np.ascontiguousarray(pts, dtype=np.float32)
-    biggest = float(np.abs(pts).max())
+    # NaN and inf show in the per-column min/max, so these passes check everything (one column at a
+    # time: numpy's axis-0 reduction of an [M, 3] array is ~40x slower than three strided ones)
+    low = np.array([pts[:, i].min() for i in range(3)], dtype=np.float32)
+    high = np.array([pts[:, i].max() for i in range(3)], dtype=np.float32)
+    if not (np.isfinite(low).all() and np.isfinite(high).all()):
+        bad = int((~np.isfinite(pts).all(axis=1)).sum())
+        raise InvalidValuesError(where, f"{bad} of {len(pts)} points are NaN/inf; "
+                                        "drop them before scoring (btp.io.read_point_cloud does)")
+    biggest = float(max(np.abs(low).max(), np.abs(high).max()))
     if biggest > MAX_ABS_COORDINATE:
         raise InvalidValuesError(where, f"coordinates up to {biggest:.3g}, beyond +-{MAX_ABS_COORDINATE:.0e} where "
                                         "float32 distances overflow: check the file's units and byte order (a "
                                         "big-endian or corrupt payload reads as such numbers)")
-    extent = float((pts.max(axis=0).astype(np.float64) - pts.min(axis=0)).max())
+    extent = float((high.astype(np.float64) - low).max())
     if extent == 0.0:
         raise DegenerateCloudError(f"{where or '<array>'}: all {len(pts)} points coincide: a single repeated point "
                                    "is not a surface; check the scan")
