@@ -152,6 +152,16 @@ def latency_markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _size_axis(ax, ylabel: str, title: str) -> None:
+    """A panel over scan size: log x, labels, grid, legend."""
+    ax.set_xscale("log")
+    ax.set_xlabel("points in the raw scan")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def latency_plot(data: dict, path: Path) -> Path | None:
     """Latency vs points per backend (p50 with p10..p90-ish bars: p50 -> p90), log-log, batch 1 solid,
     larger batches dashed (per scan); right panel: stage shares of the ort-cpu rows."""
@@ -176,13 +186,8 @@ def latency_plot(data: dict, path: Path) -> Path | None:
             ax.errorbar(x, p50, yerr=[[0] * len(x), [b - a for a, b in zip(p50, p90)]], marker="o", capsize=3,
                         color=f"C{i}", linestyle="-" if batch == 1 else "--",
                         label=f"{backend} batch {batch}" + (" (per scan)" if batch > 1 else ""))
-    ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("points in the raw scan")
-    ax.set_ylabel("end-to-end ms (p50, bar to p90)")
-    ax.set_title("latency vs scan size")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    _size_axis(ax, "end-to-end ms (p50, bar to p90)", "latency vs scan size")
     for i, backend in enumerate(backends):  # the cost curve's memory side: peak RSS per scan size
         rows = sorted((r for r in data["results"] if r["backend"] == backend and r["batch"] == 1),
                       key=lambda r: r["points"])
@@ -190,12 +195,7 @@ def latency_plot(data: dict, path: Path) -> Path | None:
             ax3.plot([r["points"] for r in rows], [r["peak_rss_mb"] for r in rows], marker="o", color=f"C{i}",
                      label=backend)
     ax3.axhline(1024.0, color="k", linestyle=":", linewidth=0.8, label="1 GB")
-    ax3.set_xscale("log")
-    ax3.set_xlabel("points in the raw scan")
-    ax3.set_ylabel("peak RSS of the process (MB), batch 1")
-    ax3.set_title("memory vs scan size")
-    ax3.grid(True, which="both", alpha=0.3)
-    ax3.legend(fontsize=7)
+    _size_axis(ax3, "peak RSS of the process (MB), batch 1", "memory vs scan size")
     rows = [r for r in data["results"] if r["batch"] == 1]
     stages = _ordered_stages({k for r in rows for k in r["stages"] if not k.startswith("pipeline_")})
     labels = [f"{r['backend']}\n{r['points']}\n{r['stages']['end_to_end']['p50']:.0f} ms" for r in rows]

@@ -45,7 +45,7 @@ class PLYHeader:
 
 
 def read_header(path: Path, raw: bytes) -> PLYHeader:
-    if not raw.startswith(b"ply"):
+    if raw[:3] != b"ply":
         raise MalformedFileError(path, "does not start with 'ply': not a PLY file")
     end = raw.find(b"end_header")
     if end < 0:

@@ -11,9 +11,11 @@ Torch-free.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,8 +193,20 @@ def _maybe_label_column(path: Path, column: np.ndarray) -> np.ndarray | None:
     return None
 
 
+@contextmanager
+def _mapped(path: Path):
+    """The file's bytes as a read-only memory map: a big binary scan is paged in as it is read,
+    never copied whole into memory (the readers copy out only the arrays they return)."""
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        yield mapped
+
+
 def _read_pcd(path: Path):
-    raw = path.read_bytes()
+    with _mapped(path) as raw:
+        return _read_pcd_bytes(path, raw)
+
+
+def _read_pcd_bytes(path: Path, raw):
     header = _pcd.read_header(path, raw)
     if header.points == 0:
         raise EmptyCloudError(path, "the PCD header announces POINTS 0")
@@ -211,7 +225,11 @@ def _read_pcd(path: Path):
 
 
 def _read_ply(path: Path):
-    raw = path.read_bytes()
+    with _mapped(path) as raw:
+        return _read_ply_bytes(path, raw)
+
+
+def _read_ply_bytes(path: Path, raw):
     header = _ply.read_header(path, raw)
     vertex = header.element("vertex")
     if vertex is None:
