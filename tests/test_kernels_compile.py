@@ -4,6 +4,7 @@ table matches the source, and the source stays within what CUDA 11.4 (JetPack) a
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 
@@ -35,12 +36,15 @@ def test_compiles_without_warnings_or_spills(source, arch):
 
 
 def _nvrtc_reason() -> str | None:
-    try:
-        from btp.kernels.cuda_python import _bindings, check
+    """Asked in a child process, as compile_nvrtc runs NVRTC there (never loaded beside torch)."""
+    import subprocess
+    import sys
 
-        check(_bindings()[1].nvrtcVersion(), "nvrtcVersion")
-    except Exception as exc:  # noqa: BLE001 - no cuda-python, or no libnvrtc
-        return f"NVRTC not usable here ({type(exc).__name__}: {exc}); pip install cuda-bindings nvidia-cuda-nvrtc"
+    code = "from cuda.bindings import nvrtc; assert int(nvrtc.nvrtcVersion()[0]) == 0"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return f"NVRTC not usable here ({tail}); pip install cuda-bindings nvidia-cuda-nvrtc"
     return None
 
 
@@ -55,6 +59,7 @@ def test_nvrtc_compiles_every_kernel_for_hopper(source, tmp_path, monkeypatch):
     assert all(name.encode() in cubin for name in names)  # extern "C" symbols, as cuModuleGetFunction needs
     assert build.compile_nvrtc(source, 90) == cubin  # cached by source hash
     assert list(tmp_path.rglob("*.cubin"))
+    assert "cuda.bindings.nvrtc" not in sys.modules  # NVRTC ran in a child process
 
 
 @needs_nvcc

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -133,16 +134,26 @@ def compile_fatbin(source_name: str, nvcc: str | None = None, archs=None) -> Pat
 NVRTC_FLAGS = ("-std=c++14", "--fmad=false")
 
 
-def compile_nvrtc(source_name: str, arch: int, nvrtc=None) -> bytes:
-    """btp/kernels/<source_name> -> cubin bytes for sm_<arch> by NVRTC (cuda-python's ``nvrtc``
-    module), cached by source hash, arch and NVRTC version. The distances use the _rn intrinsics,
-    which are never contracted into FMAs; ``--fmad=false`` keeps the rest as nvcc's build does."""
-    if nvrtc is None:
-        from btp.kernels.cuda_python import _bindings
+def compile_nvrtc(source_name: str, arch: int) -> bytes:
+    """btp/kernels/<source_name> -> cubin bytes for sm_<arch> by NVRTC (cuda-python's ``nvrtc``),
+    cached by source hash, arch and NVRTC version. The distances use the _rn intrinsics, which are
+    never contracted into FMAs; ``--fmad=false`` keeps the rest as nvcc's build does.
 
-        nvrtc = _bindings()[1]
-    from btp.kernels.cuda_python import check
+    NVRTC runs in a child process (``python -m btp.kernels.build nvrtc SOURCE ARCH``): loaded into
+    a process that also holds PyTorch, the NVRTC 13.5 wheel corrupted later ``torch.save`` output
+    in our tests (a storage pickled with 0 bytes). Only the cubin bytes come back."""
+    proc = subprocess.run([sys.executable, "-m", "btp.kernels.build", "nvrtc", source_name, str(int(arch))],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"NVRTC could not build {source_name} for sm_{arch}:\n{proc.stderr.strip()}")
+    return Path(proc.stdout.strip().splitlines()[-1]).read_bytes()
 
+
+def _nvrtc_cubin(source_name: str, arch: int) -> Path:
+    """The NVRTC build itself (in the child process): the cached cubin's path."""
+    from btp.kernels.cuda_python import _bindings, check
+
+    nvrtc = _bindings()[1]
     version = ".".join(str(v) for v in check(nvrtc.nvrtcVersion(), "nvrtcVersion"))
     source = KERNEL_DIR / source_name
     headers = [KERNEL_DIR / h for h in COMMON_HEADERS]
@@ -150,7 +161,7 @@ def compile_nvrtc(source_name: str, arch: int, nvrtc=None) -> bytes:
     key = source_hash([source, *headers], "nvrtc " + version, " ".join(options))
     target = cache_dir() / "kernels" / key / f"{source.stem}.sm_{arch}.cubin"
     if target.is_file():
-        return target.read_bytes()
+        return target
     prog = check(nvrtc.nvrtcCreateProgram(source.read_bytes(), source.name.encode(), len(headers),
                                           [h.read_bytes() for h in headers], [h.name.encode() for h in headers]),
                  "nvrtcCreateProgram")
@@ -162,8 +173,19 @@ def compile_nvrtc(source_name: str, arch: int, nvrtc=None) -> bytes:
         raise RuntimeError(f"NVRTC {version} failed on {source} for sm_{arch}:\n{log.decode(errors='replace')}")
     cubin = b" " * check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
     check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
-    _atomic_build(target, lambda tmp: tmp.write_bytes(cubin))
-    return cubin
+    return _atomic_build(target, lambda tmp: tmp.write_bytes(cubin))
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[0] == "nvrtc":
+        try:
+            print(_nvrtc_cubin(argv[1], int(argv[2])))
+        except Exception as exc:  # the parent reports it
+            print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    print("usage: python -m btp.kernels.build nvrtc SOURCE.cu ARCH", file=sys.stderr)
+    return 2
 
 
 def emu_library() -> Path:
@@ -255,3 +277,7 @@ def resource_report(source_name: str, arch: int, nvcc: str | None = None) -> str
         tmp.write_text(proc.stdout + proc.stderr)
 
     return _atomic_build(target, build).read_text()
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

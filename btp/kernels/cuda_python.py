@@ -85,7 +85,7 @@ class CudaPythonDevice:
         reason = unavailable_reason()
         if reason:
             raise NotAvailableError(reason)
-        self.driver, self.nvrtc = _bindings()
+        self.driver = _bindings()[0]
         drv = self.driver
         self.device = check(drv.cuDeviceGet(device_id), "cuDeviceGet")
         self.context = check(drv.cuDevicePrimaryCtxRetain(self.device), "cuDevicePrimaryCtxRetain")
@@ -101,7 +101,7 @@ class CudaPythonDevice:
         self._staging: dict[int, tuple[np.ndarray, Any, Any]] = {}  # nbytes -> (pinned view, host ptr, event)
         self._functions: dict[str, Any] = {}
         for file in KERNEL_FILES:
-            module = check(drv.cuModuleLoadData(build.compile_nvrtc(file, self.arch, self.nvrtc)), "cuModuleLoadData")
+            module = check(drv.cuModuleLoadData(build.compile_nvrtc(file, self.arch)), "cuModuleLoadData")
             for kernel, (source, _) in KERNELS.items():
                 if source == file:
                     self._functions[kernel] = check(drv.cuModuleGetFunction(module, kernel.encode()),
