@@ -3,8 +3,6 @@ tensor layouts (spelled out here by hand, independent of btp's module names), ro
 from __future__ import annotations
 
 import argparse
-import io
-from pathlib import Path
 
 import pytest
 import torch
@@ -82,10 +80,8 @@ def save_ulip(path, point, proj, clip_inside=None, extra=None):
     for k, v in (clip_inside or {}).items():
         state[f"module.open_clip_model.{k}"] = v
     state.update(extra or {})
-    buf = io.BytesIO()  # serialised in memory, then written: the same bytes torch.save(obj, path) writes
     torch.save({"epoch": 12, "state_dict": state, "optimizer": {"state": {}, "param_groups": [{"lr": 3e-3}]},
-                "best_acc1": 61.3, "args": argparse.Namespace(model="ULIP2_PointBERT_Colored", lr=3e-3)}, buf)
-    Path(path).write_bytes(buf.getvalue())
+                "best_acc1": 61.3, "args": argparse.Namespace(model="ULIP2_PointBERT_Colored", lr=3e-3)}, path)
     return path
 
 
