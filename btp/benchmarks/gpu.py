@@ -312,11 +312,11 @@ def main(argv: list[str] | None = None) -> int:
             result[name] = fn()
         except NotAvailableError as exc:  # e.g. no TensorRT on a machine with cuda-python only
             result[name] = {"skipped": str(exc)}
-            print(f"[gpubench] {name} skipped: {exc}")
+            print(f"[gpu-check] {name} skipped: {exc}")
         except Exception as exc:  # noqa: BLE001 - record and go on: a partial report is still useful
             result[name] = None
             result["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
-            print(f"[gpubench] {name} skipped: {type(exc).__name__}: {exc}")
+            print(f"[gpu-check] {name} skipped: {type(exc).__name__}: {exc}")
     md, js = write_report(result, args.out)
     print(f"wrote {md} and {js}")
     failed = [r for r in result.get("kernels") or [] if r.get("equal_to_cpu") is False]

@@ -1,13 +1,12 @@
-"""TensorRT engines from model.onnx: build, cache, precision policy; ONNX Runtime's TensorRT EP.
+"""TensorRT engines from model.onnx: build, cache, precision policy (torch-free; the runtime
+builds an engine on demand for ``--backend trt``, and ``btp build`` ahead of time).
 
-Two routes to TensorRT, both from the same model.onnx:
-1. ``build_engine`` (``btp build``): the TensorRT 10/11 Python API builds a serialized plan with
-   an optimization profile over the batch size, a timing cache and a precision policy, stored in
-   an engine cache keyed by GPU name + compute capability + TensorRT version + model hash + build
-   options, with a JSON manifest beside the plan. ``cached_engine`` never loads a plan whose
-   manifest does not match this GPU / TensorRT / model: it rebuilds (``check_cache``).
-2. ``ort_trt_providers``: provider options for ONNX Runtime's TensorRT execution provider
-   (its own engine + timing caches under the same cache directory).
+``build_engine``: the TensorRT 10/11 Python API builds a serialized plan with an optimization
+profile over the batch size, a timing cache and a precision policy, stored in an engine cache
+keyed by GPU name + compute capability + TensorRT version + model hash + build options, with a
+JSON manifest beside the plan. ``cached_engine`` never loads a plan whose manifest does not match
+this GPU / TensorRT / model: it rebuilds (``check_cache``). (ONNX Runtime's TensorRT execution
+provider, ``--backend ort-trt``, keeps its own engines.)
 
 Precision (anchors.md): FP16 everywhere except LayerNorm (and its decomposed ops), Softmax,
 normalisations, and the final scoring tail (everything downstream of ``patch_embed`` and the
@@ -17,7 +16,7 @@ precision with OBEY_PRECISION_CONSTRAINTS; TensorRT 11 (strongly typed only) nee
 itself in mixed precision: ``mixed_precision_onnx`` (onnxconverter-common) writes it.
 
 Everything that needs TensorRT or a GPU imports it lazily; the rest (keys, manifests, cache
-decisions, profiles, precision plan, provider options) is pure and unit-tested without them.
+decisions, profiles, precision plan) is pure and unit-tested without them.
 """
 from __future__ import annotations
 

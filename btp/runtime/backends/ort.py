@@ -4,7 +4,7 @@ Session: graph optimisation level ALL, intra-op threads from ``threads`` (None =
 one per physical core), sequential execution (one small graph: inter-op parallelism only costs),
 no spinning of idle workers (they would take the cores from the pre/post-processing). The
 pre/post-processing's own OpenMP pool (pykdtree) gets OMP_NUM_THREADS=1 unless set
-(``btp.runtime.stages.default_openmp_threads``, called by ``Pipeline``), so the two pools do not
+(``btp.runtime.pipeline.default_openmp_threads``, called by ``Pipeline``), so the two pools do not
 oversubscribe the cores.
 On CUDA the inputs and outputs go through IO binding; on CPU a plain ``session.run`` is already
 zero-copy for numpy inputs, so binding would only add calls. ``device_resident=True`` (ort-cuda,
