@@ -151,9 +151,9 @@ def compile_nvrtc(source_name: str, arch: int) -> bytes:
 
 def _nvrtc_cubin(source_name: str, arch: int) -> Path:
     """The NVRTC build itself (in the child process): the cached cubin's path."""
-    from btp.kernels.cuda_python import _bindings, check
+    from btp.kernels.cuda_python import check, nvrtc_api
 
-    nvrtc = _bindings()[1]
+    nvrtc = nvrtc_api()
     version = ".".join(str(v) for v in check(nvrtc.nvrtcVersion(), "nvrtcVersion"))
     source = KERNEL_DIR / source_name
     headers = [KERNEL_DIR / h for h in COMMON_HEADERS]

@@ -9,7 +9,7 @@ reached through NVIDIA's ``cuda.bindings`` (driver API + NVRTC), for machines wi
   event per buffer, as in ``btp.kernels.cuda``.
 
 Imported lazily; ``cuda.bindings`` (or the older ``cuda.cuda`` / ``cuda.nvrtc``) is only needed
-when a device is opened. Same contract as ``btp.kernels.cuda.CudaDevice``.
+when a device is opened, and NVRTC only in the child process that compiles. Same contract as ``btp.kernels.cuda.CudaDevice``.
 """
 from __future__ import annotations
 
@@ -24,17 +24,29 @@ from btp.kernels.launch import KERNEL_FILES, KERNELS, Launch
 from btp.kernels.ops import upload_target
 
 
-def _bindings():
-    """(driver, nvrtc) modules of cuda-python, or NotAvailableError."""
+def driver_api():
+    """cuda-python's driver API module, or NotAvailableError. (NVRTC is imported only by the
+    child process that compiles the kernels: ``btp.kernels.build.compile_nvrtc``.)"""
     try:
-        from cuda.bindings import driver, nvrtc
+        from cuda.bindings import driver
     except ImportError:
         try:
             from cuda import cuda as driver  # cuda-python < 12.6
-            from cuda import nvrtc
         except ImportError as exc:
             raise NotAvailableError(f"cuda-python is not installed ({exc}); pip install cuda-python") from None
-    return driver, nvrtc
+    return driver
+
+
+def nvrtc_api():
+    """cuda-python's NVRTC module (for the compiling child process), or NotAvailableError."""
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError:
+        try:
+            from cuda import nvrtc  # cuda-python < 12.6
+        except ImportError as exc:
+            raise NotAvailableError(f"cuda-python's NVRTC is not installed ({exc}); pip install cuda-python") from None
+    return nvrtc
 
 
 def check(result, what: str):
@@ -48,7 +60,7 @@ def check(result, what: str):
 def unavailable_reason() -> str | None:
     """Why cuda-python cannot run the kernels here (None when it can)."""
     try:
-        driver, _ = _bindings()
+        driver = driver_api()
         check(driver.cuInit(0), "cuInit")
         count = check(driver.cuDeviceGetCount(), "cuDeviceGetCount")
     except NotAvailableError as exc:
@@ -85,7 +97,7 @@ class CudaPythonDevice:
         reason = unavailable_reason()
         if reason:
             raise NotAvailableError(reason)
-        self.driver = _bindings()[0]
+        self.driver = driver_api()
         drv = self.driver
         self.device = check(drv.cuDeviceGet(device_id), "cuDeviceGet")
         self.context = check(drv.cuDevicePrimaryCtxRetain(self.device), "cuDevicePrimaryCtxRetain")

@@ -62,9 +62,9 @@ def gpu_identity(device_id: int = 0) -> tuple[str, str]:
         major, minor = dev.compute_capability()
         return dev.name(), f"{major}.{minor}"
     if reasons["cuda-python"] is None:
-        from btp.kernels.cuda_python import _bindings, check
+        from btp.kernels.cuda_python import check, driver_api
 
-        driver = _bindings()[0]
+        driver = driver_api()
         dev = check(driver.cuDeviceGet(device_id), "cuDeviceGet")
         attr = driver.CUdevice_attribute
         major = check(driver.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "arch")
