@@ -82,18 +82,6 @@ def load_scorer(model: str | Path | None, backend: str = "ort-cpu") -> CloudScor
     return TorchScorer(path)
 
 
-def _timed_methods(methods: dict, seconds: dict):
-    """(name, method) pairs whose calls add their wall time to ``seconds[name]``."""
-    for name, method in methods.items():
-        def timed(raw, _method=method, _name=name):
-            t0 = time.perf_counter()
-            try:
-                return _method(raw)
-            finally:
-                seconds[_name] = seconds.get(_name, 0.0) + time.perf_counter() - t0
-        yield name, timed
-
-
 def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] | None = None,
              scorer: CloudScorer | None = None, learned: LearnedBaseline | None = None,
              preprocess: PreprocessConfig | None = None, baselines: bool = True,
@@ -130,7 +118,11 @@ def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] 
             if bad_labels.size:
                 raise GroundTruthMismatchError(sample.path, f"ground-truth labels {bad_labels[:5].tolist()} outside "
                                                             "{0, 1}: each point must be 0 (normal) or 1 (anomalous)")
-            scored = {name: method(sample.points) for name, method in _timed_methods(methods, seconds)}
+            scored = {}
+            for name, method in methods.items():
+                t0 = time.perf_counter()
+                scored[name] = method(sample.points)
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
         except (BTPError, ValueError, OSError) as exc:
             failed.append({"file": str(getattr(entry, "path", entry)), "error": f"{type(exc).__name__}: {exc}"})
             continue

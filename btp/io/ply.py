@@ -124,9 +124,7 @@ def _skip_element(path: Path, raw: bytes, element: PLYElement, offset: int, endi
     if not element.has_list:
         dtype = np.dtype([(name, endian + _PLY_TYPES[typ]) for name, typ in element.properties])
         return offset + element.count * dtype.itemsize
-    parts = [(typ, item) for _, typ, item in element.list_types] if element.list_types else None
-    if parts is None:
-        raise MalformedFileError(path, f"PLY element {element.name!r}: list property types unknown")
+    parts = [(typ, item) for _, typ, item in element.list_types]
     size = len(raw)
     fast = _constant_rows(raw, element, parts, offset, endian)
     if fast is not None:

@@ -251,7 +251,7 @@ def _read_ply_bytes(path: Path, raw):
     missing = [axis for axis in "xyz" if axis not in names]
     if missing:
         raise MalformedFileError(path, f"the PLY vertices have no {'/'.join(missing)} property")
-    points = np.stack([records["x"], records["y"], records["z"]], axis=1).astype(np.float64)
+    points = np.stack([records["x"], records["y"], records["z"]], axis=1)  # float32 stays float32
     labels = next((records[n] for n in _LABEL_NAMES if n in names), None)
     scalars = next((records[n] for n in _SCALAR_NAMES if n in names), None)
     colors = None
@@ -325,7 +325,7 @@ def _split_columns(path: Path, array: np.ndarray, what: str):
                                        "(x y z first)")
     if array.dtype.kind not in "fiu":
         raise MalformedFileError(path, f"{what} has dtype {array.dtype}; expected real numbers (float or int)")
-    array = array.astype(np.float64, copy=False)
+    array = array if array.dtype == np.float32 else array.astype(np.float64)  # float32 stays float32
     labels = _maybe_label_column(path, array[:, 3]) if array.shape[1] == 4 else None
     return array[:, :3], labels, None, None
 

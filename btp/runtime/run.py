@@ -204,9 +204,10 @@ def _infer(pipeline: Pipeline, ready: list[tuple[FileOutcome, Job]]) -> list[tup
     return done
 
 
-def _remove(paths: list[Path]) -> None:
-    for p in paths:
-        Path(p).unlink(missing_ok=True)
+def _remove_outputs(out_dir: Path, stem: str) -> None:
+    """Delete every output file of one scan (a scan has a complete set of outputs or none)."""
+    for suffix in OUTPUT_SUFFIXES:
+        (out_dir / f"{stem}{suffix}").unlink(missing_ok=True)
 
 
 class _Prefetch:
@@ -306,14 +307,14 @@ def _run_chunks(pipeline, outcomes, reader, out_dir, *, batch, threshold, thresh
                 if write:
                     write_outcome(out_dir, oc, heatmaps, write_json=(fmt == "json"))
             except BaseException as exc:  # a scan has a complete set of outputs or none
-                _remove([out_dir / f"{oc.stem}{s}" for s in OUTPUT_SUFFIXES])
+                _remove_outputs(out_dir, oc.stem)
                 if not isinstance(exc, Exception):
                     raise
                 _fail(oc, exc, "writing outputs failed: ")
         if write:
             for oc in chunk:
                 if not oc.ok:  # a failed re-run leaves no outputs of an earlier run beside its error
-                    _remove([out_dir / f"{oc.stem}{s}" for s in OUTPUT_SUFFIXES])
+                    _remove_outputs(out_dir, oc.stem)
             if fmt == "csv":  # rewritten (atomically) after every batch: a kill loses the batch in flight at most
                 done = outcomes[:start + len(chunk)]
                 outputs.write_csv(out_dir / "results.csv", [csv_row(oc) for oc in done])
