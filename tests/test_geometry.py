@@ -170,13 +170,105 @@ def test_downsample_methods(bunny_20k):
         assert first.dtype == np.int64 and first.shape == (256,)
         assert len(np.unique(first)) == 256 and 0 <= first.min() and first.max() < len(bunny_20k)
         assert _coverage(bunny_20k, first) < 1.5 * reference_cover, method
-    assert 11 in downsample(bunny_20k, 256, 11, method="voxel")
-    # auto: exact up to 16384 points, bucket above
+    # auto: exact up to 16384 points, voxel above
     np.testing.assert_array_equal(downsample(bunny_20k[:5000], 128, 3), fps(bunny_20k[:5000], 128, 3))
     np.testing.assert_array_equal(downsample(bunny_20k, 256, 11),
-                                  downsample(bunny_20k, 256, 11, method="bucket"))
+                                  downsample(bunny_20k, 256, 11, method="voxel"))
     with pytest.raises(GeometryError, match="choose one of"):
         downsample(bunny_20k, 256, method="random")
+
+
+@pytest.fixture(scope="module")
+def scans_100k(shapes_root) -> dict[str, np.ndarray]:
+    """100 000-point scans of two real meshes (scanner density): a curved organic one and a
+    mechanical one with flat faces and sharp edges."""
+    scans = {}
+    for i, name in enumerate(["cgal__stanford_bunny.ply", "cgal__anchor.ply"]):
+        vertices, faces = load_mesh(shapes_root / name)
+        scans[name] = sample_surface(vertices, faces, 100_000, seed=20 + i)[0]
+    return scans
+
+
+def test_voxel_map_cells_and_representatives(scans_100k, monkeypatch):
+    """The voxel rule's map: deterministic; every cell's representative is the lowest raw index
+    of the cell; the points of a cell lie within one voxel of each other per axis; about the
+    target number of cells; the dense grid and the sorted-keys path give the same map."""
+    from btp.geometry import sampling
+
+    for name, scan in scans_100k.items():
+        target = 2048 * sampling.VOXEL_REPS_PER_SAMPLE
+        vmap = sampling.voxel_map(scan, target)
+        again = sampling.voxel_map(scan.copy(), target)
+        np.testing.assert_array_equal(vmap.cell_rep, again.cell_rep)
+        np.testing.assert_array_equal(vmap.cell_of_raw, again.cell_of_raw)
+        cells = len(vmap.cell_rep)
+        assert 0.5 * target <= cells <= 2 * target, (name, cells)
+        assert vmap.cell_of_raw.dtype == np.int32 and vmap.cell_of_raw.shape == (len(scan),)
+        assert set(np.unique(vmap.cell_of_raw)) == set(range(cells))  # every cell has points, all are listed
+        lowest = np.full(cells, len(scan))
+        np.minimum.at(lowest, vmap.cell_of_raw, np.arange(len(scan)))
+        np.testing.assert_array_equal(vmap.cell_rep, lowest)
+        spread = np.abs(scan - scan[vmap.cell_rep[vmap.cell_of_raw]]).max()
+        assert spread <= vmap.voxel * (1 + 1e-5), (name, spread, vmap.voxel)
+        monkeypatch.setattr(sampling, "DENSE_GRID_MAX_CELLS", 0)  # the sorted-keys path
+        sparse = sampling.voxel_map(scan, target)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(sparse.cell_rep, vmap.cell_rep)
+        np.testing.assert_array_equal(sparse.cell_of_raw, vmap.cell_of_raw)
+
+
+def test_voxel_downsampling_is_deterministic_and_spread(scans_100k):
+    from btp.geometry.sampling import voxel_downsample
+
+    for name, scan in scans_100k.items():
+        idx, vmap = voxel_downsample(scan, 2048, 5)
+        idx2, _ = voxel_downsample(scan, 2048, 5)
+        np.testing.assert_array_equal(idx, idx2)
+        assert idx.dtype == np.int64 and len(np.unique(idx)) == 2048
+        assert np.isin(idx, vmap.cell_rep).all()  # samples are representatives
+        exact_cover = _coverage(scan, fps(scan, 2048, 5))
+        assert _coverage(scan, idx) < 1.5 * exact_cover, name
+
+
+def test_voxel_gather_interpolation_within_its_bound_of_the_exact_rule(scans_100k):
+    """``interpolate`` with the voxel map against the exact nearest-neighbour rule, on 100k-point
+    real scans: each raw point takes the sample nearest its cell's representative, which is at
+    most 2 cell diagonals farther from the point than its own nearest sample (the documented
+    approximation); where both rules pick the same sample the scores are equal; and on these
+    scans most points get the very same sample."""
+    from btp.config import btp_mini_config
+    from btp.geometry.prepare import interpolate, prepare
+
+    cfg = btp_mini_config()
+    for name, scan in scans_100k.items():
+        prep = prepare(scan, cfg, group=False)
+        assert prep.voxel_map is not None  # auto above 16384 points
+        labels = np.arange(len(prep.sample_idx), dtype=np.float32)  # score = the sample's own index
+        fast = interpolate(labels, prep, cfg).astype(np.int64)
+        exact = interpolate(labels, prep, cfg, exact=True).astype(np.int64)
+        sampled = scan[prep.sample_idx]
+        d_fast = np.linalg.norm(scan - sampled[fast], axis=1)
+        d_exact = np.linalg.norm(scan - sampled[exact], axis=1)
+        bound = 2 * np.sqrt(3) * prep.voxel_map.voxel
+        assert (d_exact <= d_fast + 1e-6).all()  # the exact rule is the nearest
+        assert (d_fast - d_exact <= bound * (1 + 1e-5)).all(), (name, (d_fast - d_exact).max(), bound)
+        same = fast == exact
+        assert same.mean() > 0.7, (name, same.mean())
+        scores = np.random.default_rng(0).random(len(labels)).astype(np.float32)
+        np.testing.assert_array_equal(interpolate(scores, prep, cfg)[same],
+                                      interpolate(scores, prep, cfg, exact=True)[same])
+
+
+def test_prepare_keeps_a_voxel_map_only_for_the_voxel_rule(bunny_20k):
+    from btp.config import btp_mini_config
+    from btp.geometry.prepare import prepare
+
+    cfg = btp_mini_config()
+    assert prepare(bunny_20k, cfg, "exact", group=False).voxel_map is None
+    assert prepare(bunny_20k, cfg, "bucket", group=False).voxel_map is None
+    assert prepare(bunny_20k[:2000], cfg, "voxel", group=False).voxel_map is None  # M <= N: all points
+    assert prepare(bunny_20k[:10000], cfg, group=False).voxel_map is None  # auto: exact up to 16384
+    assert prepare(bunny_20k, cfg, group=False).voxel_map is not None
 
 
 # ---- kNN ----------------------------------------------------------------------------------------

@@ -180,7 +180,7 @@ def test_nearest_fast_path_equals_the_exact_rule_on_real_scans(shapes_root):
     cfg = tiny_config()
     for i, name in enumerate(REAL_SHAPES):
         raw = real_scan(shapes_root, name, 30000, seed=i)
-        sample_idx = sample_indices(raw, cfg.preprocess)
+        sample_idx = sample_indices(raw, cfg.preprocess)[0]
         scores = np.random.default_rng(i).random(len(sample_idx), dtype=np.float32)
         ref = interpolate_to_raw(raw[sample_idx], scores, raw, method="nearest")
         np.testing.assert_array_equal(nearest_scores(raw[sample_idx], scores, raw), ref)

@@ -196,20 +196,22 @@ def test_ensemble_steps_compute_the_pipelines_scores(tmp_path_factory, tmp_path,
     post = _load_model_py(repo / "btp_post" / "1" / "model.py", monkeypatch)
     engine_path = repo / "btp_engine" / "1" / "model.onnx"
     engine = make_backend("ort-cpu", engine_path, read_model_meta(engine_path))
-    scan = real_scan(shapes_root, n=3000, seed=12)
-    scan[::100] = np.nan
-    request = {"points": _FakeTensor("points", scan)}
-    p = pre.execute([request])[0]
-    assert p.error is None, p.error
-    out = engine.run(p.outputs["neighborhood"], p.outputs["center"])
-    post_request = {k: _FakeTensor(k, v) for k, v in p.outputs.items()}
-    post_request["points"] = request["points"]
-    post_request["patch_probs"] = _FakeTensor("patch_probs", out["patch_probs"])
-    q = post.execute([post_request])[0]
-    finite = np.isfinite(scan).all(axis=1)
-    ref = Pipeline(model)(scan[finite])
-    np.testing.assert_allclose(q.outputs["point_scores"][finite], ref.point_scores, atol=1e-5, rtol=0)
-    assert np.isnan(q.outputs["point_scores"][~finite]).all()
-    assert abs(float(out["object_score"][0]) - ref.object_score) <= 1e-5
+    for n in (3000, 20000):  # the exact rule; above 16384 points the voxel rule, whose map travels pre -> post
+        scan = real_scan(shapes_root, n=n, seed=12)
+        scan[::100] = np.nan
+        request = {"points": _FakeTensor("points", scan)}
+        p = pre.execute([request])[0]
+        assert p.error is None, p.error
+        assert (p.outputs["cell_rep"].size > 0) == (n > 16384)
+        out = engine.run(p.outputs["neighborhood"], p.outputs["center"])
+        post_request = {k: _FakeTensor(k, v) for k, v in p.outputs.items()}
+        post_request["points"] = request["points"]
+        post_request["patch_probs"] = _FakeTensor("patch_probs", out["patch_probs"])
+        q = post.execute([post_request])[0]
+        finite = np.isfinite(scan).all(axis=1)
+        ref = Pipeline(model)(scan[finite])
+        np.testing.assert_allclose(q.outputs["point_scores"][finite], ref.point_scores, atol=1e-5, rtol=0)
+        assert np.isnan(q.outputs["point_scores"][~finite]).all()
+        assert abs(float(out["object_score"][0]) - ref.object_score) <= 1e-5
     bad = pre.execute([{"points": _FakeTensor("points", np.zeros((3, 3), np.float32))}])[0]
     assert bad.error is not None and "fewer than" in str(bad.error)

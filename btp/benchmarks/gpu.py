@@ -106,7 +106,7 @@ def bench_kernels(sizes, shapes_root: Path, warmup: int, iters: int) -> list[dic
         pre = GpuPreprocessor.from_config(cfg, device=dev)
         t = time_device(lambda: pre.prepare(points), dev, warmup, iters)
         got = pre.run(points)
-        sample_idx = sample_indices(points, cfg.preprocess, "exact")
+        sample_idx = sample_indices(points, cfg.preprocess, "exact")[0]
         normed, _, _ = geometry.normalize(points[sample_idx])
         ref = geometry.group(normed, cfg.encoder.num_group, cfg.encoder.group_size)
         equal = bool(np.array_equal(got.sample_idx, sample_idx) and np.array_equal(got.neighborhood, ref.neighborhood))

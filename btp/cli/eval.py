@@ -22,6 +22,8 @@ def evaluate(
                                       help="Fit the learned baseline on this labelled data set's test split "
                                            "(e.g. synthetic training classes) and save it to --baseline-model."),
     backend: str = typer.Option("ort-cpu", "--backend", help="Runtime backend for a .onnx model."),
+    downsample: str = typer.Option("auto", "--downsample", help="auto | exact | bucket | voxel: the model's rule "
+                                   "for scans of more than N points (as btp-run's; the baselines keep auto)."),
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also score the surface-variation "
                                    "and learned baselines (off: the model only, e.g. a second model on the same set)."),
 ) -> None:
@@ -39,7 +41,12 @@ def evaluate(
         raise typer.BadParameter(f"{layout!r}: choose one of {', '.join(LAYOUTS)}", param_hint="--layout")
     chosen = [c.strip() for c in classes.split(",") if c.strip()] or None
     try:
-        scorer = None if no_model else load_scorer(model, backend)
+        from btp.geometry.sampling import DOWNSAMPLE_METHODS
+
+        if downsample not in DOWNSAMPLE_METHODS:
+            raise typer.BadParameter(f"{downsample!r}: choose one of {', '.join(DOWNSAMPLE_METHODS)}",
+                                     param_hint="--downsample")
+        scorer = None if no_model else load_scorer(model, backend, downsample)
         learned = None
         if fit_baseline is not None:
             overlap = set(list_classes(fit_baseline)) & set(chosen or list_classes(data))
@@ -118,6 +125,8 @@ def eval_sets(
     layouts: str = typer.Option("anomaly-shapenet,real3d", "--layouts", help="anomaly-shapenet and/or real3d."),
     split: str = typer.Option("heldout", "--split", help="heldout (test sets) | train (data to fit a learned "
                               "baseline on; training maker only)."),
+    points: int = typer.Option(8192, "--points", min=64, help="Points per scan (8192 as the training data; "
+                               "e.g. 100000 for scanner density)."),
 ) -> None:
     """Held-out test sets of the zero-shot split from both defect makers (the training one and the
     evaluation-only mesh editor, btp.eval.meshdefects), in both public layouts."""
@@ -133,6 +142,6 @@ def eval_sets(
         raise typer.BadParameter(f"{split!r}: choose heldout or train", param_hint="--split")
     try:
         write_eval_sets(shapes, out, good=good, bad=bad, makers=chosen_makers, layouts=chosen_layouts, split=split,
-                        log=typer.echo)
+                        points=points, log=typer.echo)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--makers") from None

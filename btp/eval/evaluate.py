@@ -66,8 +66,9 @@ class _Collected:
         self.sampled_scores.append(scores.sampled_scores)
 
 
-def load_scorer(model: str | Path | None, backend: str = "ort-cpu") -> CloudScorer:
-    """A checkpoint (.safetensors, torch) or an exported model (.onnx, btp.runtime); None = default model."""
+def load_scorer(model: str | Path | None, backend: str = "ort-cpu", downsample: str = "auto") -> CloudScorer:
+    """A checkpoint (.safetensors, torch) or an exported model (.onnx, btp.runtime); None = default model.
+    ``downsample``: the model's raw-scan rule (btp.geometry.prepare; the baselines keep "auto")."""
     from btp.eval.scoring import OnnxScorer, TorchScorer
 
     path = Path(model) if model is not None else DEFAULT_MODEL
@@ -78,8 +79,8 @@ def load_scorer(model: str | Path | None, backend: str = "ort-cpu") -> CloudScor
                                     f"baselines alone")
         raise FileNotFoundError(f"{path}: model file not found; pass a .safetensors checkpoint or a .onnx export")
     if path.suffix.lower() == ".onnx":
-        return OnnxScorer(path, backend=backend)
-    return TorchScorer(path)
+        return OnnxScorer(path, backend=backend, downsample=downsample)
+    return TorchScorer(path, downsample=downsample)
 
 
 def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] | None = None,

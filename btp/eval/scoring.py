@@ -40,16 +40,18 @@ def score_with(scorer: Callable[[np.ndarray], tuple[float, np.ndarray]], raw_poi
                        prepared.sample_idx, sampled_scores)
 
 
-def score_cloud_torch(model, raw_points: np.ndarray, cfg: BTPConfig | None = None, device: str = "cpu") -> CloudScores:
+def score_cloud_torch(model, raw_points: np.ndarray, cfg: BTPConfig | None = None, device: str = "cpu",
+                      method: str = "auto") -> CloudScores:
     """Run a PyTorch `BTPModel` on one raw scan [M,3] (eval mode, no grad).
 
     Patch probabilities -> points (mean over containing patches) -> raw scan; object score =
-    the model's `object_score`.
+    the model's `object_score`. ``method``: the downsampling rule (``btp.geometry.prepare``); the
+    raw-scan interpolation is the exact rule unless that resolves to "voxel" (then its gather).
     """
     import torch
 
     cfg = cfg or model.cfg
-    prepared = prepare(raw_points, cfg)
+    prepared = prepare(raw_points, cfg, method)
     was_training = model.training
     model.eval()
     try:
@@ -59,39 +61,40 @@ def score_cloud_torch(model, raw_points: np.ndarray, cfg: BTPConfig | None = Non
     finally:
         model.train(was_training)
     patch_probs = out["patch_probs"][0].float().cpu().numpy()  # [G]
-    sampled, point_scores = scores_to_raw(patch_probs, prepared, cfg, exact=True)
+    sampled, point_scores = scores_to_raw(patch_probs, prepared, cfg, exact=prepared.voxel_map is None)
     return CloudScores(float(out["object_score"][0]), point_scores, prepared.sample_idx, sampled)
 
 
 class TorchScorer:
     """`btp eval --model model.safetensors`: a checkpoint scored with `score_cloud_torch`."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, downsample: str = "auto"):
         from btp.model.checkpoint import load_checkpoint
 
         self.path = Path(path)
+        self.downsample = downsample
         self.model, self.provenance = load_checkpoint(self.path)
         self.model.eval()
         self.cfg: BTPConfig = self.model.cfg
         self.name = self.cfg.name
 
     def __call__(self, raw_points: np.ndarray) -> CloudScores:
-        return score_cloud_torch(self.model, raw_points, self.cfg)
+        return score_cloud_torch(self.model, raw_points, self.cfg, method=self.downsample)
 
     def info(self) -> dict:
         return {"path": str(self.path), "kind": "checkpoint", "name": self.cfg.name, "config": self.cfg.to_dict(),
-                "provenance": self.provenance}
+                "downsample": self.downsample, "provenance": self.provenance}
 
 
 class OnnxScorer:
     """`btp eval --model model.onnx`: the edge runtime (`btp.runtime.Pipeline`), config from its metadata."""
 
-    def __init__(self, path: str | Path, backend: str = "ort-cpu"):
+    def __init__(self, path: str | Path, backend: str = "ort-cpu", downsample: str = "auto"):
         from btp.runtime import Pipeline
 
         self.path = Path(path)
         self.backend = backend
-        self.pipeline = Pipeline(self.path, backend=backend)
+        self.pipeline = Pipeline(self.path, backend=backend, downsample=downsample)
         self.cfg: BTPConfig = self.pipeline.cfg
         self.name = self.pipeline.meta.name
 
@@ -106,4 +109,5 @@ class OnnxScorer:
     def info(self) -> dict:
         meta = self.pipeline.meta
         return {"path": str(self.path), "kind": "onnx", "backend": self.backend, "name": self.name,
+                "downsample": self.pipeline.downsample,
                 "config": self.cfg.to_dict(), "provenance": meta.provenance, "export": meta.export}

@@ -5,7 +5,7 @@
 writes ``<out>/<maker>-<layout>/`` for maker in ``synth`` (btp.train.synth, the training data's
 maker) and ``mesh`` (btp.eval.meshdefects, evaluation only) and layout in ``anomaly-shapenet``
 and ``real3d``: per held-out mesh of ``btp.train.split`` (held-out shared shapes and whole
-held-out kicad families), ``good`` normal and ``bad`` anomalous 8192-point test scans. A class
+held-out kicad families), ``good`` normal and ``bad`` anomalous test scans of 8192 points (``points``). A class
 whose synthetic defect cannot be placed with the root seed is retried with root seed + 1, + 2
 (recorded in ``sets.json``); one the mesh maker cannot edit keeps its other scans.
 """
@@ -19,10 +19,11 @@ LAYOUT_SEEDS = {"anomaly-shapenet": 100, "real3d": 200}
 
 
 def write_eval_sets(shapes_root, out, *, good: int = 4, bad: int = 8, makers=MAKERS,
-                    layouts=tuple(LAYOUT_SEEDS), split: str = "heldout", log=print) -> dict:
+                    layouts=tuple(LAYOUT_SEEDS), split: str = "heldout", points: int = 8192, log=print) -> dict:
     """``split="train"``: the same scans on the training meshes (to fit a learned baseline on the
-    same kind of data the model trains on; only the training maker belongs there)."""
-    from btp.eval.meshdefects import write_mesh_defect_dataset
+    same kind of data the model trains on; only the training maker belongs there). ``points``:
+    points per scan (e.g. 100 000 to measure the runtime's raw-scan rules at scanner density)."""
+    from btp.eval.meshdefects import MeshDefectConfig, write_mesh_defect_dataset
     from btp.train.evalsets import write_class
     from btp.train.split import zero_shot_split
 
@@ -30,14 +31,15 @@ def write_eval_sets(shapes_root, out, *, good: int = 4, bad: int = 8, makers=MAK
         raise ValueError("the mesh defect maker is for evaluation only: no training-split sets")
     names = zero_shot_split(shapes_root).names(split)
     out = Path(out)
-    manifest: dict = {"split": split, "classes": names, "good": good, "bad": bad, "sets": {}}
+    manifest: dict = {"split": split, "classes": names, "good": good, "bad": bad, "points": points, "sets": {}}
     for maker in makers:
         for layout in layouts:
             dest = out / f"{maker}-{layout}"
             seed = LAYOUT_SEEDS[layout] + (0 if maker == "synth" else 1000) + (7 if split == "train" else 0)
             if maker == "mesh":
                 summary = write_mesh_defect_dataset(shapes_root, dest, names, per_class_good=good,
-                                                    per_class_bad=bad, seed=seed, layout=layout, log=log)
+                                                    per_class_bad=bad, seed=seed, layout=layout,
+                                                    cfg=MeshDefectConfig(num_points=points), log=log)
                 manifest["sets"][dest.name] = {"maker": "btp.eval.meshdefects", "layout": layout, "seed": seed,
                                                "skipped": {c: [k for k, v in s.items() if isinstance(v, str)]
                                                            for c, s in summary["classes"].items()
@@ -47,7 +49,7 @@ def write_eval_sets(shapes_root, out, *, good: int = 4, bad: int = 8, makers=MAK
                        "layout": layout}
             used = {}
             for cls in names:
-                used_seed = write_class(shapes_root, dest, cls, plan_kw, log=log)
+                used_seed = write_class(shapes_root, dest, cls, plan_kw, num_points=points, log=log)
                 if used_seed is None:
                     log(f"eval-sets: {cls}: no root seed worked; left out of {dest.name}")
                 else:

@@ -135,12 +135,16 @@ _PRE_MODEL = _PIPELINE_MODEL.split("class TritonPythonModel")[0] + '''class Trit
                 pts = _points(request)
                 finite = np.isfinite(pts).all(axis=1) if pts.ndim == 2 else np.zeros(0, bool)
                 prep = prepare(pts[finite] if pts.ndim == 2 else pts, cfg)
+                vmap = prep.voxel_map
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
                     _tensor("neighborhood", prep.neighborhood[None]), _tensor("center", prep.center[None]),
                     _tensor("patch_idx", prep.patch_idx.astype(np.int64)),
                     _tensor("sample_idx", prep.sample_idx.astype(np.int64)),
                     _tensor("sampled_points", prep.points.astype(np.float32)),
-                    _tensor("row_mask", finite.astype(np.bool_))]))
+                    _tensor("row_mask", finite.astype(np.bool_)),
+                    # the voxel rule's raw point -> cell map (empty for the other rules)
+                    _tensor("cell_rep", vmap.cell_rep if vmap else np.zeros(0, np.int64)),
+                    _tensor("cell_of_raw", vmap.cell_of_raw if vmap else np.zeros(0, np.int32))]))
             except Exception as exc:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(
                     f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INVALID_ARG)))
@@ -157,14 +161,18 @@ class TritonPythonModel:
 ''' + _STAGES_INIT + '''
     def execute(self, requests):
         from btp.geometry.prepare import Prepared, scores_to_raw
+        from btp.geometry.sampling import VoxelMap
 
         cfg, responses = self.cfg, []
         for request in requests:
             raw_all = np.ascontiguousarray(_get(request, "points"), np.float32)
             mask = np.asarray(_get(request, "row_mask"), bool)
+            cell_rep = np.asarray(_get(request, "cell_rep"), np.int64)
+            vmap = (VoxelMap(cell_rep=cell_rep, cell_of_raw=np.asarray(_get(request, "cell_of_raw"), np.int32),
+                             voxel=0.0) if cell_rep.size else None)
             prep = Prepared(raw_points=raw_all[mask], sample_idx=_get(request, "sample_idx"),
                             points=_get(request, "sampled_points"), origin=np.zeros(3, np.float32), scale=1.0,
-                            patch_idx=_get(request, "patch_idx"), center=_get(request, "center")[0])
+                            voxel_map=vmap, patch_idx=_get(request, "patch_idx"), center=_get(request, "center")[0])
             scores = np.full(len(raw_all), np.nan, np.float32)
             scores[mask] = scores_to_raw(np.asarray(_get(request, "patch_probs"))[0], prep, cfg)[1]
             responses.append(pb_utils.InferenceResponse(output_tensors=[_tensor("point_scores", scores)]))
@@ -227,7 +235,9 @@ output [
   {{ name: "patch_idx" data_type: TYPE_INT64 dims: [ {g}, {k} ] }},
   {{ name: "sample_idx" data_type: TYPE_INT64 dims: [ -1 ] }},
   {{ name: "sampled_points" data_type: TYPE_FP32 dims: [ -1, 3 ] }},
-  {{ name: "row_mask" data_type: TYPE_BOOL dims: [ -1 ] }}
+  {{ name: "row_mask" data_type: TYPE_BOOL dims: [ -1 ] }},
+  {{ name: "cell_rep" data_type: TYPE_INT64 dims: [ -1 ] }},
+  {{ name: "cell_of_raw" data_type: TYPE_INT32 dims: [ -1 ] }}
 ]
 ''')
     _write(out / "btp_post" / "config.pbtxt", f'''name: "btp_post"
@@ -240,7 +250,9 @@ input [
   {{ name: "patch_idx" data_type: TYPE_INT64 dims: [ {g}, {k} ] }},
   {{ name: "sample_idx" data_type: TYPE_INT64 dims: [ -1 ] }},
   {{ name: "sampled_points" data_type: TYPE_FP32 dims: [ -1, 3 ] }},
-  {{ name: "center" data_type: TYPE_FP32 dims: [ 1, {g}, 3 ] }}
+  {{ name: "center" data_type: TYPE_FP32 dims: [ 1, {g}, 3 ] }},
+  {{ name: "cell_rep" data_type: TYPE_INT64 dims: [ -1 ] }},
+  {{ name: "cell_of_raw" data_type: TYPE_INT32 dims: [ -1 ] }}
 ]
 output [ {{ name: "point_scores" data_type: TYPE_FP32 dims: [ -1 ] }} ]
 ''')
@@ -269,11 +281,12 @@ output [
 dynamic_batching {{ max_queue_delay_microseconds: {int(max_queue_delay_us)} }}
 ''')
     steps = [("btp_pre", {"points": "points"}, {k_: k_ for k_ in ("neighborhood", "center", "patch_idx", "sample_idx",
-                                                                   "sampled_points", "row_mask")}),
+                                                                   "sampled_points", "row_mask", "cell_rep",
+                                                                   "cell_of_raw")}),
              ("btp_engine", {"neighborhood": "neighborhood", "center": "center"},
               {"patch_probs": "patch_probs", "object_score": "object_score", "global_prob": "global_prob"}),
              ("btp_post", {k_: k_ for k_ in ("points", "row_mask", "patch_probs", "patch_idx", "sample_idx",
-                                             "sampled_points", "center")}, {"point_scores": "point_scores"})]
+                                             "sampled_points", "center", "cell_rep", "cell_of_raw")}, {"point_scores": "point_scores"})]
     blocks = []
     for name, inputs, outputs in steps:
         ins = "".join(f'    input_map {{ key: "{a}" value: "{b}" }}\n' for a, b in inputs.items())

@@ -19,7 +19,8 @@ export's parity samples, the Triton pre/post steps, and as the reference of the 
   ``"seeded-random"``: at ``seeded_start(M, downsample_seed)``, the index the official code's
   ``torch.manual_seed(seed); torch.randint(0, M, (1,))`` draws on the CPU.
 - **Scan size**, the one rule: M > N: FPS to N points (``method``: exact | bucket | voxel |
-  auto, ``btp.geometry.sampling.downsample``); M <= N: all M points in their own order
+  auto, ``btp.geometry.sampling.downsample``; "voxel", auto's rule above 16384 points, also
+  keeps each raw point's cell, so the way back is a gather); M <= N: all M points in their own order
   (``arange(M)``; FPS of all of them would only permute them) and the interpolation back to the
   raw scan is the identity. M < max(G, K) is refused (``TooFewPointsError``).
 """
@@ -35,11 +36,10 @@ from btp.config import BTPConfig, PreprocessConfig
 from btp.geometry.errors import DegenerateCloudError
 from btp.geometry.neighbors import knn, neighborhoods
 from btp.geometry.normalize import normalize
-from btp.geometry.sampling import downsample, fps
+from btp.geometry.sampling import DOWNSAMPLE_METHODS, VoxelMap, downsample, fps, resolve_method, voxel_downsample
 from btp.geometry.scores import interpolate_to_raw, nearest_scores, propagate_patch_scores
 from btp.io.errors import InvalidValuesError, TooFewPointsError
 
-DOWNSAMPLE_METHODS = ("auto", "exact", "bucket", "voxel")
 # float32 squared distances (FPS, kNN, interpolation) overflow beyond ~1e19 and lose every
 # neighbour below ~1e-19: scans outside these bounds are refused with the reason
 MAX_ABS_COORDINATE = 1e15
@@ -55,6 +55,8 @@ class Prepared:
     points        float32 [N, 3]  the sampled points, normalised (centroid 0, max radius 1)
     origin/scale  the normalisation: raw_points[sample_idx] ~= points * scale + origin (the
                   centroid and max radius; ``center`` below is the patch centres)
+    voxel_map     VoxelMap | None the "voxel" rule's raw point -> cell map (None for the other rules
+                  and for M <= N): interpolation back to the raw scan is then a gather
     center_idx    int64 [G]       FPS centres (indices into points)
     patch_idx     int64 [G, K]    kNN of each centre among points
     neighborhood  float32 [G, K, C], center float32 [G, 3]: the engine's inputs
@@ -66,6 +68,7 @@ class Prepared:
     points: np.ndarray
     origin: np.ndarray
     scale: float
+    voxel_map: VoxelMap | None = None
     center_idx: np.ndarray | None = None
     patch_idx: np.ndarray | None = None
     neighborhood: np.ndarray | None = None
@@ -142,10 +145,16 @@ def downsample_start(n_points: int, pre: PreprocessConfig) -> int:
     return seeded_start(n_points, pre.downsample_seed) if pre.downsample_start == "seeded-random" else pre.fps_start
 
 
-def sample_indices(points: np.ndarray, pre: PreprocessConfig, method: str = "auto") -> np.ndarray:
-    """int64 [min(N, M)]: the downsampled rows of ``points`` [M, 3] (all of them when M <= N)."""
+def sample_indices(points: np.ndarray, pre: PreprocessConfig, method: str = "auto") -> tuple[np.ndarray, VoxelMap | None]:
+    """-> (int64 [min(N, M)]: the downsampled rows of ``points`` [M, 3] (all of them when M <= N),
+    the voxel rule's map or None)."""
     m, n = points.shape[0], pre.num_points
-    return np.arange(m, dtype=np.int64) if m <= n else downsample(points, n, downsample_start(m, pre), method)
+    if m <= n:
+        return np.arange(m, dtype=np.int64), None
+    start = downsample_start(m, pre)
+    if resolve_method(m, method) == "voxel":
+        return voxel_downsample(points, n, start)
+    return downsample(points, n, start, method), None
 
 
 def _untimed(stage: str):
@@ -168,15 +177,16 @@ def prepare(raw, cfg: BTPConfig, method: str = "auto", *, group: bool = True, wh
         with timer("normalize"):
             normed_raw, centre, scale = normalize(raw)  # [M, 3]
         with timer("downsample"):
-            sample_idx = sample_indices(normed_raw, pre, method)  # [N]
+            sample_idx, vmap = sample_indices(normed_raw, pre, method)  # [N]
             points = np.ascontiguousarray(normed_raw[sample_idx])  # [N, 3]
     else:
         with timer("downsample"):
-            sample_idx = sample_indices(raw, pre, method)  # [N]
+            sample_idx, vmap = sample_indices(raw, pre, method)  # [N]
         with timer("normalize"):
             points, centre, scale = normalize(raw[sample_idx])  # [N, 3]
     if not group:
-        return Prepared(raw_points=raw, sample_idx=sample_idx, points=points, origin=centre, scale=float(scale))
+        return Prepared(raw_points=raw, sample_idx=sample_idx, points=points, origin=centre, scale=float(scale),
+                        voxel_map=vmap)
     with timer("fps"):
         center_idx = fps(points, enc.num_group, pre.fps_start)  # [G]
     with timer("group"):
@@ -184,7 +194,7 @@ def prepare(raw, cfg: BTPConfig, method: str = "auto", *, group: bool = True, wh
         patch_idx, _ = knn(points, center, enc.group_size)  # [G, K]
         neighborhood = neighborhoods(points, patch_idx, center, enc.in_channels, pre.rgb_fill)  # [G, K, C]
     return Prepared(raw_points=raw, sample_idx=sample_idx, points=points, origin=centre, scale=float(scale),
-                    center_idx=center_idx, patch_idx=patch_idx, neighborhood=neighborhood, center=center)
+                    voxel_map=vmap, center_idx=center_idx, patch_idx=patch_idx, neighborhood=neighborhood, center=center)
 
 
 def engine_batch(prepared: list[Prepared], fixed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -211,16 +221,28 @@ def propagate(patch_probs: np.ndarray, prepared: Prepared, cfg: BTPConfig) -> np
 
 def interpolate(sampled_scores: np.ndarray, prepared: Prepared, cfg: BTPConfig, *, exact: bool = False) -> np.ndarray:
     """Scores of the N sampled points -> every raw point [M] in input order, in raw coordinates
-    (``scoring.raw_interpolation``). ``"nearest"`` runs as one k=1 tree query (``nearest_scores``)
-    unless ``exact``: then ties go to the lowest index (``interpolate_to_raw``, the rule of the
-    CUDA kernel)."""
+    (``scoring.raw_interpolation``).
+
+    - ``exact``: every raw point by the rule itself; ties go to the lowest index
+      (``interpolate_to_raw``, the rule of the CUDA kernel).
+    - otherwise, with the voxel rule's map: the rule is evaluated at the R cell representatives
+      only, and every raw point takes its cell's value (a gather). The representative lies in
+      the point's own cell, so its nearest sample is at most 2 cell diagonals farther from the
+      point than the point's own nearest sample (triangle inequality); ``tests/test_geometry.py``
+      pins that bound.
+    - otherwise ``"nearest"`` runs as one k=1 tree query over the raw points (``nearest_scores``).
+    """
     if prepared.identity:
         return np.asarray(sampled_scores, dtype=np.float32)
     raw = prepared.raw_points
     method = cfg.scoring.raw_interpolation
+    vmap = None if exact else prepared.voxel_map
+    targets = raw if vmap is None else raw[vmap.cell_rep]
     if method == "nearest" and not exact:
-        return nearest_scores(raw[prepared.sample_idx], sampled_scores, raw)
-    return interpolate_to_raw(raw[prepared.sample_idx], sampled_scores, raw, method=method)
+        values = nearest_scores(raw[prepared.sample_idx], sampled_scores, targets)
+    else:
+        values = interpolate_to_raw(raw[prepared.sample_idx], sampled_scores, targets, method=method)
+    return values if vmap is None else values[vmap.cell_of_raw]
 
 
 def scores_to_raw(patch_probs: np.ndarray, prepared: Prepared, cfg: BTPConfig, *, exact: bool = False,

@@ -20,6 +20,7 @@ float64 evaluation can differ on near-ties, so the inputs are cast to float32 be
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -96,12 +97,43 @@ def fps(points, n_samples: int, start_idx: int = 0) -> np.ndarray:
 
 
 DOWNSAMPLE_METHODS = ("auto", "exact", "bucket", "voxel")
-# "auto" runs the exact rule up to this many raw points (<= ~70 ms for n = 2048 here), bucket above
+# "auto" runs the exact rule up to this many raw points (<= ~70 ms for n = 2048 here), voxel above
 AUTO_EXACT_MAX_POINTS = 16384
 # fpsample bucket_fps_kdline_sampling tree height (bucket size 2**h): fastest measured at 400k
 BUCKET_HEIGHT = 7
-# "voxel" keeps about this many representatives per requested sample before the exact FPS
+# "voxel" keeps about this many occupied cells per requested sample; FPS then picks among them
 VOXEL_REPS_PER_SAMPLE = 8
+# a dense voxel grid (one int32 per cell) up to this many cells; beyond it the cells are found by
+# sorting their keys (far outliers stretch the grid; same result, slower)
+DENSE_GRID_MAX_CELLS = 1 << 24
+
+
+@dataclass(frozen=True)
+class VoxelMap:
+    """The voxel rule's record of a raw scan: which cell each raw point fell in, and each cell's
+    representative. Interpolation back to the raw scan is then a gather:
+    ``raw_scores = rep_scores[cell_of_raw]`` with ``rep_scores`` the scores at ``cell_rep``.
+
+    cell_rep     int64 [R]  the lowest raw index in each occupied cell (cells in key order)
+    cell_of_raw  int32 [M]  each raw point's cell (an index into cell_rep)
+    voxel        float      the cell side, in the scan's units
+    """
+
+    cell_rep: np.ndarray
+    cell_of_raw: np.ndarray
+    voxel: float
+
+
+def resolve_method(n_points: int, method: str) -> str:
+    """``method`` with "auto" resolved for a scan of ``n_points`` (and "bucket" -> "voxel" where
+    fpsample >= 1.0 is missing)."""
+    if method not in DOWNSAMPLE_METHODS:
+        raise GeometryError(f"downsample method={method!r}: choose one of {DOWNSAMPLE_METHODS}")
+    if method == "auto":
+        method = "exact" if n_points <= AUTO_EXACT_MAX_POINTS else "voxel"
+    if method == "bucket" and _fpsample() is None:
+        method = "voxel"  # the other approximate rule (no fpsample on this machine)
+    return method
 
 
 def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto") -> np.ndarray:
@@ -117,70 +149,138 @@ def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto")
       kd-tree; it does NOT start at ``start_idx`` (fpsample reorders the points for its tree and
       reads ``start_idx`` in that order, so the first index is some other point) and its ties
       follow its tree, so its indices differ from ``"exact"``; its spread is as good.
-    - ``"voxel"``: one representative per voxel (the lowest point index in each cell of a grid
-      anchored at the cloud's min corner; the voxel size is set in two passes so that about
-      8 * n_samples cells are occupied), then ``fps`` over the representatives (start at the
-      representative of ``start_idx``'s voxel). Reproducible rule, slower and coarser here.
-    - ``"auto"`` (default): ``"exact"`` for M <= 16384, ``"bucket"`` above. Without fpsample
+    - ``"voxel"``: ``voxel_downsample``: one representative per cell of a voxel grid sized so
+      that about 8 * n_samples cells are occupied, then FPS over the representatives. It costs
+      one pass over the scan, and it keeps the raw-point -> cell map (``VoxelMap``) that makes
+      the interpolation back to the raw scan a gather (``btp.geometry.prepare.interpolate``).
+    - ``"auto"`` (default): ``"exact"`` for M <= 16384, ``"voxel"`` above. Without fpsample
       (``_fpsample``) ``"bucket"`` runs as ``"voxel"``, and ``fps`` as ``fps_reference``.
 
-    Measured on this 2-core box, M = 400 000 points sampled from a real mesh (bunny) -> 2048,
-    median ms (max / mean distance of a raw point to its nearest sample, bunny units):
-    exact 1955 (0.0398 / 0.01970); bucket h=5 84, h=7 61 (0.0400 / 0.01970);
-    voxel 174 (0.0478 / 0.01984); a density-skewed 400k cloud (80% of the points on 10% of the
-    surface): exact 1917, bucket h=7 45, voxel 153, with the same ranking of spread.
+    Measured on this 2-core box (benchmarks/results/latency-*.md has the whole scan's cost), M =
+    400 000 points sampled from a real mesh (bunny) -> 2048, median ms: exact 1955, bucket 61,
+    voxel ~10 (downsampling and the raw-point map together).
     """
     pts = as_points(points)
     n_points = pts.shape[0]
     n = check_count(n_samples, n_points, "n_samples")
     start = check_start(start_idx, n_points)
-    if method not in DOWNSAMPLE_METHODS:
-        raise GeometryError(f"downsample method={method!r}: choose one of {DOWNSAMPLE_METHODS}")
-    if method == "auto":
-        method = "exact" if n_points <= AUTO_EXACT_MAX_POINTS else "bucket"
+    method = resolve_method(n_points, method)
     if method == "exact" or n == n_points:
         return fps(pts, n, start)
-    fpsample = _fpsample() if method == "bucket" else None
-    if method == "bucket" and fpsample is None:
-        method = "voxel"  # the other approximate rule: reproducible, slower (no fpsample on this machine)
-    if method == "bucket":
-        height = BUCKET_HEIGHT
-        while height > 1 and (1 << height) > n_points:
-            height -= 1
-        picked = fpsample.bucket_fps_kdline_sampling(pts, n, height, start_idx=start)
-        return picked.astype(np.int64)
-    reps = voxel_representatives(pts, n * VOXEL_REPS_PER_SAMPLE, start)
-    if reps.shape[0] < n:  # too few occupied cells (tiny or degenerate cloud): fall back
-        return fps(pts, n, start)
-    rep_start = int(np.searchsorted(reps, start)) if start in reps else 0
-    return reps[fps(pts[reps], n, rep_start)]
+    if method == "voxel":
+        return voxel_downsample(pts, n, start)[0]
+    height = BUCKET_HEIGHT
+    while height > 1 and (1 << height) > n_points:
+        height -= 1
+    picked = _fpsample().bucket_fps_kdline_sampling(pts, n, height, start_idx=start)
+    return picked.astype(np.int64)
 
 
-def voxel_representatives(points: np.ndarray, target: int, start_idx: int = 0) -> np.ndarray:
-    """Sorted int64 indices: the lowest point index in each occupied voxel (plus ``start_idx``'s
-    own voxel represented by ``start_idx``), about ``target`` of them for a surface scan.
+def voxel_downsample(points, n_samples: int, start_idx: int = 0) -> tuple[np.ndarray, VoxelMap | None]:
+    """The ``"voxel"`` rule: -> (indices int64 [n_samples] into ``points``, VoxelMap).
 
-    points float32 [M, 3]. Grid: origin at the per-axis minimum, cubic cells of side ``v``;
-    cell = floor((p - min) / v) in float64. ``v`` starts at extent / sqrt(target) (a surface
-    fills ~ area / v^2 cells) and is corrected once by sqrt(occupied / target).
+    1. ``voxel_map``: a grid with about ``VOXEL_REPS_PER_SAMPLE * n_samples`` occupied cells,
+       each represented by its lowest raw index.
+    2. FPS over the representatives to ``n_samples``: fpsample's bucket FPS (its tree height
+       set by the number of representatives), or - without fpsample - ``fps`` from the
+       representative of ``start_idx``'s cell. The samples are representatives, so every
+       sample's cell is its own.
+    Too few occupied cells (a scan with fewer distinct cells than samples): the exact rule over
+    all points, and no map (None).
     """
-    lo = points.min(axis=0).astype(np.float64)
-    extent = float((points.max(axis=0) - lo).max())
-    if extent == 0.0:
-        return np.array([start_idx], dtype=np.int64)
-    voxel = extent / np.sqrt(target)
-    first = np.empty(0, dtype=np.int64)
-    for attempt in range(2):
-        cell = np.floor((points - lo) / voxel).astype(np.int64)  # [M, 3], each < 2**21 here
-        key = (cell[:, 0] << 42) | (cell[:, 1] << 21) | cell[:, 2]
-        _, first = np.unique(key, return_index=True)
-        if attempt == 0:
-            voxel *= float(np.sqrt(first.shape[0] / target))
-    reps = np.sort(first).astype(np.int64)
-    # the start point's voxel is represented by the start point itself
-    start_cell = np.floor((points[start_idx] - lo) / voxel).astype(np.int64)
-    start_key = (start_cell[0] << 42) | (start_cell[1] << 21) | start_cell[2]
-    same = np.nonzero(key[reps] == start_key)[0]
-    if same.size:
-        reps = np.sort(np.concatenate([np.delete(reps, same), [start_idx]]))
-    return reps
+    pts = as_points(points)
+    n_points = pts.shape[0]
+    n = check_count(n_samples, n_points, "n_samples")
+    start = check_start(start_idx, n_points)
+    vmap = voxel_map(pts, n * VOXEL_REPS_PER_SAMPLE)
+    reps = vmap.cell_rep
+    if reps.shape[0] < n:
+        return fps(pts, n, start), None
+    rep_pts = np.ascontiguousarray(pts[reps])
+    fpsample = _fpsample()
+    if fpsample is None:
+        return reps[fps(rep_pts, n, int(vmap.cell_of_raw[start]))], vmap
+    height = int(np.clip(round(np.log2(reps.shape[0])) - 9, 3, BUCKET_HEIGHT))
+    picked = fpsample.bucket_fps_kdline_sampling(rep_pts, n, height, start_idx=int(vmap.cell_of_raw[start]))
+    return reps[picked.astype(np.int64)], vmap
+
+
+def _column_bounds(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-axis min and max (float64) by strided column passes (numpy's axis-0 reduction of an
+    [M, 3] array is much slower)."""
+    low = np.array([points[:, i].min() for i in range(3)], dtype=np.float64)
+    high = np.array([points[:, i].max() for i in range(3)], dtype=np.float64)
+    return low, high
+
+
+def _cell_keys(points: np.ndarray, low: np.ndarray, dims: np.ndarray, voxel: float, dtype) -> np.ndarray:
+    """Row-major cell index of every point: cell = min(trunc((p - low) / voxel), dims - 1) per axis
+    (float32 arithmetic, one column at a time with reused buffers)."""
+    m = points.shape[0]
+    key = np.zeros(m, dtype=dtype)
+    col = np.empty(m, dtype=np.float32)
+    cell = np.empty(m, dtype=dtype)
+    inv = np.float32(1.0 / voxel)
+    for axis in range(3):
+        np.subtract(points[:, axis], np.float32(low[axis]), out=col)
+        np.multiply(col, inv, out=col)
+        np.maximum(col, 0, out=col)  # float32 rounding of p - low can dip below 0
+        cell[:] = col  # truncation toward zero = floor for these non-negative values
+        np.minimum(cell, dims[axis] - 1, out=cell)
+        if axis:
+            np.multiply(key, dims[axis], out=key)
+        np.add(key, cell, out=key)
+    return key
+
+
+def _grid_dims(extent: np.ndarray, voxel: float) -> np.ndarray:
+    return (np.floor(extent / voxel).astype(np.int64) + 1).clip(1)
+
+
+def _occupied(points: np.ndarray, low: np.ndarray, extent: np.ndarray, voxel: float) -> int:
+    dims = _grid_dims(extent, voxel)
+    if int(np.prod(dims)) <= DENSE_GRID_MAX_CELLS:
+        keys = _cell_keys(points, low, dims, voxel, np.int32)
+        return int(np.count_nonzero(np.bincount(keys, minlength=int(np.prod(dims)))))
+    return int(np.unique(_cell_keys(points, low, dims, voxel, np.int64)).shape[0])
+
+
+def voxel_map(points: np.ndarray, target: int) -> VoxelMap:
+    """Cubic cells anchored at the per-axis minimum, about ``target`` of them occupied.
+
+    points float32 [M, 3]. The side starts at extent / sqrt(target) (a surface fills ~ area / v^2
+    cells) and is corrected up to three times by sqrt(occupied / target) on a strided subsample
+    of about 4 * target points (so the sizing costs little on huge scans); then one pass over
+    every point gives each its cell. The grid is dense (bincount-sized arrays) up to
+    ``DENSE_GRID_MAX_CELLS`` cells, otherwise the occupied cells are found by sorting keys. Each
+    cell's representative is its lowest raw index. Deterministic: the same points give the same
+    map.
+    """
+    m = points.shape[0]
+    low, high = _column_bounds(points)
+    extent = high - low
+    largest = float(extent.max())
+    if largest == 0.0:
+        return VoxelMap(cell_rep=np.zeros(1, np.int64), cell_of_raw=np.zeros(m, np.int32), voxel=1.0)
+    sub = points[::max(1, m // (4 * target))]
+    voxel = largest / np.sqrt(target)
+    for _ in range(3):
+        occupied = _occupied(sub, low, extent, voxel)
+        if 0.8 * target <= occupied <= 1.25 * target or (occupied < target and occupied >= 0.9 * sub.shape[0]):
+            break  # close enough, or too few points to fill the target (a finer grid cannot add cells)
+        voxel *= float(np.sqrt(occupied / target))
+    dims = _grid_dims(extent, voxel)
+    cells = int(np.prod(dims))
+    if cells <= DENSE_GRID_MAX_CELLS:
+        keys = _cell_keys(points, low, dims, voxel, np.int32)
+        first = np.full(cells, m, dtype=np.int32)
+        np.minimum.at(first, keys, np.arange(m, dtype=np.int32))  # lowest raw index per cell
+        occupied_cells = np.flatnonzero(first < m)
+        cell_rep = first[occupied_cells].astype(np.int64)
+        first[occupied_cells] = np.arange(occupied_cells.shape[0], dtype=np.int32)  # reused as cell -> rank
+        cell_of_raw = first[keys]
+    else:
+        _, rep, inverse = np.unique(_cell_keys(points, low, dims, voxel, np.int64), return_index=True,
+                                    return_inverse=True)
+        cell_rep, cell_of_raw = rep.astype(np.int64), inverse.astype(np.int32).reshape(-1)
+    return VoxelMap(cell_rep=cell_rep, cell_of_raw=cell_of_raw, voxel=float(voxel))

@@ -55,6 +55,10 @@ RECIPES: dict[str, Recipe] = {
     # kicad-packages3d parts; its split holds out whole kicad families): ~5x the training meshes,
     # 12 samples each. Run with --shapes CORPUS_DIR.
     "btp-corpus": replace(_BTP_MINI, name="btp-corpus", per_shape=12),
+    # btp-corpus with 15x the encoder pre-training (3000 steps): does a longer-trained encoder carry
+    # defect signal that a frozen random one does not (card: "The corpus")?
+    "btp-corpus-longpt": replace(_BTP_MINI, name="btp-corpus-longpt", per_shape=12,
+                                 pretrain=replace(_BTP_MINI.pretrain, steps=3000, ckpt_every=250)),
     # seconds: for tests and smoke runs
     "tiny": Recipe(
         name="tiny", config=tiny_config,
