@@ -168,6 +168,44 @@ def test_ops_rows_schema_and_checks(shapes_root, monkeypatch):
     json.dumps([r.to_dict() for r in rows])  # serialisable
 
 
+def test_ops_downsample_rows_name_the_products_rule(shapes_root, monkeypatch):
+    monkeypatch.setenv("BTP_SHAPES", str(shapes_root))
+    from btp.benchmarks.ops import OURS, ops_summary, run_ops
+
+    rows = run_ops((20000,), (64,), 8, repeat=1, impls=("btp exact rule", "btp voxel rule", "fpsample bucket (kdline)"))
+    down = {r.impl: r for r in rows if r.op == "downsample"}
+    assert set(down) == {OURS, "btp exact rule", "btp voxel rule", "fpsample bucket (kdline)"}
+    assert all(r.n_groups == 2048 and r.median_ms > 0 for r in down.values())
+    assert down["btp exact rule"].exact and down["btp exact rule"].quality == 1.0
+    # above 16384 points the product's auto rule is the voxel rule: the same indices
+    assert down[OURS].same_set == down["btp voxel rule"].same_set and down[OURS].quality < 1.5
+    summary = {s["op"]: s for s in ops_summary(rows)}
+    assert "voxel" in summary["downsample"]["product_runs"] and "fpsample vanilla" in summary["fps"]["product_runs"]
+    assert summary["downsample"]["best_library"] == "fpsample bucket (kdline)"  # ours are not libraries
+
+
+def test_engine_variants_time_parity_and_saved_graphs(tmp_path_factory, tmp_path, shapes_root, monkeypatch):
+    monkeypatch.setenv("BTP_SHAPES", str(shapes_root))
+    from btp.benchmarks.engines import engines_markdown, run_engines
+    from btp.runtime import Pipeline
+    from runtime_helpers import real_scan, tiny_export
+
+    model = tiny_export(tmp_path_factory)[0]
+    data = run_engines(model, variants=("ort", "ort-fusions", "ort-int8-qdq"), rounds=1, iters=2, warmup=1,
+                       save=tmp_path)
+    rows = data["variants"]
+    assert rows["ort"]["max_abs_patch_probs"] == 0 and rows["ort"]["ratio_to_ort"] == 1.0
+    assert rows["ort-fusions"]["max_abs_patch_probs"] <= 1e-4  # same math, fused
+    for row in rows.values():
+        assert row["median_ms"] > 0 and row["calls"] == 2 and "verdict" in row
+    int8 = Pipeline(tmp_path / "ort-int8-qdq.onnx")  # the saved variant keeps the model's metadata
+    scan = real_scan(shapes_root, n=3000, seed=3)
+    assert np.isfinite(int8(scan).point_scores).all()
+    assert "ort-int8-qdq" in engines_markdown(data)
+    with pytest.raises(ValueError, match="unknown variant"):
+        run_engines(model, variants=("ort", "tvm"), rounds=1, iters=1, warmup=1)
+
+
 # ---- latency runner on a stand-in pipeline (the narrow contract: call -> Result.timings) ---------------
 
 class _FakePipeline:

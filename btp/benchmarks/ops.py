@@ -13,6 +13,10 @@ output against the truth:
 - kNN truth: ``btp.geometry.knn_reference`` where N*G is small enough, else ours. ``same_set``
   = mean fraction of each row's index set found; ``same_order`` = identical positions;
   ``quality`` = max abs error of the sorted squared distances.
+- Raw-scan downsampling (op ``downsample``, a scan of M = N points reduced to the model's 2048;
+  the G column is 2048): ``btp.geometry`` is the product's default rule (``auto``: exact up to
+  16384 points, the voxel rule above), against our exact and voxel rules and the libraries. Truth:
+  the exact rule; ``quality`` = covering radius relative to it.
 
 Times include what a caller pays per scan: building the tree, converting to the library's
 point type. Libraries run on all usable cores (their defaults); ours too.
@@ -126,6 +130,46 @@ def _fps_torch(pts, n, start, device="cpu"):
 def _fps_torch_cuda(pts, n, start):
     _cuda_or_skip()
     return _fps_torch(pts, n, start, device="cuda")
+
+
+def _downsample_rule(method: str) -> Callable:
+    def run(pts, n, start):
+        from btp.geometry import downsample
+
+        return downsample(pts, n, start, method)
+
+    return run
+
+
+def _fps_fpsample_bucket_h7(pts, n, start):
+    import fpsample
+
+    return fpsample.bucket_fps_kdline_sampling(pts, n, h=7, start_idx=start).astype(np.int64)
+
+
+# raw scan [M, 3] -> the model's N points; "btp ..." rows are ours too (not libraries)
+DOWNSAMPLE_N = 2048
+DOWNSAMPLE_IMPLS: dict[str, Callable] = {
+    OURS: _downsample_rule("auto"),
+    "btp exact rule": _downsample_rule("exact"),
+    "btp voxel rule": _downsample_rule("voxel"),
+    "fpsample bucket (kdline)": _fps_fpsample_bucket_h7,
+    "open3d farthest_point_down_sample": lambda pts, n, start: _fps_open3d(pts, n, start),
+}
+# what the product runs in each role (the ops report's "the product runs" column)
+PRODUCT_RUNS = {
+    "fps": "btp.geometry.fps: fpsample vanilla on the reversed cloud (the exact rule, lowest-index ties)",
+    "knn": "btp.geometry.knn: pykdtree with k + 8 candidates, rows re-sorted by (dist2, index)",
+}
+
+
+def product_runs(op: str, n_points: int) -> str:
+    if op != "downsample":
+        return PRODUCT_RUNS[op]
+    from btp.geometry.sampling import AUTO_EXACT_MAX_POINTS
+
+    return ("auto = the exact rule (fpsample vanilla)" if n_points <= AUTO_EXACT_MAX_POINTS else
+            "auto = the voxel rule (one grid pass, fpsample bucket over ~8N representatives)")
 
 
 FPS_IMPLS: dict[str, Callable] = {
@@ -288,6 +332,29 @@ def run_ops(points: Sequence[int] = DEFAULT_POINTS, groups: Sequence[int] = DEFA
                     progress(f"knn  N={n} G={g} {name}")
                 rows.append(_guard(lambda: _run_knn(name, fn, pts, queries, k, knn_truth, repeat, max_s),
                                    "knn", name, n, g, k))
+        if n > DOWNSAMPLE_N:
+            rows += _run_downsample(pts, impls, repeat, max_s, progress)
+    return rows
+
+
+def _run_downsample(pts, impls, repeat, max_s, progress) -> list[OpRow]:
+    n, g = len(pts), DOWNSAMPLE_N
+    truth_idx = _downsample_rule("exact")(pts, g, 0)
+    truth_cover = covering_radius(pts, pts[truth_idx])
+    rows = []
+    for name, fn in DOWNSAMPLE_IMPLS.items():
+        if impls and name not in impls and name != OURS:
+            continue
+        if progress:
+            progress(f"downsample  M={n} -> {g} {name}")
+
+        def one(fn=fn, name=name):
+            ms, out = median_ms(lambda: fn(pts, g, 0), repeat=repeat, max_s=max_s)
+            same = order_agreement(truth_idx, out)
+            cover = covering_radius(pts, pts[out]) / truth_cover
+            return OpRow("downsample", name, n, g, None, ms, same, set_agreement(truth_idx, out), cover, same == 1.0)
+
+        rows.append(_guard(one, "downsample", name, n, g, None))
     return rows
 
 
@@ -327,7 +394,8 @@ def ops_summary(rows: Sequence[OpRow], goal_ratio: float = 1.2) -> list[dict]:
     for op, n, g in keys:
         group = [r for r in rows if (r.op, r.n_points, r.n_groups) == (op, n, g) and r.median_ms is not None]
         ours = next((r for r in group if r.impl == OURS), None)
-        libs = [r for r in group if r.impl not in (OURS, REFERENCE) and "CUDA" not in r.impl]  # CPU goal
+        libs = [r for r in group if r.impl not in (OURS, REFERENCE) and "CUDA" not in r.impl  # CPU goal
+                and not r.impl.startswith("btp ")]
         if ours is None or not libs:
             continue
         best = min(libs, key=lambda r: r.median_ms)
@@ -335,7 +403,8 @@ def ops_summary(rows: Sequence[OpRow], goal_ratio: float = 1.2) -> list[dict]:
         best_exact = min(exact_libs, key=lambda r: r.median_ms) if exact_libs else None
         ratio = ours.median_ms / best.median_ms
         out.append({
-            "op": op, "n_points": n, "n_groups": g, "ours_ms": ours.median_ms, "ours_exact": ours.exact,
+            "op": op, "n_points": n, "n_groups": g, "product_runs": product_runs(op, n),
+            "ours_ms": ours.median_ms, "ours_exact": ours.exact,
             "best_library": best.impl, "best_ms": best.median_ms, "ratio_vs_best": ratio,
             "best_exact_library": best_exact.impl if best_exact else None,
             "best_exact_ms": best_exact.median_ms if best_exact else None,

@@ -268,6 +268,29 @@ def throughput(
 
 
 @app.command()
+def engines(
+    model: Path = typer.Argument(..., exists=True, dir_okay=False, help="model.onnx (from btp-export)"),
+    variants: str = typer.Option("ort,ort-fusions,ort-int8-qdq,openvino,openvino-bf16",
+                                 help="comma-separated: ort, ort-fusions, ort-int8-qdq, openvino, openvino-bf16"),
+    rounds: int = typer.Option(7, min=1, help="turns of every variant (interleaved)"),
+    iters: int = typer.Option(10, min=1, help="calls per variant and round"),
+    save: Path = typer.Option(None, help="also write the ORT variants' graphs here (<variant>.onnx, with the "
+                              "model's metadata: btp eval --model takes them)"),
+    out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
+) -> None:
+    """Engine variants of one model in the same run: ORT as exported, ORT after its transformer
+    fusions, static QDQ INT8 (per-channel, calibrated on real scans), OpenVINO - time and parity."""
+    from btp.benchmarks import report as rep
+    from btp.benchmarks.engines import engines_markdown, run_engines
+
+    data = run_engines(model, variants=_names(variants), rounds=rounds, iters=iters, save=save,
+                       progress=_say)
+    base = Path(out or rep.RESULTS_DIR) / rep.stem("engines", data["machine"])
+    _print_paths([rep.write_json(base.with_suffix(".json"), data),
+                  rep.write_text(base.with_suffix(".md"), engines_markdown(data))])
+
+
+@app.command()
 def table(
     results: Path = typer.Option(None, help="results folder (default benchmarks/results/)"),
     out: Path = typer.Option(None, help="output (default <results>/README-table.md)"),

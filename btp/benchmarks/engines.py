@@ -1,0 +1,242 @@
+"""`btp-bench engines`: engine variants of one model.onnx, timed in the same run, with parity.
+
+Variants (each on the CPU, batch 1, the machine's default thread count):
+
+- ``ort``: the exported graph in ONNX Runtime (graph optimisation level ALL) - what btp-run runs.
+- ``ort-fusions``: the graph after ``onnxruntime.transformers.optimizer`` (model type ``bert``,
+  the encoder's heads and width): Attention / LayerNorm / GELU fusions where its patterns match;
+  the fused op counts are reported.
+- ``ort-int8-qdq``: static INT8 quantisation in the QDQ format (``onnxruntime.quantization``):
+  per-channel symmetric int8 weights, uint8 activations, MatMul / Conv / Gemm, calibrated (MinMax)
+  on engine inputs of real scans of *training-split* meshes.
+- ``openvino``: the same model.onnx compiled by OpenVINO for its CPU plugin, FP32
+  (``INFERENCE_PRECISION_HINT=f32``), latency hint, where the ``openvino`` package is installed
+  (not a btp-edge dependency).
+- ``openvino-bf16``: the same with OpenVINO's default precision on CPUs with native bfloat16
+  (AVX512-BF16 / AMX): bf16 inside the graph.
+
+Timing: the variants take turns, ``rounds`` times ``iters`` calls each on the same inputs, after
+a warm-up; the median of all calls is reported with its ratio to ``ort``. Parity: on engine
+inputs of other training-split meshes (not the calibration ones), max |difference| of
+``patch_probs`` and ``object_score`` against ``ort``. A variant is adoptable only when it is faster
+than ``ort`` in this run and its parity holds; the held-out AUROC check (within 1 point) is then
+``btp eval`` on the variant's model, which this report names as the next step.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+VARIANTS = ("ort", "ort-fusions", "ort-int8-qdq", "openvino", "openvino-bf16")
+# training-split meshes of the shared shapes (btp.train.split): calibration and parity scans
+CALIBRATION_MESHES = ("cgal__stanford_bunny.ply", "cgal__pinion.ply", "trimesh__featuretype_block.ply")
+PARITY_MESHES = ("cgal__bull.ply", "cgal__camel.ply", "cgal__blobby.ply")
+# a variant "holds parity" when its patch probabilities and object score stay this close to ort's
+PARITY_TOLERANCE = 0.02
+
+
+def _inputs(meshes, per_mesh: int, cfg, seed: int) -> list[dict[str, np.ndarray]]:
+    from btp.benchmarks.data import sample_cloud
+    from btp.geometry.prepare import engine_batch, prepare
+
+    feeds = []
+    for i, mesh in enumerate(meshes):
+        for j in range(per_mesh):
+            scan = sample_cloud(4 * cfg.preprocess.num_points, mesh=mesh, seed=seed + 100 * i + j)
+            neighborhood, center = engine_batch([prepare(scan, cfg, "exact")])
+            feeds.append({"neighborhood": neighborhood, "center": center})
+    return feeds
+
+
+def _ort_runner(path: Path) -> Callable[[dict], dict]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return lambda feed: dict(zip(names, session.run(None, feed)))
+
+
+def _fused(path: Path, out: Path, cfg) -> tuple[Path, dict]:
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    enc = cfg.encoder
+    model = optimize_model(str(path), model_type="bert", num_heads=enc.num_heads, hidden_size=enc.trans_dim,
+                           opt_level=1)
+    counts = {k: v for k, v in model.get_fused_operator_statistics().items() if v}
+    model.save_model_to_file(str(out))
+    return out, counts
+
+
+class _Calibration:
+    """onnxruntime.quantization CalibrationDataReader over prepared engine inputs."""
+
+    def __init__(self, feeds):
+        self._it = iter(feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def _quantized(path: Path, out: Path, feeds) -> Path:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    staged = out.with_name("preprocessed.onnx")
+    quant_pre_process(str(path), str(staged), skip_symbolic_shape=True)
+    quantize_static(str(staged), str(out), _Calibration(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["MatMul", "Conv", "Gemm"], calibrate_method=CalibrationMethod.MinMax)
+    return out
+
+
+def _openvino_runner(path: Path, precision: str) -> Callable[[dict], dict]:
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY",
+                                                     "INFERENCE_PRECISION_HINT": precision})
+    request = compiled.create_infer_request()
+    names = [o.get_any_name() for o in compiled.outputs]
+
+    def run(feed):
+        result = request.infer(feed)
+        return {name: np.asarray(result[compiled.output(name)]) for name in names}
+
+    return run
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _keep_metadata(source: Path, variant: Path, dest: Path) -> Path:
+    """``variant`` saved as ``dest`` with ``source``'s btp metadata (so btp-run / btp eval take it)."""
+    import onnx
+
+    original = onnx.load(str(source), load_external_data=False)
+    graph = onnx.load(str(variant))
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(original.metadata_props)
+    onnx.save(graph, str(dest))
+    return dest
+
+
+def run_engines(model, *, variants=VARIANTS, rounds: int = 7, iters: int = 10, warmup: int = 5,
+                save: Path | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """``save``: also write the ORT variants' graphs there (``<variant>.onnx``, with the model's
+    metadata), e.g. for ``btp eval --model`` on a variant that is faster."""
+    from btp.benchmarks.machine import describe_machine
+    from btp.runtime.metadata import read_model_meta
+
+    say = progress or (lambda _msg: None)
+    model = Path(model)
+    cfg = read_model_meta(model).config
+    if save:
+        Path(save).mkdir(parents=True, exist_ok=True)
+    calibration = _inputs(CALIBRATION_MESHES, 8, cfg, seed=0)
+    check = _inputs(PARITY_MESHES, 4, cfg, seed=1000)
+    runners: dict[str, Callable] = {}
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="btp-engines-") as tmp:
+        tmp = Path(tmp)
+        for name in variants:
+            try:
+                if name == "ort":
+                    runners[name], rows[name] = _ort_runner(model), {"graph": "model.onnx as exported"}
+                elif name == "ort-fusions":
+                    path, counts = _fused(model, tmp / "fused.onnx", cfg)
+                    runners[name], rows[name] = _ort_runner(path), {"fused_ops": counts}
+                    if save:
+                        _keep_metadata(model, path, Path(save) / f"{name}.onnx")
+                elif name == "ort-int8-qdq":
+                    path = _quantized(model, tmp / "int8.onnx", calibration)
+                    runners[name] = _ort_runner(path)
+                    rows[name] = {"calibration": f"{len(calibration)} scans of {', '.join(CALIBRATION_MESHES)}",
+                                  "size_mb": round(path.stat().st_size / 1e6, 2)}
+                    if save:
+                        _keep_metadata(model, path, Path(save) / f"{name}.onnx")
+                elif name in ("openvino", "openvino-bf16"):
+                    precision = "f32" if name == "openvino" else "bf16"
+                    runners[name] = _openvino_runner(model, precision)
+                    rows[name] = {"openvino": f"{_version('openvino')}, {precision}"}
+                else:
+                    raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
+                say(f"{name}: ready")
+            except ImportError as err:
+                rows[name] = {"skipped": f"{type(err).__name__}: {err}"}
+                say(f"{name}: skipped ({err})")
+        feed = check[0]
+        for name, run in runners.items():
+            for _ in range(warmup):
+                run(feed)
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        for r in range(rounds):
+            for name, run in runners.items():
+                for _ in range(iters):
+                    t0 = time.perf_counter()
+                    run(feed)
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+            say(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {statistics.median(v[-iters:]):.1f} ms"
+                                                        for n, v in times.items()))
+        reference = [runners["ort"](f) for f in check] if "ort" in runners else None
+        for name, run in runners.items():
+            row = rows[name]
+            row["median_ms"] = statistics.median(times[name])
+            row["calls"] = len(times[name])
+            if reference is None:
+                continue
+            got = [run(f) for f in check]
+            row["max_abs_patch_probs"] = float(max(np.abs(g["patch_probs"] - r["patch_probs"]).max()
+                                                   for g, r in zip(got, reference)))
+            row["max_abs_object_score"] = float(max(np.abs(g["object_score"] - r["object_score"]).max()
+                                                    for g, r in zip(got, reference)))
+    base = rows.get("ort", {}).get("median_ms")
+    for name, row in rows.items():
+        if "median_ms" not in row or base is None:
+            continue
+        row["ratio_to_ort"] = row["median_ms"] / base
+        row["parity"] = max(row["max_abs_patch_probs"], row["max_abs_object_score"]) <= PARITY_TOLERANCE
+        faster = row["median_ms"] < base
+        row["verdict"] = ("baseline" if name == "ort" else
+                          "faster with parity: check held-out AUROC (btp eval) before adopting" if faster and row["parity"]
+                          else "rejected: " + ", ".join(w for w, bad in (("not faster", not faster),
+                                                                         ("parity fails", not row["parity"])) if bad))
+    return {"machine": describe_machine(), "model": str(model), "name": cfg.name, "rounds": rounds, "iters": iters,
+            "warmup": warmup, "parity_scans": f"{len(check)} scans of {', '.join(PARITY_MESHES)}",
+            "parity_tolerance": PARITY_TOLERANCE, "onnxruntime": _version("onnxruntime"), "variants": rows}
+
+
+def engines_markdown(data: dict) -> str:
+    from btp.benchmarks.machine import machine_line
+
+    lines = ["# Engine variants of one model, same run", "",
+             f"- Machine: {machine_line(data['machine'])}", f"- Date (UTC): {data['machine']['date_utc']}",
+             f"- Model: `{data['model']}` ({data['name']}); onnxruntime {data['onnxruntime']}; batch 1, default threads.",
+             f"- Timing: the variants take turns, {data['rounds']} rounds x {data['iters']} calls each after "
+             f"{data['warmup']} warm-up calls; median of all calls. Parity: {data['parity_scans']}, max |diff| "
+             f"against `ort` (tolerance {data['parity_tolerance']}).",
+             f"- Run: `btp-bench engines MODEL`", "",
+             "| variant | engine p50 ms | vs ort | max abs diff patch_probs | max abs diff object_score | verdict | notes |",
+             "|---|---|---|---|---|---|---|"]
+    for name, row in data["variants"].items():
+        if "skipped" in row:
+            lines.append(f"| {name} | - | - | - | - | skipped | {row['skipped']} |")
+            continue
+        notes = "; ".join(f"{k}: {v}" for k, v in row.items() if k in ("graph", "fused_ops", "calibration", "size_mb",
+                                                                       "openvino"))
+        lines.append(f"| {name} | {row['median_ms']:.2f} | {row.get('ratio_to_ort', float('nan')):.2f}x | "
+                     f"{row.get('max_abs_patch_probs', float('nan')):.2g} | "
+                     f"{row.get('max_abs_object_score', float('nan')):.2g} | {row.get('verdict', '')} | {notes} |")
+    return "\n".join(lines) + "\n"
