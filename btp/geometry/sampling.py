@@ -214,8 +214,10 @@ def _column_bounds(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cell_keys(points: np.ndarray, low: np.ndarray, dims: np.ndarray, voxel: float, dtype) -> np.ndarray:
-    """Row-major cell index of every point: cell = min(trunc((p - low) / voxel), dims - 1) per axis
-    (float32 arithmetic, one column at a time with reused buffers)."""
+    """Row-major cell index of every point: cell = trunc((p - low) * (1 / voxel)) per axis, in
+    float32, one column at a time with reused buffers. ``low`` is the points' own per-axis
+    minimum, so p - low >= 0 exactly and truncation is floor; ``_grid_dims`` leaves one spare
+    layer, so float32 rounding at the far end stays inside the grid."""
     m = points.shape[0]
     key = np.zeros(m, dtype=dtype)
     col = np.empty(m, dtype=np.float32)
@@ -224,9 +226,7 @@ def _cell_keys(points: np.ndarray, low: np.ndarray, dims: np.ndarray, voxel: flo
     for axis in range(3):
         np.subtract(points[:, axis], np.float32(low[axis]), out=col)
         np.multiply(col, inv, out=col)
-        np.maximum(col, 0, out=col)  # float32 rounding of p - low can dip below 0
-        cell[:] = col  # truncation toward zero = floor for these non-negative values
-        np.minimum(cell, dims[axis] - 1, out=cell)
+        cell[:] = col
         if axis:
             np.multiply(key, dims[axis], out=key)
         np.add(key, cell, out=key)
@@ -234,14 +234,16 @@ def _cell_keys(points: np.ndarray, low: np.ndarray, dims: np.ndarray, voxel: flo
 
 
 def _grid_dims(extent: np.ndarray, voxel: float) -> np.ndarray:
-    return (np.floor(extent / voxel).astype(np.int64) + 1).clip(1)
+    """Cells per axis: floor(extent / voxel) + 1 hold every point, + 1 spare layer for rounding."""
+    return np.floor(extent / voxel).astype(np.int64) + 2
 
 
 def _occupied(points: np.ndarray, low: np.ndarray, extent: np.ndarray, voxel: float) -> int:
     dims = _grid_dims(extent, voxel)
     if int(np.prod(dims)) <= DENSE_GRID_MAX_CELLS:
-        keys = _cell_keys(points, low, dims, voxel, np.int32)
-        return int(np.count_nonzero(np.bincount(keys, minlength=int(np.prod(dims)))))
+        seen = np.zeros(int(np.prod(dims)), dtype=bool)
+        seen[_cell_keys(points, low, dims, voxel, np.int32)] = True
+        return int(np.count_nonzero(seen))
     return int(np.unique(_cell_keys(points, low, dims, voxel, np.int64)).shape[0])
 
 
@@ -249,26 +251,30 @@ def voxel_map(points: np.ndarray, target: int) -> VoxelMap:
     """Cubic cells anchored at the per-axis minimum, about ``target`` of them occupied.
 
     points float32 [M, 3]. The side starts at extent / sqrt(target) (a surface fills ~ area / v^2
-    cells) and is corrected up to three times by sqrt(occupied / target) on a strided subsample
-    of about 4 * target points (so the sizing costs little on huge scans); then one pass over
+    cells) and is corrected up to three times by (occupied / target)^(1/d), d = 2 first, on a strided subsample
+    of about 4 * target points (so the sizing costs little on huge scans; from the second
+    correction on with the exponent of occupied ~ side^-d fitted to the last two); then one pass over
     every point gives each its cell. The grid is dense (bincount-sized arrays) up to
     ``DENSE_GRID_MAX_CELLS`` cells, otherwise the occupied cells are found by sorting keys. Each
     cell's representative is its lowest raw index. Deterministic: the same points give the same
     map.
     """
     m = points.shape[0]
-    low, high = _column_bounds(points)
+    low, high = _column_bounds(points)  # float32 values, exact in float64
     extent = high - low
     largest = float(extent.max())
     if largest == 0.0:
         return VoxelMap(cell_rep=np.zeros(1, np.int64), cell_of_raw=np.zeros(m, np.int32), voxel=1.0)
     sub = points[::max(1, m // (4 * target))]
-    voxel = largest / np.sqrt(target)
+    voxel, exponent, last = largest / np.sqrt(target), 2.0, None
     for _ in range(3):
         occupied = _occupied(sub, low, extent, voxel)
         if 0.8 * target <= occupied <= 1.25 * target or (occupied < target and occupied >= 0.9 * sub.shape[0]):
             break  # close enough, or too few points to fill the target (a finer grid cannot add cells)
-        voxel *= float(np.sqrt(occupied / target))
+        if last is not None and last[1] != occupied and last[0] != voxel:  # occupied ~ voxel^-exponent, fitted
+            exponent = float(np.clip(np.log(last[1] / occupied) / np.log(voxel / last[0]), 1.0, 3.0))
+        last = (voxel, occupied)
+        voxel *= float((occupied / target) ** (1.0 / exponent))
     dims = _grid_dims(extent, voxel)
     cells = int(np.prod(dims))
     if cells <= DENSE_GRID_MAX_CELLS:
