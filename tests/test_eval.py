@@ -227,3 +227,31 @@ def test_synth_metrics_baselines_and_baseline_eval_do_not_import_torch(datasets)
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_downsample_rule_reaches_both_scorers_and_the_rules_report(shapes_root, tiny_checkpoint, tmp_path):
+    """Scans above 16384 points: `--downsample` reaches the torch and the ONNX scorer alike (auto =
+    the voxel rule with its gather, the same on both paths; exact = the reference rules), and
+    `btp-bench rules` reports both rules' metrics and their difference."""
+    pytest.importorskip("onnxruntime")
+    from btp.benchmarks.rules import rules_markdown, run_rules
+    from btp.eval.evaluate import load_scorer
+    from btp.export.onnx import export_onnx, load_model
+
+    root = tmp_path / "big"
+    write_dataset(shapes_root, root, ["hex_nut"], SynthPlan(per_class_train=0, per_class_test_good=1,
+                                                            per_class_test_bad=2, seed=3), SynthConfig(num_points=20000))
+    onnx_path = export_onnx(load_model(tiny_checkpoint), tmp_path / "tiny.onnx", simplify=False, parity_scans=1).path
+    sample = next(iter_samples(root))
+    fast = {kind: load_scorer(path, downsample="auto")(sample.points)
+            for kind, path in (("torch", tiny_checkpoint), ("onnx", onnx_path))}
+    exact = load_scorer(onnx_path, downsample="exact")(sample.points)
+    np.testing.assert_array_equal(fast["torch"].sampled_idx, fast["onnx"].sampled_idx)
+    np.testing.assert_allclose(fast["torch"].point_scores, fast["onnx"].point_scores, atol=1e-5)
+    assert not np.array_equal(fast["onnx"].sampled_idx, exact.sampled_idx)  # another rule, other samples
+    data = run_rules(onnx_path, [root])
+    (one,) = data["sets"]
+    assert set(one["rules"]) == {"exact", "auto"} and one["rules"]["auto"]["scans"] == 3
+    for metric, delta in one["delta_points"].items():
+        assert delta == pytest.approx(100 * (one["rules"]["auto"]["mean"][metric] - one["rules"]["exact"]["mean"][metric]))
+    assert isinstance(one["met"], bool) and "auto - exact" in rules_markdown(data)

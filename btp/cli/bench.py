@@ -291,6 +291,24 @@ def engines(
 
 
 @app.command()
+def rules(
+    model: Path = typer.Argument(..., exists=True, dir_okay=False, help="model.onnx or a .safetensors checkpoint"),
+    data: list[Path] = typer.Option(..., "--data", exists=True, file_okay=False,
+                                    help="held-out test set (repeatable), e.g. `btp data eval-sets --points 100000`"),
+    out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
+) -> None:
+    """What the default raw-scan rule (auto: voxel + gather above 16384 points) changes in held-out
+    O-/P-AUROC against the exact rule, per data set (goal: <= 0.5 point)."""
+    from btp.benchmarks import report as rep
+    from btp.benchmarks.rules import rules_markdown, run_rules
+
+    result = run_rules(model, data, progress=_say)
+    base = Path(out or rep.RESULTS_DIR) / rep.stem("accuracy-downsample", result["machine"])
+    _print_paths([rep.write_json(base.with_suffix(".json"), result),
+                  rep.write_text(base.with_suffix(".md"), rules_markdown(result))])
+
+
+@app.command()
 def table(
     results: Path = typer.Option(None, help="results folder (default benchmarks/results/)"),
     out: Path = typer.Option(None, help="output (default <results>/README-table.md)"),

@@ -1,0 +1,67 @@
+"""`btp-bench rules`: what a raw-scan rule changes in accuracy, against the exact rule.
+
+For each data set (held-out test scans, e.g. ``btp data eval-sets --points 100000``: scanner
+density, where the rules differ), the model is evaluated by ``btp.eval.evaluate`` once per rule
+(``exact``: the reference FPS and nearest-neighbour interpolation; ``auto``: the product's default,
+the voxel rule above 16384 points with its gather back to the raw scan). Reported per set: the
+class-mean metrics of both, their differences in points (x100), the model's ms per scan in the
+evaluation loop (file reading included) and the verdict against the goal: |delta| <= 0.5 point
+on O-AUROC and P-AUROC (point metrics on the raw scans, full resolution).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+METRICS = ("o_auroc", "p_auroc", "au_pro", "p_auroc_sampled")
+GOAL_POINTS = 0.5
+
+
+def run_rules(model, data_roots, *, rules=("exact", "auto"), progress: Callable[[str], None] | None = None) -> dict:
+    from btp.benchmarks.machine import describe_machine
+    from btp.eval.evaluate import evaluate, load_scorer
+
+    say = progress or (lambda _msg: None)
+    sets = []
+    for root in data_roots:
+        root = Path(root)
+        by_rule = {}
+        for rule in rules:
+            say(f"{root.name}: rule {rule}")
+            report = evaluate(root, scorer=load_scorer(model, downsample=rule), baselines=False)
+            by_rule[rule] = {"mean": {m: report["mean"][m] for m in METRICS if m in report["mean"]},
+                             "ms_per_scan": report["data"]["ms_per_scan"]["model"],
+                             "scans": sum(v["good"] + v["bad"] for v in report["data"]["samples"].values()),
+                             "points": sorted({v["points"] // max(1, v["good"] + v["bad"])
+                                               for v in report["data"]["samples"].values()})}
+        reference, fast = by_rule[rules[0]], by_rule[rules[-1]]
+        delta = {m: 100 * (fast["mean"][m] - reference["mean"][m]) for m in reference["mean"]}
+        sets.append({"data": str(root), "rules": by_rule, "delta_points": delta,
+                     "met": all(abs(delta[m]) <= GOAL_POINTS for m in ("o_auroc", "p_auroc"))})
+    return {"machine": describe_machine(), "model": str(model), "rules": list(rules), "goal_points": GOAL_POINTS,
+            "sets": sets}
+
+
+def rules_markdown(data: dict) -> str:
+    from btp.benchmarks.machine import machine_line
+
+    ref, fast = data["rules"][0], data["rules"][-1]
+    lines = [f"# Raw-scan rules: `{fast}` against `{ref}`, held-out accuracy", "",
+             f"- Machine: {machine_line(data['machine'])}", f"- Date (UTC): {data['machine']['date_utc']}",
+             f"- Model: `{data['model']}`. Command: `btp-bench rules MODEL --data SET ...` (one `btp eval` per rule "
+             f"and set, the model only).",
+             f"- Goal: |{fast} - {ref}| <= {data['goal_points']} point on O-AUROC and P-AUROC (point metrics on the "
+             "raw scans); values are class means x100.", "",
+             "| set | scans x points | rule | O-AUROC | P-AUROC | AU-PRO | P-AUROC (2048 sampled) | ms per scan |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in data["sets"]:
+        for rule in data["rules"]:
+            r = s["rules"][rule]
+            m = r["mean"]
+            lines.append(f"| {Path(s['data']).name} | {r['scans']} x {', '.join(f'{p:,}' for p in r['points'])} | "
+                         f"{rule} | {100 * m['o_auroc']:.2f} | {100 * m['p_auroc']:.2f} | {100 * m['au_pro']:.2f} | "
+                         f"{100 * m['p_auroc_sampled']:.2f} | {r['ms_per_scan']:.1f} |")
+        d = s["delta_points"]
+        lines.append(f"| {Path(s['data']).name} | | **{fast} - {ref}** | {d['o_auroc']:+.2f} | {d['p_auroc']:+.2f} | "
+                     f"{d['au_pro']:+.2f} | {d['p_auroc_sampled']:+.2f} | goal {'MET' if s['met'] else 'MISSED'} |")
+    return "\n".join(lines) + "\n"
