@@ -36,7 +36,7 @@ from btp.config import BTPConfig, PreprocessConfig
 from btp.geometry.errors import DegenerateCloudError
 from btp.geometry.neighbors import knn, neighborhoods
 from btp.geometry.normalize import normalize
-from btp.geometry.sampling import DOWNSAMPLE_METHODS, VoxelMap, downsample, fps, resolve_method, voxel_downsample
+from btp.geometry.sampling import DOWNSAMPLE_METHODS, VoxelMap, column_bounds, downsample, fps, resolve_method, voxel_downsample
 from btp.geometry.scores import interpolate_to_raw, nearest_scores, propagate_patch_scores
 from btp.io.errors import InvalidValuesError, TooFewPointsError
 
@@ -91,6 +91,11 @@ def check_scan(points, cfg: BTPConfig, where: str | Path | None = None) -> np.nd
     have them: dropping them here would break one score per input point), M >= max(G, K), and a
     range float32 distances can measure (|x| <= MAX_ABS_COORDINATE, extent >= MIN_EXTENT; all
     points equal: DegenerateCloudError)."""
+    return _checked_scan(points, cfg, where)[0]
+
+
+def _checked_scan(points, cfg: BTPConfig, where) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """``check_scan`` -> (float32 [M, 3], its per-axis (min, max), which the checks compute)."""
     pts = np.asarray(points)
     if pts.ndim != 2 or pts.shape[1] != 3:
         raise InvalidValuesError(where, f"points have shape {pts.shape}; expected [M, 3]")
@@ -99,10 +104,8 @@ def check_scan(points, cfg: BTPConfig, where: str | Path | None = None) -> np.nd
         raise TooFewPointsError(where, f"{pts.shape[0]} points, fewer than the model's max(G, K) = {need}: "
                                        "use a denser scan")
     pts = np.ascontiguousarray(pts, dtype=np.float32)
-    # NaN and inf show in the per-column min/max, so these passes check everything (one column at a
-    # time: numpy's axis-0 reduction of an [M, 3] array is ~40x slower than three strided ones)
-    low = np.array([pts[:, i].min() for i in range(3)], dtype=np.float32)
-    high = np.array([pts[:, i].max() for i in range(3)], dtype=np.float32)
+    # NaN and inf show in the per-column min/max, so these passes check everything
+    low, high = column_bounds(pts)
     if not (np.isfinite(low).all() and np.isfinite(high).all()):
         bad = int((~np.isfinite(pts).all(axis=1)).sum())
         raise InvalidValuesError(where, f"{bad} of {len(pts)} points are NaN/inf; "
@@ -119,7 +122,7 @@ def check_scan(points, cfg: BTPConfig, where: str | Path | None = None) -> np.nd
     if extent < MIN_EXTENT:
         raise InvalidValuesError(where, f"the scan spans only {extent:.3g} units, below {MIN_EXTENT:.0e} where float32 "
                                         "distances vanish: rescale it (e.g. to millimetres)")
-    return pts
+    return pts, (low, high)
 
 
 def seeded_start(n_points: int, seed: int = 0) -> int:
@@ -145,15 +148,16 @@ def downsample_start(n_points: int, pre: PreprocessConfig) -> int:
     return seeded_start(n_points, pre.downsample_seed) if pre.downsample_start == "seeded-random" else pre.fps_start
 
 
-def sample_indices(points: np.ndarray, pre: PreprocessConfig, method: str = "auto") -> tuple[np.ndarray, VoxelMap | None]:
+def sample_indices(points: np.ndarray, pre: PreprocessConfig, method: str = "auto",
+                   bounds=None) -> tuple[np.ndarray, VoxelMap | None]:
     """-> (int64 [min(N, M)]: the downsampled rows of ``points`` [M, 3] (all of them when M <= N),
-    the voxel rule's map or None)."""
+    the voxel rule's map or None). ``bounds``: the points' per-axis (min, max), if known."""
     m, n = points.shape[0], pre.num_points
     if m <= n:
         return np.arange(m, dtype=np.int64), None
     start = downsample_start(m, pre)
     if resolve_method(m, method) == "voxel":
-        return voxel_downsample(points, n, start)
+        return voxel_downsample(points, n, start, bounds)
     return downsample(points, n, start, method), None
 
 
@@ -172,7 +176,7 @@ def prepare(raw, cfg: BTPConfig, method: str = "auto", *, group: bool = True, wh
     """
     pre, enc = cfg.preprocess, cfg.encoder
     with timer("sanitize"):
-        raw = check_scan(raw, cfg, where)
+        raw, bounds = _checked_scan(raw, cfg, where)
     if pre.normalize == "unit_sphere_raw":  # the whole scan first, then sample it
         with timer("normalize"):
             normed_raw, centre, scale = normalize(raw)  # [M, 3]
@@ -181,7 +185,7 @@ def prepare(raw, cfg: BTPConfig, method: str = "auto", *, group: bool = True, wh
             points = np.ascontiguousarray(normed_raw[sample_idx])  # [N, 3]
     else:
         with timer("downsample"):
-            sample_idx, vmap = sample_indices(raw, pre, method)  # [N]
+            sample_idx, vmap = sample_indices(raw, pre, method, bounds)  # [N]
         with timer("normalize"):
             points, centre, scale = normalize(raw[sample_idx])  # [N, 3]
     if not group:

@@ -102,7 +102,7 @@ AUTO_EXACT_MAX_POINTS = 16384
 # fpsample bucket_fps_kdline_sampling tree height (bucket size 2**h): fastest measured at 400k
 BUCKET_HEIGHT = 7
 # "voxel" keeps about this many occupied cells per requested sample; FPS then picks among them
-VOXEL_REPS_PER_SAMPLE = 8
+VOXEL_REPS_PER_SAMPLE = 6
 # a dense voxel grid (one int32 per cell) up to this many cells; beyond it the cells are found by
 # sorting their keys (far outliers stretch the grid; same result, slower)
 DENSE_GRID_MAX_CELLS = 1 << 24
@@ -150,7 +150,7 @@ def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto")
       reads ``start_idx`` in that order, so the first index is some other point) and its ties
       follow its tree, so its indices differ from ``"exact"``; its spread is as good.
     - ``"voxel"``: ``voxel_downsample``: one representative per cell of a voxel grid sized so
-      that about 8 * n_samples cells are occupied, then FPS over the representatives. It costs
+      that about 6 * n_samples cells are occupied, then FPS over the representatives. It costs
       one pass over the scan, and it keeps the raw-point -> cell map (``VoxelMap``) that makes
       the interpolation back to the raw scan a gather (``btp.geometry.prepare.interpolate``).
     - ``"auto"`` (default): ``"exact"`` for M <= 16384, ``"voxel"`` above. Without fpsample
@@ -176,7 +176,7 @@ def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto")
     return picked.astype(np.int64)
 
 
-def voxel_downsample(points, n_samples: int, start_idx: int = 0) -> tuple[np.ndarray, VoxelMap | None]:
+def voxel_downsample(points, n_samples: int, start_idx: int = 0, bounds=None) -> tuple[np.ndarray, VoxelMap | None]:
     """The ``"voxel"`` rule: -> (indices int64 [n_samples] into ``points``, VoxelMap).
 
     1. ``voxel_map``: a grid with about ``VOXEL_REPS_PER_SAMPLE * n_samples`` occupied cells,
@@ -192,7 +192,7 @@ def voxel_downsample(points, n_samples: int, start_idx: int = 0) -> tuple[np.nda
     n_points = pts.shape[0]
     n = check_count(n_samples, n_points, "n_samples")
     start = check_start(start_idx, n_points)
-    vmap = voxel_map(pts, n * VOXEL_REPS_PER_SAMPLE)
+    vmap = voxel_map(pts, n * VOXEL_REPS_PER_SAMPLE, bounds)
     reps = vmap.cell_rep
     if reps.shape[0] < n:
         return fps(pts, n, start), None
@@ -205,7 +205,7 @@ def voxel_downsample(points, n_samples: int, start_idx: int = 0) -> tuple[np.nda
     return reps[picked.astype(np.int64)], vmap
 
 
-def _column_bounds(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def column_bounds(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-axis min and max (float64) by strided column passes (numpy's axis-0 reduction of an
     [M, 3] array is much slower)."""
     low = np.array([points[:, i].min() for i in range(3)], dtype=np.float64)
@@ -247,7 +247,7 @@ def _occupied(points: np.ndarray, low: np.ndarray, extent: np.ndarray, voxel: fl
     return int(np.unique(_cell_keys(points, low, dims, voxel, np.int64)).shape[0])
 
 
-def voxel_map(points: np.ndarray, target: int) -> VoxelMap:
+def voxel_map(points: np.ndarray, target: int, bounds=None) -> VoxelMap:
     """Cubic cells anchored at the per-axis minimum, about ``target`` of them occupied.
 
     points float32 [M, 3]. The side starts at extent / sqrt(target) (a surface fills ~ area / v^2
@@ -257,10 +257,11 @@ def voxel_map(points: np.ndarray, target: int) -> VoxelMap:
     every point gives each its cell. The grid is dense (bincount-sized arrays) up to
     ``DENSE_GRID_MAX_CELLS`` cells, otherwise the occupied cells are found by sorting keys. Each
     cell's representative is its lowest raw index. Deterministic: the same points give the same
-    map.
+    map. ``bounds``: the points' per-axis (min, max) when the caller has them (``column_bounds``).
     """
     m = points.shape[0]
-    low, high = _column_bounds(points)  # float32 values, exact in float64
+    low, high = bounds if bounds is not None else column_bounds(points)
+    low, high = np.asarray(low, np.float64), np.asarray(high, np.float64)  # float32 values, exact in float64
     extent = high - low
     largest = float(extent.max())
     if largest == 0.0:
