@@ -166,10 +166,10 @@ PRODUCT_RUNS = {
 def product_runs(op: str, n_points: int) -> str:
     if op != "downsample":
         return PRODUCT_RUNS[op]
-    from btp.geometry.sampling import AUTO_EXACT_MAX_POINTS
+    from btp.geometry.sampling import AUTO_EXACT_MAX_POINTS, VOXEL_REPS_PER_SAMPLE
 
     return ("auto = the exact rule (fpsample vanilla)" if n_points <= AUTO_EXACT_MAX_POINTS else
-            "auto = the voxel rule (one grid pass, fpsample bucket over ~8N representatives)")
+            f"auto = the voxel rule (one grid pass, fpsample bucket over ~{VOXEL_REPS_PER_SAMPLE}N representatives)")
 
 
 FPS_IMPLS: dict[str, Callable] = {

@@ -295,6 +295,7 @@ def rules(
     model: Path = typer.Argument(..., exists=True, dir_okay=False, help="model.onnx or a .safetensors checkpoint"),
     data: list[Path] = typer.Option(..., "--data", exists=True, file_okay=False,
                                     help="held-out test set (repeatable), e.g. `btp data eval-sets --points 100000`"),
+    rule: str = typer.Option("auto", help="the rule compared with exact: auto | voxel | bucket"),
     out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
 ) -> None:
     """What the default raw-scan rule (auto: voxel + gather above 16384 points) changes in held-out
@@ -302,7 +303,9 @@ def rules(
     from btp.benchmarks import report as rep
     from btp.benchmarks.rules import rules_markdown, run_rules
 
-    result = run_rules(model, data, progress=_say)
+    if rule not in ("auto", "voxel", "bucket"):
+        raise typer.BadParameter(f"{rule!r}: choose auto, voxel or bucket", param_hint="--rule")
+    result = run_rules(model, data, rules=("exact", rule), progress=_say)
     base = Path(out or rep.RESULTS_DIR) / rep.stem("accuracy-downsample", result["machine"])
     _print_paths([rep.write_json(base.with_suffix(".json"), result),
                   rep.write_text(base.with_suffix(".md"), rules_markdown(result))])
