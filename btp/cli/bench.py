@@ -45,6 +45,14 @@ def _print_paths(paths) -> None:
             typer.echo(f"wrote {p}")
 
 
+def _write_report(kind: str, data: dict, markdown: str, out: Path | None, machine: dict | None = None) -> None:
+    """``<out or benchmarks/results>/<kind>-<machine>-<date>.json|md``, and their paths printed."""
+    from btp.benchmarks import report as rep
+
+    base = Path(out or rep.RESULTS_DIR) / rep.stem(kind, machine or data["machine"])
+    _print_paths([rep.write_json(base.with_suffix(".json"), data), rep.write_text(base.with_suffix(".md"), markdown)])
+
+
 def ops_report(latency_data: dict) -> dict:
     """The ops report of a `latency --ops` run, from its rows (same machine header, same run)."""
     from btp.benchmarks.ops import DEFAULT_GROUPS, DEFAULT_K, DEFAULT_POINTS
@@ -191,14 +199,11 @@ def serve(
     out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
 ) -> None:
     """Load test of btp on a real Triton server (Python-backend repository) vs the in-process runtime."""
-    from btp.benchmarks import report as rep
     from btp.benchmarks.serve import run_serve_bench, serve_markdown
 
     data = run_serve_bench(model, concurrency=_ints(concurrency, "--concurrency"), protocols=_names(protocols),
                            duration_s=duration, points=points, progress=_say)
-    base = Path(out or rep.RESULTS_DIR) / rep.stem("serve", data["machine"])
-    _print_paths([rep.write_json(base.with_suffix(".json"), data),
-                  rep.write_text(base.with_suffix(".md"), serve_markdown(data))])
+    _write_report("serve", data, serve_markdown(data), out)
 
 
 @app.command()
@@ -242,9 +247,7 @@ def render(
     for r in rows:
         verdict = ("MET" if r["p50_ms"] <= 300 else "MISSED") if r["points"] == 100000 else ""
         lines.append(f"| {r['points']:,} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | {r['max_ms']:.0f} | {verdict} |")
-    base = Path(out or rep.RESULTS_DIR) / rep.stem("render", machine)
-    _print_paths([rep.write_json(base.with_suffix(".json"), data), rep.write_text(base.with_suffix(".md"),
-                                                                               "\n".join(lines) + "\n")])
+    _write_report("render", data, "\n".join(lines) + "\n", out, machine=machine)
 
 
 @app.command()
@@ -258,13 +261,10 @@ def throughput(
 ) -> None:
     """btp-run on a folder of scans: scans/s of the serial loop against reading/preprocessing ahead
     of the engine (run_files(prefetch=...)); both runs' outputs must be identical."""
-    from btp.benchmarks import report as rep
     from btp.benchmarks.throughput import run_throughput, throughput_markdown
 
     data = run_throughput(model, files=files, points=points, prefetch=prefetch, repeats=repeats, progress=_say)
-    base = Path(out or rep.RESULTS_DIR) / rep.stem("throughput", data["machine"])
-    _print_paths([rep.write_json(base.with_suffix(".json"), data),
-                  rep.write_text(base.with_suffix(".md"), throughput_markdown(data))])
+    _write_report("throughput", data, throughput_markdown(data), out)
 
 
 @app.command()
@@ -280,14 +280,11 @@ def engines(
 ) -> None:
     """Engine variants of one model in the same run: ORT as exported, ORT after its transformer
     fusions, static QDQ INT8 (per-channel, calibrated on real scans), OpenVINO - time and parity."""
-    from btp.benchmarks import report as rep
     from btp.benchmarks.engines import engines_markdown, run_engines
 
     data = run_engines(model, variants=_names(variants), rounds=rounds, iters=iters, save=save,
                        progress=_say)
-    base = Path(out or rep.RESULTS_DIR) / rep.stem("engines", data["machine"])
-    _print_paths([rep.write_json(base.with_suffix(".json"), data),
-                  rep.write_text(base.with_suffix(".md"), engines_markdown(data))])
+    _write_report("engines", data, engines_markdown(data), out)
 
 
 @app.command()
@@ -300,15 +297,12 @@ def rules(
 ) -> None:
     """What the default raw-scan rule (auto: voxel + gather above 16384 points) changes in held-out
     O-/P-AUROC against the exact rule, per data set (goal: <= 0.5 point)."""
-    from btp.benchmarks import report as rep
     from btp.benchmarks.rules import rules_markdown, run_rules
 
     if rule not in ("auto", "voxel", "bucket"):
         raise typer.BadParameter(f"{rule!r}: choose auto, voxel or bucket", param_hint="--rule")
     result = run_rules(model, data, rules=("exact", rule), progress=_say)
-    base = Path(out or rep.RESULTS_DIR) / rep.stem("accuracy-downsample", result["machine"])
-    _print_paths([rep.write_json(base.with_suffix(".json"), result),
-                  rep.write_text(base.with_suffix(".md"), rules_markdown(result))])
+    _write_report("accuracy-downsample", result, rules_markdown(result), out)
 
 
 @app.command()
