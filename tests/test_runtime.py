@@ -153,6 +153,24 @@ def test_backends(model_path):
     assert make_backend("ort-cpu", model_path, meta, threads=1).name == "ort-cpu"
 
 
+def test_openvino_backends_match_onnx_runtime(model_path, scans, monkeypatch):
+    """--backend openvino (float32) gives ORT's scores; openvino-bf16 runs the same graph in
+    bfloat16 where the CPU has it (looser); without the package: a BackendError saying what to install."""
+    pytest.importorskip("openvino")
+    ort_pipe = Pipeline(model_path)
+    for name, tol in (("openvino", 1e-4), ("openvino-bf16", 0.2)):
+        pipe = Pipeline(model_path, backend=name, threads=1)
+        assert pipe.backend.name == name
+        for scan in scans[:2]:
+            a, b = ort_pipe(scan), pipe(scan)
+            np.testing.assert_allclose(b.point_scores, a.point_scores, atol=tol, rtol=0)
+            assert abs(b.object_score - a.object_score) <= tol
+    import sys
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(BackendError, match="btp-edge\\[openvino\\]"):
+        make_backend("openvino", model_path, read_model_meta(model_path))
+
+
 def test_calibration_quantile_margin_and_sidecar(model_path, tmp_path):
     assert calibrate_threshold([0.2, 0.4, 0.3], 1.0, 0.05) == pytest.approx(0.45)
     assert calibrate_threshold([0.0, 1.0], 0.5, 0.0) == pytest.approx(0.5)

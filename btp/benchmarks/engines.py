@@ -9,11 +9,9 @@ Variants (each on the CPU, batch 1, the machine's default thread count):
 - ``ort-int8-qdq``: static INT8 quantisation in the QDQ format (``onnxruntime.quantization``):
   per-channel symmetric int8 weights, uint8 activations, MatMul / Conv / Gemm, calibrated (MinMax)
   on engine inputs of real scans of *training-split* meshes.
-- ``openvino``: the same model.onnx compiled by OpenVINO for its CPU plugin, FP32
-  (``INFERENCE_PRECISION_HINT=f32``), latency hint, where the ``openvino`` package is installed
-  (not a btp-edge dependency).
-- ``openvino-bf16``: the same with OpenVINO's default precision on CPUs with native bfloat16
-  (AVX512-BF16 / AMX): bf16 inside the graph.
+- ``openvino`` / ``openvino-bf16``: the runtime's OpenVINO backends (btp.runtime.backends.openvino:
+  the same model.onnx on OpenVINO's CPU plugin, float32 / bfloat16 inside), where the optional
+  ``openvino`` package is installed.
 
 Timing: the variants take turns, ``rounds`` times ``iters`` calls each on the same inputs, after
 a warm-up; the median of all calls is reported with its ratio to ``ort``. Parity: on engine
@@ -96,20 +94,13 @@ def _quantized(path: Path, out: Path, feeds) -> Path:
     return out
 
 
-def _openvino_runner(path: Path, precision: str) -> Callable[[dict], dict]:
-    import openvino as ov
+def _backend_runner(name: str, path: Path) -> Callable[[dict], dict]:
+    """A btp.runtime backend (e.g. openvino) as a runner of engine feeds."""
+    from btp.runtime.backends import make_backend
+    from btp.runtime.metadata import read_model_meta
 
-    core = ov.Core()
-    compiled = core.compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY",
-                                                     "INFERENCE_PRECISION_HINT": precision})
-    request = compiled.create_infer_request()
-    names = [o.get_any_name() for o in compiled.outputs]
-
-    def run(feed):
-        result = request.infer(feed)
-        return {name: np.asarray(result[compiled.output(name)]) for name in names}
-
-    return run
+    backend = make_backend(name, path, read_model_meta(path))
+    return lambda feed: backend.run(feed["neighborhood"], feed["center"])
 
 
 GEMM_OPS = ("MatMul", "FusedMatMul", "Gemm", "FusedGemm", "Conv", "FusedConv")
@@ -176,6 +167,7 @@ def run_engines(model, *, variants=VARIANTS, rounds: int = 7, iters: int = 10, w
     """``save``: also write the ORT variants' graphs there (``<variant>.onnx``, with the model's
     metadata), e.g. for ``btp eval --model`` on a variant that is faster."""
     from btp.benchmarks.machine import describe_machine
+    from btp.runtime.backends import BackendError
     from btp.runtime.metadata import read_model_meta
 
     say = progress or (lambda _msg: None)
@@ -206,13 +198,12 @@ def run_engines(model, *, variants=VARIANTS, rounds: int = 7, iters: int = 10, w
                     if save:
                         _keep_metadata(model, path, Path(save) / f"{name}.onnx")
                 elif name in ("openvino", "openvino-bf16"):
-                    precision = "f32" if name == "openvino" else "bf16"
-                    runners[name] = _openvino_runner(model, precision)
-                    rows[name] = {"openvino": f"{_version('openvino')}, {precision}"}
+                    runners[name] = _backend_runner(name, model)
+                    rows[name] = {"openvino": f"{_version('openvino')}, {'f32' if name == 'openvino' else 'bf16'}"}
                 else:
                     raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
                 say(f"{name}: ready")
-            except ImportError as err:
+            except (ImportError, BackendError) as err:
                 rows[name] = {"skipped": f"{type(err).__name__}: {err}"}
                 say(f"{name}: skipped ({err})")
         feed = check[0]
@@ -274,12 +265,14 @@ def engines_markdown(data: dict) -> str:
 
     lines = ["# Engine variants of one model, same run", "",
              f"- Machine: {machine_line(data['machine'])}", f"- Date (UTC): {data['machine']['date_utc']}",
-             f"- Model: `{data['model']}` ({data['name']}); onnxruntime {data['onnxruntime']}; batch 1, default threads.",
+             f"- Model: `{data['model']}` ({data['name']}); onnxruntime {data['onnxruntime']}; batch 1, default "
+             "threads.",
              f"- Timing: the variants take turns, {data['rounds']} rounds x {data['iters']} calls each after "
              f"{data['warmup']} warm-up calls; median of all calls. Parity: {data['parity_scans']}, max |diff| "
              f"against `ort` (tolerance {data['parity_tolerance']}).",
-             f"- Run: `btp-bench engines MODEL`", "",
-             "| variant | engine p50 ms | vs ort | max abs diff patch_probs | max abs diff object_score | verdict | notes |",
+             "- Run: `btp-bench engines MODEL`", "",
+             "| variant | engine p50 ms | vs ort | max abs diff patch_probs | max abs diff object_score | verdict "
+             "| notes |",
              "|---|---|---|---|---|---|---|"]
     for name, row in data["variants"].items():
         if "skipped" in row:

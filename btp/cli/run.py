@@ -42,7 +42,8 @@ def run(
     inputs: List[str] = typer.Argument(..., help="Point-cloud files, directories or globs "
                                                  "(.pcd .ply .xyz .txt .csv .npy .npz)."),
     out: Path = typer.Option(Path("btp-out"), "--out", "-o", help="Output folder."),
-    backend: str = typer.Option("ort-cpu", "--backend", "-b", help="ort-cpu | ort-cuda | ort-trt | trt."),
+    backend: str = typer.Option("ort-cpu", "--backend", "-b",
+                                help="ort-cpu | ort-cuda | ort-trt | trt | openvino | openvino-bf16."),
     batch: int = typer.Option(1, "--batch", min=1, help="Scans per engine call."),
     threshold: Optional[float] = typer.Option(None, "--threshold", "-t",
                                               help="Object-score threshold for the decision (default: "
@@ -169,7 +170,8 @@ def calibrate(
     out: Optional[Path] = typer.Option(None, "--out", "-o",
                                        help="Sidecar JSON (default: MODEL.threshold.json next to the model, "
                                             "which btp-run picks up automatically)."),
-    backend: str = typer.Option("ort-cpu", "--backend", "-b", help="ort-cpu | ort-cuda | ort-trt | trt."),
+    backend: str = typer.Option("ort-cpu", "--backend", "-b",
+                                help="ort-cpu | ort-cuda | ort-trt | trt | openvino | openvino-bf16."),
 ) -> None:
     """Pick an object-score threshold from known-good scans: quantile + margin -> sidecar JSON."""
     from rich.console import Console
@@ -217,7 +219,8 @@ def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Output folder for scans, scores and heat maps."),
     model: str = typer.Option("btp-mini", "--model", "-m",
                               help="Checkpoint, preset (default: the committed btp-mini) or an exported model.onnx."),
-    backend: str = typer.Option("ort-cpu", "--backend", "-b", help="ort-cpu | ort-cuda | ort-trt | trt."),
+    backend: str = typer.Option("ort-cpu", "--backend", "-b",
+                                help="ort-cpu | ort-cuda | ort-trt | trt | openvino | openvino-bf16."),
     png: bool = typer.Option(True, "--png/--no-png", help="Also render <stem>.png heat maps."),
 ) -> None:
     """The main job on shipped samples: export the default model to ONNX (cached), make sample scans

@@ -36,7 +36,7 @@ from btp.config import BTPConfig, PreprocessConfig
 from btp.geometry.errors import DegenerateCloudError
 from btp.geometry.neighbors import knn, neighborhoods
 from btp.geometry.normalize import normalize
-from btp.geometry.sampling import DOWNSAMPLE_METHODS, VoxelMap, column_bounds, downsample, fps, resolve_method, voxel_downsample
+from btp.geometry.sampling import VoxelMap, column_bounds, downsample, fps, resolve_method, voxel_downsample
 from btp.geometry.scores import interpolate_to_raw, nearest_scores, propagate_patch_scores
 from btp.io.errors import InvalidValuesError, TooFewPointsError
 
@@ -198,7 +198,8 @@ def prepare(raw, cfg: BTPConfig, method: str = "auto", *, group: bool = True, wh
         patch_idx, _ = knn(points, center, enc.group_size)  # [G, K]
         neighborhood = neighborhoods(points, patch_idx, center, enc.in_channels, pre.rgb_fill)  # [G, K, C]
     return Prepared(raw_points=raw, sample_idx=sample_idx, points=points, origin=centre, scale=float(scale),
-                    voxel_map=vmap, center_idx=center_idx, patch_idx=patch_idx, neighborhood=neighborhood, center=center)
+                    voxel_map=vmap, center_idx=center_idx, patch_idx=patch_idx, neighborhood=neighborhood,
+                    center=center)
 
 
 def engine_batch(prepared: list[Prepared], fixed: int | None = None) -> tuple[np.ndarray, np.ndarray]:

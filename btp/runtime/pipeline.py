@@ -28,9 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from btp.geometry.prepare import (
-    DOWNSAMPLE_METHODS, Prepared, check_scan, engine_batch, min_points, prepare, scores_to_raw,
-)
+from btp.geometry.prepare import Prepared, check_scan, engine_batch, min_points, prepare, scores_to_raw
+from btp.geometry.sampling import DOWNSAMPLE_METHODS
 from btp.io import PointCloud, read_point_cloud
 from btp.io.pointcloud import centred
 from btp.runtime.backends import make_backend

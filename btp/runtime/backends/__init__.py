@@ -8,6 +8,8 @@ the ONNX output names. ``make_backend`` picks one by name; heavy imports happen 
 | ort-cuda | ONNX Runtime, CUDAExecutionProvider           | backends/ort.py             |
 | ort-trt  | ONNX Runtime, TensorrtExecutionProvider       | backends/ort.py             |
 | trt      | TensorRT engine                               | backends/trt.py             |
+| openvino | OpenVINO CPU plugin, float32 (optional extra) | backends/openvino.py        |
+| openvino-bf16 | OpenVINO CPU plugin, bfloat16 inside     | backends/openvino.py        |
 
 A backend that also has ``device``, ``input_buffers()`` and ``enqueue(batch)`` (trt, and ort-cuda
 made with ``device_resident=True``) takes its inputs from device buffers our kernels write and
@@ -22,7 +24,7 @@ import numpy as np
 
 from btp.errors import BTPError
 
-BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "trt")
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "trt", "openvino", "openvino-bf16")
 
 
 class BackendError(BTPError, RuntimeError):
@@ -53,4 +55,8 @@ def make_backend(name: str, model_path: str | Path, meta, *, threads: int | None
             raise BackendError(f"backend 'trt' is not available here ({exc}); use --backend ort-cpu, "
                                "or install the [gpu] extra on a machine with an NVIDIA GPU") from exc
         return trt.TensorRTBackend(model_path, meta, **options)
+    if name in ("openvino", "openvino-bf16"):
+        from btp.runtime.backends.openvino import OpenVinoBackend
+
+        return OpenVinoBackend(model_path, meta, name=name, threads=threads, **options)
     raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
