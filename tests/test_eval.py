@@ -255,3 +255,8 @@ def test_downsample_rule_reaches_both_scorers_and_the_rules_report(shapes_root, 
     for metric, delta in one["delta_points"].items():
         assert delta == pytest.approx(100 * (one["rules"]["auto"]["mean"][metric] - one["rules"]["exact"]["mean"][metric]))
     assert isinstance(one["met"], bool) and "auto - exact" in rules_markdown(data)
+    scorer = load_scorer(onnx_path, downsample="exact")
+    scorer.cfg.preprocess.fps_start = 1  # what the noise-floor rule "exact-start1" runs
+    assert not np.array_equal(scorer(sample.points).sampled_idx, exact.sampled_idx)
+    floor = run_rules(onnx_path, [root], rules=("exact", "exact-start1"))["sets"][0]
+    assert floor["rules"]["exact"]["mean"] == one["rules"]["exact"]["mean"]  # the exact rule is unchanged

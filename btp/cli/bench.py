@@ -292,15 +292,16 @@ def rules(
     model: Path = typer.Argument(..., exists=True, dir_okay=False, help="model.onnx or a .safetensors checkpoint"),
     data: list[Path] = typer.Option(..., "--data", exists=True, file_okay=False,
                                     help="held-out test set (repeatable), e.g. `btp data eval-sets --points 100000`"),
-    rule: str = typer.Option("auto", help="the rule compared with exact: auto | voxel | bucket"),
+    rule: str = typer.Option("auto", help="the rule compared with exact: auto | voxel | bucket | exact-start1 "
+                             "(the exact rule from another start point: the comparison's noise floor)"),
     out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
 ) -> None:
     """What the default raw-scan rule (auto: voxel + gather above 16384 points) changes in held-out
     O-/P-AUROC against the exact rule, per data set (goal: <= 0.5 point)."""
     from btp.benchmarks.rules import rules_markdown, run_rules
 
-    if rule not in ("auto", "voxel", "bucket"):
-        raise typer.BadParameter(f"{rule!r}: choose auto, voxel or bucket", param_hint="--rule")
+    if rule not in ("auto", "voxel", "bucket", "exact-start1"):
+        raise typer.BadParameter(f"{rule!r}: choose auto, voxel, bucket or exact-start1", param_hint="--rule")
     result = run_rules(model, data, rules=("exact", rule), progress=_say)
     _write_report("accuracy-downsample", result, rules_markdown(result), out)
 
