@@ -303,7 +303,7 @@ def rules(
     if rule not in ("auto", "voxel", "bucket", "exact-start1"):
         raise typer.BadParameter(f"{rule!r}: choose auto, voxel, bucket or exact-start1", param_hint="--rule")
     result = run_rules(model, data, rules=("exact", rule), progress=_say)
-    _write_report("accuracy-downsample", result, rules_markdown(result), out)
+    _write_report(f"accuracy-{rule}", result, rules_markdown(result), out)
 
 
 @app.command()
