@@ -44,10 +44,24 @@ def run_rules(model, data_roots, *, rules=("exact", "auto"), progress: Callable[
                                                for v in report["data"]["samples"].values()})}
         reference, fast = by_rule[rules[0]], by_rule[rules[-1]]
         delta = {m: 100 * (fast["mean"][m] - reference["mean"][m]) for m in reference["mean"]}
-        sets.append({"data": str(root), "rules": by_rule, "delta_points": delta,
+        sets.append({"data": str(root), "made_by": _made_by(root), "rules": by_rule, "delta_points": delta,
                      "met": all(abs(delta[m]) <= GOAL_POINTS for m in ("o_auroc", "p_auroc"))})
     return {"machine": describe_machine(), "model": str(model), "rules": list(rules), "goal_points": GOAL_POINTS,
             "sets": sets}
+
+
+def _made_by(root: Path) -> str | None:
+    """How ``btp data eval-sets`` made this set (its sets.json beside it), in words."""
+    import json
+
+    manifest = root.parent / "sets.json"
+    if not manifest.is_file():
+        return None
+    m = json.loads(manifest.read_text())
+    info = m.get("sets", {}).get(root.name, {})
+    return (f"btp data eval-sets: {m.get('split')} split, {m.get('good')} normal + {m.get('bad')} anomalous scans "
+            f"per class of {m.get('points', 8192)} points, maker {info.get('maker')}, layout {info.get('layout')}, "
+            f"root seed {info.get('seed', 'per class in sets.json')}")
 
 
 def rules_markdown(data: dict) -> str:
@@ -59,7 +73,9 @@ def rules_markdown(data: dict) -> str:
              f"- Model: `{data['model']}`. Command: `btp-bench rules MODEL --data SET ...` (one `btp eval` per rule "
              f"and set, the model only).",
              f"- Goal: |{fast} - {ref}| <= {data['goal_points']} point on O-AUROC and P-AUROC (point metrics on the "
-             "raw scans); values are class means x100.", "",
+             "raw scans); values are class means x100."]
+    lines += [f"- `{Path(s['data']).name}`: {s['made_by']}" for s in data["sets"] if s.get("made_by")]
+    lines += ["",
              "| set | scans x points | rule | O-AUROC | P-AUROC | AU-PRO | P-AUROC (2048 sampled) | ms per scan |",
              "|---|---|---|---|---|---|---|---|"]
     for s in data["sets"]:
