@@ -26,7 +26,8 @@ import numpy as np
 from btp.benchmarks.data import sample_cloud
 from btp.benchmarks.stats import Stats, measure, summarize
 
-BACKENDS = ("torch", "ort-cpu", "ort-cuda", "trt-fp32", "trt-fp16", "torch-fp16", "torch-fp16-mixed")
+BACKENDS = ("torch", "ort-cpu", "ort-cuda", "trt-fp32", "trt-fp16", "torch-fp16", "torch-fp16-mixed", "openvino",
+            "openvino-bf16")
 TORCH_BACKENDS = ("torch", "torch-fp16", "torch-fp16-mixed")
 DEFAULT_POINTS = (2048, 40000, 400000)
 DEFAULT_BATCHES = (1, 4)
@@ -86,6 +87,8 @@ def unavailable_reason(backend: str) -> str | None:
         return None if importlib.util.find_spec("torch") else "torch not installed (pip install btp-edge[train])"
     if backend == "ort-cpu":
         return None if importlib.util.find_spec("onnxruntime") else "onnxruntime not installed"
+    if backend.startswith("openvino"):
+        return None if importlib.util.find_spec("openvino") else "openvino not installed (pip install btp-edge[openvino])"
     from btp.benchmarks.machine import gpus
 
     has_gpu = bool(gpus())
@@ -108,7 +111,8 @@ def unavailable_reason(backend: str) -> str | None:
 
 
 def precision_of(backend: str) -> str:
-    return "fp16" if "fp16" in backend else "int8" if backend.endswith("int8") else "fp32"
+    return ("fp16" if "fp16" in backend else "int8" if backend.endswith("int8") else
+            "bf16" if backend.endswith("bf16") else "fp32")
 
 
 # ---- pipeline construction ---------------------------------------------------------------------
