@@ -252,8 +252,8 @@ def run_engines(model, *, variants=VARIANTS, rounds: int = 7, iters: int = 10, w
         row["verdict"] = ("baseline" if name == "ort" else
                           "rejected: not faster" if not faster else
                           "faster, outputs within tolerance: adopt after the held-out AUROC check" if row["parity"] else
-                          "faster, outputs beyond tolerance: held-out AUROC within 1 point decides (btp eval on the "
-                          "saved variant; no OpenVINO backend in btp.runtime)")
+                          "faster, outputs beyond tolerance: held-out AUROC within 1 point decides (btp eval "
+                          "--backend openvino-bf16, or --model on the saved ORT variant)")
     return {"machine": describe_machine(), "model": str(model), "name": cfg.name, "rounds": rounds, "iters": iters,
             "warmup": warmup, "parity_scans": f"{len(check)} scans of {', '.join(PARITY_MESHES)}",
             "parity_tolerance": PARITY_TOLERANCE, "onnxruntime": _version("onnxruntime"), "variants": rows,
