@@ -60,8 +60,8 @@ def _made_by(root: Path) -> str | None:
     m = json.loads(manifest.read_text())
     info = m.get("sets", {}).get(root.name, {})
     return (f"btp data eval-sets: {m.get('split', 'heldout')} split, {m.get('good')} normal + {m.get('bad')} "
-            f"anomalous scans per class of {m.get('points', 8192)} points, maker {info.get('maker')}, layout {info.get('layout')}, "
-            f"root seed {info.get('seed', 'per class in sets.json')}")
+            f"anomalous scans per class of {m.get('points', 8192)} points, maker {info.get('maker')}, "
+            f"layout {info.get('layout')}, root seed {info.get('seed', 'per class in sets.json')}")
 
 
 def rules_markdown(data: dict) -> str:
