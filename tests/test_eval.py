@@ -239,8 +239,8 @@ def test_downsample_rule_reaches_both_scorers_and_the_rules_report(shapes_root, 
     from btp.export.onnx import export_onnx, load_model
 
     root = tmp_path / "big"
-    write_dataset(shapes_root, root, ["hex_nut"], SynthPlan(per_class_train=0, per_class_test_good=1,
-                                                            per_class_test_bad=2, seed=3), SynthConfig(num_points=20000))
+    plan = SynthPlan(per_class_train=0, per_class_test_good=1, per_class_test_bad=2, seed=3)
+    write_dataset(shapes_root, root, ["hex_nut"], plan, SynthConfig(num_points=20000))
     onnx_path = export_onnx(load_model(tiny_checkpoint), tmp_path / "tiny.onnx", simplify=False, parity_scans=1).path
     sample = next(iter_samples(root))
     fast = {kind: load_scorer(path, downsample="auto")(sample.points)
@@ -253,7 +253,8 @@ def test_downsample_rule_reaches_both_scorers_and_the_rules_report(shapes_root, 
     (one,) = data["sets"]
     assert set(one["rules"]) == {"exact", "auto"} and one["rules"]["auto"]["scans"] == 3
     for metric, delta in one["delta_points"].items():
-        assert delta == pytest.approx(100 * (one["rules"]["auto"]["mean"][metric] - one["rules"]["exact"]["mean"][metric]))
+        means = {rule: one["rules"][rule]["mean"][metric] for rule in ("auto", "exact")}
+        assert delta == pytest.approx(100 * (means["auto"] - means["exact"]))
     assert isinstance(one["met"], bool) and "auto - exact" in rules_markdown(data)
     scorer = load_scorer(onnx_path, downsample="exact")
     scorer.cfg.preprocess.fps_start = 1  # what the noise-floor rule "exact-start1" runs

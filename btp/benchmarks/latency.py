@@ -88,7 +88,8 @@ def unavailable_reason(backend: str) -> str | None:
     if backend == "ort-cpu":
         return None if importlib.util.find_spec("onnxruntime") else "onnxruntime not installed"
     if backend.startswith("openvino"):
-        return None if importlib.util.find_spec("openvino") else "openvino not installed (pip install btp-edge[openvino])"
+        return (None if importlib.util.find_spec("openvino") else
+                "openvino not installed (pip install btp-edge[openvino])")
     from btp.benchmarks.machine import gpus
 
     has_gpu = bool(gpus())

@@ -286,7 +286,8 @@ dynamic_batching {{ max_queue_delay_microseconds: {int(max_queue_delay_us)} }}
              ("btp_engine", {"neighborhood": "neighborhood", "center": "center"},
               {"patch_probs": "patch_probs", "object_score": "object_score", "global_prob": "global_prob"}),
              ("btp_post", {k_: k_ for k_ in ("points", "row_mask", "patch_probs", "patch_idx", "sample_idx",
-                                             "sampled_points", "center", "cell_rep", "cell_of_raw")}, {"point_scores": "point_scores"})]
+                                             "sampled_points", "center", "cell_rep", "cell_of_raw")},
+              {"point_scores": "point_scores"})]
     blocks = []
     for name, inputs, outputs in steps:
         ins = "".join(f'    input_map {{ key: "{a}" value: "{b}" }}\n' for a, b in inputs.items())
