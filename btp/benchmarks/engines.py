@@ -2,7 +2,9 @@
 
 Variants (each on the CPU, batch 1, the machine's default thread count):
 
-- ``ort``: the exported graph in ONNX Runtime (graph optimisation level ALL) - what btp-run runs.
+- ``ort``: the exported graph in an ONNX Runtime session with graph optimisation level ALL and
+  otherwise default options (btp-run's backend also turns idle-worker spinning off: see
+  benchmarks/results/cpu-findings-2026-12-01.md).
 - ``ort-fusions``: the graph after ``onnxruntime.transformers.optimizer`` (model type ``bert``,
   the encoder's heads and width): Attention / LayerNorm / GELU fusions where its patterns match;
   the fused op counts are reported.
@@ -39,14 +41,16 @@ PARITY_TOLERANCE = 0.02
 
 
 def _inputs(meshes, per_mesh: int, cfg, seed: int) -> list[dict[str, np.ndarray]]:
+    """Batch-1 engine feeds of ``per_mesh`` scans of 4N points of each mesh (the runtime's chain;
+    4N <= 16384 points, so the exact rule)."""
     from btp.benchmarks.data import sample_cloud
-    from btp.geometry.prepare import engine_batch, prepare
+    from btp.export.samples import engine_inputs
 
     feeds = []
     for i, mesh in enumerate(meshes):
         for j in range(per_mesh):
             scan = sample_cloud(4 * cfg.preprocess.num_points, mesh=mesh, seed=seed + 100 * i + j)
-            neighborhood, center = engine_batch([prepare(scan, cfg, "exact")])
+            neighborhood, center = engine_inputs([scan], cfg)
             feeds.append({"neighborhood": neighborhood, "center": center})
     return feeds
 
@@ -141,15 +145,6 @@ def engine_profile(model: Path, feed: dict, calls: int = 20) -> dict:
             "gemm_ms_per_call": gemm, "ms_per_call_by_op": by_op}
 
 
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
 def _keep_metadata(source: Path, variant: Path, dest: Path) -> Path:
     """``variant`` saved as ``dest`` with ``source``'s btp metadata (so btp-run / btp eval take it)."""
     import onnx
@@ -166,7 +161,7 @@ def run_engines(model, *, variants=VARIANTS, rounds: int = 7, iters: int = 10, w
                 save: Path | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """``save``: also write the ORT variants' graphs there (``<variant>.onnx``, with the model's
     metadata), e.g. for ``btp eval --model`` on a variant that is faster."""
-    from btp.benchmarks.machine import describe_machine
+    from btp.benchmarks.machine import describe_machine, package_version
     from btp.runtime.backends import BackendError
     from btp.runtime.metadata import read_model_meta
 
@@ -199,7 +194,7 @@ def run_engines(model, *, variants=VARIANTS, rounds: int = 7, iters: int = 10, w
                         _keep_metadata(model, path, Path(save) / f"{name}.onnx")
                 elif name in ("openvino", "openvino-bf16"):
                     runners[name] = _backend_runner(name, model)
-                    rows[name] = {"openvino": f"{_version('openvino')}, {'f32' if name == 'openvino' else 'bf16'}"}
+                    rows[name] = {"openvino": f"{package_version('openvino')}, {'f32' if name == 'openvino' else 'bf16'}"}
                 else:
                     raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
                 say(f"{name}: ready")
@@ -256,7 +251,7 @@ def run_engines(model, *, variants=VARIANTS, rounds: int = 7, iters: int = 10, w
                           "--backend openvino-bf16, or --model on the saved ORT variant)")
     return {"machine": describe_machine(), "model": str(model), "name": cfg.name, "rounds": rounds, "iters": iters,
             "warmup": warmup, "parity_scans": f"{len(check)} scans of {', '.join(PARITY_MESHES)}",
-            "parity_tolerance": PARITY_TOLERANCE, "onnxruntime": _version("onnxruntime"), "variants": rows,
+            "parity_tolerance": PARITY_TOLERANCE, "onnxruntime": package_version("onnxruntime"), "variants": rows,
             "profile": profile}
 
 

@@ -17,7 +17,8 @@ LIBRARIES = ("btp-edge", "numpy", "scipy", "onnx", "onnxruntime", "onnxruntime-g
              "fpsample", "pykdtree", "open3d", "tensorrt", "pycuda", "psutil")
 
 
-def _version(dist: str) -> str | None:
+def package_version(dist: str) -> str | None:
+    """The installed version of distribution ``dist``, or None."""
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -95,7 +96,7 @@ def describe_machine() -> dict:
         "os": platform.platform(),
         "python": platform.python_version(),
         "gpus": gpus(),
-        "libraries": {name: v for name in LIBRARIES if (v := _version(name)) is not None},
+        "libraries": {name: v for name in LIBRARIES if (v := package_version(name)) is not None},
         "thread_env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }

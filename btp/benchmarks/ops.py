@@ -24,6 +24,7 @@ point type. Libraries run on all usable cores (their defaults); ours too.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Callable, Sequence
 
 import numpy as np
@@ -86,10 +87,11 @@ def _bucket_height(n_points: int) -> int:
     return 3 if n_points <= 4096 else 5 if n_points <= 16384 else 7
 
 
-def _fps_fpsample_bucket(pts, n, start):
+def _fps_fpsample_bucket(pts, n, start, h: int | None = None):
     import fpsample
 
-    return fpsample.bucket_fps_kdline_sampling(pts, n, h=_bucket_height(len(pts)), start_idx=start).astype(np.int64)
+    h = h or _bucket_height(len(pts))
+    return fpsample.bucket_fps_kdline_sampling(pts, n, h=h, start_idx=start).astype(np.int64)
 
 
 def _fps_open3d(pts, n, start):
@@ -141,20 +143,14 @@ def _downsample_rule(method: str) -> Callable:
     return run
 
 
-def _fps_fpsample_bucket_h7(pts, n, start):
-    import fpsample
-
-    return fpsample.bucket_fps_kdline_sampling(pts, n, h=7, start_idx=start).astype(np.int64)
-
-
 # raw scan [M, 3] -> the model's N points; "btp ..." rows are ours too (not libraries)
 DOWNSAMPLE_N = 2048
 DOWNSAMPLE_IMPLS: dict[str, Callable] = {
     OURS: _downsample_rule("auto"),
     "btp exact rule": _downsample_rule("exact"),
     "btp voxel rule": _downsample_rule("voxel"),
-    "fpsample bucket (kdline)": _fps_fpsample_bucket_h7,
-    "open3d farthest_point_down_sample": lambda pts, n, start: _fps_open3d(pts, n, start),
+    "fpsample bucket (kdline)": partial(_fps_fpsample_bucket, h=7),
+    "open3d farthest_point_down_sample": _fps_open3d,
 }
 # what the product runs in each role (the ops report's "the product runs" column)
 PRODUCT_RUNS = {

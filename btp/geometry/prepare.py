@@ -115,7 +115,7 @@ def _checked_scan(points, cfg: BTPConfig, where) -> tuple[np.ndarray, tuple[np.n
         raise InvalidValuesError(where, f"coordinates up to {biggest:.3g}, beyond +-{MAX_ABS_COORDINATE:.0e} where "
                                         "float32 distances overflow: check the file's units and byte order (a "
                                         "big-endian or corrupt payload reads as such numbers)")
-    extent = float((high.astype(np.float64) - low).max())
+    extent = float((high - low).max())  # float64 bounds
     if extent == 0.0:
         raise DegenerateCloudError(f"{where or '<array>'}: all {len(pts)} points coincide: a single repeated point "
                                    "is not a surface; check the scan")

@@ -251,10 +251,10 @@ def voxel_map(points: np.ndarray, target: int, bounds=None) -> VoxelMap:
     """Cubic cells anchored at the per-axis minimum, about ``target`` of them occupied.
 
     points float32 [M, 3]. The side starts at extent / sqrt(target) (a surface fills ~ area / v^2
-    cells) and is corrected up to three times by (occupied / target)^(1/d), d = 2 first, on a strided subsample
-    of about 4 * target points (so the sizing costs little on huge scans; from the second
-    correction on with the exponent of occupied ~ side^-d fitted to the last two); then one pass over
-    every point gives each its cell. The grid is dense (bincount-sized arrays) up to
+    cells) and is corrected up to three times by (occupied / target)^(1/d) on a strided subsample
+    of about 4 * target points, so the sizing costs little on huge scans (d = 2 first, then the
+    exponent of occupied ~ side^-d fitted to the last two measurements); then one pass over every
+    point gives each its cell. The grid is dense (bincount-sized arrays) up to
     ``DENSE_GRID_MAX_CELLS`` cells, otherwise the occupied cells are found by sorting keys. Each
     cell's representative is its lowest raw index. Deterministic: the same points give the same
     map. ``bounds``: the points' per-axis (min, max) when the caller has them (``column_bounds``).
