@@ -74,6 +74,11 @@ class GFCMConfig:
     # nearest patches (centre distance), so the descriptor says how a patch differs from its
     # surroundings. 0 = the spec's per-patch descriptor.
     context_k: int = 0
+    # point_dim > 0: "back to point" - every point of every patch also gets its own score, from
+    # its per-point conv feature and the patch's pooled feature through a point_dim-wide layer
+    # (btp.model.heads.PointRefine); a point's score is then the mean over the patches holding it
+    # of its own score in each. 0 = one score per patch (the spec).
+    point_dim: int = 0
     normal_radius: float = 0.05
     normal_max_nn: int = 30
     fpfh_radius: float = 0.1
@@ -95,6 +100,10 @@ class ScoringConfig:
 
     object_alpha: float = 0.5  # object = alpha * global_prob + (1 - alpha) * mean(top patch probs)
     top_ratio: float = 0.2
+    # what the object score's top mean reads: "patches" = the top_ratio share of the G patch
+    # probabilities (the spec); "points" = of the G*K per-point probabilities (gfcm.point_dim > 0).
+    # Scoring only: training's global term reads the patch logits either way.
+    object_source: str = "patches"
     global_temperature: float = 0.07
     raw_interpolation: str = "nearest"  # "nearest" | "idw3": sampled points -> raw scan
     # A point counts as anomalous in run summaries and the demo when its score >= this. 0.5 = the
@@ -211,6 +220,12 @@ class BTPConfig:
             problems.append(f"gfcm.frame={self.gfcm.frame!r}: expected 'world' or 'local'")
         if not 0 <= self.gfcm.context_k < e.num_group:
             problems.append(f"gfcm.context_k={self.gfcm.context_k} outside 0..num_group-1={e.num_group - 1}")
+        if self.scoring.object_source not in ("patches", "points"):
+            problems.append(f"scoring.object_source={self.scoring.object_source!r}: expected 'patches' or 'points'")
+        elif self.scoring.object_source == "points" and not self.gfcm.point_dim:
+            problems.append("scoring.object_source='points' needs per-point scores (gfcm.point_dim > 0)")
+        if self.gfcm.point_dim < 0:
+            problems.append(f"gfcm.point_dim={self.gfcm.point_dim}: expected 0 (off) or a width > 0")
         if problems:
             raise ValueError("invalid BTPConfig: " + "; ".join(problems))
         return self
@@ -292,6 +307,17 @@ def btp_mini_config() -> BTPConfig:
         # spec's 100 epochs of batch 2, at lr 3e-3 (the spec's 5e-4 learned nothing in this budget).
         train=TrainConfig(lr=3e-3, lr_prompt=3e-3, batch_size=8, epochs=4),
     ).validate()
+
+
+def btp_point_config() -> BTPConfig:
+    """btp-mini with per-point scores: each point of each patch also gets its own score from its
+    GFCM conv feature through a 32-wide layer (``gfcm.point_dim``), and the object score's top
+    mean reads those per-point probabilities (``scoring.object_source``). Both were chosen on a
+    validation split inside the corpus's training families (models/btp-mini.md)."""
+    cfg = btp_mini_config()
+    cfg.gfcm.point_dim = 32
+    cfg.scoring.object_source = "points"
+    return cfg.validate()
 
 
 def tiny_config() -> BTPConfig:

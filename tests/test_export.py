@@ -205,3 +205,36 @@ def test_btp_export_cli(tmp_path):
     bad = CliRunner().invoke(app, ["export", "--model", str(tmp_path / "nope.safetensors"), "--out",
                                    str(tmp_path / "x.onnx")])
     assert bad.exit_code == 1 and "no such checkpoint" in " ".join(bad.output.split())
+
+
+def test_per_point_scores_export_and_reach_the_raw_scan(tmp_path, shapes_root):
+    """A model with per-point scores (gfcm.point_dim): the graph gives patch_point_probs [B, G, K],
+    parity covers it, and the runtime's raw-scan scores are the torch scorer's, not the patch ones."""
+    from btp.eval.scoring import score_cloud_torch
+    from btp.geometry.prepare import prepare, scores_to_raw
+    from btp.model import BTPModel
+    from btp.model.checkpoint import save_checkpoint
+    from btp.runtime import Pipeline
+
+    cfg = tiny_config()
+    cfg.gfcm.frame, cfg.gfcm.context_k, cfg.gfcm.point_dim = "local", 4, 8
+    torch.manual_seed(7)
+    model = BTPModel.with_default_text_encoder(cfg.validate())
+    with torch.no_grad():
+        model.point_refine.offset.weight.normal_()  # a trained offset: points of a patch differ
+    model.freeze_text(drop_encoder=True)
+    model.eval()
+    ckpt = save_checkpoint(tmp_path / "p.safetensors", model, {"data": "test"})
+    result = export_onnx(load_model(ckpt), tmp_path / "p.onnx", parity_scans=2)
+    assert result.verdict == "PASS"
+    checked = {c.output: c for c in result.parity}
+    assert checked["patch_point_probs"].passed and checked["patch_point_probs"].n > 0
+    meta = read_model_meta(tmp_path / "p.onnx")
+    g, k = cfg.encoder.num_group, cfg.encoder.group_size
+    assert meta.io["outputs"]["patch_point_probs"]["shape"] == ["B", g, k]
+    scan = real_scan(shapes_root, REAL_SHAPES[1], 3000)
+    got = Pipeline(tmp_path / "p.onnx", threads=1)(scan)
+    ref = score_cloud_torch(model, scan, method="exact")
+    np.testing.assert_allclose(got.point_scores, ref.point_scores, atol=1e-4)
+    patch_only = scores_to_raw(got.patch_probs, prepare(scan, cfg, "exact"), cfg, exact=True)[1]
+    assert np.abs(patch_only - got.point_scores).max() > 1e-3

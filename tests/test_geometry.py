@@ -411,6 +411,13 @@ def test_propagate_toy_case():
     batched = propagate_patch_scores(np.float32([[1.0, 3.0], [5.0, 7.0]]), np.stack([patch_idx] * 2),
                                      np.stack([center] * 2), np.stack([points] * 2))
     np.testing.assert_allclose(batched, [[1, 2, 3, 3, 1], [5, 6, 7, 7, 5]])
+    # per-point scores [G, K]: point 1 averages its own score in both patches; uncovered points
+    # still take their nearest centre's patch score
+    own = propagate_patch_scores(np.float32([1.0, 3.0]), patch_idx, center, points,
+                                 point_scores=np.float32([[0.5, 0.2], [0.6, 0.9]]))
+    np.testing.assert_allclose(own, [0.5, 0.4, 0.9, 3.0, 1.0])
+    with pytest.raises(GeometryError, match="point_scores"):
+        propagate_patch_scores(np.float32([1.0, 3.0]), patch_idx, center, points, point_scores=np.zeros(2))
 
 
 def test_propagate_on_real_groups(mesh_clouds):

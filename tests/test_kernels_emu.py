@@ -208,6 +208,21 @@ def test_propagate_matches_geometry_with_uncovered_points(dev, bunny_points):
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
 
 
+def test_propagate_per_point_scores_matches_geometry(dev, bunny_points):
+    """A model's per-point scores [G, K]: each point's mean of its own scores in its patches."""
+    groups = group(bunny_points, 60, 64, start_idx=3)
+    rng = np.random.default_rng(9)
+    patch_scores = rng.random(60, dtype=np.float32)
+    point_scores = rng.random((60, 64), dtype=np.float32)
+    got = ops.propagate_patch_scores(dev, patch_scores, groups.patch_idx, groups.center, bunny_points,
+                                     blocks=SMALL, point_scores=point_scores)
+    ref = propagate_patch_scores(patch_scores, groups.patch_idx, groups.center, bunny_points,
+                                 point_scores=point_scores)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+    patch_only = propagate_patch_scores(patch_scores, groups.patch_idx, groups.center, bunny_points)
+    assert np.abs(got - patch_only).max() > 0.1
+
+
 def test_propagate_batched_overlapping_patches(dev, shape_points):
     batch = np.stack(shape_points[:2])
     groups = [group(cloud, 128, 32) for cloud in batch]

@@ -462,3 +462,74 @@ def test_frozen_model_exports_to_onnx_opset17_and_matches(tiny, tiny_batch):
         ref = model(nb, ctr)
     for name in OUTPUT_NAMES:
         np.testing.assert_allclose(got[name], ref[name].numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+# ---- per-point scores ("back to point", gfcm.point_dim > 0) ------------------------------------
+
+def test_per_point_scores_start_at_the_patch_scores_then_resolve_points_and_train(tiny_batch):
+    cfg = tiny_config()
+    cfg.gfcm.frame, cfg.gfcm.context_k, cfg.gfcm.point_dim = "local", 4, 8
+    torch.manual_seed(6)
+    model = BTPModel.with_default_text_encoder(cfg.validate())
+    model.set_point_encoder_frozen(True)
+    model.train()
+    b, g, k = tiny_batch["patch_idx"].shape
+    out = model(tiny_batch["neighborhood"], tiny_batch["center"])
+    assert out["patch_point_logits"].shape == (b, g, k) == out["patch_point_probs"].shape
+    # the offset starts at zero: every point of a patch scores as the patch, so training starts
+    # from the patch model
+    assert torch.equal(out["patch_point_logits"], out["patch_logits"].unsqueeze(-1).expand(b, g, k))
+    n = tiny_batch["points"].shape[1]
+    loss, _ = btp_loss(out, tiny_batch, cfg.loss, gfcm=cfg.gfcm)
+    loss.backward()
+    assert model.point_refine.offset.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.point_refine.offset.weight.normal_()
+    model.eval()
+    with torch.no_grad():
+        out = model(tiny_batch["neighborhood"], tiny_batch["center"])
+    spread = out["patch_point_logits"].std(dim=-1)  # points of one patch now differ
+    assert (spread > 1e-3).float().mean() > 0.9
+    # loss and runtime use the same rule: each point's mean over its patches of its own value
+    ours = point_logits_from_patches(out["patch_logits"], tiny_batch["patch_idx"], n, points=tiny_batch["points"],
+                                     center=tiny_batch["center"], point_values=out["patch_point_logits"])
+    for i in range(b):
+        ref = propagate_patch_scores(out["patch_logits"][i].numpy(), tiny_batch["patch_idx"][i].numpy(),
+                                     tiny_batch["center"][i].numpy(), tiny_batch["points"][i].numpy(),
+                                     point_scores=out["patch_point_logits"][i].numpy())
+        np.testing.assert_allclose(ours[i].numpy(), ref, atol=1e-5)
+        idx = tiny_batch["patch_idx"][i].numpy().ravel()
+        vals = out["patch_point_logits"][i].numpy().ravel()
+        p = idx[0]
+        np.testing.assert_allclose(ref[p], vals[idx == p].mean(), atol=1e-5)
+    # object_source="points": the object score's top mean reads the G*K per-point probabilities
+    cfg_points = tiny_config()
+    cfg_points.gfcm, cfg_points.scoring.object_source = cfg.gfcm, "points"
+    by_points = BTPModel(cfg_points.validate())
+    by_points.load_state_dict(model.state_dict(), strict=False)
+    by_points.frozen_text = model.text_embeddings().detach()
+    by_points.eval()
+    with torch.no_grad():
+        o = by_points(tiny_batch["neighborhood"], tiny_batch["center"])
+    k_top = max(1, int(g * k * cfg_points.scoring.top_ratio))
+    a = cfg_points.scoring.object_alpha
+    want = a * o["global_prob"] + (1 - a) * o["patch_point_probs"].flatten(1).topk(k_top, dim=1).values.mean(1)
+    torch.testing.assert_close(o["object_score"], want)
+    no_head = tiny_config()
+    no_head.scoring.object_source = "points"
+    with pytest.raises(ValueError, match="object_source"):
+        no_head.validate()
+    with pytest.raises(ValueError, match="point_values"):
+        point_logits_from_patches(out["patch_logits"], tiny_batch["patch_idx"], n,
+                                  point_values=out["patch_point_logits"][:, :, :1])
+    # a few steps lower the loss
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss, _ = btp_loss(model(tiny_batch["neighborhood"], tiny_batch["center"]), tiny_batch, cfg.loss, gfcm=cfg.gfcm)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

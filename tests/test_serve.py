@@ -185,18 +185,43 @@ def test_ensemble_steps_compute_the_pipelines_scores(tmp_path_factory, tmp_path,
     """btp_pre -> the engine (ONNX Runtime here, as Triton's onnxruntime backend would) -> btp_post,
     run through the generated model.py files with a stand-in for Triton's Python utils: the same
     scores as btp.runtime.Pipeline (no server here has the ONNX Runtime backend)."""
+    _ensemble_matches_pipeline(tiny_export(tmp_path_factory)[0], tmp_path, shapes_root, monkeypatch, (3000, 20000))
+
+
+def test_ensemble_carries_per_point_scores(tmp_path, shapes_root, monkeypatch):
+    """A model with per-point scores (gfcm.point_dim): the engine's patch_point_probs reach btp_post."""
+    torch = pytest.importorskip("torch", reason="exporting a model needs torch")
+    from btp.config import tiny_config
+    from btp.export.onnx import export_onnx, load_model
+    from btp.model import BTPModel
+    from btp.model.checkpoint import save_checkpoint
+
+    cfg = tiny_config()
+    cfg.gfcm.frame, cfg.gfcm.context_k, cfg.gfcm.point_dim = "local", 4, 8
+    torch.manual_seed(8)
+    model = BTPModel.with_default_text_encoder(cfg.validate())
+    with torch.no_grad():
+        model.point_refine.offset.weight.normal_()
+    model.freeze_text(drop_encoder=True)
+    ckpt = save_checkpoint(tmp_path / "p.safetensors", model.eval(), {"data": "test"})
+    export_onnx(load_model(ckpt), tmp_path / "p.onnx", parity_scans=1)
+    repo = _ensemble_matches_pipeline(tmp_path / "p.onnx", tmp_path, shapes_root, monkeypatch, (3000,))
+    assert "patch_point_probs" in (repo / "btp" / "config.pbtxt").read_text()
+
+
+def _ensemble_matches_pipeline(model, tmp_path, shapes_root, monkeypatch, sizes):
+    """btp_pre -> engine -> btp_post of ``model``'s ensemble repository == btp.runtime.Pipeline."""
     from btp.export.triton import export_repository
     from btp.runtime import Pipeline
     from btp.runtime.backends import make_backend
     from btp.runtime.metadata import read_model_meta
 
-    model = tiny_export(tmp_path_factory)[0]
     repo = export_repository(model, tmp_path / "ens", layout="ensemble")
     pre = _load_model_py(repo / "btp_pre" / "1" / "model.py", monkeypatch)
     post = _load_model_py(repo / "btp_post" / "1" / "model.py", monkeypatch)
     engine_path = repo / "btp_engine" / "1" / "model.onnx"
     engine = make_backend("ort-cpu", engine_path, read_model_meta(engine_path))
-    for n in (3000, 20000):  # the exact rule; above 16384 points the voxel rule, whose map travels pre -> post
+    for n in sizes:  # 3000: the exact rule; above 16384 points the voxel rule, whose map travels pre -> post
         scan = real_scan(shapes_root, n=n, seed=12)
         scan[::100] = np.nan
         request = {"points": _FakeTensor("points", scan)}
@@ -206,7 +231,9 @@ def test_ensemble_steps_compute_the_pipelines_scores(tmp_path_factory, tmp_path,
         out = engine.run(p.outputs["neighborhood"], p.outputs["center"])
         post_request = {k: _FakeTensor(k, v) for k, v in p.outputs.items()}
         post_request["points"] = request["points"]
-        post_request["patch_probs"] = _FakeTensor("patch_probs", out["patch_probs"])
+        for name in ("patch_probs", "patch_point_probs"):
+            if name in out:
+                post_request[name] = _FakeTensor(name, out[name])
         q = post.execute([post_request])[0]
         finite = np.isfinite(scan).all(axis=1)
         ref = Pipeline(model)(scan[finite])
@@ -215,3 +242,4 @@ def test_ensemble_steps_compute_the_pipelines_scores(tmp_path_factory, tmp_path,
         assert abs(float(out["object_score"][0]) - ref.object_score) <= 1e-5
     bad = pre.execute([{"points": _FakeTensor("points", np.zeros((3, 3), np.float32))}])[0]
     assert bad.error is not None and "fewer than" in str(bad.error)
+    return repo

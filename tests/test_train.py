@@ -185,8 +185,10 @@ def test_cached_encoder_features_match_the_model_forward(tiny_arrays):
         model(batch["neighborhood"], batch["center"])
 
 
-def test_resume_continues_from_the_saved_step(tiny_arrays, tmp_path, monkeypatch):
+@pytest.mark.parametrize("point_dim", [0, 8])  # 8: the per-point head's weights are in the state too
+def test_resume_continues_from_the_saved_step(tiny_arrays, tmp_path, monkeypatch, point_dim):
     cfg = tiny_config()
+    cfg.gfcm.point_dim = point_dim
     opts = BTPOptions(epochs=2, batch_size=2, ckpt_every=3, seed=1)  # 8 steps, checkpoints at 3 and 6
     full = train_btp(cfg, tiny_arrays, tmp_path / "full", opts, progress=False, log=lambda *_: None)
 

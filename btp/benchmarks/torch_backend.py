@@ -93,7 +93,7 @@ class TorchBackend:
             inputs = (torch.from_numpy(np.ascontiguousarray(neighborhood, dtype=np.float32)).to(self.dtype),
                       torch.from_numpy(np.ascontiguousarray(center, dtype=np.float32)).to(self.dtype))
             if self.mixed:
-                out = self.model.score(*(t.float() for t in self.model.embed(*inputs)))
+                out = self.model.score(*(None if t is None else t.float() for t in self.model.embed(*inputs)))
             else:
                 out = self.model(*inputs)
         return {k: v.float().numpy() for k, v in out.items()}

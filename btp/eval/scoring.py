@@ -61,7 +61,9 @@ def score_cloud_torch(model, raw_points: np.ndarray, cfg: BTPConfig | None = Non
     finally:
         model.train(was_training)
     patch_probs = out["patch_probs"][0].float().cpu().numpy()  # [G]
-    sampled, point_scores = scores_to_raw(patch_probs, prepared, cfg, exact=prepared.voxel_map is None)
+    point_probs = out["patch_point_probs"][0].float().cpu().numpy() if "patch_point_probs" in out else None
+    sampled, point_scores = scores_to_raw(patch_probs, prepared, cfg, exact=prepared.voxel_map is None,
+                                          point_probs=point_probs)
     return CloudScores(float(out["object_score"][0]), point_scores, prepared.sample_idx, sampled)
 
 

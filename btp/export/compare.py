@@ -171,6 +171,7 @@ def _score_tolerances(precision, reference, object_alpha, global_temperature) ->
         probs = FP32_ABS
         return (
             Tolerance("patch_probs", "abs", probs, "FP32: 1e-4 abs (the export's parity bar)"),
+            Tolerance("patch_point_probs", "abs", probs, "FP32: 1e-4 abs (the export's parity bar)"),
             Tolerance("global_prob", "abs", probs, "FP32: 1e-4 abs"),
             Tolerance("object_score", "abs", probs, "FP32: 1e-4 abs"),
             Tolerance("point_scores", "abs", probs, "FP32: 1e-4 abs (means of patch probs)"),
@@ -206,6 +207,7 @@ def _score_tolerances(precision, reference, object_alpha, global_temperature) ->
     return (
         Tolerance("patch_probs", "abs", tol_patch,
                   f"{label}: max sigma'(l)*r*max(|l|,1) over the reference patch logits{note}"),
+        Tolerance("patch_point_probs", "abs", tol_patch, f"{label}: = tol_patch (patch logit + a per-point term)"),
         Tolerance("global_prob", "abs", tol_global, f"{label}: max sigma'(l_g)*2r/T, T={global_temperature}"),
         Tolerance("object_score", "abs", tol_object,
                   f"{label}: alpha*tol_global + (1-alpha)*tol_patch, alpha={object_alpha}"),

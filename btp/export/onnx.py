@@ -41,13 +41,7 @@ from btp.errors import BTPError
 from btp.export.formats import check_batch, check_opset
 from btp.geometry.prepare import pad_batch
 from btp.io.files import atomic_write_bytes, file_sha256
-from btp.runtime.metadata import (
-    DEBUG_OUTPUT_NAMES,
-    INPUT_NAMES,
-    META_KEY,
-    OUTPUT_NAMES,
-    build_metadata,
-)
+from btp.runtime.metadata import INPUT_NAMES, META_KEY, build_metadata, output_names
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = "btp-mini"
@@ -147,7 +141,7 @@ def load_model(spec: str | Path = DEFAULT_MODEL, *, seed: int = 0) -> LoadedMode
 def _export_graph(model, with_patch_embed: bool):
     import torch
 
-    names = OUTPUT_NAMES + (DEBUG_OUTPUT_NAMES if with_patch_embed else ())
+    names = output_names(model.cfg, with_patch_embed)
 
     class ExportGraph(torch.nn.Module):
         """BTPModel.forward with its dict flattened to the ONNX outputs, in a fixed order."""
@@ -300,7 +294,8 @@ def verify_parity(model, model_bytes, neighborhood, center, fixed_batch: int | N
     ref = torch_outputs(model, neighborhood, center)
     got = onnx_outputs(model_bytes, neighborhood, center, fixed_batch)
     why = f"FP32 export parity: max abs diff <= {atol:g}"
-    tols = [Tolerance(name, "abs", atol, why) for name in ("patch_probs", "global_prob", "object_score")]
+    tols = [Tolerance(name, "abs", atol, why) for name in ("patch_probs", "global_prob", "object_score",
+                                                            "patch_point_probs") if name in got]
     if "patch_embed" in got:
         tols.append(Tolerance("patch_embed", "cosine", 1 - 1e-5, "FP32: cosine >= 1 - 1e-5"))
     checks = compare(ref, got, tols)

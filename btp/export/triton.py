@@ -174,7 +174,9 @@ class TritonPythonModel:
                             points=_get(request, "sampled_points"), origin=np.zeros(3, np.float32), scale=1.0,
                             voxel_map=vmap, patch_idx=_get(request, "patch_idx"), center=_get(request, "center")[0])
             scores = np.full(len(raw_all), np.nan, np.float32)
-            scores[mask] = scores_to_raw(np.asarray(_get(request, "patch_probs"))[0], prep, cfg)[1]
+            point_probs = np.asarray(_get(request, "patch_point_probs"))[0] if cfg.gfcm.point_dim else None
+            scores[mask] = scores_to_raw(np.asarray(_get(request, "patch_probs"))[0], prep, cfg,
+                                         point_probs=point_probs)[1]
             responses.append(pb_utils.InferenceResponse(output_tensors=[_tensor("point_scores", scores)]))
         return responses
 '''
@@ -220,6 +222,9 @@ instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 ''')
         return out
     g, k, c = cfg.encoder.num_group, cfg.encoder.group_size, cfg.encoder.in_channels
+    per_point = bool(cfg.gfcm.point_dim)  # the engine's per-point probabilities travel to btp_post
+    post_point_in = f'  {{ name: "patch_point_probs" data_type: TYPE_FP32 dims: [ 1, {g}, {k} ] }},\n' * per_point
+    engine_point_out = f'  {{ name: "patch_point_probs" data_type: TYPE_FP32 dims: [ {g}, {k} ] }},\n' * per_point
     for name, code in (("btp_pre", _PRE_MODEL), ("btp_post", _POST_MODEL)):
         (out / name / "1").mkdir(parents=True)
         shutil.copyfile(model_path, out / name / "1" / "model.onnx")  # metadata: the stages' config
@@ -247,7 +252,7 @@ input [
   {{ name: "points" data_type: TYPE_FP32 dims: [ -1, 3 ] }},
   {{ name: "row_mask" data_type: TYPE_BOOL dims: [ -1 ] }},
   {{ name: "patch_probs" data_type: TYPE_FP32 dims: [ 1, {g} ] }},
-  {{ name: "patch_idx" data_type: TYPE_INT64 dims: [ {g}, {k} ] }},
+{post_point_in}  {{ name: "patch_idx" data_type: TYPE_INT64 dims: [ {g}, {k} ] }},
   {{ name: "sample_idx" data_type: TYPE_INT64 dims: [ -1 ] }},
   {{ name: "sampled_points" data_type: TYPE_FP32 dims: [ -1, 3 ] }},
   {{ name: "center" data_type: TYPE_FP32 dims: [ 1, {g}, 3 ] }},
@@ -275,18 +280,19 @@ input [
 ]
 output [
   {{ name: "patch_probs" data_type: TYPE_FP32 dims: [ {g} ] }},
-  {{ name: "object_score" data_type: TYPE_FP32 dims: [ 1 ] reshape: {{ shape: [ ] }} }},
+{engine_point_out}  {{ name: "object_score" data_type: TYPE_FP32 dims: [ 1 ] reshape: {{ shape: [ ] }} }},
   {{ name: "global_prob" data_type: TYPE_FP32 dims: [ 1 ] reshape: {{ shape: [ ] }} }}
 ]
 dynamic_batching {{ max_queue_delay_microseconds: {int(max_queue_delay_us)} }}
 ''')
+    engine_scores = ("patch_probs",) + (("patch_point_probs",) if per_point else ())
     steps = [("btp_pre", {"points": "points"}, {k_: k_ for k_ in ("neighborhood", "center", "patch_idx", "sample_idx",
                                                                    "sampled_points", "row_mask", "cell_rep",
                                                                    "cell_of_raw")}),
              ("btp_engine", {"neighborhood": "neighborhood", "center": "center"},
-              {"patch_probs": "patch_probs", "object_score": "object_score", "global_prob": "global_prob"}),
-             ("btp_post", {k_: k_ for k_ in ("points", "row_mask", "patch_probs", "patch_idx", "sample_idx",
-                                             "sampled_points", "center", "cell_rep", "cell_of_raw")},
+              {k_: k_ for k_ in engine_scores + ("object_score", "global_prob")}),
+             ("btp_post", {k_: k_ for k_ in ("points", "row_mask") + engine_scores + (
+                 "patch_idx", "sample_idx", "sampled_points", "center", "cell_rep", "cell_of_raw")},
               {"point_scores": "point_scores"})]
     blocks = []
     for name, inputs, outputs in steps:

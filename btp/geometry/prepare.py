@@ -217,11 +217,12 @@ def pad_batch(array: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([array, np.repeat(array[:1], size - len(array), 0)]) if len(array) < size else array
 
 
-def propagate(patch_probs: np.ndarray, prepared: Prepared, cfg: BTPConfig) -> np.ndarray:
+def propagate(patch_probs: np.ndarray, prepared: Prepared, cfg: BTPConfig, point_probs=None) -> np.ndarray:
     """Patch probabilities [G] -> scores of the N sampled points [N] (mean over the patches that
-    contain a point; points in no patch by ``scoring.uncovered_points``)."""
+    contain a point; points in no patch by ``scoring.uncovered_points``). ``point_probs [G, K]``:
+    the model's own per-point probabilities in each patch (``patch_point_probs``), averaged the same way."""
     return propagate_patch_scores(patch_probs, prepared.patch_idx, prepared.center, prepared.points,
-                                  cfg.scoring.uncovered_points)
+                                  cfg.scoring.uncovered_points, point_probs)
 
 
 def interpolate(sampled_scores: np.ndarray, prepared: Prepared, cfg: BTPConfig, *, exact: bool = False) -> np.ndarray:
@@ -251,10 +252,11 @@ def interpolate(sampled_scores: np.ndarray, prepared: Prepared, cfg: BTPConfig, 
 
 
 def scores_to_raw(patch_probs: np.ndarray, prepared: Prepared, cfg: BTPConfig, *, exact: bool = False,
-                  timer=_untimed) -> tuple[np.ndarray, np.ndarray]:
-    """The inverse of ``prepare``: patch probabilities [G] -> (sampled scores [N], raw scores [M])."""
+                  timer=_untimed, point_probs=None) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of ``prepare``: patch probabilities [G] (and per-point ones [G, K] when the
+    model has them) -> (sampled scores [N], raw scores [M])."""
     with timer("propagate"):
-        sampled = propagate(patch_probs, prepared, cfg)
+        sampled = propagate(patch_probs, prepared, cfg, point_probs)
     with timer("interpolate"):
         raw = interpolate(sampled, prepared, cfg, exact=exact)
     return sampled, raw

@@ -13,10 +13,14 @@ INTERPOLATION_METHODS = ("nearest", "idw3")
 UNCOVERED_RULES = ("nearest_center", "zero")
 
 
-def propagate_patch_scores(patch_scores, patch_idx, center, points, uncovered: str = "nearest_center") -> np.ndarray:
+def propagate_patch_scores(patch_scores, patch_idx, center, points, uncovered: str = "nearest_center",
+                           point_scores=None) -> np.ndarray:
     """Each point's score = mean of the scores of the patches that contain it.
 
     patch_scores [G], patch_idx int [G, K], center [G, 3], points [N, 3] -> float32 [N].
+    ``point_scores [G, K]`` (a model with per-point scores, ``gfcm.point_dim > 0``): a point takes
+    the mean of its own scores in the patches that contain it instead; the uncovered rule still
+    reads ``patch_scores``.
     A point listed twice in one patch counts twice (index_add semantics, as the spec's
     ``index_add / counts``). Points in no patch (``scoring.uncovered_points``): ``"nearest_center"``
     takes the score of their nearest centre (``knn`` rule: ties -> lowest centre index);
@@ -27,7 +31,8 @@ def propagate_patch_scores(patch_scores, patch_idx, center, points, uncovered: s
         raise GeometryError(f"propagate_patch_scores: uncovered={uncovered!r}; choose one of {UNCOVERED_RULES}")
     scores = np.asarray(patch_scores)
     if scores.ndim == 2:
-        return np.stack([propagate_patch_scores(scores[b], patch_idx[b], center[b], points[b], uncovered)
+        return np.stack([propagate_patch_scores(scores[b], patch_idx[b], center[b], points[b], uncovered,
+                                                None if point_scores is None else point_scores[b])
                          for b in range(scores.shape[0])])
     pts = as_points(points)
     ctr = as_points(center, "center")
@@ -39,9 +44,15 @@ def propagate_patch_scores(patch_scores, patch_idx, center, points, uncovered: s
                             f"center [G, 3]; got {scores.shape}, {pidx.shape}, {ctr.shape}")
     if pidx.size and (pidx.min() < 0 or pidx.max() >= n_points):
         raise GeometryError(f"patch_idx: indices outside [0, {n_points}) for points {pts.shape}")
+    if point_scores is not None:
+        point_scores = np.asarray(point_scores)
+        if point_scores.shape != pidx.shape:
+            raise GeometryError(f"propagate_patch_scores: point_scores {point_scores.shape} must match "
+                                f"patch_idx {pidx.shape} (one score per point of every patch)")
     flat_idx = pidx.reshape(-1)
-    sums = np.bincount(flat_idx, weights=np.repeat(scores.astype(np.float64), pidx.shape[1]),
-                       minlength=n_points)  # [N]
+    values = (np.repeat(scores.astype(np.float64), pidx.shape[1]) if point_scores is None
+              else point_scores.reshape(-1).astype(np.float64))
+    sums = np.bincount(flat_idx, weights=values, minlength=n_points)  # [N]
     counts = np.bincount(flat_idx, minlength=n_points)  # [N]
     covered = counts > 0
     out = np.empty(n_points, dtype=np.float32)

@@ -19,7 +19,7 @@ KERNELS: dict[str, tuple[str, str]] = {
     "btp_gather_rows": ("fps.cu", "PPiiiP"),
     "btp_knn_group": ("group.cu", "PPPiiiifPPPP"),
     "btp_normalize": ("normalize.cu", "PiPP"),
-    "btp_scatter_patch_scores": ("scores.cu", "PPiiiPP"),
+    "btp_scatter_patch_scores": ("scores.cu", "PiPiiiPP"),
     "btp_finish_point_scores": ("scores.cu", "PPPPPiiP"),
     "btp_interpolate_nearest": ("scores.cu", "PPiPiP"),
 }

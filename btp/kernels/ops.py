@@ -152,16 +152,19 @@ def enqueue_group(dev: Device, points, colors, batch: int, n_points: int, n_grou
 
 def enqueue_propagate(dev: Device, patch_scores, patch_idx, center, points, batch: int,
                       n_points: int, n_groups: int, k: int, out=None, sums=None, counts=None,
-                      blocks: BlockSizes = BlockSizes()):
+                      blocks: BlockSizes = BlockSizes(), point_scores=None):
     """patch_scores [B, G], patch_idx int32 [B, G, K], center [B, G, 3], points [B, N, 3]
-    -> point_scores float32 [B, N]: mean over containing patches, else nearest centre's score."""
+    -> point_scores float32 [B, N]: mean over containing patches, else nearest centre's score.
+    ``point_scores [B, G, K]`` (a model with per-point scores): each point's mean of its own
+    scores in the patches that contain it; uncovered points still take the centre's patch score."""
     sums = dev.empty((batch, n_points), np.float32) if sums is None else sums
     counts = dev.empty((batch, n_points), np.int32) if counts is None else counts
     out = dev.empty((batch, n_points), np.float32) if out is None else out
     dev.zero(sums)
     dev.zero(counts)
     dev.launch("btp_scatter_patch_scores", scatter_launch(batch, n_groups, k, blocks.elementwise),
-               patch_scores, patch_idx, n_groups, k, n_points, sums, counts)
+               patch_scores if point_scores is None else point_scores, int(point_scores is not None),
+               patch_idx, n_groups, k, n_points, sums, counts)
     dev.launch("btp_finish_point_scores", points_launch(batch, n_points, blocks.elementwise),
                sums, counts, patch_scores, center, points, n_points, n_groups, out)
     return out
@@ -260,9 +263,9 @@ def group(dev: Device, points, num_group: int, group_size: int, *, start_idx=0, 
 
 
 def propagate_patch_scores(dev: Device, patch_scores, patch_idx, center, points,
-                           blocks: BlockSizes = BlockSizes()) -> np.ndarray:
+                           blocks: BlockSizes = BlockSizes(), point_scores=None) -> np.ndarray:
     """As btp.geometry.propagate_patch_scores: patch_scores [(B,) G], patch_idx [(B,) G, K],
-    center [(B,) G, 3], points [(B,) N, 3] -> float32 [(B,) N]."""
+    center [(B,) G, 3], points [(B,) N, 3], optional point_scores [(B,) G, K] -> float32 [(B,) N]."""
     pts, single = _batched_points(points)
     batch, n_points = pts.shape[:2]
     scores = np.ascontiguousarray(np.asarray(patch_scores, dtype=np.float32).reshape(batch, -1))
@@ -271,9 +274,13 @@ def propagate_patch_scores(dev: Device, patch_scores, patch_idx, center, points,
     if (pidx < 0).any() or (pidx >= n_points).any():
         raise ValueError(f"patch_idx: values must be in 0..{n_points - 1}")
     cen = np.ascontiguousarray(np.asarray(center, dtype=np.float32).reshape(batch, n_groups, 3))
+    per_point = None
+    if point_scores is not None:
+        per_point = dev.upload(np.ascontiguousarray(np.asarray(point_scores, dtype=np.float32)
+                                                    .reshape(pidx.shape)))
     out = enqueue_propagate(dev, dev.upload(scores), dev.upload(np.ascontiguousarray(pidx, dtype=np.int32)),
                             dev.upload(cen), dev.upload(pts), batch, n_points, n_groups, pidx.shape[2],
-                            blocks=blocks)
+                            blocks=blocks, point_scores=per_point)
     result = dev.download(out)
     return result[0] if single else result
 

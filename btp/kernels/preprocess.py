@@ -175,13 +175,14 @@ class GpuPreprocessor:
         """This object's own device buffers for the groups (to swap in engine inputs)."""
         return self._groups
 
-    def point_scores(self, patch_scores, prepared: DeviceScan | None = None):
-        """patch scores (device buffer [1, G]) -> point scores device buffer [1, N] (model frame)."""
+    def point_scores(self, patch_scores, prepared: DeviceScan | None = None, point_probs=None):
+        """patch scores (device buffer [1, G]; with a per-point model also its ``point_probs``
+        [1, G, K]) -> point scores device buffer [1, N] (model frame)."""
         prep = prepared or self._require()
         return ops.enqueue_propagate(self.device, patch_scores, prep.groups.patch_idx, prep.groups.center,
                                      prep.normed_xyz, 1, prep.n_points, self.num_group, self.group_size,
                                      out=self._point_scores, sums=self._sums, counts=self._counts,
-                                     blocks=self.blocks)
+                                     blocks=self.blocks, point_scores=point_probs)
 
     def raw_scores(self, point_scores, prepared: DeviceScan | None = None):
         """point scores [1, N] (device) -> raw-scan scores device buffer [M] (nearest sampled point)."""

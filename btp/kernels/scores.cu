@@ -4,12 +4,14 @@
 
 #define BTP_NN_TILE 256
 
-// sums[b, p] += patch_scores[b, g], counts[b, p] += 1 for every p in patch_idx[b, g, :].
+// sums[b, p] += patch_scores[b, g], counts[b, p] += 1 for every p in patch_idx[b, g, :]; with
+// per_point != 0, values are the model's per-point scores [B, G, K] and sums[b, p] += values[b, g, k].
 // One thread per (b, g, k) entry. sums / counts must be zero before the launch (memset).
 // Float atomics add in any order: the mean may differ from the reference by rounding (~1 ulp
 // per addition), never by more.
 extern "C" __global__ void __launch_bounds__(256)
-btp_scatter_patch_scores(const float* __restrict__ patch_scores,  // [B, G]
+btp_scatter_patch_scores(const float* __restrict__ values,        // [B, G] or [B, G, K]
+                         int per_point,
                          const int* __restrict__ patch_idx,       // [B, G, K]
                          int n_groups, int k, int n_points,
                          float* __restrict__ sums,                // [B, N]
@@ -20,7 +22,8 @@ btp_scatter_patch_scores(const float* __restrict__ patch_scores,  // [B, G]
   const int b = blockIdx.y;
   const int g = (int)(t / k);
   const int p = patch_idx[(size_t)b * n_groups * k + t];
-  atomicAdd(&sums[(size_t)b * n_points + p], patch_scores[(size_t)b * n_groups + g]);
+  const float v = per_point ? values[(size_t)b * n_groups * k + t] : values[(size_t)b * n_groups + g];
+  atomicAdd(&sums[(size_t)b * n_points + p], v);
   atomicAdd(&counts[(size_t)b * n_points + p], 1);
 }
 

@@ -74,11 +74,16 @@ class GFCM(nn.Module):
         self.head = _mlp(2 * c2 if cfg.context_k else c2, cfg.hidden, cfg.out_dim)
 
     def forward(self, patch_xyz: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encode(patch_xyz, center)[0]
+
+    def encode(self, patch_xyz: torch.Tensor, center: torch.Tensor | None = None):
+        """-> (descriptor [B, G, out_dim], per-point conv features [B, c2, G, K], the pooled patch
+        feature the head reads [B, G, c2] or [B, G, 2 c2] with context)."""
         # patch_xyz [B, G, K, 3] absolute coordinates; center [B, G, 3] (needed when context_k > 0)
         if self.frame == "local":
             patch_xyz = local_frame(patch_xyz, self.local_scale)
-        x = self.convs(patch_xyz.permute(0, 3, 1, 2))  # [B, c2, G, K]
-        x = x.max(dim=3).values.transpose(1, 2)  # [B, G, c2]
+        per_point = self.convs(patch_xyz.permute(0, 3, 1, 2))  # [B, c2, G, K]
+        x = per_point.max(dim=3).values.transpose(1, 2)  # [B, G, c2]
         if self.context_k:
             if center is None:
                 raise ValueError("GFCM with context_k > 0 needs the patch centres")
@@ -87,7 +92,29 @@ class GFCM(nn.Module):
             near = (dist <= kth).to(x.dtype)  # self included; ties may add a neighbour
             context = (near / near.sum(dim=-1, keepdim=True)) @ x  # [B, G, c2]
             x = torch.cat([x, x - context], dim=-1)
-        return self.head(x)  # [B, G, out_dim]
+        return self.head(x), per_point, x  # [B, G, out_dim], [B, c2, G, K], [B, G, c2 | 2 c2]
+
+
+class PointRefine(nn.Module):
+    """Back to the points: a feature u [B, G, K, point_dim] for every point of every patch.
+
+    u = ReLU(W_p f + W_h h + b), f = the point's GFCM conv feature in that patch, h = the patch's
+    pooled GFCM feature. ``offset`` maps u to the text space (Linear(point_dim, D), no bias,
+    zero-initialised so training starts from the patch scores): the point's embedding in that
+    patch is Z + offset(u), scored against the text like Z.
+    """
+
+    def __init__(self, point_in: int, patch_in: int, point_dim: int, embed_dim: int):
+        super().__init__()
+        self.point_proj = nn.Conv2d(point_in, point_dim, 1)
+        self.patch_proj = nn.Linear(patch_in, point_dim, bias=False)
+        self.offset = nn.Linear(point_dim, embed_dim, bias=False)
+        nn.init.zeros_(self.offset.weight)
+
+    def forward(self, per_point: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        # per_point [B, c, G, K], pooled [B, G, P] -> u [B, G, K, point_dim]
+        u = self.point_proj(per_point).permute(0, 2, 3, 1) + self.patch_proj(pooled).unsqueeze(2)
+        return torch.relu(u)
 
 
 class MGFEM(nn.Module):

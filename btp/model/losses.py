@@ -4,7 +4,8 @@
           + global_weight * BCE(a * global_logit + (1 - a) * max patch logit, object label)
           + geometric_weight * geometric(GFCM descriptors, patch FPFH)
 
-Point logits are the patch logits propagated to the N points (mean over containing patches).
+Point logits are the patch logits propagated to the N points (mean over containing patches), or
+with per-point scores (``patch_point_logits``) the mean of each point's own logits in those patches.
 The geometric term is InfoNCE (temperature cfg.gfcm.temperature) by default; cosine and MSE
 are the alternatives (cfg.gfcm.loss).
 """
@@ -92,7 +93,7 @@ def btp_loss(
     point_labels = batch["point_labels"]
     point_logits = point_logits_from_patches(
         patch_logits, batch["patch_idx"], point_labels.shape[1],
-        points=batch.get("points"), center=batch.get("center"),
+        points=batch.get("points"), center=batch.get("center"), point_values=outputs.get("patch_point_logits"),
     )  # [B, N]
     if cfg.point_loss == "balanced-bce":
         focal = balanced_bce_loss(point_logits, point_labels)

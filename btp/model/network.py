@@ -17,11 +17,13 @@ from torch import nn
 
 from btp.config import BTPConfig
 from btp.errors import BTPError
-from btp.model.heads import GFCM, MGFEM
+from btp.model.heads import GFCM, MGFEM, PointRefine
 from btp.model.pointbert import PointBERT
 from btp.model.text import TextEncoder, build_text_encoder, context_width
 
 OUTPUT_NAMES = ("patch_logits", "patch_probs", "global_logit", "global_prob", "object_score", "patch_embed", "geo_desc")
+# with cfg.gfcm.point_dim > 0: each point's own logit / probability in each patch [B, G, K]
+POINT_OUTPUT_NAMES = ("patch_point_logits", "patch_point_probs")
 
 
 class TextNotReadyError(BTPError, RuntimeError):
@@ -37,6 +39,9 @@ class BTPModel(nn.Module):
         self.point_encoder = PointBERT(enc, d)
         self.gfcm = GFCM(cfg.gfcm)
         self.mgfem = MGFEM(enc.trans_dim, cfg.gfcm.out_dim, cfg.mgfem.hidden, d, len(enc.feature_layers))
+        c2 = cfg.gfcm.conv_dims[-1]
+        self.point_refine = (PointRefine(c2, 2 * c2 if cfg.gfcm.context_k else c2, cfg.gfcm.point_dim, d)
+                             if cfg.gfcm.point_dim else None)
         # hybrid prompt: [SOT] ctx_1..ctx_n "normal object." [EOT]; ctx shared by both prompts (CoOp init std 0.02)
         self.prompt_ctx = nn.Parameter(torch.randn(cfg.text.n_ctx, context_width(cfg.text)) * 0.02)
         self.prompt_texts = [
@@ -48,6 +53,7 @@ class BTPModel(nn.Module):
             self.attach_text_encoder(text_encoder)
         self.register_buffer("frozen_text", None)  # [2, D] once freeze_text() ran
         self.top_k = max(1, int(cfg.encoder.num_group * cfg.scoring.top_ratio))  # constant k: TopK exports
+        self.point_top_k = max(1, int(cfg.encoder.num_group * cfg.encoder.group_size * cfg.scoring.top_ratio))
         self._point_encoder_frozen = False
 
     # ---- text side ---------------------------------------------------------------------
@@ -118,23 +124,36 @@ class BTPModel(nn.Module):
         return self.score(*self.embed(neighborhood, center))
 
     def embed(self, neighborhood: torch.Tensor, center: torch.Tensor):
-        """-> (patch_embed [B, G, D], global_embed [B, D] (not normalised), geo_desc [B, G, 33])."""
+        """-> (patch_embed [B, G, D], global_embed [B, D] (not normalised), geo_desc [B, G, 33],
+        point_feat [B, G, K, point_dim] or None when cfg.gfcm.point_dim == 0)."""
         feats = self.point_encoder(neighborhood, center)
         patch_xyz = neighborhood[..., :3] + center.unsqueeze(2)  # [B, G, K, 3] absolute
-        geo_desc = self.gfcm(patch_xyz, center)  # [B, G, 33]
+        geo_desc, per_point, pooled = self.gfcm.encode(patch_xyz, center)  # [B, G, 33], ...
         patch_embed = self.mgfem(feats.layer_features, geo_desc, feats.cls)  # [B, G, D]
-        return patch_embed, feats.global_embed, geo_desc
+        point_feat = self.point_refine(per_point, pooled) if self.point_refine is not None else None
+        return patch_embed, feats.global_embed, geo_desc, point_feat
 
-    def score(self, patch_embed: torch.Tensor, global_embed: torch.Tensor, geo_desc: torch.Tensor):
+    def score(self, patch_embed: torch.Tensor, global_embed: torch.Tensor, geo_desc: torch.Tensor,
+              point_feat: torch.Tensor | None = None):
         """The scoring head: embeddings against the text -> the output dict of ``forward``."""
         text = self.text_embeddings().to(patch_embed.dtype)  # [2, D]
         patch_scores = patch_embed @ text.t()  # [B, G, 2] = (s_n, s_a)
         patch_logits = patch_scores[..., 1] - patch_scores[..., 0]  # [B, G]
         patch_probs = torch.sigmoid(patch_logits)  # == softmax([s_n, s_a])[1]
+        point_out = {}
+        if point_feat is not None:
+            # (Z + offset(u)) . (t_a - t_n) = patch logit + u . (W^T (t_a - t_n)): the same text
+            # scoring per point, without forming a D-wide embedding for every (patch, point)
+            direction = self.point_refine.offset.weight.t() @ (text[1] - text[0])  # [point_dim]
+            point_logits = patch_logits.unsqueeze(-1) + point_feat @ direction  # [B, G, K]
+            point_out = {"patch_point_logits": point_logits, "patch_point_probs": torch.sigmoid(point_logits)}
         global_scores = F.normalize(global_embed, dim=-1) @ text.t()  # [B, 2]
         global_logit = (global_scores[:, 1] - global_scores[:, 0]) / self.cfg.scoring.global_temperature  # [B]
         global_prob = torch.sigmoid(global_logit)
-        top_mean = patch_probs.topk(self.top_k, dim=1).values.mean(dim=1)  # [B]
+        if self.cfg.scoring.object_source == "points":  # validate() ensures the per-point head exists
+            top_mean = point_out["patch_point_probs"].flatten(1).topk(self.point_top_k, dim=1).values.mean(dim=1)
+        else:
+            top_mean = patch_probs.topk(self.top_k, dim=1).values.mean(dim=1)  # [B]
         alpha = self.cfg.scoring.object_alpha
         object_score = alpha * global_prob + (1.0 - alpha) * top_mean
         return {
@@ -145,4 +164,5 @@ class BTPModel(nn.Module):
             "object_score": object_score,
             "patch_embed": patch_embed,
             "geo_desc": geo_desc,
+            **point_out,
         }

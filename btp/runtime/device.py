@@ -110,13 +110,15 @@ class DeviceChain:
         with timer("engine"):
             if self.resident:
                 device_out = self.backend.enqueue(1)
-                patch = device_out["patch_probs"]
+                patch, per_point = device_out["patch_probs"], device_out.get("patch_point_probs")
                 outputs = {name: dev.download(buf)[:1] for name, buf in device_out.items() if name != "patch_embed"}
             else:
                 outputs = self.backend.run(neighborhood, center)
                 patch = dev.upload(np.ascontiguousarray(outputs["patch_probs"][:1], dtype=np.float32))
+                per_point = (dev.upload(np.ascontiguousarray(outputs["patch_point_probs"][:1], dtype=np.float32))
+                             if "patch_point_probs" in outputs else None)
         with timer("postprocess"):
-            sampled = kernels.point_scores(patch, scan)  # [1, N] on the device
+            sampled = kernels.point_scores(patch, scan, per_point)  # [1, N] on the device
             raw_scores = kernels.raw_scores(sampled, scan)  # [M] on the device
             n = scan.n_points
             result = DeviceScores(outputs=outputs,

@@ -26,6 +26,13 @@ FORMAT_VERSION = 1
 INPUT_NAMES = ("neighborhood", "center")
 OUTPUT_NAMES = ("patch_logits", "patch_probs", "global_prob", "object_score")
 DEBUG_OUTPUT_NAMES = ("patch_embed",)
+POINT_OUTPUT_NAMES = ("patch_point_probs",)  # [B, G, K], models with gfcm.point_dim > 0
+
+
+def output_names(cfg: BTPConfig, with_patch_embed: bool = False) -> tuple[str, ...]:
+    """The graph's outputs, in order, for a model of this config."""
+    return (OUTPUT_NAMES + (POINT_OUTPUT_NAMES if cfg.gfcm.point_dim else ())
+            + (DEBUG_OUTPUT_NAMES if with_patch_embed else ()))
 
 
 class ModelMetadataError(BTPError, ValueError):
@@ -85,6 +92,8 @@ def io_spec(cfg: BTPConfig, batch: str | int, with_patch_embed: bool) -> dict[st
         "global_prob": {"shape": [b], "dtype": "float32"},
         "object_score": {"shape": [b], "dtype": "float32"},
     }
+    if cfg.gfcm.point_dim:
+        outputs["patch_point_probs"] = {"shape": [b, g, k], "dtype": "float32"}
     if with_patch_embed:
         outputs["patch_embed"] = {"shape": [b, g, d], "dtype": "float32"}
     return {
@@ -160,12 +169,15 @@ def _dims(value) -> list:
 
 def check_graph_io(graph, meta: ModelMeta, path: str | Path) -> None:
     """The graph must take and give what its metadata says: inputs neighborhood [B,G,K,C] and
-    center [B,G,3], outputs patch_probs [B,G] and object_score [B], every fixed dim equal to the
+    center [B,G,3], outputs patch_probs [B,G] and object_score [B] (and patch_point_probs [B,G,K]
+    for a model with per-point scores), every fixed dim equal to the
     config's (a model whose metadata says G = 128 but whose graph has 256 is refused here)."""
     g, k, c = meta.num_group, meta.group_size, meta.in_channels
     batch = meta.batch if meta.batch is not None else None
     want_in = {"neighborhood": [batch, g, k, c], "center": [batch, g, 3]}
     want_out = {"patch_probs": [batch, g], "object_score": [batch]}
+    if meta.config.gfcm.point_dim:
+        want_out["patch_point_probs"] = [batch, g, k]
     init = {i.name for i in graph.initializer}
     inputs = {v.name: _dims(v) for v in graph.input if v.name not in init}
     outputs = {v.name: _dims(v) for v in graph.output}

@@ -166,8 +166,10 @@ class Pipeline:
         """Row ``b`` of the engine's outputs -> scores of the sampled points -> of every raw point."""
         t = dict(job.timings, engine=engine_ms)
         patch_probs = np.asarray(outputs["patch_probs"][b], dtype=np.float32)  # [G]
+        point_probs = outputs.get("patch_point_probs")  # [B, G, K] from a model with per-point scores
         sampled, point_scores = scores_to_raw(patch_probs, job.prep, self.cfg, exact=self.downsample == "exact",
-                                              timer=partial(_timed, t))  # [N], [M]
+                                              timer=partial(_timed, t),
+                                              point_probs=None if point_probs is None else point_probs[b])
         return _result(job, outputs, b, t, point_scores, job.prep.sample_idx, sampled, batch)
 
     def finish_on_device(self, job: Job) -> Result:

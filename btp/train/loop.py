@@ -152,9 +152,10 @@ def calibrate_point_threshold(model, dataset, cached=None, batch_size: int = 16)
             batch = _collate([dataset[i] for i in idx])
             if cached is not None:
                 cached.select(idx)
-            probs = model(batch["neighborhood"], batch["center"])["patch_probs"]
-            point = point_logits_from_patches(probs, batch["patch_idx"], batch["point_labels"].shape[1],
-                                              points=batch["points"], center=batch["center"])
+            out = model(batch["neighborhood"], batch["center"])
+            point = point_logits_from_patches(out["patch_probs"], batch["patch_idx"], batch["point_labels"].shape[1],
+                                              points=batch["points"], center=batch["center"],
+                                              point_values=out.get("patch_point_probs"))
             scores.append(point.numpy().ravel())
             labels.append(batch["point_labels"].numpy().ravel())
     model.train(was)
@@ -241,6 +242,8 @@ def train_btp(cfg: BTPConfig, arrays: dict[str, np.ndarray], out_dir, opts: BTPO
     if opts.max_steps:
         total = min(total, opts.max_steps)
     modules = {"gfcm": model.gfcm, "mgfem": model.mgfem}  # the encoder is frozen: not in the state
+    if model.point_refine is not None:
+        modules["point_refine"] = model.point_refine
     extra = {"prompt_ctx": model.prompt_ctx}
     start = 0
     if resume and state_path.is_file():

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from btp.config import BTPConfig, btp_mini_config, tiny_config
+from btp.config import BTPConfig, btp_mini_config, btp_point_config, tiny_config
 from btp.train.loop import BTPOptions
 from btp.train.pretrain import PretrainOptions
 
@@ -59,6 +59,10 @@ RECIPES: dict[str, Recipe] = {
     # defect signal that a frozen random one does not (card: "The corpus")?
     "btp-corpus-longpt": replace(_BTP_MINI, name="btp-corpus-longpt", per_shape=12,
                                  pretrain=replace(_BTP_MINI.pretrain, steps=3000, ckpt_every=250)),
+    # btp-corpus with per-point scores (gfcm.point_dim = 32, "back to point"): every point of every
+    # patch scored from its own GFCM conv feature, chosen on a validation split inside the corpus's
+    # training families (card: "Per-point scores").
+    "btp-corpus-point": replace(_BTP_MINI, name="btp-corpus-point", per_shape=12, config=btp_point_config),
     # seconds: for tests and smoke runs
     "tiny": Recipe(
         name="tiny", config=tiny_config,

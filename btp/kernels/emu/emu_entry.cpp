@@ -64,10 +64,10 @@ int emu_btp_knn_group(int gx, int gy, int bx, const float* points, const float* 
                                    patch_idx, patch_d2); });
 }
 
-int emu_btp_scatter_patch_scores(int gx, int gy, int bx, const float* patch_scores,
+int emu_btp_scatter_patch_scores(int gx, int gy, int bx, const float* values, int per_point,
                                  const int* patch_idx, int n_groups, int k, int n_points,
                                  float* sums, int* counts) {
-  return guarded([&] { emu::launch(dim3(gx, gy), dim3(bx), btp_scatter_patch_scores, patch_scores,
+  return guarded([&] { emu::launch(dim3(gx, gy), dim3(bx), btp_scatter_patch_scores, values, per_point,
                                    patch_idx, n_groups, k, n_points, sums, counts); });
 }
 
