@@ -206,6 +206,28 @@ def test_engine_variants_time_parity_and_saved_graphs(tmp_path_factory, tmp_path
         run_engines(model, variants=("ort", "tvm"), rounds=1, iters=1, warmup=1)
 
 
+def test_engines_compare_other_models_in_the_same_turns(tmp_path_factory, tmp_path, shapes_root, monkeypatch):
+    monkeypatch.setenv("BTP_SHAPES", str(shapes_root))
+    from btp.benchmarks.engines import engines_markdown, run_engines
+    from btp.config import tiny_config
+    from btp.export.onnx import export_onnx, fresh_model
+    from runtime_helpers import tiny_export
+
+    model = tiny_export(tmp_path_factory)[0]
+    wide = tiny_config()
+    wide.mgfem.hidden *= 4  # the same engine inputs, more FLOPs
+    export_onnx(fresh_model(wide, seed=1), tmp_path / "wide.onnx", parity_scans=1)
+    data = run_engines(model, variants=("ort",), rounds=2, iters=2, warmup=1, compare=(tmp_path / "wide.onnx",))
+    row = data["variants"]["model:wide"]
+    assert row["calls"] == 4 and row["ratio_to_ort"] > 0 and "max_abs_patch_probs" not in row
+    assert "another model" in row["verdict"] and "model:wide" in engines_markdown(data)
+    other = tiny_config()
+    other.encoder.num_group //= 2
+    export_onnx(fresh_model(other, seed=1), tmp_path / "half.onnx", parity_scans=1)
+    with pytest.raises(ValueError, match="same inputs"):
+        run_engines(model, variants=("ort",), rounds=1, iters=1, warmup=1, compare=(tmp_path / "half.onnx",))
+
+
 # ---- latency runner on a stand-in pipeline (the narrow contract: call -> Result.timings) ---------------
 
 class _FakePipeline:

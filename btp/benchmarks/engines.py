@@ -15,6 +15,10 @@ Variants (each on the CPU, batch 1, the machine's default thread count):
   the same model.onnx on OpenVINO's CPU plugin, float32 / bfloat16 inside), where the optional
   ``openvino`` package is installed.
 
+- ``--compare OTHER.onnx`` (repeatable): other models with the same engine inputs (G, K, C), as
+  exported, in ORT like ``ort``: how their engine times compare in the same run (a size/accuracy
+  table's cost column). Parity does not apply to them.
+
 Timing: the variants take turns, ``rounds`` times ``iters`` calls each on the same inputs, after
 a warm-up; the median of all calls is reported with its ratio to ``ort``. Parity: on engine
 inputs of other training-split meshes (not the calibration ones), max |difference| of
@@ -158,9 +162,11 @@ def _keep_metadata(source: Path, variant: Path, dest: Path) -> Path:
 
 
 def run_engines(model, *, variants=VARIANTS, rounds: int = 7, iters: int = 10, warmup: int = 5,
-                save: Path | None = None, progress: Callable[[str], None] | None = None) -> dict:
+                save: Path | None = None, progress: Callable[[str], None] | None = None,
+                compare: tuple = ()) -> dict:
     """``save``: also write the ORT variants' graphs there (``<variant>.onnx``, with the model's
     metadata), e.g. for ``btp eval --model`` on a variant that is faster."""
+    from btp.benchmarks.flops import matmul_peak, onnx_flops
     from btp.benchmarks.machine import describe_machine, package_version
     from btp.runtime.backends import BackendError
     from btp.runtime.metadata import read_model_meta
@@ -201,6 +207,18 @@ def run_engines(model, *, variants=VARIANTS, rounds: int = 7, iters: int = 10, w
             except (ImportError, BackendError) as err:
                 rows[name] = {"skipped": f"{type(err).__name__}: {err}"}
                 say(f"{name}: skipped ({err})")
+        others = set()
+        for other in map(Path, compare):
+            o_cfg = read_model_meta(other).config
+            mine, theirs = ((c.encoder.num_group, c.encoder.group_size, c.encoder.in_channels) for c in (cfg, o_cfg))
+            if mine != theirs:
+                raise ValueError(f"{other}: engine inputs (G, K, C) = {theirs}, {model.name} has {mine}: "
+                                 "only models with the same inputs can take turns on one feed")
+            name = f"model:{other.stem}"
+            runners[name] = _ort_runner(other)
+            rows[name] = {"graph": f"another model: {other} ({o_cfg.name}, {onnx_flops(other).total / 1e9:.2f} "
+                                   "GFLOP), ORT as `ort`"}
+            others.add(name)
         feed = check[0]
         for name, run in runners.items():
             for _ in range(warmup):
@@ -219,7 +237,7 @@ def run_engines(model, *, variants=VARIANTS, rounds: int = 7, iters: int = 10, w
             row = rows[name]
             row["median_ms"] = statistics.median(times[name])
             row["calls"] = len(times[name])
-            if reference is None:
+            if reference is None or name in others:
                 continue
             got = [run(f) for f in check]
             row["max_abs_patch_probs"] = float(max(np.abs(g["patch_probs"] - r["patch_probs"]).max()
@@ -228,8 +246,6 @@ def run_engines(model, *, variants=VARIANTS, rounds: int = 7, iters: int = 10, w
                                                     for g, r in zip(got, reference)))
     profile = None
     if "ort" in runners:
-        from btp.benchmarks.flops import matmul_peak, onnx_flops
-
         say("profiling ort")
         profile = engine_profile(model, check[0])
         flops = onnx_flops(model).total
@@ -242,6 +258,9 @@ def run_engines(model, *, variants=VARIANTS, rounds: int = 7, iters: int = 10, w
         if "median_ms" not in row or base is None:
             continue
         row["ratio_to_ort"] = row["median_ms"] / base
+        if name in others:
+            row["verdict"] = "another model: engine time only"
+            continue
         row["parity"] = max(row["max_abs_patch_probs"], row["max_abs_object_score"]) <= PARITY_TOLERANCE
         faster = row["median_ms"] < base
         row["verdict"] = ("baseline" if name == "ort" else
@@ -265,7 +284,8 @@ def engines_markdown(data: dict) -> str:
              f"- Timing: the variants take turns, {data['rounds']} rounds x {data['iters']} calls each after "
              f"{data['warmup']} warm-up calls; median of all calls. Parity: {data['parity_scans']}, max |diff| "
              f"against `ort` (tolerance {data['parity_tolerance']}).",
-             "- Run: `btp-bench engines MODEL`", "",
+             "- Run: `btp-bench engines MODEL` (`--compare OTHER.onnx`: other models' ORT engine times in the same "
+             "turns)", "",
              "| variant | engine p50 ms | vs ort | max abs diff patch_probs | max abs diff object_score | verdict "
              "| notes |",
              "|---|---|---|---|---|---|---|"]
@@ -275,9 +295,9 @@ def engines_markdown(data: dict) -> str:
             continue
         notes = "; ".join(f"{k}: {v}" for k, v in row.items() if k in ("graph", "fused_ops", "calibration", "size_mb",
                                                                        "openvino"))
+        diffs = " | ".join(f"{row[k]:.2g}" if k in row else "-" for k in ("max_abs_patch_probs", "max_abs_object_score"))
         lines.append(f"| {name} | {row['median_ms']:.2f} | {row.get('ratio_to_ort', float('nan')):.2f}x | "
-                     f"{row.get('max_abs_patch_probs', float('nan')):.2g} | "
-                     f"{row.get('max_abs_object_score', float('nan')):.2g} | {row.get('verdict', '')} | {notes} |")
+                     f"{diffs} | {row.get('verdict', '')} | {notes} |")
     prof = data.get("profile")
     if prof:
         peak = prof["matmul_peak_gflops"]

@@ -276,14 +276,18 @@ def engines(
     iters: int = typer.Option(10, min=1, help="calls per variant and round"),
     save: Path = typer.Option(None, help="also write the ORT variants' graphs here (<variant>.onnx, with the "
                               "model's metadata: btp eval --model takes them)"),
+    compare: list[Path] = typer.Option([], "--compare", exists=True, dir_okay=False,
+                                       help="another model.onnx with the same engine inputs, timed in ORT in "
+                                            "the same turns (repeatable): engine cost against MODEL"),
     out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
 ) -> None:
     """Engine variants of one model in the same run: ORT as exported, ORT after its transformer
-    fusions, static QDQ INT8 (per-channel, calibrated on real scans), OpenVINO - time and parity."""
+    fusions, static QDQ INT8 (per-channel, calibrated on real scans), OpenVINO - time and parity;
+    with --compare, other models' ORT engine times in the same turns."""
     from btp.benchmarks.engines import engines_markdown, run_engines
 
     data = run_engines(model, variants=_names(variants), rounds=rounds, iters=iters, save=save,
-                       progress=_say)
+                       progress=_say, compare=tuple(compare))
     _write_report("engines", data, engines_markdown(data), out)
 
 
