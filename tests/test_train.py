@@ -297,3 +297,21 @@ def test_btp_stage_cli_from_a_checkpoint_with_frozen_text(shapes_root, tmp_path)
     trained, _ = load_checkpoint(tmp_path / "run" / f"{cfg.name}.safetensors")
     torch.testing.assert_close(trained.frozen_text, model.frozen_text, atol=0, rtol=0)
     assert (trained.gfcm.head[0].weight - model.gfcm.head[0].weight).abs().max() > 0
+
+
+@pytest.mark.parametrize("args, point_dim, name", [
+    (["--recipe", "btp-corpus-point"], 32, "btp-corpus-point"),  # the recipe's own config
+    (["--recipe", "btp-corpus"], 0, "btp-corpus"),
+    (["--recipe", "btp-corpus-point", "--config", "btp-mini"], 0, "btp-corpus-point"),  # explicit wins
+])
+def test_train_cli_runs_the_recipe_with_its_own_config(tmp_path, monkeypatch, args, point_dim, name):
+    from typer.testing import CliRunner
+
+    import btp.train.recipes as recipes
+    from btp.cli import app
+
+    seen = {}
+    monkeypatch.setattr(recipes, "run_recipe", lambda rec, shapes, out, **kw: seen.update(rec=rec, cfg=kw["cfg"]))
+    res = CliRunner().invoke(app, ["train", *args, "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert seen["rec"].name == name and seen["cfg"].gfcm.point_dim == point_dim

@@ -25,7 +25,8 @@ def _default_shapes() -> Path:
 def train(
     recipe: str = typer.Option("", "--recipe", help="Run a whole recipe end to end (split, pretrain, BTP): btp-mini | tiny."),
     stage: str = typer.Option("", "--stage", help="Run one stage: pretrain | btp (ignored with --recipe)."),
-    config: str = typer.Option("btp-mini", "--config", help="Config preset (btp-mini, ulip2, tiny) or a config JSON file."),
+    config: str = typer.Option("", "--config", help="Config preset (btp-mini, ulip2, tiny) or a config JSON file "
+                               "(default: the recipe's own config; btp-mini for --stage)."),
     shapes: Path = typer.Option(None, "--shapes", help="Meshes + index.json (default $BTP_SHAPES or ../shared/data/shapes)."),
     out: Path = typer.Option(None, "--out", help="Output folder (default runs/<recipe|stage>-seed<S>)."),
     seed: int = typer.Option(0, "--seed", help="One seed for everything random."),
@@ -61,10 +62,13 @@ def train(
         rec = get_recipe(recipe or ("tiny" if config == "tiny" else "btp-mini"))
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--recipe") from None
-    if recipe and config == "btp-mini":
-        config = "tiny" if recipe == "tiny" else config
     cfg_path = Path(config)
-    cfg = BTPConfig.from_json(cfg_path.read_text()).validate() if cfg_path.suffix == ".json" and cfg_path.is_file() else preset(config)
+    if not config:  # the recipe's own config (btp-corpus-point's has per-point scores, not btp-mini's)
+        cfg = rec.config()
+    elif cfg_path.suffix == ".json" and cfg_path.is_file():
+        cfg = BTPConfig.from_json(cfg_path.read_text()).validate()
+    else:
+        cfg = preset(config)
     if feature_layers:
         cfg.encoder.feature_layers = tuple(int(x) for x in feature_layers.split(","))
         cfg.validate()
