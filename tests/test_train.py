@@ -4,6 +4,7 @@ Real data: synthetic defects (btp.train.synth) on real meshes of the training sp
 """
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -315,3 +316,27 @@ def test_train_cli_runs_the_recipe_with_its_own_config(tmp_path, monkeypatch, ar
     res = CliRunner().invoke(app, ["train", *args, "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert seen["rec"].name == name and seen["cfg"].gfcm.point_dim == point_dim
+
+
+def test_validation_families_are_held_out_of_the_btp_stage(shapes_root, tmp_path):
+    """`btp train --recipe R --validate`: every 5th training family (from the 3rd) is validation,
+    never trained on; its samples are scored as the runtime would score them."""
+    from btp.train.recipes import get_recipe, run_recipe
+    from btp.train.split import Shape
+    from btp.train.validate import ValidationError, validation_families
+
+    fams = [Shape(f"m{i}", "mechanical", tmp_path, f"kicad:F{i:02d}") for i in range(12)]
+    assert validation_families(fams) == ["kicad:F02", "kicad:F07"]
+    kinds = [Shape("a", "organic", tmp_path), Shape("b", "other", tmp_path)]
+    assert validation_families(kinds) == ["shapes:other"]  # too few for the stride: the last one
+    with pytest.raises(ValidationError):
+        validation_families(kinds[:1])
+    # 5 training meshes of 3 kinds (mechanical, organic, other): "shapes:other" is validation
+    result = run_recipe(get_recipe("tiny"), shapes_root, tmp_path / "v", seed=0, progress=False, shapes_limit=5,
+                        log=lambda *_: None, validate=True)
+    assert result["validation_families"] == ["shapes:other"]
+    assert result["val_samples"] == 2 and result["train_samples"] == 8  # blobby's 2 samples; 4 meshes x 2
+    assert set(result["per_family"]) == {"shapes:other"}
+    assert 0.0 <= result["point_auroc_pooled"] <= 1.0
+    assert json.loads((tmp_path / "v" / "validation" / "validation.json").read_text())["steps"] == result["steps"]
+    assert not (tmp_path / "v" / "recipe.json").exists()  # no shipped model from a validation run

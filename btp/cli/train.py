@@ -45,6 +45,9 @@ def train(
     no_prompt_learning: bool = typer.Option(False, "--no-prompt-learning", help="Ablation: prompt context not trained."),
     feature_layers: str = typer.Option("", "--feature-layers", help="Ablation: MGFEM layers, e.g. '6' or '2,3,4,6'."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Rich progress bars."),
+    validate: bool = typer.Option(False, "--validate", help="--recipe: train the BTP stage on a validation split "
+                                  "inside the training families (every 5th family held out) and write "
+                                  "<out>/validation/validation.json, for design choices; no model is shipped."),
 ) -> None:
     """Train a BTP model: `--recipe btp-mini` end to end, or one `--stage pretrain|btp`.
 
@@ -89,8 +92,10 @@ def train(
     out = out or Path("runs") / f"{recipe or stage}-seed{seed}"
 
     if recipe:
-        run_recipe(rec, shapes, out, seed=seed, resume=resume, progress=progress, cfg=cfg)
+        run_recipe(rec, shapes, out, seed=seed, resume=resume, progress=progress, cfg=cfg, validate=validate)
         return
+    if validate:
+        raise typer.BadParameter("--validate runs a whole recipe: give --recipe NAME", param_hint="--validate")
 
     from btp.train.recipes import with_seed
     from btp.train.split import zero_shot_split

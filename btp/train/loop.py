@@ -132,20 +132,18 @@ def _collate(items: list[dict]) -> dict:
     return {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in items[0]}
 
 
-def calibrate_point_threshold(model, dataset, cached=None, batch_size: int = 16) -> tuple[float, float]:
-    """Point-F1-max threshold of the trained model on ``dataset`` (its own training samples).
-
-    Scores as the runtime makes them on the N sampled points: the mean probability of the patches
-    containing a point. Returns (threshold, F1 at it); sets ``model.cfg.scoring.point_threshold``.
-    """
+def sample_scores(model, dataset, cached=None, batch_size: int = 16) -> dict[str, np.ndarray]:
+    """The trained model on BTP samples, scored as the runtime scores them on the N sampled points:
+    each point's mean probability over the patches that contain it (its own per-point ones with
+    ``gfcm.point_dim``). -> {point_scores [S, N], point_labels [S, N], object_scores [S], object_labels [S]}.
+    ``cached``: the CachedPointEncoder standing in for the encoder (rows = ``dataset``'s)."""
     import torch
 
-    from btp.eval.metrics import f1_max_threshold
     from btp.model.scoring import point_logits_from_patches
 
     was = model.training
     model.eval()
-    scores, labels = [], []
+    points, labels, objects, object_labels = [], [], [], []
     with torch.no_grad():
         for b0 in range(0, len(dataset), batch_size):
             idx = list(range(b0, min(len(dataset), b0 + batch_size)))
@@ -156,10 +154,23 @@ def calibrate_point_threshold(model, dataset, cached=None, batch_size: int = 16)
             point = point_logits_from_patches(out["patch_probs"], batch["patch_idx"], batch["point_labels"].shape[1],
                                               points=batch["points"], center=batch["center"],
                                               point_values=out.get("patch_point_probs"))
-            scores.append(point.numpy().ravel())
-            labels.append(batch["point_labels"].numpy().ravel())
+            points.append(point.numpy())
+            labels.append(batch["point_labels"].numpy())
+            objects.append(out["object_score"].numpy())
+            object_labels.append(batch["object_label"].numpy())
     model.train(was)
-    f1, threshold = f1_max_threshold(np.concatenate(labels), np.concatenate(scores))
+    return {"point_scores": np.concatenate(points), "point_labels": np.concatenate(labels),
+            "object_scores": np.concatenate(objects), "object_labels": np.concatenate(object_labels)}
+
+
+def calibrate_point_threshold(model, dataset, cached=None, batch_size: int = 16) -> tuple[float, float]:
+    """Point-F1-max threshold of the trained model on ``dataset`` (its own training samples), on
+    the scores of ``sample_scores``. Returns (threshold, F1 at it); sets
+    ``model.cfg.scoring.point_threshold``."""
+    from btp.eval.metrics import f1_max_threshold
+
+    got = sample_scores(model, dataset, cached, batch_size)
+    f1, threshold = f1_max_threshold(got["point_labels"].ravel(), got["point_scores"].ravel())
     if np.isfinite(threshold):
         model.cfg.scoring.point_threshold = float(min(max(threshold, 1e-6), 1 - 1e-6))
     return model.cfg.scoring.point_threshold, f1

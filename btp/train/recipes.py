@@ -85,8 +85,11 @@ def with_seed(recipe: Recipe, seed: int) -> Recipe:
 
 
 def run_recipe(recipe: Recipe, shapes_root, out, *, seed: int = 0, resume: bool = False, progress: bool = True,
-               cfg: BTPConfig | None = None, shapes_limit: int | None = None, log=print) -> dict:
-    """Split -> pre-training -> BTP samples -> BTP stage. Returns (and writes) ``recipe.json``."""
+               cfg: BTPConfig | None = None, shapes_limit: int | None = None, log=print,
+               validate: bool = False) -> dict:
+    """Split -> pre-training -> BTP samples -> BTP stage. Returns (and writes) ``recipe.json``.
+    ``validate``: the BTP stage on a validation split inside the training families instead
+    (``btp.train.validate``; writes ``out/validation/validation.json`` and returns it)."""
     from btp.train import data as tdata
     from btp.train.loop import train_btp
     from btp.train.pretrain import pretrain
@@ -118,6 +121,11 @@ def run_recipe(recipe: Recipe, shapes_root, out, *, seed: int = 0, resume: bool 
     log(f"recipe {recipe.name}: {len(arrays['points'])} BTP samples ({int(arrays['object_label'].sum())} anomalous) "
         f"from {len(train_shapes)} training meshes in {times['data_s']} s")
 
+    if validate:
+        from btp.train.validate import validate_btp
+
+        return validate_btp(cfg, arrays, train_shapes, out / "validation", recipe.btp, encoder_path=encoder_path,
+                            progress=progress, log=log)
     provenance = {
         "recipe": recipe.name, "seed": seed, "shapes": str(shapes_root),
         "train_shapes": [s.name for s in train_shapes], "heldout_shapes": split.names("heldout"),
