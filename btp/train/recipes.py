@@ -63,6 +63,8 @@ RECIPES: dict[str, Recipe] = {
     # patch scored from its own GFCM conv feature, chosen on a validation split inside the corpus's
     # training families (card: "Per-point scores").
     "btp-corpus-point": replace(_BTP_MINI, name="btp-corpus-point", per_shape=12, config=btp_point_config),
+    # the same per-point model on btp-mini's data (shared shapes only): corpus or head?
+    "btp-mini-point": replace(_BTP_MINI, name="btp-mini-point", config=btp_point_config),
     # seconds: for tests and smoke runs
     "tiny": Recipe(
         name="tiny", config=tiny_config,
