@@ -238,3 +238,7 @@ def test_per_point_scores_export_and_reach_the_raw_scan(tmp_path, shapes_root):
     np.testing.assert_allclose(got.point_scores, ref.point_scores, atol=1e-4)
     patch_only = scores_to_raw(got.patch_probs, prepare(scan, cfg, "exact"), cfg, exact=True)[1]
     assert np.abs(patch_only - got.point_scores).max() > 1e-3
+    from btp.export.compare import tolerances  # btp-bench parity checks the output when there is one
+
+    assert "patch_point_probs" in {t.output for t in tolerances("fp16", {"patch_point_probs": np.zeros(3)})}
+    assert "patch_point_probs" not in {t.output for t in tolerances("fp32", {"patch_probs": np.zeros(3)})}

@@ -101,7 +101,8 @@ def run_parity(model_path, data_dir, *, backends: Sequence[str] = ("ort-cpu",), 
             fps_idx.append(np.asarray(own.center_idx))
             knn_idx.append(sorted_index_sets(own.patch_idx))
             res = engine.run(p["neighborhood"], p["center"])
-            for key in ("patch_logits", "patch_probs", "global_prob", "object_score", "patch_embed"):
+            for key in ("patch_logits", "patch_probs", "global_prob", "object_score", "patch_embed",
+                        "patch_point_probs"):
                 if key in res:
                     outs.setdefault(key, []).append(np.asarray(res[key])[0])
             result = pipe(s.points)
