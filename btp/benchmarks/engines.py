@@ -295,7 +295,8 @@ def engines_markdown(data: dict) -> str:
             continue
         notes = "; ".join(f"{k}: {v}" for k, v in row.items() if k in ("graph", "fused_ops", "calibration", "size_mb",
                                                                        "openvino"))
-        diffs = " | ".join(f"{row[k]:.2g}" if k in row else "-" for k in ("max_abs_patch_probs", "max_abs_object_score"))
+        diffs = " | ".join(f"{row[k]:.2g}" if k in row else "-"
+                           for k in ("max_abs_patch_probs", "max_abs_object_score"))
         lines.append(f"| {name} | {row['median_ms']:.2f} | {row.get('ratio_to_ort', float('nan')):.2f}x | "
                      f"{diffs} | {row.get('verdict', '')} | {notes} |")
     prof = data.get("profile")

@@ -31,7 +31,8 @@ def point_logits_from_patches(
         raise ValueError(f"patch_idx holds indices outside [0, {n_points})")
     if point_values is not None and point_values.shape != patch_idx.shape:
         raise ValueError(f"point_values {tuple(point_values.shape)} must be [B, G, K] like patch_idx")
-    values = (point_values if point_values is not None else patch_logits.unsqueeze(-1).expand(b, g, k)).reshape(b, g * k)
+    values = point_values if point_values is not None else patch_logits.unsqueeze(-1).expand(b, g, k)
+    values = values.reshape(b, g * k)
     sums = patch_logits.new_zeros(b, n_points).scatter_add(1, idx, values)  # [B, N]
     counts = patch_logits.new_zeros(b, n_points).scatter_add(1, idx, torch.ones_like(values))
     covered = counts > 0
