@@ -4,7 +4,8 @@ Contract (docs/design.md "btp.model"):
     BTPModel(cfg, text_encoder=None)
     forward(neighborhood [B,G,K,C], center [B,G,3]) -> dict with
         patch_logits [B,G], patch_probs [B,G], global_logit [B], global_prob [B], object_score [B],
-        patch_embed [B,G,D], geo_desc [B,G,33]
+        patch_embed [B,G,D], geo_desc [B,G,33]; with cfg.gfcm.point_dim > 0 also
+        patch_point_logits / patch_point_probs [B,G,K] (each point's own score in each patch)
     text_embeddings() -> [2, D] (normal, anomaly), L2-normalised (the plain prompts without the
         context tokens when cfg.text.prompt_context is False)
     freeze_text() -> buffer `frozen_text [2, D]`, used from then on (the exported form).
@@ -22,8 +23,6 @@ from btp.model.pointbert import PointBERT
 from btp.model.text import TextEncoder, build_text_encoder, context_width
 
 OUTPUT_NAMES = ("patch_logits", "patch_probs", "global_logit", "global_prob", "object_score", "patch_embed", "geo_desc")
-# with cfg.gfcm.point_dim > 0: each point's own logit / probability in each patch [B, G, K]
-POINT_OUTPUT_NAMES = ("patch_point_logits", "patch_point_probs")
 
 
 class TextNotReadyError(BTPError, RuntimeError):
