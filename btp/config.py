@@ -79,6 +79,13 @@ class GFCMConfig:
     # (btp.model.heads.PointRefine); a point's score is then the mean over the patches holding it
     # of its own score in each. 0 = one score per patch (the spec).
     point_dim: int = 0
+    # point_geometry = (w, ...): GFCM's convs also read, for every point of every patch, the
+    # covariance shape of its neighbourhood inside the patch at each width w (Gaussian weights,
+    # sigma = w x the patch's mean radius): surface variation, linearity, planarity, height over
+    # the local plane, density, each also against the patch's mean, and the bend of the local
+    # normal against the patch's - multi-scale local geometry (btp.model.heads.point_geometry).
+    # () = xyz only (the spec).
+    point_geometry: tuple[float, ...] = ()
     normal_radius: float = 0.05
     normal_max_nn: int = 30
     fpfh_radius: float = 0.1
@@ -224,6 +231,8 @@ class BTPConfig:
             problems.append(f"scoring.object_source={self.scoring.object_source!r}: expected 'patches' or 'points'")
         elif self.scoring.object_source == "points" and not self.gfcm.point_dim:
             problems.append("scoring.object_source='points' needs per-point scores (gfcm.point_dim > 0)")
+        if any(not 0.0 < w for w in self.gfcm.point_geometry):
+            problems.append(f"gfcm.point_geometry={self.gfcm.point_geometry}: widths must be > 0")
         if self.gfcm.point_dim < 0:
             problems.append(f"gfcm.point_dim={self.gfcm.point_dim}: expected 0 (off) or a width > 0")
         if problems:
@@ -317,6 +326,15 @@ def btp_point_config() -> BTPConfig:
     cfg = btp_mini_config()
     cfg.gfcm.point_dim = 32
     cfg.scoring.object_source = "points"
+    return cfg.validate()
+
+
+def btp_geo_config() -> BTPConfig:
+    """btp_point_config with multi-scale local geometry in GFCM's input: each point's covariance
+    shape over Gaussian neighbourhoods of 0.5 and 1 patch radius inside its patch
+    (``gfcm.point_geometry``), the kind of features the learned baseline reads (models/btp-mini.md)."""
+    cfg = btp_point_config()
+    cfg.gfcm.point_geometry = (0.5, 1.0)
     return cfg.validate()
 
 

@@ -207,7 +207,8 @@ def test_btp_export_cli(tmp_path):
     assert bad.exit_code == 1 and "no such checkpoint" in " ".join(bad.output.split())
 
 
-def test_per_point_scores_export_and_reach_the_raw_scan(tmp_path, shapes_root):
+@pytest.mark.parametrize("geometry", [(), (0.5, 1.0)])  # (0.5, 1.0): GFCM also reads in-patch local geometry
+def test_per_point_scores_export_and_reach_the_raw_scan(tmp_path, shapes_root, geometry):
     """A model with per-point scores (gfcm.point_dim): the graph gives patch_point_probs [B, G, K],
     parity covers it, and the runtime's raw-scan scores are the torch scorer's, not the patch ones."""
     from btp.eval.scoring import score_cloud_torch
@@ -218,6 +219,7 @@ def test_per_point_scores_export_and_reach_the_raw_scan(tmp_path, shapes_root):
 
     cfg = tiny_config()
     cfg.gfcm.frame, cfg.gfcm.context_k, cfg.gfcm.point_dim = "local", 4, 8
+    cfg.gfcm.point_geometry = geometry
     torch.manual_seed(7)
     model = BTPModel.with_default_text_encoder(cfg.validate())
     with torch.no_grad():

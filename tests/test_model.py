@@ -533,3 +533,61 @@ def test_per_point_scores_start_at_the_patch_scores_then_resolve_points_and_trai
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_point_geometry_reads_local_shape_is_invariant_and_exports(tiny_batch):
+    """In-patch multi-scale geometry: zero variation and height on a plane, a bump stands out,
+    a very wide neighbourhood is the whole patch, invariant to pose and scale; plain ONNX (that
+    TensorRT parses) which ORT runs to the same values."""
+    import onnx
+    import onnxruntime as ort
+
+    from btp.export.onnx import unsupported_trt_ops
+    from btp.model.heads import point_geometry, point_geometry_width
+
+    grid = torch.zeros(1, 1, 25, 3)
+    grid[..., 0], grid[..., 1] = (torch.arange(25) % 5).float(), (torch.arange(25) // 5).float()
+    flat = point_geometry(grid, (0.5, 1.0))[0, 0]
+    assert flat.shape == (25, point_geometry_width((0.5, 1.0))) == (25, 22)
+    assert flat[:, [0, 3, 10, 13, 20, 21]].abs().max() < 1e-4  # surface variation, heights: 0
+    bumped = grid.clone()
+    bumped[0, 0, 12, 2] = 0.8  # the centre point lifted off the plane
+    got = point_geometry(bumped, (0.5, 1.0))[0, 0]
+    others = torch.arange(25) != 12
+    for col in (3, 13):  # its height over the local plane, at both widths
+        assert got[12, col] > 2 * got[others, col].max()
+    assert got[12, 20] > 2 * got[others, 20].max()  # and over the patch plane
+    assert got[others, 0].max() > 1e-3  # its neighbours' neighbourhoods are no longer flat
+    wide = point_geometry(bumped, (1e3,))[0, 0]  # one neighbourhood: the whole patch
+    np.testing.assert_allclose(wide[:, 0].numpy(), wide[:, 11].numpy(), rtol=1e-3, atol=1e-6)
+    xyz = (tiny_batch["neighborhood"][..., :3] + tiny_batch["center"].unsqueeze(2))[:1]  # [1, G, K, 3]
+    feats = point_geometry(xyz, (0.5, 1.0))
+    torch.manual_seed(3)
+    rot, _ = torch.linalg.qr(torch.randn(3, 3))
+    np.testing.assert_allclose(point_geometry(2.5 * xyz @ rot.T + 1.0, (0.5, 1.0)).numpy(), feats.numpy(),
+                               atol=2e-3)
+
+    class Geo(torch.nn.Module):
+        def forward(self, x):
+            return point_geometry(x, (0.5, 1.0))
+
+    buf = io.BytesIO()
+    torch.onnx.export(Geo(), (xyz,), buf, opset_version=17, dynamo=False, input_names=["xyz"])
+    assert unsupported_trt_ops(onnx.load_from_string(buf.getvalue())) == []
+    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"xyz": xyz.numpy()})[0], feats.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_gfcm_with_point_geometry_trains_and_exports(tiny_batch):
+    cfg = tiny_config()
+    cfg.gfcm.frame, cfg.gfcm.point_dim, cfg.gfcm.point_geometry = "local", 8, (0.5, 1.0)
+    torch.manual_seed(0)
+    model = BTPModel.with_default_text_encoder(cfg.validate())
+    assert model.gfcm.convs[0].in_channels == 3 + 22
+    out = model(tiny_batch["neighborhood"], tiny_batch["center"])
+    out["patch_point_logits"].sum().backward()
+    assert model.gfcm.convs[0].weight.grad.abs().sum() > 0
+    bad = tiny_config()
+    bad.gfcm.point_geometry = (0.0,)
+    with pytest.raises(ValueError, match="point_geometry"):
+        bad.validate()

@@ -303,6 +303,7 @@ def test_btp_stage_cli_from_a_checkpoint_with_frozen_text(shapes_root, tmp_path)
 @pytest.mark.parametrize("args, point_dim, name", [
     (["--recipe", "btp-corpus-point"], 32, "btp-corpus-point"),  # the recipe's own config
     (["--recipe", "btp-corpus"], 0, "btp-corpus"),
+    (["--recipe", "btp-corpus-geo"], 32, "btp-corpus-geo"),
     (["--recipe", "btp-corpus-point", "--config", "btp-mini"], 0, "btp-corpus-point"),  # explicit wins
 ])
 def test_train_cli_runs_the_recipe_with_its_own_config(tmp_path, monkeypatch, args, point_dim, name):

@@ -54,11 +54,90 @@ def local_frame(patch_xyz: torch.Tensor, scale: float) -> torch.Tensor:
     return y * sign
 
 
+def _sym3_eigh(c: torch.Tensor):
+    """Covariances given by their entries ``c [..., 6]`` = (xx, yy, zz, xy, xz, yz) -> eigenvalues
+    [..., 3] ascending and the unit eigenvector of the smallest [..., 3] (sign arbitrary).
+
+    Closed form, so it exports to a few plain ONNX nodes: the eigenvalues from the trigonometric
+    solution of the characteristic cubic, the eigenvector as the longest cross product of two
+    rows of C - lambda_min I.
+    """
+    c00, c11, c22, c01, c02, c12 = c.unbind(-1)
+    q = (c00 + c11 + c22) / 3.0
+    a00, a11, a22 = c00 - q, c11 - q, c22 - q
+    p = torch.sqrt((a00 * a00 + a11 * a11 + a22 * a22 + 2.0 * (c01 * c01 + c02 * c02 + c12 * c12)) / 6.0)
+    p = p.clamp_min(1e-30)
+    det = a00 * (a11 * a22 - c12 * c12) - c01 * (c01 * a22 - c12 * c02) + c02 * (c01 * c12 - a11 * c02)
+    phi = torch.acos((det / (2.0 * p * p * p)).clamp(-1.0, 1.0)) / 3.0
+    largest = q + 2.0 * p * torch.cos(phi)
+    smallest = q + 2.0 * p * torch.cos(phi + 2.0943951023931957)  # + 2 pi / 3
+    evals = torch.stack([smallest, 3.0 * q - largest - smallest, largest], dim=-1).clamp_min(0.0)
+    r0 = torch.stack([c00 - smallest, c01, c02], dim=-1)
+    r1 = torch.stack([c01, c11 - smallest, c12], dim=-1)
+    r2 = torch.stack([c02, c12, c22 - smallest], dim=-1)
+    cands = torch.stack([_cross(r0, r1), _cross(r0, r2), _cross(r1, r2)], dim=-2)  # [..., 3, 3]
+    best = cands.norm(dim=-1).argmax(dim=-1)  # [...]
+    v = torch.gather(cands, -2, best[..., None, None].expand(*cands.shape[:-2], 1, 3)).squeeze(-2)
+    return evals, v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+
+
+def point_geometry(patch_xyz: torch.Tensor, widths: tuple[float, ...]) -> torch.Tensor:
+    """Multi-scale local geometry of every point of every patch: patch xyz [B,G,K,3] -> [B,G,K,F],
+    F = 10 per width + 2, all invariant to position, rotation and scale.
+
+    Each point's neighbourhood at width w is the patch's points weighted by
+    exp(-d^2 / (2 (w r)^2)), r = the patch points' mean distance to their centroid. From its
+    weighted covariance: surface variation, linearity, planarity, the point's height over the
+    weighted plane (in the neighbourhood's rms radius), density (total weight over the patch's
+    mean of it); the first four minus their patch mean; the bend of the local normal against
+    the patch's (1 - |cos|). Once: the point's height over the patch plane (in r) and the
+    patch's surface variation. The learned baseline's multi-scale covariance features
+    (``btp.eval.baselines.local_features``) with Gaussian instead of kNN neighbourhoods: no
+    sorting, no ties, a handful of matrix products.
+    """
+    with torch.no_grad():  # preprocessing of the input: no gradient flows through it
+        x = patch_xyz - patch_xyz.mean(dim=2, keepdim=True)  # [B, G, K, 3]
+        x = x / x.norm(dim=-1).mean(dim=2, keepdim=True).clamp_min(1e-12).unsqueeze(-1)  # mean radius 1
+        b, g, k_all, _ = x.shape
+        s = len(widths)
+        xx, yy, zz = x.unbind(-1)
+        second = torch.stack([xx * xx, yy * yy, zz * zz, xx * yy, xx * zz, yy * zz], dim=-1)  # [B, G, K, 6]
+        sq = second[..., :3].sum(-1)
+        d2 = (sq.unsqueeze(3) + sq.unsqueeze(2) - 2.0 * (x @ x.transpose(2, 3))).clamp_min(0.0)  # [B, G, K, K]
+        inv = torch.tensor([-0.5 / (w * w) for w in widths], dtype=x.dtype, device=x.device)
+        weights = torch.exp(d2.unsqueeze(0) * inv.reshape(s, 1, 1, 1, 1))  # [S, B, G, K, K]
+        moments = weights @ torch.cat([torch.ones_like(sq).unsqueeze(-1), x, second], dim=-1)  # [S, B, G, K, 10]
+        mass = moments[..., :1]
+        mean = moments[..., 1:4] / mass
+        mx, my, mz = mean.unbind(-1)
+        cov = moments[..., 4:] / mass - torch.stack([mx * mx, my * my, mz * mz, mx * my, mx * mz, my * mz], -1)
+        patch_cov = second.mean(dim=2, keepdim=True).expand(-1, -1, k_all, -1)  # the patch, seen whole
+        evals, normal = _sym3_eigh(torch.cat([cov, patch_cov.unsqueeze(0)], dim=0))  # [S+1, B, G, K, ...]
+        l3, l2, l1 = evals.unbind(-1)
+        total = evals.sum(-1).clamp_min(1e-30)
+        l1 = l1.clamp_min(1e-30)
+        offset = torch.cat([x - mean, x.unsqueeze(0)], dim=0)  # from the weighted / the patch's centroid
+        radius = torch.cat([total[:s].sqrt(), torch.ones_like(total[s:])], dim=0)
+        height = (offset * normal).sum(-1).abs() / radius.clamp_min(1e-12)
+        shape = torch.stack([l3 / total, (l1 - l2) / l1, (l2 - l3) / l1, height], dim=-1)  # [S+1, B, G, K, 4]
+        local = shape[:s]
+        density = mass[:s] / mass[:s].mean(dim=3, keepdim=True)
+        bend = 1.0 - (normal[:s] * normal[s:]).sum(-1, keepdim=True).abs()
+        per_width = torch.cat([local, density, local - local.mean(dim=3, keepdim=True), bend], dim=-1)
+        per_width = per_width.permute(1, 2, 3, 0, 4).reshape(b, g, k_all, 10 * s)  # [B, G, K, 10 S]
+        return torch.cat([per_width, shape[s, ..., 3:4], shape[s, ..., 0:1]], dim=-1)
+
+
+def point_geometry_width(widths: tuple[float, ...]) -> int:
+    return 10 * len(widths) + 2 if widths else 0
+
+
 class GFCM(nn.Module):
     """Geometric feature creation: patch xyz [B,G,K,3] -> learned descriptor [B,G,out_dim].
 
-    Input view: absolute xyz (``frame="world"``, the spec) or ``local_frame`` (``frame="local"``).
-    Conv2d(3,c0)-BN-ReLU, Conv2d(c0,c1)-BN-ReLU, Conv2d(c1,c2)-BN-ReLU (1x1), max over K, then
+    Input view: absolute xyz (``frame="world"``, the spec) or ``local_frame`` (``frame="local"``),
+    with ``point_geometry`` features appended per point when ``cfg.point_geometry`` names scales.
+    Conv2d(3 [+ F],c0)-BN-ReLU, Conv2d(c0,c1)-BN-ReLU, Conv2d(c1,c2)-BN-ReLU (1x1), max over K, then
     (``context_k > 0``) [h, h - mean of h over the context_k nearest patches], then
     Linear(.,hidden)-ReLU-Linear(hidden,out_dim) (out_dim = 33, the FPFH width it learns to mimic).
     """
@@ -67,8 +146,9 @@ class GFCM(nn.Module):
         super().__init__()
         c0, c1, c2 = cfg.conv_dims
         self.frame, self.local_scale, self.context_k = cfg.frame, cfg.local_scale, cfg.context_k
+        self.geometry = tuple(cfg.point_geometry)
         layers: list[nn.Module] = []
-        for c_in, c_out in ((3, c0), (c0, c1), (c1, c2)):
+        for c_in, c_out in ((3 + point_geometry_width(self.geometry), c0), (c0, c1), (c1, c2)):
             layers += [nn.Conv2d(c_in, c_out, 1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
         self.convs = nn.Sequential(*layers)
         self.head = _mlp(2 * c2 if cfg.context_k else c2, cfg.hidden, cfg.out_dim)
@@ -80,9 +160,10 @@ class GFCM(nn.Module):
         """-> (descriptor [B, G, out_dim], per-point conv features [B, c2, G, K], the pooled patch
         feature the head reads [B, G, c2] or [B, G, 2 c2] with context)."""
         # patch_xyz [B, G, K, 3] absolute coordinates; center [B, G, 3] (needed when context_k > 0)
-        if self.frame == "local":
-            patch_xyz = local_frame(patch_xyz, self.local_scale)
-        per_point = self.convs(patch_xyz.permute(0, 3, 1, 2))  # [B, c2, G, K]
+        view = local_frame(patch_xyz, self.local_scale) if self.frame == "local" else patch_xyz
+        if self.geometry:
+            view = torch.cat([view, point_geometry(patch_xyz, self.geometry)], dim=-1)  # [B, G, K, 3 + F]
+        per_point = self.convs(view.permute(0, 3, 1, 2))  # [B, c2, G, K]
         x = per_point.max(dim=3).values.transpose(1, 2)  # [B, G, c2]
         if self.context_k:
             if center is None:

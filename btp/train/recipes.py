@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from btp.config import BTPConfig, btp_mini_config, btp_point_config, tiny_config
+from btp.config import BTPConfig, btp_geo_config, btp_mini_config, btp_point_config, tiny_config
 from btp.train.loop import BTPOptions
 from btp.train.pretrain import PretrainOptions
 
@@ -63,6 +63,9 @@ RECIPES: dict[str, Recipe] = {
     # patch scored from its own GFCM conv feature, chosen on a validation split inside the corpus's
     # training families (card: "Per-point scores").
     "btp-corpus-point": replace(_BTP_MINI, name="btp-corpus-point", per_shape=12, config=btp_point_config),
+    # btp-corpus-point with multi-scale in-patch covariance features as GFCM input
+    # (gfcm.point_geometry = (8, 16)): the learned baseline's features inside the BTP model
+    "btp-corpus-geo": replace(_BTP_MINI, name="btp-corpus-geo", per_shape=12, config=btp_geo_config),
     # the same per-point model on btp-mini's data (shared shapes only): corpus or head?
     "btp-mini-point": replace(_BTP_MINI, name="btp-mini-point", config=btp_point_config),
     # seconds: for tests and smoke runs
