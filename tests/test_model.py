@@ -558,6 +558,9 @@ def test_point_geometry_reads_local_shape_is_invariant_and_exports(tiny_batch):
         assert got[12, col] > 2 * got[others, col].max()
     assert got[12, 20] > 2 * got[others, 20].max()  # and over the patch plane
     assert got[others, 0].max() > 1e-3  # its neighbours' neighbourhoods are no longer flat
+    for degenerate in (torch.zeros(1, 1, 16, 3), grid[..., :1, :].expand(-1, -1, 16, -1).clone(),
+                       grid * torch.tensor([1.0, 0.0, 0.0])):  # all at one point, duplicates, a line
+        assert torch.isfinite(point_geometry(degenerate, (0.5, 1.0))).all()
     wide = point_geometry(bumped, (1e3,))[0, 0]  # one neighbourhood: the whole patch
     np.testing.assert_allclose(wide[:, 0].numpy(), wide[:, 11].numpy(), rtol=1e-3, atol=1e-6)
     xyz = (tiny_batch["neighborhood"][..., :3] + tiny_batch["center"].unsqueeze(2))[:1]  # [1, G, K, 3]

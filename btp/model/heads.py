@@ -66,7 +66,7 @@ def _sym3_eigh(c: torch.Tensor):
     q = (c00 + c11 + c22) / 3.0
     a00, a11, a22 = c00 - q, c11 - q, c22 - q
     p = torch.sqrt((a00 * a00 + a11 * a11 + a22 * a22 + 2.0 * (c01 * c01 + c02 * c02 + c12 * c12)) / 6.0)
-    p = p.clamp_min(1e-30)
+    p = p.clamp_min(1e-10)  # an isotropic or empty covariance: p**3 stays a normal float32
     det = a00 * (a11 * a22 - c12 * c12) - c01 * (c01 * a22 - c12 * c02) + c02 * (c01 * c12 - a11 * c02)
     phi = torch.acos((det / (2.0 * p * p * p)).clamp(-1.0, 1.0)) / 3.0
     largest = q + 2.0 * p * torch.cos(phi)
