@@ -216,6 +216,25 @@ def test_resume_continues_from_the_saved_step(tiny_arrays, tmp_path, monkeypatch
     np.testing.assert_allclose([v for _, v in resumed["losses"]], [v for _, v in full["losses"][3:]], rtol=1e-4)
 
 
+def test_a_non_finite_loss_stops_training_with_the_step_and_the_last_checkpoint(tiny_arrays, tmp_path, monkeypatch):
+    import btp.model
+    from btp.train.checkpointing import read_step
+    from btp.train.loop import TrainingDivergedError
+
+    real_loss, calls = btp.model.btp_loss, {"n": 0}
+
+    def diverging(*args, **kwargs):
+        calls["n"] += 1
+        loss, parts = real_loss(*args, **kwargs)
+        return (loss * float("nan"), parts) if calls["n"] == 5 else (loss, parts)
+
+    monkeypatch.setattr(btp.model, "btp_loss", diverging)
+    opts = BTPOptions(epochs=2, batch_size=2, ckpt_every=3, seed=1)
+    with pytest.raises(TrainingDivergedError, match=r"not finite at step 5 .*samples \[.*train_state\.safetensors"):
+        train_btp(tiny_config(), tiny_arrays, tmp_path / "nan", opts, progress=False, log=lambda *_: None)
+    assert read_step(tmp_path / "nan" / "train_state.safetensors") == 3  # the good checkpoint is kept
+
+
 def test_pretrain_writes_loadable_encoder_and_lowers_mpm(split, tmp_path):
     from btp.model.pointbert import PointBERT
     from btp.train.pretrain import PretrainOptions, load_encoder_weights, pretrain

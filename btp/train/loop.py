@@ -19,7 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from btp.config import BTPConfig
+from btp.errors import BTPError
 from btp.train.ddp import DistEnv, dist_env, init_distributed, mean_across, shutdown, unwrap, wrap_model
+
+
+class TrainingDivergedError(BTPError, FloatingPointError):
+    """The training loss became NaN or infinite; says at which step, on which samples, and where
+    the last good checkpoint is."""
 
 
 @dataclass
@@ -286,6 +292,12 @@ def train_btp(cfg: BTPConfig, arrays: dict[str, np.ndarray], out_dir, opts: BTPO
             loss, parts = btp_loss(outputs, batch, cfg.loss, gfcm=cfg.gfcm, object_alpha=cfg.scoring.object_alpha)
             if not opts.use_gfcm:
                 loss = loss - cfg.loss.geometric_weight * parts["geometric"]
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"btp: the loss is not finite at step {step + 1} ({', '.join(f'{k} {float(v):.4g}' for k, v in parts.items())}; "
+                    f"samples {batch_idx}); the weights were not updated from it. The last checkpoint is "
+                    f"{state_path if state_path.is_file() else 'none yet'}: fix the cause (inputs, learning rate), "
+                    f"then --resume")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.train.grad_clip)
