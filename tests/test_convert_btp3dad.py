@@ -143,7 +143,8 @@ def test_cli_convert_export_run(small, shapes_root, tmp_path):
     raw = scan(shapes_root)
     np.save(tmp_path / "part.npy", raw)
     out = tmp_path / "results"
-    res = runner.invoke(app, ["run", str(onnx_path), str(tmp_path / "part.npy"), "--out", str(out)])
+    res = runner.invoke(app, ["run", str(onnx_path), str(tmp_path / "part.npy"), "--out", str(out),
+                              "--downsample", "exact"])
     assert res.exit_code == 0, res.output
     scores = np.load(out / "part.npy")
     assert scores.shape == (len(raw),) and np.isfinite(scores).all()

@@ -230,7 +230,7 @@ def test_synth_metrics_baselines_and_baseline_eval_do_not_import_torch(datasets)
 
 
 def test_downsample_rule_reaches_both_scorers_and_the_rules_report(shapes_root, tiny_checkpoint, tmp_path):
-    """Scans above 16384 points: `--downsample` reaches the torch and the ONNX scorer alike (auto =
+    """Scans of more than N points: `--downsample` reaches the torch and the ONNX scorer alike (auto =
     the voxel rule with its gather, the same on both paths; exact = the reference rules), and
     `btp-bench rules` reports both rules' metrics and their difference."""
     pytest.importorskip("onnxruntime")

@@ -235,7 +235,7 @@ def test_per_point_scores_export_and_reach_the_raw_scan(tmp_path, shapes_root, g
     g, k = cfg.encoder.num_group, cfg.encoder.group_size
     assert meta.io["outputs"]["patch_point_probs"]["shape"] == ["B", g, k]
     scan = real_scan(shapes_root, REAL_SHAPES[1], 3000)
-    got = Pipeline(tmp_path / "p.onnx", threads=1)(scan)
+    got = Pipeline(tmp_path / "p.onnx", threads=1, downsample="exact")(scan)
     ref = score_cloud_torch(model, scan, method="exact")
     np.testing.assert_allclose(got.point_scores, ref.point_scores, atol=1e-4)
     patch_only = scores_to_raw(got.patch_probs, prepare(scan, cfg, "exact"), cfg, exact=True)[1]

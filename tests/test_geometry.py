@@ -170,8 +170,9 @@ def test_downsample_methods(bunny_20k):
         assert first.dtype == np.int64 and first.shape == (256,)
         assert len(np.unique(first)) == 256 and 0 <= first.min() and first.max() < len(bunny_20k)
         assert _coverage(bunny_20k, first) < 1.5 * reference_cover, method
-    # auto: exact up to 16384 points, voxel above
-    np.testing.assert_array_equal(downsample(bunny_20k[:5000], 128, 3), fps(bunny_20k[:5000], 128, 3))
+    # auto: the voxel rule at every size
+    np.testing.assert_array_equal(downsample(bunny_20k[:5000], 128, 3),
+                                  downsample(bunny_20k[:5000], 128, 3, method="voxel"))
     np.testing.assert_array_equal(downsample(bunny_20k, 256, 11),
                                   downsample(bunny_20k, 256, 11, method="voxel"))
     with pytest.raises(GeometryError, match="choose one of"):
@@ -267,7 +268,7 @@ def test_prepare_keeps_a_voxel_map_only_for_the_voxel_rule(bunny_20k):
     assert prepare(bunny_20k, cfg, "exact", group=False).voxel_map is None
     assert prepare(bunny_20k, cfg, "bucket", group=False).voxel_map is None
     assert prepare(bunny_20k[:2000], cfg, "voxel", group=False).voxel_map is None  # M <= N: all points
-    assert prepare(bunny_20k[:10000], cfg, group=False).voxel_map is None  # auto: exact up to 16384
+    assert prepare(bunny_20k[:3000], cfg, group=False).voxel_map is not None  # auto: voxel for any M > N
     assert prepare(bunny_20k, cfg, group=False).voxel_map is not None
 
 

@@ -45,8 +45,8 @@ PARITY_TOLERANCE = 0.02
 
 
 def _inputs(meshes, per_mesh: int, cfg, seed: int) -> list[dict[str, np.ndarray]]:
-    """Batch-1 engine feeds of ``per_mesh`` scans of 4N points of each mesh (the runtime's chain;
-    4N <= 16384 points, so the exact rule)."""
+    """Batch-1 engine feeds of ``per_mesh`` scans of 4N points of each mesh (the runtime's chain,
+    its default rule)."""
     from btp.benchmarks.data import sample_cloud
     from btp.export.samples import engine_inputs
 

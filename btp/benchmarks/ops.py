@@ -14,8 +14,8 @@ output against the truth:
   = mean fraction of each row's index set found; ``same_order`` = identical positions;
   ``quality`` = max abs error of the sorted squared distances.
 - Raw-scan downsampling (op ``downsample``, a scan of M = N points reduced to the model's 2048;
-  the G column is 2048): ``btp.geometry`` is the product's default rule (``auto``: exact up to
-  16384 points, the voxel rule above), against our exact and voxel rules and the libraries. Truth:
+  the G column is 2048): ``btp.geometry`` is the product's default rule (``auto``: the voxel
+  rule), against our exact and voxel rules and the libraries. Truth:
   the exact rule; ``quality`` = covering radius relative to it.
 
 Times include what a caller pays per scan: building the tree, converting to the library's
@@ -162,10 +162,9 @@ PRODUCT_RUNS = {
 def product_runs(op: str, n_points: int) -> str:
     if op != "downsample":
         return PRODUCT_RUNS[op]
-    from btp.geometry.sampling import AUTO_EXACT_MAX_POINTS, VOXEL_REPS_PER_SAMPLE
+    from btp.geometry.sampling import VOXEL_REPS_PER_SAMPLE
 
-    return ("auto = the exact rule (fpsample vanilla)" if n_points <= AUTO_EXACT_MAX_POINTS else
-            f"auto = the voxel rule (one grid pass, fpsample bucket over ~{VOXEL_REPS_PER_SAMPLE}N representatives)")
+    return f"auto = the voxel rule (one grid pass, fpsample bucket over <= ~{VOXEL_REPS_PER_SAMPLE}N representatives)"
 
 
 FPS_IMPLS: dict[str, Callable] = {

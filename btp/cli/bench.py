@@ -300,7 +300,7 @@ def rules(
                              "(the exact rule from another start point: the comparison's noise floor)"),
     out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
 ) -> None:
-    """What the default raw-scan rule (auto: voxel + gather above 16384 points) changes in held-out
+    """What the default raw-scan rule (auto: voxel + gather) changes in held-out
     O-/P-AUROC against the exact rule, per data set (goal: <= 0.5 point)."""
     from btp.benchmarks.rules import rules_markdown, run_rules
 

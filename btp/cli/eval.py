@@ -22,8 +22,9 @@ def evaluate(
                                       help="Fit the learned baseline on this labelled data set's test split "
                                            "(e.g. synthetic training classes) and save it to --baseline-model."),
     backend: str = typer.Option("ort-cpu", "--backend", help="Runtime backend for a .onnx model."),
-    downsample: str = typer.Option("auto", "--downsample", help="auto | exact | bucket | voxel: the model's rule "
-                                   "for scans of more than N points (as btp-run's; the baselines keep auto)."),
+    downsample: str = typer.Option("exact", "--downsample", help="exact | auto | bucket | voxel: how scans of more "
+                                   "than N points are reduced to N, for the model and the baselines (exact: the "
+                                   "reference rule every committed table uses; auto: btp-run's default)."),
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also score the surface-variation "
                                    "and learned baselines (off: the model only, e.g. a second model on the same set)."),
 ) -> None:
@@ -68,7 +69,7 @@ def evaluate(
                       console=console) as bar:
             task = bar.add_task("eval", total=None)
             report = run_eval(data, layout=layout or None, classes=chosen, scorer=scorer, learned=learned,
-                              baselines=baselines, progress=lambda done, total: bar.update(task, completed=done, total=total))
+                              baselines=baselines, downsample=downsample, progress=lambda done, total: bar.update(task, completed=done, total=total))
     except (BTPError, FileNotFoundError) as err:
         typer.echo(f"btp eval: {err}", err=True)
         raise typer.Exit(code=2) from None

@@ -61,8 +61,8 @@ def run(
                                    "kernels' source emulated on the CPU, slow, for checks)."),
     downsample: str = typer.Option("auto", "--downsample", help="auto | exact | bucket | voxel: how a scan of more "
                                    "than N points is reduced to N on the CPU (exact: the reference FPS and tie "
-                                   "rules, as the CUDA kernels run them; auto: exact up to 16384 points, voxel "
-                                   "above: one pass, and scores go back to the raw points by a gather)."),
+                                   "rules, as the CUDA kernels run them; auto: the voxel rule, one pass, and scores "
+                                   "go back to the raw points by a gather)."),
     force_threads: bool = typer.Option(False, "--force-threads", help="Allow --threads above this machine's cores."),
     prefetch: int = typer.Option(2, "--prefetch", min=0, max=64, help="Files read and preprocessed ahead on a "
                                  "reader thread while the engine runs, outputs written on a writer thread (0: all "

@@ -195,7 +195,7 @@ def fit_learned_baseline(samples: Iterable, *, num_points: int | None = None, se
     for sample in samples:
         points, labels = (sample.points, sample.labels) if hasattr(sample, "points") else sample
         labels = np.asarray(labels).reshape(-1)
-        prepared = prepare(points, cfg, group=False)
+        prepared = prepare(points, cfg, "exact", group=False)
         feats = local_features(prepared.points)
         y = labels[prepared.sample_idx]
         if max_negatives_per_sample is not None:

@@ -66,9 +66,10 @@ class _Collected:
         self.sampled_scores.append(scores.sampled_scores)
 
 
-def load_scorer(model: str | Path | None, backend: str = "ort-cpu", downsample: str = "auto") -> CloudScorer:
+def load_scorer(model: str | Path | None, backend: str = "ort-cpu", downsample: str = "exact") -> CloudScorer:
     """A checkpoint (.safetensors, torch) or an exported model (.onnx, btp.runtime); None = default model.
-    ``downsample``: the model's raw-scan rule (btp.geometry.prepare; the baselines keep "auto")."""
+    ``downsample``: the model's raw-scan rule (btp.geometry.prepare): by default the reference rule,
+    as evaluation reports use it (``btp-bench rules`` measures what the runtime's auto changes)."""
     from btp.eval.scoring import OnnxScorer, TorchScorer
 
     path = Path(model) if model is not None else DEFAULT_MODEL
@@ -85,12 +86,13 @@ def load_scorer(model: str | Path | None, backend: str = "ort-cpu", downsample: 
 
 def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] | None = None,
              scorer: CloudScorer | None = None, learned: LearnedBaseline | None = None,
-             preprocess: PreprocessConfig | None = None, baselines: bool = True,
+             preprocess: PreprocessConfig | None = None, baselines: bool = True, downsample: str = "exact",
              progress: Callable[[int, int], None] | None = None) -> dict:
     """Score every test sample of `root` and compute the metrics (see the module docstring).
 
     `preprocess` (N, FPS start) for the baselines: the model's when a scorer with a config is
-    given, else btp-mini's; ``baselines=False`` scores the model only. `progress(done, total)` is
+    given, else btp-mini's; ``downsample``: their raw-scan rule (the model's is its scorer's);
+    ``baselines=False`` scores the model only. `progress(done, total)` is
     called after every sample.
     """
     root = Path(root)
@@ -105,9 +107,9 @@ def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] 
     if scorer is not None:
         methods["model"] = scorer
     if baselines:
-        methods["baseline"] = lambda raw: score_with(surface_variation_scorer, raw, base_cfg)
+        methods["baseline"] = lambda raw: score_with(surface_variation_scorer, raw, base_cfg, downsample)
     if learned is not None and baselines:
-        methods["learned_baseline"] = lambda raw: score_with(learned, raw, base_cfg)
+        methods["learned_baseline"] = lambda raw: score_with(learned, raw, base_cfg, downsample)
     collected: dict[str, dict[str, _Collected]] = {m: {} for m in methods}
     counts: dict[str, dict[str, int]] = {}
     seconds: dict[str, float] = {}

@@ -31,9 +31,10 @@ class CloudScores:
 
 
 def score_with(scorer: Callable[[np.ndarray], tuple[float, np.ndarray]], raw_points: np.ndarray,
-               cfg: BTPConfig) -> CloudScores:
-    """Generic path: `scorer(normed [N,3]) -> (object_score, point_scores [N])` (the baselines)."""
-    prepared = prepare(raw_points, cfg, group=False)
+               cfg: BTPConfig, method: str = "exact") -> CloudScores:
+    """Generic path: `scorer(normed [N,3]) -> (object_score, point_scores [N])` (the baselines);
+    ``method``: the downsampling rule (the interpolation back is the exact rule)."""
+    prepared = prepare(raw_points, cfg, method, group=False)
     object_score, sampled_scores = scorer(prepared.points)
     sampled_scores = np.asarray(sampled_scores, dtype=np.float32)
     return CloudScores(float(object_score), interpolate(sampled_scores, prepared, cfg, exact=True),

@@ -37,10 +37,11 @@ def sample_scans(n_scans: int, n_points: int, seed: int = 0, meshes: list[Path] 
 
 
 def engine_inputs(scans: list[np.ndarray], cfg: BTPConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Raw scans -> (neighborhood float32 [B,G,K,C], center float32 [B,G,3]) by the runtime's chain."""
+    """Raw scans -> (neighborhood float32 [B,G,K,C], center float32 [B,G,3]) by the runtime's chain
+    with the reference (exact) rule."""
     from btp.geometry.prepare import engine_batch, prepare
 
-    return engine_batch([prepare(scan, cfg) for scan in scans])
+    return engine_batch([prepare(scan, cfg, "exact") for scan in scans])
 
 
 def parity_inputs(cfg: BTPConfig, n_scans: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

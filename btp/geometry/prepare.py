@@ -19,7 +19,7 @@ export's parity samples, the Triton pre/post steps, and as the reference of the 
   ``"seeded-random"``: at ``seeded_start(M, downsample_seed)``, the index the official code's
   ``torch.manual_seed(seed); torch.randint(0, M, (1,))`` draws on the CPU.
 - **Scan size**, the one rule: M > N: FPS to N points (``method``: exact | bucket | voxel |
-  auto, ``btp.geometry.sampling.downsample``; "voxel", auto's rule above 16384 points, also
+  auto, ``btp.geometry.sampling.downsample``; "voxel", auto's rule, also
   keeps each raw point's cell, so the way back is a gather); M <= N: all M points in their own order
   (``arange(M)``; FPS of all of them would only permute them) and the interpolation back to the
   raw scan is the identity. M < max(G, K) is refused (``TooFewPointsError``).

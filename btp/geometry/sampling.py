@@ -97,8 +97,6 @@ def fps(points, n_samples: int, start_idx: int = 0) -> np.ndarray:
 
 
 DOWNSAMPLE_METHODS = ("auto", "exact", "bucket", "voxel")
-# "auto" runs the exact rule up to this many raw points (<= ~70 ms for n = 2048 here), voxel above
-AUTO_EXACT_MAX_POINTS = 16384
 # fpsample bucket_fps_kdline_sampling tree height (bucket size 2**h): fastest measured at 400k
 BUCKET_HEIGHT = 7
 # "voxel" keeps about this many occupied cells per requested sample; FPS then picks among them
@@ -129,8 +127,8 @@ def resolve_method(n_points: int, method: str) -> str:
     fpsample >= 1.0 is missing)."""
     if method not in DOWNSAMPLE_METHODS:
         raise GeometryError(f"downsample method={method!r}: choose one of {DOWNSAMPLE_METHODS}")
-    if method == "auto":
-        method = "exact" if n_points <= AUTO_EXACT_MAX_POINTS else "voxel"
+    if method == "auto":  # every size: exact FPS of 8192 -> 2048 points alone costs more than the engine
+        method = "voxel"
     if method == "bucket" and _fpsample() is None:
         method = "voxel"  # the other approximate rule (no fpsample on this machine)
     return method
@@ -153,7 +151,7 @@ def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto")
       that about 6 * n_samples cells are occupied, then FPS over the representatives. It costs
       one pass over the scan, and it keeps the raw-point -> cell map (``VoxelMap``) that makes
       the interpolation back to the raw scan a gather (``btp.geometry.prepare.interpolate``).
-    - ``"auto"`` (default): ``"exact"`` for M <= 16384, ``"voxel"`` above. Without fpsample
+    - ``"auto"`` (default): ``"voxel"`` (a scan of M <= n points keeps all of them). Without fpsample
       (``_fpsample``) ``"bucket"`` runs as ``"voxel"``, and ``fps`` as ``fps_reference``.
 
     Measured on this 2-core box (benchmarks/results/latency-*.md has the whole scan's cost), M =

@@ -104,8 +104,8 @@ class Pipeline:
         center) -> outputs``, e.g. the benchmarks' PyTorch row); ``threads``: intra-op threads (None = ORT's
         default); ``preprocess``: auto | cpu | cuda | cuda-emu (btp.runtime.device); ``downsample``:
         auto | exact | bucket | voxel for scans of more than N points (exact: the reference rules,
-        also for the interpolation's ties; auto: exact up to 16384 points, voxel above, whose way
-        back to the raw scan is a gather); ``backend_options`` go to the backend (e.g.
+        also for the interpolation's ties; auto: the voxel rule, whose way back to the raw scan is
+        a gather); ``backend_options`` go to the backend (e.g.
         ``precision="fp16"`` for trt)."""
         if downsample not in DOWNSAMPLE_METHODS:
             raise PreprocessError(f"downsample={downsample!r}; choose one of {', '.join(DOWNSAMPLE_METHODS)}")

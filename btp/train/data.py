@@ -94,7 +94,7 @@ def training_sample(points: np.ndarray, labels: np.ndarray, cfg: BTPConfig) -> T
     if len(points) < n:
         raise ValueError(f"training cloud has {len(points)} points < preprocess.num_points={n} (samples are "
                          "stacked at N points each)")
-    prep = prepare(points, cfg)
+    prep = prepare(points, cfg, "exact")  # the reference rule: training data must not move with runtime speed-ups
     return TrainingSample(points=prep.points, labels=np.asarray(labels, np.int64)[prep.sample_idx],
                           patch_idx=prep.patch_idx, center=prep.center,
                           fpfh=fpfh_patches(prep.points, prep.patch_idx, cfg.gfcm))
