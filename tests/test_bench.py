@@ -290,7 +290,8 @@ def test_unavailable_backends_have_reasons():
     from btp.benchmarks.latency import unavailable_reason
 
     assert "unknown backend" in unavailable_reason("tensorflow")
-    assert unavailable_reason("ort-cpu") is None
+    assert unavailable_reason("ort-cpu") is None and unavailable_reason("ort-cpu@exact") is None
+    assert "unknown raw-scan rule 'fast'" in unavailable_reason("ort-cpu@fast")
     from btp.benchmarks.machine import gpus
 
     if not gpus():
@@ -336,13 +337,13 @@ def test_latency_command_end_to_end(tiny_onnx, tmp_path):
     from btp.cli.bench import app
 
     out = tmp_path / "res"
-    res = CliRunner().invoke(app, ["latency", str(tiny_onnx), "--backends", "torch,ort-cpu,trt-fp16",
+    res = CliRunner().invoke(app, ["latency", str(tiny_onnx), "--backends", "torch,ort-cpu,ort-cpu@exact,trt-fp16",
                                    "--points", "600", "--batch", "1,2", "--warmup", "0", "--duration", "0",
                                    "--min-iters", "3", "--out", str(out), "--json", str(tmp_path / "lat.json")])
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "lat.json").read_text())
     assert {(r["backend"], r["points"], r["batch"]) for r in data["results"]} == {
-        (b, n, k) for b in ("torch", "ort-cpu") for n in (600,) for k in (1, 2)}
+        (b, n, k) for b in ("torch", "ort-cpu", "ort-cpu@exact") for n in (600,) for k in (1, 2)}
     for r in data["results"]:
         assert r["throughput"] > 0 and r["peak_rss_mb"] > 0 and r["iterations"] == 3
         for stage in ("end_to_end", "engine", "fps", "group", "downsample", "propagate", "interpolate"):

@@ -79,8 +79,20 @@ class LatencyReport:
 
 # ---- availability ----------------------------------------------------------------------------
 
+def split_rule(backend: str) -> tuple[str, str]:
+    """"ort-cpu@exact" -> ("ort-cpu", "exact"): a backend with its raw-scan downsampling rule
+    (``btp.runtime.Pipeline(downsample=)``), so several rules are timed as rows of one run."""
+    name, _, rule = backend.partition("@")
+    return name, rule or "auto"
+
+
 def unavailable_reason(backend: str) -> str | None:
     """Why ``backend`` cannot run on this machine (None = try it)."""
+    from btp.geometry.sampling import DOWNSAMPLE_METHODS
+
+    backend, rule = split_rule(backend)
+    if rule not in DOWNSAMPLE_METHODS:
+        return f"unknown raw-scan rule {rule!r} after '@'; choose from {', '.join(DOWNSAMPLE_METHODS)}"
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}"
     if backend in TORCH_BACKENDS:
@@ -119,22 +131,25 @@ def precision_of(backend: str) -> str:
 # ---- pipeline construction ---------------------------------------------------------------------
 
 def make_pipeline(backend: str, model_path, *, threads: int | None = None, checkpoint=None):
-    """A ``btp.runtime.Pipeline`` for ``backend``; the torch row gets a TorchBackend in it.
+    """A ``btp.runtime.Pipeline`` for ``backend`` (``split_rule``: an "@rule" suffix sets its
+    downsampling rule); the torch row gets a TorchBackend in it.
 
     Returns (pipeline, weights label).
     """
     from btp.runtime import Pipeline
+
+    backend, rule = split_rule(backend)
 
     if backend in TORCH_BACKENDS:
         from btp.benchmarks.torch_backend import TorchBackend
 
         torch_backend = TorchBackend.for_onnx(model_path, checkpoint=checkpoint, threads=threads,
                                               half=backend != "torch", mixed=backend == "torch-fp16-mixed")
-        return Pipeline(model_path, backend=torch_backend, preprocess="cpu"), torch_backend.weights
+        return Pipeline(model_path, backend=torch_backend, preprocess="cpu", downsample=rule), torch_backend.weights
     if backend.startswith("trt-"):
-        pipe = Pipeline(model_path, backend="trt", threads=threads, precision=precision_of(backend))
+        pipe = Pipeline(model_path, backend="trt", threads=threads, precision=precision_of(backend), downsample=rule)
     else:
-        pipe = Pipeline(model_path, backend=backend, threads=threads, preprocess="cpu")
+        pipe = Pipeline(model_path, backend=backend, threads=threads, preprocess="cpu", downsample=rule)
     info = getattr(getattr(pipe, "meta", None), "model", {}) or {}
     label = "model.onnx" + (f" ({info.get('source')})" if info.get("source") else "")
     return pipe, label
@@ -275,7 +290,7 @@ def run_latency(model_path, *, backends: Sequence[str] = ("torch", "ort-cpu") + 
                     stages={k: v.to_dict() for k, v in stats.items()},
                     throughput=b * 1e3 / e2e.mean,
                     peak_rss_mb=round(rss.peak_mb, 1), rss_before_mb=round(rss.before_mb, 1),
-                    device_memory_mb=device_memory_mb() if backend in GPU_BACKENDS else None,
+                    device_memory_mb=device_memory_mb() if split_rule(backend)[0] in GPU_BACKENDS else None,
                     iterations=iters,
                     timer=str(getattr(getattr(pipe, "engine", None), "timer", "perf_counter")),
                     precision=precision_of(backend), weights=weights,
