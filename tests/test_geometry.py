@@ -229,6 +229,14 @@ def test_voxel_downsampling_is_deterministic_and_spread(scans_100k):
         assert np.isin(idx, vmap.cell_rep).all()  # samples are representatives
         exact_cover = _coverage(scan, fps(scan, 2048, 5))
         assert _coverage(scan, idx) < 1.5 * exact_cover, name
+        # with the scan checks' bounds the points are taken as checked: the same samples
+        from btp.geometry.sampling import column_bounds
+
+        np.testing.assert_array_equal(voxel_downsample(scan, 2048, 5, column_bounds(scan))[0], idx)
+    bad = next(iter(scans_100k.values())).copy()
+    bad[7] = np.nan
+    with pytest.raises(GeometryError, match="NaN"):  # without them, they are checked
+        voxel_downsample(bad, 2048, 5)
 
 
 def test_voxel_gather_interpolation_within_its_bound_of_the_exact_rule(scans_100k):
