@@ -429,3 +429,20 @@ def test_fp16_mixed_emulation_keeps_the_keep_list_in_fp32(tiny_onnx, shapes_root
     got = mixed.run(nb, ct)["patch_logits"]
     err_mixed = np.abs(got - ref).mean()
     assert 0 < err_mixed <= 1.05 * err_half and np.abs(got - ref).max() < 1e-2
+
+
+def test_a_second_report_of_the_day_gets_its_own_name_and_is_the_newest(tmp_path):
+    from btp.benchmarks import report as rep
+
+    machine = {"cpu_model": "AMD EPYC", "cores": 2, "gpus": [], "date_utc": "2026-12-01T10:00:00Z"}
+    first = rep.report_base(tmp_path, "latency", machine)
+    rep.write_json(first.with_suffix(".json"), {"run": 1})
+    second = rep.report_base(tmp_path, "latency", machine)
+    assert second.name == first.name + "-2"
+    rep.write_json(second.with_suffix(".json"), {"run": 2})
+    assert rep.report_base(tmp_path, "latency", machine).name == first.name + "-3"
+    assert rep.latest("latency", tmp_path) == second.with_suffix(".json")
+    import os
+
+    os.utime(first.with_suffix(".json"))  # a newer mtime does not outrank a later run of the day
+    assert rep.latest("latency", tmp_path) == second.with_suffix(".json")

@@ -25,6 +25,16 @@ def stem(kind: str, machine: dict) -> str:
     return f"{kind}-{machine_slug(machine)}-{date_tag(machine)}"
 
 
+def report_base(out_dir: Path, kind: str, machine: dict) -> Path:
+    """``out_dir / stem``, or ``stem-2``, ``stem-3``... when a report of that name is already
+    there: a second run on the same machine and day never overwrites the first."""
+    name = stem(kind, machine)
+    base, n = Path(out_dir) / name, 2
+    while any(base.with_suffix(ext).exists() for ext in (".json", ".md", ".png")):
+        base, n = Path(out_dir) / f"{name}-{n}", n + 1
+    return base
+
+
 def write_json(path: Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -216,7 +226,7 @@ def latency_plot(data: dict, path: Path) -> Path | None:
 
 def write_latency(data: dict, out_dir: Path | None = None, json_path: Path | None = None) -> list[Path]:
     out_dir = Path(out_dir or RESULTS_DIR)
-    base = out_dir / stem("latency", data["machine"])
+    base = report_base(out_dir, "latency", data["machine"])
     paths = [write_json(Path(json_path) if json_path else base.with_suffix(".json"), data),
              write_text(base.with_suffix(".md"), latency_markdown(data))]
     png = latency_plot(data, base.with_suffix(".png"))
@@ -290,7 +300,7 @@ def ops_plot(data: dict, path: Path) -> Path | None:
 
 def write_ops(data: dict, out_dir: Path | None = None, json_path: Path | None = None) -> list[Path]:
     out_dir = Path(out_dir or RESULTS_DIR)
-    base = out_dir / stem("ops", data["machine"])
+    base = report_base(out_dir, "ops", data["machine"])
     return [write_json(Path(json_path) if json_path else base.with_suffix(".json"), data),
             write_text(base.with_suffix(".md"), ops_markdown(data)), ops_plot(data, base.with_suffix(".png"))]
 
@@ -337,7 +347,7 @@ def _cell(text: str) -> str:
 
 def write_parity(data: dict, out_dir: Path | None = None, json_path: Path | None = None) -> list[Path]:
     out_dir = Path(out_dir or RESULTS_DIR)
-    base = out_dir / stem("parity", data["machine"])
+    base = report_base(out_dir, "parity", data["machine"])
     return [write_json(Path(json_path) if json_path else base.with_suffix(".json"), data),
             write_text(base.with_suffix(".md"), parity_markdown(data))]
 
@@ -345,12 +355,20 @@ def write_parity(data: dict, out_dir: Path | None = None, json_path: Path | None
 # ---- README table ------------------------------------------------------------------------------------
 
 def latest(kind: str, results_dir: Path | None = None, cpu_only: bool = True) -> Path | None:
-    """The newest ``<kind>-*.json`` (by the date in its name, then mtime) in results_dir."""
+    """The newest ``<kind>-*.json`` (by the date in its name and ``report_base``'s run number,
+    then mtime) in results_dir."""
+    import re
+
     results_dir = Path(results_dir or RESULTS_DIR)
     files = [p for p in results_dir.glob(f"{kind}-*.json") if not cpu_only or "-cpu-" in p.name]
     if not files:
         return None
-    return max(files, key=lambda p: (p.stem[-10:], p.stat().st_mtime))
+
+    def order(path: Path):
+        m = re.search(r"(\d{4}-\d{2}-\d{2})(?:-(\d+))?$", path.stem)
+        return (m.group(1), int(m.group(2) or 1)) if m else ("", 0), path.stat().st_mtime
+
+    return max(files, key=order)
 
 
 def readme_table(results_dir: Path | None = None) -> str:

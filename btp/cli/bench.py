@@ -46,10 +46,10 @@ def _print_paths(paths) -> None:
 
 
 def _write_report(kind: str, data: dict, markdown: str, out: Path | None, machine: dict | None = None) -> None:
-    """``<out or benchmarks/results>/<kind>-<machine>-<date>.json|md``, and their paths printed."""
+    """``<out or benchmarks/results>/<kind>-<machine>-<date>[-2...].json|md``, and their paths printed."""
     from btp.benchmarks import report as rep
 
-    base = Path(out or rep.RESULTS_DIR) / rep.stem(kind, machine or data["machine"])
+    base = rep.report_base(Path(out or rep.RESULTS_DIR), kind, machine or data["machine"])
     _print_paths([rep.write_json(base.with_suffix(".json"), data), rep.write_text(base.with_suffix(".md"), markdown)])
 
 
