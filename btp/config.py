@@ -334,6 +334,7 @@ def btp_geo_config() -> BTPConfig:
     shape over Gaussian neighbourhoods of 0.5 and 1 patch radius inside its patch
     (``gfcm.point_geometry``), the kind of features the learned baseline reads (models/btp-mini.md)."""
     cfg = btp_point_config()
+    cfg.name = "btp-geo"
     cfg.gfcm.point_geometry = (0.5, 1.0)
     return cfg.validate()
 
@@ -354,7 +355,11 @@ def tiny_config() -> BTPConfig:
     ).validate()
 
 
-PRESETS = {"ulip2": ulip2_config, "btp-3dad": btp3dad_config, "btp-mini": btp_mini_config, "tiny": tiny_config}
+PRESETS = {"ulip2": ulip2_config, "btp-3dad": btp3dad_config, "btp-mini": btp_mini_config, "btp-geo": btp_geo_config,
+           "tiny": tiny_config}
+# the committed default model: models/<name>.safetensors, what btp-export, btp-run, btp eval and the
+# demo use without --model (models/btp-geo.md)
+DEFAULT_MODEL_NAME = "btp-geo"
 
 
 def preset(name: str) -> BTPConfig:

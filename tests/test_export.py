@@ -244,3 +244,19 @@ def test_per_point_scores_export_and_reach_the_raw_scan(tmp_path, shapes_root, g
 
     assert "patch_point_probs" in {t.output for t in tolerances("fp16", {"patch_point_probs": np.zeros(3)})}
     assert "patch_point_probs" not in {t.output for t in tolerances("fp32", {"patch_probs": np.zeros(3)})}
+
+
+def test_the_default_model_is_the_committed_one_of_its_card():
+    """Without --model every command gets models/<DEFAULT_MODEL_NAME>.safetensors, trained (not a
+    fresh init), with the config its card describes."""
+    from btp.config import DEFAULT_MODEL_NAME, preset
+    from btp.eval.evaluate import DEFAULT_MODEL
+
+    loaded = load_model()
+    assert loaded.info["source"] == f"{DEFAULT_MODEL_NAME}.safetensors" == DEFAULT_MODEL.name
+    assert not loaded.info["fresh_init"] and loaded.model.cfg.name == DEFAULT_MODEL_NAME
+    cfg = loaded.model.cfg
+    assert cfg.gfcm.point_geometry == preset(DEFAULT_MODEL_NAME).gfcm.point_geometry and cfg.gfcm.point_dim
+    assert 0.5 < cfg.scoring.point_threshold < 1  # calibrated on its training samples
+    card = (DEFAULT_MODEL.parent / f"{DEFAULT_MODEL_NAME}.md").read_text()
+    assert loaded.info["weights_sha256"] in card  # the card names the weights it describes

@@ -1,8 +1,8 @@
 """`btp demo`: the README's main job, offline, on samples the package makes itself.
 
-1. model.onnx: the committed default model (models/btp-mini.safetensors) exported once with
+1. model.onnx: the committed default model (models/btp-geo.safetensors) exported once with
    btp-export's code into a cache (``$BTP_CACHE`` or ./.btp-cache), keyed by the weights' sha256;
-   without committed weights a freshly initialised btp-mini is exported and labelled UNTRAINED.
+   without committed weights a freshly initialised model of its preset is exported and labelled UNTRAINED.
 2. sample scans: the MIT meshes shipped in btp/data, sampled area-weighted, one good scan and
    two with synthetic defects (btp.train.synth: bulge, dent, hole, crack, groove, broken) each,
    written as .pcd files like a scanner would.
@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from btp.errors import BTPError
+from btp.config import DEFAULT_MODEL_NAME
 
 
 class DemoError(BTPError, RuntimeError):
@@ -85,7 +86,7 @@ def make_samples(folder: Path, num_points: int = DEMO_POINTS) -> dict[Path, dict
     return samples
 
 
-def run_demo(out: Path, *, model: str = "btp-mini", backend: str = "ort-cpu", png: bool = True) -> int:
+def run_demo(out: Path, *, model: str = DEFAULT_MODEL_NAME, backend: str = "ort-cpu", png: bool = True) -> int:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import typer
 
+from btp.config import DEFAULT_MODEL_NAME
+
 
 def evaluate(
     data: Path = typer.Option(..., "--data", help="Data-set root (Anomaly-ShapeNet or Real3D-AD layout)."),
     layout: str = typer.Option("", "--layout", help="anomaly-shapenet | real3d (auto-detected when omitted)."),
     model: Path = typer.Option(None, "--model", help="Checkpoint (.safetensors) or exported MODEL.onnx; "
-                                                     "default: models/btp-mini.safetensors."),
+                                                     f"default: models/{DEFAULT_MODEL_NAME}.safetensors."),
     no_model: bool = typer.Option(False, "--no-model", help="Report the baselines only."),
     json_out: Path = typer.Option(None, "--json", help="Write the full report as JSON here."),
     classes: str = typer.Option("", "--classes", help="Comma-separated classes (default: all)."),
@@ -69,7 +71,8 @@ def evaluate(
                       console=console) as bar:
             task = bar.add_task("eval", total=None)
             report = run_eval(data, layout=layout or None, classes=chosen, scorer=scorer, learned=learned,
-                              baselines=baselines, downsample=downsample, progress=lambda done, total: bar.update(task, completed=done, total=total))
+                              baselines=baselines, downsample=downsample,
+                              progress=lambda done, total: bar.update(task, completed=done, total=total))
     except (BTPError, FileNotFoundError) as err:
         typer.echo(f"btp eval: {err}", err=True)
         raise typer.Exit(code=2) from None

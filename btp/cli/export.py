@@ -8,14 +8,15 @@ from pathlib import Path
 
 import typer
 
+from btp.config import DEFAULT_MODEL_NAME
 from btp.export.formats import FORMATS_HELP
 
 
 def export(
-    model: str = typer.Option("btp-mini", "--model", "-m",
-                              help="Checkpoint (.safetensors) or preset name: btp-mini (default: the committed "
-                                   "models/btp-mini.safetensors; a fresh, untrained init if it is absent), "
-                                   "tiny, ulip2."),
+    model: str = typer.Option(DEFAULT_MODEL_NAME, "--model", "-m",
+                              help=f"Checkpoint (.safetensors) or preset name: {DEFAULT_MODEL_NAME} (default: the "
+                                   f"committed models/{DEFAULT_MODEL_NAME}.safetensors; a fresh, untrained init if it "
+                                   "is absent), btp-mini, tiny, ulip2."),
     out: Path = typer.Option(..., "--out", "-o", help="Output model.onnx (--format triton: the repository folder)."),
     fmt: str = typer.Option("onnx", "--format", help="onnx | triton (a Triton model repository; --model may then "
                             "also be an exported model.onnx)."),

@@ -12,6 +12,8 @@ from typing import List, Optional
 
 import typer
 
+from btp.config import DEFAULT_MODEL_NAME
+
 
 def _split_heatmaps(values: list[str]) -> tuple[str, ...]:
     from btp.runtime.run import HEATMAP_CHOICES
@@ -217,8 +219,9 @@ def calibrate(
 
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Output folder for scans, scores and heat maps."),
-    model: str = typer.Option("btp-mini", "--model", "-m",
-                              help="Checkpoint, preset (default: the committed btp-mini) or an exported model.onnx."),
+    model: str = typer.Option(DEFAULT_MODEL_NAME, "--model", "-m",
+                              help=f"Checkpoint, preset (default: the committed {DEFAULT_MODEL_NAME}) or an exported "
+                                   "model.onnx."),
     backend: str = typer.Option("ort-cpu", "--backend", "-b",
                                 help="ort-cpu | ort-cuda | ort-trt | trt | openvino | openvino-bf16."),
     png: bool = typer.Option(True, "--png/--no-png", help="Also render <stem>.png heat maps."),

@@ -26,7 +26,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from btp.config import PreprocessConfig, btp_mini_config
+from btp.config import DEFAULT_MODEL_NAME, PreprocessConfig, btp_mini_config
 from btp.errors import BTPError
 from btp.eval.baselines import LearnedBaseline, surface_variation_scorer
 from btp.eval.metrics import EXTRA_KEYS, METRIC_KEYS, compute_metrics, mean_metrics
@@ -34,7 +34,7 @@ from btp.eval.scoring import CloudScores, score_with
 from btp.io import detect_layout, read_sample, sample_files
 from btp.io.errors import GroundTruthMismatchError
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "btp-mini.safetensors"
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / f"{DEFAULT_MODEL_NAME}.safetensors"
 DEFAULT_LEARNED_BASELINE = Path(__file__).resolve().parents[2] / "models" / "learned-baseline.txt"
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 import btp
-from btp.config import PRESETS, BTPConfig, preset
+from btp.config import DEFAULT_MODEL_NAME, PRESETS, BTPConfig, preset
 from btp.errors import BTPError
 from btp.export.formats import check_batch, check_opset
 from btp.geometry.prepare import pad_batch
@@ -44,7 +44,7 @@ from btp.io.files import atomic_write_bytes, file_sha256
 from btp.runtime.metadata import INPUT_NAMES, META_KEY, build_metadata, output_names
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = "btp-mini"
+DEFAULT_MODEL = DEFAULT_MODEL_NAME
 TRT_OPS_FILE = Path(__file__).with_name("trt_onnx_ops.txt")
 PARITY_ATOL = 1e-4  # issue 4: max abs diff of probabilities and object score in FP32
 FP16_MAX = 65504.0

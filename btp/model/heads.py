@@ -104,8 +104,7 @@ def point_geometry(patch_xyz: torch.Tensor, widths: tuple[float, ...]) -> torch.
         second = torch.stack([xx * xx, yy * yy, zz * zz, xx * yy, xx * zz, yy * zz], dim=-1)  # [B, G, K, 6]
         sq = second[..., :3].sum(-1)
         d2 = (sq.unsqueeze(3) + sq.unsqueeze(2) - 2.0 * (x @ x.transpose(2, 3))).clamp_min(0.0)  # [B, G, K, K]
-        inv = torch.tensor([-0.5 / (w * w) for w in widths], dtype=x.dtype, device=x.device)
-        weights = torch.exp(d2.unsqueeze(0) * inv.reshape(s, 1, 1, 1, 1))  # [S, B, G, K, K]
+        weights = torch.exp(torch.stack([d2 * (-0.5 / (w * w)) for w in widths]))  # [S, B, G, K, K]
         moments = weights @ torch.cat([torch.ones_like(sq).unsqueeze(-1), x, second], dim=-1)  # [S, B, G, K, 10]
         mass = moments[..., :1]
         mean = moments[..., 1:4] / mass

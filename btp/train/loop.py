@@ -293,9 +293,10 @@ def train_btp(cfg: BTPConfig, arrays: dict[str, np.ndarray], out_dir, opts: BTPO
             if not opts.use_gfcm:
                 loss = loss - cfg.loss.geometric_weight * parts["geometric"]
             if not torch.isfinite(loss):
+                terms = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
                 raise TrainingDivergedError(
-                    f"btp: the loss is not finite at step {step + 1} ({', '.join(f'{k} {float(v):.4g}' for k, v in parts.items())}; "
-                    f"samples {batch_idx}); the weights were not updated from it. The last checkpoint is "
+                    f"btp: the loss is not finite at step {step + 1} ({terms}; samples {batch_idx}); the "
+                    f"weights were not updated from it. The last checkpoint is "
                     f"{state_path if state_path.is_file() else 'none yet'}: fix the cause (inputs, learning rate), "
                     f"then --resume")
             optimizer.zero_grad(set_to_none=True)
