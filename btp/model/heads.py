@@ -135,7 +135,7 @@ class GFCM(nn.Module):
     """Geometric feature creation: patch xyz [B,G,K,3] -> learned descriptor [B,G,out_dim].
 
     Input view: absolute xyz (``frame="world"``, the spec) or ``local_frame`` (``frame="local"``),
-    with ``point_geometry`` features appended per point when ``cfg.point_geometry`` names scales.
+    with ``point_geometry`` features appended per point when ``cfg.point_geometry`` names widths.
     Conv2d(3 [+ F],c0)-BN-ReLU, Conv2d(c0,c1)-BN-ReLU, Conv2d(c1,c2)-BN-ReLU (1x1), max over K, then
     (``context_k > 0``) [h, h - mean of h over the context_k nearest patches], then
     Linear(.,hidden)-ReLU-Linear(hidden,out_dim) (out_dim = 33, the FPFH width it learns to mimic).
