@@ -81,6 +81,12 @@ def _sym3_eigh(c: torch.Tensor):
     return evals, v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
 
 
+def _outer6(v: torch.Tensor) -> torch.Tensor:
+    """v [..., 3] -> the entries (xx, yy, zz, xy, xz, yz) of v v^T [..., 6], as ``_sym3_eigh`` reads them."""
+    x, y, z = v.unbind(-1)
+    return torch.stack([x * x, y * y, z * z, x * y, x * z, y * z], dim=-1)
+
+
 def point_geometry(patch_xyz: torch.Tensor, widths: tuple[float, ...]) -> torch.Tensor:
     """Multi-scale local geometry of every point of every patch: patch xyz [B,G,K,3] -> [B,G,K,F],
     F = 10 per width + 2, all invariant to position, rotation and scale.
@@ -100,16 +106,14 @@ def point_geometry(patch_xyz: torch.Tensor, widths: tuple[float, ...]) -> torch.
         x = x / x.norm(dim=-1).mean(dim=2, keepdim=True).clamp_min(1e-12).unsqueeze(-1)  # mean radius 1
         b, g, k_all, _ = x.shape
         s = len(widths)
-        xx, yy, zz = x.unbind(-1)
-        second = torch.stack([xx * xx, yy * yy, zz * zz, xx * yy, xx * zz, yy * zz], dim=-1)  # [B, G, K, 6]
+        second = _outer6(x)  # [B, G, K, 6]
         sq = second[..., :3].sum(-1)
         d2 = (sq.unsqueeze(3) + sq.unsqueeze(2) - 2.0 * (x @ x.transpose(2, 3))).clamp_min(0.0)  # [B, G, K, K]
         weights = torch.exp(torch.stack([d2 * (-0.5 / (w * w)) for w in widths]))  # [S, B, G, K, K]
         moments = weights @ torch.cat([torch.ones_like(sq).unsqueeze(-1), x, second], dim=-1)  # [S, B, G, K, 10]
         mass = moments[..., :1]
         mean = moments[..., 1:4] / mass
-        mx, my, mz = mean.unbind(-1)
-        cov = moments[..., 4:] / mass - torch.stack([mx * mx, my * my, mz * mz, mx * my, mx * mz, my * mz], -1)
+        cov = moments[..., 4:] / mass - _outer6(mean)
         patch_cov = second.mean(dim=2, keepdim=True).expand(-1, -1, k_all, -1)  # the patch, seen whole
         evals, normal = _sym3_eigh(torch.cat([cov, patch_cov.unsqueeze(0)], dim=0))  # [S+1, B, G, K, ...]
         l3, l2, l1 = evals.unbind(-1)
