@@ -156,7 +156,7 @@ def sample_indices(points: np.ndarray, pre: PreprocessConfig, method: str = "aut
     if m <= n:
         return np.arange(m, dtype=np.int64), None
     start = downsample_start(m, pre)
-    if resolve_method(m, method) == "voxel":
+    if resolve_method(method) == "voxel":
         return voxel_downsample(points, n, start, bounds)
     return downsample(points, n, start, method), None
 

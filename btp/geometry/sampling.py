@@ -122,9 +122,8 @@ class VoxelMap:
     voxel: float
 
 
-def resolve_method(n_points: int, method: str) -> str:
-    """``method`` with "auto" resolved for a scan of ``n_points`` (and "bucket" -> "voxel" where
-    fpsample >= 1.0 is missing)."""
+def resolve_method(method: str) -> str:
+    """``method`` with "auto" resolved (and "bucket" -> "voxel" where fpsample >= 1.0 is missing)."""
     if method not in DOWNSAMPLE_METHODS:
         raise GeometryError(f"downsample method={method!r}: choose one of {DOWNSAMPLE_METHODS}")
     if method == "auto":  # every size: exact FPS of 8192 -> 2048 points alone costs more than the engine
@@ -162,7 +161,7 @@ def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto")
     n_points = pts.shape[0]
     n = check_count(n_samples, n_points, "n_samples")
     start = check_start(start_idx, n_points)
-    method = resolve_method(n_points, method)
+    method = resolve_method(method)
     if method == "exact" or n == n_points:
         return fps(pts, n, start)
     if method == "voxel":
