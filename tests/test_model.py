@@ -156,7 +156,7 @@ def test_gfcm_sees_absolute_patch_coordinates(tiny_model, tiny_batch):
     nb, ctr = tiny_batch["neighborhood"], tiny_batch["center"]
     with torch.no_grad():
         a = tiny_model(nb, ctr)["geo_desc"]
-        direct = tiny_model.gfcm(nb[..., :3] + ctr[:, :, None])
+        direct = tiny_model.gfcm(nb[..., :3] + ctr[:, :, None])[0]
         moved = tiny_model(nb, ctr + 0.3)["geo_desc"]
     assert torch.allclose(a, direct, atol=1e-6)
     assert not torch.allclose(a, moved, atol=1e-3)
@@ -194,9 +194,9 @@ def test_gfcm_local_frame_and_context_export_and_match(tiny_batch):
     torch.manual_seed(2)
     rot, _ = torch.linalg.qr(torch.randn(3, 3))
     with torch.no_grad():
-        ref = model(xyz, ctr)
+        ref = model(xyz, ctr)[0]  # the descriptor
         # rotating the whole cloud changes neither the local shapes nor who neighbours whom
-        assert torch.allclose(model(xyz @ rot.T, ctr @ rot.T), ref, atol=1e-4)
+        assert torch.allclose(model(xyz @ rot.T, ctr @ rot.T)[0], ref, atol=1e-4)
         no_context = model.head[0].weight.shape[1] == cfg.gfcm.conv_dims[-1]
     assert not no_context  # [h, h - context] doubles the head's input
     buf = io.BytesIO()

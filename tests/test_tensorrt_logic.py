@@ -336,3 +336,31 @@ def test_precision_plan_on_the_real_exported_model(exported_tiny):
     assert head and all(plan[n].precision == "fp32" for n in head)
     share = sum(p.precision == "fp16" for p in plan.values()) / len(plan)
     assert share > 0.6
+
+
+def test_precision_plan_keeps_gfcm_frame_and_geometry_fp32(tmp_path):
+    """GFCM's local frame, in-patch geometry (covariances, closed-form eigen-solves) and context
+    distances are named under gfcm/ in the export and kept FP32 for that reason; its convs and
+    head run FP16."""
+    pytest.importorskip("torch")
+    import onnx
+
+    from btp.export.onnx import export_onnx, fresh_model
+
+    cfg = tiny_config()
+    cfg.gfcm.frame, cfg.gfcm.context_k = "local", 4
+    cfg.gfcm.point_dim, cfg.gfcm.point_geometry = 8, (0.5, 1.0)
+    path = tmp_path / "geo.onnx"
+    export_onnx(fresh_model(cfg.validate()), path, parity_scans=1)
+    plan = {p.name: p for p in trt_export.precision_plan(path)}
+    nodes = {n.name: n for n in onnx.load(str(path)).graph.node}
+    in_gfcm = [n for n in nodes if n.startswith("/inner/gfcm/")]
+    geometry = [n for n in in_gfcm if "/convs" not in n and "/head" not in n]
+    assert len(geometry) > 100  # the frame + 2 widths of geometry + the context: hundreds of small ops
+    assert {n.op_type for n in map(nodes.get, geometry)} >= {"Acos", "Cos", "Sqrt", "ReduceSum", "Mul"}
+    for name in geometry:
+        if plan[name].op_type not in trt_export.FP32_OP_TYPES:
+            assert plan[name].precision == "fp32" and plan[name].reason.startswith("GFCM"), (name, plan[name])
+    convs = [n for n in in_gfcm if nodes[n].op_type == "Conv"]
+    assert convs and all(plan[n].precision == "fp16" for n in convs)
+    assert not any(plan[n].reason.startswith("top-level") for n in in_gfcm)

@@ -156,12 +156,12 @@ class GFCM(nn.Module):
         self.convs = nn.Sequential(*layers)
         self.head = _mlp(2 * c2 if cfg.context_k else c2, cfg.hidden, cfg.out_dim)
 
-    def forward(self, patch_xyz: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
-        return self.encode(patch_xyz, center)[0]
-
-    def encode(self, patch_xyz: torch.Tensor, center: torch.Tensor | None = None):
+    def forward(self, patch_xyz: torch.Tensor, center: torch.Tensor | None = None):
         """-> (descriptor [B, G, out_dim], per-point conv features [B, c2, G, K], the pooled patch
-        feature the head reads [B, G, c2] or [B, G, 2 c2] with context)."""
+        feature the head reads [B, G, c2] or [B, G, 2 c2] with context).
+
+        Called as a module (not through a method) so the exported graph names its frame and
+        geometry ops under ``gfcm/``, where the TensorRT precision plan keeps them FP32."""
         # patch_xyz [B, G, K, 3] absolute coordinates; center [B, G, 3] (needed when context_k > 0)
         view = local_frame(patch_xyz, self.local_scale) if self.frame == "local" else patch_xyz
         if self.geometry:

@@ -127,7 +127,7 @@ class BTPModel(nn.Module):
         point_feat [B, G, K, point_dim] or None when cfg.gfcm.point_dim == 0)."""
         feats = self.point_encoder(neighborhood, center)
         patch_xyz = neighborhood[..., :3] + center.unsqueeze(2)  # [B, G, K, 3] absolute
-        geo_desc, per_point, pooled = self.gfcm.encode(patch_xyz, center)  # [B, G, 33], ...
+        geo_desc, per_point, pooled = self.gfcm(patch_xyz, center)  # [B, G, 33], ...
         patch_embed = self.mgfem(feats.layer_features, geo_desc, feats.cls)  # [B, G, D]
         point_feat = self.point_refine(per_point, pooled) if self.point_refine is not None else None
         return patch_embed, feats.global_embed, geo_desc, point_feat

@@ -9,7 +9,8 @@ this GPU / TensorRT / model: it rebuilds (``check_cache``). (ONNX Runtime's Tens
 provider, ``--backend ort-trt``, keeps its own engines.)
 
 Precision (anchors.md): FP16 everywhere except LayerNorm (and its decomposed ops), Softmax,
-normalisations, and the final scoring tail (everything downstream of ``patch_embed`` and the
+normalisations, GFCM's frame and in-patch geometry (covariances, closed-form eigen-solves), and
+the final scoring tail (everything downstream of ``patch_embed`` and the
 top-level ops: text dot products, logits, sigmoid, top-k, object score) which stay FP32 -
 ``precision_plan``, a pure function of the ONNX graph. TensorRT 10 applies it as per-layer
 precision with OBEY_PRECISION_CONSTRAINTS; TensorRT 11 (strongly typed only) needs the ONNX
@@ -260,6 +261,11 @@ SCORING_TENSORS = ("patch_embed",)
 # embedding that the text dot product amplifies; in FP16 its rounding alone moved full-size patch
 # probabilities past the FP16 tolerance (benchmarks/results/fp16-btp3dad-*.md)
 _HEAD_SCOPE = re.compile(r"(^|/)mgfem[/.]")
+# ops directly in GFCM's scope (/gfcm/Mul_3, not /gfcm/convs/...): the local frame's and the
+# in-patch geometry's covariances and closed-form 3x3 eigen-solves (acos/cos of near-equal
+# eigenvalues, cubes of small scales) and the context's centre distances. FP16's 11-bit mantissa
+# and 6e-5 floor break them; they are a few small element-wise ops, so FP32 costs little.
+_GEOMETRY_OP = re.compile(r"(^|/)gfcm/[A-Za-z][^/]*$")
 
 
 def common_scope(names: Iterable[str]) -> str:
@@ -282,7 +288,8 @@ class LayerPrecision:
 
 def precision_policy(layers: Iterable[tuple[str, str]], scoring_tail: Iterable[str] = (),
                      root_scope: str | None = None, root_ops: bool = True) -> list[LayerPrecision]:
-    """FP16 with LayerNorm/Softmax/normalisation, the MGFEM head and the scoring kept FP32. Pure.
+    """FP16 with LayerNorm/Softmax/normalisation, GFCM's frame and geometry ops, the MGFEM head
+    and the scoring kept FP32. Pure.
 
     layers: (name, op_type) pairs - ONNX node names and op types, or TensorRT layer names and
     LayerType names. scoring_tail: names kept FP32 as the scoring tail (``scoring_tail``: nodes
@@ -302,6 +309,8 @@ def precision_policy(layers: Iterable[tuple[str, str]], scoring_tail: Iterable[s
             out.append(LayerPrecision(name, op_type, "fp32", "inside a LayerNorm/normalisation"))
         elif _HEAD_SCOPE.search(name):
             out.append(LayerPrecision(name, op_type, "fp32", "MGFEM fusion head (feeds the scoring)"))
+        elif _GEOMETRY_OP.search(name):
+            out.append(LayerPrecision(name, op_type, "fp32", "GFCM frame / geometry (covariances, eigen-solves)"))
         elif name in tail:
             out.append(LayerPrecision(name, op_type, "fp32", "scoring tail (after patch_embed)"))
         elif root_ops and name.startswith(root) and "/" in name and _ROOT_OP.fullmatch(name[len(root):]):
