@@ -251,13 +251,17 @@ def test_pretrain_writes_loadable_encoder_and_lowers_mpm(split, tmp_path):
     assert meta["stage"] == "pretrain" and len(losses) == 20 and all(math.isfinite(v) for v in losses)
 
 
-def test_tiny_recipe_is_deterministic_by_seed(shapes_root, tmp_path):
+def test_tiny_recipe_is_deterministic_by_seed(shapes_root, tmp_path, capsys):
     from safetensors.torch import load_file
 
     from btp.train.recipes import get_recipe, run_recipe
 
     quiet = dict(progress=False, shapes_limit=2, log=lambda *_: None)
     a = run_recipe(get_recipe("tiny"), shapes_root, tmp_path / "a", seed=3, **quiet)
+    # every stage logs progress with an ETA, the sample making too (minutes on the corpus)
+    logged = capsys.readouterr().err
+    for stage in ("[pretrain] step", "[data] step", "[btp] step"):
+        assert stage in logged and "ETA" in logged.split(stage, 1)[1].splitlines()[0], stage
     b = run_recipe(get_recipe("tiny"), shapes_root, tmp_path / "b", seed=3, **quiet)
     c = run_recipe(get_recipe("tiny"), shapes_root, tmp_path / "c", seed=4, **quiet)
     ta, tb, tc = (load_file(r["checkpoint"]) for r in (a, b, c))

@@ -119,9 +119,18 @@ def run_recipe(recipe: Recipe, shapes_root, out, *, seed: int = 0, resume: bool 
                                     progress=progress, log=log)
         times["pretrain_s"] = round(time.time() - t0, 1)
 
+    from btp.train.progress import Progress
+
     t0 = time.time()
-    arrays = tdata.btp_samples(train_shapes, cfg, recipe.per_shape, seed, out / "cache", rotate=recipe.rotate,
-                               synth_overrides=recipe.synth, log=log)
+    with Progress("data", len(train_shapes) * recipe.per_shape, bar=progress) as bar:  # ETA lines in the log
+        made = [0]
+
+        def tick(n: int) -> None:
+            made[0] += n
+            bar.update(made[0])
+
+        arrays = tdata.btp_samples(train_shapes, cfg, recipe.per_shape, seed, out / "cache", rotate=recipe.rotate,
+                                   synth_overrides=recipe.synth, progress=tick, log=log)
     times["data_s"] = round(time.time() - t0, 1)
     log(f"recipe {recipe.name}: {len(arrays['points'])} BTP samples ({int(arrays['object_label'].sum())} anomalous) "
         f"from {len(train_shapes)} training meshes in {times['data_s']} s")
