@@ -68,11 +68,16 @@ def evaluate(
         elif DEFAULT_LEARNED_BASELINE.is_file():
             learned = LearnedBaseline.load(DEFAULT_LEARNED_BASELINE)
         with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=console) as bar:
+                      console=console, disable=not console.is_terminal) as bar:
             task = bar.add_task("eval", total=None)
+            log_line = _log_lines(console)  # no terminal (a log file): a line with the ETA every 30 s
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+                log_line(done, total)
+
             report = run_eval(data, layout=layout or None, classes=chosen, scorer=scorer, learned=learned,
-                              baselines=baselines, downsample=downsample,
-                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+                              baselines=baselines, downsample=downsample, progress=progress)
     except (BTPError, FileNotFoundError) as err:
         typer.echo(f"btp eval: {err}", err=True)
         raise typer.Exit(code=2) from None
@@ -118,6 +123,24 @@ def print_report(report: dict) -> None:
     if data.get("ms_per_scan"):
         console.print("scoring time per scan (ms, whole path incl. preprocessing): "
                       + ", ".join(f"{k} {v:.1f}" for k, v in data["ms_per_scan"].items()))
+
+
+def _log_lines(console, every_s: float = 30.0):
+    """Progress for a log file: ``(done, total)`` -> one line every ``every_s`` seconds and at
+    the end, with the ETA; nothing on a terminal (the bar shows it)."""
+    import time
+
+    t0, last = time.time(), [0.0]
+
+    def log(done: int, total: int) -> None:
+        now = time.time()
+        if console.is_terminal or not done or (now - last[0] < every_s and done < total):
+            return
+        last[0], elapsed = now, now - t0
+        typer.echo(f"eval: {done}/{total} scans ({elapsed:.0f} s, ETA {elapsed / done * (total - done) / 60:.1f} min)",
+                   err=True)
+
+    return log
 
 
 def eval_sets(
