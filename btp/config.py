@@ -148,6 +148,11 @@ class LossConfig:
     dice_weight: float = 1.0
     global_weight: float = 0.5
     geometric_weight: float = 0.1
+    # the global term's object logit: alpha * global logit + (1 - alpha) * this part: "patch-max"
+    # (the spec: the largest patch logit) or "points-top" (the mean of the top scoring.top_ratio
+    # share of the per-point logits: the statistic the runtime's object score reads with
+    # scoring.object_source = "points"; needs gfcm.point_dim > 0)
+    object_term: str = "patch-max"
 
 
 @dataclass
@@ -216,6 +221,10 @@ class BTPConfig:
             problems.append(f"text.kind={self.text.kind!r}: expected 'openclip' or 'minilm'")
         if self.loss.point_loss not in ("focal", "balanced-bce"):
             problems.append(f"loss.point_loss={self.loss.point_loss!r}: expected 'focal' or 'balanced-bce'")
+        if self.loss.object_term not in ("patch-max", "points-top"):
+            problems.append(f"loss.object_term={self.loss.object_term!r}: expected 'patch-max' or 'points-top'")
+        elif self.loss.object_term == "points-top" and not self.gfcm.point_dim:
+            problems.append("loss.object_term='points-top' needs per-point scores (gfcm.point_dim > 0)")
         if p.normalize not in ("unit_sphere", "unit_sphere_raw"):
             problems.append(f"preprocess.normalize={p.normalize!r}: expected 'unit_sphere' or 'unit_sphere_raw'")
         if p.downsample_start not in ("fixed", "seeded-random"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -593,4 +594,27 @@ def test_gfcm_with_point_geometry_trains_and_exports(tiny_batch):
     bad = tiny_config()
     bad.gfcm.point_geometry = (0.0,)
     with pytest.raises(ValueError, match="point_geometry"):
+        bad.validate()
+
+
+def test_global_term_reads_the_top_point_logits_with_points_top(tiny_batch):
+    """loss.object_term = "points-top": the global term's object logit is the mean of the top
+    per-point logits (what the runtime's object score reads), not the largest patch logit."""
+    cfg = tiny_config()
+    cfg.gfcm.point_dim, cfg.scoring.object_source = 8, "points"
+    torch.manual_seed(0)
+    model = BTPModel.with_default_text_encoder(cfg.validate()).eval()
+    with torch.no_grad():
+        out = model(tiny_batch["neighborhood"], tiny_batch["center"])
+    raised = {**out, "patch_point_logits": out["patch_point_logits"] + 3.0}
+    parts = {}
+    for term in ("patch-max", "points-top"):
+        loss_cfg = replace(cfg.loss, object_term=term)
+        parts[term] = [btp_loss(o, tiny_batch, loss_cfg, gfcm=cfg.gfcm, point_top_k=model.point_top_k)[1]["global"]
+                       for o in (out, raised)]
+    assert torch.equal(*parts["patch-max"])  # the patch logits did not move
+    assert not torch.allclose(*parts["points-top"])
+    bad = tiny_config()
+    bad.loss.object_term = "points-top"
+    with pytest.raises(ValueError, match="object_term"):
         bad.validate()

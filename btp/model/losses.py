@@ -79,6 +79,7 @@ def btp_loss(
     *,
     gfcm: GFCMConfig | None = None,
     object_alpha: float = 0.5,
+    point_top_k: int = 1,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """-> (total loss, parts {focal, dice, global, geometric} detached).
 
@@ -87,6 +88,8 @@ def btp_loss(
              optional `points [B,N,3]` + `center [B,G,3]` (points in no patch take their nearest
              centre's logit) and `fpfh [B,G,33]` (without it the geometric term is 0).
     object_alpha: the a of the global term (pass cfg.scoring.object_alpha).
+    point_top_k: with ``cfg.object_term == "points-top"``, how many per-point logits
+    (``patch_point_logits [B,G,K]``) the global term's mean reads (pass the model's point_top_k).
     """
     gfcm = gfcm or GFCMConfig()
     patch_logits = outputs["patch_logits"]
@@ -102,7 +105,11 @@ def btp_loss(
     else:
         raise ValueError(f"unknown point loss {cfg.point_loss!r}: expected 'focal' or 'balanced-bce'")
     dice = dice_loss(torch.sigmoid(point_logits), point_labels)
-    object_logit = object_alpha * outputs["global_logit"] + (1 - object_alpha) * patch_logits.max(dim=1).values
+    if cfg.object_term == "points-top":
+        local = outputs["patch_point_logits"].flatten(1).topk(point_top_k, dim=1).values.mean(dim=1)
+    else:
+        local = patch_logits.max(dim=1).values
+    object_logit = object_alpha * outputs["global_logit"] + (1 - object_alpha) * local
     global_term = F.binary_cross_entropy_with_logits(object_logit, batch["object_label"].to(object_logit.dtype))
     if "fpfh" in batch and batch["fpfh"] is not None:
         geometric = geometric_loss(outputs["geo_desc"], batch["fpfh"], gfcm.loss, gfcm.temperature)

@@ -289,7 +289,8 @@ def train_btp(cfg: BTPConfig, arrays: dict[str, np.ndarray], out_dir, opts: BTPO
                 cached.select(batch_idx)
             set_lr(optimizer, step, total, cfg.train)
             outputs = ddp_model(batch["neighborhood"], batch["center"])
-            loss, parts = btp_loss(outputs, batch, cfg.loss, gfcm=cfg.gfcm, object_alpha=cfg.scoring.object_alpha)
+            loss, parts = btp_loss(outputs, batch, cfg.loss, gfcm=cfg.gfcm, object_alpha=cfg.scoring.object_alpha,
+                                   point_top_k=model.point_top_k)
             if not opts.use_gfcm:
                 loss = loss - cfg.loss.geometric_weight * parts["geometric"]
             if not torch.isfinite(loss):
