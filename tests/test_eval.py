@@ -164,7 +164,7 @@ def test_cli_baselines_only_fits_and_reports_learned_baseline(datasets, tmp_path
                                       "--baseline-model", str(model_file), "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert "not zero-shot" in result.output  # fitted on the evaluated class
-    assert re.search(r"eval: (\d+)/\1 scans \(\d+ s, ETA 0\.0 min\)", result.output)  # progress in a log
+    assert re.search(r"\[eval\] scans (\d+)/\1 \(\d+ s, ETA 0\.0 min\)", result.output)  # progress in a log
     report = json.loads(out.read_text())
     assert report["classes"] == {} and report["model"] is None
     _check_section(report["learned_baseline"], ["spot"])

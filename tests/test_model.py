@@ -614,6 +614,8 @@ def test_global_term_reads_the_top_point_logits_with_points_top(tiny_batch):
                        for o in (out, raised)]
     assert torch.equal(*parts["patch-max"])  # the patch logits did not move
     assert not torch.allclose(*parts["points-top"])
+    with pytest.raises(ValueError, match="point_top_k"):  # no silent top-1 when the caller forgets it
+        btp_loss(out, tiny_batch, replace(cfg.loss, object_term="points-top"), gfcm=cfg.gfcm)
     bad = tiny_config()
     bad.loss.object_term = "points-top"
     with pytest.raises(ValueError, match="object_term"):

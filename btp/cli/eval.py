@@ -32,12 +32,12 @@ def evaluate(
 ) -> None:
     """Zero-shot evaluation: O-AUROC, P-AUROC, AU-PRO, O-AP, P-AP, O-F1max per class and mean."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from btp.errors import BTPError
     from btp.eval.baselines import LearnedBaseline, fit_learned_baseline
     from btp.eval.evaluate import DEFAULT_LEARNED_BASELINE, evaluate as run_eval, load_scorer
     from btp.io import LAYOUTS, iter_samples, list_classes
+    from btp.train.progress import Progress
 
     console = Console(stderr=True)
     if layout and layout not in LAYOUTS:
@@ -67,14 +67,9 @@ def evaluate(
             learned = LearnedBaseline.load(baseline_model)
         elif DEFAULT_LEARNED_BASELINE.is_file():
             learned = LearnedBaseline.load(DEFAULT_LEARNED_BASELINE)
-        with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=console, disable=not console.is_terminal) as bar:
-            task = bar.add_task("eval", total=None)
-            log_line = _log_lines(console)  # no terminal (a log file): a line with the ETA every 30 s
-
+        with Progress("eval", None, unit="scans") as bar:  # a bar on a terminal, else a line with the ETA every 30 s
             def progress(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
-                log_line(done, total)
+                bar.update(done, total=total)
 
             report = run_eval(data, layout=layout or None, classes=chosen, scorer=scorer, learned=learned,
                               baselines=baselines, downsample=downsample, progress=progress)
@@ -123,24 +118,6 @@ def print_report(report: dict) -> None:
     if data.get("ms_per_scan"):
         console.print("scoring time per scan (ms, whole path incl. preprocessing): "
                       + ", ".join(f"{k} {v:.1f}" for k, v in data["ms_per_scan"].items()))
-
-
-def _log_lines(console, every_s: float = 30.0):
-    """Progress for a log file: ``(done, total)`` -> one line every ``every_s`` seconds and at
-    the end, with the ETA; nothing on a terminal (the bar shows it)."""
-    import time
-
-    t0, last = time.time(), [0.0]
-
-    def log(done: int, total: int) -> None:
-        now = time.time()
-        if console.is_terminal or not done or (now - last[0] < every_s and done < total):
-            return
-        last[0], elapsed = now, now - t0
-        typer.echo(f"eval: {done}/{total} scans ({elapsed:.0f} s, ETA {elapsed / done * (total - done) / 60:.1f} min)",
-                   err=True)
-
-    return log
 
 
 def eval_sets(

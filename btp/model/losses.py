@@ -79,7 +79,7 @@ def btp_loss(
     *,
     gfcm: GFCMConfig | None = None,
     object_alpha: float = 0.5,
-    point_top_k: int = 1,
+    point_top_k: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """-> (total loss, parts {focal, dice, global, geometric} detached).
 
@@ -89,7 +89,8 @@ def btp_loss(
              centre's logit) and `fpfh [B,G,33]` (without it the geometric term is 0).
     object_alpha: the a of the global term (pass cfg.scoring.object_alpha).
     point_top_k: with ``cfg.object_term == "points-top"``, how many per-point logits
-    (``patch_point_logits [B,G,K]``) the global term's mean reads (pass the model's point_top_k).
+    (``patch_point_logits [B,G,K]``) the global term's mean reads: required then (pass the
+    model's ``point_top_k``), ignored otherwise.
     """
     gfcm = gfcm or GFCMConfig()
     patch_logits = outputs["patch_logits"]
@@ -106,6 +107,9 @@ def btp_loss(
         raise ValueError(f"unknown point loss {cfg.point_loss!r}: expected 'focal' or 'balanced-bce'")
     dice = dice_loss(torch.sigmoid(point_logits), point_labels)
     if cfg.object_term == "points-top":
+        if point_top_k is None or point_top_k < 1:
+            raise ValueError(f"btp_loss: loss.object_term='points-top' needs point_top_k >= 1 (the model's "
+                             f"point_top_k), got {point_top_k!r}")
         local = outputs["patch_point_logits"].flatten(1).topk(point_top_k, dim=1).values.mean(dim=1)
     else:
         local = patch_logits.max(dim=1).values
