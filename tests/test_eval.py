@@ -263,3 +263,12 @@ def test_downsample_rule_reaches_both_scorers_and_the_rules_report(shapes_root, 
     assert not np.array_equal(scorer(sample.points).sampled_idx, exact.sampled_idx)
     floor = run_rules(onnx_path, [root], rules=("exact", "exact-start1"))["sets"][0]
     assert floor["rules"]["exact"]["mean"] == one["rules"]["exact"]["mean"]  # the exact rule is unchanged
+    multi = run_rules(onnx_path, [root], starts=(0, 1))
+    (two,) = multi["sets"]
+    per = two["rules"]["exact"]["per_start"]
+    assert per["0"] == one["rules"]["exact"]["mean"]  # start 0 is the model's own fps_start
+    assert per["1"] == floor["rules"]["exact-start1"]["mean"]  # start 1 is the noise-floor rule's sample
+    for metric, values in two["delta_per_start_points"].items():
+        assert two["delta_points"][metric] == pytest.approx(np.mean(values))
+        assert two["delta_se_points"][metric] == pytest.approx(np.std(values, ddof=1) / np.sqrt(2))
+    assert "±" in rules_markdown(multi) and "FPS start in [0, 1]" in rules_markdown(multi)

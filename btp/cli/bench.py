@@ -299,6 +299,8 @@ def rules(
                                     help="held-out test set (repeatable), e.g. `btp data eval-sets --points 100000`"),
     rule: str = typer.Option("auto", help="the rule compared with exact: auto | voxel | bucket | exact-start1 "
                              "(the exact rule from another start point: the comparison's noise floor)"),
+    starts: str = typer.Option(None, help="FPS start indices, e.g. 0,1,2: every rule from each, the difference "
+                               "as mean ± standard error over starts (default: the model's fps_start only)"),
     out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
 ) -> None:
     """What the default raw-scan rule (auto: voxel + gather) changes in held-out
@@ -307,8 +309,15 @@ def rules(
 
     if rule not in ("auto", "voxel", "bucket", "exact-start1"):
         raise typer.BadParameter(f"{rule!r}: choose auto, voxel, bucket or exact-start1", param_hint="--rule")
-    result = run_rules(model, data, rules=("exact", rule), progress=_say)
-    _write_report(f"accuracy-{rule}", result, rules_markdown(result), out)
+    try:
+        start_list = [int(v) for v in starts.split(",") if v.strip()] if starts else None
+    except ValueError:
+        raise typer.BadParameter(f"{starts!r}: comma-separated integers, e.g. 0,1,2", param_hint="--starts") from None
+    if start_list and (min(start_list) < 0 or len(set(start_list)) != len(start_list)):
+        raise typer.BadParameter(f"{starts!r}: distinct start indices >= 0", param_hint="--starts")
+    result = run_rules(model, data, rules=("exact", rule), starts=start_list, progress=_say)
+    name = f"accuracy-{rule}" + (f"-{len(start_list)}-starts" if start_list else "")
+    _write_report(name, result, rules_markdown(result), out)
 
 
 @app.command()
