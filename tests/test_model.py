@@ -465,6 +465,41 @@ def test_frozen_model_exports_to_onnx_opset17_and_matches(tiny, tiny_batch):
         np.testing.assert_allclose(got[name], ref[name].numpy(), rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+def test_local_frame_and_geometry_export_without_control_flow(tiny_batch):
+    """GFCM's local frame and in-graph geometry (diagonals, eigenvectors) export as plain data
+    ops: no If/Loop subgraphs (torch.onnx writes Tensor.diagonal and dynamic squeezes that way),
+    which TensorRT and ORT would run as control flow; outputs match torch."""
+    import onnx
+    import onnxruntime as ort
+
+    cfg = tiny_config()
+    cfg.gfcm.frame, cfg.gfcm.point_geometry = "local", (0.5, 1.0)
+    torch.manual_seed(2)
+    model = BTPModel.with_default_text_encoder(cfg.validate())
+    model.freeze_text(drop_encoder=True)
+    model.eval()
+    nb, ctr = tiny_batch["neighborhood"][:1], tiny_batch["center"][:1]
+
+    class Desc(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, neighborhood, center):
+            return self.m(neighborhood, center)["geo_desc"]
+
+    buf = io.BytesIO()
+    torch.onnx.export(Desc(model).eval(), (nb, ctr), buf, opset_version=17, dynamo=False,
+                      input_names=["neighborhood", "center"], output_names=["geo_desc"])
+    proto = onnx.load_from_string(buf.getvalue())
+    control = sorted({n.op_type for n in proto.graph.node} & {"If", "Loop", "Scan", "EyeLike", "GatherND"})
+    assert not control, control
+    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"neighborhood": nb.numpy(), "center": ctr.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(nb, ctr)["geo_desc"].numpy(), rtol=1e-4, atol=1e-4)
+
+
 # ---- per-point scores ("back to point", gfcm.point_dim > 0) ------------------------------------
 
 def test_per_point_scores_start_at_the_patch_scores_then_resolve_points_and_train(tiny_batch):

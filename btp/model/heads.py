@@ -13,6 +13,12 @@ def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, d_out))
 
 
+def _diag3(m: torch.Tensor) -> torch.Tensor:
+    """The diagonal [..., 3] of ``m [..., 3, 3]`` as one Gather of the flattened matrix in ONNX;
+    torch.onnx writes ``Tensor.diagonal`` as an If/EyeLike/CumSum/GatherND subgraph."""
+    return m.flatten(-2).index_select(-1, torch.tensor([0, 4, 8], device=m.device))
+
+
 def _dominant_eigvec(m: torch.Tensor) -> torch.Tensor:
     """Unit eigenvector of the largest eigenvalue of symmetric PSD ``m [..., 3, 3]`` (sign arbitrary).
 
@@ -22,9 +28,9 @@ def _dominant_eigvec(m: torch.Tensor) -> torch.Tensor:
     """
     for _ in range(_FRAME_SQUARINGS):
         m = m @ m
-        m = m / m.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)[..., None, None]
-    idx = m.diagonal(dim1=-2, dim2=-1).argmax(dim=-1)  # [...]
-    col = torch.gather(m, -1, idx[..., None, None].expand(*m.shape[:-1], 1)).squeeze(-1)  # [..., 3]
+        m = m / _diag3(m).sum(-1).clamp_min(1e-30)[..., None, None]
+    idx = _diag3(m).argmax(dim=-1)  # [...]
+    col = torch.gather(m, -1, idx[..., None, None].expand(*m.shape[:-1], 1)).select(-1, 0)  # [..., 3]
     return col / col.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
@@ -41,7 +47,7 @@ def local_frame(patch_xyz: torch.Tensor, scale: float) -> torch.Tensor:
     x = (patch_xyz - patch_xyz.mean(dim=2, keepdim=True)) * scale  # [B, G, K, 3]
     with torch.no_grad():  # the frame is preprocessing: no gradient flows through it
         cov = x.transpose(2, 3) @ x  # [B, G, 3, 3]
-        cov = cov / cov.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)[..., None, None]
+        cov = cov / _diag3(cov).sum(-1).clamp_min(1e-30)[..., None, None]
         eye = torch.eye(3, dtype=x.dtype, device=x.device)
         normal = _dominant_eigvec(eye - cov)  # smallest-variance axis
         proj = eye - normal.unsqueeze(-1) * normal.unsqueeze(-2)
@@ -77,7 +83,7 @@ def _sym3_eigh(c: torch.Tensor):
     r2 = torch.stack([c02, c12, c22 - smallest], dim=-1)
     cands = torch.stack([_cross(r0, r1), _cross(r0, r2), _cross(r1, r2)], dim=-2)  # [..., 3, 3]
     best = cands.norm(dim=-1).argmax(dim=-1)  # [...]
-    v = torch.gather(cands, -2, best[..., None, None].expand(*cands.shape[:-2], 1, 3)).squeeze(-2)
+    v = torch.gather(cands, -2, best[..., None, None].expand(*cands.shape[:-2], 1, 3)).select(-2, 0)
     return evals, v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
 
 
