@@ -108,8 +108,11 @@ class ScoringConfig:
     object_alpha: float = 0.5  # object = alpha * global_prob + (1 - alpha) * mean(top patch probs)
     top_ratio: float = 0.2
     # what the object score's top mean reads: "patches" = the top_ratio share of the G patch
-    # probabilities (the spec); "points" = of the G*K per-point probabilities (gfcm.point_dim > 0).
-    # Scoring only: training's global term reads the patch logits either way.
+    # probabilities (the spec); "points" = of the G*K per-point probabilities (gfcm.point_dim > 0);
+    # both are computed in the graph (its object_score output). "pooled-points" = of the N sampled
+    # points' scores, each point once (its mean over the patches that hold it): computed after the
+    # engine, by btp.geometry.scores.object_score, on every path (runtime, eval, validation).
+    # Scoring only: training's global term reads loss.object_term either way.
     object_source: str = "patches"
     global_temperature: float = 0.07
     raw_interpolation: str = "nearest"  # "nearest" | "idw3": sampled points -> raw scan
@@ -120,6 +123,9 @@ class ScoringConfig:
     # Sampled points that lie in no patch: "nearest_center" takes the score of the nearest FPS
     # centre; "zero" gives them 0 (the official BTP-3DAD rule: sum / (count + 1e-6)).
     uncovered_points: str = "nearest_center"
+
+
+OBJECT_SOURCES = ("patches", "points", "pooled-points")
 
 
 @dataclass
@@ -236,8 +242,8 @@ class BTPConfig:
             problems.append(f"gfcm.frame={self.gfcm.frame!r}: expected 'world' or 'local'")
         if not 0 <= self.gfcm.context_k < e.num_group:
             problems.append(f"gfcm.context_k={self.gfcm.context_k} outside 0..num_group-1={e.num_group - 1}")
-        if self.scoring.object_source not in ("patches", "points"):
-            problems.append(f"scoring.object_source={self.scoring.object_source!r}: expected 'patches' or 'points'")
+        if self.scoring.object_source not in OBJECT_SOURCES:
+            problems.append(f"scoring.object_source={self.scoring.object_source!r}: expected one of {OBJECT_SOURCES}")
         elif self.scoring.object_source == "points" and not self.gfcm.point_dim:
             problems.append("scoring.object_source='points' needs per-point scores (gfcm.point_dim > 0)")
         if any(not 0.0 < w for w in self.gfcm.point_geometry):

@@ -246,6 +246,47 @@ def test_per_point_scores_export_and_reach_the_raw_scan(tmp_path, shapes_root, g
     assert "patch_point_probs" not in {t.output for t in tolerances("fp32", {"patch_probs": np.zeros(3)})}
 
 
+def test_pooled_points_object_score_is_the_same_on_every_path(tmp_path, shapes_root):
+    """scoring.object_source = "pooled-points": the object score is alpha * global_prob + (1 - alpha)
+    * the top share of the N sampled points' scores, made after the engine - the runtime, the
+    torch scorer and training's validation scores agree on it; the graph's own score differs."""
+    from btp.eval.scoring import score_cloud_torch
+    from btp.geometry import top_mean
+    from btp.geometry.prepare import prepare
+    from btp.model import BTPModel
+    from btp.model.checkpoint import save_checkpoint
+    from btp.runtime import Pipeline
+    from btp.train.data import BTPArrays
+    from btp.train.loop import sample_scores
+
+    cfg = tiny_config()
+    cfg.gfcm.frame, cfg.gfcm.context_k, cfg.gfcm.point_dim = "local", 4, 8
+    cfg.scoring.object_source, cfg.scoring.top_ratio = "pooled-points", 0.01
+    torch.manual_seed(9)
+    model = BTPModel.with_default_text_encoder(cfg.validate())
+    with torch.no_grad():
+        model.point_refine.offset.weight.normal_()
+    model.freeze_text(drop_encoder=True)
+    model.eval()
+    ckpt = save_checkpoint(tmp_path / "p.safetensors", model, {"data": "test"})
+    export_onnx(load_model(ckpt), tmp_path / "p.onnx", parity_scans=1)
+    scan = real_scan(shapes_root, REAL_SHAPES[1], 3000)
+    got = Pipeline(tmp_path / "p.onnx", threads=1, downsample="exact")(scan)
+    ref = score_cloud_torch(model, scan, method="exact")
+    expected = 0.5 * got.global_prob + 0.5 * top_mean(got.sampled_scores, 0.01)
+    assert got.object_score == pytest.approx(expected, abs=1e-6)
+    assert ref.object_score == pytest.approx(got.object_score, abs=1e-4)
+    prepared = prepare(scan, cfg, "exact")
+    with torch.no_grad():
+        graph = model(torch.from_numpy(prepared.neighborhood[None]), torch.from_numpy(prepared.center[None]))
+    assert abs(float(graph["object_score"][0]) - got.object_score) > 1e-4  # not the in-graph top mean
+    arrays = {"points": prepared.points[None], "patch_idx": prepared.patch_idx[None], "center": prepared.center[None],
+              "labels": np.zeros((1, len(prepared.points)), np.float32), "object_label": np.zeros(1, np.float32),
+              "fpfh": np.zeros((1, cfg.encoder.num_group, 33), np.float32)}
+    val = sample_scores(model, BTPArrays(arrays, cfg))
+    assert val["object_scores"][0] == pytest.approx(ref.object_score, abs=1e-4)
+
+
 def test_the_default_model_is_the_committed_one_of_its_card():
     """Without --model every command gets models/<DEFAULT_MODEL_NAME>.safetensors, trained (not a
     fresh init), with the config its card describes."""

@@ -198,6 +198,7 @@ def test_ensemble_carries_per_point_scores(tmp_path, shapes_root, monkeypatch):
 
     cfg = tiny_config()
     cfg.gfcm.frame, cfg.gfcm.context_k, cfg.gfcm.point_dim = "local", 4, 8
+    cfg.scoring.object_source = "pooled-points"  # the object score is made in btp_post, not in the engine
     torch.manual_seed(8)
     model = BTPModel.with_default_text_encoder(cfg.validate())
     with torch.no_grad():
@@ -205,8 +206,10 @@ def test_ensemble_carries_per_point_scores(tmp_path, shapes_root, monkeypatch):
     model.freeze_text(drop_encoder=True)
     ckpt = save_checkpoint(tmp_path / "p.safetensors", model.eval(), {"data": "test"})
     export_onnx(load_model(ckpt), tmp_path / "p.onnx", parity_scans=1)
-    repo = _ensemble_matches_pipeline(tmp_path / "p.onnx", tmp_path, shapes_root, monkeypatch, (3000,))
+    repo, engine_scores, ensemble_scores = _ensemble_matches_pipeline(tmp_path / "p.onnx", tmp_path, shapes_root,
+                                                                      monkeypatch, (3000,))
     assert "patch_point_probs" in (repo / "btp" / "config.pbtxt").read_text()
+    assert engine_scores != pytest.approx(ensemble_scores, abs=1e-6)  # the pooled rule, not the graph's score
 
 
 def _ensemble_matches_pipeline(model, tmp_path, shapes_root, monkeypatch, sizes):
@@ -221,6 +224,7 @@ def _ensemble_matches_pipeline(model, tmp_path, shapes_root, monkeypatch, sizes)
     post = _load_model_py(repo / "btp_post" / "1" / "model.py", monkeypatch)
     engine_path = repo / "btp_engine" / "1" / "model.onnx"
     engine = make_backend("ort-cpu", engine_path, read_model_meta(engine_path))
+    engine_scores, ensemble_scores = [], []
     for n in sizes:  # more than N points: the voxel rule, whose map travels pre -> post
         scan = real_scan(shapes_root, n=n, seed=12)
         scan[::100] = np.nan
@@ -231,15 +235,18 @@ def _ensemble_matches_pipeline(model, tmp_path, shapes_root, monkeypatch, sizes)
         out = engine.run(p.outputs["neighborhood"], p.outputs["center"])
         post_request = {k: _FakeTensor(k, v) for k, v in p.outputs.items()}
         post_request["points"] = request["points"]
-        for name in ("patch_probs", "patch_point_probs"):
+        for name in ("patch_probs", "patch_point_probs", "object_score", "global_prob"):
             if name in out:
                 post_request[name] = _FakeTensor(name, out[name])
         q = post.execute([post_request])[0]
+        assert q.error is None, q.error
         finite = np.isfinite(scan).all(axis=1)
         ref = Pipeline(model)(scan[finite])
         np.testing.assert_allclose(q.outputs["point_scores"][finite], ref.point_scores, atol=1e-5, rtol=0)
         assert np.isnan(q.outputs["point_scores"][~finite]).all()
-        assert abs(float(out["object_score"][0]) - ref.object_score) <= 1e-5
+        assert abs(float(q.outputs["object_score"][0]) - ref.object_score) <= 1e-5
+        engine_scores.append(float(out["object_score"][0]))
+        ensemble_scores.append(float(q.outputs["object_score"][0]))
     bad = pre.execute([{"points": _FakeTensor("points", np.zeros((3, 3), np.float32))}])[0]
     assert bad.error is not None and "fewer than" in str(bad.error)
-    return repo
+    return repo, engine_scores, ensemble_scores

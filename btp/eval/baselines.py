@@ -19,7 +19,7 @@ from typing import Iterable
 import numpy as np
 
 from btp.errors import BTPError
-from btp.geometry import knn
+from btp.geometry import knn, top_mean
 
 SURFACE_VARIATION_K = 16
 OBJECT_TOP_RATIO = 0.01  # object score = mean of the top 1 % point scores
@@ -34,9 +34,7 @@ class BaselineError(BTPError, ValueError):
 
 def object_score_from_points(point_scores: np.ndarray, top_ratio: float = OBJECT_TOP_RATIO) -> float:
     """Mean of the top `top_ratio` share of point scores (at least one point)."""
-    s = np.asarray(point_scores, dtype=np.float64).reshape(-1)
-    k = max(1, int(np.ceil(top_ratio * s.size)))
-    return float(np.partition(s, s.size - k)[s.size - k:].mean())
+    return top_mean(point_scores, top_ratio)
 
 
 def _neighbourhood_eigen(points: np.ndarray, idx: np.ndarray):

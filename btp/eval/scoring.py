@@ -17,6 +17,7 @@ import numpy as np
 
 from btp.config import BTPConfig
 from btp.geometry.prepare import interpolate, prepare, scores_to_raw
+from btp.geometry.scores import object_score
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ def score_cloud_torch(model, raw_points: np.ndarray, cfg: BTPConfig | None = Non
                       method: str = "auto") -> CloudScores:
     """Run a PyTorch `BTPModel` on one raw scan [M,3] (eval mode, no grad).
 
-    Patch probabilities -> points (mean over containing patches) -> raw scan; object score =
-    the model's `object_score`. ``method``: the downsampling rule (``btp.geometry.prepare``); the
+    Patch probabilities -> points (mean over containing patches) -> raw scan; object score as
+    the runtime's (``btp.geometry.scores.object_score``). ``method``: the downsampling rule (``btp.geometry.prepare``); the
     raw-scan interpolation is the exact rule unless that resolves to "voxel" (then its gather).
     """
     import torch
@@ -65,7 +66,8 @@ def score_cloud_torch(model, raw_points: np.ndarray, cfg: BTPConfig | None = Non
     point_probs = out["patch_point_probs"][0].float().cpu().numpy() if "patch_point_probs" in out else None
     sampled, point_scores = scores_to_raw(patch_probs, prepared, cfg, exact=prepared.voxel_map is None,
                                           point_probs=point_probs)
-    return CloudScores(float(out["object_score"][0]), point_scores, prepared.sample_idx, sampled)
+    obj = object_score(cfg.scoring, float(out["object_score"][0]), float(out["global_prob"][0]), sampled)
+    return CloudScores(obj, point_scores, prepared.sample_idx, sampled)
 
 
 class TorchScorer:

@@ -156,12 +156,14 @@ _POST_MODEL = _PIPELINE_MODEL.split("def _points")[0] + '''def _get(request, nam
 
 
 class TritonPythonModel:
-    """engine patch probabilities -> per-row point scores (btp.runtime's propagate / interpolate)."""
+    """engine patch probabilities -> per-row point scores (btp.runtime's propagate / interpolate)
+    and the object score (btp.geometry.scores.object_score, as the runtime's)."""
 
 ''' + _STAGES_INIT + '''
     def execute(self, requests):
         from btp.geometry.prepare import Prepared, scores_to_raw
         from btp.geometry.sampling import VoxelMap
+        from btp.geometry.scores import object_score
 
         cfg, responses = self.cfg, []
         for request in requests:
@@ -175,9 +177,12 @@ class TritonPythonModel:
                             voxel_map=vmap, patch_idx=_get(request, "patch_idx"), center=_get(request, "center")[0])
             scores = np.full(len(raw_all), np.nan, np.float32)
             point_probs = np.asarray(_get(request, "patch_point_probs"))[0] if cfg.gfcm.point_dim else None
-            scores[mask] = scores_to_raw(np.asarray(_get(request, "patch_probs"))[0], prep, cfg,
-                                         point_probs=point_probs)[1]
-            responses.append(pb_utils.InferenceResponse(output_tensors=[_tensor("point_scores", scores)]))
+            sampled, scores[mask] = scores_to_raw(np.asarray(_get(request, "patch_probs"))[0], prep, cfg,
+                                                  point_probs=point_probs)
+            obj = object_score(cfg.scoring, float(np.asarray(_get(request, "object_score")).reshape(-1)[0]),
+                               float(np.asarray(_get(request, "global_prob")).reshape(-1)[0]), sampled)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                _tensor("point_scores", scores), _tensor("object_score", np.array([obj], np.float32))]))
         return responses
 '''
 
@@ -257,9 +262,14 @@ input [
   {{ name: "sampled_points" data_type: TYPE_FP32 dims: [ -1, 3 ] }},
   {{ name: "center" data_type: TYPE_FP32 dims: [ 1, {g}, 3 ] }},
   {{ name: "cell_rep" data_type: TYPE_INT64 dims: [ -1 ] }},
-  {{ name: "cell_of_raw" data_type: TYPE_INT32 dims: [ -1 ] }}
+  {{ name: "cell_of_raw" data_type: TYPE_INT32 dims: [ -1 ] }},
+  {{ name: "object_score" data_type: TYPE_FP32 dims: [ 1 ] }},
+  {{ name: "global_prob" data_type: TYPE_FP32 dims: [ 1 ] }}
 ]
-output [ {{ name: "point_scores" data_type: TYPE_FP32 dims: [ -1 ] }} ]
+output [
+  {{ name: "point_scores" data_type: TYPE_FP32 dims: [ -1 ] }},
+  {{ name: "object_score" data_type: TYPE_FP32 dims: [ 1 ] }}
+]
 ''')
     engine_dir = out / "btp_engine" / "1"
     engine_dir.mkdir(parents=True)
@@ -290,10 +300,11 @@ dynamic_batching {{ max_queue_delay_microseconds: {int(max_queue_delay_us)} }}
                                                                    "sampled_points", "row_mask", "cell_rep",
                                                                    "cell_of_raw")}),
              ("btp_engine", {"neighborhood": "neighborhood", "center": "center"},
-              {k_: k_ for k_ in engine_scores + ("object_score", "global_prob")}),
-             ("btp_post", {k_: k_ for k_ in ("points", "row_mask") + engine_scores + (
-                 "patch_idx", "sample_idx", "sampled_points", "center", "cell_rep", "cell_of_raw")},
-              {"point_scores": "point_scores"})]
+              {**{k_: k_ for k_ in engine_scores + ("global_prob",)}, "object_score": "engine_object_score"}),
+             ("btp_post", {**{k_: k_ for k_ in ("points", "row_mask") + engine_scores + (
+                 "patch_idx", "sample_idx", "sampled_points", "center", "cell_rep", "cell_of_raw", "global_prob")},
+                 "object_score": "engine_object_score"},
+              {"point_scores": "point_scores", "object_score": "object_score"})]
     blocks = []
     for name, inputs, outputs in steps:
         ins = "".join(f'    input_map {{ key: "{a}" value: "{b}" }}\n' for a, b in inputs.items())

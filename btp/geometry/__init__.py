@@ -9,7 +9,7 @@ from btp.geometry.features import fpfh_patches
 from btp.geometry.neighbors import Groups, group, group_batch, knn, knn_reference, neighborhoods
 from btp.geometry.normalize import denormalize, normalize
 from btp.geometry.sampling import downsample, fps, fps_reference
-from btp.geometry.scores import interpolate_to_raw, nearest_scores, propagate_patch_scores
+from btp.geometry.scores import interpolate_to_raw, nearest_scores, object_score, propagate_patch_scores, top_mean
 
 __all__ = [
     "normalize", "denormalize",
@@ -17,6 +17,6 @@ __all__ = [
     "knn", "knn_reference",
     "group", "group_batch", "Groups", "neighborhoods",
     "fpfh_patches",
-    "propagate_patch_scores", "interpolate_to_raw", "nearest_scores",
+    "propagate_patch_scores", "interpolate_to_raw", "nearest_scores", "object_score", "top_mean",
     "GeometryError", "DegenerateCloudError",
 ]

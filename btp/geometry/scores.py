@@ -13,6 +13,31 @@ INTERPOLATION_METHODS = ("nearest", "idw3")
 UNCOVERED_RULES = ("nearest_center", "zero")
 
 
+def top_mean(scores, top_ratio: float) -> float:
+    """Mean of the top ``top_ratio`` share of ``scores`` (at least one value)."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if s.size == 0:
+        raise GeometryError("top_mean: no scores")
+    k = max(1, int(np.ceil(top_ratio * s.size)))
+    return float(np.partition(s, s.size - k)[s.size - k:].mean())
+
+
+def object_score(scoring, engine_object_score: float, global_prob: float, sampled_scores) -> float:
+    """The object score the product reports, from one scan's engine outputs and its sampled
+    points' scores [N] (after ``propagate_patch_scores``).
+
+    ``scoring.object_source`` (btp/config.py ``ScoringConfig``): "patches" / "points" = the
+    engine's own ``object_score`` (computed in the graph); "pooled-points" = ``object_alpha *
+    global_prob + (1 - object_alpha) * top_mean(sampled_scores, top_ratio)``, the top share of
+    the point map itself, each point counted once (the graph cannot compute it: it does not
+    know which patch members are the same point)."""
+    if scoring.object_source != "pooled-points":
+        return float(engine_object_score)
+    alpha = float(scoring.object_alpha)
+    local = top_mean(sampled_scores, scoring.top_ratio)
+    return local if alpha == 0 else alpha * float(global_prob) + (1.0 - alpha) * local
+
+
 def propagate_patch_scores(patch_scores, patch_idx, center, points, uncovered: str = "nearest_center",
                            point_scores=None) -> np.ndarray:
     """Each point's score = mean of the scores of the patches that contain it.

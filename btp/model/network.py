@@ -149,7 +149,10 @@ class BTPModel(nn.Module):
         global_scores = F.normalize(global_embed, dim=-1) @ text.t()  # [B, 2]
         global_logit = (global_scores[:, 1] - global_scores[:, 0]) / self.cfg.scoring.global_temperature  # [B]
         global_prob = torch.sigmoid(global_logit)
-        if self.cfg.scoring.object_source == "points":  # validate() ensures the per-point head exists
+        # "pooled-points" is scored after the engine (btp.geometry.scores.object_score); the graph's
+        # own object_score then reads the per-point probabilities when there are any
+        source = self.cfg.scoring.object_source
+        if source == "points" or (source == "pooled-points" and point_out):  # validate(): "points" has the head
             top_mean = point_out["patch_point_probs"].flatten(1).topk(self.point_top_k, dim=1).values.mean(dim=1)
         else:
             top_mean = patch_probs.topk(self.top_k, dim=1).values.mean(dim=1)  # [B]

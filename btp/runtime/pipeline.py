@@ -30,6 +30,7 @@ import numpy as np
 
 from btp.geometry.prepare import Prepared, check_scan, engine_batch, min_points, prepare, scores_to_raw
 from btp.geometry.sampling import DOWNSAMPLE_METHODS
+from btp.geometry.scores import object_score
 from btp.io import PointCloud, read_point_cloud
 from btp.io.pointcloud import centred
 from btp.runtime.backends import make_backend
@@ -41,7 +42,7 @@ from btp.runtime.metadata import read_model_meta
 class Result:
     """Scores of one scan.
 
-    object_score    float          alpha * global_prob + (1 - alpha) * mean(top patch probs)
+    object_score    float          alpha * global_prob + (1 - alpha) * a top mean (scoring.object_source)
     point_scores    float32 [M]    per raw point, in the input's order (mean patch probability)
     patch_probs     float32 [G]    per FPS patch
     timings         {stage: ms}    load, sanitize, downsample, normalize, fps, group, engine, propagate,
@@ -170,19 +171,21 @@ class Pipeline:
         sampled, point_scores = scores_to_raw(patch_probs, job.prep, self.cfg, exact=self.downsample == "exact",
                                               timer=partial(_timed, t),
                                               point_probs=None if point_probs is None else point_probs[b])
-        return _result(job, outputs, b, t, point_scores, job.prep.sample_idx, sampled, batch)
+        return _result(self.cfg, job, outputs, b, t, point_scores, job.prep.sample_idx, sampled, batch)
 
     def finish_on_device(self, job: Job) -> Result:
         """The whole chain of one scan on the device (btp.runtime.device.DeviceChain)."""
         t = dict(job.timings)
         got = self.device_chain.run(job.raw, partial(_timed, t))
-        return _result(job, got.outputs, 0, t, got.point_scores, got.sample_idx, got.sampled_scores, 1)
+        return _result(self.cfg, job, got.outputs, 0, t, got.point_scores, got.sample_idx, got.sampled_scores, 1)
 
 
-def _result(job: Job, outputs, b: int, timings, point_scores, sample_idx, sampled_scores, batch: int) -> Result:
-    return Result(object_score=float(outputs["object_score"][b]), point_scores=point_scores,
+def _result(cfg, job: Job, outputs, b: int, timings, point_scores, sample_idx, sampled_scores, batch: int) -> Result:
+    global_prob = float(outputs["global_prob"][b]) if "global_prob" in outputs else float("nan")
+    return Result(object_score=object_score(cfg.scoring, outputs["object_score"][b], global_prob, sampled_scores),
+                  point_scores=point_scores,
                   patch_probs=np.asarray(outputs["patch_probs"][b], dtype=np.float32), timings=timings,
-                  global_prob=float(outputs["global_prob"][b]) if "global_prob" in outputs else float("nan"),
+                  global_prob=global_prob,
                   points=job.raw, path=job.path, batch_size=batch, warnings=job.warnings, sampled_idx=sample_idx,
                   sampled_scores=sampled_scores, row_mask=job.row_mask, offset=job.offset)
 

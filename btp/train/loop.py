@@ -141,10 +141,12 @@ def _collate(items: list[dict]) -> dict:
 def sample_scores(model, dataset, cached=None, batch_size: int = 16) -> dict[str, np.ndarray]:
     """The trained model on BTP samples, scored as the runtime scores them on the N sampled points:
     each point's mean probability over the patches that contain it (its own per-point ones with
-    ``gfcm.point_dim``). -> {point_scores [S, N], point_labels [S, N], object_scores [S], object_labels [S]}.
+    ``gfcm.point_dim``); object scores by ``btp.geometry.scores.object_score``.
+    -> {point_scores [S, N], point_labels [S, N], object_scores [S], object_labels [S]}.
     ``cached``: the CachedPointEncoder standing in for the encoder (rows = ``dataset``'s)."""
     import torch
 
+    from btp.geometry.scores import object_score
     from btp.model.scoring import point_logits_from_patches
 
     was = model.training
@@ -162,7 +164,8 @@ def sample_scores(model, dataset, cached=None, batch_size: int = 16) -> dict[str
                                               point_values=out.get("patch_point_probs"))
             points.append(point.numpy())
             labels.append(batch["point_labels"].numpy())
-            objects.append(out["object_score"].numpy())
+            objects.append(np.array([object_score(model.cfg.scoring, o, g, p) for o, g, p in
+                                     zip(out["object_score"].numpy(), out["global_prob"].numpy(), points[-1])]))
             object_labels.append(batch["object_label"].numpy())
     model.train(was)
     return {"point_scores": np.concatenate(points), "point_labels": np.concatenate(labels),
