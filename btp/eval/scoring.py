@@ -47,8 +47,9 @@ def score_cloud_torch(model, raw_points: np.ndarray, cfg: BTPConfig | None = Non
     """Run a PyTorch `BTPModel` on one raw scan [M,3] (eval mode, no grad).
 
     Patch probabilities -> points (mean over containing patches) -> raw scan; object score as
-    the runtime's (``btp.geometry.scores.object_score``). ``method``: the downsampling rule (``btp.geometry.prepare``); the
-    raw-scan interpolation is the exact rule unless that resolves to "voxel" (then its gather).
+    the runtime's (``btp.geometry.scores.object_score``). ``method``: the downsampling rule
+    (``btp.geometry.prepare``); the raw-scan interpolation is the exact rule unless that resolves
+    to "voxel" (then its gather).
     """
     import torch
 

@@ -12,7 +12,8 @@ The entry model is always ``btp``: input ``points`` FP32 ``[-1, 3]`` (one raw sc
   PyPI's nvidia-pytriton ships, which this project uses locally).
 - ``ensemble``: ``btp`` = ensemble of ``btp_pre`` (Python: btp.runtime's load/sample/group
   stages) -> ``btp_engine`` (``onnxruntime_onnx`` with dynamic batching, or ``tensorrt_plan`` from
-  ``btp build``) -> ``btp_post`` (Python: propagation and interpolation back to the raw rows).
+  ``btp build``) -> ``btp_post`` (Python: propagation and interpolation back to the raw rows,
+  and the object score as the runtime makes it).
   For NVIDIA's Triton containers, which carry the ONNX Runtime and TensorRT backends.
 
 Everything the stages need is read from the model file's metadata, as everywhere in btp. The
