@@ -35,6 +35,7 @@ def object_score(scoring, engine_object_score: float, global_prob: float, sample
         return float(engine_object_score)
     alpha = float(scoring.object_alpha)
     local = top_mean(sampled_scores, scoring.top_ratio)
+    # alpha 0 does not read global_prob, which is NaN for a graph without the global branch
     return local if alpha == 0 else alpha * float(global_prob) + (1.0 - alpha) * local
 
 

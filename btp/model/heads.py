@@ -14,9 +14,10 @@ def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
 
 
 def _diag3(m: torch.Tensor) -> torch.Tensor:
-    """The diagonal [..., 3] of ``m [..., 3, 3]`` as one Gather of the flattened matrix in ONNX;
-    torch.onnx writes ``Tensor.diagonal`` as an If/EyeLike/CumSum/GatherND subgraph."""
-    return m.flatten(-2).index_select(-1, torch.tensor([0, 4, 8], device=m.device))
+    """The diagonal [..., 3] of ``m [..., 3, 3]``: every 4th entry of the flattened matrix, one
+    strided Slice in ONNX; torch.onnx writes ``Tensor.diagonal`` as an If/EyeLike/CumSum/GatherND
+    subgraph."""
+    return m.flatten(-2)[..., ::4]
 
 
 def _dominant_eigvec(m: torch.Tensor) -> torch.Tensor:
