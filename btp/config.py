@@ -86,6 +86,11 @@ class GFCMConfig:
     # normal against the patch's - multi-scale local geometry (btp.model.heads.point_geometry).
     # () = xyz only (the spec).
     point_geometry: tuple[float, ...] = ()
+    # context_geometry = (w, ...): the same covariance shape over a wider neighbourhood, the points
+    # of the patch's context_k nearest patches (sigma = w x the patch's mean radius), with the
+    # point's in-patch shape against its mean there (btp.model.heads.context_geometry). Needs
+    # point_geometry and context_k > 0. () = off.
+    context_geometry: tuple[float, ...] = ()
     normal_radius: float = 0.05
     normal_max_nn: int = 30
     fpfh_radius: float = 0.1
@@ -248,6 +253,10 @@ class BTPConfig:
             problems.append("scoring.object_source='points' needs per-point scores (gfcm.point_dim > 0)")
         if any(not 0.0 < w for w in self.gfcm.point_geometry):
             problems.append(f"gfcm.point_geometry={self.gfcm.point_geometry}: widths must be > 0")
+        if any(not 0.0 < w for w in self.gfcm.context_geometry):
+            problems.append(f"gfcm.context_geometry={self.gfcm.context_geometry}: widths must be > 0")
+        if self.gfcm.context_geometry and not (self.gfcm.point_geometry and self.gfcm.context_k):
+            problems.append("gfcm.context_geometry needs gfcm.point_geometry and gfcm.context_k > 0")
         if self.gfcm.point_dim < 0:
             problems.append(f"gfcm.point_dim={self.gfcm.point_dim}: expected 0 (off) or a width > 0")
         if problems:
@@ -354,6 +363,18 @@ def btp_geo_config() -> BTPConfig:
     return cfg.validate()
 
 
+def btp_context_config() -> BTPConfig:
+    """btp_geo_config with part of GFCM's geometry read over a neighbourhood wider than one patch:
+    the in-patch width 0.5 stays, the in-patch width 1 is replaced by a width-2 neighbourhood over
+    the cores of the 8 context patches (``gfcm.context_geometry``, about the learned baseline's 64
+    nearest points), at about btp-geo's engine cost (models/btp-geo.md "Wider context")."""
+    cfg = btp_geo_config()
+    cfg.name = "btp-context"
+    cfg.gfcm.point_geometry = (0.5,)
+    cfg.gfcm.context_geometry = (2.0,)
+    return cfg.validate()
+
+
 def tiny_config() -> BTPConfig:
     """A test-sized model: runs forward/backward in well under a second on CPU."""
     return BTPConfig(
@@ -371,6 +392,7 @@ def tiny_config() -> BTPConfig:
 
 
 PRESETS = {"ulip2": ulip2_config, "btp-3dad": btp3dad_config, "btp-mini": btp_mini_config, "btp-geo": btp_geo_config,
+           "btp-context": btp_context_config,
            "tiny": tiny_config}
 # the committed default model: models/<name>.safetensors, what btp-export, btp-run, btp eval and the
 # demo use without --model (models/btp-geo.md)

@@ -632,6 +632,95 @@ def test_gfcm_with_point_geometry_trains_and_exports(tiny_batch):
         bad.validate()
 
 
+def _plane_groups(bump: float = 0.0):
+    """A 40 x 40 grid plane (optionally its middle point lifted by ``bump``), grouped into 64
+    patches of 16 by the product's grouping: patch xyz [1, G, K, 3], centres [1, G, 3], the
+    lifted point's (patch, slot) pairs."""
+    from btp.geometry import group
+
+    xs = np.stack(np.meshgrid(np.arange(40.0), np.arange(40.0)), -1).reshape(-1, 2)
+    pts = np.concatenate([xs, np.zeros((len(xs), 1))], 1).astype(np.float32)
+    middle = 20 * 40 + 20
+    pts[middle, 2] = bump
+    groups = group(pts, 64, 16, in_channels=3)
+    xyz = torch.from_numpy(pts[groups.patch_idx])[None]
+    return xyz, torch.from_numpy(groups.center)[None], np.argwhere(groups.patch_idx == middle)
+
+
+def _context(center: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.cdist(center, center).topk(k, dim=-1, largest=False).indices
+
+
+def test_context_geometry_reads_beyond_the_patch_is_invariant_and_exports(tiny_batch):
+    """Geometry over the context patches' cores: zero on a plane, a lifted point stands out of the
+    wide plane in every patch that holds it, invariant to pose and scale, finite on degenerate
+    patches; plain ONNX (that TensorRT parses) which ORT runs to the same values."""
+    import onnx
+    import onnxruntime as ort
+
+    from btp.export.onnx import unsupported_trt_ops
+    from btp.model.heads import _point_geometry_parts, context_geometry, context_geometry_width
+
+    def features(xyz, center, widths=(2.0,), k=4):
+        _, shape, normal = _point_geometry_parts(xyz, (0.5,))
+        return context_geometry(xyz, center, _context(center, k), widths, shape, normal)
+
+    xyz, center, _ = _plane_groups()
+    flat = features(xyz, center)
+    assert flat.shape == (1, 64, 16, context_geometry_width((2.0,))) == (1, 64, 16, 10)
+    assert flat[..., [0, 3, 5, 6, 9]].abs().max() < 1e-4  # surface variation, height, bend, relative: 0
+    xyz, center, holders = _plane_groups(bump=1.5)
+    got = features(xyz, center)
+    lifted = torch.zeros(64, 16, dtype=torch.bool)
+    lifted[holders[:, 0], holders[:, 1]] = True
+    assert got[0][lifted][:, 3].min() > 2 * got[0][~lifted][:, 3].max()  # height over the wide plane
+    # patches that do not hold the lifted point see it through their context, unlike in-patch geometry
+    others = ~torch.isin(torch.arange(64), torch.from_numpy(holders[:, 0]))
+    level, level_center = xyz.clone(), center.clone()  # the same patches, the point put back
+    level[..., 2], level_center[..., 2] = 0.0, 0.0
+    assert (got[0, others] - features(level, level_center)[0, others]).abs().amax(dim=(1, 2)).max() > 1e-2
+    in_patch = _point_geometry_parts(xyz, (0.5,))[0] - _point_geometry_parts(level, (0.5,))[0]
+    assert in_patch[0, others].abs().max() < 1e-5
+    for degenerate in (torch.zeros(1, 4, 8, 3), xyz[:, :4, :1].expand(-1, -1, 8, -1).clone()):
+        assert torch.isfinite(features(degenerate, degenerate[:, :, 0], k=2)).all()
+    xyz = (tiny_batch["neighborhood"][..., :3] + tiny_batch["center"].unsqueeze(2))[:1]  # [1, G, K, 3]
+    center = tiny_batch["center"][:1]
+    feats = features(xyz, center, (1.0, 2.0))
+    torch.manual_seed(3)
+    rot, _ = torch.linalg.qr(torch.randn(3, 3))
+    np.testing.assert_allclose(features(2.5 * xyz @ rot.T + 1.0, 2.5 * center @ rot.T + 1.0, (1.0, 2.0)).numpy(),
+                               feats.numpy(), atol=3e-3)
+
+    class Ctx(torch.nn.Module):
+        def forward(self, x, c):
+            return features(x, c, (1.0, 2.0))
+
+    buf = io.BytesIO()
+    torch.onnx.export(Ctx(), (xyz, center), buf, opset_version=17, dynamo=False, input_names=["xyz", "center"])
+    assert unsupported_trt_ops(onnx.load_from_string(buf.getvalue())) == []
+    sess = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"xyz": xyz.numpy(), "center": center.numpy()})[0]
+    np.testing.assert_allclose(got, feats.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_gfcm_with_context_geometry_trains_and_needs_its_inputs(tiny_batch):
+    cfg = tiny_config()
+    cfg.gfcm.frame, cfg.gfcm.context_k, cfg.gfcm.point_dim = "local", 4, 8
+    cfg.gfcm.point_geometry, cfg.gfcm.context_geometry = (0.5,), (2.0,)
+    torch.manual_seed(0)
+    model = BTPModel.with_default_text_encoder(cfg.validate())
+    assert model.gfcm.convs[0].in_channels == 3 + 12 + 10
+    out = model(tiny_batch["neighborhood"], tiny_batch["center"])
+    out["patch_point_logits"].sum().backward()
+    assert model.gfcm.convs[0].weight.grad[:, 15:].abs().sum() > 0  # the context features reach the loss
+    for field, value in (("point_geometry", ()), ("context_k", 0)):
+        bad = tiny_config()
+        bad.gfcm.context_k, bad.gfcm.point_geometry, bad.gfcm.context_geometry = 4, (0.5,), (2.0,)
+        setattr(bad.gfcm, field, value)
+        with pytest.raises(ValueError, match="context_geometry needs"):
+            bad.validate()
+
+
 def test_global_term_reads_the_top_point_logits_with_points_top(tiny_batch):
     """loss.object_term = "points-top": the global term's object logit is the mean of the top
     per-point logits (what the runtime's object score reads), not the largest patch logit."""

@@ -339,9 +339,9 @@ def test_precision_plan_on_the_real_exported_model(exported_tiny):
 
 
 def test_precision_plan_keeps_gfcm_frame_and_geometry_fp32(tmp_path):
-    """GFCM's local frame, in-patch geometry (covariances, closed-form eigen-solves) and context
-    distances are named under gfcm/ in the export and kept FP32 for that reason; its convs and
-    head run FP16."""
+    """GFCM's local frame, in-patch and context geometry (covariances, closed-form eigen-solves)
+    and context distances are named under gfcm/ in the export and kept FP32 for that reason; its
+    convs and head run FP16."""
     pytest.importorskip("torch")
     import onnx
 
@@ -349,7 +349,7 @@ def test_precision_plan_keeps_gfcm_frame_and_geometry_fp32(tmp_path):
 
     cfg = tiny_config()
     cfg.gfcm.frame, cfg.gfcm.context_k = "local", 4
-    cfg.gfcm.point_dim, cfg.gfcm.point_geometry = 8, (0.5, 1.0)
+    cfg.gfcm.point_dim, cfg.gfcm.point_geometry, cfg.gfcm.context_geometry = 8, (0.5, 1.0), (2.0,)
     path = tmp_path / "geo.onnx"
     export_onnx(fresh_model(cfg.validate()), path, parity_scans=1)
     plan = {p.name: p for p in trt_export.precision_plan(path)}
@@ -357,7 +357,8 @@ def test_precision_plan_keeps_gfcm_frame_and_geometry_fp32(tmp_path):
     in_gfcm = [n for n in nodes if n.startswith("/inner/gfcm/")]
     geometry = [n for n in in_gfcm if "/convs" not in n and "/head" not in n]
     assert len(geometry) > 100  # the frame + 2 widths of geometry + the context: hundreds of small ops
-    assert {n.op_type for n in map(nodes.get, geometry)} >= {"Acos", "Cos", "Sqrt", "ReduceSum", "Mul"}
+    assert {n.op_type for n in map(nodes.get, geometry)} >= {"Acos", "Cos", "Sqrt", "ReduceSum", "Mul", "TopK",
+                                                             "GatherElements"}
     for name in geometry:
         if plan[name].op_type not in trt_export.FP32_OP_TYPES:
             assert plan[name].precision == "fp32" and plan[name].reason.startswith("GFCM"), (name, plan[name])

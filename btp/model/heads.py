@@ -108,6 +108,13 @@ def point_geometry(patch_xyz: torch.Tensor, widths: tuple[float, ...]) -> torch.
     (``btp.eval.baselines.local_features``) with Gaussian instead of kNN neighbourhoods: no
     sorting, no ties, a handful of matrix products.
     """
+    return _point_geometry_parts(patch_xyz, widths)[0]
+
+
+def _point_geometry_parts(patch_xyz: torch.Tensor, widths: tuple[float, ...]):
+    """``point_geometry``'s features [B,G,K,F], plus what ``context_geometry`` compares with: the
+    finest width's shape (surface variation, linearity, planarity, height) [B,G,K,4] and its
+    unit normal [B,G,K,3] (sign arbitrary)."""
     with torch.no_grad():  # preprocessing of the input: no gradient flows through it
         x = patch_xyz - patch_xyz.mean(dim=2, keepdim=True)  # [B, G, K, 3]
         x = x / x.norm(dim=-1).mean(dim=2, keepdim=True).clamp_min(1e-12).unsqueeze(-1)  # mean radius 1
@@ -135,18 +142,80 @@ def point_geometry(patch_xyz: torch.Tensor, widths: tuple[float, ...]) -> torch.
         bend = 1.0 - (normal[:s] * normal[s:]).sum(-1, keepdim=True).abs()
         per_width = torch.cat([local, density, local - local.mean(dim=3, keepdim=True), bend], dim=-1)
         per_width = per_width.permute(1, 2, 3, 0, 4).reshape(b, g, k_all, 10 * s)  # [B, G, K, 10 S]
-        return torch.cat([per_width, shape[s, ..., 3:4], shape[s, ..., 0:1]], dim=-1)
+        features = torch.cat([per_width, shape[s, ..., 3:4], shape[s, ..., 0:1]], dim=-1)
+        return features, local[0], normal[0]
 
 
 def point_geometry_width(widths: tuple[float, ...]) -> int:
     return 10 * len(widths) + 2 if widths else 0
 
 
+def _gather_patches(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """values [B,G,K,F], idx [B,G,C] patch indices -> the C patches' rows [B,G,C*K,F]."""
+    b, g, k, f = values.shape
+    c = idx.shape[-1]
+    flat = idx.reshape(b, g * c, 1).expand(-1, -1, k * f)
+    return torch.gather(values.reshape(b, g, k * f), 1, flat).reshape(b, g, c * k, f)
+
+
+def context_geometry(patch_xyz: torch.Tensor, center: torch.Tensor, context: torch.Tensor, widths: tuple[float, ...],
+                     local_shape: torch.Tensor, local_normal: torch.Tensor) -> torch.Tensor:
+    """Geometry of every point of every patch over a neighbourhood wider than its patch: patch xyz
+    [B,G,K,3], centres [B,G,3], ``context`` [B,G,C] the indices of each patch's C nearest patches
+    (itself included) -> [B,G,K,10 per width], invariant to position, rotation and scale.
+
+    The neighbourhood is the cores of the context patches, a core being the K/4 points of a patch nearest its centre: each point lies in
+    about four patches, so the cores cover the surface about once, and 8 context patches give 64
+    points, the learned baseline's wide neighbourhood. The points are weighted by
+    exp(-d^2 / (2 (w r)^2)), r the patch's mean radius as in ``point_geometry``. From its
+    weighted covariance: surface variation, linearity, planarity, the point's height over the wide
+    plane (in the neighbourhood's rms radius), density (mass over the patch's mean of it); the
+    bend of the point's finest in-patch normal against the wide one (1 - |cos|); and the point's
+    finest in-patch shape (``local_shape``) minus its weighted mean over the neighbourhood - the
+    learned baseline's "relative to the 64 nearest" features, centred on the point instead of
+    cut at its patch's edge.
+    """
+    with torch.no_grad():
+        b, g, k, _ = patch_xyz.shape
+        mean = patch_xyz.mean(dim=2, keepdim=True)
+        radius = (patch_xyz - mean).norm(dim=-1).mean(dim=2, keepdim=True).clamp_min(1e-12).unsqueeze(-1)
+        x = (patch_xyz - mean) / radius  # [B, G, K, 3]
+        own = torch.cat([patch_xyz, local_shape], dim=-1)  # [B, G, K, 7]
+        to_centre = (patch_xyz - center.unsqueeze(2)).pow(2).sum(-1)  # [B, G, K]
+        core = to_centre.topk(max(k // 4, 1), dim=-1, largest=False).indices  # [B, G, K/4]
+        core = torch.gather(own, 2, core.unsqueeze(-1).expand(-1, -1, -1, own.shape[-1]))  # [B, G, K/4, 7]
+        ctx = _gather_patches(core, context)  # [B, G, C K/4, 7]
+        y = (ctx[..., :3] - mean) / radius
+        sq_x, sq_y = (x * x).sum(-1), (y * y).sum(-1)
+        d2 = (sq_x.unsqueeze(3) + sq_y.unsqueeze(2) - 2.0 * (x @ y.transpose(2, 3))).clamp_min(0.0)  # [B, G, K, C K/4]
+        weights = torch.exp(torch.stack([d2 * (-0.5 / (w * w)) for w in widths]))  # [S, B, G, K, C K/4]
+        moments = weights @ torch.cat([torch.ones_like(sq_y).unsqueeze(-1), y, _outer6(y), ctx[..., 3:]], dim=-1)
+        mass = moments[..., :1]  # [S, B, G, K, 1]
+        centroid = moments[..., 1:4] / mass
+        cov = moments[..., 4:10] / mass - _outer6(centroid)
+        evals, normal = _sym3_eigh(cov)
+        l3, l2, l1 = evals.unbind(-1)
+        total = evals.sum(-1).clamp_min(1e-30)
+        l1 = l1.clamp_min(1e-30)
+        height = ((x - centroid) * normal).sum(-1).abs() / total.sqrt().clamp_min(1e-12)
+        shape = torch.stack([l3 / total, (l1 - l2) / l1, (l2 - l3) / l1, height], dim=-1)  # [S, B, G, K, 4]
+        density = mass / mass.mean(dim=3, keepdim=True)
+        bend = 1.0 - (normal * local_normal).sum(-1, keepdim=True).abs()
+        relative = local_shape - moments[..., 10:] / mass
+        per_width = torch.cat([shape, density, bend, relative], dim=-1)  # [S, B, G, K, 10]
+        return per_width.permute(1, 2, 3, 0, 4).reshape(b, g, k, 10 * len(widths))
+
+
+def context_geometry_width(widths: tuple[float, ...]) -> int:
+    return 10 * len(widths)
+
+
 class GFCM(nn.Module):
     """Geometric feature creation: patch xyz [B,G,K,3] -> learned descriptor [B,G,out_dim].
 
     Input view: absolute xyz (``frame="world"``, the spec) or ``local_frame`` (``frame="local"``),
-    with ``point_geometry`` features appended per point when ``cfg.point_geometry`` names widths.
+    with ``point_geometry`` features appended per point when ``cfg.point_geometry`` names widths,
+    and ``context_geometry`` features over the context patches when ``cfg.context_geometry`` does.
     Conv2d(3 [+ F],c0)-BN-ReLU, Conv2d(c0,c1)-BN-ReLU, Conv2d(c1,c2)-BN-ReLU (1x1), max over K, then
     (``context_k > 0``) [h, h - mean of h over the context_k nearest patches], then
     Linear(.,hidden)-ReLU-Linear(hidden,out_dim) (out_dim = 33, the FPFH width it learns to mimic).
@@ -157,8 +226,10 @@ class GFCM(nn.Module):
         c0, c1, c2 = cfg.conv_dims
         self.frame, self.local_scale, self.context_k = cfg.frame, cfg.local_scale, cfg.context_k
         self.geometry = tuple(cfg.point_geometry)
+        self.context_geometry = tuple(cfg.context_geometry)
+        c_geo = point_geometry_width(self.geometry) + context_geometry_width(self.context_geometry)
         layers: list[nn.Module] = []
-        for c_in, c_out in ((3 + point_geometry_width(self.geometry), c0), (c0, c1), (c1, c2)):
+        for c_in, c_out in ((3 + c_geo, c0), (c0, c1), (c1, c2)):
             layers += [nn.Conv2d(c_in, c_out, 1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
         self.convs = nn.Sequential(*layers)
         self.head = _mlp(2 * c2 if cfg.context_k else c2, cfg.hidden, cfg.out_dim)
@@ -170,17 +241,23 @@ class GFCM(nn.Module):
         Called as a module (not through a method) so the exported graph names its frame and
         geometry ops under ``gfcm/``, where the TensorRT precision plan keeps them FP32."""
         # patch_xyz [B, G, K, 3] absolute coordinates; center [B, G, 3] (needed when context_k > 0)
-        view = local_frame(patch_xyz, self.local_scale) if self.frame == "local" else patch_xyz
-        if self.geometry:
-            view = torch.cat([view, point_geometry(patch_xyz, self.geometry)], dim=-1)  # [B, G, K, 3 + F]
-        per_point = self.convs(view.permute(0, 3, 1, 2))  # [B, c2, G, K]
-        x = per_point.max(dim=3).values.transpose(1, 2)  # [B, G, c2]
         if self.context_k:
             if center is None:
                 raise ValueError("GFCM with context_k > 0 needs the patch centres")
             dist = torch.cdist(center, center)  # [B, G, G]
-            kth = dist.topk(self.context_k, dim=-1, largest=False).values[..., -1:]  # [B, G, 1]
-            near = (dist <= kth).to(x.dtype)  # self included; ties may add a neighbour
+            nearest = dist.topk(self.context_k, dim=-1, largest=False)  # self included
+        view = local_frame(patch_xyz, self.local_scale) if self.frame == "local" else patch_xyz
+        if self.geometry:
+            features, local_shape, local_normal = _point_geometry_parts(patch_xyz, self.geometry)
+            parts = [view, features]
+            if self.context_geometry:
+                parts.append(context_geometry(patch_xyz, center, nearest.indices, self.context_geometry,
+                                              local_shape, local_normal))
+            view = torch.cat(parts, dim=-1)  # [B, G, K, 3 + F]
+        per_point = self.convs(view.permute(0, 3, 1, 2))  # [B, c2, G, K]
+        x = per_point.max(dim=3).values.transpose(1, 2)  # [B, G, c2]
+        if self.context_k:
+            near = (dist <= nearest.values[..., -1:]).to(x.dtype)  # ties may add a neighbour
             context = (near / near.sum(dim=-1, keepdim=True)) @ x  # [B, G, c2]
             x = torch.cat([x, x - context], dim=-1)
         return self.head(x), per_point, x  # [B, G, out_dim], [B, c2, G, K], [B, G, c2 | 2 c2]
