@@ -272,3 +272,35 @@ def test_downsample_rule_reaches_both_scorers_and_the_rules_report(shapes_root, 
         assert two["delta_points"][metric] == pytest.approx(np.mean(values))
         assert two["delta_se_points"][metric] == pytest.approx(np.std(values, ddof=1) / np.sqrt(2))
     assert "±" in rules_markdown(multi) and "FPS start in [0, 1]" in rules_markdown(multi)
+
+
+def test_models_comparison_pairs_the_samples(shapes_root, tiny_checkpoint, tmp_path):
+    """`btp-bench models A B`: both models score the same samples at each FPS start. The same
+    model as checkpoint and as ONNX differs by ~0; another model's difference is the paired mean
+    of per-start differences of what `btp eval` gives each model alone."""
+    pytest.importorskip("onnxruntime")
+    from btp.benchmarks.rules import models_markdown, run_models
+    from btp.eval.evaluate import evaluate, load_scorer
+    from btp.export.onnx import export_onnx, fresh_model, load_model
+
+    root = tmp_path / "set"
+    plan = SynthPlan(per_class_train=0, per_class_test_good=2, per_class_test_bad=2, seed=4)
+    write_dataset(shapes_root, root, ["hex_nut"], plan, SynthConfig(num_points=3000))
+    same = export_onnx(load_model(tiny_checkpoint), tmp_path / "tiny.onnx", simplify=False, parity_scans=1).path
+    other = export_onnx(fresh_model(load_model(tiny_checkpoint).model.cfg, seed=7), tmp_path / "other" / "tiny.onnx",
+                        simplify=False, parity_scans=1).path
+    twin = run_models([tiny_checkpoint, same], [root], starts=(0, 1))
+    assert max(abs(v) for v in twin["sets"][0]["delta_points"].values()) < 1e-2
+    pair = run_models([same, other], [root], starts=(0, 1))
+    assert len(set(pair["models"])) == 2  # same file name: told apart by folder
+    (entry,) = pair["sets"]
+    for start in (0, 1):
+        for label, path in zip(pair["models"], (same, other)):
+            scorer = load_scorer(path)
+            scorer.cfg.preprocess.fps_start = start
+            alone = evaluate(root, scorer=scorer, baselines=False)["mean"]
+            assert entry["models"][label]["per_start"][str(start)]["o_auroc"] == alone["o_auroc"]
+    per = entry["delta_per_start_points"]["p_auroc"]
+    assert entry["delta_points"]["p_auroc"] == pytest.approx(np.mean(per)) and max(map(abs, per)) > 0
+    text = models_markdown(pair)
+    assert f"**{pair['models'][1]} - {pair['models'][0]}**" in text and "±" in text

@@ -1,4 +1,5 @@
-"""`btp-bench rules`: what a raw-scan rule changes in accuracy, against the exact rule.
+"""`btp-bench rules`: what a raw-scan rule changes in accuracy, against the exact rule; and
+`btp-bench models`: two models on the same samples.
 
 For each data set (held-out test scans, e.g. ``btp data eval-sets --points 100000``: scanner
 density, where the rules differ), the model is evaluated by ``btp.eval.evaluate`` once per rule
@@ -11,6 +12,10 @@ on O-AUROC and P-AUROC (point metrics on the raw scans, full resolution).
 ``starts`` (``btp-bench rules --starts 0,1,2``) runs every rule from several FPS start points
 and reports the paired difference's mean and standard error: on sets of a few hundred scans a
 single start moves O-AUROC by several points, more than the goal.
+
+``btp-bench models A B --starts 0,1,2`` runs the same paired comparison between two models (one
+rule): both score the same samples at every start, so the difference between them is measured
+without the sampling noise that two separate ``btp eval`` runs carry.
 
 The rule ``exact-start1`` is the exact rule started at point 1 instead of the model's
 ``preprocess.fps_start`` (both FPS: the downsampling and the patch centres): an equally valid
@@ -35,20 +40,55 @@ def run_rules(model, data_roots, *, rules=("exact", "auto"), starts=None,
     reported metrics are the means over starts, ``delta_points`` the mean of the paired
     per-start differences (fast - reference) and ``delta_se_points`` its standard error, so the
     0.5-point goal is judged against the sampling noise instead of one draw of it."""
+    from btp.benchmarks.machine import describe_machine
+
+    sets = _compare([(rule, model, rule) for rule in rules], data_roots, starts, progress)
+    for entry in sets:
+        entry["rules"] = entry.pop("arms")
+        entry["met"] = all(abs(entry["delta_points"][m]) <= GOAL_POINTS for m in ("o_auroc", "p_auroc"))
+    return {"machine": describe_machine(), "model": str(model), "rules": list(rules), "goal_points": GOAL_POINTS,
+            "starts": list(starts) if starts else None, "sets": sets}
+
+
+def run_models(models, data_roots, *, rule: str = "exact", starts=None,
+               progress: Callable[[str], None] | None = None) -> dict:
+    """``btp-bench models A B``: the same held-out evaluation of two models, paired: each set and
+    FPS start scores the same samples with both, so ``delta_points`` (B - A, the mean of the
+    per-start differences) and its standard error over starts compare the models without the
+    sampling noise that separate ``btp eval`` runs carry."""
+    from btp.benchmarks.machine import describe_machine
+
+    if len(models) != 2:
+        raise ValueError(f"btp-bench models compares two models, got {len(models)}")
+    labels = [Path(m).stem for m in models]
+    if labels[0] == labels[1]:
+        labels = [f"{Path(m).parent.name}/{Path(m).stem}" for m in models]
+    if labels[0] == labels[1]:
+        labels = [f"A:{labels[0]}", f"B:{labels[1]}"]
+    sets = _compare([(label, model, rule) for label, model in zip(labels, models)], data_roots, starts, progress)
+    for entry in sets:
+        entry["models"] = entry.pop("arms")
+    return {"machine": describe_machine(), "models": labels, "model_files": [str(m) for m in models],
+            "rule": rule, "starts": list(starts) if starts else None, "sets": sets}
+
+
+def _compare(arms, data_roots, starts, progress) -> list[dict]:
+    """arms = [(label, model, rule), ...]; the first is the reference, the last is compared with it.
+    Per set: every arm's class-mean metrics (means over starts), ``delta_points`` = last - first
+    (x100) and, with several starts, the paired per-start differences and their standard error."""
     import numpy as np
 
-    from btp.benchmarks.machine import describe_machine
     from btp.eval.evaluate import evaluate, load_scorer
 
     say = progress or (lambda _msg: None)
     sets = []
     for root in data_roots:
         root = Path(root)
-        by_rule = {}
-        for rule in rules:
+        by_arm = {}
+        for label, model, rule in arms:
             runs = {}
             for start in (starts or (None,)):
-                say(f"{root.name}: rule {rule}" + ("" if start is None else f", FPS start {start}"))
+                say(f"{root.name}: {label}" + ("" if start is None else f", FPS start {start}"))
                 scorer = load_scorer(model, downsample="exact" if rule == "exact-start1" else rule)
                 if start is not None:
                     scorer.cfg.preprocess.fps_start = int(start)  # the scorer's own copy of the model's config
@@ -61,23 +101,21 @@ def run_rules(model, data_roots, *, rules=("exact", "auto"), starts=None,
                                "points": sorted({v["points"] // max(1, v["good"] + v["bad"])
                                                  for v in report["data"]["samples"].values()})}
             first = next(iter(runs.values()))
-            by_rule[rule] = {"mean": {m: float(np.mean([r["mean"][m] for r in runs.values()])) for m in first["mean"]},
+            by_arm[label] = {"mean": {m: float(np.mean([r["mean"][m] for r in runs.values()])) for m in first["mean"]},
                              "ms_per_scan": float(np.median([r["ms_per_scan"] for r in runs.values()])),
                              "scans": first["scans"], "points": first["points"]}
             if starts:
-                by_rule[rule]["per_start"] = {str(k): v["mean"] for k, v in runs.items()}
-        reference, fast = by_rule[rules[0]], by_rule[rules[-1]]
-        delta = {m: 100 * (fast["mean"][m] - reference["mean"][m]) for m in reference["mean"]}
-        entry = {"data": str(root), "made_by": _made_by(root), "rules": by_rule, "delta_points": delta,
-                 "met": all(abs(delta[m]) <= GOAL_POINTS for m in ("o_auroc", "p_auroc"))}
+                by_arm[label]["per_start"] = {str(k): v["mean"] for k, v in runs.items()}
+        reference, other = by_arm[arms[0][0]], by_arm[arms[-1][0]]
+        delta = {m: 100 * (other["mean"][m] - reference["mean"][m]) for m in reference["mean"]}
+        entry = {"data": str(root), "made_by": _made_by(root), "arms": by_arm, "delta_points": delta}
         if starts and len(starts) > 1:
-            paired = {m: [100 * (fast["per_start"][str(k)][m] - reference["per_start"][str(k)][m]) for k in starts]
+            paired = {m: [100 * (other["per_start"][str(k)][m] - reference["per_start"][str(k)][m]) for k in starts]
                       for m in reference["mean"]}
             entry["delta_se_points"] = {m: float(np.std(v, ddof=1) / np.sqrt(len(v))) for m, v in paired.items()}
             entry["delta_per_start_points"] = paired
         sets.append(entry)
-    return {"machine": describe_machine(), "model": str(model), "rules": list(rules), "goal_points": GOAL_POINTS,
-            "starts": list(starts) if starts else None, "sets": sets}
+    return sets
 
 
 def _made_by(root: Path) -> str | None:
@@ -104,23 +142,42 @@ def rules_markdown(data: dict) -> str:
              f"and set, the model only).",
              f"- Goal: |{fast} - {ref}| <= {data['goal_points']} point on O-AUROC and P-AUROC (point metrics on the "
              "raw scans); values are class means x100."]
+    return _table_markdown(data, "rules", "rule", lines,
+                           lambda s: f"goal {'MET' if s['met'] else 'MISSED'}")
+
+
+def models_markdown(data: dict) -> str:
+    from btp.benchmarks.machine import machine_line
+
+    a, b = data["models"]
+    lines = [f"# Models: `{b}` against `{a}`, held-out accuracy, paired", "",
+             f"- Machine: {machine_line(data['machine'])}", f"- Date (UTC): {data['machine']['date_utc']}",
+             f"- Models: `{data['model_files'][0]}` (A), `{data['model_files'][1]}` (B). Command: "
+             f"`btp-bench models A B --data SET ...` (one `btp eval` per model, set and FPS start, the model only, "
+             f"raw-scan rule `{data['rule']}`).",
+             "- Both models score the same samples of each scan at each start; values are class means x100."]
+    return _table_markdown(data, "models", "model", lines, lambda s: "")
+
+
+def _table_markdown(data: dict, key: str, column: str, lines: list[str], verdict) -> str:
+    ref, other = data[key][0], data[key][-1]
     lines += [f"- `{Path(s['data']).name}`: {s['made_by']}" for s in data["sets"] if s.get("made_by")]
     lines += ["",
-             "| set | scans x points | rule | O-AUROC | P-AUROC | AU-PRO | P-AUROC (2048 sampled) | ms per scan |",
+             f"| set | scans x points | {column} | O-AUROC | P-AUROC | AU-PRO | P-AUROC (2048 sampled) | ms per scan |",
              "|---|---|---|---|---|---|---|---|"]
     for s in data["sets"]:
-        for rule in data["rules"]:
-            r = s["rules"][rule]
+        for arm in data[key]:
+            r = s[key][arm]
             m = r["mean"]
             lines.append(f"| {Path(s['data']).name} | {r['scans']} x {', '.join(f'{p:,}' for p in r['points'])} | "
-                         f"{rule} | {100 * m['o_auroc']:.2f} | {100 * m['p_auroc']:.2f} | {100 * m['au_pro']:.2f} | "
+                         f"{arm} | {100 * m['o_auroc']:.2f} | {100 * m['p_auroc']:.2f} | {100 * m['au_pro']:.2f} | "
                          f"{100 * m['p_auroc_sampled']:.2f} | {r['ms_per_scan']:.1f} |")
         d, se = s["delta_points"], s.get("delta_se_points")
         shown = {m: f"{d[m]:+.2f}" + (f" ± {se[m]:.2f}" if se else "") for m in d}
-        lines.append(f"| {Path(s['data']).name} | | **{fast} - {ref}** | {shown['o_auroc']} | {shown['p_auroc']} | "
-                     f"{shown['au_pro']} | {shown['p_auroc_sampled']} | goal {'MET' if s['met'] else 'MISSED'} |")
+        lines.append(f"| {Path(s['data']).name} | | **{other} - {ref}** | {shown['o_auroc']} | {shown['p_auroc']} | "
+                     f"{shown['au_pro']} | {shown['p_auroc_sampled']} | {verdict(s)} |")
     if data.get("starts"):
-        lines += ["", f"- Every rule ran from each FPS start in {data['starts']} (downsampling and patch centres); "
+        lines += ["", f"- Every {column} ran from each FPS start in {data['starts']} (downsampling and patch centres); "
                   "the rows are means over the starts, the difference is the mean of the paired per-start "
                   "differences ± its standard error (n = number of starts)."]
         for s in data["sets"]:

@@ -5,6 +5,7 @@ Heavy imports happen inside the commands. Reports go to benchmarks/results/ (or 
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -309,15 +310,44 @@ def rules(
 
     if rule not in ("auto", "voxel", "bucket", "exact-start1"):
         raise typer.BadParameter(f"{rule!r}: choose auto, voxel, bucket or exact-start1", param_hint="--rule")
+    start_list = _start_list(starts)
+    result = run_rules(model, data, rules=("exact", rule), starts=start_list, progress=_say)
+    name = f"accuracy-{rule}" + (f"-{len(start_list)}-starts" if start_list else "")
+    _write_report(name, result, rules_markdown(result), out)
+
+
+def _start_list(starts: str | None) -> list[int] | None:
     try:
         start_list = [int(v) for v in starts.split(",") if v.strip()] if starts else None
     except ValueError:
         raise typer.BadParameter(f"{starts!r}: comma-separated integers, e.g. 0,1,2", param_hint="--starts") from None
     if start_list and (min(start_list) < 0 or len(set(start_list)) != len(start_list)):
         raise typer.BadParameter(f"{starts!r}: distinct start indices >= 0", param_hint="--starts")
-    result = run_rules(model, data, rules=("exact", rule), starts=start_list, progress=_say)
-    name = f"accuracy-{rule}" + (f"-{len(start_list)}-starts" if start_list else "")
-    _write_report(name, result, rules_markdown(result), out)
+    return start_list
+
+
+@app.command()
+def models(
+    model_a: Path = typer.Argument(..., exists=True, dir_okay=False, help="reference model (.onnx or .safetensors)"),
+    model_b: Path = typer.Argument(..., exists=True, dir_okay=False, help="the model compared with it"),
+    data: list[Path] = typer.Option(..., "--data", exists=True, file_okay=False,
+                                    help="held-out test set (repeatable), e.g. from `btp data eval-sets`"),
+    starts: str = typer.Option("0,1,2", help="FPS start indices: both models from each, the difference as "
+                               "mean ± standard error over starts"),
+    rule: str = typer.Option("exact", help="raw-scan rule for both: exact | auto"),
+    out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
+) -> None:
+    """Two models on the same held-out samples: O-/P-AUROC and AU-PRO of each and their paired
+    difference (B - A) per set, from several FPS starts."""
+    from btp.benchmarks.rules import models_markdown, run_models
+
+    if rule not in ("exact", "auto"):
+        raise typer.BadParameter(f"{rule!r}: choose exact or auto", param_hint="--rule")
+    start_list = _start_list(starts)
+    result = run_models([model_a, model_b], data, rule=rule, starts=start_list, progress=_say)
+    a, b = (re.sub(r"[^A-Za-z0-9._-]+", "-", label) for label in result["models"])
+    name = f"accuracy-models-{b}-vs-{a}" + (f"-{len(start_list)}-starts" if start_list else "")
+    _write_report(name, result, models_markdown(result), out)
 
 
 @app.command()
