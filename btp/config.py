@@ -257,6 +257,9 @@ class BTPConfig:
             problems.append(f"gfcm.context_geometry={self.gfcm.context_geometry}: widths must be > 0")
         if self.gfcm.context_geometry and not (self.gfcm.point_geometry and self.gfcm.context_k):
             problems.append("gfcm.context_geometry needs gfcm.point_geometry and gfcm.context_k > 0")
+        if self.gfcm.context_geometry and e.group_size < 4:
+            problems.append(f"gfcm.context_geometry needs encoder.group_size >= 4 (a core is K/4 points), "
+                            f"got {e.group_size}")
         if self.gfcm.point_dim < 0:
             problems.append(f"gfcm.point_dim={self.gfcm.point_dim}: expected 0 (off) or a width > 0")
         if problems:

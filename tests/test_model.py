@@ -719,6 +719,11 @@ def test_gfcm_with_context_geometry_trains_and_needs_its_inputs(tiny_batch):
         setattr(bad.gfcm, field, value)
         with pytest.raises(ValueError, match="context_geometry needs"):
             bad.validate()
+    small = tiny_config()
+    small.encoder.group_size = 3
+    small.gfcm.context_k, small.gfcm.point_geometry, small.gfcm.context_geometry = 4, (0.5,), (2.0,)
+    with pytest.raises(ValueError, match="group_size >= 4"):
+        small.validate()
 
 
 def test_global_term_reads_the_top_point_logits_with_points_top(tiny_batch):

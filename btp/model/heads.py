@@ -182,7 +182,7 @@ def context_geometry(patch_xyz: torch.Tensor, center: torch.Tensor, context: tor
         x = (patch_xyz - mean) / radius  # [B, G, K, 3]
         own = torch.cat([patch_xyz, local_shape], dim=-1)  # [B, G, K, 7]
         to_centre = (patch_xyz - center.unsqueeze(2)).pow(2).sum(-1)  # [B, G, K]
-        core = to_centre.topk(max(k // 4, 1), dim=-1, largest=False).indices  # [B, G, K/4]
+        core = to_centre.topk(k // 4, dim=-1, largest=False).indices  # [B, G, K/4]; K >= 4 (config)
         core = torch.gather(own, 2, core.unsqueeze(-1).expand(-1, -1, -1, own.shape[-1]))  # [B, G, K/4, 7]
         ctx = _gather_patches(core, context)  # [B, G, C K/4, 7]
         y = (ctx[..., :3] - mean) / radius
