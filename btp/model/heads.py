@@ -164,10 +164,11 @@ def context_geometry(patch_xyz: torch.Tensor, center: torch.Tensor, context: tor
     [B,G,K,3], centres [B,G,3], ``context`` [B,G,C] the indices of each patch's C nearest patches
     (itself included) -> [B,G,K,10 per width], invariant to position, rotation and scale.
 
-    The neighbourhood is the cores of the context patches, a core being the K/4 points of a patch nearest its centre: each point lies in
-    about four patches, so the cores cover the surface about once, and 8 context patches give 64
-    points, the learned baseline's wide neighbourhood. The points are weighted by
-    exp(-d^2 / (2 (w r)^2)), r the patch's mean radius as in ``point_geometry``. From its
+    The neighbourhood is the cores of the context patches, a core being the K/4 points of a patch
+    nearest its centre: each point lies in about four patches, so the cores cover the surface
+    about once, and 8 context patches give 64 points, the learned baseline's wide neighbourhood.
+    The points are weighted by exp(-d^2 / (2 (w r)^2)), r the patch's mean radius as in
+    ``point_geometry``. From its
     weighted covariance: surface variation, linearity, planarity, the point's height over the wide
     plane (in the neighbourhood's rms radius), density (mass over the patch's mean of it); the
     bend of the point's finest in-patch normal against the wide one (1 - |cos|); and the point's
