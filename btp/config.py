@@ -86,10 +86,10 @@ class GFCMConfig:
     # normal against the patch's - multi-scale local geometry (btp.model.heads.point_geometry).
     # () = xyz only (the spec).
     point_geometry: tuple[float, ...] = ()
-    # context_geometry = (w, ...): the same covariance shape over a wider neighbourhood, the points
-    # of the patch's context_k nearest patches (sigma = w x the patch's mean radius), with the
-    # point's in-patch shape against its mean there (btp.model.heads.context_geometry). Needs
-    # point_geometry and context_k > 0. () = off.
+    # context_geometry = (w, ...): the same covariance shape over a wider neighbourhood, the cores
+    # (K/4 points nearest the centre) of the patch's context_k nearest patches (sigma = w x the
+    # patch's mean radius), with the point's in-patch shape against its mean there
+    # (btp.model.heads.context_geometry). Needs point_geometry and context_k > 0. () = off.
     context_geometry: tuple[float, ...] = ()
     normal_radius: float = 0.05
     normal_max_nn: int = 30
@@ -370,7 +370,8 @@ def btp_context_config() -> BTPConfig:
     """btp_geo_config with part of GFCM's geometry read over a neighbourhood wider than one patch:
     the in-patch width 0.5 stays, the in-patch width 1 is replaced by a width-2 neighbourhood over
     the cores of the 8 context patches (``gfcm.context_geometry``, about the learned baseline's 64
-    nearest points), at about btp-geo's engine cost (models/btp-geo.md "Wider context")."""
+    nearest points), at about btp-geo's engine cost. Tried on the validation split and not adopted:
+    it loses 1.4 points of point AUROC (models/btp-geo.md "Wider context")."""
     cfg = btp_geo_config()
     cfg.name = "btp-context"
     cfg.gfcm.point_geometry = (0.5,)
