@@ -662,8 +662,7 @@ def test_context_geometry_reads_beyond_the_patch_is_invariant_and_exports(tiny_b
     from btp.model.heads import _point_geometry_parts, context_geometry, context_geometry_width
 
     def features(xyz, center, widths=(2.0,), k=4):
-        _, shape, normal = _point_geometry_parts(xyz, (0.5,))
-        return context_geometry(xyz, center, _context(center, k), widths, shape, normal)
+        return context_geometry(xyz, center, _context(center, k), widths, _point_geometry_parts(xyz, (0.5,)))
 
     xyz, center, _ = _plane_groups()
     flat = features(xyz, center)

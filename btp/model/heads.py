@@ -1,6 +1,8 @@
 """BTP's trainable heads: GFCM (geometric descriptors) and MGFEM (multi-granularity fusion)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -111,13 +113,23 @@ def point_geometry(patch_xyz: torch.Tensor, widths: tuple[float, ...]) -> torch.
     return _point_geometry_parts(patch_xyz, widths)[0]
 
 
-def _point_geometry_parts(patch_xyz: torch.Tensor, widths: tuple[float, ...]):
-    """``point_geometry``'s features [B,G,K,F], plus what ``context_geometry`` compares with: the
-    finest width's shape (surface variation, linearity, planarity, height) [B,G,K,4] and its
-    unit normal [B,G,K,3] (sign arbitrary)."""
+class _PatchGeometry(NamedTuple):
+    """``point_geometry``'s features and what ``context_geometry`` reuses of its work."""
+
+    features: torch.Tensor  # [B, G, K, F]
+    shape: torch.Tensor  # the finest width's surface variation, linearity, planarity, height [B, G, K, 4]
+    normal: torch.Tensor  # the finest width's unit normal [B, G, K, 3] (sign arbitrary)
+    centroid: torch.Tensor  # the patch mean [B, G, 1, 3]
+    radius: torch.Tensor  # the patch points' mean distance to it [B, G, 1, 1]
+    unit: torch.Tensor  # the patch centred on its mean, in units of its radius [B, G, K, 3]
+
+
+def _point_geometry_parts(patch_xyz: torch.Tensor, widths: tuple[float, ...]) -> _PatchGeometry:
     with torch.no_grad():  # preprocessing of the input: no gradient flows through it
-        x = patch_xyz - patch_xyz.mean(dim=2, keepdim=True)  # [B, G, K, 3]
-        x = x / x.norm(dim=-1).mean(dim=2, keepdim=True).clamp_min(1e-12).unsqueeze(-1)  # mean radius 1
+        centroid = patch_xyz.mean(dim=2, keepdim=True)
+        x = patch_xyz - centroid  # [B, G, K, 3]
+        patch_radius = x.norm(dim=-1).mean(dim=2, keepdim=True).clamp_min(1e-12).unsqueeze(-1)
+        x = x / patch_radius  # mean radius 1
         b, g, k_all, _ = x.shape
         s = len(widths)
         second = _outer6(x)  # [B, G, K, 6]
@@ -143,7 +155,7 @@ def _point_geometry_parts(patch_xyz: torch.Tensor, widths: tuple[float, ...]):
         per_width = torch.cat([local, density, local - local.mean(dim=3, keepdim=True), bend], dim=-1)
         per_width = per_width.permute(1, 2, 3, 0, 4).reshape(b, g, k_all, 10 * s)  # [B, G, K, 10 S]
         features = torch.cat([per_width, shape[s, ..., 3:4], shape[s, ..., 0:1]], dim=-1)
-        return features, local[0], normal[0]
+        return _PatchGeometry(features, local[0], normal[0], centroid, patch_radius, x)
 
 
 def point_geometry_width(widths: tuple[float, ...]) -> int:
@@ -159,10 +171,11 @@ def _gather_patches(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def context_geometry(patch_xyz: torch.Tensor, center: torch.Tensor, context: torch.Tensor, widths: tuple[float, ...],
-                     local_shape: torch.Tensor, local_normal: torch.Tensor) -> torch.Tensor:
+                     own: _PatchGeometry) -> torch.Tensor:
     """Geometry of every point of every patch over a neighbourhood wider than its patch: patch xyz
     [B,G,K,3], centres [B,G,3], ``context`` [B,G,C] the indices of each patch's C nearest patches
-    (itself included) -> [B,G,K,10 per width], invariant to position, rotation and scale.
+    (itself included), ``own`` the patches' ``_point_geometry_parts`` -> [B,G,K,10 per width],
+    invariant to position, rotation and scale.
 
     The neighbourhood is the cores of the context patches, a core being the K/4 points of a patch
     nearest its centre: each point lies in about four patches, so the cores cover the surface
@@ -172,21 +185,19 @@ def context_geometry(patch_xyz: torch.Tensor, center: torch.Tensor, context: tor
     weighted covariance: surface variation, linearity, planarity, the point's height over the wide
     plane (in the neighbourhood's rms radius), density (mass over the patch's mean of it); the
     bend of the point's finest in-patch normal against the wide one (1 - |cos|); and the point's
-    finest in-patch shape (``local_shape``) minus its weighted mean over the neighbourhood - the
+    finest in-patch shape (``own.shape``) minus its weighted mean over the neighbourhood - the
     learned baseline's "relative to the 64 nearest" features, centred on the point instead of
     cut at its patch's edge.
     """
     with torch.no_grad():
         b, g, k, _ = patch_xyz.shape
-        mean = patch_xyz.mean(dim=2, keepdim=True)
-        radius = (patch_xyz - mean).norm(dim=-1).mean(dim=2, keepdim=True).clamp_min(1e-12).unsqueeze(-1)
-        x = (patch_xyz - mean) / radius  # [B, G, K, 3]
-        own = torch.cat([patch_xyz, local_shape], dim=-1)  # [B, G, K, 7]
+        x, local_shape = own.unit, own.shape  # [B, G, K, 3], [B, G, K, 4]
+        rows = torch.cat([patch_xyz, local_shape], dim=-1)  # [B, G, K, 7]
         to_centre = (patch_xyz - center.unsqueeze(2)).pow(2).sum(-1)  # [B, G, K]
         core = to_centre.topk(k // 4, dim=-1, largest=False).indices  # [B, G, K/4]; K >= 4 (config)
-        core = torch.gather(own, 2, core.unsqueeze(-1).expand(-1, -1, -1, own.shape[-1]))  # [B, G, K/4, 7]
+        core = torch.gather(rows, 2, core.unsqueeze(-1).expand(-1, -1, -1, rows.shape[-1]))  # [B, G, K/4, 7]
         ctx = _gather_patches(core, context)  # [B, G, C K/4, 7]
-        y = (ctx[..., :3] - mean) / radius
+        y = (ctx[..., :3] - own.centroid) / own.radius
         sq_x, sq_y = (x * x).sum(-1), (y * y).sum(-1)
         d2 = (sq_x.unsqueeze(3) + sq_y.unsqueeze(2) - 2.0 * (x @ y.transpose(2, 3))).clamp_min(0.0)  # [B, G, K, C K/4]
         weights = torch.exp(torch.stack([d2 * (-0.5 / (w * w)) for w in widths]))  # [S, B, G, K, C K/4]
@@ -201,7 +212,7 @@ def context_geometry(patch_xyz: torch.Tensor, center: torch.Tensor, context: tor
         height = ((x - centroid) * normal).sum(-1).abs() / total.sqrt().clamp_min(1e-12)
         shape = torch.stack([l3 / total, (l1 - l2) / l1, (l2 - l3) / l1, height], dim=-1)  # [S, B, G, K, 4]
         density = mass / mass.mean(dim=3, keepdim=True)
-        bend = 1.0 - (normal * local_normal).sum(-1, keepdim=True).abs()
+        bend = 1.0 - (normal * own.normal).sum(-1, keepdim=True).abs()
         relative = local_shape - moments[..., 10:] / mass
         per_width = torch.cat([shape, density, bend, relative], dim=-1)  # [S, B, G, K, 10]
         return per_width.permute(1, 2, 3, 0, 4).reshape(b, g, k, 10 * len(widths))
@@ -249,11 +260,10 @@ class GFCM(nn.Module):
             nearest = dist.topk(self.context_k, dim=-1, largest=False)  # self included
         view = local_frame(patch_xyz, self.local_scale) if self.frame == "local" else patch_xyz
         if self.geometry:
-            features, local_shape, local_normal = _point_geometry_parts(patch_xyz, self.geometry)
-            parts = [view, features]
+            own = _point_geometry_parts(patch_xyz, self.geometry)
+            parts = [view, own.features]
             if self.context_geometry:
-                parts.append(context_geometry(patch_xyz, center, nearest.indices, self.context_geometry,
-                                              local_shape, local_normal))
+                parts.append(context_geometry(patch_xyz, center, nearest.indices, self.context_geometry, own))
             view = torch.cat(parts, dim=-1)  # [B, G, K, 3 + F]
         per_point = self.convs(view.permute(0, 3, 1, 2))  # [B, c2, G, K]
         x = per_point.max(dim=3).values.transpose(1, 2)  # [B, G, c2]
