@@ -364,3 +364,29 @@ def test_validation_families_are_held_out_of_the_btp_stage(shapes_root, tmp_path
     assert 0.0 <= result["point_auroc_pooled"] <= 1.0
     assert json.loads((tmp_path / "v" / "validation" / "validation.json").read_text())["steps"] == result["steps"]
     assert not (tmp_path / "v" / "recipe.json").exists()  # no shipped model from a validation run
+
+
+def test_validation_eval_sets_hold_the_validation_families_only(shapes_root, tmp_path):
+    """`btp data eval-sets --split validation`: raw-scan test sets on the meshes a `--validate` run
+    never trains on (its validation families), from both makers; no held-out mesh in them."""
+    from btp.eval.sets import split_names, write_eval_sets
+    from btp.io.datasets import iter_samples
+    from btp.train.split import zero_shot_split
+    from btp.train.validate import family_of, validation_families
+
+    split = zero_shot_split(shapes_root)
+    names = split_names(shapes_root, "validation")
+    val = set(validation_families(split.train))
+    by_name = {s.name: s for s in split.train}
+    assert names and set(names) <= set(by_name) and not set(names) & set(split.names("heldout"))
+    assert {family_of(by_name[n]) for n in names} == val
+    assert set(split.names("train")) - set(names)  # the rest still trains
+    manifest = write_eval_sets(shapes_root, tmp_path, good=1, bad=1, layouts=("anomaly-shapenet",),
+                               split="validation", points=512, log=lambda *_: None)
+    assert manifest["split"] == "validation" and manifest["classes"] == names
+    for maker in ("synth", "mesh"):
+        got = list(iter_samples(tmp_path / f"{maker}-anomaly-shapenet", "anomaly-shapenet", split="test"))
+        assert {s.cls for s in got} <= set(names) and len({s.cls for s in got}) >= len(names) - 1
+        assert any(s.object_label == 1 for s in got) and any(s.object_label == 0 for s in got)
+    with pytest.raises(ValueError, match="split"):
+        write_eval_sets(shapes_root, tmp_path / "x", split="test")

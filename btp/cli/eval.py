@@ -128,7 +128,8 @@ def eval_sets(
     makers: str = typer.Option("synth,mesh", "--makers", help="synth (the training maker) and/or mesh (eval only)."),
     layouts: str = typer.Option("anomaly-shapenet,real3d", "--layouts", help="anomaly-shapenet and/or real3d."),
     split: str = typer.Option("heldout", "--split", help="heldout (test sets) | train (data to fit a learned "
-                              "baseline on; training maker only)."),
+                              "baseline on; training maker only) | validation (the validation families "
+                              "of `btp train --validate`, to compare its models on raw scans)."),
     points: int = typer.Option(8192, "--points", min=64, help="Points per scan (8192 as the training data; "
                                "e.g. 100000 for scanner density)."),
 ) -> None:
@@ -142,8 +143,8 @@ def eval_sets(
     if bad_args or not chosen_makers or not chosen_layouts:
         raise typer.BadParameter(f"unknown or missing makers/layouts {bad_args}: makers {MAKERS}, layouts "
                                  f"{tuple(LAYOUT_SEEDS)}")
-    if split not in ("heldout", "train"):
-        raise typer.BadParameter(f"{split!r}: choose heldout or train", param_hint="--split")
+    if split not in ("heldout", "train", "validation"):
+        raise typer.BadParameter(f"{split!r}: choose heldout, train or validation", param_hint="--split")
     try:
         write_eval_sets(shapes, out, good=good, bad=bad, makers=chosen_makers, layouts=chosen_layouts, split=split,
                         points=points, log=typer.echo)

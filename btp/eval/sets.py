@@ -16,26 +16,44 @@ from pathlib import Path
 
 MAKERS = ("synth", "mesh")
 LAYOUT_SEEDS = {"anomaly-shapenet": 100, "real3d": 200}
+SPLIT_SEED_OFFSETS = {"heldout": 0, "train": 7, "validation": 13}
+
+
+def split_names(shapes_root, split: str) -> list[str]:
+    """The mesh names of one split: ``heldout``, ``train`` or ``validation`` (the validation
+    families' meshes, a part of ``train``)."""
+    from btp.train.split import zero_shot_split
+    from btp.train.validate import family_of, validation_families
+
+    zs = zero_shot_split(shapes_root)
+    if split != "validation":
+        return zs.names(split)
+    val = set(validation_families(zs.train))
+    return [s.name for s in zs.train if family_of(s) in val]
 
 
 def write_eval_sets(shapes_root, out, *, good: int = 4, bad: int = 8, makers=MAKERS,
                     layouts=tuple(LAYOUT_SEEDS), split: str = "heldout", points: int = 8192, log=print) -> dict:
     """``split="train"``: the same scans on the training meshes (to fit a learned baseline on the
-    same kind of data the model trains on; only the training maker belongs there). ``points``:
+    same kind of data the model trains on; only the training maker belongs there).
+    ``split="validation"``: the same scans on the meshes of the validation families inside the
+    training split (``btp.train.validate.validation_families``), both makers: a `--validate` run
+    never trains on them, so its model can be compared there with the runtime's whole raw-scan
+    path, and nothing is decided on the held-out sets. ``points``:
     points per scan (e.g. 100 000 to measure the runtime's raw-scan rules at scanner density)."""
     from btp.eval.meshdefects import MeshDefectConfig, write_mesh_defect_dataset
     from btp.train.evalsets import write_class
-    from btp.train.split import zero_shot_split
-
+    if split not in SPLIT_SEED_OFFSETS:
+        raise ValueError(f"split {split!r}: choose one of {tuple(SPLIT_SEED_OFFSETS)}")
     if split == "train" and "mesh" in makers:
         raise ValueError("the mesh defect maker is for evaluation only: no training-split sets")
-    names = zero_shot_split(shapes_root).names(split)
+    names = split_names(shapes_root, split)
     out = Path(out)
     manifest: dict = {"split": split, "classes": names, "good": good, "bad": bad, "points": points, "sets": {}}
     for maker in makers:
         for layout in layouts:
             dest = out / f"{maker}-{layout}"
-            seed = LAYOUT_SEEDS[layout] + (0 if maker == "synth" else 1000) + (7 if split == "train" else 0)
+            seed = LAYOUT_SEEDS[layout] + (0 if maker == "synth" else 1000) + SPLIT_SEED_OFFSETS[split]
             if maker == "mesh":
                 summary = write_mesh_defect_dataset(shapes_root, dest, names, per_class_good=good,
                                                     per_class_bad=bad, seed=seed, layout=layout,
