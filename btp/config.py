@@ -379,6 +379,16 @@ def btp_context_config() -> BTPConfig:
     return cfg.validate()
 
 
+def btp_geo4k_config() -> BTPConfig:
+    """btp_geo_config on twice the sampled points (N = 4096): the same G = 256 patches of K = 32
+    points, so the engine's inputs and cost do not change, but each patch spans half the area and
+    the per-point scores come at twice the resolution (about 2 patches per point instead of 4)."""
+    cfg = btp_geo_config()
+    cfg.name = "btp-geo-4k"
+    cfg.preprocess.num_points = 4096
+    return cfg.validate()
+
+
 def tiny_config() -> BTPConfig:
     """A test-sized model: runs forward/backward in well under a second on CPU."""
     return BTPConfig(
@@ -396,7 +406,7 @@ def tiny_config() -> BTPConfig:
 
 
 PRESETS = {"ulip2": ulip2_config, "btp-3dad": btp3dad_config, "btp-mini": btp_mini_config, "btp-geo": btp_geo_config,
-           "btp-context": btp_context_config,
+           "btp-context": btp_context_config, "btp-geo-4k": btp_geo4k_config,
            "tiny": tiny_config}
 # the committed default model: models/<name>.safetensors, what btp-export, btp-run, btp eval and the
 # demo use without --model (models/btp-geo.md)

@@ -331,13 +331,14 @@ def models(
     model_a: Path = typer.Argument(..., exists=True, dir_okay=False, help="reference model (.onnx or .safetensors)"),
     model_b: Path = typer.Argument(..., exists=True, dir_okay=False, help="the model compared with it"),
     data: list[Path] = typer.Option(..., "--data", exists=True, file_okay=False,
-                                    help="held-out test set (repeatable), e.g. from `btp data eval-sets`"),
+                                    help="test set (repeatable), e.g. from `btp data eval-sets` (held-out, or "
+                                         "--split validation for two `btp train --validate` models)"),
     starts: str = typer.Option("0,1,2", help="FPS start indices: both models from each, the difference as "
                                "mean ± standard error over starts"),
     rule: str = typer.Option("exact", help="raw-scan rule for both: exact | auto"),
     out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
 ) -> None:
-    """Two models on the same held-out samples: O-/P-AUROC and AU-PRO of each and their paired
+    """Two models on the same test samples: O-/P-AUROC and AU-PRO of each and their paired
     difference (B - A) per set, from several FPS starts."""
     from btp.benchmarks.rules import models_markdown, run_models
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from btp.config import BTPConfig, btp_context_config, btp_geo_config, btp_mini_config, btp_point_config, tiny_config
+from btp.config import BTPConfig, btp_context_config, btp_geo4k_config, btp_geo_config, btp_mini_config, btp_point_config, tiny_config
 from btp.train.loop import BTPOptions
 from btp.train.pretrain import PretrainOptions
 
@@ -69,6 +69,8 @@ RECIPES: dict[str, Recipe] = {
     # btp-corpus-geo with a wider neighbourhood for part of the geometry: the cores of the 8
     # context patches (gfcm.context_geometry = (2.0,)) in place of the in-patch width 1
     "btp-corpus-context": replace(_BTP_MINI, name="btp-corpus-context", per_shape=12, config=btp_context_config),
+    # btp-corpus-geo on N = 4096 sampled points (same G, K: same engine cost, half-size patches)
+    "btp-corpus-geo-4k": replace(_BTP_MINI, name="btp-corpus-geo-4k", per_shape=12, config=btp_geo4k_config),
     # the same per-point model on btp-mini's data (shared shapes only): corpus or head?
     "btp-mini-point": replace(_BTP_MINI, name="btp-mini-point", config=btp_point_config),
     # seconds: for tests and smoke runs
