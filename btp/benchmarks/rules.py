@@ -150,7 +150,7 @@ def models_markdown(data: dict) -> str:
     from btp.benchmarks.machine import machine_line
 
     a, b = data["models"]
-    lines = [f"# Models: `{b}` against `{a}`, held-out accuracy, paired", "",
+    lines = [f"# Models: `{b}` against `{a}`, accuracy on the same test scans, paired", "",
              f"- Machine: {machine_line(data['machine'])}", f"- Date (UTC): {data['machine']['date_utc']}",
              f"- Models: `{data['model_files'][0]}` (A), `{data['model_files'][1]}` (B). Command: "
              f"`btp-bench models A B --data SET ...` (one `btp eval` per model, set and FPS start, the model only, "

@@ -135,7 +135,7 @@ def eval_sets(
 ) -> None:
     """Held-out test sets of the zero-shot split from both defect makers (the training one and the
     evaluation-only mesh editor, btp.eval.meshdefects), in both public layouts."""
-    from btp.eval.sets import LAYOUT_SEEDS, MAKERS, write_eval_sets
+    from btp.eval.sets import LAYOUT_SEEDS, MAKERS, SPLIT_SEED_OFFSETS, write_eval_sets
 
     chosen_makers = [m.strip() for m in makers.split(",") if m.strip()]
     chosen_layouts = [x.strip() for x in layouts.split(",") if x.strip()]
@@ -143,8 +143,8 @@ def eval_sets(
     if bad_args or not chosen_makers or not chosen_layouts:
         raise typer.BadParameter(f"unknown or missing makers/layouts {bad_args}: makers {MAKERS}, layouts "
                                  f"{tuple(LAYOUT_SEEDS)}")
-    if split not in ("heldout", "train", "validation"):
-        raise typer.BadParameter(f"{split!r}: choose heldout, train or validation", param_hint="--split")
+    if split not in SPLIT_SEED_OFFSETS:
+        raise typer.BadParameter(f"{split!r}: choose one of {tuple(SPLIT_SEED_OFFSETS)}", param_hint="--split")
     try:
         write_eval_sets(shapes, out, good=good, bad=bad, makers=chosen_makers, layouts=chosen_layouts, split=split,
                         points=points, log=typer.echo)

@@ -43,6 +43,7 @@ def write_eval_sets(shapes_root, out, *, good: int = 4, bad: int = 8, makers=MAK
     points per scan (e.g. 100 000 to measure the runtime's raw-scan rules at scanner density)."""
     from btp.eval.meshdefects import MeshDefectConfig, write_mesh_defect_dataset
     from btp.train.evalsets import write_class
+
     if split not in SPLIT_SEED_OFFSETS:
         raise ValueError(f"split {split!r}: choose one of {tuple(SPLIT_SEED_OFFSETS)}")
     if split == "train" and "mesh" in makers:

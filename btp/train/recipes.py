@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from btp.config import BTPConfig, btp_context_config, btp_geo4k_config, btp_geo_config, btp_mini_config, btp_point_config, tiny_config
+from btp.config import (BTPConfig, btp_context_config, btp_geo4k_config, btp_geo_config, btp_mini_config,
+                        btp_point_config, tiny_config)
 from btp.train.loop import BTPOptions
 from btp.train.pretrain import PretrainOptions
 
