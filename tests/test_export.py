@@ -155,12 +155,52 @@ def test_fixed_batch_fp16_safe_and_patch_embed(tmp_path, real_inputs):
     assert cos.min() >= 1 - 1e-5
 
 
-def test_failed_parity_leaves_no_file(tmp_path):
+def test_failed_parity_leaves_no_file(tmp_path, monkeypatch):
+    import btp.export.onnx as export_module
+
+    real = export_module.onnx_outputs
+
+    def broken(*args, **kwargs):  # an export whose patch scores are off by 0.01: no check may pass it
+        got = real(*args, **kwargs)
+        got["patch_probs"] = got["patch_probs"] + np.float32(0.01)
+        return got
+
+    monkeypatch.setattr(export_module, "onnx_outputs", broken)
     loaded = fresh_model(tiny_config(), seed=2)
     out = tmp_path / "never.onnx"
-    with pytest.raises(ExportError, match="does not match PyTorch"):
-        export_onnx(loaded, out, atol=-1.0, simplify=False)  # an impossible tolerance
+    with pytest.raises(ExportError, match="does not match PyTorch.*patch_probs"):
+        export_onnx(loaded, out, simplify=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_float64_recheck_passes_onnx_no_farther_from_exact_than_pytorch(real_inputs):
+    """Where FP32 is ill-conditioned, a miss against PyTorch FP32 is judged against the float64
+    evaluation: ONNX Runtime may be as far from it as PyTorch FP32 is, never beyond the cap."""
+    from btp.export.compare import Tolerance, compare
+    from btp.export.onnx import FLOAT64_CAP, PARITY_ATOL, recheck_float64
+
+    loaded = fresh_model(tiny_config(), seed=5)
+    nb, ct = real_inputs
+    exact = torch_outputs(loaded.model.double(), nb.astype(np.float64), ct.astype(np.float64))
+    loaded.model.float()
+    t32 = torch_outputs(loaded.model, nb, ct)
+    assert np.abs(t32["patch_probs"] - exact["patch_probs"]).max() < 1e-5  # a well-conditioned model
+
+    def verdict(ref_off: float, got_off: float):
+        ref = {"patch_probs": exact["patch_probs"] + ref_off}  # as if PyTorch FP32 missed float64 by ref_off
+        got = {"patch_probs": exact["patch_probs"] - got_off}
+        tol = Tolerance("patch_probs", "abs", PARITY_ATOL, "FP32")
+        checks = compare(ref, got, [tol])
+        assert checks[0].passed is False  # ref and got differ by more than 1e-4
+        return recheck_float64(loaded.model, nb, ct, ref, got, checks)[0]
+
+    ok = verdict(4e-4, 3e-4)
+    assert ok.passed and ok.limit == pytest.approx(4e-4, rel=1e-2) and "float64" in ok.note
+    assert ok.value == pytest.approx(3e-4, rel=1e-2)
+    assert verdict(4e-4, 5e-4).passed is False  # farther from float64 than PyTorch FP32
+    capped = verdict(5e-3, 2e-3)  # PyTorch FP32 itself far off: the cap holds
+    assert capped.passed is False and capped.limit == FLOAT64_CAP
+    assert verdict(0.0, 2e-4).passed is False  # PyTorch FP32 exact: the 1e-4 bar stands
 
 
 def test_bad_arguments_are_refused(tmp_path):

@@ -71,7 +71,9 @@ def export(
         what = {"abs": "max abs diff", "cosine": "min cosine", "index": "agreement"}.get(check.kind, check.kind)
         rel = ">=" if check.kind in ("cosine", "index") else "<="
         value = f"{check.value:.6f}" if check.kind in ("cosine", "index") else f"{check.value:.2e}"
-        console.print(f"{prefix} parity {check.output}: {what} {value} (limit {rel} {check.limit:g}) {check.verdict}")
+        note = f" ({escape(check.note)})" if check.note else ""
+        console.print(f"{prefix} parity {check.output}: {what} {value} (limit {rel} {check.limit:.3g}){note} "
+                      f"{check.verdict}")
     import onnx
 
     missing = unsupported_trt_ops(onnx.load(str(result.path), load_external_data=False))

@@ -21,6 +21,7 @@ split so its global half runs once per patch (-10% FLOPs; the model and its weig
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -29,7 +30,7 @@ import time
 import warnings
 from collections import Counter
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -288,7 +289,10 @@ def onnx_outputs(model_bytes_or_path, neighborhood: np.ndarray, center: np.ndarr
 
 
 def verify_parity(model, model_bytes, neighborhood, center, fixed_batch: int | None, atol: float = PARITY_ATOL):
-    """PyTorch vs ONNX Runtime CPU on the same engine inputs -> (checks, verdict) (btp.export.compare)."""
+    """PyTorch vs ONNX Runtime CPU on the same engine inputs -> (checks, verdict) (btp.export.compare).
+
+    An output that misses ``atol`` against PyTorch FP32 is checked again against the float64
+    evaluation of the same model (``recheck_float64``)."""
     from btp.export.compare import Tolerance, compare, overall
 
     ref = torch_outputs(model, neighborhood, center)
@@ -299,7 +303,44 @@ def verify_parity(model, model_bytes, neighborhood, center, fixed_batch: int | N
     if "patch_embed" in got:
         tols.append(Tolerance("patch_embed", "cosine", 1 - 1e-5, "FP32: cosine >= 1 - 1e-5"))
     checks = compare(ref, got, tols)
+    if any(c.passed is False and c.kind == "abs" and c.value is not None for c in checks):
+        checks = recheck_float64(model, neighborhood, center, ref, got, checks, atol)
     return checks, overall(checks)
+
+
+FLOAT64_CAP = 1e-3  # no output may drift further than this from the float64 evaluation, whatever PyTorch does
+
+
+def recheck_float64(model, neighborhood, center, ref, got, checks, atol: float = PARITY_ATOL):
+    """Re-check the failed ``abs`` checks against the exact answer: the same model in float64.
+
+    Some inputs make FP32 itself ill-conditioned, e.g. a local covariance with two nearly equal
+    small eigenvalues (an edge or a pin seen by few points) leaves its normal, and the heights and
+    bends read from it, free to turn under rounding. Then PyTorch FP32 and ONNX Runtime round
+    differently and neither is the reference. The check passes when ONNX Runtime is no farther
+    from float64 than PyTorch FP32 is (and than ``atol``), and never beyond ``FLOAT64_CAP``.
+    A model that cannot run in float64 keeps its failed checks."""
+    try:
+        exact = torch_outputs(copy.deepcopy(model).double(), neighborhood.astype(np.float64),
+                              center.astype(np.float64))
+    except (RuntimeError, TypeError) as exc:
+        return tuple(replace(c, note=f"{c.note} (float64 re-check impossible: {exc})".strip())
+                     if c.passed is False else c for c in checks)
+    out = []
+    for c in checks:
+        if c.passed is False and c.kind == "abs" and c.value is not None and c.output in exact:
+            e = np.asarray(exact[c.output], dtype=np.float64)
+            own = float(np.max(np.abs(np.asarray(ref[c.output], dtype=np.float64) - e)))
+            diff = np.abs(np.asarray(got[c.output], dtype=np.float64) - e)
+            limit = min(max(atol, own), FLOAT64_CAP)
+            c = replace(c, value=float(diff.max()), mean=float(diff.mean()), limit=limit,
+                           passed=bool(diff.max() <= limit),
+                           why=f"FP32 parity against the float64 evaluation: max abs diff <= max({atol:g}, "
+                               f"PyTorch FP32's own {own:.2e}), at most {FLOAT64_CAP:g}",
+                           note=f"against float64, which PyTorch FP32 misses by {own:.2e}; ONNX Runtime vs "
+                                f"PyTorch FP32: {c.value:.2e}")
+        out.append(c)
+    return tuple(out)
 
 
 # ---- the export ----------------------------------------------------------------------------
