@@ -5,6 +5,7 @@ and short durations keep this file well under a minute.
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
 from types import SimpleNamespace
@@ -386,6 +387,49 @@ def test_parity_command_end_to_end(tiny_onnx, tmp_path, shapes_root):
     assert half_probs["limit"] > checks["patch_probs"]["limit"] and "r=16u" in half_probs["why"]
     md = next((tmp_path / "res").glob("parity-*.md")).read_text()
     assert "PASS" in md and "tolerance" in md
+
+
+def test_parity_rechecks_fp32_misses_against_float64(shapes_root):
+    """btp-bench parity applies the export's float64 rule to FP32 engine outputs, and the raw-scan
+    point scores (means of patch_point_probs) may then differ by what they average, no more."""
+    torch = pytest.importorskip("torch")
+    from btp.benchmarks.parity import _recheck_float64
+    from btp.benchmarks.torch_backend import TorchBackend
+    from btp.config import tiny_config
+    from btp.export.onnx import torch_outputs
+    from btp.export.samples import engine_inputs
+    from btp.model import BTPModel
+    from runtime_helpers import REAL_SHAPES, real_scan
+
+    cfg = tiny_config()
+    cfg.gfcm.frame, cfg.gfcm.context_k, cfg.gfcm.point_dim = "local", 4, 8
+    torch.manual_seed(3)
+    model = BTPModel.with_default_text_encoder(cfg.validate())
+    model.freeze_text(drop_encoder=True)
+    model.eval()
+    nb, ct = engine_inputs([real_scan(shapes_root, REAL_SHAPES[0], 2000)], cfg)
+    pre = [{"neighborhood": nb, "center": ct}]
+    exact = torch_outputs(copy.deepcopy(model).double(), nb.astype(np.float64), ct.astype(np.float64))
+    point = np.linspace(0.1, 0.9, 500)
+
+    def verdicts(ref_off, got_off, point_off, engine=None):
+        ref = {"patch_point_probs": exact["patch_point_probs"] + ref_off, "point_scores": point}
+        got = {"patch_point_probs": exact["patch_point_probs"] - got_off, "point_scores": point + point_off}
+        tols = [t for t in cmp.tolerances("fp32", ref) if t.output in ref]
+        checks = cmp.compare(ref, got, tols)
+        assert all(c.passed is False for c in checks)  # every output misses 1e-4 against PyTorch FP32
+        out = _recheck_float64(engine or TorchBackend(model), pre, ref, got, checks)
+        return {c.output: c for c in out}
+
+    ok = verdicts(4e-4, 3e-4, 6e-4)  # ORT nearer float64 than PyTorch FP32; means within the 7e-4 they average
+    assert ok["patch_point_probs"].passed and "float64" in ok["patch_point_probs"].note
+    assert ok["point_scores"].passed and ok["point_scores"].limit == pytest.approx(7e-4, rel=1e-2)
+    wide = verdicts(4e-4, 3e-4, 9e-4)  # means farther apart than anything they average
+    assert wide["patch_point_probs"].passed and wide["point_scores"].passed is False
+    far = verdicts(1e-4 / 2, 3e-4, 6e-4)  # PyTorch FP32 near exact: ORT's miss stands, and so do the means
+    assert far["patch_point_probs"].passed is False and far["point_scores"].passed is False
+    half = verdicts(4e-4, 3e-4, 6e-4, engine=TorchBackend(copy.deepcopy(model), half=True))
+    assert half["patch_point_probs"].passed is False  # an FP16 reference is no FP32 reference
 
 
 def test_metric_tolerance_counts_swappable_pairs():

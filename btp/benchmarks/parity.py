@@ -65,6 +65,42 @@ def _metrics(object_labels, object_scores, point_labels, point_scores) -> dict:
     return out
 
 
+def _recheck_float64(ref_engine, pre, ref_arrays, arrays, checks):
+    """FP32 engine outputs that miss 1e-4 against PyTorch FP32 are re-checked against the float64
+    evaluation of the reference model, with the export's rule (``btp.export.onnx.recheck_float64``:
+    no farther from float64 than PyTorch FP32 is, at most ``FLOAT64_CAP``).
+
+    The pipeline's ``point_scores`` are means of ``patch_point_probs`` over the same indices (the
+    index checks say so), so when that output passed against float64, their limit becomes the
+    largest ``patch_point_probs`` difference: the means cannot differ by more than what they average."""
+    from dataclasses import replace
+
+    failed = [c for c in checks if c.passed is False and c.kind == "abs"]
+    if getattr(ref_engine, "name", "") != "torch" or not failed:  # only an FP32 PyTorch reference
+        return checks
+    model = ref_engine.model
+    from btp.export.compare import FP32_ABS
+    from btp.export.onnx import recheck_float64
+
+    neighborhood = np.concatenate([p["neighborhood"] for p in pre])
+    center = np.concatenate([p["center"] for p in pre])
+    checks = recheck_float64(model, neighborhood, center, ref_arrays, arrays, checks, atol=FP32_ABS)
+    by_name = {c.output: c for c in checks}
+    ppp = by_name.get("patch_point_probs")
+    out = []
+    for c in checks:
+        if (c.output == "point_scores" and c.passed is False and ppp is not None and ppp.passed
+                and "float64" in ppp.note):
+            engine_diff = float(np.max(np.abs(np.asarray(ref_arrays["patch_point_probs"], np.float64)
+                                              - np.asarray(arrays["patch_point_probs"], np.float64))))
+            limit = max(FP32_ABS, engine_diff)
+            c = replace(c, limit=limit, passed=bool(c.value <= limit),
+                        why=f"means of patch_point_probs, which passed against float64: max abs diff <= their "
+                            f"largest ORT vs PyTorch FP32 difference {engine_diff:.2e}")
+        out.append(c)
+    return tuple(out)
+
+
 def run_parity(model_path, data_dir, *, backends: Sequence[str] = ("ort-cpu",), reference: str = "torch",
                checkpoint=None, limit: int | None = None, layout: str | None = None, threads: int | None = None,
                progress: Callable[[str], None] | None = None) -> dict:
@@ -113,10 +149,10 @@ def run_parity(model_path, data_dir, *, backends: Sequence[str] = ("ort-cpu",), 
         arrays["fps_idx"], arrays["knn_idx"] = np.stack(fps_idx), np.stack(knn_idx)
         metrics = _metrics([s.object_label for s in samples], object_scores, [s.labels for s in samples],
                            point_scores)
-        return arrays, metrics, weights
+        return arrays, metrics, weights, engine
 
     say(f"reference {reference}")
-    ref_arrays, ref_metrics, ref_weights = collect(reference)
+    ref_arrays, ref_metrics, ref_weights, ref_engine = collect(reference)
     ref_arrays["fps_idx"] = np.stack([c for c, _ in ref_idx])
     ref_arrays["knn_idx"] = np.stack([sorted_index_sets(k) for _, k in ref_idx])
     ref_arrays["o_auroc"] = np.array([ref_metrics["o_auroc"]])
@@ -134,7 +170,7 @@ def run_parity(model_path, data_dir, *, backends: Sequence[str] = ("ort-cpu",), 
             continue
         say(f"backend {name}")
         try:
-            arrays, metrics, _ = collect(name)
+            arrays, metrics, _, _ = collect(name)
         except Exception as exc:  # noqa: BLE001 - a backend that cannot run is a skipped row
             out["backends"].append({"backend": name, "skipped": f"{type(exc).__name__}: {exc}"})
             continue
@@ -146,6 +182,8 @@ def run_parity(model_path, data_dir, *, backends: Sequence[str] = ("ort-cpu",), 
                           object_labels=np.array([s.object_label for s in samples]),
                           point_labels=np.concatenate([s.labels for s in samples]))
         checks = compare(ref_arrays, arrays, tols)
+        if precision == "fp32":
+            checks = _recheck_float64(ref_engine, pre, ref_arrays, arrays, checks)
         out["backends"].append({"backend": name, "precision": precision, "verdict": overall(checks),
                                 "checks": [c.to_dict() for c in checks],
                                 "metrics": {"o_auroc": metrics["o_auroc"], "p_auroc": metrics["p_auroc"],
