@@ -409,8 +409,8 @@ PRESETS = {"ulip2": ulip2_config, "btp-3dad": btp3dad_config, "btp-mini": btp_mi
            "btp-context": btp_context_config, "btp-geo-4k": btp_geo4k_config,
            "tiny": tiny_config}
 # the committed default model: models/<name>.safetensors, what btp-export, btp-run, btp eval and the
-# demo use without --model (models/btp-geo.md)
-DEFAULT_MODEL_NAME = "btp-geo"
+# demo use without --model (models/btp-geo-4k.md)
+DEFAULT_MODEL_NAME = "btp-geo-4k"
 
 
 def preset(name: str) -> BTPConfig:

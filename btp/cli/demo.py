@@ -1,6 +1,6 @@
 """`btp demo`: the README's main job, offline, on samples the package makes itself.
 
-1. model.onnx: the committed default model (models/btp-geo.safetensors) exported once with
+1. model.onnx: the committed default model (models/<DEFAULT_MODEL_NAME>.safetensors) exported once with
    btp-export's code into a cache (``$BTP_CACHE`` or ./.btp-cache), keyed by the weights' sha256;
    without committed weights a freshly initialised model of its preset is exported and labelled UNTRAINED.
 2. sample scans: the MIT meshes shipped in btp/data, sampled area-weighted, one good scan and
@@ -22,7 +22,7 @@ class DemoError(BTPError, RuntimeError):
     """The demo cannot run here; the message says what is missing and the fix."""
 
 
-DEMO_POINTS = 8192  # raw points per sample scan (the model FPS-samples N = 2048 of them)
+DEMO_POINTS = 8192  # raw points per sample scan (the model samples its N of them: 4096 for the default)
 DEMO_DEFECTS = (("dent", "hole"), ("bulge", "groove"), ("crack", "broken"))
 
 
