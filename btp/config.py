@@ -147,6 +147,12 @@ class PreprocessConfig:
     # official code's torch.manual_seed(downsample_seed); torch.randint(0, M) (btp.geometry.prepare)
     downsample_start: str = "fixed"
     downsample_seed: int = 0
+    # the raw-scan "voxel" rule (btp.geometry.sampling.voxel_downsample, the runtime's default for
+    # scans of more than N points): about this many occupied grid cells per sampled point, among
+    # which FPS picks the N samples; the way back to the raw scan evaluates the interpolation at
+    # the cells' representatives. Fewer cells: less work per scan, a coarser approximation of the
+    # exact rule (training and `btp eval --downsample exact` do not read it)
+    voxel_reps: int = 6
 
 
 @dataclass
@@ -216,6 +222,8 @@ class BTPConfig:
             problems.append(f"encoder.num_group={e.num_group} > preprocess.num_points={p.num_points}")
         if e.group_size > p.num_points:
             problems.append(f"encoder.group_size={e.group_size} > preprocess.num_points={p.num_points}")
+        if p.voxel_reps < 1:
+            problems.append(f"preprocess.voxel_reps={p.voxel_reps}: expected at least 1 cell per sample")
         if e.trans_dim % e.num_heads:
             problems.append(f"encoder.trans_dim={e.trans_dim} not divisible by num_heads={e.num_heads}")
         if any(not 1 <= layer <= e.depth for layer in e.feature_layers):

@@ -272,6 +272,17 @@ def test_downsample_rule_reaches_both_scorers_and_the_rules_report(shapes_root, 
         assert two["delta_points"][metric] == pytest.approx(np.mean(values))
         assert two["delta_se_points"][metric] == pytest.approx(np.std(values, ddof=1) / np.sqrt(2))
     assert "±" in rules_markdown(multi) and "FPS start in [0, 1]" in rules_markdown(multi)
+    default = PreprocessConfig.voxel_reps  # the tiny model's config holds the dataclass default
+    reps = run_rules(onnx_path, [root], voxel_reps=(default, default + 3))
+    (three,) = reps["sets"]
+    assert reps["rules"] == ["exact", f"auto@{default}", f"auto@{default + 3}"]
+    assert three["rules"]["exact"]["mean"] == one["rules"]["exact"]["mean"]  # one reference run for both
+    assert three["rules"][f"auto@{default}"]["mean"] == one["rules"]["auto"]["mean"]  # the model's own setting
+    assert set(three["deltas"]) == {f"auto@{default}", f"auto@{default + 3}"}
+    assert three["delta_points"] == three["deltas"][f"auto@{default + 3}"]["points"]
+    assert set(three["met_by_rule"]) == set(three["deltas"]) and three["met"] == three["met_by_rule"][f"auto@{default + 3}"]
+    text = rules_markdown(reps)
+    assert f"auto@{default} - exact" in text and f"auto@{default + 3} - exact" in text
 
 
 def test_models_comparison_pairs_the_samples(shapes_root, tiny_checkpoint, tmp_path):

@@ -280,6 +280,33 @@ def test_prepare_keeps_a_voxel_map_only_for_the_voxel_rule(bunny_20k):
     assert prepare(bunny_20k, cfg, group=False).voxel_map is not None
 
 
+def test_voxel_cells_per_sample_come_from_the_model_config(scans_100k):
+    """``preprocess.voxel_reps`` sizes the voxel grid of the runtime chain: about that many cells
+    per sampled point, the same samples as ``voxel_downsample`` with that ``reps``; fewer cells,
+    other samples; a value below 1 is refused by the config and by the rule."""
+    from dataclasses import replace
+
+    from btp.config import btp_mini_config
+    from btp.geometry.prepare import prepare
+    from btp.geometry.sampling import voxel_downsample
+
+    scan = next(iter(scans_100k.values()))
+    base = btp_mini_config()
+    n = base.preprocess.num_points
+    cells = {}
+    for reps in (2, 6):
+        cfg = replace(base, preprocess=replace(base.preprocess, voxel_reps=reps)).validate()
+        prep = prepare(scan, cfg, group=False)
+        cells[reps] = len(prep.voxel_map.cell_rep)
+        assert 0.5 * reps * n <= cells[reps] <= 2 * reps * n, (reps, cells[reps])
+        np.testing.assert_array_equal(prep.sample_idx, voxel_downsample(scan, n, cfg.preprocess.fps_start, reps=reps)[0])
+    assert cells[2] < cells[6]
+    with pytest.raises(ValueError, match="voxel_reps"):
+        replace(base, preprocess=replace(base.preprocess, voxel_reps=0)).validate()
+    with pytest.raises(GeometryError, match="reps"):
+        voxel_downsample(scan, n, 0, reps=0)
+
+
 # ---- kNN ----------------------------------------------------------------------------------------
 
 def _assert_sorted_rule(points, queries, idx, dist2):

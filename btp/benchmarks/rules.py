@@ -31,7 +31,7 @@ METRICS = ("o_auroc", "p_auroc", "au_pro", "p_auroc_sampled")
 GOAL_POINTS = 0.5
 
 
-def run_rules(model, data_roots, *, rules=("exact", "auto"), starts=None,
+def run_rules(model, data_roots, *, rules=("exact", "auto"), starts=None, voxel_reps=None,
               progress: Callable[[str], None] | None = None) -> dict:
     """One ``btp eval`` (model only) per set, rule and FPS start.
 
@@ -39,15 +39,25 @@ def run_rules(model, data_roots, *, rules=("exact", "auto"), starts=None,
     own ``preprocess.fps_start`` only. With several, every rule runs from every start: the
     reported metrics are the means over starts, ``delta_points`` the mean of the paired
     per-start differences (fast - reference) and ``delta_se_points`` its standard error, so the
-    0.5-point goal is judged against the sampling noise instead of one draw of it."""
+    0.5-point goal is judged against the sampling noise instead of one draw of it.
+    ``voxel_reps``: cells per sample of the voxel rule (``preprocess.voxel_reps``), e.g. (6, 3):
+    every rule after the reference runs once per value (labelled ``auto@6``, ``auto@3``), each
+    compared with the same reference run, so two settings of the fast rule cost one exact run."""
     from btp.benchmarks.machine import describe_machine
 
-    sets = _compare([(rule, model, rule) for rule in rules], data_roots, starts, progress)
+    reference, *fast = rules
+    arms = [(reference, model, reference, {})]
+    for rule in fast:
+        arms += [(f"{rule}@{r}", model, rule, {"voxel_reps": int(r)}) for r in voxel_reps] if voxel_reps \
+            else [(rule, model, rule, {})]
+    sets = _compare(arms, data_roots, starts, progress)
     for entry in sets:
         entry["rules"] = entry.pop("arms")
-        entry["met"] = all(abs(entry["delta_points"][m]) <= GOAL_POINTS for m in ("o_auroc", "p_auroc"))
-    return {"machine": describe_machine(), "model": str(model), "rules": list(rules), "goal_points": GOAL_POINTS,
-            "starts": list(starts) if starts else None, "sets": sets}
+        entry["met_by_rule"] = {label: all(abs(d["points"][m]) <= GOAL_POINTS for m in ("o_auroc", "p_auroc"))
+                                for label, d in entry["deltas"].items()}
+        entry["met"] = entry["met_by_rule"][arms[-1][0]]
+    return {"machine": describe_machine(), "model": str(model), "rules": [a[0] for a in arms],
+            "goal_points": GOAL_POINTS, "starts": list(starts) if starts else None, "sets": sets}
 
 
 def run_models(models, data_roots, *, rule: str = "exact", starts=None,
@@ -65,7 +75,7 @@ def run_models(models, data_roots, *, rule: str = "exact", starts=None,
         labels = [f"{Path(m).parent.name}/{Path(m).stem}" for m in models]
     if labels[0] == labels[1]:
         labels = [f"A:{labels[0]}", f"B:{labels[1]}"]
-    sets = _compare([(label, model, rule) for label, model in zip(labels, models)], data_roots, starts, progress)
+    sets = _compare([(label, model, rule, {}) for label, model in zip(labels, models)], data_roots, starts, progress)
     for entry in sets:
         entry["models"] = entry.pop("arms")
     return {"machine": describe_machine(), "models": labels, "model_files": [str(m) for m in models],
@@ -73,9 +83,11 @@ def run_models(models, data_roots, *, rule: str = "exact", starts=None,
 
 
 def _compare(arms, data_roots, starts, progress) -> list[dict]:
-    """arms = [(label, model, rule), ...]; the first is the reference, the last is compared with it.
-    Per set: every arm's class-mean metrics (means over starts), ``delta_points`` = last - first
-    (x100) and, with several starts, the paired per-start differences and their standard error."""
+    """arms = [(label, model, rule, preprocess overrides), ...]; the first is the reference.
+    Per set: every arm's class-mean metrics (means over starts); ``deltas[label]`` for every other
+    arm: ``points`` = arm - reference (x100) and, with several starts, ``per_start`` (the paired
+    per-start differences) and ``se`` (their standard error). ``delta_points`` /
+    ``delta_se_points`` / ``delta_per_start_points`` repeat the last arm's."""
     import numpy as np
 
     from btp.eval.evaluate import evaluate, load_scorer
@@ -85,13 +97,15 @@ def _compare(arms, data_roots, starts, progress) -> list[dict]:
     for root in data_roots:
         root = Path(root)
         by_arm = {}
-        for label, model, rule in arms:
+        for label, model, rule, overrides in arms:
             runs = {}
             for start in (starts or (None,)):
                 say(f"{root.name}: {label}" + ("" if start is None else f", FPS start {start}"))
                 scorer = load_scorer(model, downsample="exact" if rule == "exact-start1" else rule)
+                for key, value in overrides.items():
+                    setattr(scorer.cfg.preprocess, key, value)  # the scorer's own copy of the model's config
                 if start is not None:
-                    scorer.cfg.preprocess.fps_start = int(start)  # the scorer's own copy of the model's config
+                    scorer.cfg.preprocess.fps_start = int(start)
                 if rule == "exact-start1":
                     scorer.cfg.preprocess.fps_start += 1
                 report = evaluate(root, scorer=scorer, baselines=False)
@@ -104,16 +118,26 @@ def _compare(arms, data_roots, starts, progress) -> list[dict]:
             by_arm[label] = {"mean": {m: float(np.mean([r["mean"][m] for r in runs.values()])) for m in first["mean"]},
                              "ms_per_scan": float(np.median([r["ms_per_scan"] for r in runs.values()])),
                              "scans": first["scans"], "points": first["points"]}
+            if overrides:
+                by_arm[label]["preprocess"] = dict(overrides)
             if starts:
                 by_arm[label]["per_start"] = {str(k): v["mean"] for k, v in runs.items()}
-        reference, other = by_arm[arms[0][0]], by_arm[arms[-1][0]]
-        delta = {m: 100 * (other["mean"][m] - reference["mean"][m]) for m in reference["mean"]}
-        entry = {"data": str(root), "made_by": _made_by(root), "arms": by_arm, "delta_points": delta}
-        if starts and len(starts) > 1:
-            paired = {m: [100 * (other["per_start"][str(k)][m] - reference["per_start"][str(k)][m]) for k in starts]
-                      for m in reference["mean"]}
-            entry["delta_se_points"] = {m: float(np.std(v, ddof=1) / np.sqrt(len(v))) for m, v in paired.items()}
-            entry["delta_per_start_points"] = paired
+        reference = by_arm[arms[0][0]]
+        deltas = {}
+        for label, *_ in arms[1:]:
+            other = by_arm[label]
+            d = {"points": {m: 100 * (other["mean"][m] - reference["mean"][m]) for m in reference["mean"]}}
+            if starts and len(starts) > 1:
+                paired = {m: [100 * (other["per_start"][str(k)][m] - reference["per_start"][str(k)][m])
+                              for k in starts] for m in reference["mean"]}
+                d["se"] = {m: float(np.std(v, ddof=1) / np.sqrt(len(v))) for m, v in paired.items()}
+                d["per_start"] = paired
+            deltas[label] = d
+        last = deltas[arms[-1][0]]
+        entry = {"data": str(root), "made_by": _made_by(root), "arms": by_arm, "deltas": deltas,
+                 "delta_points": last["points"]}
+        if "se" in last:
+            entry["delta_se_points"], entry["delta_per_start_points"] = last["se"], last["per_start"]
         sets.append(entry)
     return sets
 
@@ -135,15 +159,17 @@ def _made_by(root: Path) -> str | None:
 def rules_markdown(data: dict) -> str:
     from btp.benchmarks.machine import machine_line
 
-    ref, fast = data["rules"][0], data["rules"][-1]
-    lines = [f"# Raw-scan rules: `{fast}` against `{ref}`, held-out accuracy", "",
+    ref, fast = data["rules"][0], " / ".join(f"`{r}`" for r in data["rules"][1:])
+    lines = [f"# Raw-scan rules: {fast} against `{ref}`, held-out accuracy", "",
              f"- Machine: {machine_line(data['machine'])}", f"- Date (UTC): {data['machine']['date_utc']}",
              f"- Model: `{data['model']}`. Command: `btp-bench rules MODEL --data SET ...` (one `btp eval` per rule "
              f"and set, the model only).",
-             f"- Goal: |{fast} - {ref}| <= {data['goal_points']} point on O-AUROC and P-AUROC (point metrics on the "
+             f"- Goal: |rule - {ref}| <= {data['goal_points']} point on O-AUROC and P-AUROC (point metrics on the "
              "raw scans); values are class means x100."]
+    if any("@" in r for r in data["rules"]):
+        lines.append("- `RULE@R`: the rule with R voxel cells per sampled point (`preprocess.voxel_reps`).")
     return _table_markdown(data, "rules", "rule", lines,
-                           lambda s: f"goal {'MET' if s['met'] else 'MISSED'}")
+                           lambda s, label: f"goal {'MET' if s['met_by_rule'][label] else 'MISSED'}")
 
 
 def models_markdown(data: dict) -> str:
@@ -156,11 +182,11 @@ def models_markdown(data: dict) -> str:
              f"`btp-bench models A B --data SET ...` (one `btp eval` per model, set and FPS start, the model only, "
              f"raw-scan rule `{data['rule']}`).",
              "- Both models score the same samples of each scan at each start; values are class means x100."]
-    return _table_markdown(data, "models", "model", lines, lambda s: "")
+    return _table_markdown(data, "models", "model", lines, lambda s, label: "")
 
 
 def _table_markdown(data: dict, key: str, column: str, lines: list[str], verdict) -> str:
-    ref, other = data[key][0], data[key][-1]
+    ref = data[key][0]
     lines += [f"- `{Path(s['data']).name}`: {s['made_by']}" for s in data["sets"] if s.get("made_by")]
     lines += ["",
              f"| set | scans x points | {column} | O-AUROC | P-AUROC | AU-PRO | P-AUROC (2048 sampled) | ms per scan |",
@@ -172,18 +198,20 @@ def _table_markdown(data: dict, key: str, column: str, lines: list[str], verdict
             lines.append(f"| {Path(s['data']).name} | {r['scans']} x {', '.join(f'{p:,}' for p in r['points'])} | "
                          f"{arm} | {100 * m['o_auroc']:.2f} | {100 * m['p_auroc']:.2f} | {100 * m['au_pro']:.2f} | "
                          f"{100 * m['p_auroc_sampled']:.2f} | {r['ms_per_scan']:.1f} |")
-        d, se = s["delta_points"], s.get("delta_se_points")
-        shown = {m: f"{d[m]:+.2f}" + (f" ± {se[m]:.2f}" if se else "") for m in d}
-        lines.append(f"| {Path(s['data']).name} | | **{other} - {ref}** | {shown['o_auroc']} | {shown['p_auroc']} | "
-                     f"{shown['au_pro']} | {shown['p_auroc_sampled']} | {verdict(s)} |")
+        for label, delta in s["deltas"].items():
+            d, se = delta["points"], delta.get("se")
+            shown = {m: f"{d[m]:+.2f}" + (f" ± {se[m]:.2f}" if se else "") for m in d}
+            lines.append(f"| {Path(s['data']).name} | | **{label} - {ref}** | {shown['o_auroc']} | "
+                         f"{shown['p_auroc']} | {shown['au_pro']} | {shown['p_auroc_sampled']} | {verdict(s, label)} |")
     if data.get("starts"):
         lines += ["", f"- Every {column} ran from each FPS start in {data['starts']} (downsampling and patch centres); "
                   "the rows are means over the starts, the difference is the mean of the paired per-start "
                   "differences ± its standard error (n = number of starts)."]
         for s in data["sets"]:
-            per = s.get("delta_per_start_points")
-            if per:
-                lines.append(f"- `{Path(s['data']).name}` per start, O-AUROC: "
-                             f"{', '.join(f'{v:+.2f}' for v in per['o_auroc'])}; P-AUROC: "
-                             f"{', '.join(f'{v:+.2f}' for v in per['p_auroc'])}")
+            for label, delta in s["deltas"].items():
+                per = delta.get("per_start")
+                if per:
+                    lines.append(f"- `{Path(s['data']).name}` {label} - {ref} per start, O-AUROC: "
+                                 f"{', '.join(f'{v:+.2f}' for v in per['o_auroc'])}; P-AUROC: "
+                                 f"{', '.join(f'{v:+.2f}' for v in per['p_auroc'])}")
     return "\n".join(lines) + "\n"

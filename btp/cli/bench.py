@@ -302,6 +302,8 @@ def rules(
                              "(the exact rule from another start point: the comparison's noise floor)"),
     starts: str = typer.Option(None, help="FPS start indices, e.g. 0,1,2: every rule from each, the difference "
                                "as mean ± standard error over starts (default: the model's fps_start only)"),
+    voxel_reps: str = typer.Option(None, help="voxel cells per sample to try, e.g. 6,3: the rule runs once per "
+                                   "value against one exact run (default: the model's preprocess.voxel_reps)"),
     out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
 ) -> None:
     """What the default raw-scan rule (auto: voxel + gather) changes in held-out
@@ -311,19 +313,28 @@ def rules(
     if rule not in ("auto", "voxel", "bucket", "exact-start1"):
         raise typer.BadParameter(f"{rule!r}: choose auto, voxel, bucket or exact-start1", param_hint="--rule")
     start_list = _start_list(starts)
-    result = run_rules(model, data, rules=("exact", rule), starts=start_list, progress=_say)
-    name = f"accuracy-{rule}" + (f"-{len(start_list)}-starts" if start_list else "")
+    reps = _int_list(voxel_reps, "--voxel-reps", minimum=1) if voxel_reps else None
+    if reps and rule not in ("auto", "voxel"):
+        raise typer.BadParameter(f"--voxel-reps applies to the voxel rule (auto or voxel), not {rule!r}",
+                                 param_hint="--voxel-reps")
+    result = run_rules(model, data, rules=("exact", rule), starts=start_list, voxel_reps=reps, progress=_say)
+    name = f"accuracy-{rule}" + (f"-reps-{'-'.join(map(str, reps))}" if reps else "") + \
+        (f"-{len(start_list)}-starts" if start_list else "")
     _write_report(name, result, rules_markdown(result), out)
 
 
-def _start_list(starts: str | None) -> list[int] | None:
+def _int_list(text: str, hint: str, minimum: int = 0) -> list[int]:
     try:
-        start_list = [int(v) for v in starts.split(",") if v.strip()] if starts else None
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise typer.BadParameter(f"{starts!r}: comma-separated integers, e.g. 0,1,2", param_hint="--starts") from None
-    if start_list and (min(start_list) < 0 or len(set(start_list)) != len(start_list)):
-        raise typer.BadParameter(f"{starts!r}: distinct start indices >= 0", param_hint="--starts")
-    return start_list
+        raise typer.BadParameter(f"{text!r}: comma-separated integers, e.g. 0,1,2", param_hint=hint) from None
+    if not values or min(values) < minimum or len(set(values)) != len(values):
+        raise typer.BadParameter(f"{text!r}: distinct integers >= {minimum}", param_hint=hint)
+    return values
+
+
+def _start_list(starts: str | None) -> list[int] | None:
+    return _int_list(starts, "--starts") if starts else None
 
 
 @app.command()

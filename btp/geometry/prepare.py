@@ -20,7 +20,8 @@ export's parity samples, the Triton pre/post steps, and as the reference of the 
   ``torch.manual_seed(seed); torch.randint(0, M, (1,))`` draws on the CPU.
 - **Scan size**, the one rule: M > N: FPS to N points (``method``: exact | bucket | voxel |
   auto, ``btp.geometry.sampling.downsample``; "voxel", auto's rule, also
-  keeps each raw point's cell, so the way back is a gather); M <= N: all M points in their own order
+  keeps each raw point's cell, so the way back is a gather; its grid holds about
+  ``preprocess.voxel_reps`` cells per sampled point); M <= N: all M points in their own order
   (``arange(M)``; FPS of all of them would only permute them) and the interpolation back to the
   raw scan is the identity. M < max(G, K) is refused (``TooFewPointsError``).
 """
@@ -157,7 +158,7 @@ def sample_indices(points: np.ndarray, pre: PreprocessConfig, method: str = "aut
         return np.arange(m, dtype=np.int64), None
     start = downsample_start(m, pre)
     if resolve_method(method) == "voxel":
-        return voxel_downsample(points, n, start, bounds)
+        return voxel_downsample(points, n, start, bounds, pre.voxel_reps)
     return downsample(points, n, start, method), None
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from btp.config import PreprocessConfig
 from btp.geometry._checks import as_points, check_count, check_start
 from btp.geometry.errors import GeometryError
 
@@ -99,8 +100,9 @@ def fps(points, n_samples: int, start_idx: int = 0) -> np.ndarray:
 DOWNSAMPLE_METHODS = ("auto", "exact", "bucket", "voxel")
 # fpsample bucket_fps_kdline_sampling tree height (bucket size 2**h): fastest measured at 400k
 BUCKET_HEIGHT = 7
-# "voxel" keeps about this many occupied cells per requested sample; FPS then picks among them
-VOXEL_REPS_PER_SAMPLE = 6
+# "voxel" keeps about this many occupied cells per requested sample, FPS then picks among them:
+# the default of the models' ``preprocess.voxel_reps``
+VOXEL_REPS_PER_SAMPLE = PreprocessConfig.voxel_reps
 # a dense voxel grid (one int32 per cell) up to this many cells; beyond it the cells are found by
 # sorting their keys (far outliers stretch the grid; same result, slower)
 DENSE_GRID_MAX_CELLS = 1 << 24
@@ -147,8 +149,8 @@ def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto")
       reads ``start_idx`` in that order, so the first index is some other point) and its ties
       follow its tree, so its indices differ from ``"exact"``; its spread is as good.
     - ``"voxel"``: ``voxel_downsample``: one representative per cell of a voxel grid sized so
-      that about 6 * n_samples cells are occupied, then FPS over the representatives. It costs
-      one pass over the scan, and it keeps the raw-point -> cell map (``VoxelMap``) that makes
+      that about ``VOXEL_REPS_PER_SAMPLE`` * n_samples cells are occupied (a model's chain reads
+      its ``preprocess.voxel_reps``), then FPS over the representatives. It costs one pass over the scan, and it keeps the raw-point -> cell map (``VoxelMap``) that makes
       the interpolation back to the raw scan a gather (``btp.geometry.prepare.interpolate``).
     - ``"auto"`` (default): ``"voxel"`` (a scan of M <= n points keeps all of them). Without fpsample
       (``_fpsample``) ``"bucket"`` runs as ``"voxel"``, and ``fps`` as ``fps_reference``.
@@ -173,10 +175,12 @@ def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto")
     return picked.astype(np.int64)
 
 
-def voxel_downsample(points, n_samples: int, start_idx: int = 0, bounds=None) -> tuple[np.ndarray, VoxelMap | None]:
+def voxel_downsample(points, n_samples: int, start_idx: int = 0, bounds=None,
+                     reps: int = VOXEL_REPS_PER_SAMPLE) -> tuple[np.ndarray, VoxelMap | None]:
     """The ``"voxel"`` rule: -> (indices int64 [n_samples] into ``points``, VoxelMap).
 
-    1. ``voxel_map``: a grid with about ``VOXEL_REPS_PER_SAMPLE * n_samples`` occupied cells,
+    1. ``voxel_map``: a grid with about ``reps * n_samples`` occupied cells (a model's
+       ``preprocess.voxel_reps``),
        each represented by its lowest raw index.
     2. FPS over the representatives to ``n_samples``: fpsample's bucket FPS (its tree height
        set by the number of representatives), or - without fpsample - ``fps`` from the
@@ -193,7 +197,9 @@ def voxel_downsample(points, n_samples: int, start_idx: int = 0, bounds=None) ->
     n_points = pts.shape[0]
     n = check_count(n_samples, n_points, "n_samples")
     start = check_start(start_idx, n_points)
-    vmap = voxel_map(pts, n * VOXEL_REPS_PER_SAMPLE, bounds)
+    if reps < 1:
+        raise GeometryError(f"reps={reps}: expected at least 1 cell per sample")
+    vmap = voxel_map(pts, n * int(reps), bounds)
     reps = vmap.cell_rep
     if reps.shape[0] < n:
         return fps(pts, n, start), None
