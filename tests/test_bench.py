@@ -293,6 +293,9 @@ def test_unavailable_backends_have_reasons():
     assert "unknown backend" in unavailable_reason("tensorflow")
     assert unavailable_reason("ort-cpu") is None and unavailable_reason("ort-cpu@exact") is None
     assert "unknown raw-scan rule 'fast'" in unavailable_reason("ort-cpu@fast")
+    assert unavailable_reason("ort-cpu@auto:3") is None and unavailable_reason("ort-cpu@voxel:12") is None
+    assert "integer >= 1" in unavailable_reason("ort-cpu@auto:0")
+    assert "applies to the voxel rule" in unavailable_reason("ort-cpu@exact:3")
     from btp.benchmarks.machine import gpus
 
     if not gpus():
@@ -330,6 +333,22 @@ def _write_anomaly_shapenet(root, shapes_root, n_points=1500):
                 d = np.linalg.norm(pts - pts[7 * i], axis=1)
                 labels = (d <= np.quantile(d, 0.05)).astype(np.int64)
                 np.savetxt(root / cls / "GT" / f"{stem}.txt", np.column_stack([pts, labels]), fmt="%.7f %.7f %.7f %d")
+
+
+def test_latency_rows_can_set_the_voxel_cells_per_sample(tiny_onnx):
+    """``ort-cpu@auto:R``: the row's pipeline runs the voxel rule with R cells per sample; the
+    model's own value stays with the plain row."""
+    from btp.benchmarks.data import sample_cloud
+    from btp.benchmarks.latency import make_pipeline
+
+    scan = sample_cloud(20000, seed=0)  # the bunny mesh of the shared shapes
+
+    plain, _ = make_pipeline("ort-cpu", tiny_onnx)
+    coarse, _ = make_pipeline("ort-cpu@auto:2", tiny_onnx)
+    assert coarse.cfg.preprocess.voxel_reps == 2 and plain.cfg.preprocess.voxel_reps != 2
+    got = {name: pipe(scan) for name, pipe in (("plain", plain), ("coarse", coarse))}
+    assert not np.array_equal(got["plain"].sampled_idx, got["coarse"].sampled_idx)
+    assert got["coarse"].point_scores.shape == (len(scan),)
 
 
 def test_latency_command_end_to_end(tiny_onnx, tmp_path):

@@ -81,9 +81,23 @@ class LatencyReport:
 
 def split_rule(backend: str) -> tuple[str, str]:
     """"ort-cpu@exact" -> ("ort-cpu", "exact"): a backend with its raw-scan downsampling rule
-    (``btp.runtime.Pipeline(downsample=)``), so several rules are timed as rows of one run."""
+    (``btp.runtime.Pipeline(downsample=)``), so several rules are timed as rows of one run. The
+    rule may carry the voxel rule's cells per sample: "ort-cpu@auto:3" -> ("ort-cpu", "auto:3")
+    (``rule_parts``)."""
     name, _, rule = backend.partition("@")
     return name, rule or "auto"
+
+
+def rule_parts(rule: str) -> tuple[str, int | None]:
+    """"auto:3" -> ("auto", 3): the downsampling rule and the voxel cells per sample that replace
+    the model's ``preprocess.voxel_reps`` for the row (None: the model's own). ValueError if the
+    count is not an integer >= 1."""
+    method, sep, reps = rule.partition(":")
+    if not sep:
+        return method, None
+    if not reps.isdigit() or int(reps) < 1:
+        raise ValueError(f"{rule!r}: the voxel cells per sample after ':' must be an integer >= 1")
+    return method, int(reps)
 
 
 def unavailable_reason(backend: str) -> str | None:
@@ -91,8 +105,14 @@ def unavailable_reason(backend: str) -> str | None:
     from btp.geometry.sampling import DOWNSAMPLE_METHODS
 
     backend, rule = split_rule(backend)
-    if rule not in DOWNSAMPLE_METHODS:
-        return f"unknown raw-scan rule {rule!r} after '@'; choose from {', '.join(DOWNSAMPLE_METHODS)}"
+    try:
+        method, reps = rule_parts(rule)
+    except ValueError as exc:
+        return str(exc)
+    if method not in DOWNSAMPLE_METHODS:
+        return f"unknown raw-scan rule {method!r} after '@'; choose from {', '.join(DOWNSAMPLE_METHODS)}"
+    if reps is not None and method not in ("auto", "voxel"):
+        return f"':{reps}' (voxel cells per sample) applies to the voxel rule (auto or voxel), not {method!r}"
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}"
     if backend in TORCH_BACKENDS:
@@ -131,14 +151,21 @@ def precision_of(backend: str) -> str:
 # ---- pipeline construction ---------------------------------------------------------------------
 
 def make_pipeline(backend: str, model_path, *, threads: int | None = None, checkpoint=None):
-    """A ``btp.runtime.Pipeline`` for ``backend`` (``split_rule``: an "@rule" suffix sets its
-    downsampling rule); the torch row gets a TorchBackend in it.
+    """A ``btp.runtime.Pipeline`` for ``backend`` (``split_rule``: an "@rule[:R]" suffix sets its
+    downsampling rule and the voxel rule's cells per sample); the torch row gets a TorchBackend in it.
 
     Returns (pipeline, weights label).
     """
-    from btp.runtime import Pipeline
-
     backend, rule = split_rule(backend)
+    rule, reps = rule_parts(rule)
+    pipe, label = _pipeline(backend, rule, model_path, threads, checkpoint)
+    if reps is not None:
+        pipe.cfg.preprocess.voxel_reps = reps  # the pipeline's own copy of the model's config
+    return pipe, label
+
+
+def _pipeline(backend: str, rule: str, model_path, threads, checkpoint):
+    from btp.runtime import Pipeline
 
     if backend in TORCH_BACKENDS:
         from btp.benchmarks.torch_backend import TorchBackend

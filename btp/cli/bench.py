@@ -69,7 +69,8 @@ def latency(
     model: Path = typer.Argument(..., exists=True, dir_okay=False, help="model.onnx (from btp-export)"),
     backends: str = typer.Option("torch,ort-cpu,ort-cuda,trt-fp32,trt-fp16", help="comma-separated backends; "
                                  "unavailable ones are reported as skipped with the reason; BACKEND@RULE also sets "
-                                 "the raw-scan rule (e.g. ort-cpu@exact next to ort-cpu, whose rule is auto)"),
+                                 "the raw-scan rule (e.g. ort-cpu@exact next to ort-cpu, whose rule is auto), "
+                                 "BACKEND@RULE:R also the voxel rule's cells per sample (e.g. ort-cpu@auto:3)"),
     points: str = typer.Option("2048,40000,400000", help="raw-scan sizes (points)"),
     batch: str = typer.Option("1,4", help="batch sizes"),
     warmup: float = typer.Option(1.0, help="warm-up seconds per row (not recorded)"),
