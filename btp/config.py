@@ -151,8 +151,10 @@ class PreprocessConfig:
     # scans of more than N points): about this many occupied grid cells per sampled point, among
     # which FPS picks the N samples; the way back to the raw scan evaluates the interpolation at
     # the cells' representatives. Fewer cells: less work per scan, a coarser approximation of the
-    # exact rule (training and `btp eval --downsample exact` do not read it)
-    voxel_reps: int = 6
+    # exact rule (training and `btp eval --downsample exact` do not read it). 3: held-out P-AUROC
+    # on 100k-point scans within 0.06 point of 6, in less time per scan
+    # (benchmarks/results/cpu-findings-amd-epyc-2026-12-03.md)
+    voxel_reps: int = 3
 
 
 @dataclass
