@@ -150,8 +150,9 @@ def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto")
       follow its tree, so its indices differ from ``"exact"``; its spread is as good.
     - ``"voxel"``: ``voxel_downsample``: one representative per cell of a voxel grid sized so
       that about ``VOXEL_REPS_PER_SAMPLE`` * n_samples cells are occupied (a model's chain reads
-      its ``preprocess.voxel_reps``), then FPS over the representatives. It costs one pass over the scan, and it keeps the raw-point -> cell map (``VoxelMap``) that makes
-      the interpolation back to the raw scan a gather (``btp.geometry.prepare.interpolate``).
+      its ``preprocess.voxel_reps``), then FPS over the representatives. It costs one pass over
+      the scan, and it keeps the raw-point -> cell map (``VoxelMap``) that makes the
+      interpolation back to the raw scan a gather (``btp.geometry.prepare.interpolate``).
     - ``"auto"`` (default): ``"voxel"`` (a scan of M <= n points keeps all of them). Without fpsample
       (``_fpsample``) ``"bucket"`` runs as ``"voxel"``, and ``fps`` as ``fps_reference``.
 
@@ -200,16 +201,16 @@ def voxel_downsample(points, n_samples: int, start_idx: int = 0, bounds=None,
     if reps < 1:
         raise GeometryError(f"reps={reps}: expected at least 1 cell per sample")
     vmap = voxel_map(pts, n * int(reps), bounds)
-    reps = vmap.cell_rep
-    if reps.shape[0] < n:
+    cell_rep = vmap.cell_rep
+    if cell_rep.shape[0] < n:
         return fps(pts, n, start), None
-    rep_pts = np.ascontiguousarray(pts[reps])
+    rep_pts = np.ascontiguousarray(pts[cell_rep])
     fpsample = _fpsample()
     if fpsample is None:
-        return reps[fps(rep_pts, n, int(vmap.cell_of_raw[start]))], vmap
-    height = int(np.clip(round(np.log2(reps.shape[0])) - 9, 3, BUCKET_HEIGHT))
+        return cell_rep[fps(rep_pts, n, int(vmap.cell_of_raw[start]))], vmap
+    height = int(np.clip(round(np.log2(cell_rep.shape[0])) - 9, 3, BUCKET_HEIGHT))
     picked = fpsample.bucket_fps_kdline_sampling(rep_pts, n, height, start_idx=int(vmap.cell_of_raw[start]))
-    return reps[picked.astype(np.int64)], vmap
+    return cell_rep[picked.astype(np.int64)], vmap
 
 
 def column_bounds(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
