@@ -131,6 +131,7 @@ class ScoringConfig:
 
 
 OBJECT_SOURCES = ("patches", "points", "pooled-points")
+SAMPLING_ORDERS = ("input", "canonical")
 
 
 @dataclass
@@ -155,6 +156,12 @@ class PreprocessConfig:
     # on 100k-point scans within 0.06 point of 6, in less time per scan
     # (benchmarks/results/cpu-findings-amd-epyc-2026-12-03.md)
     voxel_reps: int = 3
+    # which point the samplings start from and how ties fall: "input" = by row index (the file's
+    # row order matters: fps_start is a row); "canonical" = by the points' values only, so the
+    # same point set in any row order gives the same samples and scores, and one point more or
+    # less moves them little (btp.geometry.sampling: canonical_order, the voxel rule's hashed
+    # representatives and snapped grid)
+    sampling_order: str = "input"
 
 
 @dataclass
@@ -250,6 +257,8 @@ class BTPConfig:
             problems.append(f"preprocess.normalize={p.normalize!r}: expected 'unit_sphere' or 'unit_sphere_raw'")
         if p.downsample_start not in ("fixed", "seeded-random"):
             problems.append(f"preprocess.downsample_start={p.downsample_start!r}: expected 'fixed' or 'seeded-random'")
+        if p.sampling_order not in SAMPLING_ORDERS:
+            problems.append(f"preprocess.sampling_order={p.sampling_order!r}: expected one of {SAMPLING_ORDERS}")
         if self.scoring.uncovered_points not in ("nearest_center", "zero"):
             problems.append(f"scoring.uncovered_points={self.scoring.uncovered_points!r}: "
                             "expected 'nearest_center' or 'zero'")

@@ -53,6 +53,23 @@ def test_cuda_emu_equals_cpu_exact_on_real_shapes(model_path, scans):
     assert {"btp_fps", "btp_knn_group", "btp_normalize", "btp_scatter_patch_scores", "btp_interpolate_nearest"} <= launched
 
 
+@needs_gxx
+def test_cuda_emu_equals_cpu_exact_in_the_canonical_order(model_path, scans):
+    """A model with preprocess.sampling_order = "canonical": the kernels get the rows sorted by
+    value and the scores go back to the input's rows, as on the CPU."""
+    import copy
+
+    emu = Pipeline(model_path, preprocess="cuda-emu")
+    cpu = Pipeline(model_path, preprocess="cpu", downsample="exact")
+    for pipe in (emu, cpu):
+        pipe.cfg = copy.deepcopy(pipe.cfg)
+        pipe.cfg.preprocess.sampling_order = "canonical"
+    for raw in scans:
+        got = emu(raw[::-1].copy())
+        _compare(got, cpu(raw[::-1].copy()))
+        assert got.object_score == emu(raw).object_score
+
+
 @pytest.mark.skipif(gpu_unavailable_reason() is not None, reason=gpu_unavailable_reason() or "")
 def test_cuda_equals_cpu_exact_on_real_shapes(model_path, scans):
     gpu = Pipeline(model_path, preprocess="cuda")

@@ -324,6 +324,41 @@ def rules(
     _write_report(name, result, rules_markdown(result), out)
 
 
+@app.command()
+def stability(
+    model: Path = typer.Argument(..., exists=True, dir_okay=False, help="model.onnx"),
+    data: list[Path] = typer.Option(..., "--data", exists=True, file_okay=False,
+                                    help="test set (repeatable): <class>/test/* scans, e.g. `btp data eval-sets`"),
+    orders: str = typer.Option("input,canonical", help="sampling orders to compare (preprocess.sampling_order)"),
+    permutations: int = typer.Option(8, min=2, help="random row orders per scan"),
+    drops: int = typer.Option(8, min=2, help="random drops per scan"),
+    drop_share: float = typer.Option(0.001, min=0.0, max=0.5, help="share of the points each drop removes"),
+    limit: int = typer.Option(None, min=1, help="at most this many scans per set (spread over the set)"),
+    downsample: str = typer.Option("auto", help="raw-scan rule: auto | exact | bucket | voxel"),
+    seed: int = typer.Option(0, help="seed of the permutations and drops"),
+    out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
+) -> None:
+    """How far the object score moves when only the sampling changes: the same scan in other row
+    orders and with a few points dropped (goal: std <= 0.003 on every scan), per sampling order,
+    with the end-to-end cost of each."""
+    from btp.benchmarks.stability import run_stability, stability_markdown, test_scans
+    from btp.config import SAMPLING_ORDERS
+    from btp.geometry.sampling import DOWNSAMPLE_METHODS
+
+    names = _names(orders)
+    if not names or any(o not in SAMPLING_ORDERS for o in names):
+        raise typer.BadParameter(f"{orders!r}: choose from {', '.join(SAMPLING_ORDERS)}", param_hint="--orders")
+    if downsample not in DOWNSAMPLE_METHODS:
+        raise typer.BadParameter(f"{downsample!r}: choose one of {', '.join(DOWNSAMPLE_METHODS)}",
+                                 param_hint="--downsample")
+    files = test_scans(data, limit)
+    if not files:
+        raise typer.BadParameter("no <class>/test/* scans under the given sets", param_hint="--data")
+    result = run_stability(model, files, orders=tuple(names), permutations=permutations, drops=drops,
+                           drop_share=drop_share, seed=seed, downsample=downsample, progress=_say)
+    _write_report(f"stability-{downsample}", result, stability_markdown(result), out)
+
+
 def _int_list(text: str, hint: str, minimum: int = 0) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]

@@ -21,9 +21,14 @@ export's parity samples, the Triton pre/post steps, and as the reference of the 
 - **Scan size**, the one rule: M > N: FPS to N points (``method``: exact | bucket | voxel |
   auto, ``btp.geometry.sampling.downsample``; "voxel", auto's rule, also
   keeps each raw point's cell, so the way back is a gather; its grid holds about
-  ``preprocess.voxel_reps`` cells per sampled point); M <= N: all M points in their own order
-  (``arange(M)``; FPS of all of them would only permute them) and the interpolation back to the
-  raw scan is the identity. M < max(G, K) is refused (``TooFewPointsError``).
+  ``preprocess.voxel_reps`` cells per sampled point); M <= N: all M points (FPS of all of them
+  would only permute them) and the interpolation back to the raw scan is a scatter.
+  M < max(G, K) is refused (``TooFewPointsError``).
+- ``preprocess.sampling_order = "input"``: rows are taken in the file's order (M <= N:
+  ``arange(M)``; starts and ties by row index). ``"canonical"``: by value only - M <= N and the
+  exact / bucket rules run on the rows sorted by (x, y, z) (``canonical_order``), the voxel rule
+  hashes the points (``voxel_map(canonical=True)``) - so any row order of the same points gives
+  the same scores, and dropping a few points moves them little.
 """
 from __future__ import annotations
 
@@ -37,7 +42,8 @@ from btp.config import BTPConfig, PreprocessConfig
 from btp.geometry.errors import DegenerateCloudError
 from btp.geometry.neighbors import knn, neighborhoods
 from btp.geometry.normalize import normalize
-from btp.geometry.sampling import VoxelMap, column_bounds, downsample, fps, resolve_method, voxel_downsample
+from btp.geometry.sampling import (VoxelMap, canonical_order, column_bounds, downsample, fps, resolve_method,
+                                   voxel_downsample)
 from btp.geometry.scores import interpolate_to_raw, nearest_scores, propagate_patch_scores
 from btp.io.errors import InvalidValuesError, TooFewPointsError
 
@@ -154,11 +160,15 @@ def sample_indices(points: np.ndarray, pre: PreprocessConfig, method: str = "aut
     """-> (int64 [min(N, M)]: the downsampled rows of ``points`` [M, 3] (all of them when M <= N),
     the voxel rule's map or None). ``bounds``: the points' per-axis (min, max), if known."""
     m, n = points.shape[0], pre.num_points
+    canonical = pre.sampling_order == "canonical"
     if m <= n:
-        return np.arange(m, dtype=np.int64), None
+        return (canonical_order(points) if canonical else np.arange(m, dtype=np.int64)), None
     start = downsample_start(m, pre)
     if resolve_method(method) == "voxel":
-        return voxel_downsample(points, n, start, bounds, pre.voxel_reps)
+        return voxel_downsample(points, n, start, bounds, pre.voxel_reps, canonical=canonical)
+    if canonical:  # the input-order rule on the rows sorted by value
+        order = canonical_order(points)
+        return order[downsample(points[order], n, start, method)], None
     return downsample(points, n, start, method), None
 
 
@@ -239,8 +249,10 @@ def interpolate(sampled_scores: np.ndarray, prepared: Prepared, cfg: BTPConfig, 
       pins that bound.
     - otherwise ``"nearest"`` runs as one k=1 tree query over the raw points (``nearest_scores``).
     """
-    if prepared.identity:
-        return np.asarray(sampled_scores, dtype=np.float32)
+    if prepared.identity:  # every raw point was sampled, maybe in another order (canonical)
+        values = np.empty(len(prepared.raw_points), dtype=np.float32)
+        values[prepared.sample_idx] = sampled_scores
+        return values
     raw = prepared.raw_points
     method = cfg.scoring.raw_interpolation
     vmap = None if exact else prepared.voxel_map

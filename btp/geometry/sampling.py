@@ -114,7 +114,8 @@ class VoxelMap:
     representative. Interpolation back to the raw scan is then a gather:
     ``raw_scores = rep_scores[cell_of_raw]`` with ``rep_scores`` the scores at ``cell_rep``.
 
-    cell_rep     int64 [R]  the lowest raw index in each occupied cell (cells in key order)
+    cell_rep     int64 [R]  each occupied cell's representative (cells in key order): its lowest raw
+                            index, or its lowest ``point_hash`` in the canonical order
     cell_of_raw  int32 [M]  each raw point's cell (an index into cell_rep)
     voxel        float      the cell side, in the scan's units
     """
@@ -177,7 +178,8 @@ def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto")
 
 
 def voxel_downsample(points, n_samples: int, start_idx: int = 0, bounds=None,
-                     reps: int = VOXEL_REPS_PER_SAMPLE) -> tuple[np.ndarray, VoxelMap | None]:
+                     reps: int = VOXEL_REPS_PER_SAMPLE, *,
+                     canonical: bool = False) -> tuple[np.ndarray, VoxelMap | None]:
     """The ``"voxel"`` rule: -> (indices int64 [n_samples] into ``points``, VoxelMap).
 
     1. ``voxel_map``: a grid with about ``reps * n_samples`` occupied cells (a model's
@@ -187,8 +189,10 @@ def voxel_downsample(points, n_samples: int, start_idx: int = 0, bounds=None,
        set by the number of representatives), or - without fpsample - ``fps`` from the
        representative of ``start_idx``'s cell. The samples are representatives, so every
        sample's cell is its own.
-    Too few occupied cells (a scan with fewer distinct cells than samples): the exact rule over
-    all points, and no map (None). ``bounds``: the per-axis (min, max) that the scan checks of
+    ``canonical``: the map is ``voxel_map(..., canonical=True)`` and FPS starts at the first
+    representative (cells in key order), not at ``start_idx``'s cell: the samples depend on the
+    point set only. Too few occupied cells (a scan with fewer distinct cells than samples): the
+    exact rule over all points (in ``canonical_order`` when ``canonical``), and no map (None). ``bounds``: the per-axis (min, max) that the scan checks of
     ``btp.geometry.prepare`` computed; with them the points are taken as checked (float32 [M, 3],
     finite) and not validated again (a pass over all M points).
     """
@@ -200,17 +204,47 @@ def voxel_downsample(points, n_samples: int, start_idx: int = 0, bounds=None,
     start = check_start(start_idx, n_points)
     if reps < 1:
         raise GeometryError(f"reps={reps}: expected at least 1 cell per sample")
-    vmap = voxel_map(pts, n * int(reps), bounds)
+    vmap = voxel_map(pts, n * int(reps), bounds, canonical=canonical)
     cell_rep = vmap.cell_rep
     if cell_rep.shape[0] < n:
+        if canonical:
+            order = canonical_order(pts)
+            return order[fps(pts[order], n, start)], None
         return fps(pts, n, start), None
     rep_pts = np.ascontiguousarray(pts[cell_rep])
+    rep_start = 0 if canonical else int(vmap.cell_of_raw[start])
     fpsample = _fpsample()
     if fpsample is None:
-        return cell_rep[fps(rep_pts, n, int(vmap.cell_of_raw[start]))], vmap
+        return cell_rep[fps(rep_pts, n, rep_start)], vmap
     height = int(np.clip(round(np.log2(cell_rep.shape[0])) - 9, 3, BUCKET_HEIGHT))
-    picked = fpsample.bucket_fps_kdline_sampling(rep_pts, n, height, start_idx=int(vmap.cell_of_raw[start]))
+    picked = fpsample.bucket_fps_kdline_sampling(rep_pts, n, height, start_idx=rep_start)
     return cell_rep[picked.astype(np.int64)], vmap
+
+
+def canonical_order(points) -> np.ndarray:
+    """int64 [M]: the rows of ``points`` [M, 3] sorted by x, then y, then z (float32 values).
+
+    A function of the point *set*: the same points in any row order give the same sequence of
+    coordinates ``points[order]`` (equal points are interchangeable). The "canonical" sampling
+    order runs the exact and bucket rules, and scans of at most N points, on that sequence."""
+    pts = as_points(points)
+    return np.lexsort((pts[:, 2], pts[:, 1], pts[:, 0])).astype(np.int64)
+
+
+def point_hash(points: np.ndarray) -> np.ndarray:
+    """uint32 [M]: a mix of each point's float32 bit patterns (x, y, z) - equal points, equal
+    hashes; otherwise near-uniform. The canonical voxel rule picks each cell's representative
+    and its grid-sizing subsample by it, so neither depends on the row order."""
+    bits = np.ascontiguousarray(points, dtype=np.float32).view(np.uint32)
+    h = bits[:, 0] * np.uint32(0x9E3779B1)
+    h ^= bits[:, 1] * np.uint32(0x85EBCA77)
+    h ^= bits[:, 2] * np.uint32(0xC2B2AE3D)
+    h ^= h >> np.uint32(15)  # avalanche (murmur3's finaliser)
+    h *= np.uint32(0x2C1B3C6D)
+    h ^= h >> np.uint32(12)
+    h *= np.uint32(0x297A2D39)
+    h ^= h >> np.uint32(15)
+    return h
 
 
 def column_bounds(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -255,7 +289,7 @@ def _occupied(points: np.ndarray, low: np.ndarray, extent: np.ndarray, voxel: fl
     return int(np.unique(_cell_keys(points, low, dims, voxel, np.int64)).shape[0])
 
 
-def voxel_map(points: np.ndarray, target: int, bounds=None) -> VoxelMap:
+def voxel_map(points: np.ndarray, target: int, bounds=None, *, canonical: bool = False) -> VoxelMap:
     """Cubic cells anchored at the per-axis minimum, about ``target`` of them occupied.
 
     points float32 [M, 3]. The side starts at extent / sqrt(target) (a surface fills ~ area / v^2
@@ -266,6 +300,12 @@ def voxel_map(points: np.ndarray, target: int, bounds=None) -> VoxelMap:
     ``DENSE_GRID_MAX_CELLS`` cells, otherwise the occupied cells are found by sorting keys. Each
     cell's representative is its lowest raw index. Deterministic: the same points give the same
     map. ``bounds``: the points' per-axis (min, max) when the caller has them (``column_bounds``).
+
+    ``canonical``: nothing depends on the row order, and one point more or less changes little:
+    the sizing subsample is the points whose ``point_hash`` falls in a fixed share (not every
+    k-th row), the side is snapped to a power of 2**(1/8) of extent / sqrt(target) and the grid's
+    anchor to a multiple of the side (so a small change in the counts or the bounds rarely moves
+    the grid), and each cell's representative is its point of lowest hash (not lowest index).
     """
     m = points.shape[0]
     low, high = bounds if bounds is not None else column_bounds(points)
@@ -274,8 +314,14 @@ def voxel_map(points: np.ndarray, target: int, bounds=None) -> VoxelMap:
     largest = float(extent.max())
     if largest == 0.0:
         return VoxelMap(cell_rep=np.zeros(1, np.int64), cell_of_raw=np.zeros(m, np.int32), voxel=1.0)
-    sub = points[::max(1, m // (4 * target))]
-    voxel, exponent, last = largest / np.sqrt(target), 2.0, None
+    step = max(1, m // (4 * target))
+    hashes = point_hash(points) if canonical else None
+    if canonical:
+        sub = points if step == 1 else points[hashes % np.uint32(step) == 0]
+    else:
+        sub = points[::step]
+    base = largest / np.sqrt(target)
+    voxel, exponent, last = base, 2.0, None
     for _ in range(3):
         occupied = _occupied(sub, low, extent, voxel)
         if 0.8 * target <= occupied <= 1.25 * target or (occupied < target and occupied >= 0.9 * sub.shape[0]):
@@ -284,8 +330,14 @@ def voxel_map(points: np.ndarray, target: int, bounds=None) -> VoxelMap:
             exponent = float(np.clip(np.log(last[1] / occupied) / np.log(voxel / last[0]), 1.0, 3.0))
         last = (voxel, occupied)
         voxel *= float((occupied / target) ** (1.0 / exponent))
+    if canonical:
+        voxel = base * float(2.0 ** (np.round(8.0 * np.log2(voxel / base)) / 8.0))
+        anchored = np.floor(low / voxel) * voxel
+        low, extent = anchored, high - anchored
     dims = _grid_dims(extent, voxel)
     cells = int(np.prod(dims))
+    if canonical:
+        return _hashed_map(points, hashes, low, dims, voxel, cells)
     if cells <= DENSE_GRID_MAX_CELLS:
         keys = _cell_keys(points, low, dims, voxel, np.int32)
         first = np.full(cells, m, dtype=np.int32)
@@ -298,4 +350,30 @@ def voxel_map(points: np.ndarray, target: int, bounds=None) -> VoxelMap:
         _, rep, inverse = np.unique(_cell_keys(points, low, dims, voxel, np.int64), return_index=True,
                                     return_inverse=True)
         cell_rep, cell_of_raw = rep.astype(np.int64), inverse.astype(np.int32).reshape(-1)
+    return VoxelMap(cell_rep=cell_rep, cell_of_raw=cell_of_raw, voxel=float(voxel))
+
+
+def _hashed_map(points: np.ndarray, hashes: np.ndarray, low: np.ndarray, dims: np.ndarray, voxel: float,
+                cells: int) -> VoxelMap:
+    """The canonical voxel map: each occupied cell (in key order) represented by its point of
+    lowest ``point_hash`` (equal hashes: equal points, whichever row; the lowest index is taken)."""
+    m = points.shape[0]
+    dense = cells <= DENSE_GRID_MAX_CELLS
+    keys = _cell_keys(points, low, dims, voxel, np.int32 if dense else np.int64)
+    # hash in the high 32 bits, row in the low ones: the minimum per cell is its lowest hash
+    packed = (hashes.astype(np.uint64) << np.uint64(32)) | np.arange(m, dtype=np.uint64)
+    if dense:
+        best = np.full(cells, np.iinfo(np.uint64).max, dtype=np.uint64)
+        np.minimum.at(best, keys, packed)
+        occupied_cells = np.flatnonzero(best != np.iinfo(np.uint64).max)
+        cell_rep = (best[occupied_cells] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        rank = np.zeros(cells, dtype=np.int32)
+        rank[occupied_cells] = np.arange(occupied_cells.shape[0], dtype=np.int32)
+        cell_of_raw = rank[keys]
+    else:
+        unique_keys, inverse = np.unique(keys, return_inverse=True)
+        best = np.full(unique_keys.shape[0], np.iinfo(np.uint64).max, dtype=np.uint64)
+        np.minimum.at(best, inverse.reshape(-1), packed)
+        cell_rep = (best & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        cell_of_raw = inverse.astype(np.int32).reshape(-1)
     return VoxelMap(cell_rep=cell_rep, cell_of_raw=cell_of_raw, voxel=float(voxel))

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from btp.geometry.prepare import Prepared, check_scan, engine_batch, min_points, prepare, scores_to_raw
-from btp.geometry.sampling import DOWNSAMPLE_METHODS
+from btp.geometry.sampling import DOWNSAMPLE_METHODS, canonical_order
 from btp.geometry.scores import object_score
 from btp.io import PointCloud, read_point_cloud
 from btp.io.pointcloud import centred
@@ -176,8 +176,16 @@ class Pipeline:
     def finish_on_device(self, job: Job) -> Result:
         """The whole chain of one scan on the device (btp.runtime.device.DeviceChain)."""
         t = dict(job.timings)
-        got = self.device_chain.run(job.raw, partial(_timed, t))
-        return _result(self.cfg, job, got.outputs, 0, t, got.point_scores, got.sample_idx, got.sampled_scores, 1)
+        if self.cfg.preprocess.sampling_order != "canonical":
+            got = self.device_chain.run(job.raw, partial(_timed, t))
+            return _result(self.cfg, job, got.outputs, 0, t, got.point_scores, got.sample_idx, got.sampled_scores, 1)
+        # the kernels take rows in their order: hand them the canonical one, and map back
+        with _timed(t, "canonical_order"):
+            order = canonical_order(job.raw)
+        got = self.device_chain.run(job.raw[order], partial(_timed, t))
+        point_scores = np.empty_like(got.point_scores)
+        point_scores[order] = got.point_scores
+        return _result(self.cfg, job, got.outputs, 0, t, point_scores, order[got.sample_idx], got.sampled_scores, 1)
 
 
 def _result(cfg, job: Job, outputs, b: int, timings, point_scores, sample_idx, sampled_scores, batch: int) -> Result:
