@@ -405,6 +405,8 @@ def btp_geo4k_config() -> BTPConfig:
     cfg = btp_geo_config()
     cfg.name = "btp-geo-4k"
     cfg.preprocess.num_points = 4096
+    # scores that do not move with the file's row order (models/btp-geo-4k.md, "Stability")
+    cfg.preprocess.sampling_order = "canonical"
     return cfg.validate()
 
 

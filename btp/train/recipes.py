@@ -72,6 +72,10 @@ RECIPES: dict[str, Recipe] = {
     "btp-corpus-context": replace(_BTP_MINI, name="btp-corpus-context", per_shape=12, config=btp_context_config),
     # btp-corpus-geo on N = 4096 sampled points (same G, K: same engine cost, half-size patches)
     "btp-corpus-geo-4k": replace(_BTP_MINI, name="btp-corpus-geo-4k", per_shape=12, config=btp_geo4k_config),
+    # btp-corpus-geo-4k with 30 % single-view partial scans (hidden-point removal) among its BTP
+    # samples, normal and defective alike: the open borders of a partial view are labelled normal
+    "btp-corpus-geo-4k-partial": replace(_BTP_MINI, name="btp-corpus-geo-4k-partial", per_shape=12,
+                                         config=btp_geo4k_config, synth={"partial_prob": 0.3}),
     # the same per-point model on btp-mini's data (shared shapes only): corpus or head?
     "btp-mini-point": replace(_BTP_MINI, name="btp-mini-point", config=btp_point_config),
     # seconds: for tests and smoke runs
