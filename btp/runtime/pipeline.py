@@ -171,28 +171,34 @@ class Pipeline:
         sampled, point_scores = scores_to_raw(patch_probs, job.prep, self.cfg, exact=self.downsample == "exact",
                                               timer=partial(_timed, t),
                                               point_probs=None if point_probs is None else point_probs[b])
-        return _result(self.cfg, job, outputs, b, t, point_scores, job.prep.sample_idx, sampled, batch)
+        return _result(self.cfg, job=job, outputs=outputs, row=b, timings=t, point_scores=point_scores,
+                       sample_idx=job.prep.sample_idx, sampled_scores=sampled, batch=batch)
 
     def finish_on_device(self, job: Job) -> Result:
         """The whole chain of one scan on the device (btp.runtime.device.DeviceChain)."""
         t = dict(job.timings)
         if self.cfg.preprocess.sampling_order != "canonical":
             got = self.device_chain.run(job.raw, partial(_timed, t))
-            return _result(self.cfg, job, got.outputs, 0, t, got.point_scores, got.sample_idx, got.sampled_scores, 1)
+            return _result(self.cfg, job=job, outputs=got.outputs, row=0, timings=t, point_scores=got.point_scores,
+                           sample_idx=got.sample_idx, sampled_scores=got.sampled_scores, batch=1)
         # the kernels take rows in their order: hand them the canonical one, and map back
         with _timed(t, "canonical_order"):
             order = canonical_order(job.raw)
         got = self.device_chain.run(job.raw[order], partial(_timed, t))
         point_scores = np.empty_like(got.point_scores)
         point_scores[order] = got.point_scores
-        return _result(self.cfg, job, got.outputs, 0, t, point_scores, order[got.sample_idx], got.sampled_scores, 1)
+        return _result(self.cfg, job=job, outputs=got.outputs, row=0, timings=t, point_scores=point_scores,
+                       sample_idx=order[got.sample_idx], sampled_scores=got.sampled_scores, batch=1)
 
 
-def _result(cfg, job: Job, outputs, b: int, timings, point_scores, sample_idx, sampled_scores, batch: int) -> Result:
-    global_prob = float(outputs["global_prob"][b]) if "global_prob" in outputs else float("nan")
-    return Result(object_score=object_score(cfg.scoring, outputs["object_score"][b], global_prob, sampled_scores),
+def _result(cfg, *, job: Job, outputs: dict[str, np.ndarray], row: int, timings: dict[str, float],
+            point_scores: np.ndarray, sample_idx: np.ndarray, sampled_scores: np.ndarray, batch: int) -> Result:
+    """Row ``row`` of a batch of ``batch`` scans: the engine's outputs, the scores of the ``sample_idx``
+    points (``sampled_scores`` [N]) and of every raw point (``point_scores`` [M]) -> Result."""
+    global_prob = float(outputs["global_prob"][row]) if "global_prob" in outputs else float("nan")
+    return Result(object_score=object_score(cfg.scoring, outputs["object_score"][row], global_prob, sampled_scores),
                   point_scores=point_scores,
-                  patch_probs=np.asarray(outputs["patch_probs"][b], dtype=np.float32), timings=timings,
+                  patch_probs=np.asarray(outputs["patch_probs"][row], dtype=np.float32), timings=timings,
                   global_prob=global_prob,
                   points=job.raw, path=job.path, batch_size=batch, warnings=job.warnings, sampled_idx=sample_idx,
                   sampled_scores=sampled_scores, row_mask=job.row_mask, offset=job.offset)
