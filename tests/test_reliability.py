@@ -554,7 +554,7 @@ def test_prefetch_gives_the_serial_outputs_in_input_order(model_path, good_point
     pipe = Pipeline(model_path)
     serial = run_files(pipe, files, tmp_path / "serial", heatmaps=(), prefetch=0, batch=2)
     ahead = run_files(pipe, files, tmp_path / "ahead", heatmaps=(), prefetch=3, batch=2)
-    assert [o.path for o in ahead] == files == [o.path for o in serial]
+    assert [o.file for o in ahead] == files == [o.file for o in serial]
     assert [o.error for o in ahead] == [o.error for o in serial]
     for o in serial:
         if o.ok:

@@ -91,9 +91,9 @@ def run_demo(out: Path, *, model: str = DEFAULT_MODEL_NAME, backend: str = "ort-
     from rich.markup import escape
     from rich.table import Table
 
-    from btp.runtime.outputs import write_json
+    from btp.runtime import outputs
     from btp.runtime.pipeline import Pipeline
-    from btp.runtime.run import run_files, summary_doc
+    from btp.runtime.run import run_files
 
     console = Console()
     if console.width < 120:  # the table has 7 columns; don't squeeze it on a narrow or non-tty console
@@ -112,11 +112,9 @@ def run_demo(out: Path, *, model: str = DEFAULT_MODEL_NAME, backend: str = "ort-
     samples = make_samples(out / "scans")
     outcomes = run_files(pipeline, list(samples), out / "results", heatmaps=("ply", "png") if png else ("ply",),
                          backend=backend)
-    write_json(out / "results" / "summary.json", summary_doc(outcomes, pipeline))
-    from btp.runtime.report import entries_from_outcomes, write_report
-
-    page = write_report(out / "results", entries_from_outcomes(outcomes), title="btp demo: inspection report",
-                        model=pipeline.meta.name)
+    outputs.write_summary(out / "results", outcomes, pipeline.model_path)
+    page = outputs.write_report(out / "results", outcomes, title="btp demo: inspection report",
+                                model=pipeline.meta.name)
     title = escape(f"btp demo: {pipeline.meta.name}" + (" [UNTRAINED fresh init]" if fresh else "") + f" on {backend}")
     table = Table(title=title)
     table.add_column("file", no_wrap=True)
@@ -124,15 +122,14 @@ def run_demo(out: Path, *, model: str = DEFAULT_MODEL_NAME, backend: str = "ort-
                       ("true region", "right"), ("latency ms", "right"), ("engine ms", "right")):
         table.add_column(col, justify=just)
     for oc in outcomes:
-        info = samples[oc.path]
+        info = samples[oc.file]
         if not oc.ok:
-            table.add_row(oc.path.name, info["defect"], "[red]failed", escape(oc.error or ""), "", "", "")
+            table.add_row(oc.file.name, info["defect"], "[red]failed", escape(oc.error or ""), "", "", "")
             continue
-        ps = oc.doc["point_scores"]
-        table.add_row(oc.path.name, info["defect"], f"{oc.result.object_score:.4f}",
-                      f"{ps['anomalous_points']} pts ({100 * ps['anomalous_fraction']:.1f}%)",
-                      f"{100 * info['true_fraction']:.1f}%", f"{oc.result.total_ms:.0f}",
-                      f"{oc.result.timings['engine']:.0f}")
+        ps = oc.point_scores
+        table.add_row(oc.file.name, info["defect"], f"{oc.object_score:.4f}",
+                      f"{ps.anomalous_points} pts ({100 * ps.anomalous_fraction:.1f}%)",
+                      f"{100 * info['true_fraction']:.1f}%", f"{oc.total_ms:.0f}", f"{oc.timings_ms['engine']:.0f}")
     console.print(table)
     threshold = pipeline.meta.config.scoring.point_threshold
     console.print(f"anomalous region = raw points whose score (mean probability of the patches containing "

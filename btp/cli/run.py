@@ -81,12 +81,10 @@ def run(
 
     from btp.errors import BTPError
     from btp.runtime.calibration import CalibrationError, find_threshold
-    from btp.runtime.outputs import write_json
-    from btp.runtime.pipeline import Pipeline
-    from btp.runtime.run import FORMAT_CHOICES, expand_inputs, run_files, summary_doc
-
+    from btp.runtime import outputs
     from btp.runtime.calibration import check_threshold
-    from btp.runtime.outputs import check_output_dir
+    from btp.runtime.pipeline import Pipeline
+    from btp.runtime.run import FORMAT_CHOICES, expand_inputs, run_files
 
     console = Console(stderr=True)
     if fmt not in FORMAT_CHOICES:
@@ -119,7 +117,7 @@ def run(
         console.print("[yellow]btp run: this model.onnx holds a freshly initialised, UNTRAINED model: "
                       "its scores carry no meaning")
     try:
-        check_output_dir(out)
+        outputs.check_output_dir(out)
     except BTPError as exc:
         console.print(f"[red]btp run: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
@@ -130,12 +128,11 @@ def run(
 
     def say(oc) -> None:
         if oc.ok:
-            d = oc.doc
-            decision = f" -> {d['decision']}" if d["decision"] else ""
-            console.print(f"[green]ok[/green] {escape(str(oc.path))}: object score {d['object_score']:.4f}{decision} "
-                          f"({d['points']} points, {d['total_ms']:.0f} ms)")
+            decision = f" -> {oc.decision}" if oc.decision else ""
+            console.print(f"[green]ok[/green] {escape(str(oc.file))}: object score {oc.object_score:.4f}{decision} "
+                          f"({oc.points} points, {oc.total_ms:.0f} ms)")
         else:
-            console.print(f"[red]FAILED[/red] {escape(str(oc.path))}: {escape(oc.error)}")
+            console.print(f"[red]FAILED[/red] {escape(str(oc.file))}: {escape(oc.error)}")
             if debug and oc.traceback:
                 console.print(oc.traceback, markup=False, highlight=False)
 
@@ -146,19 +143,17 @@ def run(
     except KeyboardInterrupt:
         console.print("[red]btp run: interrupted; every output written so far is complete")
         raise typer.Exit(code=130) from None
-    summary = summary_doc(outcomes, pipeline)
     try:
-        write_json(out / "summary.json", summary)
+        outputs.write_summary(out, outcomes, pipeline.model_path)
     except OSError as exc:
         console.print(f"[red]btp run: could not write {out / 'summary.json'} ({exc}); the per-scan outputs are complete")
         raise typer.Exit(code=2) from None
     if report == "html":
-        from btp.runtime.report import entries_from_outcomes, write_report
-
-        page = write_report(out, entries_from_outcomes(outcomes), model=f"{pipeline.meta.name} ({model})")
+        page = outputs.write_report(out, outcomes, model=f"{pipeline.meta.name} ({model})")
         console.print(f"btp run: report {page}")
-    failed = len(summary["failed"])
-    console.print(f"btp run: {summary['succeeded']} of {len(outcomes)} scans scored, {failed} failed; outputs in {out}")
+    failed = sum(not oc.ok for oc in outcomes)
+    console.print(f"btp run: {len(outcomes) - failed} of {len(outcomes)} scans scored, {failed} failed; "
+                  f"outputs in {out}")
     if failed:
         raise typer.Exit(code=1)
 
@@ -200,8 +195,8 @@ def calibrate(
     outcomes = run_files(pipeline, files, Path("."), write=False, backend=backend)
     for oc in outcomes:
         if not oc.ok:
-            console.print(f"[red]FAILED[/red] {escape(str(oc.path))}: {escape(oc.error)}")
-    scores = [oc.result.object_score for oc in outcomes if oc.ok]
+            console.print(f"[red]FAILED[/red] {escape(str(oc.file))}: {escape(oc.error)}")
+    scores = [oc.object_score for oc in outcomes if oc.ok]
     if not scores:
         console.print("[red]btp calibrate: no good scan could be scored")
         raise typer.Exit(code=1)

@@ -12,6 +12,7 @@ import importlib
 _EXPORTS = {
     "Pipeline": "btp.runtime.pipeline",
     "Result": "btp.runtime.pipeline",
+    "ScanOutcome": "btp.runtime.outcome",
     "ModelMeta": "btp.runtime.metadata",
     "ModelMetadataError": "btp.runtime.metadata",
     "read_model_meta": "btp.runtime.metadata",

@@ -1,10 +1,14 @@
-"""What btp-run writes per scan, every file atomically (temp file in the same folder + os.replace):
+"""Everything btp-run writes, from ``ScanOutcome`` values (btp.runtime.outcome); every file atomically
+(temp file in the same folder + os.replace). Per scan (``write_scan``):
 
-    <stem>.npy   float32 [M]: one score per point of the scan, in the file's point order
+    <stem>.npy   float32 [R]: one score per row of the file, in its order (NaN for dropped rows)
     <stem>.ply   the scan with an ``anomaly`` scalar and turbo heat colours (btp.io.write_point_cloud)
     <stem>.png   three views of the anomaly map (matplotlib Agg, no display; ``render_views``)
-    <stem>.json  object score, decision, point-score summary, timings (written last: its presence
-                 means the scan's outputs are complete)
+    <stem>.json  ``ScanOutcome.document()``: object score, decision, point-score summary, timings
+                 (written last: its presence means the scan's outputs are complete)
+
+Per run: ``results.csv`` (``write_csv``, one row per scan, CSV_FIELDS), ``summary.json``
+(``write_summary``), ``report.html`` (``write_report``, via btp.runtime.report).
 
 Torch-free. A crash or Ctrl-C leaves complete files or none (a stray ``.<name>.*.tmp`` at most
 during the write, removed on any exception).
@@ -12,6 +16,7 @@ during the write, removed on any exception).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -21,8 +26,8 @@ import numpy as np
 
 from btp.errors import BTPError
 from btp.io.files import atomic_write_bytes
+from btp.runtime.outcome import ScanOutcome
 
-POINT_THRESHOLD = 0.5  # default only: run summaries use the model's cfg.scoring.point_threshold
 CSV_FIELDS = ("file", "status", "object_score", "decision", "threshold", "points", "anomalous_points",
               "anomalous_fraction", "score_max", "score_mean", "total_ms", "error")
 
@@ -167,27 +172,6 @@ def render_views(path: str | Path, points: np.ndarray, scores: np.ndarray, *, ti
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def point_summary(scores: np.ndarray, point_threshold: float = POINT_THRESHOLD) -> dict[str, float]:
-    s = np.asarray(scores, dtype=np.float64)
-    anomalous = int((s >= point_threshold).sum())
-    return {
-        "min": float(s.min()), "max": float(s.max()), "mean": float(s.mean()),
-        "p50": float(np.percentile(s, 50)), "p95": float(np.percentile(s, 95)), "p99": float(np.percentile(s, 99)),
-        "point_threshold": point_threshold,
-        "anomalous_points": anomalous,
-        "anomalous_fraction": anomalous / max(len(s), 1),
-    }
-
-
-def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> Path:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(row)
-    return atomic_write_bytes(path, buf.getvalue().encode())
-
-
 def _jsonable(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
@@ -196,3 +180,83 @@ def _jsonable(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+SCAN_SUFFIXES = (".npy", ".ply", ".png", ".json")  # every file write_scan may leave for one scan
+
+
+def write_scan(out_dir: Path, outcome: ScanOutcome, heatmaps: tuple[str, ...], *,
+               json_file: bool = True) -> ScanOutcome:
+    """A scored scan's files - npy, then the heat maps asked for (ply, png), then the JSON last (its
+    presence marks a complete set) - and the outcome with their paths in ``outputs``."""
+    r = outcome.result
+
+    def place(suffix: str) -> Path:  # the stem may hold a dot (a.ply): append, never replace a suffix
+        return Path(out_dir) / f"{outcome.stem}{suffix}"
+
+    files = {"npy": write_npy(place(".npy"), r.scores_per_row())}
+    if "ply" in heatmaps:
+        points = r.points if r.offset is None else r.points.astype(np.float64) + r.offset  # the scan's own frame
+        files["ply"] = write_heatmap_ply(place(".ply"), points, r.point_scores)
+    if "png" in heatmaps:
+        decision = f" - {outcome.decision}" if outcome.decision else ""
+        title = f"{outcome.file.name}: object score {r.object_score:.3f}{decision}"
+        files["png"] = render_views(place(".png"), r.points, r.point_scores, title=title,
+                                    point_threshold=outcome.point_scores.point_threshold)
+    outcome = dataclasses.replace(outcome, outputs=files)
+    if json_file:
+        write_json(place(".json"), outcome.document())
+    return outcome
+
+
+def remove_scan(out_dir: Path, stem: str) -> None:
+    """Delete every output file of one scan (a scan has a complete set of outputs or none)."""
+    for suffix in SCAN_SUFFIXES:
+        (Path(out_dir) / f"{stem}{suffix}").unlink(missing_ok=True)
+
+
+def csv_row(outcome: ScanOutcome) -> dict[str, Any]:
+    """One line of results.csv (CSV_FIELDS)."""
+    if not outcome.ok:
+        return {"file": str(outcome.file), "status": "error", "error": outcome.error}
+    ps = outcome.point_scores
+    return {"file": str(outcome.file), "status": "ok", "object_score": f"{outcome.object_score:.6f}",
+            "decision": outcome.decision or "",
+            "threshold": "" if outcome.threshold is None else outcome.threshold.value, "points": outcome.points,
+            "anomalous_points": ps.anomalous_points, "anomalous_fraction": f"{ps.anomalous_fraction:.6f}",
+            "score_max": f"{ps.max:.6f}", "score_mean": f"{ps.mean:.6f}", "total_ms": outcome.total_ms, "error": ""}
+
+
+def write_csv(path: str | Path, outcomes: list[ScanOutcome]) -> Path:
+    """results.csv: a header and one ``csv_row`` per outcome."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for outcome in outcomes:
+        writer.writerow(csv_row(outcome))
+    return atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def summary_document(outcomes: list[ScanOutcome], model_path: str | Path) -> dict[str, Any]:
+    """summary.json: counts, every failure with its error, the object scores, the median time."""
+    ok = [o for o in outcomes if o.ok]
+    return {
+        "model": str(model_path),
+        "files": len(outcomes),
+        "succeeded": len(ok),
+        "failed": [{"file": str(o.file), "error": o.error} for o in outcomes if not o.ok],
+        "object_scores": {str(o.file): o.object_score for o in ok},
+        "median_total_ms": float(np.median([o.total_ms for o in ok])) if ok else None,
+    }
+
+
+def write_summary(out_dir: str | Path, outcomes: list[ScanOutcome], model_path: str | Path) -> Path:
+    return write_json(Path(out_dir) / "summary.json", summary_document(outcomes, model_path))
+
+
+def write_report(out_dir: str | Path, outcomes: list[ScanOutcome], *, model: str, title: str | None = None) -> Path:
+    """report.html (+ report_assets/) of the run: btp.runtime.report draws it from the outcomes."""
+    from btp.runtime import report
+
+    kwargs = {} if title is None else {"title": title}
+    return report.write_report(out_dir, report.entries_from_outcomes(outcomes), model=model, **kwargs)

@@ -109,8 +109,8 @@ def write_report(out_dir: str | Path, entries: list[ReportEntry], *, title: str 
 
 
 def entries_from_outcomes(outcomes) -> list[ReportEntry]:
-    """btp.runtime.run.run_files' outcomes -> entries (points and scores from memory)."""
-    return [ReportEntry(str(oc.path), oc.stem, oc.doc if oc.ok else None, oc.error,
+    """ScanOutcome values of a run -> entries (points and scores from memory)."""
+    return [ReportEntry(str(oc.file), oc.stem, oc.document() if oc.ok else None, oc.error,
                         oc.result.points if oc.ok else None, oc.result.point_scores if oc.ok else None)
             for oc in outcomes]
 

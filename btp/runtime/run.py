@@ -1,40 +1,25 @@
 """The btp-run driver (shared by ``btp run``, ``btp calibrate`` and ``btp demo``). Torch-free.
 
 ``expand_inputs`` turns files, directories and globs into a file list; ``run_files`` scores them
-with a ``Pipeline`` ``batch`` at a time, writes each scan's outputs (btp.runtime.outputs) and
-reports - never raises for - a bad file: the run goes on and the summary lists what failed.
+with a ``Pipeline`` ``batch`` at a time, turns each into a ``ScanOutcome`` (btp.runtime.outcome),
+has btp.runtime.outputs write its files and reports - never raises for - a bad file: the run goes
+on and the summary lists what failed.
 """
 from __future__ import annotations
 
 import glob
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
+from typing import Callable
 
 from btp.errors import BTPError
 from btp.io import READ_SUFFIXES
 from btp.runtime import outputs
+from btp.runtime.outcome import AppliedThreshold, ModelInfo, ScanOutcome
 from btp.runtime.pipeline import Job, Pipeline, Result
 
 HEATMAP_CHOICES = ("ply", "png", "none")
 FORMAT_CHOICES = ("json", "csv")
-
-
-@dataclass
-class FileOutcome:
-    path: Path
-    stem: str
-    result: Result | None = None
-    error: str | None = None  # "ErrorType: reason" when the scan failed
-    doc: dict[str, Any] = field(default_factory=dict)
-    written: list[Path] = field(default_factory=list)
-    traceback: str | None = None  # for an internal error (btp-run --debug prints it)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 def _is_glob(text: str) -> bool:
@@ -105,109 +90,43 @@ def describe_error(exc: BaseException) -> str:
     return f"internal error ({type(exc).__name__}: {reason}); btp-run --debug prints the traceback"
 
 
-def _fail(oc: "FileOutcome", exc: BaseException, prefix: str = "") -> None:
+def failed(file: Path, stem: str, exc: BaseException, prefix: str = "") -> ScanOutcome:
+    """The outcome of a scan that ``exc`` stopped (with the traceback of an internal error)."""
     import traceback
 
-    oc.error = prefix + describe_error(exc)
-    oc.result = None
-    if not isinstance(exc, EXPECTED_ERRORS):
-        oc.traceback = "".join(traceback.format_exception(exc))
+    trace = None if isinstance(exc, EXPECTED_ERRORS) else "".join(traceback.format_exception(exc))
+    return ScanOutcome.failed(file=file, stem=stem, error=prefix + describe_error(exc), traceback=trace)
 
 
-def result_doc(result: Result, pipeline: Pipeline, path: Path, threshold: float | None,
-               threshold_source: str | None, backend: str) -> dict[str, Any]:
-    meta = pipeline.meta
-    decision = None
-    if threshold is not None:
-        decision = "anomalous" if result.object_score > threshold else "normal"
-    doc = {
-        "file": str(path),
-        "object_score": result.object_score,
-        "global_prob": result.global_prob,
-        "decision": decision,
-        "threshold": None if threshold is None else {"value": threshold, "source": threshold_source},
-        "points": int(len(result.point_scores)),
-        "rows": int(len(result.row_mask)) if result.row_mask is not None else int(len(result.point_scores)),
-        "point_scores": outputs.point_summary(result.point_scores, meta.config.scoring.point_threshold),
-        "timings_ms": {k: round(v, 3) for k, v in result.timings.items()},
-        "total_ms": round(result.total_ms, 3),
-        "batch_size": result.batch_size,
-        "backend": backend,
-        "preprocess": pipeline.preprocess,
-        "model": {
-            "path": str(pipeline.model_path),
-            "name": meta.name,
-            "version": meta.model.get("version"),
-            "weights_sha256": meta.model.get("weights_sha256"),
-            "fresh_init": bool(meta.model.get("fresh_init", False)),
-        },
-        "warnings": list(result.warnings),
-    }
-    if doc["model"]["fresh_init"]:
-        doc["warnings"].append("the model is freshly initialised (untrained): its scores carry no meaning")
-    return doc
+@dataclass(frozen=True, kw_only=True)
+class _Scoring:
+    """What every scan of one run shares: the model, the decision threshold, where it runs."""
+
+    model: ModelInfo
+    point_threshold: float
+    threshold: AppliedThreshold | None
+    backend: str
+    preprocess: str
+
+    def outcome(self, result: Result, file: Path, stem: str) -> ScanOutcome:
+        return ScanOutcome.scored(result, file=file, stem=stem, model=self.model, point_threshold=self.point_threshold,
+                                  threshold=self.threshold, backend=self.backend, preprocess=self.preprocess)
 
 
-def write_outcome(out_dir: Path, outcome: FileOutcome, heatmaps: tuple[str, ...], write_json: bool) -> None:
-    """npy, ply, png, then the JSON last (its presence marks a complete set)."""
-    r = outcome.result
-
-    def place(suffix: str) -> Path:  # the stem may hold a dot (a.ply): append, never replace a suffix
-        return out_dir / f"{outcome.stem}{suffix}"
-
-    files = {"npy": place(".npy")}
-    outputs.write_npy(files["npy"], r.scores_per_row())  # one per input row; NaN for dropped rows
-    if "ply" in heatmaps:
-        points = r.points if r.offset is None else r.points.astype(np.float64) + r.offset  # the scan's own frame
-        files["ply"] = outputs.write_heatmap_ply(place(".ply"), points, r.point_scores)
-    if "png" in heatmaps:
-        d = outcome.doc
-        decision = f" - {d['decision']}" if d.get("decision") else ""
-        title = f"{outcome.path.name}: object score {r.object_score:.3f}{decision}"
-        files["png"] = outputs.render_views(place(".png"), r.points, r.point_scores, title=title,
-                                            point_threshold=d["point_scores"]["point_threshold"])
-    outcome.doc["outputs"] = {k: str(v) for k, v in files.items()}
-    if write_json:
-        files["json"] = outputs.write_json(place(".json"), outcome.doc)
-    outcome.written = list(files.values())
-
-
-def csv_row(outcome: FileOutcome) -> dict[str, Any]:
-    if not outcome.ok:
-        return {"file": str(outcome.path), "status": "error", "error": outcome.error}
-    d = outcome.doc
-    ps = d["point_scores"]
-    return {"file": d["file"], "status": "ok", "object_score": f"{d['object_score']:.6f}",
-            "decision": d["decision"] or "",
-            "threshold": "" if d["threshold"] is None else d["threshold"]["value"], "points": d["points"],
-            "anomalous_points": ps["anomalous_points"], "anomalous_fraction": f"{ps['anomalous_fraction']:.6f}",
-            "score_max": f"{ps['max']:.6f}", "score_mean": f"{ps['mean']:.6f}", "total_ms": d["total_ms"], "error": ""}
-
-
-OUTPUT_SUFFIXES = (".npy", ".ply", ".png", ".json")
-
-
-def _infer(pipeline: Pipeline, ready: list[tuple[FileOutcome, Job]]) -> list[tuple[FileOutcome, Result]]:
-    """The engine on a batch; if the batch call fails, each scan alone, so that one scan the
-    engine cannot take costs only itself."""
+def _infer(pipeline: Pipeline, ready: list[tuple[int, Job]]) -> list[tuple[int, Result | BaseException]]:
+    """The engine on a batch -> (index, Result); if the batch call fails, each scan alone, so that
+    one scan the engine cannot take costs only itself (index, its exception)."""
     if not ready:
         return []
     try:
-        return list(zip([oc for oc, _ in ready], pipeline.infer([job for _, job in ready], batch_size=len(ready))))
+        return list(zip([i for i, _ in ready], pipeline.infer([job for _, job in ready], batch_size=len(ready))))
     except Exception as exc:
         if len(ready) == 1:
-            _fail(ready[0][0], exc, "engine failed: ")
-            return []
+            return [(ready[0][0], exc)]
     done = []
     for item in ready:
         done += _infer(pipeline, [item])
     return done
-
-
-def _remove_outputs(out_dir: Path, stem: str) -> None:
-    """Delete every output file of one scan (a scan has a complete set of outputs or none)."""
-    for suffix in OUTPUT_SUFFIXES:
-        (out_dir / f"{stem}{suffix}").unlink(missing_ok=True)
 
 
 class _Prefetch:
@@ -252,8 +171,8 @@ def run_files(pipeline: Pipeline, files: list[Path], out_dir: Path, *, batch: in
               threshold: float | None = None, threshold_source: str | None = None, fmt: str = "json",
               heatmaps: tuple[str, ...] = ("ply",), backend: str = "ort-cpu", write: bool = True,
               prefetch: int = 2,
-              on_outcome: Callable[[FileOutcome], None] | None = None) -> list[FileOutcome]:
-    """Score ``files`` ``batch`` at a time; one FileOutcome per file, in input order.
+              on_outcome: Callable[[ScanOutcome], None] | None = None) -> list[ScanOutcome]:
+    """Score ``files`` ``batch`` at a time; one ScanOutcome per file, in input order.
 
     A scan that fails (unreadable, empty, NaN-only, too few points, engine error) gets
     ``error`` and no outputs; if writing a scan's outputs fails half-way, the files already
@@ -263,16 +182,17 @@ def run_files(pipeline: Pipeline, files: list[Path], out_dir: Path, *, batch: in
     one after the other); the outputs and their order are the same either way.
     """
     heatmaps = tuple(h for h in heatmaps if h != "none")
-    stems = unique_stems(files)
-    outcomes = [FileOutcome(p, s) for p, s in zip(files, stems)]
+    applied = None if threshold is None else AppliedThreshold(value=threshold, source=threshold_source)
+    scoring = _Scoring(model=ModelInfo.of(pipeline), point_threshold=pipeline.meta.config.scoring.point_threshold,
+                       threshold=applied, backend=backend, preprocess=pipeline.preprocess)
+    run = _Run(files=list(files), stems=unique_stems(files), out_dir=out_dir, scoring=scoring, fmt=fmt,
+               heatmaps=heatmaps, write=write, on_outcome=on_outcome)
     reader = _Prefetch(pipeline, files, max(prefetch, batch) if prefetch else 0)
     try:
-        _run_chunks(pipeline, outcomes, reader, out_dir, batch=batch, threshold=threshold,
-                    threshold_source=threshold_source, fmt=fmt, heatmaps=heatmaps, backend=backend, write=write,
-                    on_outcome=on_outcome, overlap=prefetch > 0)
+        run.batches(pipeline, reader, batch=batch, overlap=prefetch > 0)
     finally:
         reader.close()
-    return outcomes
+    return run.outcomes
 
 
 class _Inline:
@@ -292,63 +212,69 @@ class _Inline:
         return done
 
 
-def _run_chunks(pipeline, outcomes, reader, out_dir, *, batch, threshold, threshold_source, fmt, heatmaps, backend,
-                write, on_outcome, overlap) -> None:
-    """Read ahead (``reader``) -> engine on this thread -> the outputs of each batch written on a
-    writer thread (in input order) while the engine takes the next batch; ``overlap=False``: all
-    of it one after the other on this thread."""
-    from concurrent.futures import ThreadPoolExecutor
+class _Run:
+    """One run's files and their outcomes (slot i = files[i]; a slot is filled by the reader's
+    failure on this thread or by ``finish`` on the writer thread, never by both)."""
 
-    def finish(start: int, chunk: list[FileOutcome], scored: list[tuple[FileOutcome, Result]]) -> None:
-        for oc, res in scored:
-            oc.result = res
+    def __init__(self, *, files: list[Path], stems: list[str], out_dir: Path, scoring: _Scoring, fmt: str,
+                 heatmaps: tuple[str, ...], write: bool, on_outcome: Callable[[ScanOutcome], None] | None) -> None:
+        self.files, self.stems, self.out_dir, self.scoring = files, stems, out_dir, scoring
+        self.fmt, self.heatmaps, self.write, self.on_outcome = fmt, heatmaps, write, on_outcome
+        self.slots: list[ScanOutcome | None] = [None] * len(files)
+
+    @property
+    def outcomes(self) -> list[ScanOutcome]:
+        return [oc for oc in self.slots if oc is not None]
+
+    def batches(self, pipeline: Pipeline, reader: "_Prefetch", *, batch: int, overlap: bool) -> None:
+        """Read ahead (``reader``) -> engine on this thread -> the outputs of each batch written on a
+        writer thread (in input order) while the engine takes the next batch; ``overlap=False``: all
+        of it one after the other on this thread."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        step = max(batch, 1)
+        pending = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="btp-write") if overlap else _Inline() as writer:
             try:
-                oc.doc = result_doc(res, pipeline, oc.path, threshold, threshold_source, backend)
-                if write:
-                    write_outcome(out_dir, oc, heatmaps, write_json=(fmt == "json"))
+                for start in range(0, len(self.files), step):
+                    chunk = range(start, min(start + step, len(self.files)))
+                    ready: list[tuple[int, Job]] = []
+                    for i in chunk:
+                        try:
+                            ready.append((i, reader.take()))
+                        except Exception as exc:  # one bad file never costs the others
+                            self.slots[i] = failed(self.files[i], self.stems[i], exc)
+                    scored = _infer(pipeline, ready)
+                    pending.append(writer.submit(self.finish, chunk, scored))
+                    while len(pending) > 1:  # at most one batch waits for its writes
+                        pending.pop(0).result()
+            finally:
+                for future in pending:
+                    future.result()
+
+    def finish(self, chunk: range, scored: list[tuple[int, Result | BaseException]]) -> None:
+        """The outcomes of one batch and their files; results.csv rewritten with every scan so far."""
+        for i, got in scored:
+            file, stem = self.files[i], self.stems[i]
+            if isinstance(got, BaseException):
+                self.slots[i] = failed(file, stem, got, "engine failed: ")
+                continue
+            outcome = self.scoring.outcome(got, file, stem)
+            try:
+                if self.write:
+                    outcome = outputs.write_scan(self.out_dir, outcome, self.heatmaps, json_file=self.fmt == "json")
             except BaseException as exc:  # a scan has a complete set of outputs or none
-                _remove_outputs(out_dir, oc.stem)
+                outputs.remove_scan(self.out_dir, stem)
                 if not isinstance(exc, Exception):
                     raise
-                _fail(oc, exc, "writing outputs failed: ")
-        if write:
-            for oc in chunk:
-                if not oc.ok:  # a failed re-run leaves no outputs of an earlier run beside its error
-                    _remove_outputs(out_dir, oc.stem)
-            if fmt == "csv":  # rewritten (atomically) after every batch: a kill loses the batch in flight at most
-                done = outcomes[:start + len(chunk)]
-                outputs.write_csv(out_dir / "results.csv", [csv_row(oc) for oc in done])
-        for oc in chunk:
-            if on_outcome is not None:
-                on_outcome(oc)
-
-    pending = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="btp-write") if overlap else _Inline() as writer:
-        try:
-            for start in range(0, len(outcomes), max(batch, 1)):
-                chunk = outcomes[start:start + max(batch, 1)]
-                ready: list[tuple[FileOutcome, Job]] = []
-                for oc in chunk:
-                    try:
-                        ready.append((oc, reader.take()))
-                    except Exception as exc:  # one bad file never costs the others
-                        _fail(oc, exc)
-                scored = _infer(pipeline, ready)
-                pending.append(writer.submit(finish, start, chunk, scored))
-                while len(pending) > 1:  # at most one batch waits for its writes
-                    pending.pop(0).result()
-        finally:
-            for future in pending:
-                future.result()
-
-
-def summary_doc(outcomes: list[FileOutcome], pipeline: Pipeline) -> dict[str, Any]:
-    ok = [o for o in outcomes if o.ok]
-    return {
-        "model": str(pipeline.model_path),
-        "files": len(outcomes),
-        "succeeded": len(ok),
-        "failed": [{"file": str(o.path), "error": o.error} for o in outcomes if not o.ok],
-        "object_scores": {str(o.path): o.result.object_score for o in ok},
-        "median_total_ms": float(np.median([o.result.total_ms for o in ok])) if ok else None,
-    }
+                outcome = failed(file, stem, exc, "writing outputs failed: ")
+            self.slots[i] = outcome
+        if self.write:
+            for i in chunk:
+                if not self.slots[i].ok:  # a failed re-run leaves no outputs of an earlier run beside its error
+                    outputs.remove_scan(self.out_dir, self.stems[i])
+            if self.fmt == "csv":  # rewritten (atomically) after every batch: a kill loses the batch in flight at most
+                outputs.write_csv(self.out_dir / "results.csv", self.slots[:chunk.stop])
+        if self.on_outcome is not None:
+            for i in chunk:
+                self.on_outcome(self.slots[i])
