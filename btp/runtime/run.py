@@ -224,7 +224,7 @@ class _Run:
 
     @property
     def outcomes(self) -> list[ScanOutcome]:
-        return [oc for oc in self.slots if oc is not None]
+        return list(self.slots)  # every slot is filled once batches() has returned
 
     def batches(self, pipeline: Pipeline, reader: "_Prefetch", *, batch: int, overlap: bool) -> None:
         """Read ahead (``reader``) -> engine on this thread -> the outputs of each batch written on a
