@@ -98,3 +98,23 @@ def test_the_training_side_never_imports_it():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any("meshdefects" in n for n in names), path
+
+
+def test_partial_scans_see_one_side_and_keep_the_defect_in_view(part):
+    """cfg.partial: what one camera sees - fewer points than a full scan, on one side of the
+    part (the hidden side is empty), deterministic by seed, the defect in view and labelled."""
+    from dataclasses import replace
+
+    v, f, size, _ = part
+    cfg = replace(CFG, partial=True, num_points=4096)
+    full = make_mesh_sample(v, f, 5, None, replace(cfg, partial=False, num_points=3 * 4096))
+    good, again = make_mesh_sample(v, f, 5, None, cfg), make_mesh_sample(v, f, 5, None, cfg)
+    np.testing.assert_array_equal(good.points, again.points)
+    assert 256 <= len(good.points) <= 4096 and good.labels.sum() == 0
+    view = np.asarray(good.params["partial_view"])
+    # the points facing away from the camera are gone: the far half along the view is thinner
+    depth_full = (full.points - full.points.mean(0)) @ view
+    depth_seen = (good.points - full.points.mean(0)) @ view
+    assert (depth_seen < np.quantile(depth_full, 0.1)).mean() < 0.05
+    bad = make_mesh_sample(v, f, 3, "extra_material", cfg)
+    assert bad.object_label == 1 and 0.002 <= bad.labels.mean() <= 0.25 and len(bad.points) <= 4096

@@ -132,6 +132,9 @@ def eval_sets(
                               "of `btp train --validate`, to compare its models on raw scans)."),
     points: int = typer.Option(8192, "--points", min=64, help="Points per scan (8192 as the training data; "
                                "e.g. 100000 for scanner density)."),
+    partial: bool = typer.Option(False, "--partial", help="Single-view partial scans: what one camera sees "
+                                 "(open borders, at most --points points; defective scans seen from the "
+                                 "defect's side); sets named <maker>-<layout>-partial."),
 ) -> None:
     """Held-out test sets of the zero-shot split from both defect makers (the training one and the
     evaluation-only mesh editor, btp.eval.meshdefects), in both public layouts."""
@@ -147,6 +150,6 @@ def eval_sets(
         raise typer.BadParameter(f"{split!r}: choose one of {tuple(SPLIT_SEED_OFFSETS)}", param_hint="--split")
     try:
         write_eval_sets(shapes, out, good=good, bad=bad, makers=chosen_makers, layouts=chosen_layouts, split=split,
-                        points=points, log=typer.echo)
+                        points=points, partial=partial, log=typer.echo)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--makers") from None

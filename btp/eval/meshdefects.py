@@ -21,7 +21,7 @@ position before the edit is known. Sizes are fractions of the bounding-box diago
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +46,9 @@ class MeshDefectConfig:
     label_threshold: float = 0.004  # a point is anomalous when it stands off / moved more than this
     defect_types: tuple[str, ...] = MESH_DEFECT_TYPES
     max_tries: int = 8
+    # a single-view partial scan (hidden-point removal from one viewpoint, open borders), as line
+    # scanners and Real3D-AD's scans see a part; an anomalous scan is viewed from its defect's side
+    partial: bool = False
 
 
 @dataclass
@@ -181,8 +184,49 @@ def _finish(points, labels, size, rng, cfg, params, kind):
     return MeshSample(pts.astype(np.float32), labels, int(kind is not None), kind, params)
 
 
+def _single_view(sample: MeshSample, size: float, rng: np.random.Generator, num_points: int) -> MeshSample:
+    """The points one camera sees (open3d hidden-point removal), at most ``num_points`` of them
+    (a random subset). The camera looks at the centroid from a random side, or, for an anomalous
+    sample, from the side of its defect (within about 35 degrees), so that the defect is in view."""
+    import open3d as o3d
+
+    points = sample.points.astype(np.float64)
+    center = points.mean(axis=0)
+    view = rng.normal(size=3)
+    view /= np.linalg.norm(view)
+    if sample.object_label:
+        toward = points[sample.labels > 0].mean(axis=0) - center
+        if np.linalg.norm(toward) > 1e-9 * size:
+            view = toward / np.linalg.norm(toward) + 0.7 * view
+            view /= np.linalg.norm(view)
+    camera = center + view * 1.5 * size
+    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points))
+    _, visible = cloud.hidden_point_removal(camera, size * 100.0)
+    visible = np.sort(np.asarray(visible, dtype=np.int64))
+    if len(visible) > num_points:
+        visible = np.sort(rng.choice(visible, num_points, replace=False))
+    params = {**sample.params, "partial_view": [round(float(x), 4) for x in view]}
+    return MeshSample(sample.points[visible], sample.labels[visible], sample.object_label, sample.defect, params)
+
+
 def make_mesh_sample(vertices, faces, seed: int, kind: str | None, cfg: MeshDefectConfig = MeshDefectConfig()
                      ) -> MeshSample:
+    """One scan of the mesh: normal (``kind=None``) or with a ``kind`` edit; with ``cfg.partial``
+    what one camera sees of it (``_single_view``: 3x the points sampled, then at most
+    ``num_points`` visible ones kept)."""
+    if not cfg.partial:
+        return _full_mesh_sample(vertices, faces, seed, kind, cfg)
+    dense = replace(cfg, partial=False, num_points=3 * cfg.num_points)
+    size = float(np.linalg.norm(np.ptp(np.asarray(vertices, np.float64)[np.unique(faces)], axis=0)))
+    for attempt in range(cfg.max_tries):
+        sample = _full_mesh_sample(vertices, faces, seed + attempt, kind, dense)
+        seen = _single_view(sample, size, np.random.default_rng([seed, attempt, 7]), cfg.num_points)
+        if kind is None or 0.002 <= seen.labels.mean() <= 0.25:
+            return seen
+    raise MeshDefectError(f"no {kind} defect stays in view of a single camera in {cfg.max_tries} tries (seed {seed})")
+
+
+def _full_mesh_sample(vertices, faces, seed: int, kind: str | None, cfg: MeshDefectConfig) -> MeshSample:
     """One scan of the mesh: normal (``kind=None``) or with a ``kind`` edit. A defect that does not
     fit (no vertex moved, nothing labelled, under 0.2 % or over 25 % of the points) is redrawn
     up to ``max_tries`` times, then MeshDefectError."""

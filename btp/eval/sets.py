@@ -33,14 +33,17 @@ def split_names(shapes_root, split: str) -> list[str]:
 
 
 def write_eval_sets(shapes_root, out, *, good: int = 4, bad: int = 8, makers=MAKERS,
-                    layouts=tuple(LAYOUT_SEEDS), split: str = "heldout", points: int = 8192, log=print) -> dict:
+                    layouts=tuple(LAYOUT_SEEDS), split: str = "heldout", points: int = 8192, partial: bool = False,
+                    log=print) -> dict:
     """``split="train"``: the same scans on the training meshes (to fit a learned baseline on the
     same kind of data the model trains on; only the training maker belongs there).
     ``split="validation"``: the same scans on the meshes of the validation families inside the
     training split (``btp.train.validate.validation_families``), both makers: a `--validate` run
     never trains on them, so its model can be compared there with the runtime's whole raw-scan
     path, and nothing is decided on the held-out sets. ``points``:
-    points per scan (e.g. 100 000 to measure the runtime's raw-scan rules at scanner density)."""
+    points per scan (e.g. 100 000 to measure the runtime's raw-scan rules at scanner density);
+    ``partial``: every test scan is what one camera sees (at most ``points`` points, open borders;
+    defective scans viewed from the defect's side), the sets named ``<maker>-<layout>-partial``."""
     from btp.eval.meshdefects import MeshDefectConfig, write_mesh_defect_dataset
     from btp.train.evalsets import write_class
 
@@ -50,15 +53,17 @@ def write_eval_sets(shapes_root, out, *, good: int = 4, bad: int = 8, makers=MAK
         raise ValueError("the mesh defect maker is for evaluation only: no training-split sets")
     names = split_names(shapes_root, split)
     out = Path(out)
-    manifest: dict = {"split": split, "classes": names, "good": good, "bad": bad, "points": points, "sets": {}}
+    manifest: dict = {"split": split, "classes": names, "good": good, "bad": bad, "points": points,
+                      "partial": partial, "sets": {}}
     for maker in makers:
         for layout in layouts:
-            dest = out / f"{maker}-{layout}"
+            dest = out / (f"{maker}-{layout}" + ("-partial" if partial else ""))
             seed = LAYOUT_SEEDS[layout] + (0 if maker == "synth" else 1000) + SPLIT_SEED_OFFSETS[split]
             if maker == "mesh":
                 summary = write_mesh_defect_dataset(shapes_root, dest, names, per_class_good=good,
                                                     per_class_bad=bad, seed=seed, layout=layout,
-                                                    cfg=MeshDefectConfig(num_points=points), log=log)
+                                                    cfg=MeshDefectConfig(num_points=points, partial=partial),
+                                                    log=log)
                 manifest["sets"][dest.name] = {"maker": "btp.eval.meshdefects", "layout": layout, "seed": seed,
                                                "skipped": {c: [k for k, v in s.items() if isinstance(v, str)]
                                                            for c, s in summary["classes"].items()
@@ -68,7 +73,7 @@ def write_eval_sets(shapes_root, out, *, good: int = 4, bad: int = 8, makers=MAK
                        "layout": layout}
             used = {}
             for cls in names:
-                used_seed = write_class(shapes_root, dest, cls, plan_kw, num_points=points, log=log)
+                used_seed = write_class(shapes_root, dest, cls, plan_kw, num_points=points, partial=partial, log=log)
                 if used_seed is None:
                     log(f"eval-sets: {cls}: no root seed worked; left out of {dest.name}")
                 else:

@@ -23,10 +23,10 @@ TRAIN_PLAN = {"per_class_train": 0, "per_class_test_good": 10, "per_class_test_b
 
 
 def write_class(shapes_root, dest_root: Path, cls: str, plan_kw: dict, *, tries: int = 5, num_points: int = 8192,
-                log=print) -> int | None:
-    """Write one class's scans (``num_points`` each) under ``dest_root/cls`` with root seed
-    ``plan_kw["seed"]``, else the next ones (a defect that cannot be placed); -> the root seed
-    used, None when none worked."""
+                partial: bool = False, log=print) -> int | None:
+    """Write one class's scans (``num_points`` each; every one a single-view partial scan when
+    ``partial``) under ``dest_root/cls`` with root seed ``plan_kw["seed"]``, else the next ones (a
+    defect that cannot be placed); -> the root seed used, None when none worked."""
     from btp.train.synth import SynthConfig, SynthError, SynthPlan, write_dataset
 
     staging = dest_root / "_one"
@@ -34,7 +34,8 @@ def write_class(shapes_root, dest_root: Path, cls: str, plan_kw: dict, *, tries:
         for bump in range(tries):
             plan = SynthPlan(**{**plan_kw, "seed": plan_kw["seed"] + bump})
             try:
-                write_dataset(shapes_root, staging, [cls], plan, SynthConfig(num_points=num_points))
+                write_dataset(shapes_root, staging, [cls], plan,
+                              SynthConfig(num_points=num_points, partial_prob=1.0 if partial else 0.0))
             except SynthError as err:
                 log(f"evalsets: {cls} root seed {plan.seed}: {err}; retrying with the next root seed")
                 shutil.rmtree(staging / cls, ignore_errors=True)
