@@ -390,3 +390,27 @@ def test_validation_eval_sets_hold_the_validation_families_only(shapes_root, tmp
         assert any(s.object_label == 1 for s in got) and any(s.object_label == 0 for s in got)
     with pytest.raises(ValueError, match="split"):
         write_eval_sets(shapes_root, tmp_path / "x", split="test")
+
+
+def test_partial_eval_sets_are_single_view_scans_of_both_makers(shapes_root, tmp_path):
+    """`btp data eval-sets --partial`: every test scan is what one camera sees - fewer points than
+    asked, open borders - from both makers, in sets named <maker>-<layout>-partial, and the
+    defective ones keep labelled defect points."""
+    from typer.testing import CliRunner
+
+    from btp.cli import app
+    from btp.io.datasets import iter_samples
+
+    res = CliRunner().invoke(app, ["data", "eval-sets", "--shapes", str(shapes_root), "--out", str(tmp_path),
+                                   "--split", "validation", "--good", "1", "--bad", "1", "--points", "2048",
+                                   "--layouts", "real3d", "--partial"])
+    assert res.exit_code == 0, res.output
+    for maker in ("synth", "mesh"):
+        got = list(iter_samples(tmp_path / f"{maker}-real3d-partial", "real3d", split="test"))
+        assert got and any(s.object_label == 1 for s in got)
+        assert all(s.labels.sum() > 0 for s in got if s.object_label == 1)
+    # the mesh maker keeps what the camera sees (fewer points than asked); the training maker
+    # samples its visible surface to the full count (tests/test_synth.py: one side only)
+    assert all(len(s.points) < 2048 for s in iter_samples(tmp_path / "mesh-real3d-partial", "real3d", split="test"))
+    manifest = json.loads((tmp_path / "sets.json").read_text())
+    assert manifest["partial"] is True and set(manifest["sets"]) == {"synth-real3d-partial", "mesh-real3d-partial"}
