@@ -393,9 +393,8 @@ def test_validation_eval_sets_hold_the_validation_families_only(shapes_root, tmp
 
 
 def test_partial_eval_sets_are_single_view_scans_of_both_makers(shapes_root, tmp_path):
-    """`btp data eval-sets --partial`: every test scan is what one camera sees - fewer points than
-    asked, open borders - from both makers, in sets named <maker>-<layout>-partial, and the
-    defective ones keep labelled defect points."""
+    """`btp data eval-sets --partial`: single-view test scans from both makers, in sets named
+    <maker>-<layout>-partial, the defective ones with labelled defect points."""
     from typer.testing import CliRunner
 
     from btp.cli import app
@@ -409,8 +408,8 @@ def test_partial_eval_sets_are_single_view_scans_of_both_makers(shapes_root, tmp
         got = list(iter_samples(tmp_path / f"{maker}-real3d-partial", "real3d", split="test"))
         assert got and any(s.object_label == 1 for s in got)
         assert all(s.labels.sum() > 0 for s in got if s.object_label == 1)
-    # the mesh maker keeps what the camera sees (fewer points than asked); the training maker
-    # samples its visible surface to the full count (tests/test_synth.py: one side only)
-    assert all(len(s.points) < 2048 for s in iter_samples(tmp_path / "mesh-real3d-partial", "real3d", split="test"))
+    # at most the points asked for; that they lie on one side is pinned by the makers' own tests
+    # (tests/test_meshdefects.py, tests/test_synth.py)
+    assert all(len(s.points) <= 2048 for s in iter_samples(tmp_path / "mesh-real3d-partial", "real3d", split="test"))
     manifest = json.loads((tmp_path / "sets.json").read_text())
     assert manifest["partial"] is True and set(manifest["sets"]) == {"synth-real3d-partial", "mesh-real3d-partial"}
