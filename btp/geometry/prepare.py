@@ -51,6 +51,13 @@ from btp.io.errors import InvalidValuesError, TooFewPointsError
 # neighbour below ~1e-19: scans outside these bounds are refused with the reason
 MAX_ABS_COORDINATE = 1e15
 MIN_EXTENT = 1e-12
+# a scan must be a surface: float32 must resolve its extent in at least MIN_LEVELS steps (a float32
+# scan far from the origin collapses onto a coarse grid), it must hold max(G, K) distinct points, and
+# its spread across its main direction must stand above float32 rounding (points on a line are not
+# a surface). The spread is measured on a strided subset of at most SURFACE_SUBSET points.
+MIN_LEVELS = 256
+LINE_RATIO = 1e-6
+SURFACE_SUBSET = 65536
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,8 +103,9 @@ def check_scan(points, cfg: BTPConfig, where: str | Path | None = None) -> np.nd
     """-> float32 [M, 3] C-contiguous, or a typed error naming ``where``: shape [M, 3], every
     value finite (btp.io drops NaN/inf rows of files with a warning; an array handed in must not
     have them: dropping them here would break one score per input point), M >= max(G, K), and a
-    range float32 distances can measure (|x| <= MAX_ABS_COORDINATE, extent >= MIN_EXTENT; all
-    points equal: DegenerateCloudError)."""
+    range float32 distances can measure (|x| <= MAX_ABS_COORDINATE, extent >= MIN_EXTENT), and a
+    surface (DegenerateCloudError: all points equal, coordinates float32 resolves in fewer than
+    MIN_LEVELS steps, fewer than max(G, K) distinct points, or points on a line)."""
     return _checked_scan(points, cfg, where)[0]
 
 
@@ -115,8 +123,8 @@ def _checked_scan(points, cfg: BTPConfig, where) -> tuple[np.ndarray, tuple[np.n
     low, high = column_bounds(pts)
     if not (np.isfinite(low).all() and np.isfinite(high).all()):
         bad = int((~np.isfinite(pts).all(axis=1)).sum())
-        raise InvalidValuesError(where, f"{bad} of {len(pts)} points are NaN/inf; "
-                                        "drop them before scoring (btp.io.read_point_cloud does)")
+        raise InvalidValuesError(where, f"{bad} of {len(pts)} points are NaN/inf; drop those rows before scoring "
+                                        "(btp-run drops them from files, with a warning)")
     biggest = float(max(np.abs(low).max(), np.abs(high).max()))
     if biggest > MAX_ABS_COORDINATE:
         raise InvalidValuesError(where, f"coordinates up to {biggest:.3g}, beyond +-{MAX_ABS_COORDINATE:.0e} where "
@@ -129,7 +137,40 @@ def _checked_scan(points, cfg: BTPConfig, where) -> tuple[np.ndarray, tuple[np.n
     if extent < MIN_EXTENT:
         raise InvalidValuesError(where, f"the scan spans only {extent:.3g} units, below {MIN_EXTENT:.0e} where float32 "
                                         "distances vanish: rescale it (e.g. to millimetres)")
+    _check_surface(pts, extent, biggest, need, where)
     return pts, (low, high)
+
+
+def _check_surface(pts: np.ndarray, extent: float, biggest: float, need: int, where) -> None:
+    """DegenerateCloudError unless the points [M, 3] can be a surface (``check_scan``'s last rules)."""
+    name = where or "<array>"
+    step = float(np.spacing(np.float32(biggest)))  # float32's resolution at the largest coordinate
+    if extent / step < MIN_LEVELS:
+        raise DegenerateCloudError(
+            f"{name}: float32 coordinates near {biggest:.3g} are resolved only to {step:.3g} units and the scan "
+            f"spans {extent:.3g}: its points have collapsed onto a coarse grid. Save the scan as float64 (btp "
+            "centres float64 coordinates before the float32 cast) or subtract the offset before saving")
+    distinct = _few_distinct(pts, need)
+    if distinct is not None:
+        raise DegenerateCloudError(
+            f"{name}: only {distinct} distinct points (the others repeat them), fewer than the model's "
+            f"max(G, K) = {need}: repeated points are not a surface; check the scan")
+    subset = pts[::max(1, len(pts) // SURFACE_SUBSET)].astype(np.float64)  # [S, 3]
+    spread = np.sqrt(np.maximum(np.linalg.eigvalsh(np.cov(subset, rowvar=False))[::-1], 0.0))  # std per axis
+    if spread[1] <= max(LINE_RATIO * spread[0], 2.0 * step):
+        raise DegenerateCloudError(
+            f"{name}: the points lie on a line (spread {spread[1]:.3g} across it against {spread[0]:.3g} "
+            "along it): a line is not a surface; check the scan (one scan line, or a failed reconstruction)")
+
+
+def _few_distinct(pts: np.ndarray, need: int) -> int | None:
+    """The number of distinct rows of ``pts`` when it is below ``need``, else None. A strided
+    subset settles the common case; all rows are compared only when the subset repeats itself."""
+    subset = pts[::max(1, len(pts) // 4096)]
+    if len(np.unique(subset, axis=0)) >= need:
+        return None
+    distinct = len(np.unique(pts, axis=0)) if len(subset) < len(pts) else len(np.unique(subset, axis=0))
+    return distinct if distinct < need else None
 
 
 def seeded_start(n_points: int, seed: int = 0) -> int:

@@ -289,6 +289,9 @@ def _occupied(points: np.ndarray, low: np.ndarray, extent: np.ndarray, voxel: fl
     return int(np.unique(_cell_keys(points, low, dims, voxel, np.int64)).shape[0])
 
 
+MAX_CELLS_PER_AXIS = 1 << 20  # the finest grid: its cell keys stay inside int64
+
+
 def voxel_map(points: np.ndarray, target: int, bounds=None, *, canonical: bool = False) -> VoxelMap:
     """Cubic cells anchored at the per-axis minimum, about ``target`` of them occupied.
 
@@ -330,6 +333,7 @@ def voxel_map(points: np.ndarray, target: int, bounds=None, *, canonical: bool =
             exponent = float(np.clip(np.log(last[1] / occupied) / np.log(voxel / last[0]), 1.0, 3.0))
         last = (voxel, occupied)
         voxel *= float((occupied / target) ** (1.0 / exponent))
+        voxel = max(voxel, largest / MAX_CELLS_PER_AXIS)  # repeated points never fill a finer grid
     if canonical:
         voxel = base * float(2.0 ** (np.round(8.0 * np.log2(voxel / base)) / 8.0))
         anchored = np.floor(low / voxel) * voxel
