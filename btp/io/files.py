@@ -41,6 +41,16 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
     return path
 
 
+BENIGN_TAIL_BYTES = 16
+
+
+def benign_tail(raw, start: int) -> bool:
+    """True when the bytes of ``raw`` from ``start`` on (after a binary payload) are only a little
+    whitespace - a final newline or CRLF, as some writers add and open3d and PCL accept: at most
+    BENIGN_TAIL_BYTES of them."""
+    return len(raw) - start <= BENIGN_TAIL_BYTES and not bytes(raw[start:]).strip(b" \t\r\n")
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """sha256 hex of a file's bytes (model hashes in metadata, calibration sidecars, engine caches)."""
     digest = hashlib.sha256()

@@ -5,7 +5,8 @@ without a word, and it drops fields it does not know (``label``). We parse the h
 check the byte count it announces against the file, and read every field with numpy:
 
 - ``DATA ascii``: rows of text, one value per field component.
-- ``DATA binary``: little-endian records, ``point_step = sum(SIZE * COUNT)`` bytes each.
+- ``DATA binary``: little-endian records, ``point_step = sum(SIZE * COUNT)`` bytes each; after
+  them only a little whitespace (a final newline, as some writers add) may follow.
 - ``DATA binary_compressed``: ``uint32 compressed_size, uint32 uncompressed_size`` then an LZF
   block; once inflated the fields are stored one after the other (all ``x``, then all ``y``...).
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from btp.io.errors import MalformedFileError, TruncatedFileError
+from btp.io.files import benign_tail
 
 _PCD_NUMPY_TYPES = {
     ("F", 4): "<f4", ("F", 8): "<f8",
@@ -88,9 +90,12 @@ def read_header(path: Path, raw: bytes) -> PCDHeader:
                 raise MalformedFileError(path, f"the PCD header has no {key} line")
             return default
         try:
-            return [int(v) for v in entries[key]]
+            values = [int(v) for v in entries[key]]
         except ValueError:
             raise MalformedFileError(path, f"the PCD header's {key} line is not integers: {entries[key]}") from None
+        if not values:
+            raise MalformedFileError(path, f"the PCD header's {key} line has no value: re-export the file")
+        return values
 
     fields = tuple(entries.get("FIELDS", []))
     if not fields:
@@ -101,6 +106,14 @@ def read_header(path: Path, raw: bytes) -> PCDHeader:
     if not (len(fields) == len(sizes) == len(types) == len(counts)):
         raise MalformedFileError(path, f"the PCD header lists {len(fields)} FIELDS but {len(sizes)} SIZE, "
                                        f"{len(types)} TYPE and {len(counts)} COUNT entries")
+    empty = [name for name, count in zip(fields, counts) if count < 1]
+    if empty:
+        raise MalformedFileError(path, f"the PCD header gives field(s) {' '.join(empty)} COUNT < 1; every field "
+                                       "needs COUNT 1 or more: re-export the file")
+    vectors = [f"{axis} (COUNT {count})" for axis, count in zip(fields, counts) if axis in "xyz" and count != 1]
+    if vectors:
+        raise MalformedFileError(path, f"the PCD field(s) {', '.join(vectors)} hold several values per point; x, y "
+                                       "and z must be one number each (COUNT 1): re-export the file")
     width = ints("WIDTH")[0]
     height = ints("HEIGHT", [1])[0]
     points = ints("POINTS", [width * height])[0]
@@ -130,7 +143,7 @@ def read_records(path: Path, raw: bytes, header: PCDHeader) -> np.ndarray:
             raise TruncatedFileError(
                 path, f"binary PCD announces {n} points ({need} bytes of data) but only {have} bytes follow "
                       f"the header ({have // max(dtype.itemsize, 1)} whole points): re-copy the file")
-        if have > need:
+        if have > need and not benign_tail(raw, header.data_offset + need):
             raise MalformedFileError(
                 path, f"binary PCD announces {n} points ({need} bytes of data) but {have} bytes follow the header "
                       f"({have - need} more): the header does not describe the data; re-export the file")

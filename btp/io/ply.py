@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from btp.io.errors import MalformedFileError, TruncatedFileError
+from btp.io.files import benign_tail
 
 _PLY_TYPES = {
     "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1",
@@ -79,6 +80,9 @@ def read_header(path: Path, raw: bytes) -> PLYHeader:
                                                    "'property list <count type> <item type> <name>'")
                 if words[2] not in _PLY_TYPES or words[3] not in _PLY_TYPES:
                     raise MalformedFileError(path, f"unknown PLY type in list property {line!r}")
+                if words[-1] in {name for name, _ in elements[-1].properties}:
+                    raise MalformedFileError(path, f"PLY element {elements[-1].name!r} declares property "
+                                                   f"{words[-1]!r} twice: re-export the file")
                 elements[-1].has_list = True
                 elements[-1].properties.append((words[-1], "list"))
                 elements[-1].list_types.append((words[-1], words[2], words[3]))
@@ -87,6 +91,9 @@ def read_header(path: Path, raw: bytes) -> PLYHeader:
                     raise MalformedFileError(path, f"bad PLY property line {line!r}: expected 'property <type> <name>'")
                 if words[1] not in _PLY_TYPES:
                     raise MalformedFileError(path, f"unknown PLY property type {words[1]!r} in {line!r}")
+                if words[2] in {name for name, _ in elements[-1].properties}:
+                    raise MalformedFileError(path, f"PLY element {elements[-1].name!r} declares property "
+                                                   f"{words[2]!r} twice: re-export the file")
                 elements[-1].properties.append((words[2], words[1]))
                 elements[-1].list_types.append((words[2], None, np.dtype(_PLY_TYPES[words[1]]).itemsize))
     if fmt not in ("ascii", "binary_little_endian", "binary_big_endian"):
@@ -113,7 +120,7 @@ def read_binary_vertices(path: Path, raw: bytes, header: PLYHeader) -> np.ndarra
                 raise TruncatedFileError(
                     path, f"binary PLY announces {element.count} vertices ({need} bytes) but only {have} bytes "
                           f"follow ({have // max(dtype.itemsize, 1)} whole vertices): re-copy the file")
-            _check_trailing(path, header, len(raw))
+            _check_trailing(path, header, raw)
             return np.frombuffer(raw, dtype=dtype, count=element.count, offset=offset).copy()
         offset = _skip_element(path, raw, element, offset, endian)
     return None
@@ -165,15 +172,17 @@ def _constant_rows(raw: bytes, element: PLYElement, parts, offset: int, endian: 
     return end if bool((counts == first).all()) else None
 
 
-def _check_trailing(path: Path, header: PLYHeader, size: int) -> None:
-    """A binary PLY of fixed-size elements only must end where its elements do: extra bytes mean
-    the header does not describe the data (or something was appended)."""
+def _check_trailing(path: Path, header: PLYHeader, raw: bytes) -> None:
+    """A binary PLY of fixed-size elements only must end where its elements do (a little trailing
+    whitespace aside, as some writers add): extra bytes mean the header does not describe the data
+    (or something was appended)."""
+    size = len(raw)
     if any(e.has_list for e in header.elements):
         return
     endian = "<" if header.format == "binary_little_endian" else ">"
     total = header.data_offset + sum(e.count * np.dtype([(n, endian + _PLY_TYPES[t]) for n, t in e.properties]).itemsize
                                      for e in header.elements)
-    if size > total:
+    if size > total and not benign_tail(raw, total):
         raise MalformedFileError(path, f"binary PLY: {size - total} bytes after the last element its header "
                                        "describes; the header does not match the data: re-export the file")
 

@@ -169,6 +169,7 @@ def _finish(path: Path, points: np.ndarray, labels, colors, scalars, min_points:
         labels = labels[finite] if labels is not None else None
         colors = colors[finite] if colors is not None else None
         scalars = scalars[finite] if scalars is not None else None
+    _check_float32_range(path, points)
     kept = int(points.shape[0])
     if kept < min_points:
         if dropped:
@@ -184,6 +185,21 @@ def _finish(path: Path, points: np.ndarray, labels, colors, scalars, min_points:
         scalars = np.asarray(scalars, dtype=np.float32)
     points32, offset = centred(points) if centre else (np.ascontiguousarray(points, dtype=np.float32), None)
     return PointCloud(points32, labels, colors, path, scalars, row_mask, offset)
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_float32_range(path: Path, points: np.ndarray) -> None:
+    """Finite coordinates beyond float32's range (the model computes in float32) are refused with
+    the likely cause rather than turned into inf."""
+    if points.dtype.itemsize <= 4 or points.dtype.kind != "f" or not len(points):
+        return
+    biggest = max(-float(points.min()), float(points.max()))
+    if biggest > FLOAT32_MAX:
+        raise InvalidValuesError(path, f"coordinates up to {biggest:.3g}, beyond {FLOAT32_MAX:.3g}, the most float32 "
+                                       "(what the model computes in) holds: check the file's units (e.g. metres "
+                                       "written as nanometres) and byte order")
 
 
 def _as_labels(path: Path, labels: np.ndarray) -> np.ndarray:
@@ -332,18 +348,33 @@ def _npz_rows(path: Path, archive, key: str) -> int:
     return int(shape[0]) if shape else 0
 
 
-def _split_columns(path: Path, array: np.ndarray, what: str):
+def _check_array(path: Path, array: np.ndarray, what: str) -> None:
+    """An array of points must be [N, >=3] real numbers; [3, N] says so (it looks transposed)."""
+    if array.ndim == 2 and array.shape[0] in (3, 4) and array.shape[1] > 9:
+        raise MalformedFileError(path, f"{what} has shape {array.shape}: it looks transposed (one row per axis); "
+                                       "save it as [N, 3], one row per point (points.T)")
     if array.ndim != 2 or array.shape[1] < 3:
         raise MalformedFileError(path, f"{what} has shape {array.shape}; expected [N, 3] or [N, >=3] "
                                        "(x y z first)")
     if array.dtype.kind not in "fiu":
         raise MalformedFileError(path, f"{what} has dtype {array.dtype}; expected real numbers (float or int)")
+
+
+def _split_columns(path: Path, array: np.ndarray, what: str):
+    _check_array(path, array, what)
     array = array if array.dtype == np.float32 else array.astype(np.float64)  # float32 stays float32
     labels = _maybe_label_column(path, array[:, 3]) if array.shape[1] == 4 else None
     return array[:, :3], labels, None, None
 
 
 def _read_npz(path: Path):
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic == b"\x93NUMPY":
+        raise MalformedFileError(path, "is a single .npy array, not a .npz archive: rename it to .npy")
+    if not zipfile.is_zipfile(path):
+        raise MalformedFileError(path, "is not a .npz archive (a zip file): truncated, or another format "
+                                       "saved as .npz; save it with np.savez(path, points=...)")
     try:
         archive = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
@@ -360,8 +391,7 @@ def _read_npz(path: Path):
             colors = archive["colors"] if "colors" in keys else None
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
             raise TruncatedFileError(path, f"an array in the .npz cannot be read ({err}): re-copy the file") from None
-    if points.ndim != 2 or points.shape[1] < 3:
-        raise MalformedFileError(path, f"'points' has shape {points.shape}; expected [N, 3] or [N, >=3]")
+    _check_array(path, points, "the .npz's 'points'")
     if labels is not None:
         labels = labels.reshape(-1)
     if colors is not None:
