@@ -129,6 +129,7 @@ def parse_metadata(text: str, path: str | Path = "<model.onnx>") -> ModelMeta:
     if int(doc.get("format_version", 0)) > FORMAT_VERSION:
         raise ModelMetadataError(path, f"metadata format_version {doc.get('format_version')} is newer than this "
                                        f"btp-edge reads ({FORMAT_VERSION}): upgrade btp-edge")
+    check_numbers(doc.get("config"), path)
     try:
         cfg = BTPConfig.from_dict(doc["config"]).validate()
     except (KeyError, TypeError, ValueError) as exc:
@@ -141,7 +142,68 @@ def parse_metadata(text: str, path: str | Path = "<model.onnx>") -> ModelMeta:
         if not isinstance(value, dict):
             raise ModelMetadataError(path, f"metadata {key!r} is {type(value).__name__}, expected an object")
         parts[key] = value
+    batch = parts["export"].get("batch", "dynamic")
+    if batch != "dynamic" and not (_is_integer(batch) and 1 <= batch <= MAX_FIXED_BATCH):
+        raise ModelMetadataError(path, f"metadata export.batch = {batch!r}: expected \"dynamic\" or a whole number "
+                                       f"in [1, {MAX_FIXED_BATCH}]; {_RE_EXPORT}")
     return ModelMeta(cfg, parts["model"], parts["provenance"], parts["export"], parts["io"], doc)
+
+
+# The numbers of the config the runtime reads, with the range a real model has them in:
+# "dotted.key": (low, high, whole number?). Every other number of the config must be finite.
+# A model file with a number outside these was edited or damaged (an N of 1e9 would silently
+# score every scan without downsampling), so it is refused at load.
+MAX_FIXED_BATCH = 4096
+CONFIG_RANGES: dict[str, tuple[float, float, bool]] = {
+    "preprocess.num_points": (1, 1 << 17, True),
+    "preprocess.fps_start": (0, (1 << 17) - 1, True),
+    "preprocess.downsample_seed": (0, 2 ** 32 - 1, True),
+    "preprocess.voxel_reps": (1, 64, True),
+    "preprocess.rgb_fill": (0.0, 1.0, False),
+    "encoder.num_group": (1, 1 << 13, True),
+    "encoder.group_size": (1, 1 << 10, True),
+    "encoder.in_channels": (3, 6, True),
+    "scoring.object_alpha": (0.0, 1.0, False),
+    "scoring.top_ratio": (0.0, 1.0, False),
+    "scoring.point_threshold": (0.0, 1.0, False),
+    "scoring.global_temperature": (1e-6, 1e6, False),
+}
+_RE_EXPORT = "the model file was edited or damaged: export it again with btp-export"
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_numbers(config, path: str | Path) -> None:
+    """ModelMetadataError unless every number of the metadata's config is finite and those the
+    runtime reads lie in ``CONFIG_RANGES`` (whole numbers where they count something)."""
+    import math
+
+    def walk(value, key: str) -> None:
+        if isinstance(value, dict):
+            for name, item in value.items():
+                walk(item, f"{key}.{name}" if key else str(name))
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item, key)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ModelMetadataError(path, f"metadata config.{key} = {value}: expected a finite number; {_RE_EXPORT}")
+
+    if not isinstance(config, dict):
+        return  # BTPConfig.from_dict says what is wrong
+    walk(config, "")
+    for key, (low, high, whole) in CONFIG_RANGES.items():
+        section, _, name = key.partition(".")
+        part = config.get(section)
+        if not isinstance(part, dict) or name not in part:
+            continue  # the config's default applies
+        value = part[name]
+        number = _is_integer(value) or (isinstance(value, float) and not whole)
+        if not number or not low <= value <= high:
+            kind = "a whole number" if whole else "a number"
+            raise ModelMetadataError(path, f"metadata config.{key} = {value!r}: expected {kind} in [{low}, {high}]; "
+                                           f"{_RE_EXPORT}")
 
 
 def read_model_meta(path: str | Path) -> ModelMeta:
