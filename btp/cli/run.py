@@ -48,7 +48,7 @@ def run(
                                 help="ort-cpu | ort-cuda | ort-trt | trt | openvino | openvino-bf16."),
     batch: int = typer.Option(1, "--batch", min=1, help="Scans per engine call."),
     threshold: Optional[float] = typer.Option(None, "--threshold", "-t",
-                                              help="Object-score threshold for the decision (default: "
+                                              help="Object-score threshold in [0, 1] for the decision (default: "
                                                    "the model's sidecar MODEL.threshold.json from "
                                                    "`btp calibrate`, if any)."),
     fmt: str = typer.Option("json", "--format", "-f", help="json (one <stem>.json per scan) | csv (one results.csv)."),
@@ -82,7 +82,8 @@ def run(
     from btp.errors import BTPError
     from btp.runtime.calibration import CalibrationError, find_threshold
     from btp.runtime import outputs
-    from btp.runtime.calibration import check_threshold
+    from btp.runtime.calibration import check_score_threshold
+    from btp.runtime.outcome import FRESH_INIT_WARNING
     from btp.runtime.pipeline import Pipeline
     from btp.runtime.run import FORMAT_CHOICES, expand_inputs, run_files
 
@@ -92,7 +93,7 @@ def run(
     threads = _check_threads(threads, force_threads)
     if threshold is not None:
         try:
-            threshold = check_threshold(threshold)
+            threshold = check_score_threshold(threshold, "--threshold")
         except CalibrationError as exc:
             raise typer.BadParameter(str(exc), param_hint="--threshold") from None
     heatmaps = _split_heatmaps(heatmap)
@@ -121,6 +122,11 @@ def run(
     except BTPError as exc:
         console.print(f"[red]btp run: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
+    from btp.io.files import remove_stale_temps
+
+    stale = remove_stale_temps(out)
+    if stale:
+        console.print(f"btp run: removed {len(stale)} temporary file(s) an interrupted run left in {out}")
     files = expand_inputs(inputs, exclude=out)
     if not files:
         console.print("[red]btp run: no input files found")
@@ -131,6 +137,9 @@ def run(
             decision = f" -> {oc.decision}" if oc.decision else ""
             console.print(f"[green]ok[/green] {escape(str(oc.file))}: object score {oc.object_score:.4f}{decision} "
                           f"({oc.points} points, {oc.total_ms:.0f} ms)")
+            for note in oc.warnings:
+                if note != FRESH_INIT_WARNING:  # said once for the whole run above
+                    console.print(f"[yellow]  warning[/yellow] {escape(str(oc.file))}: {escape(note)}")
         else:
             console.print(f"[red]FAILED[/red] {escape(str(oc.file))}: {escape(oc.error)}")
             if debug and oc.traceback:
@@ -175,13 +184,14 @@ def calibrate(
     from rich.markup import escape
 
     from btp.errors import BTPError
-    from btp.runtime.calibration import CalibrationError, check_threshold, make_threshold, sidecar_path, write_threshold
+    from btp.runtime.calibration import (CalibrationError, check_margin, check_threshold, make_threshold, mixed_parts,
+                                         part_signature, sidecar_path, write_threshold)
     from btp.runtime.pipeline import Pipeline
     from btp.runtime.run import expand_inputs, run_files
 
     console = Console(stderr=True)
     try:
-        check_threshold(margin, "--margin")
+        check_margin(margin, "--margin")
         check_threshold(quantile, "--quantile")
         target = out or sidecar_path(model)
         if target.is_dir():
@@ -207,7 +217,11 @@ def calibrate(
         console.print(f"[red]btp calibrate: {escape(str(exc))}")
         raise typer.Exit(code=2) from None
     console.print(f"btp calibrate: threshold {threshold.value:.6f} = quantile {quantile} of {len(scores)} good "
-                  f"object scores (min {min(scores):.4f}, max {max(scores):.4f}) + margin {margin}; wrote {path}")
+                  f"object scores (min {min(scores):.4f}, max {max(scores):.4f}) + margin {margin:.6g}; wrote {path}")
+    scored = [oc for oc in outcomes if oc.ok]
+    mixed = mixed_parts([part_signature(oc.result.points) for oc in scored], [oc.file.name for oc in scored])
+    if mixed:
+        console.print(f"[yellow]btp calibrate: warning: {escape(mixed)}")
     if len(scores) < len(outcomes):
         raise typer.Exit(code=1)
 
