@@ -46,7 +46,12 @@ def run(
     out: Path = typer.Option(Path("btp-out"), "--out", "-o", help="Output folder."),
     backend: str = typer.Option("ort-cpu", "--backend", "-b",
                                 help="ort-cpu | ort-cuda | ort-trt | trt | openvino | openvino-bf16."),
-    batch: int = typer.Option(1, "--batch", min=1, help="Scans per engine call."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Scans per engine call, at most as many as --max-memory "
+                              "allows: the scans in flight are bounded by it whatever --batch says."),
+    max_memory: int = typer.Option(1024, "--max-memory", min=64, help="MiB the scans in flight may hold (read "
+                                   "ahead, in the engine, being written; estimated from the model's G, K and widths "
+                                   "and each scan's points): a third per stage, so a larger --batch or a folder of "
+                                   "thousands of scans cannot exhaust memory."),
     threshold: Optional[float] = typer.Option(None, "--threshold", "-t",
                                               help="Object-score threshold in [0, 1] for the decision (default: "
                                                    "the model's sidecar MODEL.threshold.json from "
@@ -146,7 +151,7 @@ def run(
                 console.print(oc.traceback, markup=False, highlight=False)
 
     try:
-        outcomes = run_files(pipeline, files, out, batch=batch, threshold=threshold,
+        outcomes = run_files(pipeline, files, out, batch=batch, memory_budget=max_memory << 20, threshold=threshold,
                              threshold_source=source if threshold is not None else None, fmt=fmt,
                              heatmaps=heatmaps, backend=backend, prefetch=prefetch, on_outcome=say)
     except KeyboardInterrupt:

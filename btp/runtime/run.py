@@ -167,10 +167,31 @@ class _Prefetch:
             self._pool.shutdown(wait=True)
 
 
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of scans in flight: read ahead, in the engine, being written
+RAW_POINT_BYTES = 96  # per raw point in flight: coordinates, scores, maps, the heat map being encoded
+
+
+def scan_bytes(cfg, points: int) -> int:
+    """Estimated bytes one scan of ``points`` raw points holds in flight: its arrays
+    (RAW_POINT_BYTES per point) and the engine's float32 activations for it, from the model's G, K
+    and layer widths: every per-point layer over its G x K points, and two transformer layers over
+    G tokens (ONNX Runtime reuses a layer's buffers for the next)."""
+    e, g = cfg.encoder, cfg.gfcm
+    gk = e.num_group * e.group_size
+    per_point = e.in_channels + sum(e.pointnet_dims) + sum(g.conv_dims) + g.hidden + g.point_dim
+    tokens = e.num_group * e.trans_dim * (8 + 2 * e.mlp_ratio) + e.num_heads * e.num_group ** 2
+    return int(points * RAW_POINT_BYTES + 4 * (gk * per_point + 2 * tokens))
+
+
+def in_flight_cap(cfg, budget: int, points: int) -> int:
+    """Scans per stage (read ahead, engine, writing) that fit ``budget`` bytes, at least one."""
+    return max(1, int(budget // (3 * scan_bytes(cfg, points))))
+
+
 def run_files(pipeline: Pipeline, files: list[Path], out_dir: Path, *, batch: int = 1,
               threshold: float | None = None, threshold_source: str | None = None, fmt: str = "json",
               heatmaps: tuple[str, ...] = ("ply",), backend: str = "ort-cpu", write: bool = True,
-              prefetch: int = 2,
+              prefetch: int = 2, memory_budget: int = DEFAULT_MEMORY_BUDGET,
               on_outcome: Callable[[ScanOutcome], None] | None = None) -> list[ScanOutcome]:
     """Score ``files`` ``batch`` at a time; one ScanOutcome per file, in input order.
 
@@ -180,8 +201,12 @@ def run_files(pipeline: Pipeline, files: list[Path], out_dir: Path, *, batch: in
     ``prefetch``: files read and preprocessed ahead on a reader thread while the engine runs, and
     each batch's outputs written on a writer thread while the engine takes the next one (0 = all
     one after the other); the outputs and their order are the same either way.
+    ``memory_budget``: bytes the scans in flight may hold, whatever ``batch`` says: each of the three
+    stages (read ahead, engine, writing) holds at most a third of it (``scan_bytes``, with the
+    model's N points per scan for the batch size, and the scans' own sizes as they are read).
     """
     heatmaps = tuple(h for h in heatmaps if h != "none")
+    batch = min(max(batch, 1), in_flight_cap(pipeline.cfg, memory_budget, pipeline.cfg.preprocess.num_points))
     applied = None if threshold is None else AppliedThreshold(value=threshold, source=threshold_source)
     scoring = _Scoring(model=ModelInfo.of(pipeline), point_threshold=pipeline.meta.config.scoring.point_threshold,
                        threshold=applied, backend=backend, preprocess=pipeline.preprocess)
@@ -189,7 +214,7 @@ def run_files(pipeline: Pipeline, files: list[Path], out_dir: Path, *, batch: in
                heatmaps=heatmaps, write=write, on_outcome=on_outcome)
     reader = _Prefetch(pipeline, files, max(prefetch, batch) if prefetch else 0)
     try:
-        run.batches(pipeline, reader, batch=batch, overlap=prefetch > 0)
+        run.batches(pipeline, reader, batch=batch, budget=memory_budget // 3, overlap=prefetch > 0)
     finally:
         reader.close()
     return run.outcomes
@@ -226,24 +251,32 @@ class _Run:
     def outcomes(self) -> list[ScanOutcome]:
         return list(self.slots)  # every slot is filled once batches() has returned
 
-    def batches(self, pipeline: Pipeline, reader: "_Prefetch", *, batch: int, overlap: bool) -> None:
+    def batches(self, pipeline: Pipeline, reader: "_Prefetch", *, batch: int, budget: int, overlap: bool) -> None:
         """Read ahead (``reader``) -> engine on this thread -> the outputs of each batch written on a
         writer thread (in input order) while the engine takes the next batch; ``overlap=False``: all
-        of it one after the other on this thread."""
+        of it one after the other on this thread. A batch ends at ``batch`` scans or once its scans
+        hold ``budget`` bytes (``scan_bytes``)."""
         from concurrent.futures import ThreadPoolExecutor
 
         step = max(batch, 1)
         pending = []
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="btp-write") if overlap else _Inline() as writer:
             try:
-                for start in range(0, len(self.files), step):
-                    chunk = range(start, min(start + step, len(self.files)))
+                start = 0
+                while start < len(self.files):
                     ready: list[tuple[int, Job]] = []
-                    for i in chunk:
+                    held, stop = 0, min(start + step, len(self.files))
+                    for i in range(start, stop):
                         try:
-                            ready.append((i, reader.take()))
+                            job = reader.take()
+                            ready.append((i, job))
+                            held += scan_bytes(pipeline.cfg, len(job.raw))
                         except Exception as exc:  # one bad file never costs the others
                             self.slots[i] = failed(self.files[i], self.stems[i], exc)
+                        if held >= budget:
+                            stop = i + 1
+                            break
+                    chunk, start = range(start, stop), stop
                     scored = _infer(pipeline, ready)
                     pending.append(writer.submit(self.finish, chunk, scored))
                     while len(pending) > 1:  # at most one batch waits for its writes
