@@ -99,6 +99,8 @@ def run_demo(out: Path, *, model: str = DEFAULT_MODEL_NAME, backend: str = "ort-
     if console.width < 120:  # the table has 7 columns; don't squeeze it on a narrow or non-tty console
         console = Console(width=120)
     try:
+        for folder in (out, out / "scans", out / "results"):
+            outputs.check_output_dir(folder)
         onnx_path = cached_onnx(model, console)
         pipeline = Pipeline(onnx_path, backend=backend)
     except (BTPError, ValueError, OSError) as exc:

@@ -29,6 +29,8 @@ def evaluate(
                                    "reference rule every committed table uses; auto: btp-run's default)."),
     baselines: bool = typer.Option(True, "--baselines/--no-baselines", help="Also score the surface-variation "
                                    "and learned baselines (off: the model only, e.g. a second model on the same set)."),
+    trust_gt: bool = typer.Option(False, "--trust-gt", help="Take each ground-truth file's points and labels as "
+                                  "they are, without checking them against their scan (as the reference loaders do)."),
 ) -> None:
     """Zero-shot evaluation: O-AUROC, P-AUROC, AU-PRO, O-AP, P-AP, O-F1max per class and mean."""
     from rich.console import Console
@@ -72,7 +74,8 @@ def evaluate(
                 bar.update(done, total=total)
 
             report = run_eval(data, layout=layout or None, classes=chosen, scorer=scorer, learned=learned,
-                              baselines=baselines, downsample=downsample, progress=progress)
+                              baselines=baselines, downsample=downsample, verify_gt=not trust_gt,
+                              progress=progress)
     except (BTPError, FileNotFoundError) as err:
         typer.echo(f"btp eval: {err}", err=True)
         raise typer.Exit(code=2) from None
@@ -81,6 +84,8 @@ def evaluate(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=1, default=str))
         typer.echo(f"wrote {json_out}")
+    for cls, why in (report["data"].get("empty_classes") or {}).items():
+        typer.echo(f"btp eval: class {cls} left out: {why}", err=True)
     failed = report["data"].get("failed") or []
     for f in failed:
         typer.echo(f"btp eval: left out {f['file']}: {f['error']}", err=True)
@@ -89,9 +94,13 @@ def evaluate(
         raise typer.Exit(code=1)
 
 
+_METHOD_OF_TITLE = {"model": "model", "baseline": "baseline", "learned baseline": "learned_baseline"}
+
+
 def print_report(report: dict) -> None:
     """One rich table per method: rows = classes + mean, columns = metrics (x100)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from btp.eval.evaluate import SHOWN_KEYS, table_rows
@@ -114,6 +123,12 @@ def print_report(report: dict) -> None:
             cells = [("-" if metrics.get(k) is None else f"{100 * metrics[k]:.1f}") for k in SHOWN_KEYS]
             table.add_row(f"[bold]{name}" if name == "mean" else name, *cells)
         console.print(table)
+        for cls, reasons in (data.get("notes") or {}).get(_METHOD_OF_TITLE[title.split(":")[0]], {}).items():
+            why: dict[str, list[str]] = {}
+            for metric, reason in reasons.items():
+                why.setdefault(reason, []).append(metric)
+            for reason, metrics in why.items():
+                console.print(f"  {cls}: {', '.join(metrics)} shown as - ({escape(reason)})")
     console.print(f"point metrics: {data['point_metrics']}")
     if data.get("ms_per_scan"):
         console.print("scoring time per scan (ms, whole path incl. preprocessing): "

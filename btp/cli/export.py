@@ -37,7 +37,8 @@ def export(
 
     Everything after grouping goes into the graph, with the text embeddings frozen as initializers;
     G, K, N, channels, scoring constants, prompts, weights hash and provenance go into
-    metadata_props["btp"]. Formats: """
+    metadata_props["btp"]. Exit codes: 0 exported; 1 the model cannot be exported; 2 --out cannot be
+    written (checked before any work). Formats: """
     from rich.console import Console
     from rich.markup import escape
 
@@ -48,6 +49,11 @@ def export(
     prefix = "[bold]btp-export[/bold]"
     if fmt not in ("onnx", "triton"):
         raise typer.BadParameter(f"{fmt!r}: choose onnx or triton", param_hint="--format")
+    try:
+        _check_out(out, fmt)
+    except (BTPError, OSError) as exc:
+        console.print(f"{prefix} [red]failed:[/red] {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
     if fmt == "triton":
         _export_triton(model, out, layout, engine, plan, opset, console, prefix)
         return
@@ -62,6 +68,9 @@ def export(
     except (ExportError, BTPError, ValueError) as exc:
         console.print(f"{prefix} [red]failed:[/red] {exc}")
         raise typer.Exit(code=1) from None
+    except OSError as exc:  # the output place failed while writing (disk full, removed folder)
+        console.print(f"{prefix} [red]failed:[/red] could not write --out {escape(str(out))} ({escape(str(exc))})")
+        raise typer.Exit(code=2) from None
     io = result.metadata["io"]
     def shapes(spec: dict) -> str:
         return escape(", ".join(f"{k} [{','.join(str(d) for d in v['shape'])}]" for k, v in spec.items()))
@@ -82,6 +91,22 @@ def export(
     console.print(f"{prefix} success ✅ {result.seconds:.1f}s, saved as '{result.path}' "
                   f"({result.size_bytes / 1e6:.1f} MB), {len(result.op_types)} op types, "
                   f"parity vs PyTorch {result.verdict}")
+
+
+def _check_out(out: Path, fmt: str) -> None:
+    """--out must be a place the export can be written, before any work: the repository folder
+    (--format triton), or a model file name in a writable folder."""
+    from btp.runtime.outputs import OutputPlaceError, check_output_dir
+
+    if fmt == "triton":
+        check_output_dir(out)
+        return
+    if out.is_dir():
+        raise OutputPlaceError(f"--out {out} is a folder; give the model's file name, e.g. {out / 'model.onnx'}")
+    if out.exists() and not out.is_file():
+        raise OutputPlaceError(f"--out {out} is not a regular file (a device or FIFO); give a file name such as "
+                               "model.onnx in a writable folder")
+    check_output_dir(out.parent, flag="--out (the folder of the model file)")
 
 
 def _export_triton(model: str, out: Path, layout: str, engine: str, plan, opset: int, console, prefix: str) -> None:

@@ -252,11 +252,22 @@ def report(
     results: Path = typer.Argument(..., exists=True, file_okay=False, help="A btp-run output folder."),
 ) -> None:
     """Write RESULTS/report.html from a finished btp-run folder: every scored scan (its <stem>.json,
-    <stem>.png, and a 3D view from <stem>.ply or the source file) and every failure in summary.json."""
+    <stem>.png, and a 3D view from <stem>.ply or the source file) and every failure in summary.json.
+    Exit codes: 0 written; 1 no btp-run results in RESULTS; 2 RESULTS cannot be written."""
+    from btp.errors import BTPError
+    from btp.runtime.outputs import check_output_dir
     from btp.runtime.report import entries_from_results, write_report
 
     entries, model = entries_from_results(results)
     if not entries:
         typer.echo(f"btp report: {results} holds no btp-run results (<stem>.json or summary.json)", err=True)
         raise typer.Exit(code=1)
-    typer.echo(f"wrote {write_report(results, entries, model=model)} ({len(entries)} scans)")
+    try:
+        check_output_dir(results, flag="RESULTS")
+        page = write_report(results, entries, model=model)
+    except (BTPError, OSError) as exc:
+        typer.echo(f"btp report: {exc}", err=True)
+        typer.echo(f"btp report: the page is written into RESULTS; copy {results} to a writable folder and run "
+                   "`btp report` on the copy", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(f"wrote {page} ({len(entries)} scans)")

@@ -87,17 +87,19 @@ def load_scorer(model: str | Path | None, backend: str = "ort-cpu", downsample: 
 def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] | None = None,
              scorer: CloudScorer | None = None, learned: LearnedBaseline | None = None,
              preprocess: PreprocessConfig | None = None, baselines: bool = True, downsample: str = "exact",
-             progress: Callable[[int, int], None] | None = None) -> dict:
+             verify_gt: bool = True, progress: Callable[[int, int], None] | None = None) -> dict:
     """Score every test sample of `root` and compute the metrics (see the module docstring).
 
     `preprocess` (N, FPS start) for the baselines: the model's when a scorer with a config is
     given, else btp-mini's; ``downsample``: their raw-scan rule (the model's is its scorer's);
-    ``baselines=False`` scores the model only. `progress(done, total)` is
-    called after every sample.
+    ``baselines=False`` scores the model only; ``verify_gt=False`` trusts GT files as they are
+    (``btp eval --trust-gt``). `progress(done, total)` is called after every sample. Class folders
+    without test samples are listed in ``data.empty_classes`` with the reason.
     """
     root = Path(root)
     layout = layout or detect_layout(root)
     files = sample_files(root, layout, "test", classes)
+    empty_classes = _empty_classes(root, layout, classes, files)
     if not files:
         raise FileNotFoundError(f"{root}: no test samples found ({layout} layout, classes {classes or 'all'})")
     cfg = getattr(scorer, "cfg", None) or btp_mini_config()
@@ -116,7 +118,7 @@ def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] 
     failed: list[dict[str, str]] = []
     for done, entry in enumerate(files, 1):
         try:  # one bad file is listed and left out; it never stops the evaluation
-            sample = read_sample(entry, min_points=1)
+            sample = read_sample(entry, min_points=1, verify_gt=verify_gt)
             bad_labels = np.setdiff1d(np.unique(sample.labels), [0, 1])
             if bad_labels.size:
                 raise GroundTruthMismatchError(sample.path, f"ground-truth labels {bad_labels[:5].tolist()} outside "
@@ -127,7 +129,8 @@ def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] 
                 scored[name] = method(sample.points)
                 seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
         except (BTPError, ValueError, OSError) as exc:
-            failed.append({"file": str(getattr(entry, "path", entry)), "error": f"{type(exc).__name__}: {exc}"})
+            text = str(exc).removeprefix("<array>: ")  # the scorers see the points; "file" names the scan
+            failed.append({"file": str(getattr(entry, "path", entry)), "error": f"{type(exc).__name__}: {text}"})
             continue
         finally:
             if progress:
@@ -151,6 +154,7 @@ def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] 
     report["model"] = scorer.info() if scorer is not None else None
     report["data"] = {
         "root": str(root), "layout": layout, "classes": sorted(counts), "samples": counts, "failed": failed,
+        "empty_classes": empty_classes,
         "num_points": pre.num_points, "fps_start": pre.fps_start,
         "point_metrics": "p_auroc, p_ap, p_f1max, au_pro: raw test scans (GT rows, scores carried back from the "
                          f"sampled points); p_auroc_sampled, p_ap_sampled: the {pre.num_points} sampled points; "
@@ -163,6 +167,25 @@ def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] 
         "notes": notes,
     }
     return {k: report.get(k, {}) for k in ("classes", "mean", "baseline", "learned_baseline", "model", "data")}
+
+
+def _empty_classes(root: Path, layout: str, classes: list[str] | None, files) -> dict[str, str]:
+    """Class folders (of ``classes``, or all) without a test sample -> why, for the report."""
+    from btp.io import list_classes
+
+    with_samples = {f.cls for f in files}
+    empty = {}
+    for cls in sorted(classes or list_classes(root, layout)):
+        if cls in with_samples:
+            continue
+        folder = (root / cls if (root / cls).is_dir() else root) / "test"
+        empty[cls] = (f"no test folder ({folder})" if not folder.is_dir()
+                      else f"no test scans (*.pcd, other than templates) in {folder}")
+    if classes is None and not ((root / "train").is_dir() or (root / "test").is_dir()):
+        for folder in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+            if folder.name not in empty and folder.name not in with_samples:
+                empty[folder.name] = f"{folder} holds no train/ or test/ folder"
+    return empty
 
 
 def _metrics(by_class: dict[str, _Collected]) -> tuple[dict, dict, dict]:

@@ -21,8 +21,8 @@ do. With ``verify_gt=True`` (default) the GT file is checked against its scan fi
 3. otherwise ``GroundTruthMismatchError`` naming how many rows have no matching scan point.
 
 A GT that does not come from its scan would give point metrics over the wrong surface, so the
-mismatch is an error, not a warning; ``verify_gt=False`` trusts the GT file as the reference
-loaders do (and skips reading the scan).
+mismatch is an error, not a warning; ``verify_gt=False`` (``btp eval --trust-gt``) trusts the GT
+file as the reference loaders do (and skips reading the scan).
 """
 from __future__ import annotations
 
@@ -116,9 +116,8 @@ def detect_layout(root: str | os.PathLike) -> str:
     if not votes:
         raise DatasetLayoutError(root, "cannot tell the layout: looked for <cls>/GT/ (Anomaly-ShapeNet) or "
                                        "<cls>/gt/ (Real3D-AD), and for 'positive' / 'good' in <cls>/test/*.pcd "
-                                       "names, found neither; pass layout= explicitly")
-    raise DatasetLayoutError(root, f"class folders disagree on the layout ({sorted(votes)}); pass layout= "
-                                   "explicitly or point root at one data set")
+                                       "names, found neither; pass --layout anomaly-shapenet or --layout real3d")
+    raise DatasetLayoutError(root, f"class folders disagree on the layout ({sorted(votes)}); X")
 
 
 def list_classes(root: str | os.PathLike, layout: str | None = None) -> list[str]:
@@ -209,7 +208,7 @@ def check_ground_truth(scan_points: np.ndarray, gt_points: np.ndarray, gt_path: 
     if scan_points.shape[0] != gt_points.shape[0]:
         raise GroundTruthMismatchError(
             gt_path, f"{gt_points.shape[0]} GT rows but the scan {scan_path.name} has {scan_points.shape[0]} points; "
-                     "the GT must list every scan point (pass verify_gt=False to trust the GT file as is)")
+                     "the GT must list every scan point (btp eval --trust-gt takes the GT file as it is)")
     diagonal = float(np.linalg.norm(scan_points.max(axis=0) - scan_points.min(axis=0)))
     tol = max(tolerance * diagonal, _ABS_TOLERANCE_FLOOR)
     row_error = np.abs(scan_points.astype(np.float64) - gt_points.astype(np.float64)).max(axis=1)  # [N]
@@ -226,4 +225,4 @@ def check_ground_truth(scan_points: np.ndarray, gt_points: np.ndarray, gt_path: 
         gt_path, f"{unmatched} of {gt_points.shape[0]} GT rows have no scan point of {scan_path.name} within "
                  f"{tol:.3g} (largest gap {float(distance.max()):.3g})"
                  + (f" and {duplicates} rows share a scan point" if duplicates else "")
-                 + "; the GT does not belong to this scan (pass verify_gt=False to trust it as is)")
+                 + "; the GT does not belong to this scan (btp eval --trust-gt takes the GT file as it is)")

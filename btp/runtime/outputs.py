@@ -36,18 +36,19 @@ class OutputPlaceError(BTPError, OSError):
     """The output folder cannot take btp-run's files (the message says why)."""
 
 
-def check_output_dir(out: str | Path) -> Path:
+def check_output_dir(out: str | Path, flag: str = "--out") -> Path:
     """Create ``out`` if needed and prove a file can be written there (before any scan is scored),
-    or OutputPlaceError: an existing file, a device such as /dev/null, a read-only mount."""
+    or OutputPlaceError naming ``flag`` (the option or argument that gave the folder): an existing
+    file, a device such as /dev/null, a read-only mount."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise OutputPlaceError(f"--out {out} exists and is not a folder; give a folder for the outputs")
+        raise OutputPlaceError(f"{flag} {out} exists and is not a folder; give a folder for the outputs")
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / ".btp-write-check", b"")
         (out / ".btp-write-check").unlink()
     except OSError as exc:
-        raise OutputPlaceError(f"--out {out}: cannot write there ({exc.strerror or exc}); choose a writable folder") from None
+        raise OutputPlaceError(f"{flag} {out}: cannot write there ({exc.strerror or exc}); choose a writable folder") from None
     return out
 
 
