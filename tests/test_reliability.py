@@ -7,6 +7,7 @@ the same batch are bit-identical to a solo run. ``BTP_FUZZ_LONG=1`` runs the lon
 from __future__ import annotations
 
 import json
+import re
 import os
 import stat
 import struct
@@ -669,6 +670,16 @@ def test_pass2_item1_the_voxel_grid_stays_finite_on_repeated_points(good_points)
     two = np.repeat(good_points[0][:2], 5000, axis=0)
     vmap = voxel_map(two, 12288)  # the sizing loop refines the grid while only 2 cells ever fill
     assert len(vmap.cell_rep) == 2 and vmap.cell_of_raw.shape == (10000,)
+
+
+def test_pass2_item2_arrays_that_are_not_numbers_are_refused_by_their_dtype(model_path, good_points):
+    pipe = Pipeline(model_path)
+    n = len(good_points[0])
+    for array in (np.arange(3 * n).astype("datetime64[s]").reshape(n, 3), np.ones((n, 3), bool),
+                  (good_points[0] * 1j).astype(np.complex64), np.array([["1", "2", "3"]] * n),
+                  np.array([[object()] * 3] * n)):
+        with pytest.raises(InvalidValuesError, match=re.escape(f"dtype {array.dtype}")):
+            pipe(array)
 
 
 def test_pass2_item2_reader_errors_are_ours(good_points, tmp_path):

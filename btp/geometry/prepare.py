@@ -114,6 +114,9 @@ def _checked_scan(points, cfg: BTPConfig, where) -> tuple[np.ndarray, tuple[np.n
     pts = np.asarray(points)
     if pts.ndim != 2 or pts.shape[1] != 3:
         raise InvalidValuesError(where, f"points have shape {pts.shape}; expected [M, 3]")
+    if pts.dtype.kind not in "fiu":  # dates, booleans, complex numbers, text, objects are not coordinates
+        raise InvalidValuesError(where, f"points have dtype {pts.dtype}; expected real numbers (float or int): "
+                                        "save the coordinates as a float array")
     need = min_points(cfg)
     if pts.shape[0] < need:
         raise TooFewPointsError(where, f"{pts.shape[0]} points, fewer than the model's max(G, K) = {need}: "
