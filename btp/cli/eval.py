@@ -124,11 +124,10 @@ def print_report(report: dict) -> None:
             table.add_row(f"[bold]{name}" if name == "mean" else name, *cells)
         console.print(table)
         for cls, reasons in (data.get("notes") or {}).get(_METHOD_OF_TITLE[title.split(":")[0]], {}).items():
-            why: dict[str, list[str]] = {}
-            for metric, reason in reasons.items():
-                why.setdefault(reason, []).append(metric)
-            for reason, metrics in why.items():
-                console.print(f"  {cls}: {', '.join(metrics)} shown as - ({escape(reason)})")
+            first = next(iter(reasons.values()))
+            more = len(set(reasons.values())) - 1
+            console.print(f"  {cls}: {', '.join(reasons)} shown as - ({escape(first)}"
+                          + (f"; {more} similar reason(s) in --json data.notes" if more else "") + ")")
     console.print(f"point metrics: {data['point_metrics']}")
     if data.get("ms_per_scan"):
         console.print("scoring time per scan (ms, whole path incl. preprocessing): "
