@@ -759,7 +759,7 @@ def test_pass2_item5_scans_in_flight_are_bounded_whatever_batch_says(model_path,
                                  memory_budget=budget)
     assert all(o.ok for o in outcomes) and max(seen) <= 2 and sum(seen) == 9 and depths == [2]
     for o in outcomes:  # the same scores as without a bound
-        np.testing.assert_array_equal(np.load(tmp_path / "out" / f"{o.stem}.npy"), pipe(o.path).scores_per_row())
+        np.testing.assert_array_equal(np.load(tmp_path / "out" / f"{o.stem}.npy"), pipe(o.file).scores_per_row())
     help_text = _flat(RUN.invoke(app, ["run", "--help"], env={"COLUMNS": "400"}).output)
     assert "--max-memory" in help_text and "whatever --batch says" in help_text
 

@@ -139,6 +139,9 @@ def run(
 
     def say(oc) -> None:
         if oc.ok:
+            decision = f" -> {oc.decision}" if oc.decision else ""
+            console.print(f"[green]ok[/green] {escape(str(oc.file))}: object score {oc.object_score:.4f}{decision} "
+                          f"({oc.points} points, {oc.total_ms:.0f} ms)")
             for note in oc.warnings:
                 if note != FRESH_INIT_WARNING:  # said once for the whole run above
                     note = note.removeprefix(f"{oc.file}: ")  # the readers' warnings name the file already
