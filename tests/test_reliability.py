@@ -732,6 +732,21 @@ def test_pass2_item4_metadata_numbers_are_range_checked(model_path, good_points,
     assert f"{section}.{key}" in text and "btp-export" in text and str(bad) in text
 
 
+@pytest.mark.parametrize("key,value", [("format_version", "1"), ("format_version", 1.5)])
+def test_pass2_item4_the_metadata_format_version_is_checked(model_path, good_points, tmp_path, key, value):
+    import onnx
+
+    np.save(tmp_path / "g.npy", good_points[0])
+    proto = onnx.load(str(model_path))
+    prop = next(p for p in proto.metadata_props if p.key == "btp")
+    doc = json.loads(prop.value)
+    doc[key] = value
+    prop.value = json.dumps(doc)
+    onnx.save(proto, str(tmp_path / "bad.onnx"))
+    result = RUN.invoke(app, ["run", str(tmp_path / "bad.onnx"), str(tmp_path / "g.npy"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and key in _flat(result.output) and "btp-export" in _flat(result.output), result.output
+
+
 def test_pass2_item5_scans_in_flight_are_bounded_whatever_batch_says(model_path, good_points, tmp_path, monkeypatch):
     from btp.runtime import run as run_mod
 

@@ -13,6 +13,7 @@ has to be matched by hand between the two.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,10 @@ def parse_metadata(text: str, path: str | Path = "<model.onnx>") -> ModelMeta:
         raise ModelMetadataError(path, f"metadata_props[{META_KEY!r}] is not JSON ({exc})") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ModelMetadataError(path, f"metadata_props[{META_KEY!r}] is not a {FORMAT} document")
-    if int(doc.get("format_version", 0)) > FORMAT_VERSION:
+    version = doc.get("format_version", 0)
+    if not _is_integer(version) or version < 0:
+        raise ModelMetadataError(path, f"metadata format_version = {version!r}: expected a whole number; {_RE_EXPORT}")
+    if version > FORMAT_VERSION:
         raise ModelMetadataError(path, f"metadata format_version {doc.get('format_version')} is newer than this "
                                        f"btp-edge reads ({FORMAT_VERSION}): upgrade btp-edge")
     check_numbers(doc.get("config"), path)
@@ -178,8 +182,6 @@ def _is_integer(value) -> bool:
 def check_numbers(config, path: str | Path) -> None:
     """ModelMetadataError unless every number of the metadata's config is finite and those the
     runtime reads lie in ``CONFIG_RANGES`` (whole numbers where they count something)."""
-    import math
-
     def walk(value, key: str) -> None:
         if isinstance(value, dict):
             for name, item in value.items():
