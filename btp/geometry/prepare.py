@@ -42,8 +42,8 @@ from btp.config import BTPConfig, PreprocessConfig
 from btp.geometry.errors import DegenerateCloudError
 from btp.geometry.neighbors import knn, neighborhoods
 from btp.geometry.normalize import normalize
-from btp.geometry.sampling import (VoxelMap, canonical_order, column_bounds, downsample, fps, resolve_method,
-                                   voxel_downsample)
+from btp.geometry.sampling import (VoxelMap, canonical_order, column_bounds, downsample, fps, point_hash,
+                                   resolve_method, voxel_downsample)
 from btp.geometry.scores import interpolate_to_raw, nearest_scores, propagate_patch_scores
 from btp.io.errors import InvalidValuesError, TooFewPointsError
 
@@ -57,7 +57,7 @@ MIN_EXTENT = 1e-12
 # a surface). The spread is measured on a strided subset of at most SURFACE_SUBSET points.
 MIN_LEVELS = 256
 LINE_RATIO = 1e-6
-SURFACE_SUBSET = 65536
+SURFACE_SUBSET = 16384
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,18 +159,31 @@ def _check_surface(pts: np.ndarray, extent: float, biggest: float, need: int, wh
             f"{name}: only {distinct} distinct points (the others repeat them), fewer than the model's "
             f"max(G, K) = {need}: repeated points are not a surface; check the scan")
     subset = pts[::max(1, len(pts) // SURFACE_SUBSET)].astype(np.float64)  # [S, 3]
-    spread = np.sqrt(np.maximum(np.linalg.eigvalsh(np.cov(subset, rowvar=False))[::-1], 0.0))  # std per axis
+    spread = np.sqrt(np.maximum(np.linalg.eigvalsh(_covariance(subset))[::-1], 0.0))  # std per axis
     if spread[1] <= max(LINE_RATIO * spread[0], 2.0 * step):
         raise DegenerateCloudError(
             f"{name}: the points lie on a line (spread {spread[1]:.3g} across it against {spread[0]:.3g} "
             "along it): a line is not a surface; check the scan (one scan line, or a failed reconstruction)")
 
 
+def _covariance(points: np.ndarray) -> np.ndarray:
+    """float64 [3, 3] covariance of points [S, 3] by column products (np.cov's GEMM costs
+    milliseconds more on a few cores that ONNX Runtime's threads are using)."""
+    centred = points - points.mean(axis=0)
+    cols = [np.ascontiguousarray(centred[:, i]) for i in range(3)]
+    cov = np.empty((3, 3))
+    for i in range(3):
+        for j in range(i, 3):
+            cov[i, j] = cov[j, i] = float(np.multiply(cols[i], cols[j]).sum())
+    return cov / max(len(points) - 1, 1)
+
+
 def _few_distinct(pts: np.ndarray, need: int) -> int | None:
     """The number of distinct rows of ``pts`` when it is below ``need``, else None. A strided
-    subset settles the common case; all rows are compared only when the subset repeats itself."""
+    subset's point hashes settle the common case (equal points, equal hashes: a hash count never
+    exceeds the distinct rows); all rows are compared only when the subset repeats itself."""
     subset = pts[::max(1, len(pts) // 4096)]
-    if len(np.unique(subset, axis=0)) >= need:
+    if len(np.unique(point_hash(subset))) >= need:
         return None
     distinct = len(np.unique(pts, axis=0)) if len(subset) < len(pts) else len(np.unique(subset, axis=0))
     return distinct if distinct < need else None
