@@ -7,8 +7,8 @@ without btp-edge: same weights, same preprocessing (it sits inside the same Pipe
 instead of the engine.
 
 Which weights: ``--checkpoint`` if given; else what model.onnx's metadata says it was exported
-from — a checkpoint file (looked up beside model.onnx, in $BTP_MODELS, in models/) or a fresh
-init (rebuilt with the same torch seed). The weights' sha256 is compared with the one in the
+from — a checkpoint file (looked up beside model.onnx, in $BTP_MODELS, in the package's own models) or a
+fresh init (rebuilt with the same torch seed). The weights' sha256 is compared with the one in the
 metadata and the row's label says whether they match.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ import numpy as np
 
 def load_torch_model(model_path, checkpoint=None):
     """-> (BTPModel in eval mode with frozen text, label saying where the weights came from)."""
-    from btp.export.onnx import fresh_model, load_model, model_search_paths, state_sha256
+    from btp.export.onnx import fresh_model, load_model, state_sha256
+    from btp.io.locations import model_search_paths
     from btp.runtime.metadata import read_model_meta
 
     model_path = Path(model_path)

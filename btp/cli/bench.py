@@ -79,13 +79,14 @@ def latency(
     threads: Optional[int] = typer.Option(None, help="intra-op threads for ORT and torch, and OMP_NUM_THREADS for "
                                           "OpenMP libraries unless set (default: one per physical core)"),
     checkpoint: Optional[Path] = typer.Option(None, help="checkpoint for the torch row (default: from the ONNX "
-                                              "provenance / beside the model / models/<name>.safetensors)"),
+                                              "provenance / beside the model / $BTP_MODELS / the package's "
+                                              "own weights)"),
     ops: bool = typer.Option(False, "--ops", help="also run the FPS/kNN ops benchmark in the same run, so the "
                              "report shows every goal"),
     sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="engine-only 1- vs 2-thread medians per CPU "
                                "backend in the same run"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="also write the JSON here"),
-    out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
+    out: Path = typer.Option(None, help="report folder (default ./benchmarks/results/)"),
 ) -> None:
     """End-to-end and per-stage latency per backend (p50/p90/p99/mean, throughput, peak RSS)."""
     from btp.benchmarks import report as rep
@@ -141,7 +142,7 @@ def parity(
     layout: Optional[str] = typer.Option(None, help="anomaly-shapenet | real3d (auto-detected)"),
     threads: Optional[int] = typer.Option(None, help="intra-op threads"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="also write the JSON here"),
-    out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
+    out: Path = typer.Option(None, help="report folder (default ./benchmarks/results/)"),
 ) -> None:
     """Accuracy parity of each backend against a reference (Polygraphy-style PASS/FAIL per check)."""
     from btp.benchmarks import report as rep
@@ -170,7 +171,7 @@ def ops(
     repeat: int = typer.Option(7, help="timed calls per row (median)"),
     threads: Optional[int] = typer.Option(None, help="threads for torch / OpenMP libraries"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="also write the JSON here"),
-    out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
+    out: Path = typer.Option(None, help="report folder (default ./benchmarks/results/)"),
 ) -> None:
     """Our FPS/kNN (btp.geometry) against fpsample, open3d, scipy, pykdtree, torch: medians, ratios, checks."""
     from btp.benchmarks import report as rep
@@ -199,7 +200,7 @@ def serve(
     protocols: str = typer.Option("http,grpc", help="http and/or grpc"),
     duration: float = typer.Option(10.0, help="seconds per row"),
     points: int = typer.Option(8192, help="points per scan"),
-    out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
+    out: Path = typer.Option(None, help="report folder (default ./benchmarks/results/)"),
 ) -> None:
     """Load test of btp on a real Triton server (Python-backend repository) vs the in-process runtime."""
     from btp.benchmarks.serve import run_serve_bench, serve_markdown
@@ -213,7 +214,7 @@ def serve(
 def render(
     points: str = typer.Option("100000", help="scan sizes (points sampled from a real mesh)"),
     repeats: int = typer.Option(10, min=3, help="timed renders per size (after one warm-up)"),
-    out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
+    out: Path = typer.Option(None, help="report folder (default ./benchmarks/results/)"),
 ) -> None:
     """Time of the three-view heat-map PNG (btp.runtime.outputs.render_views) per scan size."""
     import time
@@ -260,7 +261,7 @@ def throughput(
     points: int = typer.Option(40000, min=64, help="points per scan (sampled from real meshes)"),
     prefetch: int = typer.Option(2, min=1, help="files read ahead in the overlapped run"),
     repeats: int = typer.Option(3, min=1, help="runs of each mode, alternated (the median is reported)"),
-    out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
+    out: Path = typer.Option(None, help="report folder (default ./benchmarks/results/)"),
 ) -> None:
     """btp-run on a folder of scans: scans/s of the serial loop against reading/preprocessing ahead
     of the engine (run_files(prefetch=...)); both runs' outputs must be identical."""
@@ -282,7 +283,7 @@ def engines(
     compare: list[Path] = typer.Option([], "--compare", exists=True, dir_okay=False,
                                        help="another model.onnx with the same engine inputs, timed in ORT in "
                                             "the same turns (repeatable): engine cost against MODEL"),
-    out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
+    out: Path = typer.Option(None, help="report folder (default ./benchmarks/results/)"),
 ) -> None:
     """Engine variants of one model in the same run: ORT as exported, ORT after its transformer
     fusions, static QDQ INT8 (per-channel, calibrated on real scans), OpenVINO - time and parity;
@@ -305,7 +306,7 @@ def rules(
                                "as mean ± standard error over starts (default: the model's fps_start only)"),
     voxel_reps: str = typer.Option(None, help="voxel cells per sample to try, e.g. 6,3: the rule runs once per "
                                    "value against one exact run (default: the model's preprocess.voxel_reps)"),
-    out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
+    out: Path = typer.Option(None, help="report folder (default ./benchmarks/results/)"),
 ) -> None:
     """What the default raw-scan rule (auto: voxel + gather) changes in held-out
     O-/P-AUROC against the exact rule, per data set (goal: <= 0.5 point)."""
@@ -383,7 +384,7 @@ def models(
     starts: str = typer.Option("0,1,2", help="FPS start indices: both models from each, the difference as "
                                "mean ± standard error over starts"),
     rule: str = typer.Option("exact", help="raw-scan rule for both: exact | auto"),
-    out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
+    out: Path = typer.Option(None, help="report folder (default ./benchmarks/results/)"),
 ) -> None:
     """Two models on the same test samples: O-/P-AUROC and AU-PRO of each and their paired
     difference (B - A) per set, from several FPS starts."""

@@ -1,6 +1,6 @@
 """`btp demo`: the README's main job, offline, on samples the package makes itself.
 
-1. model.onnx: the committed default model (models/<DEFAULT_MODEL_NAME>.safetensors) exported once with
+1. model.onnx: the default model's weights (btp/assets/models/<DEFAULT_MODEL_NAME>.safetensors) exported once with
    btp-export's code into a cache (``$BTP_CACHE`` or ./.btp-cache), keyed by the weights' sha256;
    without committed weights a freshly initialised model of its preset is exported and labelled UNTRAINED.
 2. sample scans: the MIT meshes shipped in btp/data, sampled area-weighted, one good scan and
@@ -32,7 +32,7 @@ def cache_dir() -> Path:
 
 def cached_onnx(model: str, console) -> Path:
     """Export ``model`` once per weights hash into the cache; reuse it afterwards (no torch then)."""
-    from btp.export.onnx import model_search_paths
+    from btp.io.locations import model_search_paths
     from btp.io.files import file_sha256
     from btp.runtime.metadata import ModelMetadataError, read_model_meta
 
@@ -108,9 +108,9 @@ def run_demo(out: Path, *, model: str = DEFAULT_MODEL_NAME, backend: str = "ort-
         return 2
     fresh = bool(pipeline.meta.model.get("fresh_init"))
     if fresh:
-        console.print(f"[bold yellow]No trained weights found (models/{model}.safetensors): this demo runs a "
-                      f"FRESHLY INITIALISED, UNTRAINED {pipeline.meta.name}. The pipeline is real; the scores "
-                      "carry no meaning.")
+        console.print(f"[bold yellow]No trained weights found for {model} ($BTP_MODELS or the package's own): "
+                      f"this demo runs a FRESHLY INITIALISED, UNTRAINED {pipeline.meta.name}. The pipeline is real; "
+                      "the scores carry no meaning.")
     samples = make_samples(out / "scans")
     outcomes = run_files(pipeline, list(samples), out / "results", heatmaps=("ply", "png") if png else ("ply",),
                          backend=backend)

@@ -13,13 +13,13 @@ def evaluate(
     data: Path = typer.Option(..., "--data", help="Data-set root (Anomaly-ShapeNet or Real3D-AD layout)."),
     layout: str = typer.Option("", "--layout", help="anomaly-shapenet | real3d (auto-detected when omitted)."),
     model: Path = typer.Option(None, "--model", help="Checkpoint (.safetensors) or exported MODEL.onnx; "
-                                                     f"default: models/{DEFAULT_MODEL_NAME}.safetensors."),
+                                                     f"default: the package's own {DEFAULT_MODEL_NAME} weights."),
     no_model: bool = typer.Option(False, "--no-model", help="Report the baselines only."),
     json_out: Path = typer.Option(None, "--json", help="Write the full report as JSON here."),
     classes: str = typer.Option("", "--classes", help="Comma-separated classes (default: all)."),
     baseline_model: Path = typer.Option(None, "--baseline-model",
                                         help="Learned-baseline LightGBM text model (default: "
-                                             "models/learned-baseline.txt when present)."),
+                                             "the package's own learned-baseline.txt)."),
     fit_baseline: Path = typer.Option(None, "--fit-baseline",
                                       help="Fit the learned baseline on this labelled data set's test split "
                                            "(e.g. synthetic training classes) and save it to --baseline-model."),

@@ -15,8 +15,9 @@ from btp.export.formats import FORMATS_HELP
 def export(
     model: str = typer.Option(DEFAULT_MODEL_NAME, "--model", "-m",
                               help=f"Checkpoint (.safetensors) or preset name: {DEFAULT_MODEL_NAME} (default: the "
-                                   f"committed models/{DEFAULT_MODEL_NAME}.safetensors; a fresh, untrained init if it "
-                                   "is absent), btp-mini, tiny, ulip2."),
+                                   "weights the package carries), btp-mini, tiny, ulip2. A preset name loads "
+                                   "$BTP_MODELS/NAME.safetensors or the package's own weights, else a fresh, "
+                                   "untrained init."),
     out: Path = typer.Option(..., "--out", "-o", help="Output model.onnx (--format triton: the repository folder)."),
     fmt: str = typer.Option("onnx", "--format", help="onnx | triton (a Triton model repository; --model may then "
                             "also be an exported model.onnx)."),
@@ -44,6 +45,7 @@ def export(
 
     from btp.errors import BTPError
     from btp.export.onnx import ExportError, export_onnx, load_model, unsupported_trt_ops
+    from btp.io.locations import model_search_paths
 
     console = Console(stderr=True)
     prefix = "[bold]btp-export[/bold]"
@@ -60,9 +62,11 @@ def export(
     try:
         loaded = load_model(model, seed=seed)
         if loaded.info.get("fresh_init"):
+            looked = ", ".join(str(p) for p in model_search_paths(model))
             console.print(f"{prefix} [yellow]warning: no trained weights for {model!r} "
-                          f"(looked for models/{model}.safetensors): exporting a FRESHLY INITIALISED, untrained "
-                          f"model (torch seed {seed}); its scores carry no meaning. The metadata says so.")
+                          f"(looked for {escape(looked)}; pass --model FILE.safetensors or set BTP_MODELS=DIR): "
+                          f"exporting a FRESHLY INITIALISED, untrained model (torch seed {seed}); its scores carry "
+                          "no meaning. The metadata says so.")
         result = export_onnx(loaded, out, opset=opset, batch=batch, fp16_safe=fp16_safe, simplify=simplify,
                              patch_embed=patch_embed, log=lambda msg: console.print(f"{prefix} {msg}"))
     except (ExportError, BTPError, ValueError) as exc:

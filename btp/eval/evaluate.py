@@ -33,9 +33,11 @@ from btp.eval.metrics import EXTRA_KEYS, METRIC_KEYS, compute_metrics, mean_metr
 from btp.eval.scoring import CloudScores, score_with
 from btp.io import detect_layout, read_sample, sample_files
 from btp.io.errors import GroundTruthMismatchError
+from btp.io.locations import asset
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / f"{DEFAULT_MODEL_NAME}.safetensors"
-DEFAULT_LEARNED_BASELINE = Path(__file__).resolve().parents[2] / "models" / "learned-baseline.txt"
+# the package's own files (btp/assets/models): the default model's weights and the learned baseline
+DEFAULT_MODEL = asset(f"models/{DEFAULT_MODEL_NAME}.safetensors")
+DEFAULT_LEARNED_BASELINE = asset("models/learned-baseline.txt")
 
 
 class CloudScorer(Protocol):
@@ -75,9 +77,8 @@ def load_scorer(model: str | Path | None, backend: str = "ort-cpu", downsample: 
     path = Path(model) if model is not None else DEFAULT_MODEL
     if not path.is_file():
         if model is None:
-            raise FileNotFoundError(f"the default model {path} is not there yet (it is trained and committed by "
-                                    f"the training issue); pass --model CKPT|MODEL.onnx, or --no-model for the "
-                                    f"baselines alone")
+            raise FileNotFoundError(f"the default model {path} is missing from this install of btp; pass --model "
+                                    f"CKPT|MODEL.onnx, or --no-model for the baselines alone")
         raise FileNotFoundError(f"{path}: model file not found; pass a .safetensors checkpoint or a .onnx export")
     if path.suffix.lower() == ".onnx":
         return OnnxScorer(path, backend=backend, downsample=downsample)

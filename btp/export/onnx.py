@@ -42,9 +42,9 @@ from btp.errors import BTPError
 from btp.export.formats import check_batch, check_opset
 from btp.geometry.prepare import pad_batch
 from btp.io.files import atomic_write_bytes, file_sha256
+from btp.io.locations import model_search_paths
 from btp.runtime.metadata import INPUT_NAMES, META_KEY, build_metadata, output_names
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = DEFAULT_MODEL_NAME
 TRT_OPS_FILE = Path(__file__).with_name("trt_onnx_ops.txt")
 PARITY_ATOL = 1e-4  # issue 4: max abs diff of probabilities and object score in FP32
@@ -65,15 +65,6 @@ class LoadedModel:
 
 
 # ---- the model -----------------------------------------------------------------------------
-
-def model_search_paths(name: str) -> list[Path]:
-    """Where a named model's weights are looked for: $BTP_MODELS/<name>.safetensors, <repo>/models/."""
-    paths = []
-    if os.environ.get("BTP_MODELS"):
-        paths.append(Path(os.environ["BTP_MODELS"]) / f"{name}.safetensors")
-    paths.append(REPO_ROOT / "models" / f"{name}.safetensors")
-    return paths
-
 
 def state_sha256(model) -> str:
     """sha256 over the model's tensors (sorted names, raw float bytes): the weights' identity in memory."""
@@ -116,8 +107,8 @@ def fresh_model(cfg: BTPConfig, seed: int = 0) -> LoadedModel:
 def load_model(spec: str | Path = DEFAULT_MODEL, *, seed: int = 0) -> LoadedModel:
     """``spec``: a checkpoint path (.safetensors), or a preset name (``btp-mini``, ``tiny``, ``ulip2``).
 
-    A preset name loads the committed weights (``models/<name>.safetensors``) when they exist and
-    falls back to a freshly initialised model of that preset otherwise (``info["fresh_init"]``).
+    A preset name loads its weights from $BTP_MODELS/<name>.safetensors or the package's own
+    btp/assets/models/<name>.safetensors (btp.io.locations) when they exist and falls back to a freshly initialised model of that preset otherwise (``info["fresh_init"]``).
     """
     from btp.model.checkpoint import load_checkpoint
 
@@ -198,6 +189,12 @@ def check_graph(proto):
         if not out.type.tensor_type.HasField("shape") or not out.type.tensor_type.shape.dim:
             raise ExportError(f"output {out.name!r} has no inferred shape after shape inference")
     return inferred
+
+
+def _onnxslim_version() -> str:
+    from importlib.metadata import version
+
+    return version("onnxslim")
 
 
 def simplify_graph(proto):
@@ -345,6 +342,13 @@ def recheck_float64(model, neighborhood, center, ref, got, checks, atol: float =
 
 # ---- the export ----------------------------------------------------------------------------
 
+def exported_at() -> str:
+    """UTC time of the export, or of $SOURCE_DATE_EPOCH when set (the reproducible-builds convention):
+    the graph is deterministic, so with it the whole file is (the package's own ONNX is made so)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(epoch) if epoch else None))
+
+
 @dataclass(frozen=True)
 class ExportResult:
     path: Path
@@ -393,8 +397,9 @@ def export_onnx(loaded: LoadedModel, out: str | Path, *, opset: int = 17, batch:
         export={
             "format": "onnx", "opset": opset, "batch": batch, "fp16_safe": fp16_safe, "simplified": simplify,
             "torch": torch.__version__, "onnx": onnx.__version__, "exporter": "torch.onnx (TorchScript)",
+            "onnxslim": _onnxslim_version() if simplify else None,
             "rewrites": ["split_concat_conv"] if rewrite else [],  # btp.export.rewrite
-            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "exported_at": exported_at(),
             "btp_version": getattr(btp, "__version__", cfg.version),
             "fp16": fp16_report(proto) if fp16_safe else None,
         },
