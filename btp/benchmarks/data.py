@@ -1,4 +1,4 @@
-"""Benchmark inputs: point clouds sampled from the real meshes in ../shared/data/shapes.
+"""Benchmark inputs: point clouds sampled from the real meshes in $BTP_SHAPES (the shared shapes).
 
 Every benchmark feeds the same deterministic clouds (mesh, size, seed) to every implementation,
 so rows of one report compare the same work. Torch-free.
@@ -11,15 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
+from btp.io import locations
+
 DEFAULT_MESH = "cgal__stanford_bunny.ply"
 
 
 def shapes_dir() -> Path:
-    """$BTP_SHAPES, else ../shared/data/shapes beside the repository (as tests/conftest.py)."""
-    env = os.environ.get("BTP_SHAPES")
-    if env:
-        return Path(env).resolve()
-    return (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "shapes").resolve()
+    """$BTP_SHAPES (btp.io.locations: an error naming the variable when it is unset)."""
+    return locations.shapes_dir(None, flag="a mesh path").resolve()
 
 
 def mesh_path(name: str | None = None) -> Path:

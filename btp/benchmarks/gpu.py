@@ -295,9 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)))
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=50)
-    default_shapes = os.environ.get("BTP_SHAPES", Path(__file__).resolve().parents[3] / "shared" / "data" / "shapes")
-    parser.add_argument("--shapes", type=Path, default=Path(default_shapes), help="real meshes ($BTP_SHAPES)")
+    parser.add_argument("--shapes", type=Path, default=os.environ.get("BTP_SHAPES"),
+                        help="real meshes (default $BTP_SHAPES)")
     args = parser.parse_args(argv)
+    if args.shapes is None:
+        parser.error("no meshes: pass --shapes DIR or set BTP_SHAPES=DIR (the shared shapes folder)")
     sizes = [int(s) for s in args.sizes.split(",")]
     result: dict[str, Any] = {"environment": environment(), "errors": []}
     sections = [("kernels", lambda: bench_kernels(sizes, args.shapes, args.warmup, args.iters)),

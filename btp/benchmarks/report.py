@@ -14,7 +14,8 @@ from btp.benchmarks.machine import date_tag, machine_line, machine_slug
 from btp.export.compare import fmt
 from btp.io.files import atomic_write_bytes
 
-RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+# relative to the current folder: the checkout's committed results when run from its root (--out elsewhere)
+RESULTS_DIR = Path("benchmarks") / "results"
 SHARED_BOX_NOTE = ("Measured on a shared machine (other processes may run at the same time): "
                    "load average {load} at the start; medians are robust to that, tails (p99) less so.")
 STAGE_ORDER = ("load", "sanitize", "normalize", "downsample", "fps", "knn", "group", "engine", "propagate",

@@ -10,16 +10,14 @@ data_app = typer.Typer(help="Make datasets: synthetic defects on real shapes, in
                        no_args_is_help=True)
 
 
-def _default_shapes() -> Path:
-    import os
+def _shapes(shapes: Path | None) -> Path:
+    """--shapes (typer reads $BTP_SHAPES into it when the flag is absent); neither: a usage error."""
+    from btp.io.locations import LocationError, shapes_dir
 
-    env = os.environ.get("BTP_SHAPES")
-    if env:
-        return Path(env)
-    for cand in (Path.cwd() / ".." / "shared" / "data" / "shapes", Path(__file__).resolve().parents[3] / "shared" / "data" / "shapes"):
-        if cand.is_dir():
-            return cand.resolve()
-    return Path("../shared/data/shapes")
+    try:
+        return shapes_dir(shapes)
+    except LocationError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--shapes") from None
 
 
 def train(
@@ -27,7 +25,8 @@ def train(
     stage: str = typer.Option("", "--stage", help="Run one stage: pretrain | btp (ignored with --recipe)."),
     config: str = typer.Option("", "--config", help="Config preset (btp-mini, ulip2, tiny) or a config JSON file "
                                "(default: the recipe's own config; btp-mini for --stage)."),
-    shapes: Path = typer.Option(None, "--shapes", help="Meshes + index.json (default $BTP_SHAPES or ../shared/data/shapes)."),
+    shapes: Path = typer.Option(None, "--shapes", envvar="BTP_SHAPES",
+                                help="Meshes + index.json: the shared shapes or a `btp data corpus` folder."),
     out: Path = typer.Option(None, "--out", help="Output folder (default runs/<recipe|stage>-seed<S>)."),
     seed: int = typer.Option(0, "--seed", help="One seed for everything random."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in --out."),
@@ -88,7 +87,7 @@ def train(
     if ckpt_every >= 0:
         pre, btp_opts = replace(pre, ckpt_every=ckpt_every), replace(btp_opts, ckpt_every=ckpt_every)
     rec = replace(rec, pretrain=pre, btp=btp_opts, per_shape=per_shape or rec.per_shape, use_pretrain=not no_pretrain)
-    shapes = shapes or _default_shapes()
+    shapes = _shapes(shapes)
     out = out or Path("runs") / f"{recipe or stage}-seed{seed}"
 
     if recipe:
@@ -135,7 +134,7 @@ def train(
 
 @data_app.command("synth")
 def synth(
-    shapes: Path = typer.Option(..., "--shapes", help="Folder of meshes (e.g. ../shared/data/shapes)."),
+    shapes: Path = typer.Option(..., "--shapes", help="Folder of meshes (e.g. the shared shapes)."),
     out: Path = typer.Option(..., "--out", help="Output data-set root."),
     classes: str = typer.Option("", "--classes", help="Comma-separated class (mesh) names; default all."),
     split: str = typer.Option("", "--split", help="Only the meshes of the zero-shot split: train | heldout "
@@ -192,7 +191,8 @@ def synth(
 @data_app.command("corpus")
 def corpus(
     out: Path = typer.Option(..., "--out", help="Output folder (index.json + meshes/ + corpus.json)."),
-    shapes: Path = typer.Option(None, "--shapes", help="shared/data/shapes (default $BTP_SHAPES or ../shared/data/shapes)."),
+    shapes: Path = typer.Option(None, "--shapes", envvar="BTP_SHAPES", help="The shared shapes folder "
+                                "(meshes + index.json)."),
     kicad_root: Path = typer.Option(None, "--kicad-root", help="kicad-packages3d's 3dmodels folder "
                                     "[default: /usr/share/kicad/3dmodels]."),
     per_family: int = typer.Option(4, "--per-family", min=1, help="KiCad parts per family."),
@@ -203,7 +203,7 @@ def corpus(
     reserved for independent evaluation are never read."""
     from btp.train.corpus import KICAD_ROOT, CorpusError, CorpusOptions, build_corpus
 
-    opts = CorpusOptions(per_family=per_family, max_faces=max_faces, shapes=str(shapes or _default_shapes()),
+    opts = CorpusOptions(per_family=per_family, max_faces=max_faces, shapes=str(_shapes(shapes)),
                          kicad_root=str(kicad_root or KICAD_ROOT))
     try:
         build_corpus(out, opts, log=typer.echo)

@@ -42,8 +42,11 @@ from btp.runtime.metadata import read_model_meta
 
 LAYOUTS = ("python", "ensemble")
 ENGINES = ("onnx", "plan")
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TRITON_VENV = REPO_ROOT / ".venv-triton"
+# the folder that holds this btp package (site-packages, or the checkout of an editable install):
+# the Python stage puts it on its sys.path to import the same btp
+PACKAGE_HOME = Path(__file__).resolve().parents[2]
+# `make setup` makes .venv-triton in the checkout; looked for in the current folder (else $BTP_TRITONSERVER)
+TRITON_VENV = Path(".venv-triton")
 
 
 class TritonError(BTPError, RuntimeError):
@@ -190,7 +193,7 @@ class TritonPythonModel:
 
 def _env_doc(model_file: str, threads: int | None) -> bytes:
     paths = [p for p in sys.path if p and Path(p).is_dir()]
-    return json.dumps({"sys_path": [str(REPO_ROOT)] + paths, "python": list(sys.version_info[:2]),
+    return json.dumps({"sys_path": [str(PACKAGE_HOME)] + paths, "python": list(sys.version_info[:2]),
                        "model_file": model_file, "threads": threads}, indent=1).encode()
 
 
@@ -327,7 +330,7 @@ ensemble_scheduling {{
 
 def find_tritonserver() -> tuple[Path, Path]:
     """(tritonserver binary, the pytriton package folder): $BTP_TRITONSERVER's pytriton folder, or
-    the project's ``.venv-triton`` (``make setup``)."""
+    ``.venv-triton`` in the current folder (``make setup`` makes it in the checkout)."""
     candidates = []
     if os.environ.get("BTP_TRITONSERVER"):
         candidates.append(Path(os.environ["BTP_TRITONSERVER"]))
