@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 SHAPES  ?= ../shared/data/shapes
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean packaged-model
 
 setup: $(STAMP)
 
@@ -32,6 +32,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	BTP_SHAPES=$(SHAPES) $(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+# The default model's ONNX that the package carries, exported from the weights beside it. Run it after
+# retraining or when the export changes (tests/test_package_data.py fails then). The graph is
+# deterministic and exported_at is the weights' commit time, so a rerun gives the same bytes.
+MODEL_DIR := btp/assets/models
+packaged-model: $(STAMP)
+	name=$$($(BIN)/python -c "from btp.config import DEFAULT_MODEL_NAME as n; print(n)") && \
+	SOURCE_DATE_EPOCH=$$(git log -1 --format=%at -- $(MODEL_DIR)/$$name.safetensors) \
+	  $(BIN)/btp-export --model $(MODEL_DIR)/$$name.safetensors --out $(MODEL_DIR)/$$name.onnx
 
 clean:
 	rm -rf $(VENV) .venv-triton build *.egg-info .pytest_cache
