@@ -39,10 +39,30 @@ def _check_threads(threads: int | None, force: bool) -> int | None:
     return threads
 
 
+def _model_and_inputs(paths: list[str]) -> tuple[Path, list[str]]:
+    """``[MODEL.onnx] INPUTS...``: a first argument ending in .onnx is the model (no scan format does);
+    without one, the default model the package carries (btp/assets/models)."""
+    from btp.io.locations import packaged_model
+
+    if paths and paths[0].lower().endswith(".onnx"):
+        model, inputs = Path(paths[0]), paths[1:]
+    else:
+        model, inputs = packaged_model(DEFAULT_MODEL_NAME), paths
+        if model is None:
+            raise typer.BadParameter(f"this install of btp carries no {DEFAULT_MODEL_NAME}.onnx: pass a model.onnx "
+                                     "from btp-export as the first argument", param_hint="MODEL.onnx")
+    if not inputs:
+        raise typer.BadParameter("no inputs: give point-cloud files, directories or globs after the model",
+                                 param_hint="INPUTS")
+    return model, inputs
+
+
 def run(
-    model: Path = typer.Argument(..., help="model.onnx from btp-export (everything else comes from its metadata)."),
-    inputs: List[str] = typer.Argument(..., help="Point-cloud files, directories or globs "
-                                                 "(.pcd .ply .xyz .txt .csv .npy .npz)."),
+    paths: List[str] = typer.Argument(..., metavar="[MODEL.onnx] INPUT",
+                                      help=f"An exported model.onnx from btp-export (everything else comes from its "
+                                           f"metadata; optional: without it, the default model the package carries, "
+                                           f"{DEFAULT_MODEL_NAME}), then point-cloud files, directories or globs "
+                                           "(.pcd .ply .xyz .txt .csv .npy .npz)."),
     out: Path = typer.Option(Path("btp-out"), "--out", "-o", help="Output folder."),
     backend: str = typer.Option("ort-cpu", "--backend", "-b",
                                 help="ort-cpu | ort-cuda | ort-trt | trt | openvino | openvino-bf16."),
@@ -93,6 +113,7 @@ def run(
     from btp.runtime.run import FORMAT_CHOICES, expand_inputs, run_files
 
     console = Console(stderr=True)
+    model, inputs = _model_and_inputs(paths)
     if fmt not in FORMAT_CHOICES:
         raise typer.BadParameter(f"{fmt!r}: choose json or csv", param_hint="--format")
     threads = _check_threads(threads, force_threads)
