@@ -13,6 +13,11 @@ def shapes_dir() -> Path:
     return Path(os.environ.get("BTP_SHAPES", REPO.parent / "shared" / "data" / "shapes")).resolve()
 
 
+# the library finds the shapes folder through $BTP_SHAPES only (or a --shapes flag); the tests' default
+# is the shared folder beside the checkout, handed to the library the same way
+os.environ.setdefault("BTP_SHAPES", str(shapes_dir()))
+
+
 @pytest.fixture(scope="session")
 def shapes_root() -> Path:
     root = shapes_dir()

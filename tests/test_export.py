@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -328,8 +329,8 @@ def test_pooled_points_object_score_is_the_same_on_every_path(tmp_path, shapes_r
 
 
 def test_the_default_model_is_the_committed_one_of_its_card():
-    """Without --model every command gets models/<DEFAULT_MODEL_NAME>.safetensors, trained (not a
-    fresh init), with the config its card describes."""
+    """Without --model every command gets the package's btp/assets/models/<DEFAULT_MODEL_NAME>.safetensors,
+    trained (not a fresh init), with the config its card (models/<DEFAULT_MODEL_NAME>.md) describes."""
     from btp.config import DEFAULT_MODEL_NAME, preset
     from btp.eval.evaluate import DEFAULT_MODEL
 
@@ -339,5 +340,5 @@ def test_the_default_model_is_the_committed_one_of_its_card():
     cfg = loaded.model.cfg
     assert cfg.gfcm.point_geometry == preset(DEFAULT_MODEL_NAME).gfcm.point_geometry and cfg.gfcm.point_dim
     assert 0.5 < cfg.scoring.point_threshold < 1  # calibrated on its training samples
-    card = (DEFAULT_MODEL.parent / f"{DEFAULT_MODEL_NAME}.md").read_text()
+    card = (Path(__file__).resolve().parents[1] / "models" / f"{DEFAULT_MODEL_NAME}.md").read_text()
     assert loaded.info["weights_sha256"] in card  # the card names the weights it describes

@@ -10,6 +10,7 @@ import textwrap
 
 import numpy as np
 
+from btp.config import DEFAULT_MODEL_NAME
 from btp.io import write_point_cloud
 from runtime_helpers import real_scan, tiny_export
 
@@ -85,3 +86,22 @@ def test_demo_runs_without_torch_on_an_exported_model(tmp_path_factory, tmp_path
     assert proc.returncode == 0, proc.stderr
     assert "DEMO-ERROR" in proc.stdout and "needs torch" in proc.stdout
     assert len(list((out / "results").glob("*.npy"))) == 9
+
+
+def test_btp_run_scores_with_the_packaged_default_model_without_torch(tmp_path, shapes_root):
+    """`btp-run SCAN` with no model argument: the ONNX the package carries, no torch needed."""
+    scan = write_point_cloud(tmp_path / "pinion.pcd", real_scan(shapes_root, "cgal__pinion.ply", n=5000, seed=1))
+    out = tmp_path / "out"
+    proc = _run(f"""
+        from typer.main import get_command
+        from btp.cli import app
+        try:
+            get_command(app).main(["run", {str(scan)!r}, "--out", {str(out)!r}, "--heatmap", "none"],
+                                  prog_name="btp", standalone_mode=False)
+        except SystemExit as exc:
+            assert not exc.code, exc.code
+    """, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((out / "pinion.json").read_text())
+    assert 0.0 < doc["object_score"] < 1.0 and np.load(out / "pinion.npy").shape == (5000,)
+    assert DEFAULT_MODEL_NAME in (out / "summary.json").read_text()
