@@ -171,3 +171,10 @@ def test_btp_run_without_a_model_scores_with_the_shipped_onnx(tmp_path, shapes_r
 def test_btp_run_needs_inputs_after_the_model(tmp_path):
     res = CliRunner().invoke(app, ["run", str(packaged_model()), "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "no inputs" in res.output
+
+
+def test_btp_train_without_a_shapes_folder_says_how_to_name_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("BTP_SHAPES", raising=False)
+    res = CliRunner().invoke(app, ["train", "--recipe", "tiny", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "BTP_SHAPES" in res.output and "--shapes" in res.output
+    assert not (tmp_path / "run").exists()
