@@ -43,4 +43,4 @@ packaged-model: $(STAMP)
 	  $(BIN)/btp-export --model $(MODEL_DIR)/$$name.safetensors --out $(MODEL_DIR)/$$name.onnx
 
 clean:
-	rm -rf $(VENV) .venv-triton build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-triton build dist *.egg-info .pytest_cache .ci-wheel
