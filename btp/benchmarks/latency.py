@@ -23,15 +23,18 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from btp import contract
 from btp.benchmarks.data import sample_cloud
 from btp.benchmarks.stats import Stats, measure, summarize
 
-BACKENDS = ("torch", "ort-cpu", "ort-cuda", "trt-fp32", "trt-fp16", "torch-fp16", "torch-fp16-mixed", "openvino",
-            "openvino-bf16")
+# PyTorch eager on the same model, the reference rows (btp.benchmarks.torch_backend); the runtime's
+# rows are btp.contract's backends under their bench names (a precision after the dash)
 TORCH_BACKENDS = ("torch", "torch-fp16", "torch-fp16-mixed")
+RUNTIME_BACKENDS = {name: row for row in contract.BACKENDS for name in row.bench}  # bench name -> backend row
+BACKENDS = TORCH_BACKENDS + tuple(RUNTIME_BACKENDS)
+GPU_BACKENDS = tuple(name for name, row in RUNTIME_BACKENDS.items() if row.gpu)
 DEFAULT_POINTS = (2048, 40000, 400000)
 DEFAULT_BATCHES = (1, 4)
-GPU_BACKENDS = ("ort-cuda", "trt-fp32", "trt-fp16")
 BATCH_STAGES = ("engine",)  # btp.runtime.Result: "engine = the whole batch call"
 
 
@@ -119,7 +122,7 @@ def unavailable_reason(backend: str) -> str | None:
         return None if importlib.util.find_spec("torch") else "torch not installed (pip install btp-edge[train])"
     if backend == "ort-cpu":
         return None if importlib.util.find_spec("onnxruntime") else "onnxruntime not installed"
-    if backend.startswith("openvino"):
+    if RUNTIME_BACKENDS[backend].module == "openvino":
         return (None if importlib.util.find_spec("openvino") else
                 "openvino not installed (pip install btp-edge[openvino])")
     from btp.benchmarks.machine import gpus
@@ -173,8 +176,10 @@ def _pipeline(backend: str, rule: str, model_path, threads, checkpoint):
         torch_backend = TorchBackend.for_onnx(model_path, checkpoint=checkpoint, threads=threads,
                                               half=backend != "torch", mixed=backend == "torch-fp16-mixed")
         return Pipeline(model_path, backend=torch_backend, preprocess="cpu", downsample=rule), torch_backend.weights
-    if backend.startswith("trt-"):
-        pipe = Pipeline(model_path, backend="trt", threads=threads, precision=precision_of(backend), downsample=rule)
+    row = RUNTIME_BACKENDS[backend]
+    if row.precisions:  # the bench name carries the precision: trt-fp16 -> trt, precision="fp16"
+        pipe = Pipeline(model_path, backend=row.name, threads=threads, precision=precision_of(backend),
+                        downsample=rule)
     else:
         pipe = Pipeline(model_path, backend=backend, threads=threads, preprocess="cpu", downsample=rule)
     info = getattr(getattr(pipe, "meta", None), "model", {}) or {}

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from btp.cli.run import backend_option
 from btp.config import DEFAULT_MODEL_NAME
 
 
@@ -23,7 +24,7 @@ def evaluate(
     fit_baseline: Path = typer.Option(None, "--fit-baseline",
                                       help="Fit the learned baseline on this labelled data set's test split "
                                            "(e.g. synthetic training classes) and save it to --baseline-model."),
-    backend: str = typer.Option("ort-cpu", "--backend", help="Runtime backend for a .onnx model."),
+    backend: str = backend_option(),
     downsample: str = typer.Option("exact", "--downsample", help="exact | auto | bucket | voxel: how scans of more "
                                    "than N points are reduced to N, for the model and the baselines (exact: the "
                                    "reference rule every committed table uses; auto: btp-run's default)."),

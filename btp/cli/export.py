@@ -5,25 +5,42 @@ torch / onnx are imported inside the command, so `btp --help` stays instant.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List
 
 import typer
 
+from btp import contract
 from btp.config import DEFAULT_MODEL_NAME
-from btp.export.formats import FORMATS_HELP
+
+_TRITON = contract.export_format("triton")
+
+
+def _choices(flag: str) -> str:
+    return " | ".join(_TRITON.choices[flag])
+
+
+def _given_flags(ctx: typer.Context) -> list[str]:
+    """The long flags of the options set on the command line (not left at their defaults)."""
+    from click.core import ParameterSource
+
+    return [next(o for o in p.opts if o.startswith("--")) for p in ctx.command.params
+            if p.opts and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
 
 
 def export(
+    ctx: typer.Context,
     model: str = typer.Option(DEFAULT_MODEL_NAME, "--model", "-m",
                               help=f"Checkpoint (.safetensors) or preset name: {DEFAULT_MODEL_NAME} (default: the "
                                    "weights the package carries), btp-mini, tiny, ulip2. A preset name loads "
                                    "$BTP_MODELS/NAME.safetensors or the package's own weights, else a fresh, "
                                    "untrained init."),
     out: Path = typer.Option(..., "--out", "-o", help="Output model.onnx (--format triton: the repository folder)."),
-    fmt: str = typer.Option("onnx", "--format", help="onnx | triton (a Triton model repository; --model may then "
-                            "also be an exported model.onnx)."),
-    layout: str = typer.Option("python", "--layout", help="--format triton: python (one Python-backend model "
-                               "running btp.runtime.Pipeline) | ensemble (pre -> ORT/TensorRT engine -> post)."),
-    engine: str = typer.Option("onnx", "--engine", help="--format triton --layout ensemble: onnx | plan."),
+    fmt: str = typer.Option("onnx", "--format", help=" | ".join(contract.format_names("btp export")) + " (see the "
+                            "formats below; each takes only its own options)."),
+    layout: str = typer.Option("python", "--layout", help=f"--format triton: {_choices('--layout')} (python: one "
+                               "Python-backend model running btp.runtime.Pipeline; ensemble: pre -> ORT/TensorRT "
+                               "engine -> post)."),
+    engine: str = typer.Option("onnx", "--engine", help=f"--format triton --layout ensemble: {_choices('--engine')}."),
     plan: Path = typer.Option(None, "--plan", help="--engine plan: the TensorRT engine from `btp build`."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset, 17..20 (>= 17 keeps LayerNormalization one op)."),
     batch: str = typer.Option("dynamic", "--batch", help="'dynamic' (symbolic B) or a fixed batch size N."),
@@ -31,7 +48,11 @@ def export(
                                    help="Check the graph for FP16 engines (LayerNormalization kept, weights in "
                                         "FP16 range) and list the nodes TensorRT should keep FP32 in the metadata."),
     simplify: bool = typer.Option(True, "--simplify/--no-simplify", help="Simplify with onnxslim."),
-    patch_embed: bool = typer.Option(False, "--patch-embed", help="Also output patch_embed [B,G,D] (debugging)."),
+    optional_output: List[str] = typer.Option([], "--optional-output", help="Also give this optional output "
+                                              "(repeat for several): " + "; ".join(
+                                                  f"{t.name} [{','.join(map(str, t.shape))}]: {t.meaning}"
+                                                  for t in contract.optional_outputs()) + "."),
+    patch_embed: bool = typer.Option(False, "--patch-embed", help="Short for --optional-output patch_embed."),
     seed: int = typer.Option(0, "--seed", help="Torch seed of a fresh init (when no committed weights exist)."),
 ) -> None:
     """Export a BTP model to one self-describing model.onnx (parity-checked against PyTorch).
@@ -49,8 +70,17 @@ def export(
 
     console = Console(stderr=True)
     prefix = "[bold]btp-export[/bold]"
-    if fmt not in ("onnx", "triton"):
-        raise typer.BadParameter(f"{fmt!r}: choose onnx or triton", param_hint="--format")
+    if fmt not in contract.format_names("btp export"):
+        raise typer.BadParameter(f"{fmt!r}: choose one of {', '.join(contract.format_names('btp export'))}"
+                                 + (" (`btp build` makes engines)" if fmt == "engine" else ""), param_hint="--format")
+    try:
+        contract.check_arguments(fmt, _given_flags(ctx))
+        if fmt == "triton":
+            contract.check_choice(fmt, "--layout", layout)
+            contract.check_choice(fmt, "--engine", engine)
+        optional = contract.check_optional(list(optional_output) + (["patch_embed"] if patch_embed else []))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     try:
         _check_out(out, fmt)
     except (BTPError, OSError) as exc:
@@ -68,7 +98,7 @@ def export(
                           f"exporting a FRESHLY INITIALISED, untrained model (torch seed {seed}); its scores carry "
                           "no meaning. The metadata says so.")
         result = export_onnx(loaded, out, opset=opset, batch=batch, fp16_safe=fp16_safe, simplify=simplify,
-                             patch_embed=patch_embed, log=lambda msg: console.print(f"{prefix} {msg}"))
+                             optional_outputs=optional, log=lambda msg: console.print(f"{prefix} {msg}"))
     except (ExportError, BTPError, ValueError) as exc:
         console.print(f"{prefix} [red]failed:[/red] {exc}")
         raise typer.Exit(code=1) from None
@@ -173,4 +203,4 @@ def serve(
         stop_server(proc)
 
 
-export.__doc__ = (export.__doc__ or "") + FORMATS_HELP + "."
+export.__doc__ = (export.__doc__ or "") + contract.formats_help() + "."

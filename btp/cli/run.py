@@ -12,7 +12,21 @@ from typing import List, Optional
 
 import typer
 
+from btp import contract
 from btp.config import DEFAULT_MODEL_NAME
+
+
+def _check_backend(name: str) -> str:
+    try:
+        return contract.backend(name).name
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def backend_option():
+    """--backend / -b: the engine backend, its choices and help from btp.contract.BACKENDS."""
+    return typer.Option(contract.DEFAULT_BACKEND, "--backend", "-b", callback=_check_backend,
+                        help=f"Engine backend: {contract.backends_help()}.")
 
 
 def _split_heatmaps(values: list[str]) -> tuple[str, ...]:
@@ -64,8 +78,7 @@ def run(
                                            f"{DEFAULT_MODEL_NAME}), then point-cloud files, directories or globs "
                                            "(.pcd .ply .xyz .txt .csv .npy .npz)."),
     out: Path = typer.Option(Path("btp-out"), "--out", "-o", help="Output folder."),
-    backend: str = typer.Option("ort-cpu", "--backend", "-b",
-                                help="ort-cpu | ort-cuda | ort-trt | trt | openvino | openvino-bf16."),
+    backend: str = backend_option(),
     batch: int = typer.Option(1, "--batch", min=1, help="Scans per engine call, at most as many as --max-memory "
                               "allows: the scans in flight are bounded by it whatever --batch says."),
     max_memory: int = typer.Option(1024, "--max-memory", min=64, help="MiB the scans in flight may hold (read "
@@ -203,8 +216,7 @@ def calibrate(
     out: Optional[Path] = typer.Option(None, "--out", "-o",
                                        help="Sidecar JSON (default: MODEL.threshold.json next to the model, "
                                             "which btp-run picks up automatically)."),
-    backend: str = typer.Option("ort-cpu", "--backend", "-b",
-                                help="ort-cpu | ort-cuda | ort-trt | trt | openvino | openvino-bf16."),
+    backend: str = backend_option(),
 ) -> None:
     """Pick an object-score threshold from known-good scans: quantile + margin -> sidecar JSON."""
     from rich.console import Console
@@ -258,8 +270,7 @@ def demo(
     model: str = typer.Option(DEFAULT_MODEL_NAME, "--model", "-m",
                               help=f"Checkpoint, preset (default: the committed {DEFAULT_MODEL_NAME}) or an exported "
                                    "model.onnx."),
-    backend: str = typer.Option("ort-cpu", "--backend", "-b",
-                                help="ort-cpu | ort-cuda | ort-trt | trt | openvino | openvino-bf16."),
+    backend: str = backend_option(),
     png: bool = typer.Option(True, "--png/--no-png", help="Also render <stem>.png heat maps."),
 ) -> None:
     """The main job on shipped samples: export the default model to ONNX (cached), make sample scans

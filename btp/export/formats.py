@@ -1,17 +1,5 @@
-"""What `btp export` writes, and the checks of its numeric options.
-
-| format | command              | what                                                                |
-|--------|----------------------|---------------------------------------------------------------------|
-| onnx   | btp-export           | one self-describing model.onnx (text embeddings frozen inside)      |
-| triton | btp export --format triton | a Triton model repository (python or ensemble layout)         |
-| engine | btp build            | a TensorRT engine, cached per GPU + TensorRT version + model hash   |
-"""
+"""The checks of `btp export`'s numeric options (the formats themselves: ``btp.contract.FORMATS``)."""
 from __future__ import annotations
-
-FORMATS_HELP = ("onnx (.onnx, `btp-export`): one self-describing model.onnx, everything after grouping, text "
-                "embeddings frozen inside; triton (`btp export --format triton`): a Triton model repository; "
-                "engine (`btp build`, GPU): a TensorRT engine built from model.onnx, cached per GPU + TensorRT "
-                "version + model hash")
 
 MIN_OPSET = 17  # LayerNormalization as one op (TensorRT keeps it in FP32 / uses its norm layer)
 MAX_OPSET = 20  # torch's TorchScript exporter and TensorRT 10's parser both cover 17..20

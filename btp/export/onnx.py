@@ -7,7 +7,8 @@ btp.kernels), as in CUDA-PointPillars.
 
     inputs   neighborhood float32 [B, G, K, C], center float32 [B, G, 3]
     outputs  patch_logits [B, G], patch_probs [B, G], global_prob [B], object_score [B]
-             (+ patch_embed [B, G, D] with patch_embed=True, for debugging)
+             (+ patch_point_probs [B, G, K] for a model with per-point scores, + the requested
+             optional outputs, e.g. patch_embed [B, G, D]: the table in btp.contract)
     metadata metadata_props["btp"] = one JSON document (btp.runtime.metadata)
 
 ``export_onnx`` traces (TorchScript exporter, constant folding), checks (``onnx.checker`` full
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 
 import btp
+from btp import contract
 from btp.config import DEFAULT_MODEL_NAME, PRESETS, BTPConfig, preset
 from btp.errors import BTPError
 from btp.export.formats import check_batch, check_opset
@@ -130,10 +132,10 @@ def load_model(spec: str | Path = DEFAULT_MODEL, *, seed: int = 0) -> LoadedMode
 
 # ---- the graph -----------------------------------------------------------------------------
 
-def _export_graph(model, with_patch_embed: bool):
+def _export_graph(model, optional=()):
     import torch
 
-    names = output_names(model.cfg, with_patch_embed)
+    names = output_names(model.cfg, optional)
 
     class ExportGraph(torch.nn.Module):
         """BTPModel.forward with its dict flattened to the ONNX outputs, in a fixed order."""
@@ -150,8 +152,9 @@ def _export_graph(model, with_patch_embed: bool):
 
 
 def trace_to_onnx(model, example: tuple[np.ndarray, np.ndarray], *, opset: int, batch: str | int,
-                  with_patch_embed: bool, rewrite: bool = True):
-    """torch -> onnx.ModelProto (TorchScript exporter, constant folding; B symbolic when dynamic).
+                  optional=(), rewrite: bool = True):
+    """torch -> onnx.ModelProto (TorchScript exporter, constant folding; B symbolic when dynamic);
+    ``optional``: the optional outputs (btp.contract) the graph also gives.
 
     ``rewrite``: trace with the mini-PointNet's concat conv split (btp.export.rewrite: the global
     half once per patch, -10% FLOPs); the model itself is left unchanged."""
@@ -160,7 +163,7 @@ def trace_to_onnx(model, example: tuple[np.ndarray, np.ndarray], *, opset: int, 
 
     from btp.export.rewrite import split_concat_conv
 
-    graph, names = _export_graph(model, with_patch_embed)
+    graph, names = _export_graph(model, optional)
     neighborhood, center = (torch.from_numpy(np.ascontiguousarray(a)) for a in example)
     dynamic_axes = None
     if batch == "dynamic":
@@ -361,10 +364,12 @@ class ExportResult:
 
 
 def export_onnx(loaded: LoadedModel, out: str | Path, *, opset: int = 17, batch: str | int = "dynamic",
-                fp16_safe: bool = False, simplify: bool = True, patch_embed: bool = False,
+                fp16_safe: bool = False, simplify: bool = True, optional_outputs=(), patch_embed: bool = False,
                 parity_scans: int = 3, atol: float = PARITY_ATOL, rewrite: bool = True, log=None) -> ExportResult:
     """Export ``loaded`` (``load_model`` / ``fresh_model``) to ``out``; see the module docstring.
     ``rewrite=False`` traces the model's own forward (no ``btp.export.rewrite``; for A/B checks).
+    ``optional_outputs``: names of btp.contract's optional outputs the graph also gives
+    (``patch_embed=True`` is short for ``optional_outputs=("patch_embed",)``).
 
     Raises ExportError (and leaves no file at ``out``) when a check or the parity test fails.
     """
@@ -376,6 +381,7 @@ def export_onnx(loaded: LoadedModel, out: str | Path, *, opset: int = 17, batch:
     log = log or (lambda msg: None)
     t0 = time.perf_counter()
     opset, batch = check_opset(opset), check_batch(batch)
+    optional = contract.check_optional(tuple(optional_outputs) + (("patch_embed",) if patch_embed else ()))
     model, cfg = loaded.model, loaded.model.cfg
     out = Path(out)
     # real sampled shapes through the runtime's own preprocessing: the trace example and the parity set
@@ -385,7 +391,7 @@ def export_onnx(loaded: LoadedModel, out: str | Path, *, opset: int = 17, batch:
     example = (np.resize(neighborhood, (example_b,) + neighborhood.shape[1:]),
                np.resize(center, (example_b,) + center.shape[1:]))
     log(f"tracing {loaded.info['name']} (torch {torch.__version__}, opset {opset}, batch {batch})")
-    proto = trace_to_onnx(model, example, opset=opset, batch=batch, with_patch_embed=patch_embed, rewrite=rewrite)
+    proto = trace_to_onnx(model, example, opset=opset, batch=batch, optional=optional, rewrite=rewrite)
     check_graph(proto)
     if simplify:
         proto = simplify_graph(proto)
@@ -403,7 +409,7 @@ def export_onnx(loaded: LoadedModel, out: str | Path, *, opset: int = 17, batch:
             "btp_version": getattr(btp, "__version__", cfg.version),
             "fp16": fp16_report(proto) if fp16_safe else None,
         },
-        with_patch_embed=patch_embed,
+        optional=optional,
     )
     set_metadata(proto, metadata)
     payload = proto.SerializeToString()

@@ -32,10 +32,11 @@ from btp.io.errors import (
     UnsupportedFormatError,
 )
 from btp.io.mesh import load_mesh, sample_surface
-from btp.io.pointcloud import READ_SUFFIXES, WRITE_SUFFIXES, PointCloud, read_point_cloud, write_point_cloud
+from btp.io.pointcloud import (READ_SUFFIXES, WRITE_SUFFIXES, PointCloud, cloud_from_array, read_point_cloud,
+                               write_point_cloud)
 
 __all__ = [
-    "PointCloud", "read_point_cloud", "write_point_cloud", "heat_colors", "READ_SUFFIXES", "WRITE_SUFFIXES",
+    "PointCloud", "read_point_cloud", "cloud_from_array", "write_point_cloud", "heat_colors", "READ_SUFFIXES", "WRITE_SUFFIXES",
     "load_mesh", "sample_surface",
     "Sample", "SampleFile", "LAYOUTS", "detect_layout", "iter_samples", "list_classes", "sample_files",
     "read_sample", "check_ground_truth",

@@ -137,6 +137,18 @@ def read_point_cloud(path: str | os.PathLike, *, min_points: int = 1, centre: bo
     return _finish(path, points, labels, colors, scalars, min_points, centre)
 
 
+def cloud_from_array(points, *, min_points: int = 1, where: str | os.PathLike | None = None) -> PointCloud:
+    """An [M, 3] array that did not come from a file (a served request) -> ``PointCloud``, through
+    the readers' own ending: NaN/inf rows dropped with a warning (``row_mask`` says which rows were
+    kept), fewer than ``min_points`` finite rows refused (``InvalidValuesError`` /
+    ``TooFewPointsError``, naming ``where``)."""
+    path = Path(where) if where is not None else None
+    points = np.asarray(points)
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise InvalidValuesError(path, f"points have shape {list(points.shape)}; expected [M, 3]")
+    return _finish(path, points, None, None, None, min_points)
+
+
 def _finite_rows(points: np.ndarray) -> np.ndarray:
     """bool [M]: rows whose three coordinates are finite. The common case (all finite) is settled
     by per-column min/max, which NaN and inf always reach; numpy's ``isfinite(...).all(axis=1)``
@@ -164,7 +176,7 @@ def _finish(path: Path, points: np.ndarray, labels, colors, scalars, min_points:
     dropped = int(n - finite.sum())
     row_mask = finite if dropped else None
     if dropped:
-        warnings.warn(f"{path}: dropped {dropped} of {n} rows with NaN/inf values", stacklevel=3)
+        warnings.warn(f"{path or '<array>'}: dropped {dropped} of {n} rows with NaN/inf values", stacklevel=3)
         points = points[finite]
         labels = labels[finite] if labels is not None else None
         colors = colors[finite] if colors is not None else None

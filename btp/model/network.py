@@ -2,7 +2,7 @@
 
 Contract (docs/design.md "btp.model"):
     BTPModel(cfg, text_encoder=None)
-    forward(neighborhood [B,G,K,C], center [B,G,3]) -> dict with
+    forward(neighborhood [B,G,K,C], center [B,G,3]) -> dict (the outputs of btp.contract.TENSORS, in order) with
         patch_logits [B,G], patch_probs [B,G], global_logit [B], global_prob [B], object_score [B],
         patch_embed [B,G,D], geo_desc [B,G,33]; with cfg.gfcm.point_dim > 0 also
         patch_point_logits / patch_point_probs [B,G,K] (each point's own score in each patch)
@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from btp import contract
 from btp.config import BTPConfig
 from btp.errors import BTPError
 from btp.model.heads import GFCM, MGFEM, PointRefine
 from btp.model.pointbert import PointBERT
 from btp.model.text import TextEncoder, build_text_encoder, context_width
 
-OUTPUT_NAMES = ("patch_logits", "patch_probs", "global_logit", "global_prob", "object_score", "patch_embed", "geo_desc")
+OUTPUT_NAMES = tuple(t.name for t in contract.model_outputs())  # every model's; btp.contract has the rest
 
 
 class TextNotReadyError(BTPError, RuntimeError):
@@ -158,7 +159,7 @@ class BTPModel(nn.Module):
             top_mean = patch_probs.topk(self.top_k, dim=1).values.mean(dim=1)  # [B]
         alpha = self.cfg.scoring.object_alpha
         object_score = alpha * global_prob + (1.0 - alpha) * top_mean
-        return {
+        out = {
             "patch_logits": patch_logits,
             "patch_probs": patch_probs,
             "global_logit": global_logit,
@@ -168,3 +169,4 @@ class BTPModel(nn.Module):
             "geo_desc": geo_desc,
             **point_out,
         }
+        return {t.name: out[t.name] for t in contract.model_outputs(self.cfg)}  # the contract's rows, in order

@@ -18,22 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from btp import contract
 from btp.config import BTPConfig
 from btp.errors import BTPError
 
 META_KEY = "btp"
 FORMAT = "btp-onnx"
 FORMAT_VERSION = 1
-INPUT_NAMES = ("neighborhood", "center")
-OUTPUT_NAMES = ("patch_logits", "patch_probs", "global_prob", "object_score")
-DEBUG_OUTPUT_NAMES = ("patch_embed",)
-POINT_OUTPUT_NAMES = ("patch_point_probs",)  # [B, G, K], models with gfcm.point_dim > 0
+INPUT_NAMES = contract.input_names()
 
 
-def output_names(cfg: BTPConfig, with_patch_embed: bool = False) -> tuple[str, ...]:
-    """The graph's outputs, in order, for a model of this config."""
-    return (OUTPUT_NAMES + (POINT_OUTPUT_NAMES if cfg.gfcm.point_dim else ())
-            + (DEBUG_OUTPUT_NAMES if with_patch_embed else ()))
+def output_names(cfg: BTPConfig, optional=()) -> tuple[str, ...]:
+    """The graph's outputs, in order, for a model of this config (``optional``: the requested
+    optional outputs, ``btp.contract.optional_outputs``)."""
+    return tuple(t.name for t in contract.graph_outputs(cfg, optional))
 
 
 class ModelMetadataError(BTPError, ValueError):
@@ -83,31 +81,18 @@ class ModelMeta:
         return str(self.model.get("name", self.config.name))
 
 
-def io_spec(cfg: BTPConfig, batch: str | int, with_patch_embed: bool) -> dict[str, Any]:
+def io_spec(cfg: BTPConfig, batch: str | int, optional=()) -> dict[str, Any]:
     """Input/output names, shapes (symbolic "B" for a dynamic batch) and dtypes of the graph."""
     b = "B" if batch == "dynamic" else int(batch)
-    g, k, c, d = cfg.encoder.num_group, cfg.encoder.group_size, cfg.encoder.in_channels, cfg.text.embed_dim
-    outputs = {
-        "patch_logits": {"shape": [b, g], "dtype": "float32"},
-        "patch_probs": {"shape": [b, g], "dtype": "float32"},
-        "global_prob": {"shape": [b], "dtype": "float32"},
-        "object_score": {"shape": [b], "dtype": "float32"},
-    }
-    if cfg.gfcm.point_dim:
-        outputs["patch_point_probs"] = {"shape": [b, g, k], "dtype": "float32"}
-    if with_patch_embed:
-        outputs["patch_embed"] = {"shape": [b, g, d], "dtype": "float32"}
-    return {
-        "inputs": {
-            "neighborhood": {"shape": [b, g, k, c], "dtype": "float32"},
-            "center": {"shape": [b, g, 3], "dtype": "float32"},
-        },
-        "outputs": outputs,
-    }
+
+    def spec(rows) -> dict[str, Any]:
+        return {t.name: {"shape": t.dims(cfg, b), "dtype": t.dtype} for t in rows}
+
+    return {"inputs": spec(contract.inputs()), "outputs": spec(contract.graph_outputs(cfg, optional))}
 
 
 def build_metadata(cfg: BTPConfig, *, model: dict[str, Any], provenance: dict[str, Any],
-                   export: dict[str, Any], with_patch_embed: bool) -> dict[str, Any]:
+                   export: dict[str, Any], optional=()) -> dict[str, Any]:
     """The metadata document (a plain dict; ``json.dumps`` it into ``metadata_props[META_KEY]``)."""
     return {
         "format": FORMAT,
@@ -116,7 +101,7 @@ def build_metadata(cfg: BTPConfig, *, model: dict[str, Any], provenance: dict[st
         "model": dict(model),
         "provenance": dict(provenance),
         "export": dict(export),
-        "io": io_spec(cfg, export.get("batch", "dynamic"), with_patch_embed),
+        "io": io_spec(cfg, export.get("batch", "dynamic"), optional),
     }
 
 
@@ -232,28 +217,27 @@ def _dims(value) -> list:
 
 
 def check_graph_io(graph, meta: ModelMeta, path: str | Path) -> None:
-    """The graph must take and give what its metadata says: inputs neighborhood [B,G,K,C] and
-    center [B,G,3], outputs patch_probs [B,G] and object_score [B] (and patch_point_probs [B,G,K]
-    for a model with per-point scores), every fixed dim equal to the
-    config's (a model whose metadata says G = 128 but whose graph has 256 is refused here)."""
-    g, k, c = meta.num_group, meta.group_size, meta.in_channels
-    batch = meta.batch if meta.batch is not None else None
-    want_in = {"neighborhood": [batch, g, k, c], "center": [batch, g, 3]}
-    want_out = {"patch_probs": [batch, g], "object_score": [batch]}
-    if meta.config.gfcm.point_dim:
-        want_out["patch_point_probs"] = [batch, g, k]
+    """The graph must take and give what its metadata's config says (``btp.contract``): every
+    input, every output the runtime requires (patch_probs, object_score; patch_point_probs for a
+    model with per-point scores), and any other contract output it has, each with every fixed dim
+    equal to the config's (a model whose metadata says G = 128 but whose graph has 256 is refused)."""
+    cfg = meta.config
     init = {i.name for i in graph.initializer}
-    inputs = {v.name: _dims(v) for v in graph.input if v.name not in init}
-    outputs = {v.name: _dims(v) for v in graph.output}
-    for kind, have, want in (("input", inputs, want_in), ("output", outputs, want_out)):
-        for name, dims in want.items():
-            if name not in have:
-                raise ModelMetadataError(path, f"the graph has no {kind} {name!r} (it has {sorted(have)}): not a "
-                                               "btp model, or a damaged one; export it again with btp-export")
-            got = have[name]
-            if len(got) != len(dims) or any(isinstance(a, int) and a > 0 and b is not None and a != b
-                                            for a, b in zip(got, dims)):
-                shown = ["B" if d is None else d for d in dims]
-                raise ModelMetadataError(path, f"graph {kind} {name!r} has shape {got}, but the metadata's config "
-                                               f"(G={g}, K={k}, C={c}) says {shown}: the metadata does not belong "
-                                               "to this graph; export it again with btp-export")
+    have = {"input": {v.name: _dims(v) for v in graph.input if v.name not in init},
+            "output": {v.name: _dims(v) for v in graph.output}}
+    for row in contract.inputs() + contract.model_outputs(cfg):
+        got = have[row.role].get(row.name)
+        if got is None:
+            if row.runtime == "required":
+                raise ModelMetadataError(path, f"the graph has no {row.role} {row.name!r} (it has "
+                                               f"{sorted(have[row.role])}): not a btp model, or a damaged one; "
+                                               "export it again with btp-export")
+            continue
+        dims = row.dims(cfg, meta.batch)
+        if len(got) != len(dims) or any(isinstance(a, int) and a > 0 and b is not None and a != b
+                                        for a, b in zip(got, dims)):
+            shown = ["B" if d is None else d for d in dims]
+            g, k, c = meta.num_group, meta.group_size, meta.in_channels
+            raise ModelMetadataError(path, f"graph {row.role} {row.name!r} has shape {got}, but the metadata's config "
+                                           f"(G={g}, K={k}, C={c}) says {shown}: the metadata does not belong "
+                                           "to this graph; export it again with btp-export")

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from btp import contract
+from btp.config import BTPConfig
 from btp.errors import BTPError, NotAvailableError
 from btp.io.files import file_sha256
 from btp.runtime.metadata import META_KEY, parse_metadata
@@ -38,7 +40,7 @@ from btp.runtime.metadata import META_KEY, parse_metadata
 MANIFEST_FORMAT = "btp-trt-engine"
 MANIFEST_SCHEMA = 1
 PRECISIONS = ("fp32", "fp16", "int8")
-INPUT_NAMES = ("neighborhood", "center")
+INPUT_NAMES = contract.input_names()
 
 
 class EngineBuildError(BTPError):
@@ -209,16 +211,15 @@ def read_onnx_io(model_path: str | os.PathLike) -> OnnxIO:
 def profile_shapes(io: OnnxIO, batch: tuple[int, int, int]) -> dict[str, dict[str, tuple[int, ...]]]:
     """Optimization profile {input: {"min"|"opt"|"max": shape}} over the batch dimension.
 
-    G, K, C come from the model's metadata (``config.encoder``): neighborhood [B, G, K, C],
-    center [B, G, 3]; static dims in the ONNX graph must agree with them, the batch dim may be
-    symbolic or fixed (then the profile must be that one size).
+    The inputs and their shapes are btp.contract's (neighborhood [B, G, K, C], center [B, G, 3])
+    with G, K, C from the model's metadata; static dims in the ONNX graph must agree with them, the
+    batch dim may be symbolic or fixed (then the profile must be that one size).
     """
     config = io.meta.get("config") if io.meta else None
     if not config:
         raise ValueError("model.onnx has no btp metadata (metadata_props['btp'].config): export it with `btp export`")
-    enc = config["encoder"]
-    expected = {"neighborhood": [enc["num_group"], enc["group_size"], enc["in_channels"]],
-                "center": [enc["num_group"], 3]}
+    cfg = BTPConfig.from_dict(config)
+    expected = {t.name: t.dims(cfg)[1:] for t in contract.inputs()}
     missing = [name for name in INPUT_NAMES if name not in io.inputs]
     if missing:
         raise ValueError(f"model.onnx lacks inputs {missing}; it has {sorted(io.inputs)} (expected {list(INPUT_NAMES)})")

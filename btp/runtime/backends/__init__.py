@@ -2,14 +2,8 @@
 ``run(neighborhood float32 [B,G,K,C], center float32 [B,G,3]) -> dict[str, np.ndarray]`` keyed by
 the ONNX output names. ``make_backend`` picks one by name; heavy imports happen on demand.
 
-| name     | what                                          | module                      |
-|----------|-----------------------------------------------|-----------------------------|
-| ort-cpu  | ONNX Runtime, CPUExecutionProvider            | backends/ort.py             |
-| ort-cuda | ONNX Runtime, CUDAExecutionProvider           | backends/ort.py             |
-| ort-trt  | ONNX Runtime, TensorrtExecutionProvider       | backends/ort.py             |
-| trt      | TensorRT engine                               | backends/trt.py             |
-| openvino | OpenVINO CPU plugin, float32 (optional extra) | backends/openvino.py        |
-| openvino-bf16 | OpenVINO CPU plugin, bfloat16 inside     | backends/openvino.py        |
+The backends, whether each needs a GPU, its pip extra and options are the rows of
+``btp.contract.BACKENDS`` (``module`` names the file here that implements it).
 
 A backend that also has ``device``, ``input_buffers()`` and ``enqueue(batch)`` (trt, and ort-cuda
 made with ``device_resident=True``) takes its inputs from device buffers our kernels write and
@@ -22,9 +16,10 @@ from typing import Protocol
 
 import numpy as np
 
+from btp import contract
 from btp.errors import BTPError
 
-BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "trt", "openvino", "openvino-bf16")
+BACKENDS = contract.backend_names()
 
 
 class BackendError(BTPError, RuntimeError):
@@ -43,20 +38,22 @@ def make_backend(name: str, model_path: str | Path, meta, *, threads: int | None
 
     ``device_resident``: ort-cuda binds its inputs/outputs to device buffers (trt always does);
     ``options`` go to the backend's constructor (e.g. ``precision="fp16"`` for trt)."""
-    if name in ("ort-cpu", "ort-cuda", "ort-trt"):
+    try:
+        row = contract.backend(name)
+    except ValueError as exc:
+        raise BackendError(str(exc)) from None
+    if row.module == "ort":
         from btp.runtime.backends.ort import OrtBackend
 
         return OrtBackend(model_path, meta, provider=name, threads=threads,
-                          device_resident=device_resident and name == "ort-cuda", **options)
-    if name == "trt":
+                          device_resident=device_resident and "device_resident" in row.options, **options)
+    if row.module == "trt":
         try:
             from btp.runtime.backends import trt
         except ImportError as exc:  # TensorRT / pycuda themselves are imported in the constructor
             raise BackendError(f"backend 'trt' is not available here ({exc}); use --backend ort-cpu, "
                                "or install the [gpu] extra on a machine with an NVIDIA GPU") from exc
         return trt.TensorRTBackend(model_path, meta, **options)
-    if name in ("openvino", "openvino-bf16"):
-        from btp.runtime.backends.openvino import OpenVinoBackend
+    from btp.runtime.backends.openvino import OpenVinoBackend
 
-        return OpenVinoBackend(model_path, meta, name=name, threads=threads, **options)
-    raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return OpenVinoBackend(model_path, meta, name=name, threads=threads, **options)
