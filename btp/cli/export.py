@@ -21,10 +21,8 @@ def _choices(flag: str) -> str:
 
 def _given_flags(ctx: typer.Context) -> list[str]:
     """The long flags of the options set on the command line (not left at their defaults)."""
-    from click.core import ParameterSource
-
     return [next(o for o in p.opts if o.startswith("--")) for p in ctx.command.params
-            if p.opts and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+            if p.opts and getattr(ctx.get_parameter_source(p.name), "name", "") == "COMMANDLINE"]
 
 
 def export(

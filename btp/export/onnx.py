@@ -45,7 +45,7 @@ from btp.export.formats import check_batch, check_opset
 from btp.geometry.prepare import pad_batch
 from btp.io.files import atomic_write_bytes, file_sha256
 from btp.io.locations import model_search_paths
-from btp.runtime.metadata import INPUT_NAMES, META_KEY, build_metadata, output_names
+from btp.runtime.metadata import META_KEY, build_metadata, output_names
 
 DEFAULT_MODEL = DEFAULT_MODEL_NAME
 TRT_OPS_FILE = Path(__file__).with_name("trt_onnx_ops.txt")
@@ -167,14 +167,14 @@ def trace_to_onnx(model, example: tuple[np.ndarray, np.ndarray], *, opset: int, 
     neighborhood, center = (torch.from_numpy(np.ascontiguousarray(a)) for a in example)
     dynamic_axes = None
     if batch == "dynamic":
-        dynamic_axes = {name: {0: "B"} for name in INPUT_NAMES + names}
+        dynamic_axes = {name: {0: "B"} for name in contract.input_names() + names}
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings(), split_concat_conv(model) if rewrite else nullcontext():
         # torch >= 2.9 calls the TorchScript exporter "legacy"; the dynamo one needs onnxscript and
         # gives no better graph for this model. Its deprecation notes are not the user's business.
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(graph, (neighborhood, center), buf, dynamo=False, opset_version=opset,
-                          input_names=list(INPUT_NAMES), output_names=list(names), dynamic_axes=dynamic_axes,
+                          input_names=list(contract.input_names()), output_names=list(names), dynamic_axes=dynamic_axes,
                           do_constant_folding=True)
     return onnx.load_from_string(buf.getvalue())
 

@@ -25,7 +25,6 @@ from btp.errors import BTPError
 META_KEY = "btp"
 FORMAT = "btp-onnx"
 FORMAT_VERSION = 1
-INPUT_NAMES = contract.input_names()
 
 
 def output_names(cfg: BTPConfig, optional=()) -> tuple[str, ...]:

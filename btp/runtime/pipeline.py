@@ -101,8 +101,8 @@ class Job:
 class Pipeline:
     def __init__(self, model_path: str | Path, backend="ort-cpu", threads: int | None = None, *,
                  preprocess: str = "auto", downsample: str = "auto", **backend_options):
-        """``backend``: ort-cpu | ort-cuda | ort-trt | trt, or a backend object (``run(neighborhood,
-        center) -> outputs``, e.g. the benchmarks' PyTorch row); ``threads``: intra-op threads (None = ORT's
+        """``backend``: a name of ``btp.contract.BACKENDS`` (ort-cpu, trt, ...), or a backend object
+        (``run(neighborhood, center) -> outputs``, e.g. the benchmarks' PyTorch row); ``threads``: intra-op threads (None = ORT's
         default); ``preprocess``: auto | cpu | cuda | cuda-emu (btp.runtime.device); ``downsample``:
         auto | exact | bucket | voxel for scans of more than N points (exact: the reference rules,
         also for the interpolation's ties; auto: the voxel rule, whose way back to the raw scan is

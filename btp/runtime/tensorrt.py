@@ -40,7 +40,6 @@ from btp.runtime.metadata import META_KEY, parse_metadata
 MANIFEST_FORMAT = "btp-trt-engine"
 MANIFEST_SCHEMA = 1
 PRECISIONS = ("fp32", "fp16", "int8")
-INPUT_NAMES = contract.input_names()
 
 
 class EngineBuildError(BTPError):
@@ -220,14 +219,14 @@ def profile_shapes(io: OnnxIO, batch: tuple[int, int, int]) -> dict[str, dict[st
         raise ValueError("model.onnx has no btp metadata (metadata_props['btp'].config): export it with `btp export`")
     cfg = BTPConfig.from_dict(config)
     expected = {t.name: t.dims(cfg)[1:] for t in contract.inputs()}
-    missing = [name for name in INPUT_NAMES if name not in io.inputs]
+    missing = [name for name in expected if name not in io.inputs]
     if missing:
-        raise ValueError(f"model.onnx lacks inputs {missing}; it has {sorted(io.inputs)} (expected {list(INPUT_NAMES)})")
+        raise ValueError(f"model.onnx lacks inputs {missing}; it has {sorted(io.inputs)} (expected {list(expected)})")
     lo, opt, hi = batch
     if not 1 <= lo <= opt <= hi:
         raise ValueError(f"batch profile {batch}: need 1 <= min <= opt <= max")
     profile = {}
-    for name in INPUT_NAMES:
+    for name in expected:
         dims = io.inputs[name]
         if len(dims) != len(expected[name]) + 1:
             raise ValueError(f"input {name}: rank {len(dims)}, expected {len(expected[name]) + 1} ([B, ...])")
