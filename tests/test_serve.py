@@ -10,12 +10,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from btp.cli import app
+from btp.export import triton_stages
 from runtime_helpers import real_scan, tiny_export
 
 
@@ -94,7 +96,7 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(served, shapes_root
         with pytest.raises(urllib.error.HTTPError) as err:
             _infer(port, bad)
         assert 400 <= err.value.code < 500
-        assert "fewer than the model" in err.value.read().decode()
+        assert "fewer than the 32 needed" in err.value.read().decode()  # max(G, K) of the tiny model
     for shape, dtype in (([10, 2], "FP32"), ([400, 3], "FP64")):  # wrong shape, wrong dtype
         n = shape[0] * shape[1]
         body = {"inputs": [{"name": "points", "shape": shape, "datatype": dtype, "data": [0.5] * n}]}
@@ -124,9 +126,58 @@ def test_ensemble_layout_is_written_for_triton_containers(tmp_path_factory, tmp_
     engine = (repo / "btp_engine" / "config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in engine and "dynamic_batching" in engine
     assert (repo / "btp_engine" / "1" / "model.onnx").is_file()
+    stages_source = Path(triton_stages.__file__).read_bytes()
     for step in ("btp_pre", "btp_post"):
-        assert (repo / step / "1" / "model.py").is_file() and (repo / step / "1" / "btp_env.json").is_file()
-        compile((repo / step / "1" / "model.py").read_text(), step, "exec")  # valid Python
+        assert (repo / step / "1" / "model.py").read_bytes() == stages_source  # the package's module, as it is
+        assert json.loads((repo / step / "1" / "btp_env.json").read_text())["stage"] == step[4:]
+
+
+def test_configs_list_the_stages_ports(tmp_path_factory, tmp_path):
+    """Every config.pbtxt names exactly the tensors btp.export.triton_stages.ports gives (the engine's
+    from btp.contract), with the model's G, K, C."""
+    from btp.export.triton import export_repository
+    from btp.runtime.metadata import read_model_meta
+
+    model = tiny_export(tmp_path_factory)[0]
+    cfg = read_model_meta(model).config
+    repo = export_repository(model, tmp_path / "ens", layout="ensemble")
+    g, k, c = cfg.encoder.num_group, cfg.encoder.group_size, cfg.encoder.in_channels
+    for folder, stage in (("btp", "pipeline"), ("btp_pre", "pre"), ("btp_post", "post"), ("btp_engine", "engine")):
+        text = (repo / folder / "config.pbtxt").read_text()
+        ins, outs = triton_stages.ports(stage, cfg)
+        assert text.count("{ name:") == len(ins) + len(outs), folder
+        for port in ins + outs:
+            assert f'name: "{port.name}" data_type: TYPE_{port.dtype} dims: [ {", ".join(map(str, port.dims))} ]' \
+                in text, (folder, port)
+    engine = (repo / "btp_engine" / "config.pbtxt").read_text()
+    assert f'name: "neighborhood" data_type: TYPE_FP32 dims: [ {g}, {k}, {c} ]' in engine
+    assert 'name: "object_score" data_type: TYPE_FP32 dims: [ 1 ] reshape: { shape: [  ] }' in engine
+    assert "patch_logits" not in engine  # the runtime does not read it (btp.contract: runtime="")
+    with pytest.raises(Exception, match="--layout 'flat': choose one of python, ensemble"):
+        export_repository(model, tmp_path / "bad", layout="flat")
+
+
+def test_pipeline_stage_drops_nan_rows_through_btp_io(tmp_path_factory, shapes_root):
+    """The stage classes import and run without Triton: the pipeline stage is btp-run's scores, NaN
+    where a row was NaN, and refuses too few finite rows with btp.io's error."""
+    from btp.io import InvalidValuesError, TooFewPointsError
+    from btp.runtime import Pipeline
+
+    model = tiny_export(tmp_path_factory)[0]
+    stage = triton_stages.PipelineStage(str(model))
+    scan = real_scan(shapes_root, n=2500, seed=5)
+    scan[::40] = np.nan
+    with pytest.warns(UserWarning, match="dropped 63 of 2500 rows"):
+        got = stage({"points": scan})
+    finite = np.isfinite(scan).all(axis=1)
+    ref = Pipeline(model)(scan[finite])
+    assert np.isnan(got["point_scores"][~finite]).all()
+    np.testing.assert_array_equal(got["point_scores"][finite], ref.point_scores)
+    assert got["object_score"][0] == np.float32(ref.object_score)
+    with pytest.raises(TooFewPointsError):
+        stage({"points": scan[finite][:5]})
+    with pytest.raises(InvalidValuesError), pytest.warns(UserWarning):
+        stage({"points": np.full((500, 3), np.nan, np.float32)})
 
 
 class _FakeTensor:

@@ -1,0 +1,226 @@
+"""The Python-backend model of a Triton repository from `btp export --format triton`.
+
+`btp.export.triton.export_repository` copies this file, as it is, to ``model.py`` of every Python
+model it writes, next to ``btp_env.json`` (the ``sys.path`` of the environment that wrote the
+repository, the Python version, the model file and which stage this model is):
+
+- ``pipeline`` (layout "python", model ``btp``): one raw scan -> ``btp.runtime.Pipeline`` -> object
+  score, one point score per input row (NaN where a NaN/inf row was dropped), global probability.
+- ``pre`` (layout "ensemble", ``btp_pre``): raw scan -> the engine's inputs (``btp.geometry.prepare``)
+  and the prepared scan that ``btp_post`` needs to map scores back.
+- ``post`` (``btp_post``): the engine's outputs + the prepared scan -> point scores per input row and
+  the object score as the runtime makes it (``btp.geometry.prepare.scores_to_raw``,
+  ``btp.geometry.scores.object_score``).
+
+A request's rows go through ``btp.io.cloud_from_array``, the readers' own NaN dropping and
+minimum-points check. Each stage is a plain class over numpy dicts (``STAGES``), so tests run it
+without Triton; ``TritonPythonModel`` only moves tensors in and out (DLPack both ways: the stub's
+numpy conversions mis-handle numpy 2 arrays). ``ports`` gives each stage's inputs and outputs, from
+which the exporter writes the config.pbtxt files.
+"""
+# no `from __future__ import annotations`: Triton's stub may load this file without registering it in
+# sys.modules, where dataclasses cannot resolve string annotations
+import json
+import os
+import sys
+
+ENV_FILE = "btp_env.json"
+
+
+def _use_environment() -> dict:
+    """In a repository, put the writing environment's sys.path first (Triton's stub runs the
+    system interpreter); imported from the package, there is no ``btp_env.json`` and nothing to do."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), ENV_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as fh:
+        env = json.load(fh)
+    sys.path[:0] = [p for p in env["sys_path"] if p not in sys.path]
+    return env
+
+
+_ENV = _use_environment()
+
+from dataclasses import dataclass  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from btp import contract  # noqa: E402
+from btp.config import BTPConfig  # noqa: E402
+
+
+# ---- the tensors each stage takes and gives ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Port:
+    """One tensor of a Triton model's config: dims are sizes, -1 (variable) or contract symbols."""
+
+    name: str
+    dtype: str                  # Triton's name without TYPE_: FP32, INT64, INT32, BOOL
+    dims: tuple
+    reshape: tuple | None = None  # Triton's reshape of a batched model's tensor (a scalar per scan: ())
+
+    def resolved(self, cfg: BTPConfig) -> "Port":
+        size = contract.sizes(cfg)
+        return Port(self.name, self.dtype, tuple(size[d] if isinstance(d, str) else d for d in self.dims),
+                    self.reshape)
+
+
+_DTYPES = {"float32": "FP32", "int64": "INT64", "int32": "INT32", "bool": "BOOL"}
+
+SCAN = (Port("points", "FP32", (-1, 3)),)  # the entry model's input: one raw scan, any number of rows
+SCORES = (Port("object_score", "FP32", (1,)), Port("point_scores", "FP32", (-1,)),
+          Port("global_prob", "FP32", (1,)))  # the entry model's outputs
+# the prepared scan, from btp_pre to btp_post (with the engine's center and the raw points)
+PREPARED = (Port("patch_idx", "INT64", ("G", "K")), Port("sample_idx", "INT64", (-1,)),
+            Port("sampled_points", "FP32", (-1, 3)), Port("row_mask", "BOOL", (-1,)),
+            Port("cell_rep", "INT64", (-1,)),       # the voxel rule's raw point -> cell map (empty for
+            Port("cell_of_raw", "INT32", (-1,)))    # the other rules)
+
+
+def engine_port(tensor: contract.Tensor, batched: bool) -> Port:
+    """A contract tensor as a Triton port: with the batch axis as 1 (``batched=False``: a Python
+    stage's one scan), or without it for a model that batches (a per-scan scalar reshaped to [])."""
+    dims = tuple(tensor.shape[1:])
+    if not batched:
+        return Port(tensor.name, _DTYPES[tensor.dtype], (1,) + dims)
+    return Port(tensor.name, _DTYPES[tensor.dtype], dims or (1,), () if not dims else None)
+
+
+def ports(stage: str, cfg: BTPConfig) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
+    """(inputs, outputs) of ``stage`` ("pipeline", "pre", "post", or "engine": the ONNX/TensorRT model)
+    for a model of ``cfg``, dims resolved."""
+    engine_in, engine_out = contract.inputs(), contract.runtime_outputs(cfg)
+    if stage == "pipeline":
+        ins, outs = SCAN, SCORES
+    elif stage == "pre":
+        ins, outs = SCAN, tuple(engine_port(t, False) for t in engine_in) + PREPARED
+    elif stage == "post":
+        ins = SCAN + PREPARED + (engine_port(contract.tensor("center"), False),) + tuple(
+            engine_port(t, False) for t in engine_out)
+        outs = tuple(p for p in SCORES if p.name != "global_prob")  # global_prob: the engine's own
+    elif stage == "engine":
+        ins, outs = tuple(engine_port(t, True) for t in engine_in), tuple(engine_port(t, True) for t in engine_out)
+    else:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)} or engine")
+    return tuple(p.resolved(cfg) for p in ins), tuple(p.resolved(cfg) for p in outs)
+
+
+# ---- the stages (numpy in, numpy out) ----------------------------------------------------------
+
+def _scan(tensors: dict, cfg: BTPConfig):
+    """The request's points -> PointCloud through btp.io (NaN/inf rows dropped, max(G, K) rows needed)."""
+    from btp.geometry.prepare import min_points
+    from btp.io import cloud_from_array
+
+    return cloud_from_array(np.ascontiguousarray(tensors["points"], dtype=np.float32), min_points=min_points(cfg))
+
+
+def _rows(cloud) -> np.ndarray:
+    return cloud.row_mask if cloud.row_mask is not None else np.ones(len(cloud.points), bool)
+
+
+class PipelineStage:
+    """One raw scan -> btp.runtime.Pipeline -> the entry model's outputs."""
+
+    def __init__(self, model_file: str, threads: int | None = None):
+        from btp.runtime import Pipeline
+
+        self.pipe = Pipeline(model_file, threads=threads)
+        self.cfg = self.pipe.cfg
+
+    def __call__(self, tensors: dict) -> dict:
+        result = self.pipe(_scan(tensors, self.cfg))
+        return {"object_score": np.array([result.object_score], np.float32),
+                "point_scores": np.asarray(result.scores_per_row(), np.float32),
+                "global_prob": np.array([result.global_prob], np.float32)}
+
+
+class PreStage:
+    """Raw scan -> the engine's inputs (a batch of one) and the prepared scan for PostStage."""
+
+    def __init__(self, model_file: str, threads: int | None = None):
+        from btp.runtime.metadata import read_model_meta
+
+        self.cfg = read_model_meta(model_file).config
+
+    def __call__(self, tensors: dict) -> dict:
+        from btp.geometry.prepare import prepare  # the runtime's CPU chain
+
+        cloud = _scan(tensors, self.cfg)
+        prep = prepare(cloud.points, self.cfg)
+        vmap = prep.voxel_map
+        return {"neighborhood": prep.neighborhood[None], "center": prep.center[None],
+                "patch_idx": prep.patch_idx.astype(np.int64), "sample_idx": prep.sample_idx.astype(np.int64),
+                "sampled_points": prep.points.astype(np.float32), "row_mask": _rows(cloud),
+                "cell_rep": vmap.cell_rep.astype(np.int64) if vmap else np.zeros(0, np.int64),
+                "cell_of_raw": vmap.cell_of_raw.astype(np.int32) if vmap else np.zeros(0, np.int32)}
+
+
+class PostStage:
+    """The engine's outputs + the prepared scan -> point scores per input row, object score."""
+
+    def __init__(self, model_file: str, threads: int | None = None):
+        from btp.runtime.metadata import read_model_meta
+
+        self.cfg = read_model_meta(model_file).config
+
+    def __call__(self, tensors: dict) -> dict:
+        from btp.geometry.prepare import Prepared, scores_to_raw
+        from btp.geometry.sampling import VoxelMap
+        from btp.geometry.scores import object_score
+
+        cfg = self.cfg
+        raw_all = np.ascontiguousarray(tensors["points"], np.float32)
+        mask = np.asarray(tensors["row_mask"], bool)
+        cell_rep = np.asarray(tensors["cell_rep"], np.int64)
+        vmap = (VoxelMap(cell_rep=cell_rep, cell_of_raw=np.asarray(tensors["cell_of_raw"], np.int32), voxel=0.0)
+                if cell_rep.size else None)
+        prep = Prepared(raw_points=raw_all[mask], sample_idx=np.asarray(tensors["sample_idx"]),
+                        points=np.asarray(tensors["sampled_points"]), origin=np.zeros(3, np.float32), scale=1.0,
+                        voxel_map=vmap, patch_idx=np.asarray(tensors["patch_idx"]),
+                        center=np.asarray(tensors["center"])[0])
+        scores = np.full(len(raw_all), np.nan, np.float32)  # one score per input row, NaN where dropped
+        point_probs = np.asarray(tensors["patch_point_probs"])[0] if "patch_point_probs" in tensors else None
+        sampled, scores[mask] = scores_to_raw(np.asarray(tensors["patch_probs"])[0], prep, cfg,
+                                              point_probs=point_probs)
+        obj = object_score(cfg.scoring, float(np.asarray(tensors["object_score"]).reshape(-1)[0]),
+                           float(np.asarray(tensors["global_prob"]).reshape(-1)[0]), sampled)
+        return {"point_scores": scores, "object_score": np.array([obj], np.float32)}
+
+
+STAGES = {"pipeline": PipelineStage, "pre": PreStage, "post": PostStage}
+
+
+# ---- Triton's side -----------------------------------------------------------------------------
+
+class TritonPythonModel:
+    """Triton's entry point: the stage named in btp_env.json, its tensors moved by DLPack."""
+
+    def initialize(self, args):
+        import triton_python_backend_utils as pb_utils
+
+        self.pb = pb_utils
+        if list(sys.version_info[:2]) != _ENV["python"]:
+            raise pb_utils.TritonModelException(
+                f"the Python stub runs {sys.version_info[:2]}, the btp environment is {_ENV['python']}")
+        model_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), _ENV["model_file"])
+        self.stage = STAGES[_ENV["stage"]](model_file, threads=_ENV.get("threads"))
+        self.inputs = [p.name for p in ports(_ENV["stage"], self.stage.cfg)[0]]
+
+    def execute(self, requests):
+        pb, responses = self.pb, []
+        for request in requests:
+            try:
+                tensors = {}
+                for name in self.inputs:
+                    tensor = pb.get_input_tensor_by_name(request, name)
+                    if tensor is not None:  # an optional engine output this model does not give
+                        tensors[name] = np.from_dlpack(tensor)
+                out = self.stage(tensors)
+                responses.append(pb.InferenceResponse(output_tensors=[
+                    pb.Tensor.from_dlpack(name, np.ascontiguousarray(value)) for name, value in out.items()]))
+            except Exception as exc:  # a bad scan is the client's error; the server keeps serving
+                responses.append(pb.InferenceResponse(error=pb.TritonError(
+                    f"{type(exc).__name__}: {exc}", pb.TritonError.INVALID_ARG)))
+        return responses
