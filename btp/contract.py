@@ -214,7 +214,7 @@ class Format:
 
     name: str
     what: str
-    command: str                            # the command that makes it
+    command: str                            # the command that makes it (btp export = btp-export)
     suffix: str                             # of the output ("/": a folder)
     gpu: bool
     arguments: tuple[str, ...]              # the command-line options that apply to it
@@ -223,7 +223,7 @@ class Format:
 
 FORMATS: tuple[Format, ...] = (
     Format(name="onnx", what="one self-describing model.onnx: everything after grouping, text embeddings frozen "
-                             "inside", command="btp-export", suffix=".onnx", gpu=False,
+                             "inside", command="btp export", suffix=".onnx", gpu=False,
            arguments=("--model", "--out", "--format", "--opset", "--batch", "--fp16-safe", "--simplify",
                       "--optional-output", "--patch-embed", "--seed")),
     Format(name="triton", what="a Triton model repository (--model may also be an exported model.onnx)",
@@ -246,7 +246,7 @@ def export_format(name: str) -> Format:
 
 def format_names(command: str | None = None) -> tuple[str, ...]:
     """The formats (those one ``command`` makes, e.g. "btp export", when given)."""
-    return tuple(f.name for f in FORMATS if command is None or f.command.replace("-", " ").startswith(command))
+    return tuple(f.name for f in FORMATS if command is None or f.command.startswith(command))
 
 
 def formats_help() -> str:
