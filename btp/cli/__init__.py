@@ -1,5 +1,5 @@
 """The `btp` command line: one typer app; the commands of each area live in `btp/cli/<area>.py`
-(run, calibrate, report, demo in run.py/demo.py; doctor in doctor.py; bench, build, convert, eval,
+(run, calibrate, report, demo in run.py/demo.py; watch, ledger in watch.py; doctor in doctor.py; bench, build, convert, eval,
 export, train), the top floor of the package: they may import everything below them.
 
 Heavy imports (torch, onnxruntime, open3d) happen inside the commands, so `btp --help` is instant
@@ -17,6 +17,7 @@ from btp.cli import eval as eval_commands
 from btp.cli import export as export_commands
 from btp.cli import run as runtime_commands
 from btp.cli import train as train_commands
+from btp.cli import watch as line_commands
 
 app = typer.Typer(
     name="btp",
@@ -37,6 +38,8 @@ app.command("run")(runtime_commands.run)
 app.command("calibrate")(runtime_commands.calibrate)
 app.command("report")(runtime_commands.report)
 app.command("demo")(runtime_commands.demo)
+app.command("watch")(line_commands.watch)
+app.add_typer(line_commands.ledger_app, name="ledger")
 app.add_typer(bench_commands.app, name="bench")
 app.add_typer(model_commands.convert_app, name="convert")
 app.command("doctor")(kernel_commands.doctor)

@@ -108,6 +108,8 @@ def run(
                                  "reader thread while the engine runs, outputs written on a writer thread (0: all "
                                  "one after the other; same outputs, same order)."),
     debug: bool = typer.Option(False, "--debug", help="Print the traceback of an internal error (the run goes on)."),
+    ledger: Optional[Path] = typer.Option(None, "--ledger", help="Also record every scan in this SQLite ledger "
+                                          "(btp watch's format; a re-run of the same file replaces its row)."),
 ) -> None:
     """Score point clouds: per scan an object score (+ decision), <stem>.npy with one score per input
     point (file order), a heat-mapped <stem>.ply and optionally a <stem>.png (three views).
@@ -170,8 +172,26 @@ def run(
     if not files:
         console.print("[red]btp run: no input files found")
         raise typer.Exit(code=1)
+    book = None
+    if ledger is not None:
+        from btp.io.files import file_sha256
+        from btp.runtime.ledger import Ledger, file_version, record_from_doc
+
+        try:
+            book, model_sha256 = Ledger(ledger), file_sha256(model)
+        except (BTPError, OSError) as exc:
+            console.print(f"[red]btp run: {escape(str(exc))}")
+            raise typer.Exit(code=2) from None
 
     def say(oc) -> None:
+        if book is not None:
+            try:
+                version = file_version(oc.path)
+            except OSError:
+                version = None
+            book.record(record_from_doc(oc.path.resolve() if oc.path.exists() else oc.path, oc.doc if oc.ok else None,
+                                        oc.error, version=version, stem=oc.stem, model=str(model),
+                                        model_sha256=model_sha256), replace=True)
         if oc.ok:
             decision = f" -> {oc.decision}" if oc.decision else ""
             console.print(f"[green]ok[/green] {escape(str(oc.file))}: object score {oc.object_score:.4f}{decision} "

@@ -7,10 +7,13 @@ on and the summary lists what failed.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from btp.errors import BTPError
 from btp.io import READ_SUFFIXES
@@ -109,8 +112,18 @@ class _Scoring:
     preprocess: str
 
     def outcome(self, result: Result, file: Path, stem: str) -> ScanOutcome:
-        return ScanOutcome.scored(result, file=file, stem=stem, model=self.model, point_threshold=self.point_threshold,
-                                  threshold=self.threshold, backend=self.backend, preprocess=self.preprocess)
+        outcome = ScanOutcome.scored(result, file=file, stem=stem, model=self.model,
+                                     point_threshold=self.point_threshold, threshold=self.threshold,
+                                     backend=self.backend, preprocess=self.preprocess)
+        return dataclasses.replace(outcome, regions=scan_regions(result, self.point_threshold))
+
+
+def scan_regions(result: Result, point_threshold: float) -> tuple[dict, ...]:
+    """The scan's defect regions (btp.runtime.regions) in its own coordinates, largest first."""
+    from btp.runtime.regions import defect_regions
+
+    points = result.points if result.offset is None else result.points.astype(np.float64) + result.offset
+    return tuple(r.as_dict() for r in defect_regions(points, result.point_scores, point_threshold))
 
 
 def _infer(pipeline: Pipeline, ready: list[tuple[int, Job]]) -> list[tuple[int, Result | BaseException]]:
@@ -191,7 +204,7 @@ def in_flight_cap(cfg, budget: int, points: int) -> int:
 def run_files(pipeline: Pipeline, files: list[Path], out_dir: Path, *, batch: int = 1,
               threshold: float | None = None, threshold_source: str | None = None, fmt: str = "json",
               heatmaps: tuple[str, ...] = ("ply",), backend: str = "ort-cpu", write: bool = True,
-              prefetch: int = 2, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+              prefetch: int = 2, memory_budget: int = DEFAULT_MEMORY_BUDGET, stems: list[str] | None = None,
               on_outcome: Callable[[ScanOutcome], None] | None = None) -> list[ScanOutcome]:
     """Score ``files`` ``batch`` at a time; one ScanOutcome per file, in input order.
 
@@ -204,13 +217,14 @@ def run_files(pipeline: Pipeline, files: list[Path], out_dir: Path, *, batch: in
     ``memory_budget``: bytes the scans in flight may hold, whatever ``batch`` says: each of the three
     stages (read ahead, engine, writing) holds at most a third of it (``scan_bytes``, with the
     model's N points per scan for the batch size, and the scans' own sizes as they are read).
+    ``stems``: the output names, one per file (default: ``unique_stems(files)``).
     """
     heatmaps = tuple(h for h in heatmaps if h != "none")
     batch = min(max(batch, 1), in_flight_cap(pipeline.cfg, memory_budget, pipeline.cfg.preprocess.num_points))
     applied = None if threshold is None else AppliedThreshold(value=threshold, source=threshold_source)
     scoring = _Scoring(model=ModelInfo.of(pipeline), point_threshold=pipeline.meta.config.scoring.point_threshold,
                        threshold=applied, backend=backend, preprocess=pipeline.preprocess)
-    run = _Run(files=list(files), stems=unique_stems(files), out_dir=out_dir, scoring=scoring, fmt=fmt,
+    run = _Run(files=list(files), stems=unique_stems(files) if stems is None else list(stems), out_dir=out_dir, scoring=scoring, fmt=fmt,
                heatmaps=heatmaps, write=write, on_outcome=on_outcome)
     reader = _Prefetch(pipeline, files, max(prefetch, batch) if prefetch else 0)
     try:

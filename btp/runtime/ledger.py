@@ -1,0 +1,259 @@
+"""The results ledger: one SQLite row per scored (or failed) scan, kept across runs and restarts.
+
+    ledger = Ledger(OUT / "ledger.sqlite")          # WAL mode: readers never block the writer
+    ledger.seen(path, size, mtime_ns)               # cheap check before hashing the file
+    ledger.record(ScanRecord(...))                  # once per file version; a repeat is ignored
+    ledger.rows(since="2026-12-07T06:00")           # -> list of dicts, oldest first
+    ledger.export("csv" | "json", since=...)        # for MES: `btp ledger export`
+
+A file version is (path, size, mtime_ns, sha256): the row's unique key, so a service restarted
+after a crash skips every scan already in the ledger and scores the rest. ``published`` marks the
+rows whose message reached the line (stdout / MQTT); a row left unpublished by a crash is sent
+again on restart. Torch-free; Python's own sqlite3.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import sqlite3
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from btp.errors import BTPError
+
+LEDGER_NAME = "ledger.sqlite"
+EXPORT_FORMATS = ("csv", "json")
+# part and serial from the file name (without its extension): the serial is the last
+# "_"-separated token, the part everything before it, e.g. "bracket-left_SN00042" -> part
+# "bracket-left", serial "SN00042". A name that does not match: no part, the whole name as serial.
+NAME_PATTERN = r"^(?P<part>.+)_(?P<serial>[^_]+)$"
+
+_COLUMNS = (
+    ("path", "TEXT NOT NULL"), ("size", "INTEGER"), ("mtime_ns", "INTEGER"), ("sha256", "TEXT"),
+    ("stem", "TEXT"), ("part", "TEXT"), ("serial", "TEXT"), ("model", "TEXT"), ("model_sha256", "TEXT"),
+    ("reference", "TEXT"), ("status", "TEXT NOT NULL"), ("object_score", "REAL"), ("decision", "TEXT"),
+    ("threshold", "REAL"), ("threshold_source", "TEXT"), ("points", "INTEGER"), ("regions", "TEXT"),
+    ("timings", "TEXT"), ("total_ms", "REAL"), ("error", "TEXT"), ("scored_at", "TEXT NOT NULL"),
+    ("published", "INTEGER NOT NULL DEFAULT 0"),
+)
+FIELDS = ("id",) + tuple(name for name, _ in _COLUMNS)
+
+
+class LedgerError(BTPError):
+    """The ledger cannot be opened or read (the message names the file and the fix)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScanRecord:
+    """One row of the ledger. ``regions``: the scan's defect regions (btp.runtime.regions, as
+    dicts); ``timings``: ms per stage; ``status``: "ok" or "failed" (then ``error`` says why)."""
+
+    path: str
+    status: str
+    size: int | None = None
+    mtime_ns: int | None = None
+    sha256: str | None = None
+    stem: str | None = None
+    part: str | None = None
+    serial: str | None = None
+    model: str | None = None
+    model_sha256: str | None = None
+    reference: str | None = None
+    object_score: float | None = None
+    decision: str | None = None
+    threshold: float | None = None
+    threshold_source: str | None = None
+    points: int | None = None
+    regions: list[dict[str, Any]] | None = None
+    timings: dict[str, float] | None = None
+    total_ms: float | None = None
+    error: str | None = None
+    scored_at: str | None = None
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def part_and_serial(path: str | Path, pattern: str = NAME_PATTERN) -> tuple[str | None, str]:
+    """(part, serial) from the file name without its extension by ``pattern`` (a regular
+    expression with the named groups ``part`` and ``serial``; see NAME_PATTERN)."""
+    stem = Path(path).name.split(".")[0] or Path(path).name
+    m = re.match(pattern, stem)
+    if m is None:
+        return None, stem
+    groups = m.groupdict()
+    return groups.get("part"), groups.get("serial") or stem
+
+
+def check_name_pattern(pattern: str) -> str:
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise LedgerError(f"--name-pattern {pattern!r} is not a regular expression ({exc})") from None
+    if "serial" not in compiled.groupindex:
+        raise LedgerError(f"--name-pattern {pattern!r} has no (?P<serial>...) group; add one "
+                          "(and optionally (?P<part>...))")
+    return pattern
+
+
+def parse_since(text: str | None) -> str | None:
+    """An ISO date or date-time (UTC unless it says otherwise) -> the ledger's time format."""
+    if text is None:
+        return None
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise LedgerError(f"--since {text!r}: give an ISO date or time, e.g. 2026-12-07 or 2026-12-07T06:00") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Ledger:
+    """The SQLite ledger at ``path`` (created with its folder if missing)."""
+
+    def __init__(self, path: str | Path, *, timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a committed row survives a power cut
+            columns = ", ".join(f"{name} {kind}" for name, kind in _COLUMNS)
+            self._db.execute(f"CREATE TABLE IF NOT EXISTS scans (id INTEGER PRIMARY KEY, {columns}, "
+                             "UNIQUE (path, size, mtime_ns, sha256))")
+            self._db.execute("CREATE INDEX IF NOT EXISTS scans_path_sha ON scans (path, sha256)")
+            self._db.execute("CREATE INDEX IF NOT EXISTS scans_time ON scans (scored_at)")
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"ledger {self.path}: cannot open it as an SQLite database ({exc}); give another "
+                              "file with --ledger, or move this one away") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def seen(self, path: str | Path, size: int, mtime_ns: int) -> bool:
+        """Whether this path with this size and modification time is in the ledger already."""
+        row = self._db.execute("SELECT 1 FROM scans WHERE path = ? AND size = ? AND mtime_ns = ? LIMIT 1",
+                               (str(path), size, mtime_ns)).fetchone()
+        return row is not None
+
+    def seen_content(self, path: str | Path, sha256: str) -> bool:
+        """Whether this path with these bytes is in the ledger (the same file delivered again)."""
+        row = self._db.execute("SELECT 1 FROM scans WHERE path = ? AND sha256 = ? LIMIT 1",
+                               (str(path), sha256)).fetchone()
+        return row is not None
+
+    def stem_owner(self, stem: str) -> str | None:
+        """The path of the latest scan whose outputs are named ``stem``, if any."""
+        row = self._db.execute("SELECT path FROM scans WHERE stem = ? ORDER BY id DESC LIMIT 1", (stem,)).fetchone()
+        return None if row is None else row["path"]
+
+    def record(self, rec: ScanRecord, *, replace: bool = False) -> int | None:
+        """Insert ``rec``; -> its row id, or None when this file version was in the ledger already
+        (``replace``: overwrite that row instead, e.g. a deliberate `btp-run --ledger` re-run)."""
+        values = asdict(rec)
+        values["scored_at"] = values["scored_at"] or utc_now()
+        for key in ("regions", "timings"):
+            values[key] = None if values[key] is None else json.dumps(values[key], allow_nan=False,
+                                                                      default=_plain)
+        names = [name for name, _ in _COLUMNS if name != "published"]
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        cur = self._db.execute(f"{verb} INTO scans ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                               [values[n] for n in names])
+        return cur.lastrowid if cur.rowcount else None
+
+    def mark_published(self, row_id: int) -> None:
+        self._db.execute("UPDATE scans SET published = 1 WHERE id = ?", (row_id,))
+
+    def unpublished(self) -> list[dict[str, Any]]:
+        return [_decode(r) for r in self._db.execute("SELECT * FROM scans WHERE published = 0 ORDER BY id")]
+
+    def rows(self, since: str | None = None) -> list[dict[str, Any]]:
+        """Every row (``since``: scored at or after this ISO time, see parse_since), oldest first."""
+        if since is None:
+            cur = self._db.execute("SELECT * FROM scans ORDER BY id")
+        else:
+            cur = self._db.execute("SELECT * FROM scans WHERE scored_at >= ? ORDER BY id", (parse_since(since),))
+        return [_decode(r) for r in cur]
+
+    def rows_for(self, path: str | Path) -> list[dict[str, Any]]:
+        """The rows of one path, oldest first."""
+        return [_decode(r) for r in self._db.execute("SELECT * FROM scans WHERE path = ? ORDER BY id", (str(path),))]
+
+    def export(self, fmt: str, since: str | None = None) -> str:
+        """The rows as CSV (regions and timings as JSON text in their cells) or as a JSON array."""
+        if fmt not in EXPORT_FORMATS:
+            raise LedgerError(f"--format {fmt!r}: choose csv or json")
+        rows = self.rows(since)
+        if fmt == "json":
+            return json.dumps(rows, indent=1) + "\n"
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
+        return buf.getvalue()
+
+
+def open_existing(path: str | Path) -> Ledger:
+    """A ledger that must exist already (readers: export, report); a folder means its ledger.sqlite."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LEDGER_NAME
+    if not path.is_file():
+        raise LedgerError(f"no ledger at {path}: give the file `btp watch` or `btp-run --ledger` wrote "
+                          f"(by default OUT/{LEDGER_NAME})")
+    return Ledger(path)
+
+
+def _decode(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    for key in ("regions", "timings"):
+        if d.get(key) is not None:
+            d[key] = json.loads(d[key])
+    return d
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def file_version(path: str | Path) -> tuple[int, int, str]:
+    """(size, mtime_ns, sha256) of a file: the key that tells one delivered file from another."""
+    from btp.io.files import file_sha256
+
+    st = Path(path).stat()
+    return st.st_size, st.st_mtime_ns, file_sha256(path)
+
+
+def record_from_doc(path: str | Path, doc: dict[str, Any] | None, error: str | None, *,
+                    version: tuple[int, int, str] | None, stem: str | None = None, model: str | None = None,
+                    model_sha256: str | None = None, reference: str | None = None,
+                    name_pattern: str = NAME_PATTERN) -> ScanRecord:
+    """A ledger row from one scan's JSON document (btp.runtime.run.result_doc; None when the scan
+    failed, then ``error`` says why) and the file's ``version`` (file_version; None if unreadable)."""
+    part, serial = part_and_serial(path, name_pattern)
+    size, mtime_ns, sha256 = version if version is not None else (None, None, None)
+    common = dict(path=str(path), size=size, mtime_ns=mtime_ns, sha256=sha256, stem=stem, part=part, serial=serial,
+                  model=model, model_sha256=model_sha256, reference=reference)
+    if doc is None:
+        return ScanRecord(status="failed", error=error or "failed", **common)
+    threshold = doc.get("threshold") or {}
+    return ScanRecord(status="ok", object_score=doc["object_score"], decision=doc.get("decision"),
+                      threshold=threshold.get("value"), threshold_source=threshold.get("source"),
+                      points=doc.get("points"), regions=doc.get("regions", []), timings=doc.get("timings_ms"),
+                      total_ms=doc.get("total_ms"), **common)

@@ -1,0 +1,277 @@
+"""``btp watch``: a hot folder scored as scans land in it, every file exactly once. Torch-free.
+
+    btp watch IN_DIR --model model.onnx --out OUT [--mqtt HOST[:PORT] --topic T]
+
+Each poll walks IN_DIR (recursively; OUT and the --move-* folders inside it are left out) and
+takes a file when it is complete:
+
+- its size and modification time have not changed for ``settle_s`` seconds, and
+- its name does not end in ``.tmp`` or ``.part`` (a writer may write ``scan.pcd.part`` and rename
+  it to ``scan.pcd`` when done; the rename makes it visible) and does not start with ``.``.
+
+A taken file is skipped when the ledger (btp.runtime.ledger, OUT/ledger.sqlite) holds it already
+- the same path, size and modification time, or the same path with the same bytes (a re-delivery)
+- and scored otherwise: the files that are ready together go to the engine as one batch, each
+scan's outputs are written to OUT (btp.runtime.run), its row is committed to the ledger, then its
+message goes to the sinks (a JSON line on stdout, MQTT) and the row is marked published; last, the
+file is moved to --move-done / --move-failed if asked. A crash at any point redoes at most the
+scans in flight: a committed row is never scored again, an unpublished row is sent again on the
+next start. A stop request (SIGTERM, Ctrl-C) lets the batch in flight finish, then the service
+exits; a second one stops at once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from btp.io import READ_SUFFIXES
+from btp.runtime.ledger import NAME_PATTERN, Ledger, ScanRecord, file_version, record_from_doc, utc_now
+from btp.runtime.run import RESERVED_STEMS, FileOutcome, run_files
+
+PARTIAL_SUFFIXES = (".tmp", ".part")  # being written: taken once renamed without this suffix
+Sink = Callable[[dict[str, Any]], None]  # sends one message; raises when it could not
+
+
+@dataclass(kw_only=True)
+class WatchOptions:
+    """What ``Watcher`` needs besides the pipeline, the ledger and the sinks."""
+
+    in_dir: Path
+    out: Path
+    settle_s: float = 2.0
+    poll_s: float = 0.5
+    batch: int = 8
+    heatmaps: tuple[str, ...] = ("png",)
+    threshold: float | None = None
+    threshold_source: str | None = None
+    move_done: Path | None = None
+    move_failed: Path | None = None
+    name_pattern: str = NAME_PATTERN
+    backend: str = "ort-cpu"
+    model_sha256: str | None = None
+    reference: str | None = None
+
+
+def message(row: dict[str, Any]) -> dict[str, Any]:
+    """The message of one ledger row, as stdout and MQTT carry it (README: "Run it on the line").
+
+    ``verdict``: OK (decision normal), NG (anomalous), FAILED (not scored; ``error`` says why)
+    or NONE (scored, but no object-score threshold is known)."""
+    if row["status"] != "ok":
+        verdict = "FAILED"
+    else:
+        verdict = {"normal": "OK", "anomalous": "NG"}.get(row.get("decision") or "", "NONE")
+    return {"verdict": verdict, "part": row.get("part"), "serial": row.get("serial"), "file": row["path"],
+            "status": row["status"], "decision": row.get("decision"), "object_score": row.get("object_score"),
+            "threshold": row.get("threshold"), "regions": row.get("regions") or [], "error": row.get("error"),
+            "sha256": row.get("sha256"), "model_sha256": row.get("model_sha256"), "reference": row.get("reference"),
+            "scored_at": row.get("scored_at"), "ledger_id": row.get("id"), "total_ms": row.get("total_ms")}
+
+
+def stdout_sink(msg: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(msg, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+def log(text: str) -> None:
+    sys.stderr.write(f"btp watch: {text}\n")
+    sys.stderr.flush()
+
+
+@dataclass
+class _Seen:
+    key: tuple[int, int]
+    since: float
+
+
+@dataclass
+class Watcher:
+    pipeline: Any
+    options: WatchOptions
+    ledger: Ledger
+    sinks: list[Sink] = field(default_factory=lambda: [stdout_sink])
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self._pending: dict[Path, _Seen] = {}
+        self._handled: set[tuple[Path, int, int]] = set()
+        o = self.options
+        self._skip_dirs = {p.resolve() for p in (o.out, o.move_done, o.move_failed) if p is not None}
+
+    # the folder -------------------------------------------------------------------------------
+    def candidates(self) -> list[Path]:
+        """Point-cloud files under IN_DIR that are not partial, hidden or in a skipped folder."""
+        found = []
+        for root, dirs, files in os.walk(self.options.in_dir):
+            here = Path(root)
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (here / d).resolve() not in self._skip_dirs)
+            for name in sorted(files):
+                low = name.lower()
+                if name.startswith(".") or low.endswith(PARTIAL_SUFFIXES):
+                    continue
+                if Path(low).suffix in READ_SUFFIXES:
+                    found.append(here / name)
+        return found
+
+    def ready(self, now: float | None = None) -> list[tuple[Path, tuple[int, int]]]:
+        """Files whose size and modification time held still for the settle time, not yet handled."""
+        now = time.monotonic() if now is None else now
+        ready, present = [], set()
+        for path in self.candidates():
+            try:
+                st = path.stat()
+            except OSError:  # gone between the walk and the stat
+                continue
+            key = (st.st_size, st.st_mtime_ns)
+            present.add(path)
+            if (path, *key) in self._handled:
+                continue
+            seen = self._pending.get(path)
+            if seen is None or seen.key != key:
+                self._pending[path] = _Seen(key, now)
+            elif now - seen.since >= self.options.settle_s:
+                ready.append((path, key))
+        for gone in set(self._pending) - present:
+            del self._pending[gone]
+        return ready
+
+    # one round --------------------------------------------------------------------------------
+    def poll_once(self) -> int:
+        """Score what is ready (in batches, stopping between batches when asked); -> scans scored."""
+        todo = []
+        for path, key in self.ready():
+            self._pending.pop(path, None)
+            if self.ledger.seen(path, *key):
+                self._handled.add((path, *key))
+                self._move(path, None)  # scored before a crash, not moved yet
+                continue
+            try:
+                version = file_version(path)
+            except OSError as exc:
+                log(f"{path}: cannot read it ({exc}); trying again at the next poll")
+                continue
+            if (version[0], version[1]) != key:  # changed while being hashed: not complete after all
+                continue
+            if self.ledger.seen_content(path, version[2]):
+                log(f"{path}: the same bytes as an earlier scan of this path (sha256 {version[2][:12]}...); skipped")
+                self._handled.add((path, *key))
+                self._move(path, None)
+                continue
+            todo.append((path, version))
+        scored = 0
+        for start in range(0, len(todo), max(self.options.batch, 1)):
+            if self.stop.is_set():
+                break
+            chunk = todo[start:start + max(self.options.batch, 1)]
+            scored += self._score(chunk)
+        return scored
+
+    def _stems(self, paths: list[Path]) -> list[str]:
+        """Output names from the path under IN_DIR ("line1/part_7.pcd" -> "line1__part_7"); with the
+        extension when that name belongs to another file (ledger or this batch) or is reserved."""
+        stems, taken = [], set()
+        for path in paths:
+            rel = path.relative_to(self.options.in_dir)
+            plain = "__".join(rel.with_suffix("").parts)
+            full = "__".join(rel.parts)
+            stem = plain
+            owner = self.ledger.stem_owner(plain)
+            if plain.casefold() in taken or plain.casefold() in RESERVED_STEMS or owner not in (None, str(path)):
+                stem = full
+            taken.add(stem.casefold())
+            stems.append(stem)
+        return stems
+
+    def _score(self, chunk: list[tuple[Path, tuple[int, int, str]]]) -> int:
+        o = self.options
+        paths = [p for p, _ in chunk]
+        versions = dict(chunk)
+        t0 = time.perf_counter()
+        outcomes = run_files(self.pipeline, paths, o.out, batch=len(paths), threshold=o.threshold,
+                             threshold_source=o.threshold_source, heatmaps=o.heatmaps, backend=o.backend,
+                             stems=self._stems(paths), prefetch=0)
+        for oc in outcomes:
+            self._commit(oc, versions[oc.path])
+        log(f"{len(outcomes)} scan(s) in {1e3 * (time.perf_counter() - t0):.0f} ms")
+        self.flush()
+        for oc in outcomes:
+            self._move(oc.path, oc.ok)
+        return len(outcomes)
+
+    def _commit(self, oc: FileOutcome, version: tuple[int, int, str]) -> None:
+        o = self.options
+        rec: ScanRecord = record_from_doc(oc.path, oc.doc if oc.ok else None, oc.error, version=version, stem=oc.stem,
+                                          model=str(self.pipeline.model_path), model_sha256=o.model_sha256,
+                                          reference=o.reference, name_pattern=o.name_pattern)
+        self.ledger.record(rec)
+        self._handled.add((oc.path, version[0], version[1]))
+        if not oc.ok:
+            log(f"{oc.path}: FAILED: {oc.error}")
+
+    def flush(self) -> None:
+        """Send every unpublished ledger row to the sinks; a row is marked published when all of
+        them took it (one that could not stays unpublished and is sent again at the next flush)."""
+        for row in self.ledger.unpublished():
+            msg = message(row)
+            try:
+                for sink in self.sinks:
+                    sink(msg)
+            except Exception as exc:  # the line is down: keep the row for the next flush
+                log(f"could not send the result of {row['path']} ({exc}); will retry")
+                return
+            self.ledger.mark_published(row["id"])
+
+    def _move(self, path: Path, ok: bool | None) -> None:
+        """To --move-done / --move-failed, keeping the path under IN_DIR (ok None: look it up)."""
+        o = self.options
+        if ok is None:
+            rows = self.ledger.rows_for(path)
+            if not rows:
+                return
+            ok = rows[-1]["status"] == "ok"
+        target_root = o.move_done if ok else o.move_failed
+        if target_root is None or not path.exists():
+            return
+        target = target_root / path.relative_to(o.in_dir)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                target = target.with_name(f"{target.name}.{time.strftime('%Y%m%dT%H%M%S')}")
+            shutil.move(str(path), str(target))
+        except OSError as exc:
+            log(f"{path}: could not move it to {target_root} ({exc}); it stays, and is not scored again")
+
+    # the service ------------------------------------------------------------------------------
+    def run(self, *, once: bool = False) -> None:
+        """Poll until ``stop`` is set (``once``: until IN_DIR holds nothing left to score)."""
+        log(f"watching {self.options.in_dir} (settle {self.options.settle_s:g} s); ledger {self.ledger.path}; "
+            f"started {utc_now()}")
+        self.flush()
+        while not self.stop.is_set():
+            scored = self.poll_once()
+            if once and not scored and not self._pending:
+                break
+            if not scored:
+                self.stop.wait(self.options.poll_s)
+        log("stopped")
+
+
+def stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM / SIGINT set ``stop`` (the batch in flight finishes); a second one exits at once."""
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log(f"{signal.Signals(signum).name}: finishing the scans in flight, then stopping")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
