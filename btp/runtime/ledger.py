@@ -18,6 +18,7 @@ import io
 import json
 import re
 import sqlite3
+import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -119,20 +120,30 @@ class Ledger:
 
     def __init__(self, path: str | Path, *, timeout_s: float = 30.0) -> None:
         self.path = Path(path)
+        self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
+            # one connection, used from the writer thread of btp.runtime.run too: calls take self._lock
+            self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
             self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")  # a committed row survives a power cut
+            self._execute("PRAGMA journal_mode=WAL")
+            self._execute("PRAGMA synchronous=FULL")  # a committed row survives a power cut
             columns = ", ".join(f"{name} {kind}" for name, kind in _COLUMNS)
-            self._db.execute(f"CREATE TABLE IF NOT EXISTS scans (id INTEGER PRIMARY KEY, {columns}, "
+            self._execute(f"CREATE TABLE IF NOT EXISTS scans (id INTEGER PRIMARY KEY, {columns}, "
                              "UNIQUE (path, size, mtime_ns, sha256))")
-            self._db.execute("CREATE INDEX IF NOT EXISTS scans_path_sha ON scans (path, sha256)")
-            self._db.execute("CREATE INDEX IF NOT EXISTS scans_time ON scans (scored_at)")
+            self._execute("CREATE INDEX IF NOT EXISTS scans_path_sha ON scans (path, sha256)")
+            self._execute("CREATE INDEX IF NOT EXISTS scans_time ON scans (scored_at)")
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"ledger {self.path}: cannot open it as an SQLite database ({exc}); give another "
                               "file with --ledger, or move this one away") from None
+
+    def _execute(self, sql: str, params=()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, params)
+
+    def _query(self, sql: str, params=()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
 
     def close(self) -> None:
         self._db.close()
@@ -145,20 +156,17 @@ class Ledger:
 
     def seen(self, path: str | Path, size: int, mtime_ns: int) -> bool:
         """Whether this path with this size and modification time is in the ledger already."""
-        row = self._db.execute("SELECT 1 FROM scans WHERE path = ? AND size = ? AND mtime_ns = ? LIMIT 1",
-                               (str(path), size, mtime_ns)).fetchone()
-        return row is not None
+        return bool(self._query("SELECT 1 FROM scans WHERE path = ? AND size = ? AND mtime_ns = ? LIMIT 1",
+                                (str(path), size, mtime_ns)))
 
     def seen_content(self, path: str | Path, sha256: str) -> bool:
         """Whether this path with these bytes is in the ledger (the same file delivered again)."""
-        row = self._db.execute("SELECT 1 FROM scans WHERE path = ? AND sha256 = ? LIMIT 1",
-                               (str(path), sha256)).fetchone()
-        return row is not None
+        return bool(self._query("SELECT 1 FROM scans WHERE path = ? AND sha256 = ? LIMIT 1", (str(path), sha256)))
 
     def stem_owner(self, stem: str) -> str | None:
         """The path of the latest scan whose outputs are named ``stem``, if any."""
-        row = self._db.execute("SELECT path FROM scans WHERE stem = ? ORDER BY id DESC LIMIT 1", (stem,)).fetchone()
-        return None if row is None else row["path"]
+        rows = self._query("SELECT path FROM scans WHERE stem = ? ORDER BY id DESC LIMIT 1", (stem,))
+        return rows[0]["path"] if rows else None
 
     def record(self, rec: ScanRecord, *, replace: bool = False) -> int | None:
         """Insert ``rec``; -> its row id, or None when this file version was in the ledger already
@@ -170,27 +178,28 @@ class Ledger:
                                                                       default=_plain)
         names = [name for name, _ in _COLUMNS if name != "published"]
         verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
-        cur = self._db.execute(f"{verb} INTO scans ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
-                               [values[n] for n in names])
-        return cur.lastrowid if cur.rowcount else None
+        with self._lock:
+            cur = self._db.execute(f"{verb} INTO scans ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                                   [values[n] for n in names])
+            return cur.lastrowid if cur.rowcount else None
 
     def mark_published(self, row_id: int) -> None:
-        self._db.execute("UPDATE scans SET published = 1 WHERE id = ?", (row_id,))
+        self._execute("UPDATE scans SET published = 1 WHERE id = ?", (row_id,))
 
     def unpublished(self) -> list[dict[str, Any]]:
-        return [_decode(r) for r in self._db.execute("SELECT * FROM scans WHERE published = 0 ORDER BY id")]
+        return [_decode(r) for r in self._query("SELECT * FROM scans WHERE published = 0 ORDER BY id")]
 
     def rows(self, since: str | None = None) -> list[dict[str, Any]]:
         """Every row (``since``: scored at or after this ISO time, see parse_since), oldest first."""
         if since is None:
-            cur = self._db.execute("SELECT * FROM scans ORDER BY id")
+            cur = self._query("SELECT * FROM scans ORDER BY id")
         else:
-            cur = self._db.execute("SELECT * FROM scans WHERE scored_at >= ? ORDER BY id", (parse_since(since),))
+            cur = self._query("SELECT * FROM scans WHERE scored_at >= ? ORDER BY id", (parse_since(since),))
         return [_decode(r) for r in cur]
 
     def rows_for(self, path: str | Path) -> list[dict[str, Any]]:
         """The rows of one path, oldest first."""
-        return [_decode(r) for r in self._db.execute("SELECT * FROM scans WHERE path = ? ORDER BY id", (str(path),))]
+        return [_decode(r) for r in self._query("SELECT * FROM scans WHERE path = ? ORDER BY id", (str(path),))]
 
     def export(self, fmt: str, since: str | None = None) -> str:
         """The rows as CSV (regions and timings as JSON text in their cells) or as a JSON array."""

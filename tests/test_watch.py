@@ -1,0 +1,299 @@
+"""`btp watch` as the line runs it: a subprocess on a temp hot folder, files dropped while it runs
+(good, broken, half-written then renamed, grown in steps, re-delivered), a real MQTT broker
+(Debian's mosquitto on a free loopback port); kill -9 and a restart. Plus the ledger's export and
+`btp-run --ledger`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from btp.cli import app
+from btp.io import write_point_cloud
+from runtime_helpers import real_scan, tiny_export
+
+MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").is_file() else None)
+REPO = Path(__file__).resolve().parents[1]
+BROKEN_PLY = b"ply\nformat ascii 1.0\nelement vertex 3\n"  # the header is cut off
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A real mosquitto on 127.0.0.1:<free port> -> the port."""
+    if MOSQUITTO is None:
+        pytest.skip("Debian's mosquitto is not installed (apt-get install mosquitto; .ci/run and `make setup` do)")
+    pytest.importorskip("paho.mqtt", reason="paho-mqtt is not installed (pip install 'btp-edge[line]')")
+    port = _free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"mosquitto did not start: {proc.stderr.read().decode()[-1000:]}")
+            time.sleep(0.05)
+    yield port
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+class Subscriber:
+    """Collects the messages of one topic (QoS 1) from the test's broker."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.messages: list[dict] = []
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        self.client.on_message = lambda c, u, m: self.messages.append(json.loads(m.payload))
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert self._subscribed.wait(10), "the test's subscriber could not subscribe"
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+class Service:
+    """`btp watch` in a subprocess; its stdout lines collected on a thread."""
+
+    def __init__(self, args: list[str], tmp_path: Path) -> None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        self.stderr_path = tmp_path / f"watch-stderr-{time.monotonic_ns()}.txt"
+        self.proc = subprocess.Popen([sys.executable, "-m", "btp.cli", "watch", *args], stdout=subprocess.PIPE,
+                                     stderr=self.stderr_path.open("wb"), text=True, env=env)
+        self.lines: list[dict] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(json.loads(line))
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=60)
+        self._reader.join(timeout=10)
+        return rc
+
+
+def _ledger_rows(db: Path) -> list[dict]:
+    if not db.is_file():
+        return []
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute("SELECT * FROM scans ORDER BY id")]
+    except sqlite3.OperationalError:  # the table is not created yet
+        return []
+    finally:
+        con.close()
+
+
+def _wait_for(predicate, timeout: float, what: str, service: Service) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if service.proc.poll() is not None:
+            pytest.fail(f"btp watch exited ({service.proc.returncode}) while waiting for {what}: {service.stderr[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}; stderr: {service.stderr[-3000:]}")
+        time.sleep(0.1)
+
+
+def _scan_bytes(tmp_path: Path, shapes_root: Path, seed: int, name="x.pcd") -> bytes:
+    path = tmp_path / f"src-{seed}-{name}"
+    points = real_scan(shapes_root, n=3000, seed=seed)
+    if path.suffix == ".xyz":
+        np.savetxt(path, points, fmt="%.6f")
+    else:
+        write_point_cloud(path, points)
+    return path.read_bytes()
+
+
+def test_watch_scores_each_complete_file_once_with_mqtt(tmp_path, shapes_root, tmp_path_factory, broker):
+    model = tiny_export(tmp_path_factory)[0]
+    hot, out, done, failed = tmp_path / "in", tmp_path / "out", tmp_path / "done", tmp_path / "failed"
+    hot.mkdir()
+    (hot / "bracket_0001.pcd").write_bytes(_scan_bytes(tmp_path, shapes_root, 1))  # there before the start
+    sub = Subscriber(broker, "line1/btp")
+    service = Service([str(hot), "--model", str(model), "--out", str(out), "--settle", "1.0", "--poll", "0.1",
+                       "--threshold", "0.5", "--heatmap", "none", "--mqtt", f"127.0.0.1:{broker}",
+                       "--topic", "line1/btp", "--move-failed", str(failed)], tmp_path)
+    db = out / "ledger.sqlite"
+    try:
+        _wait_for(lambda: len(service.lines) >= 1, 60, "the scan present at the start", service)
+        (hot / "bracket_0002.ply").write_bytes(BROKEN_PLY)
+        (hot / "line2").mkdir()
+        (hot / "line2" / "bracket_0003.pcd").write_bytes(_scan_bytes(tmp_path, shapes_root, 3))  # a subfolder
+        # written as *.part in steps, then renamed: never taken while partial
+        payload = _scan_bytes(tmp_path, shapes_root, 4)
+        part = hot / "bracket_0004.pcd.part"
+        with part.open("wb") as fh:
+            for i in range(4):
+                fh.write(payload[i * len(payload) // 4:(i + 1) * len(payload) // 4])
+                fh.flush()
+                time.sleep(0.3)
+        part.rename(hot / "bracket_0004.pcd")
+        # grown in steps under its final name, each pause shorter than the settle time
+        payload = _scan_bytes(tmp_path, shapes_root, 5, "x.xyz")
+        grown = hot / "bracket_0005.xyz"
+        with grown.open("wb") as fh:
+            for i in range(5):
+                fh.write(payload[i * len(payload) // 5:(i + 1) * len(payload) // 5])
+                fh.flush()
+                time.sleep(0.4)
+        _wait_for(lambda: len(_ledger_rows(db)) >= 5, 60, "five scans in the ledger", service)
+        # the same bytes delivered again to the same path (new modification time): not scored again
+        again = (hot / "bracket_0001.pcd").read_bytes()
+        (hot / "bracket_0001.pcd").unlink()
+        (hot / "bracket_0001.pcd").write_bytes(again)
+        time.sleep(2.5)  # settle + a few polls
+        _wait_for(lambda: len(sub.messages) >= 5, 20, "five MQTT messages", service)
+        assert "the same bytes as an earlier scan" in service.stderr
+    finally:
+        rc = service.stop()
+        sub.close()
+    assert rc == 0, service.stderr[-3000:]
+    rows = _ledger_rows(db)
+    names = sorted(Path(r["path"]).name for r in rows)
+    assert names == ["bracket_0001.pcd", "bracket_0002.ply", "bracket_0003.pcd", "bracket_0004.pcd",
+                     "bracket_0005.xyz"], rows
+    by_name = {Path(r["path"]).name: r for r in rows}
+    bad = by_name["bracket_0002.ply"]
+    assert bad["status"] == "failed" and "end_header" in bad["error"]
+    assert (failed / "bracket_0002.ply").is_file() and not (hot / "bracket_0002.ply").exists()
+    for name, r in by_name.items():
+        if name != "bracket_0002.ply":
+            assert r["status"] == "ok" and 0 <= r["object_score"] <= 1 and r["decision"] in ("normal", "anomalous")
+            assert (out / f"{r['stem']}.json").is_file()
+    assert by_name["bracket_0003.pcd"]["stem"] == "line2__bracket_0003"
+    grown_ok = by_name["bracket_0005.xyz"]
+    assert grown_ok["points"] == 3000  # taken only once complete
+    assert all(r["published"] == 1 for r in rows)
+    # one JSON line on stdout and one MQTT message per file, the same message
+    for channel in (service.lines, sub.messages):
+        assert sorted(Path(m["file"]).name for m in channel) == names
+    assert sorted(service.lines, key=lambda m: m["ledger_id"]) == sorted(sub.messages, key=lambda m: m["ledger_id"])
+    msg = {Path(m["file"]).name: m for m in service.lines}
+    assert msg["bracket_0002.ply"]["verdict"] == "FAILED" and "end_header" in msg["bracket_0002.ply"]["error"]
+    assert msg["bracket_0004.pcd"]["part"] == "bracket" and msg["bracket_0004.pcd"]["serial"] == "0004"
+    assert msg["bracket_0004.pcd"]["verdict"] == ("OK" if msg["bracket_0004.pcd"]["decision"] == "normal" else "NG")
+    assert all(isinstance(m["regions"], list) for m in service.lines)
+
+
+def test_kill_9_then_restart_scores_no_file_twice_and_loses_none(tmp_path, shapes_root, tmp_path_factory):
+    model = tiny_export(tmp_path_factory)[0]
+    hot, out = tmp_path / "in", tmp_path / "out"
+    hot.mkdir()
+    names = [f"part_{i:04d}.pcd" for i in range(10)]
+    for i, name in enumerate(names):
+        (hot / name).write_bytes(_scan_bytes(tmp_path, shapes_root, 10 + i))
+    args = [str(hot), "--model", str(model), "--out", str(out), "--settle", "0.2", "--poll", "0.1", "--batch", "1",
+            "--heatmap", "png"]  # png: a slower scan, so the kill lands mid-way
+    db = out / "ledger.sqlite"
+    first = Service(args, tmp_path)
+    _wait_for(lambda: len(_ledger_rows(db)) >= 2, 60, "two scans before the kill", first)
+    first.stop(signal.SIGKILL)
+    before = len(_ledger_rows(db))
+    assert before < len(names), "the kill came too late to test a restart"
+    second = Service(args, tmp_path)
+    _wait_for(lambda: len(_ledger_rows(db)) >= len(names), 90, "every scan after the restart", second)
+    time.sleep(1.0)  # a few more polls: nothing else may be scored
+    assert second.stop() == 0, second.stderr[-3000:]
+    rows = _ledger_rows(db)
+    assert sorted(Path(r["path"]).name for r in rows) == names  # each file once: none twice, none lost
+    assert all(r["status"] == "ok" and r["published"] == 1 for r in rows)
+    sent = [Path(m["file"]).name for m in first.lines + second.lines]
+    assert set(sent) == set(names)  # every result reached stdout (a row the kill left unsent: at the restart)
+    restarted = {Path(m["file"]).name for m in second.lines}
+    assert len(restarted) >= len(names) - before
+
+
+def test_sigterm_finishes_the_batch_in_flight(tmp_path, shapes_root, tmp_path_factory):
+    model = tiny_export(tmp_path_factory)[0]
+    hot, out = tmp_path / "in", tmp_path / "out"
+    hot.mkdir()
+    for i in range(6):
+        (hot / f"part_{i:04d}.pcd").write_bytes(_scan_bytes(tmp_path, shapes_root, 30 + i))
+    service = Service([str(hot), "--model", str(model), "--out", str(out), "--settle", "0.2", "--poll", "0.1",
+                       "--batch", "3", "--heatmap", "png"], tmp_path)
+    db = out / "ledger.sqlite"
+    _wait_for(lambda: "scan(s) in" in service.stderr or len(_ledger_rows(db)) >= 1, 60, "the first batch", service)
+    assert service.stop() == 0
+    rows = _ledger_rows(db)
+    assert len(rows) in (3, 6) and all(r["published"] == 1 for r in rows)  # whole batches only
+    assert len(service.lines) == len(rows)
+    assert "SIGTERM" in service.stderr
+
+
+def test_ledger_export_and_btp_run_ledger(tmp_path, shapes_root, tmp_path_factory):
+    model = tiny_export(tmp_path_factory)[0]
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_point_cloud(scans / "housing_A17.pcd", real_scan(shapes_root, n=3000, seed=40))
+    (scans / "housing_A18.ply").write_bytes(BROKEN_PLY)
+    db = tmp_path / "ledger.sqlite"
+    runner = CliRunner()
+    for _ in range(2):  # a re-run of the same files replaces their rows
+        res = runner.invoke(app, ["run", str(model), str(scans), "--out", str(tmp_path / "out"), "--ledger", str(db),
+                                  "--heatmap", "none", "--threshold", "0.5"])
+        assert res.exit_code == 1, res.output  # one file failed
+    rows = _ledger_rows(db)
+    assert sorted((Path(r["path"]).name, r["status"]) for r in rows) == [("housing_A17.pcd", "ok"),
+                                                                          ("housing_A18.ply", "failed")]
+    good = next(r for r in rows if r["status"] == "ok")
+    doc = json.loads((tmp_path / "out" / "housing_A17.json").read_text())
+    assert good["object_score"] == pytest.approx(doc["object_score"]) and good["part"] == "housing"
+    assert good["serial"] == "A17" and json.loads(good["regions"]) == doc["regions"]
+    res = runner.invoke(app, ["ledger", "export", str(db), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    exported = json.loads(res.output)
+    assert [r["path"] for r in exported] == [r["path"] for r in rows]
+    res = runner.invoke(app, ["ledger", "export", str(db), "--format", "csv", "--since", "2999-01-01"])
+    assert res.exit_code == 0 and res.output.splitlines()[0].startswith("id,path,") and len(res.output.splitlines()) == 1
+    res = runner.invoke(app, ["ledger", "export", str(db), "--format", "csv", "--since", "2000-01-01"])
+    assert len(res.output.strip().splitlines()) == 3
+    res = runner.invoke(app, ["ledger", "export", str(tmp_path / "nope.sqlite")])
+    assert res.exit_code == 2 and "no ledger at" in res.output
+
+
+def test_part_and_serial_from_the_name():
+    from btp.runtime.ledger import LedgerError, check_name_pattern, part_and_serial
+
+    assert part_and_serial("/x/bracket-left_SN00042.pcd") == ("bracket-left", "SN00042")
+    assert part_and_serial("scan.ply") == (None, "scan")
+    pattern = check_name_pattern(r"^(?P<serial>\d+)-(?P<part>\w+)$")
+    assert part_and_serial("0042-housing.npz", pattern) == ("housing", "0042")
+    with pytest.raises(LedgerError, match="serial"):
+        check_name_pattern(r"(?P<part>.+)")
