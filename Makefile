@@ -17,11 +17,17 @@ $(STAMP): pyproject.toml
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libusb-1.0-0 >/dev/null; \
 	fi
+	@# btp watch --mqtt is tested against a real broker: Debian's mosquitto (tests/test_watch.py)
+	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then \
+	  echo "installing Debian's mosquitto (the MQTT broker of the tests)"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto >/dev/null; \
+	fi
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@# torch first, pinned: any other torch spec pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[train,test,corpus,serve]'
+	$(BIN)/python -m pip install -q -e '.[train,test,corpus,serve,line]'
 	@# Triton's server binary comes with PyPI's nvidia-pytriton, which pins numpy<2: its own venv
 	test -x .venv-triton/bin/python || $(PY) -m venv .venv-triton
 	.venv-triton/bin/python -m pip install -q nvidia-pytriton==0.7.0
