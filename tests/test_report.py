@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,14 +84,43 @@ def test_cloud_asset_respects_the_point_budget(tmp_path, shapes_root):
     assert payload["n"] == 5000
 
 
-def test_the_first_view_faces_the_highest_scores(shapes_root):
+def test_the_views_face_the_highest_scores(shapes_root):
     pts = real_scan(shapes_root, n=5000, seed=4)
     scores = np.zeros(len(pts))
     hot = np.argmax(pts[:, 0])
     scores[np.linalg.norm(pts - pts[hot], axis=1) < 0.05 * np.ptp(pts, axis=0).max()] = 1
-    (_, d, u, v), *_ = view_axes(pts, scores)
-    assert d[0] > 0.8  # looking at the hot region from its side
-    assert abs(np.dot(d, u)) < 1e-9 and abs(np.dot(d, v)) < 1e-9 and abs(np.dot(u, v)) < 1e-9
+    views = view_axes(pts, scores)
+    toward = pts[hot] - pts.mean(axis=0)
+    (_, front, *_), (_, corner, *_), (_, back, *_) = views
+    assert front @ toward >= 0 and corner @ toward > 0.3 * np.linalg.norm(toward)  # the camera on the defect's side
+    assert np.allclose(back, -front)
+    for _, d, u, v in views:  # right-handed orthonormal frames: u x v = d
+        assert np.allclose([d @ d, u @ u, v @ v], 1) and abs(d @ u) < 1e-9 and abs(d @ v) < 1e-9 and abs(u @ v) < 1e-9
+        assert np.allclose(np.cross(u, v), d)
+
+
+def test_no_view_of_a_flat_part_is_edge_on():
+    from btp.io import load_mesh, sample_surface
+    from btp.runtime import outputs
+
+    vertices, faces = load_mesh(Path(outputs.__file__).parents[1] / "data" / "plate_holes.ply")
+    pts, _ = sample_surface(vertices, faces, 8000, 0)
+    pts = np.asarray(pts, dtype=np.float64)
+    extent = np.sort(np.ptp(pts @ outputs.principal_axes(pts).T, axis=0))
+    assert extent[0] < 0.2 * extent[2]  # it is flat: a view along its long axes would be a strip
+    for name, d, u, v in view_axes(pts, np.zeros(len(pts))):
+        seen = np.ptp(pts @ u) * np.ptp(pts @ v)
+        assert seen > 0.4 * extent[1] * extent[2], name  # at least 40 % of the face-on area
+
+
+def test_colour_bar_labels_never_overlap():
+    from btp.runtime.outputs import colorbar_ticks
+
+    for threshold in (None, 0.0, 0.37, 0.5, 0.61, 0.98, 1.0):
+        ticks, labels = colorbar_ticks(threshold)
+        assert len(ticks) == len(labels) and np.all(np.diff(ticks) >= 0.08 - 1e-9), (threshold, ticks)
+        if threshold is not None:
+            assert labels[ticks.index(threshold)].endswith("point threshold")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")

@@ -66,7 +66,10 @@ def cached_onnx(model: str, console) -> Path:
 
 
 def make_samples(folder: Path, num_points: int = DEMO_POINTS) -> dict[Path, dict]:
-    """One good + two defective scans per shipped mesh -> {scan path: {"defect", "true_fraction"}}."""
+    """One good + two defective scans per shipped mesh -> {scan path: {"defect", "true_fraction", "truth"}}
+    (truth: the points the synthetic defect changed, bool per point of the scan file)."""
+    import numpy as np
+
     from btp.export.samples import shipped_meshes
     from btp.io import write_point_cloud
     from btp.train.synth import SynthConfig, load_shape, make_anomalous, make_normal
@@ -82,7 +85,8 @@ def make_samples(folder: Path, num_points: int = DEMO_POINTS) -> dict[Path, dict
             path = folder / f"{mesh.stem}_{label}.pcd"
             if not path.is_file():
                 write_point_cloud(path, sample.points)
-            samples[path] = {"defect": sample.defect or "-", "true_fraction": sample.anomalous_fraction}
+            samples[path] = {"defect": sample.defect or "-", "true_fraction": sample.anomalous_fraction,
+                             "truth": np.asarray(sample.labels, dtype=bool)}
     return samples
 
 
@@ -92,6 +96,7 @@ def run_demo(out: Path, *, model: str = DEFAULT_MODEL_NAME, backend: str = "ort-
     from rich.table import Table
 
     from btp.runtime import outputs
+    from btp.runtime.report import TRUTH_DIR
     from btp.runtime.pipeline import Pipeline
     from btp.runtime.run import run_files
 
@@ -115,8 +120,12 @@ def run_demo(out: Path, *, model: str = DEFAULT_MODEL_NAME, backend: str = "ort-
     outcomes = run_files(pipeline, list(samples), out / "results", heatmaps=("ply", "png") if png else ("ply",),
                          backend=backend)
     outputs.write_summary(out / "results", outcomes, pipeline.model_path)
+    truths = {oc.stem: samples[oc.file]["truth"] for oc in outcomes}  # the demo knows the true defects
+    for oc in outcomes:
+        if oc.ok:
+            outputs.write_npy(out / "results" / TRUTH_DIR / f"{oc.stem}.npy", truths[oc.stem])
     page = outputs.write_report(out / "results", outcomes, title="btp demo: inspection report",
-                                model=pipeline.meta.name)
+                                model=pipeline.meta.name, truths=truths)
     title = escape(f"btp demo: {pipeline.meta.name}" + (" [UNTRAINED fresh init]" if fresh else "") + f" on {backend}")
     table = Table(title=title)
     table.add_column("file", no_wrap=True)

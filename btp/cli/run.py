@@ -302,18 +302,31 @@ def demo(
 
 
 def report(
-    results: Path = typer.Argument(..., exists=True, file_okay=False, help="A btp-run output folder."),
+    results: Path = typer.Argument(..., exists=True, file_okay=False, help="A btp-run or btp watch output folder."),
+    since: Optional[str] = typer.Option(None, "--since", help="With a ledger (btp watch): only scans scored at or "
+                                        "after this ISO date or time (UTC unless it says otherwise), e.g. a shift."),
+    ledger: Optional[str] = typer.Option(None, "--ledger", help="The ledger to read (default: RESULTS/ledger.sqlite "
+                                         "if there is one): an SQLite file or a PostgreSQL URL."),
+    station: Optional[str] = typer.Option(None, "--station", help="Only this station's scans (a PostgreSQL ledger: "
+                                          "default this host's name)."),
 ) -> None:
-    """Write RESULTS/report.html from a finished btp-run folder: every scored scan (its <stem>.json,
-    <stem>.png, and a 3D view from <stem>.ply or the source file) and every failure in summary.json.
-    Exit codes: 0 written; 1 no btp-run results in RESULTS; 2 RESULTS cannot be written."""
+    """Write RESULTS/report.html: from the ledger of a btp watch folder, or from a finished btp-run
+    folder (every scored scan's <stem>.json, <stem>.png, a 3D view from <stem>.ply or the source file,
+    and every failure in summary.json).
+    Exit codes: 0 written; 1 no results in RESULTS; 2 RESULTS cannot be written or the ledger not read."""
     from btp.errors import BTPError
+    from btp.runtime.ledger import LedgerError
     from btp.runtime.outputs import check_output_dir
     from btp.runtime.report import entries_from_results, write_report
 
-    entries, model = entries_from_results(results)
+    try:
+        entries, model = entries_from_results(results, since, ledger=ledger, station=station)
+    except LedgerError as exc:
+        typer.echo(f"btp report: {exc}", err=True)
+        raise typer.Exit(code=2) from None
     if not entries:
-        typer.echo(f"btp report: {results} holds no btp-run results (<stem>.json or summary.json)", err=True)
+        typer.echo(f"btp report: {results} holds no results (a ledger, <stem>.json or summary.json)"
+                   + (f" scored since {since}" if since else ""), err=True)
         raise typer.Exit(code=1)
     try:
         check_output_dir(results, flag="RESULTS")

@@ -83,29 +83,51 @@ def write_heatmap_ply(path: str | Path, points: np.ndarray, scores: np.ndarray) 
     return write_point_cloud(path, points, scalars=scores, colors=heat_colors(scores, vmin=0.0, vmax=1.0))
 
 
+def principal_axes(points: np.ndarray) -> np.ndarray:
+    """[3, 3] rows e1, e2, e3: the part's principal axes, longest extent first, each signed so that
+    its largest component is positive (deterministic), e3 = e1 x e2 (a right-handed frame)."""
+    pts = np.asarray(points, dtype=np.float64)
+    centred = pts - pts.mean(axis=0)
+    _, vecs = np.linalg.eigh(centred.T @ centred)
+    axes = vecs[:, ::-1].T.copy()
+    for a in axes[:2]:
+        if a[np.argmax(np.abs(a))] < 0:
+            a *= -1
+    axes[2] = np.cross(axes[0], axes[1])
+    return axes
+
+
 def view_axes(points: np.ndarray, scores: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """Three orthogonal views: the first looks at the highest-scoring region (the direction from
-    the centroid to the mean of the top 1 % of points, weighted by how far their scores stand
-    above the median), the other two along the remaining axes.
-    -> [(name, view direction d, right u, up v)]: a point p is drawn at (p.u, p.v), depth p.d."""
+    """Three views from the part's principal axes (``principal_axes``), none of them edge-on:
+
+    front          along the thinnest axis e3, from the side of the highest-scoring region
+    three-quarter  along e1 + e2 + e3 (each signed towards that region): a corner view that sees
+                   the front and two sides at once, foreshortened but never edge-on
+    back           the opposite of front
+
+    The highest-scoring region: the top 1 % of points, weighted by how far their scores stand
+    above the median (none for a flat map: then the axes keep their own signs). The longest axis
+    runs across each view. -> [(name, view direction d, right u, up v)]: a point p is drawn at
+    (p.u, p.v), depth p.d (the camera on d's side looking back at the part: depth grows towards it)."""
     pts = np.asarray(points, dtype=np.float64)
     sc = np.asarray(scores, dtype=np.float64)
     centre = pts.mean(axis=0)
-    # weights: how far the top 1 % of scores stand above the median (zero for a flat map)
+    axes = principal_axes(pts)
     w = np.clip(sc - np.median(sc), 0, None) if len(sc) else np.zeros(0)
     cut = np.quantile(w, 0.99) if w.any() else 0.0
     if cut > 0:  # more than 1 % above the median: keep the top 1 %
         w = np.where(w >= cut, w, 0.0)
-    d = (w[:, None] * (pts - centre)).sum(axis=0) / w.sum() if w.any() else np.zeros(3)
-    if np.linalg.norm(d) < 1e-9 * max(np.ptp(pts, axis=0).max(), 1e-30):
-        d = np.array([0.0, 0.0, 1.0])
-    d /= np.linalg.norm(d)
-    helper = np.array([0.0, 0.0, 1.0]) if abs(d[2]) < 0.9 else np.array([0.0, 1.0, 0.0])
-    u = np.cross(helper, d)
-    u /= np.linalg.norm(u)
-    v = np.cross(d, u)
-    # camera on the defect's side looking back at the part: depth grows towards the camera
-    return [("facing the highest scores", d, u, v), ("side", u, -d, v), ("top", v, u, -d)]
+    hot = (w[:, None] * (pts - centre)).sum(axis=0) / w.sum() if w.any() else np.zeros(3)
+    signs = np.where(axes @ hot < 0, -1.0, 1.0)
+    e1, e2, e3 = axes * signs[:, None]
+
+    def frame(d: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        d = d / np.linalg.norm(d)
+        u = right - (right @ d) * d
+        u /= np.linalg.norm(u)
+        return d, u, np.cross(d, u)  # right-handed: u x v = d
+
+    return [("front", *frame(e3, e1)), ("three-quarter", *frame(e1 + e2 + e3, e1)), ("back", *frame(-e3, -e1))]
 
 
 def _front_surface(x: np.ndarray, y: np.ndarray, depth: np.ndarray, extent: float, cells: int = 160) -> np.ndarray:
@@ -120,17 +142,37 @@ def _front_surface(x: np.ndarray, y: np.ndarray, depth: np.ndarray, extent: floa
     return np.flatnonzero(depth >= nearest[key] - 0.03 * extent)
 
 
+def colorbar_ticks(point_threshold: float | None, step: float = 0.2, gap: float = 0.08) -> tuple[list, list]:
+    """(positions, labels) on the 0..1 colour bar: every ``step``, the point threshold as its own
+    labelled tick, and no two ticks closer than ``gap`` (the regular ones near it are dropped), so
+    labels never overlap."""
+    ticks = [round(t, 6) for t in np.arange(0.0, 1.0 + 1e-9, step)]
+    if point_threshold is None or not 0.0 <= point_threshold <= 1.0:
+        return ticks, [f"{t:g}" for t in ticks]
+    kept = [t for t in ticks if abs(t - point_threshold) >= gap]
+    pos = sorted(kept + [point_threshold])
+    return pos, [f"{t:.2f} point threshold" if t == point_threshold else f"{t:g}" for t in pos]
+
+
+MAX_DRAWN_REGIONS = 9
+
+
 def render_views(path: str | Path, points: np.ndarray, scores: np.ndarray, *, title: str = "",
-                 point_threshold: float | None = None, max_points: int = 30000) -> Path:
-    """One PNG with three orthogonal views of the heat-mapped scan (Agg canvas, no display).
+                 point_threshold: float | None = None, max_points: int = 30000,
+                 regions: list[dict] | None = None) -> Path:
+    """One PNG with three views of the heat-mapped scan from its principal axes (``view_axes``;
+    Agg canvas, no display).
 
     Each view is an orthographic projection filling its panel, points drawn far to near so the
     visible surface is on top, turbo colours on a fixed 0..1 scale; points at or above
-    ``point_threshold`` get a black rim and the threshold is marked on the colour bar.
+    ``point_threshold`` get a black rim and the threshold is a labelled tick of the colour bar.
+    ``regions`` (btp.runtime.regions as dicts, ``center`` in the frame of ``points``): the first
+    MAX_DRAWN_REGIONS outlined by a circle and numbered 1, 2, ... as in the scan's JSON.
     Deterministic: an evenly strided subset of at most ``max_points`` points.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Circle
 
     pts = np.asarray(points, dtype=np.float32)
     sc = np.nan_to_num(np.asarray(scores, dtype=np.float32), nan=0.0)
@@ -139,7 +181,7 @@ def render_views(path: str | Path, points: np.ndarray, scores: np.ndarray, *, ti
         pts, sc = pts[keep], sc[keep]
     fig = Figure(figsize=(13.5, 4.9), dpi=100)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3, gridspec_kw={"wspace": 0.02, "left": 0.01, "right": 0.93, "top": 0.86, "bottom": 0.02})
+    axes = fig.subplots(1, 3, gridspec_kw={"wspace": 0.02, "left": 0.01, "right": 0.86, "top": 0.86, "bottom": 0.02})
     art = None
     hot_mask = sc >= point_threshold if point_threshold is not None else np.zeros(len(sc), bool)
     extent = float(np.ptp(pts, axis=0).max()) or 1.0
@@ -153,6 +195,12 @@ def render_views(path: str | Path, points: np.ndarray, scores: np.ndarray, *, ti
         if len(hot):
             ax.scatter(x[hot], y[hot], c=sc[hot], cmap="turbo", vmin=0.0, vmax=1.0, s=size * 2.5,
                        edgecolors="black", linewidths=0.3)
+        for k, region in enumerate((regions or [])[:MAX_DRAWN_REGIONS], start=1):
+            c = np.asarray(region["center"], dtype=np.float64)
+            radius = max(0.5 * float(np.linalg.norm(region["extent"])), 0.02 * extent)
+            ax.add_patch(Circle((c @ u, c @ v), radius, fill=False, edgecolor="black", linewidth=1.0))
+            ax.annotate(str(k), (c @ u + radius * 0.72, c @ v + radius * 0.72), fontsize=8, fontweight="bold",
+                        color="black", backgroundcolor=(1, 1, 1, 0.7))
         pad_x, pad_y = 0.03 * (np.ptp(x) or 1.0), 0.03 * (np.ptp(y) or 1.0)
         ax.set_xlim(x.min() - pad_x, x.max() + pad_x)
         ax.set_ylim(y.min() - pad_y, y.max() + pad_y)
@@ -160,12 +208,12 @@ def render_views(path: str | Path, points: np.ndarray, scores: np.ndarray, *, ti
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(name, fontsize=9)
-    cax = fig.add_axes([0.945, 0.1, 0.012, 0.7])
+    cax = fig.add_axes([0.875, 0.1, 0.012, 0.7])
     bar = fig.colorbar(art, cax=cax, label="anomaly score")
+    ticks, labels = colorbar_ticks(point_threshold)
+    bar.set_ticks(ticks, labels=labels, fontsize=7)
     if point_threshold is not None:
         bar.ax.axhline(point_threshold, color="black", linewidth=1.5)
-        bar.ax.text(1.0, point_threshold, " point threshold", va="bottom", ha="left", fontsize=7,
-                    transform=bar.ax.get_yaxis_transform(), rotation=90)
     if title:
         fig.suptitle(title, fontsize=11)
     buf = io.BytesIO()
@@ -202,8 +250,10 @@ def write_scan(out_dir: Path, outcome: ScanOutcome, heatmaps: tuple[str, ...], *
     if "png" in heatmaps:
         decision = f" - {outcome.decision}" if outcome.decision else ""
         title = f"{outcome.file.name}: object score {r.object_score:.3f}{decision}"
+        shift = np.zeros(3) if r.offset is None else np.asarray(r.offset, dtype=np.float64)  # regions: scan frame
+        drawn = [dict(reg, center=list(np.asarray(reg["center"]) - shift)) for reg in outcome.regions]
         files["png"] = render_views(place(".png"), r.points, r.point_scores, title=title,
-                                    point_threshold=outcome.point_scores.point_threshold)
+                                    point_threshold=outcome.point_scores.point_threshold, regions=drawn)
     outcome = dataclasses.replace(outcome, outputs=files)
     if json_file:
         write_json(place(".json"), outcome.document())
@@ -255,9 +305,11 @@ def write_summary(out_dir: str | Path, outcomes: list[ScanOutcome], model_path: 
     return write_json(Path(out_dir) / "summary.json", summary_document(outcomes, model_path))
 
 
-def write_report(out_dir: str | Path, outcomes: list[ScanOutcome], *, model: str, title: str | None = None) -> Path:
-    """report.html (+ report_assets/) of the run: btp.runtime.report draws it from the outcomes."""
+def write_report(out_dir: str | Path, outcomes: list[ScanOutcome], *, model: str, title: str | None = None,
+                 truths: dict[str, np.ndarray] | None = None) -> Path:
+    """report.html (+ report_assets/) of the run: btp.runtime.report draws it from the outcomes
+    (``truths``: the known defect points by stem, overlaid where there is a ground truth)."""
     from btp.runtime import report
 
     kwargs = {} if title is None else {"title": title}
-    return report.write_report(out_dir, report.entries_from_outcomes(outcomes), model=model, **kwargs)
+    return report.write_report(out_dir, report.entries_from_outcomes(outcomes, truths), model=model, **kwargs)
