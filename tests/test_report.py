@@ -136,3 +136,42 @@ def test_report_in_headless_chromium(batch, tmp_path):
     files = re.findall(r'<tr class="scan [^"]*" data-stem="[^"]+"><td>([^<]+)</td>', dom)
     assert sorted(order) == ["broken", "part_dent", "part_good"] and files == sorted(files)  # sorted by file
     assert 'class="views"' in dom and '<canvas class="cloud"' in dom  # heat map shown, 3D view drawn
+    # the first screen: counts, the threshold, a histogram with its threshold line, a thumbnail per scan
+    rows = _rows((batch / "report.html").read_text())
+    ok = sum(r["verdict"] == "OK" for r in rows)
+    assert f'<div class="count ok" data-verdict="OK"><b>{ok}</b>' in dom
+    assert f'<div class="count ng" data-verdict="NG"><b>{2 - ok}</b>' in dom
+    assert '<div class="count failed" data-verdict="failed"><b>1</b>' in dom
+    assert "Object-score threshold: <b>0.5000</b> (--threshold)" in dom
+    hists = re.findall(r'<svg class="hist" data-part="part".*?</svg>', dom)
+    assert len(hists) == 1 and hists[0].count('class="bar"') >= 1 and 'class="threshold"' in hists[0]
+    thumbs = re.findall(r'<div class="thumb (\w+)" data-stem="([^"]+)"', dom)
+    assert [stem for _, stem in thumbs][0] == "broken" and len(thumbs) == 3  # failed first, then by score
+    scores = {r["stem"]: r["score"] for r in rows}
+    assert scores[thumbs[1][1]] >= scores[thumbs[2][1]]
+    assert "part_dent.png" in dom and 'id="csv"' in dom
+
+
+def test_report_of_a_watch_folder_reads_the_ledger(tmp_path, shapes_root, tmp_path_factory):
+    """`btp report OUT` on a folder with a ledger: one entry per file (the latest), part and serial
+    from the ledger, --since keeps a shift."""
+    from btp.runtime.ledger import Ledger, ScanRecord
+
+    model = tiny_export(tmp_path_factory)[0]
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    write_point_cloud(scans / "cover_0007.pcd", real_scan(shapes_root, n=3000, seed=8))
+    res = CliRunner().invoke(app, ["run", str(model), str(scans), "--out", str(out), "--ledger",
+                                   str(out / "ledger.sqlite"), "--heatmap", "png"])
+    assert res.exit_code == 0, res.output
+    with Ledger(out / "ledger.sqlite") as book:
+        book.record(ScanRecord(path=str(scans / "cover_0008.pcd"), status="failed", error="ReadError: cut off",
+                               part="cover", serial="0008", scored_at="2020-01-01T00:00:00.000Z"))
+    res = CliRunner().invoke(app, ["report", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = {r["serial"]: r for r in _rows((out / "report.html").read_text())}
+    assert set(rows) == {"0007", "0008"} and rows["0008"]["verdict"] == "FAILED"
+    assert rows["0007"]["part"] == "cover" and rows["0007"]["image"] == "cover_0007.png" and rows["0007"]["cloud"]
+    res = CliRunner().invoke(app, ["report", str(out), "--since", "2021-01-01"])
+    assert res.exit_code == 0
+    assert [r["serial"] for r in _rows((out / "report.html").read_text())] == ["0007"]
