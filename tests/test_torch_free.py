@@ -86,6 +86,14 @@ def test_demo_runs_without_torch_on_an_exported_model(tmp_path_factory, tmp_path
     assert proc.returncode == 0, proc.stderr
     assert "DEMO-ERROR" in proc.stdout and "needs torch" in proc.stdout
     assert len(list((out / "results").glob("*.npy"))) == 9
+    # the demo knows where its defects are: the report overlays them (3D view, share found per row)
+    page = (out / "results" / "report.html").read_text()
+    rows = json.loads(page.split("const ROWS = ", 1)[1].split(";\n", 1)[0])
+    truths = {r["stem"]: r["truth"] for r in rows}
+    assert truths["fuze_bottle_good"]["points"] == 0
+    defective = [t for stem, t in truths.items() if not stem.endswith("_good")]
+    assert len(defective) == 6 and all(t["points"] > 0 and 0.0 <= t["found"] <= 1.0 for t in defective)
+    assert all((out / "results" / "ground_truth" / f"{stem}.npy").is_file() for stem in truths)
 
 
 def test_btp_run_scores_with_the_packaged_default_model_without_torch(tmp_path, shapes_root):

@@ -35,26 +35,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def broker(tmp_path):
-    """A real mosquitto on 127.0.0.1:<free port> -> the port."""
-    if MOSQUITTO is None:
-        pytest.skip("Debian's mosquitto is not installed (apt-get install mosquitto; .ci/run and `make setup` do)")
-    pytest.importorskip("paho.mqtt", reason="paho-mqtt is not installed (pip install 'btp-edge[line]')")
-    port = _free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+def _start_mosquitto(tmp_path: Path, port: int, persistent: bool = False) -> subprocess.Popen:
+    """mosquitto on 127.0.0.1:port; ``persistent``: sessions and queued messages survive a restart."""
+    conf = tmp_path / f"mosquitto-{port}.conf"
+    keep = f"persistence true\npersistence_location {tmp_path}/\n" if persistent else "persistence false\n"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n{keep}")
     proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 10
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
+            return proc
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
                 pytest.fail(f"mosquitto did not start: {proc.stderr.read().decode()[-1000:]}")
             time.sleep(0.05)
+
+
+def _need_mosquitto() -> None:
+    if MOSQUITTO is None:
+        pytest.skip("Debian's mosquitto is not installed (apt-get install mosquitto; .ci/run and `make setup` do)")
+    pytest.importorskip("paho.mqtt", reason="paho-mqtt is not installed (pip install 'btp-edge[line]')")
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A real mosquitto on 127.0.0.1:<free port> -> the port."""
+    _need_mosquitto()
+    port = _free_port()
+    proc = _start_mosquitto(tmp_path, port)
     yield port
     proc.terminate()
     proc.wait(timeout=10)
@@ -63,12 +73,14 @@ def broker(tmp_path):
 class Subscriber:
     """Collects the messages of one topic (QoS 1) from the test's broker."""
 
-    def __init__(self, port: int, topic: str) -> None:
+    def __init__(self, port: int, topic: str, client_id: str = "") -> None:
+        """``client_id``: a persistent session (the broker keeps its messages while it is away)."""
         import paho.mqtt.client as mqtt
 
         self.messages: list[dict] = []
         self._subscribed = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=not client_id)
+        self.client.reconnect_delay_set(min_delay=1, max_delay=2)
         self.client.on_message = lambda c, u, m: self.messages.append(json.loads(m.payload))
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
@@ -200,7 +212,7 @@ def test_watch_scores_each_complete_file_once_with_mqtt(tmp_path, shapes_root, t
     assert by_name["bracket_0003.pcd"]["stem"] == "line2__bracket_0003"
     grown_ok = by_name["bracket_0005.xyz"]
     assert grown_ok["points"] == 3000  # taken only once complete
-    assert all(r["published"] == 1 for r in rows)
+    assert all(r["published"] == 3 for r in rows)  # sent to both channels: stdout and MQTT
     # one JSON line on stdout and one MQTT message per file, the same message
     for channel in (service.lines, sub.messages):
         assert sorted(Path(m["file"]).name for m in channel) == names
@@ -233,7 +245,7 @@ def test_kill_9_then_restart_scores_no_file_twice_and_loses_none(tmp_path, shape
     assert second.stop() == 0, second.stderr[-3000:]
     rows = _ledger_rows(db)
     assert sorted(Path(r["path"]).name for r in rows) == names  # each file once: none twice, none lost
-    assert all(r["status"] == "ok" and r["published"] == 1 for r in rows)
+    assert all(r["status"] == "ok" and r["published"] == 1 for r in rows)  # sent to stdout
     sent = [Path(m["file"]).name for m in first.lines + second.lines]
     assert set(sent) == set(names)  # every result reached stdout (a row the kill left unsent: at the restart)
     restarted = {Path(m["file"]).name for m in second.lines}
@@ -297,3 +309,37 @@ def test_part_and_serial_from_the_name():
     assert part_and_serial("0042-housing.npz", pattern) == ("housing", "0042")
     with pytest.raises(LedgerError, match="serial"):
         check_name_pattern(r"(?P<part>.+)")
+
+
+def test_a_broker_outage_delays_the_messages_and_loses_none(tmp_path, shapes_root, tmp_path_factory):
+    _need_mosquitto()
+    model = tiny_export(tmp_path_factory)[0]
+    hot, out = tmp_path / "in", tmp_path / "out"
+    hot.mkdir()
+    port = _free_port()
+    broker = _start_mosquitto(tmp_path, port, persistent=True)
+    sub = Subscriber(port, "line1/btp", client_id="line-plc")  # its session outlives the broker's restart
+    service = Service([str(hot), "--model", str(model), "--out", str(out), "--settle", "0.3", "--poll", "0.1",
+                       "--heatmap", "none", "--mqtt", f"127.0.0.1:{port}", "--topic", "line1/btp"], tmp_path)
+    db = out / "ledger.sqlite"
+    try:
+        _wait_for(lambda: "connected" in service.stderr, 60, "the service's MQTT connection", service)
+        broker.terminate()  # the outage
+        broker.wait(timeout=10)
+        for i in range(2):
+            (hot / f"cap_{i:04d}.pcd").write_bytes(_scan_bytes(tmp_path, shapes_root, 50 + i))
+        _wait_for(lambda: [r["published"] for r in _ledger_rows(db)] == [1, 1], 60,
+                  "both scans sent to stdout (not to MQTT: the broker is down)", service)
+        assert len(service.lines) == 2
+        broker = _start_mosquitto(tmp_path, port, persistent=True)
+        _wait_for(lambda: len(sub.messages) >= 2, 60, "the delayed MQTT messages", service)
+        time.sleep(0.5)
+    finally:
+        rc = service.stop()
+        sub.close()
+        broker.terminate()
+        broker.wait(timeout=10)
+    assert rc == 0, service.stderr[-3000:]
+    assert sorted(m["serial"] for m in sub.messages) == ["0000", "0001"]  # each once, none lost
+    assert sorted(m["serial"] for m in service.lines) == ["0000", "0001"]  # stdout not repeated
+    assert all(r["published"] == 3 for r in _ledger_rows(db))

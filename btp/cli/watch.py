@@ -48,11 +48,11 @@ def watch(
     from btp.runtime.ledger import LEDGER_NAME, NAME_PATTERN, Ledger, check_name_pattern
     from btp.runtime.outputs import check_output_dir
     from btp.runtime.pipeline import Pipeline
-    from btp.runtime.watch import Watcher, WatchOptions, log, stdout_sink, stop_on_signals
+    from btp.runtime.watch import MQTT, STDOUT, Watcher, WatchOptions, log, stdout_sink, stop_on_signals
     from btp.cli.run import _split_heatmaps
 
     heatmaps = tuple(h for h in _split_heatmaps(heatmap) if h != "none")
-    sinks, closers = [stdout_sink], []
+    sinks, closers = {STDOUT: stdout_sink}, []
     try:
         pattern = check_name_pattern(name_pattern) if name_pattern else NAME_PATTERN
         for flag, folder in (("--out", out), ("--move-done", move_done), ("--move-failed", move_failed)):
@@ -73,9 +73,11 @@ def watch(
         if mqtt:
             from btp.runtime.mqtt import MqttSink
 
-            sink = MqttSink(mqtt, topic, client_id=mqtt_client_id)
-            sinks.append(sink)
+            sink = MqttSink(mqtt, topic, client_id=mqtt_client_id, log=log)
+            sinks[MQTT] = sink
             closers.append(sink.close)
+            if not sink.wait_connected(5.0):
+                log(f"MQTT broker {mqtt} not reachable yet: scoring goes on, the messages wait in the ledger")
     except (BTPError, CalibrationError, ValueError, OSError) as exc:
         typer.echo(f"btp watch: {exc}", err=True)
         raise typer.Exit(code=2) from None

@@ -8,8 +8,8 @@
 
 A file version is (path, size, mtime_ns, sha256): the row's unique key, so a service restarted
 after a crash skips every scan already in the ledger and scores the rest. ``published`` marks the
-rows whose message reached the line (stdout / MQTT); a row left unpublished by a crash is sent
-again on restart. Torch-free; Python's own sqlite3.
+channels (bits) that took the row's message (stdout, MQTT); a row a crash or a broker outage left
+unsent on a channel is sent there again later, and only there. Torch-free; Python's own sqlite3.
 """
 from __future__ import annotations
 
@@ -171,7 +171,9 @@ class Ledger:
     def record(self, rec: ScanRecord, *, replace: bool = False) -> int | None:
         """Insert ``rec``; -> its row id, or None when this file version was in the ledger already
         (``replace``: overwrite that row instead, e.g. a deliberate `btp-run --ledger` re-run)."""
-        values = asdict(rec)
+        from btp.runtime.outputs import _finite
+
+        values = _finite(asdict(rec))  # NaN / inf -> NULL
         values["scored_at"] = values["scored_at"] or utc_now()
         for key in ("regions", "timings"):
             values[key] = None if values[key] is None else json.dumps(values[key], allow_nan=False,
@@ -183,11 +185,14 @@ class Ledger:
                                    [values[n] for n in names])
             return cur.lastrowid if cur.rowcount else None
 
-    def mark_published(self, row_id: int) -> None:
-        self._execute("UPDATE scans SET published = 1 WHERE id = ?", (row_id,))
+    def mark_published(self, row_id: int, channels: int) -> None:
+        """Add ``channels`` (bits: btp.runtime.watch's STDOUT, MQTT) to the row's sent marks."""
+        self._execute("UPDATE scans SET published = published | ? WHERE id = ?", (channels, row_id))
 
-    def unpublished(self) -> list[dict[str, Any]]:
-        return [_decode(r) for r in self._query("SELECT * FROM scans WHERE published = 0 ORDER BY id")]
+    def unpublished(self, channels: int) -> list[dict[str, Any]]:
+        """The rows not yet sent to every one of ``channels`` (bits), oldest first."""
+        return [_decode(r) for r in self._query("SELECT * FROM scans WHERE (published & ?) != ? ORDER BY id",
+                                                (channels, channels))]
 
     def rows(self, since: str | None = None) -> list[dict[str, Any]]:
         """Every row (``since``: scored at or after this ISO time, see parse_since), oldest first."""

@@ -30,6 +30,7 @@ import numpy as np
 from btp.io.files import atomic_write_bytes
 
 TEMPLATE = "report.html.template"
+TRUTH_DIR = "ground_truth"  # <stem>.npy: the known defect points of a scan (1 per point), when known
 MAX_LISTED_REGIONS = 20  # per scan in the page; the scan's JSON has all of them
 
 ASSETS = Path(__file__).with_name("assets")
@@ -180,7 +181,7 @@ def entries_from_outcomes(outcomes, truths=None) -> list[ReportEntry]:
 
 def _attach_cloud(entry: ReportEntry, results_dir: Path) -> None:
     """The 3D view's points from ``<stem>.ply`` (or the source file) with the scores of ``<stem>.npy``,
-    and the ground truth of ``<stem>.truth.npy`` (one 0/1 per point) when there is one."""
+    and the ground truth of ``TRUTH_DIR/<stem>.npy`` (one 0/1 per point) when there is one."""
     from btp.io import read_point_cloud
 
     npy = results_dir / f"{entry.stem}.npy"
@@ -192,7 +193,7 @@ def _attach_cloud(entry: ReportEntry, results_dir: Path) -> None:
         points = read_point_cloud(source).points
         if len(points) == len(scores):
             entry.points, entry.scores = points, scores
-            truth = results_dir / f"{entry.stem}.truth.npy"
+            truth = results_dir / TRUTH_DIR / f"{entry.stem}.npy"
             if truth.is_file():
                 mask = np.load(truth).astype(bool)
                 entry.truth = mask if len(mask) == len(scores) else None

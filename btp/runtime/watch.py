@@ -34,10 +34,13 @@ from typing import Any, Callable
 
 from btp.io import READ_SUFFIXES
 from btp.runtime.ledger import NAME_PATTERN, Ledger, ScanRecord, file_version, record_from_doc, utc_now
+from btp.runtime.outputs import _finite
 from btp.runtime.run import RESERVED_STEMS, FileOutcome, run_files
 
 PARTIAL_SUFFIXES = (".tmp", ".part")  # being written: taken once renamed without this suffix
+RESEND_S = 5.0  # while messages wait for the line (e.g. the broker is down), try again this often
 Sink = Callable[[dict[str, Any]], None]  # sends one message; raises when it could not
+STDOUT, MQTT = 1, 2  # the channels' bits in the ledger's ``published`` marks
 
 
 @dataclass(kw_only=True)
@@ -69,11 +72,11 @@ def message(row: dict[str, Any]) -> dict[str, Any]:
         verdict = "FAILED"
     else:
         verdict = {"normal": "OK", "anomalous": "NG"}.get(row.get("decision") or "", "NONE")
-    return {"verdict": verdict, "part": row.get("part"), "serial": row.get("serial"), "file": row["path"],
+    return _finite({"verdict": verdict, "part": row.get("part"), "serial": row.get("serial"), "file": row["path"],
             "status": row["status"], "decision": row.get("decision"), "object_score": row.get("object_score"),
             "threshold": row.get("threshold"), "regions": row.get("regions") or [], "error": row.get("error"),
             "sha256": row.get("sha256"), "model_sha256": row.get("model_sha256"), "reference": row.get("reference"),
-            "scored_at": row.get("scored_at"), "ledger_id": row.get("id"), "total_ms": row.get("total_ms")}
+            "scored_at": row.get("scored_at"), "ledger_id": row.get("id"), "total_ms": row.get("total_ms")})
 
 
 def stdout_sink(msg: dict[str, Any]) -> None:
@@ -97,11 +100,12 @@ class Watcher:
     pipeline: Any
     options: WatchOptions
     ledger: Ledger
-    sinks: list[Sink] = field(default_factory=lambda: [stdout_sink])
+    sinks: dict[int, Sink] = field(default_factory=lambda: {STDOUT: stdout_sink})  # channel bit -> sink
     stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self._pending: dict[Path, _Seen] = {}
+        self._unsent_since: float | None = None  # when a flush last left messages unsent
         self._handled: set[tuple[Path, int, int]] = set()
         o = self.options
         self._skip_dirs = {p.resolve() for p in (o.out, o.move_done, o.move_failed) if p is not None}
@@ -217,17 +221,27 @@ class Watcher:
             log(f"{oc.path}: FAILED: {oc.error}")
 
     def flush(self) -> None:
-        """Send every unpublished ledger row to the sinks; a row is marked published when all of
-        them took it (one that could not stays unpublished and is sent again at the next flush)."""
-        for row in self.ledger.unpublished():
+        """Send each ledger row to every channel that has not taken it yet, in ledger order; a
+        channel that fails is left alone for the rest of this flush and its rows are sent at the
+        next one (after the next batch, or RESEND_S seconds later when idle). A row's mark of a
+        channel is set once the channel took it, so no channel gets a message twice (but for a
+        crash between the two)."""
+        self._unsent_since = None
+        wanted = sum(self.sinks)
+        down = 0
+        for row in self.ledger.unpublished(wanted):
             msg = message(row)
-            try:
-                for sink in self.sinks:
+            for bit, sink in self.sinks.items():
+                if row["published"] & bit or down & bit:
+                    continue
+                try:
                     sink(msg)
-            except Exception as exc:  # the line is down: keep the row for the next flush
-                log(f"could not send the result of {row['path']} ({exc}); will retry")
-                return
-            self.ledger.mark_published(row["id"])
+                except Exception as exc:  # this channel is down: keep its rows for the next flush
+                    log(f"could not send the result of {row['path']} ({exc}); will retry")
+                    self._unsent_since = time.monotonic()
+                    down |= bit
+                    continue
+                self.ledger.mark_published(row["id"], bit)
 
     def _move(self, path: Path, ok: bool | None) -> None:
         """To --move-done / --move-failed, keeping the path under IN_DIR (ok None: look it up)."""
@@ -260,6 +274,8 @@ class Watcher:
             if once and not scored and not self._pending:
                 break
             if not scored:
+                if self._unsent_since is not None and time.monotonic() - self._unsent_since >= RESEND_S:
+                    self.flush()
                 self.stop.wait(self.options.poll_s)
         log("stopped")
 
