@@ -41,7 +41,9 @@ def test_the_scan_json_is_the_outcome_document_and_reads_back(model_path, scans,
     if np.isnan(expected["global_prob"]):  # a graph without a global head: strict JSON has null
         expected["global_prob"] = None
     assert doc == json.loads(json.dumps(expected))
-    assert doc["points"] == 1499 and doc["rows"] == 1500 and doc["regions"] == []
+    assert doc["points"] == 1499 and doc["rows"] == 1500
+    # every point at or above the point threshold is in exactly one region
+    assert sum(r["points"] for r in doc["regions"]) == doc["point_scores"]["anomalous_points"]
     assert doc["decision"] == ("anomalous" if good.object_score > 0.25 else "normal")
     assert doc["threshold"] == {"value": 0.25, "source": "--threshold"}
     assert doc["outputs"] == {"npy": str(out / "good.npy"), "ply": str(out / "good.ply")}

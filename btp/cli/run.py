@@ -175,7 +175,7 @@ def run(
     book = None
     if ledger is not None:
         from btp.io.files import file_sha256
-        from btp.runtime.ledger import Ledger, file_version, record_from_doc
+        from btp.runtime.ledger import Ledger, file_version, record_from_outcome
 
         try:
             book, model_sha256 = Ledger(ledger), file_sha256(model)
@@ -186,12 +186,11 @@ def run(
     def say(oc) -> None:
         if book is not None:
             try:
-                version = file_version(oc.path)
+                version = file_version(oc.file)
             except OSError:
                 version = None
-            book.record(record_from_doc(oc.path.resolve() if oc.path.exists() else oc.path, oc.doc if oc.ok else None,
-                                        oc.error, version=version, stem=oc.stem, model=str(model),
-                                        model_sha256=model_sha256), replace=True)
+            book.record(record_from_outcome(oc, version=version, model=str(model), model_sha256=model_sha256,
+                                            path=oc.file.resolve() if oc.file.exists() else oc.file), replace=True)
         if oc.ok:
             decision = f" -> {oc.decision}" if oc.decision else ""
             console.print(f"[green]ok[/green] {escape(str(oc.file))}: object score {oc.object_score:.4f}{decision} "

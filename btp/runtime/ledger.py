@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from btp.errors import BTPError
+from btp.runtime.outcome import ScanOutcome
 
 LEDGER_NAME = "ledger.sqlite"
 EXPORT_FORMATS = ("csv", "json")
@@ -254,20 +255,22 @@ def file_version(path: str | Path) -> tuple[int, int, str]:
     return st.st_size, st.st_mtime_ns, file_sha256(path)
 
 
-def record_from_doc(path: str | Path, doc: dict[str, Any] | None, error: str | None, *,
-                    version: tuple[int, int, str] | None, stem: str | None = None, model: str | None = None,
-                    model_sha256: str | None = None, reference: str | None = None,
-                    name_pattern: str = NAME_PATTERN) -> ScanRecord:
-    """A ledger row from one scan's JSON document (btp.runtime.run.result_doc; None when the scan
-    failed, then ``error`` says why) and the file's ``version`` (file_version; None if unreadable)."""
+def record_from_outcome(outcome: ScanOutcome, *, version: tuple[int, int, str] | None, model: str | None = None,
+                        model_sha256: str | None = None, reference: str | None = None,
+                        name_pattern: str = NAME_PATTERN, path: str | Path | None = None) -> ScanRecord:
+    """A ledger row from one scan's ``ScanOutcome`` (btp.runtime.outcome) and the file's
+    ``version`` (file_version; None if unreadable); ``path``: the path to record (default: the
+    outcome's file as given)."""
+    path = str(path if path is not None else outcome.file)
     part, serial = part_and_serial(path, name_pattern)
     size, mtime_ns, sha256 = version if version is not None else (None, None, None)
-    common = dict(path=str(path), size=size, mtime_ns=mtime_ns, sha256=sha256, stem=stem, part=part, serial=serial,
-                  model=model, model_sha256=model_sha256, reference=reference)
-    if doc is None:
-        return ScanRecord(status="failed", error=error or "failed", **common)
-    threshold = doc.get("threshold") or {}
-    return ScanRecord(status="ok", object_score=doc["object_score"], decision=doc.get("decision"),
-                      threshold=threshold.get("value"), threshold_source=threshold.get("source"),
-                      points=doc.get("points"), regions=doc.get("regions", []), timings=doc.get("timings_ms"),
-                      total_ms=doc.get("total_ms"), **common)
+    common = dict(path=path, size=size, mtime_ns=mtime_ns, sha256=sha256, stem=outcome.stem or None, part=part,
+                  serial=serial, model=model, model_sha256=model_sha256, reference=reference)
+    if not outcome.ok:
+        return ScanRecord(status="failed", error=outcome.error, **common)
+    threshold = outcome.threshold
+    return ScanRecord(status="ok", object_score=outcome.object_score, decision=outcome.decision,
+                      threshold=None if threshold is None else threshold.value,
+                      threshold_source=None if threshold is None else threshold.source, points=outcome.points,
+                      regions=[dict(r) for r in outcome.regions], timings=dict(outcome.timings_ms),
+                      total_ms=outcome.total_ms, **common)

@@ -104,7 +104,7 @@ class ScanOutcome:
     threshold       the threshold the decision used (None: no threshold)
     points          raw points scored (M); rows = rows of the file (M + the NaN/inf rows dropped)
     point_scores    PointSummary of the M per-point scores
-    regions         anomalous regions of the scan, one mapping each; empty: no region finder yet
+    regions         defect regions (btp.runtime.regions: center, extent, points, peak, mean), largest first
     timings_ms      {stage: ms} (Result.timings, rounded to microseconds); total_ms their sum
     batch_size      scans in the engine call; backend, preprocess: where it ran
     model           ModelInfo of the model file

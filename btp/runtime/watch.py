@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from btp.io import READ_SUFFIXES
-from btp.runtime.ledger import NAME_PATTERN, Ledger, ScanRecord, file_version, record_from_doc, utc_now
+from btp.runtime.ledger import NAME_PATTERN, Ledger, file_version, record_from_outcome, utc_now
 from btp.runtime.outputs import _finite
-from btp.runtime.run import RESERVED_STEMS, FileOutcome, run_files
+from btp.runtime.outcome import ScanOutcome
+from btp.runtime.run import RESERVED_STEMS, run_files
 
 PARTIAL_SUFFIXES = (".tmp", ".part")  # being written: taken once renamed without this suffix
 RESEND_S = 5.0  # while messages wait for the line (e.g. the broker is down), try again this often
@@ -203,22 +204,21 @@ class Watcher:
                              threshold_source=o.threshold_source, heatmaps=o.heatmaps, backend=o.backend,
                              stems=self._stems(paths), prefetch=0)
         for oc in outcomes:
-            self._commit(oc, versions[oc.path])
+            self._commit(oc, versions[oc.file])
         log(f"{len(outcomes)} scan(s) in {1e3 * (time.perf_counter() - t0):.0f} ms")
         self.flush()
         for oc in outcomes:
-            self._move(oc.path, oc.ok)
+            self._move(oc.file, oc.ok)
         return len(outcomes)
 
-    def _commit(self, oc: FileOutcome, version: tuple[int, int, str]) -> None:
+    def _commit(self, oc: ScanOutcome, version: tuple[int, int, str]) -> None:
         o = self.options
-        rec: ScanRecord = record_from_doc(oc.path, oc.doc if oc.ok else None, oc.error, version=version, stem=oc.stem,
-                                          model=str(self.pipeline.model_path), model_sha256=o.model_sha256,
-                                          reference=o.reference, name_pattern=o.name_pattern)
-        self.ledger.record(rec)
-        self._handled.add((oc.path, version[0], version[1]))
+        self.ledger.record(record_from_outcome(oc, version=version, model=str(self.pipeline.model_path),
+                                               model_sha256=o.model_sha256, reference=o.reference,
+                                               name_pattern=o.name_pattern))
+        self._handled.add((oc.file, version[0], version[1]))
         if not oc.ok:
-            log(f"{oc.path}: FAILED: {oc.error}")
+            log(f"{oc.file}: FAILED: {oc.error}")
 
     def flush(self) -> None:
         """Send each ledger row to every channel that has not taken it yet, in ledger order; a
