@@ -161,7 +161,7 @@ def test_watch_scores_each_complete_file_once_with_mqtt(tmp_path, shapes_root, t
     sub = Subscriber(broker, "line1/btp")
     service = Service([str(hot), "--model", str(model), "--out", str(out), "--settle", "1.0", "--poll", "0.1",
                        "--threshold", "0.5", "--heatmap", "none", "--mqtt", f"127.0.0.1:{broker}",
-                       "--topic", "line1/btp", "--move-failed", str(failed)], tmp_path)
+                       "--topic", "line1/btp", "--move-done", str(done), "--move-failed", str(failed)], tmp_path)
     db = out / "ledger.sqlite"
     try:
         _wait_for(lambda: len(service.lines) >= 1, 60, "the scan present at the start", service)
@@ -186,11 +186,10 @@ def test_watch_scores_each_complete_file_once_with_mqtt(tmp_path, shapes_root, t
                 fh.flush()
                 time.sleep(0.4)
         _wait_for(lambda: len(_ledger_rows(db)) >= 5, 60, "five scans in the ledger", service)
-        # the same bytes delivered again to the same path (new modification time): not scored again
-        again = (hot / "bracket_0001.pcd").read_bytes()
-        (hot / "bracket_0001.pcd").unlink()
-        (hot / "bracket_0001.pcd").write_bytes(again)
-        time.sleep(2.5)  # settle + a few polls
+        # the same bytes delivered again to the same path: not scored again (and moved to done as well)
+        _wait_for(lambda: (done / "bracket_0001.pcd").is_file(), 20, "the first scan moved to --move-done", service)
+        (hot / "bracket_0001.pcd").write_bytes((done / "bracket_0001.pcd").read_bytes())
+        _wait_for(lambda: not (hot / "bracket_0001.pcd").exists(), 20, "the re-delivered file moved", service)
         _wait_for(lambda: len(sub.messages) >= 5, 20, "five MQTT messages", service)
         assert "the same bytes as an earlier scan" in service.stderr
     finally:
@@ -205,6 +204,11 @@ def test_watch_scores_each_complete_file_once_with_mqtt(tmp_path, shapes_root, t
     bad = by_name["bracket_0002.ply"]
     assert bad["status"] == "failed" and "end_header" in bad["error"]
     assert (failed / "bracket_0002.ply").is_file() and not (hot / "bracket_0002.ply").exists()
+    moved = sorted(str(p.relative_to(done)) for p in done.rglob("*") if p.is_file())
+    copy = [m for m in moved if m.startswith("bracket_0001.2") and m.endswith(".pcd")]  # the re-delivery, timestamped
+    assert len(copy) == 1 and sorted(set(moved) - set(copy)) == ["bracket_0001.pcd", "bracket_0004.pcd",
+                                                                 "bracket_0005.xyz", "line2/bracket_0003.pcd"]
+    assert not [p for p in hot.rglob("*") if p.is_file()]  # the hot folder is empty: every file was handled
     for name, r in by_name.items():
         if name != "bracket_0002.ply":
             assert r["status"] == "ok" and 0 <= r["object_score"] <= 1 and r["decision"] in ("normal", "anomalous")

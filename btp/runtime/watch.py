@@ -257,8 +257,10 @@ class Watcher:
         target = target_root / path.relative_to(o.in_dir)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():
-                target = target.with_name(f"{target.name}.{time.strftime('%Y%m%dT%H%M%S')}")
+            stamp, n = time.strftime("%Y%m%dT%H%M%S"), 1
+            while target.exists():  # never over an earlier file: name.<time>[-n].ext beside it
+                target = target.with_name(f"{path.stem}.{stamp}{'' if n == 1 else f'-{n}'}{path.suffix}")
+                n += 1
             shutil.move(str(path), str(target))
         except OSError as exc:
             log(f"{path}: could not move it to {target_root} ({exc}); it stays, and is not scored again")
