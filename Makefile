@@ -17,11 +17,13 @@ $(STAMP): pyproject.toml
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libusb-1.0-0 >/dev/null; \
 	fi
-	@# btp watch --mqtt is tested against a real broker: Debian's mosquitto (tests/test_watch.py)
-	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then \
-	  echo "installing Debian's mosquitto (the MQTT broker of the tests)"; \
+	@# btp watch is tested against a real MQTT broker and a real PostgreSQL server: Debian's
+	@# mosquitto and postgresql (tests/test_watch.py starts its own, on free loopback ports)
+	@if { ! command -v mosquitto && [ ! -x /usr/sbin/mosquitto ]; } >/dev/null 2>&1 || \
+	    ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  echo "installing Debian's mosquitto and postgresql (the tests' broker and database)"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto >/dev/null; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq mosquitto postgresql >/dev/null; \
 	fi
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

@@ -297,7 +297,7 @@ def test_ledger_export_and_btp_run_ledger(tmp_path, shapes_root, tmp_path_factor
     exported = json.loads(res.output)
     assert [r["path"] for r in exported] == [r["path"] for r in rows]
     res = runner.invoke(app, ["ledger", "export", str(db), "--format", "csv", "--since", "2999-01-01"])
-    assert res.exit_code == 0 and res.output.splitlines()[0].startswith("id,path,") and len(res.output.splitlines()) == 1
+    assert res.exit_code == 0 and res.output.splitlines()[0].startswith("id,station,path,") and len(res.output.splitlines()) == 1
     res = runner.invoke(app, ["ledger", "export", str(db), "--format", "csv", "--since", "2000-01-01"])
     assert len(res.output.strip().splitlines()) == 3
     res = runner.invoke(app, ["ledger", "export", str(tmp_path / "nope.sqlite")])
@@ -347,3 +347,142 @@ def test_a_broker_outage_delays_the_messages_and_loses_none(tmp_path, shapes_roo
     assert sorted(m["serial"] for m in sub.messages) == ["0000", "0001"]  # each once, none lost
     assert sorted(m["serial"] for m in service.lines) == ["0000", "0001"]  # stdout not repeated
     assert all(r["published"] == 3 for r in _ledger_rows(db))
+
+
+def _postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+@pytest.fixture
+def postgres_url():
+    """A real PostgreSQL server (Debian's postgresql) on 127.0.0.1:<free port>, trust auth, user
+    btp -> its URL. As root the server runs as the system user postgres (it refuses root)."""
+    import tempfile
+
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.skip("Debian's postgresql is not installed (apt-get install postgresql; .ci/run and `make setup` do)")
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'btp-edge[line]')")
+    import psycopg
+
+    as_user = None
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            entry = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root without a postgres system user to run the server as")
+        as_user = (entry.pw_uid, entry.pw_gid)
+    top = Path(tempfile.mkdtemp(prefix="btp-pg-"))
+    if as_user:
+        os.chown(top, *as_user)
+
+    def drop():
+        if as_user:
+            os.setgid(as_user[1])
+            os.setuid(as_user[0])
+
+    subprocess.run([str(bindir / "initdb"), "-D", str(top / "data"), "-A", "trust", "-U", "btp", "-E", "UTF8",
+                    "--no-sync"], check=True, capture_output=True, preexec_fn=drop)
+    port = _free_port()
+    server = subprocess.Popen([str(bindir / "postgres"), "-D", str(top / "data"), "-k", str(top), "-p", str(port),
+                               "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=drop)
+    url = f"postgresql://btp@127.0.0.1:{port}/postgres"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            psycopg.connect(url, connect_timeout=2).close()
+            break
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail(f"postgres did not start: {server.stderr.read().decode()[-2000:]}")
+            time.sleep(0.1)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def test_postgres_ledger_keeps_stations_apart_under_concurrent_writers(postgres_url):
+    from btp.runtime.ledger import Ledger, ScanRecord
+
+    def write(station: str, n: int) -> None:
+        with Ledger(postgres_url, station=station) as book:
+            for i in range(n):
+                assert book.record(ScanRecord(path=f"/scans/part_{i:04d}.pcd", status="ok", size=10 + i, mtime_ns=i,
+                                              sha256=f"{i:064x}", object_score=0.5, regions=[{"points": i}])) is not None
+                assert book.record(ScanRecord(path=f"/scans/part_{i:04d}.pcd", status="ok", size=10 + i, mtime_ns=i,
+                                              sha256=f"{i:064x}")) is None  # the same version again: ignored
+
+    threads = [threading.Thread(target=write, args=(station, 40)) for station in ("line1", "line2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    with Ledger(postgres_url, station="line1") as book:
+        rows = book.rows()
+        assert len(rows) == 80 and len({r["id"] for r in rows}) == 80
+        assert sorted({r["station"] for r in rows}) == ["line1", "line2"]
+        assert book.seen("/scans/part_0003.pcd", 13, 3) and not book.seen("/scans/part_0003.pcd", 13, 4)
+        assert [r["regions"] for r in book.rows_for("/scans/part_0003.pcd")] == [[{"points": 3}]]  # its own only
+    with Ledger(postgres_url, station="line3") as book:
+        assert not book.seen("/scans/part_0003.pcd", 13, 3)  # another station's file
+    res = CliRunner().invoke(app, ["ledger", "export", postgres_url, "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.output)) == 80
+
+
+def test_two_stations_watch_into_one_postgres_ledger_with_a_kill_9(tmp_path, shapes_root, tmp_path_factory,
+                                                                   postgres_url):
+    model = tiny_export(tmp_path_factory)[0]
+    services, folders = [], {}
+    for station in ("line1", "line2"):
+        hot = tmp_path / station / "in"
+        hot.mkdir(parents=True)
+        for i in range(4):
+            (hot / f"part_{i:04d}.pcd").write_bytes(_scan_bytes(tmp_path, shapes_root, 60 + i))  # same names
+        folders[station] = hot
+    args = lambda station: [str(folders[station]), "--model", str(model), "--out", str(tmp_path / station / "out"),
+                            "--settle", "0.2", "--poll", "0.1", "--batch", "1", "--heatmap", "png",
+                            "--ledger", postgres_url, "--station", station]
+
+    def count(station):
+        import psycopg
+
+        with psycopg.connect(postgres_url) as con:
+            try:
+                return con.execute("SELECT count(*) FROM scans WHERE station = %s", (station,)).fetchone()[0]
+            except psycopg.errors.UndefinedTable:
+                return 0
+
+    first = Service(args("line1"), tmp_path)
+    other = Service(args("line2"), tmp_path)
+    _wait_for(lambda: count("line1") >= 1, 60, "a first scan of line1", first)
+    first.stop(signal.SIGKILL)
+    again = Service(args("line1"), tmp_path)
+    _wait_for(lambda: count("line1") >= 4 and count("line2") >= 4, 90, "every scan of both stations", again)
+    time.sleep(1.0)
+    assert again.stop() == 0 and other.stop() == 0, again.stderr[-2000:] + other.stderr[-2000:]
+    from btp.runtime.ledger import Ledger
+
+    with Ledger(postgres_url) as book:
+        rows = book.rows()
+    for station in ("line1", "line2"):
+        names = sorted(Path(r["path"]).name for r in rows if r["station"] == station)
+        assert names == [f"part_{i:04d}.pcd" for i in range(4)], (station, names)  # each once, none lost
+    assert all(r["status"] == "ok" and r["published"] == 1 for r in rows)
+    # a station's report from the shared ledger: its own scans only
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "line2" / "out"), "--ledger", postgres_url,
+                                   "--station", "line2"])
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "line2" / "out" / "report.html").read_text()
+    listed = json.loads(page.split("const ROWS = ", 1)[1].split(";\n", 1)[0])
+    assert sorted(r["file"] for r in listed) == sorted(r["path"] for r in rows if r["station"] == "line2")
+    assert all(r["image"] for r in listed)  # each scan's heat map found beside the ledger's row

@@ -108,8 +108,9 @@ def run(
                                  "reader thread while the engine runs, outputs written on a writer thread (0: all "
                                  "one after the other; same outputs, same order)."),
     debug: bool = typer.Option(False, "--debug", help="Print the traceback of an internal error (the run goes on)."),
-    ledger: Optional[Path] = typer.Option(None, "--ledger", help="Also record every scan in this SQLite ledger "
-                                          "(btp watch's format; a re-run of the same file replaces its row)."),
+    ledger: Optional[str] = typer.Option(None, "--ledger", help="Also record every scan in this ledger: an SQLite "
+                                         "file or a PostgreSQL URL (btp watch's format; a re-run of the same file "
+                                         "replaces its row)."),
 ) -> None:
     """Score point clouds: per scan an object score (+ decision), <stem>.npy with one score per input
     point (file order), a heat-mapped <stem>.ply and optionally a <stem>.png (three views).

@@ -14,7 +14,11 @@ def watch(
     in_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="The hot folder (watched recursively)."),
     model: Path = typer.Option(..., "--model", "-m", help="model.onnx from btp-export."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: per-scan outputs and ledger.sqlite."),
-    ledger: Optional[Path] = typer.Option(None, "--ledger", help="The SQLite ledger (default: OUT/ledger.sqlite)."),
+    ledger: Optional[str] = typer.Option(None, "--ledger", help="The ledger: an SQLite file (default: "
+                                         "OUT/ledger.sqlite) or a PostgreSQL URL postgresql://USER@HOST/DB, "
+                                         "for several stations in one database."),
+    station: Optional[str] = typer.Option(None, "--station", help="This station's name in the ledger (default: "
+                                          "the host name); stations sharing a database keep their files apart."),
     mqtt: Optional[str] = typer.Option(None, "--mqtt", help="HOST[:PORT] of an MQTT broker: each message is also "
                                        "published there with QoS 1 (needs the `line` extra: paho-mqtt)."),
     topic: str = typer.Option("btp/results", "--topic", help="MQTT topic of the messages."),
@@ -69,7 +73,7 @@ def watch(
                                                    f"{sidecar.n_scans} good scans)"
         model = model.resolve()
         pipeline = Pipeline(model, backend=backend, threads=threads)
-        book = Ledger(ledger or out / LEDGER_NAME)
+        book = Ledger(ledger or out / LEDGER_NAME, station=station)
         if mqtt:
             from btp.runtime.mqtt import MqttSink
 
@@ -104,7 +108,8 @@ def watch(
 
 @ledger_app.command("export")
 def export(
-    ledger: Path = typer.Argument(..., help="ledger.sqlite, or the OUT folder of `btp watch` that holds it."),
+    ledger: str = typer.Argument(..., help="ledger.sqlite, the OUT folder of `btp watch` that holds it, or a "
+                                  "PostgreSQL URL (postgresql://USER@HOST/DB)."),
     since: Optional[str] = typer.Option(None, "--since", help="Only scans scored at or after this ISO date or "
                                         "time (UTC unless it says otherwise), e.g. 2026-12-07T06:00."),
     fmt: str = typer.Option("csv", "--format", "-f", help="csv | json."),

@@ -1,15 +1,19 @@
-"""The results ledger: one SQLite row per scored (or failed) scan, kept across runs and restarts.
+"""The results ledger: one row per scored (or failed) scan, kept across runs and restarts.
 
-    ledger = Ledger(OUT / "ledger.sqlite")          # WAL mode: readers never block the writer
+    ledger = Ledger(OUT / "ledger.sqlite")          # SQLite, WAL mode: readers never block the writer
+    ledger = Ledger("postgresql://user@host/db")    # or PostgreSQL, for several stations in one database
     ledger.seen(path, size, mtime_ns)               # cheap check before hashing the file
     ledger.record(ScanRecord(...))                  # once per file version; a repeat is ignored
     ledger.rows(since="2026-12-07T06:00")           # -> list of dicts, oldest first
     ledger.export("csv" | "json", since=...)        # for MES: `btp ledger export`
 
-A file version is (path, size, mtime_ns, sha256): the row's unique key, so a service restarted
-after a crash skips every scan already in the ledger and scores the rest. ``published`` marks the
+A file version is (station, path, size, mtime_ns, sha256): the row's unique key, so a service
+restarted after a crash skips every scan already in the ledger and scores the rest; ``station``
+(default: the host name) keeps the files of stations that share a PostgreSQL database apart. ``published`` marks the
 channels (bits) that took the row's message (stdout, MQTT); a row a crash or a broker outage left
-unsent on a channel is sent there again later, and only there. Torch-free; Python's own sqlite3.
+unsent on a channel is sent there again later, and only there. Torch-free; Python's own sqlite3,
+or psycopg (the ``line`` extra) for PostgreSQL. The SQL is the dialect both speak (ON CONFLICT,
+RETURNING); only the placeholders, the id column and SQLite's pragmas differ.
 """
 from __future__ import annotations
 
@@ -35,13 +39,16 @@ EXPORT_FORMATS = ("csv", "json")
 NAME_PATTERN = r"^(?P<part>.+)_(?P<serial>[^_]+)$"
 
 _COLUMNS = (
-    ("path", "TEXT NOT NULL"), ("size", "INTEGER"), ("mtime_ns", "INTEGER"), ("sha256", "TEXT"),
-    ("stem", "TEXT"), ("part", "TEXT"), ("serial", "TEXT"), ("model", "TEXT"), ("model_sha256", "TEXT"),
-    ("reference", "TEXT"), ("status", "TEXT NOT NULL"), ("object_score", "REAL"), ("decision", "TEXT"),
-    ("threshold", "REAL"), ("threshold_source", "TEXT"), ("points", "INTEGER"), ("regions", "TEXT"),
-    ("timings", "TEXT"), ("total_ms", "REAL"), ("error", "TEXT"), ("scored_at", "TEXT NOT NULL"),
-    ("published", "INTEGER NOT NULL DEFAULT 0"),
+    ("station", "TEXT NOT NULL"), ("path", "TEXT NOT NULL"), ("size", "BIGINT"), ("mtime_ns", "BIGINT"),
+    ("sha256", "TEXT"), ("stem", "TEXT"), ("part", "TEXT"), ("serial", "TEXT"), ("model", "TEXT"),
+    ("model_sha256", "TEXT"), ("reference", "TEXT"), ("status", "TEXT NOT NULL"),
+    ("object_score", "DOUBLE PRECISION"), ("decision", "TEXT"), ("threshold", "DOUBLE PRECISION"),
+    ("threshold_source", "TEXT"), ("points", "BIGINT"), ("regions", "TEXT"), ("timings", "TEXT"),
+    ("total_ms", "DOUBLE PRECISION"), ("error", "TEXT"), ("scored_at", "TEXT NOT NULL"),
+    ("published", "BIGINT NOT NULL DEFAULT 0"),
 )
+_KEY = ("station", "path", "size", "mtime_ns", "sha256")
+URL_PREFIXES = ("postgresql://", "postgres://")
 FIELDS = ("id",) + tuple(name for name, _ in _COLUMNS)
 
 
@@ -56,6 +63,7 @@ class ScanRecord:
 
     path: str
     status: str
+    station: str | None = None  # None: the ledger's own station
     size: int | None = None
     mtime_ns: int | None = None
     sha256: str | None = None
@@ -116,12 +124,35 @@ def parse_since(text: str | None) -> str | None:
     return when.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-class Ledger:
-    """The SQLite ledger at ``path`` (created with its folder if missing)."""
+def is_url(where: str | Path) -> bool:
+    return str(where).startswith(URL_PREFIXES)
 
-    def __init__(self, path: str | Path, *, timeout_s: float = 30.0) -> None:
-        self.path = Path(path)
+
+def _masked(url: str) -> str:
+    """The URL without its password, for messages."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+class Ledger:
+    """The ledger at ``where``: an SQLite file (created with its folder if missing) or a
+    PostgreSQL URL (``postgresql://user[:password]@host[:port]/database``; the table is created
+    if missing). ``station``: this station's name in the rows (default: the host name)."""
+
+    def __init__(self, where: str | Path, *, station: str | None = None, timeout_s: float = 30.0) -> None:
+        import socket
+
+        self.station = station or socket.gethostname()
+        self.postgres = is_url(where)
+        self.location = _masked(str(where)) if self.postgres else str(where)
+        self.path = None if self.postgres else Path(where)
         self._lock = threading.Lock()
+        columns = ", ".join(f"{name} {kind}" for name, kind in _COLUMNS)
+        if self.postgres:
+            self._open_postgres(str(where), columns, timeout_s)
+        else:
+            self._open_sqlite(columns, timeout_s)
+
+    def _open_sqlite(self, columns: str, timeout_s: float) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # one connection, used from the writer thread of btp.runtime.run too: calls take self._lock
@@ -129,22 +160,46 @@ class Ledger:
             self._db.row_factory = sqlite3.Row
             self._execute("PRAGMA journal_mode=WAL")
             self._execute("PRAGMA synchronous=FULL")  # a committed row survives a power cut
-            columns = ", ".join(f"{name} {kind}" for name, kind in _COLUMNS)
-            self._execute(f"CREATE TABLE IF NOT EXISTS scans (id INTEGER PRIMARY KEY, {columns}, "
-                             "UNIQUE (path, size, mtime_ns, sha256))")
-            self._execute("CREATE INDEX IF NOT EXISTS scans_path_sha ON scans (path, sha256)")
-            self._execute("CREATE INDEX IF NOT EXISTS scans_time ON scans (scored_at)")
+            self._create(f"id INTEGER PRIMARY KEY, {columns}")
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"ledger {self.path}: cannot open it as an SQLite database ({exc}); give another "
                               "file with --ledger, or move this one away") from None
 
-    def _execute(self, sql: str, params=()) -> sqlite3.Cursor:
-        with self._lock:
-            return self._db.execute(sql, params)
+    def _open_postgres(self, url: str, columns: str, timeout_s: float) -> None:
+        try:
+            import psycopg
+            from psycopg.rows import dict_row
+        except ImportError:
+            raise LedgerError("a PostgreSQL ledger needs psycopg: pip install 'btp-edge[line]'") from None
+        try:
+            self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=int(timeout_s))
+            with self._lock:  # two stations starting at once: one creates the table, the other waits
+                self._db.execute("SELECT pg_advisory_lock(7433001)")
+                try:
+                    self._create(f"id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, {columns}", locked=True)
+                finally:
+                    self._db.execute("SELECT pg_advisory_unlock(7433001)")
+        except psycopg.Error as exc:
+            raise LedgerError(f"ledger {self.location}: cannot use this PostgreSQL database "
+                              f"({str(exc).strip().splitlines()[0]}); check the URL given to --ledger, the server "
+                              "and the user's rights (CREATE TABLE on first use)") from None
 
-    def _query(self, sql: str, params=()) -> list[sqlite3.Row]:
+    def _create(self, columns: str, locked: bool = False) -> None:
+        run = (lambda sql: self._db.execute(sql)) if locked else self._execute
+        run(f"CREATE TABLE IF NOT EXISTS scans ({columns}, UNIQUE ({', '.join(_KEY)}))")
+        run("CREATE INDEX IF NOT EXISTS scans_path_sha ON scans (station, path, sha256)")
+        run("CREATE INDEX IF NOT EXISTS scans_time ON scans (scored_at)")
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.postgres else sql
+
+    def _execute(self, sql: str, params=()):
         with self._lock:
-            return self._db.execute(sql, params).fetchall()
+            return self._db.execute(self._sql(sql), params)
+
+    def _query(self, sql: str, params=()) -> list:
+        with self._lock:
+            return self._db.execute(self._sql(sql), params).fetchall()
 
     def close(self) -> None:
         self._db.close()
@@ -156,17 +211,19 @@ class Ledger:
         self.close()
 
     def seen(self, path: str | Path, size: int, mtime_ns: int) -> bool:
-        """Whether this path with this size and modification time is in the ledger already."""
-        return bool(self._query("SELECT 1 FROM scans WHERE path = ? AND size = ? AND mtime_ns = ? LIMIT 1",
-                                (str(path), size, mtime_ns)))
+        """Whether this station's ledger holds this path with this size and modification time."""
+        return bool(self._query("SELECT 1 FROM scans WHERE station = ? AND path = ? AND size = ? AND mtime_ns = ? "
+                                "LIMIT 1", (self.station, str(path), size, mtime_ns)))
 
     def seen_content(self, path: str | Path, sha256: str) -> bool:
-        """Whether this path with these bytes is in the ledger (the same file delivered again)."""
-        return bool(self._query("SELECT 1 FROM scans WHERE path = ? AND sha256 = ? LIMIT 1", (str(path), sha256)))
+        """Whether this station's ledger holds this path with these bytes (the same file delivered again)."""
+        return bool(self._query("SELECT 1 FROM scans WHERE station = ? AND path = ? AND sha256 = ? LIMIT 1",
+                                (self.station, str(path), sha256)))
 
     def stem_owner(self, stem: str) -> str | None:
-        """The path of the latest scan whose outputs are named ``stem``, if any."""
-        rows = self._query("SELECT path FROM scans WHERE stem = ? ORDER BY id DESC LIMIT 1", (stem,))
+        """The path of this station's latest scan whose outputs are named ``stem``, if any."""
+        rows = self._query("SELECT path FROM scans WHERE station = ? AND stem = ? ORDER BY id DESC LIMIT 1",
+                           (self.station, stem))
         return rows[0]["path"] if rows else None
 
     def record(self, rec: ScanRecord, *, replace: bool = False) -> int | None:
@@ -175,28 +232,33 @@ class Ledger:
         from btp.runtime.outputs import _finite
 
         values = _finite(asdict(rec))  # NaN / inf -> NULL
+        values["station"] = values["station"] or self.station
         values["scored_at"] = values["scored_at"] or utc_now()
         for key in ("regions", "timings"):
             values[key] = None if values[key] is None else json.dumps(values[key], allow_nan=False,
                                                                       default=_plain)
         names = [name for name, _ in _COLUMNS if name != "published"]
-        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
-        with self._lock:
-            cur = self._db.execute(f"{verb} INTO scans ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
-                                   [values[n] for n in names])
-            return cur.lastrowid if cur.rowcount else None
+        if replace:
+            update = ", ".join(f"{n} = excluded.{n}" for n in names if n not in _KEY)
+            action = f"DO UPDATE SET {update}, published = 0"
+        else:
+            action = "DO NOTHING"
+        rows = self._query(f"INSERT INTO scans ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+                           f"ON CONFLICT ({', '.join(_KEY)}) {action} RETURNING id", [values[n] for n in names])
+        return rows[0]["id"] if rows else None
 
     def mark_published(self, row_id: int, channels: int) -> None:
         """Add ``channels`` (bits: btp.runtime.watch's STDOUT, MQTT) to the row's sent marks."""
         self._execute("UPDATE scans SET published = published | ? WHERE id = ?", (channels, row_id))
 
     def unpublished(self, channels: int) -> list[dict[str, Any]]:
-        """The rows not yet sent to every one of ``channels`` (bits), oldest first."""
-        return [_decode(r) for r in self._query("SELECT * FROM scans WHERE (published & ?) != ? ORDER BY id",
-                                                (channels, channels))]
+        """This station's rows not yet sent to every one of ``channels`` (bits), oldest first."""
+        return [_decode(r) for r in self._query("SELECT * FROM scans WHERE station = ? AND (published & ?) != ? "
+                                                "ORDER BY id", (self.station, channels, channels))]
 
     def rows(self, since: str | None = None) -> list[dict[str, Any]]:
-        """Every row (``since``: scored at or after this ISO time, see parse_since), oldest first."""
+        """Every row of every station (``since``: scored at or after this ISO time, see
+        parse_since), oldest first."""
         if since is None:
             cur = self._query("SELECT * FROM scans ORDER BY id")
         else:
@@ -204,8 +266,9 @@ class Ledger:
         return [_decode(r) for r in cur]
 
     def rows_for(self, path: str | Path) -> list[dict[str, Any]]:
-        """The rows of one path, oldest first."""
-        return [_decode(r) for r in self._query("SELECT * FROM scans WHERE path = ? ORDER BY id", (str(path),))]
+        """This station's rows of one path, oldest first."""
+        return [_decode(r) for r in self._query("SELECT * FROM scans WHERE station = ? AND path = ? ORDER BY id",
+                                                (self.station, str(path)))]
 
     def export(self, fmt: str, since: str | None = None) -> str:
         """The rows as CSV (regions and timings as JSON text in their cells) or as a JSON array."""
@@ -223,7 +286,10 @@ class Ledger:
 
 
 def open_existing(path: str | Path) -> Ledger:
-    """A ledger that must exist already (readers: export, report); a folder means its ledger.sqlite."""
+    """A ledger that must exist already (readers: export, report); a folder means its ledger.sqlite;
+    a PostgreSQL URL its database."""
+    if is_url(path):
+        return Ledger(str(path))
     path = Path(path)
     if path.is_dir():
         path = path / LEDGER_NAME
@@ -233,7 +299,7 @@ def open_existing(path: str | Path) -> Ledger:
     return Ledger(path)
 
 
-def _decode(row: sqlite3.Row) -> dict[str, Any]:
+def _decode(row) -> dict[str, Any]:
     d = dict(row)
     for key in ("regions", "timings"):
         if d.get(key) is not None:

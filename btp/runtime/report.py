@@ -207,16 +207,18 @@ def _utc_mtime(path: Path) -> str:
     return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def entries_from_results(results_dir: str | Path, since: str | None = None) -> tuple[list[ReportEntry], str]:
+def entries_from_results(results_dir: str | Path, since: str | None = None, *, ledger: str | None = None,
+                         station: str | None = None) -> tuple[list[ReportEntry], str]:
     """A finished btp-run or btp watch folder -> (entries, model name). With a ledger
-    (``ledger.sqlite``, btp watch) its rows - the latest of each file, scored at or after ``since``
-    - with each scan's ``<stem>.json``; without, every ``<stem>.json`` and the failures listed in
+    (``ledger``, else the folder's ``ledger.sqlite``) its rows - the latest of each file, scored at or
+    after ``since``, of ``station`` if given (a shared PostgreSQL ledger: default this host's) - with
+    each scan's ``<stem>.json``; without, every ``<stem>.json`` and the failures listed in
     ``summary.json``. Points and scores of the 3D views from the files beside them."""
     from btp.runtime.ledger import LEDGER_NAME
 
     results_dir = Path(results_dir)
-    if (results_dir / LEDGER_NAME).is_file():
-        return _entries_from_ledger(results_dir, since)
+    if ledger is not None or (results_dir / LEDGER_NAME).is_file():
+        return _entries_from_ledger(results_dir, since, ledger, station)
     summary_path = results_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     entries = []
@@ -237,11 +239,16 @@ def entries_from_results(results_dir: str | Path, since: str | None = None) -> t
     return entries, Path(str(summary.get("model", ""))).name
 
 
-def _entries_from_ledger(results_dir: Path, since: str | None) -> tuple[list[ReportEntry], str]:
-    from btp.runtime.ledger import open_existing
+def _entries_from_ledger(results_dir: Path, since: str | None, ledger: str | None,
+                         station: str | None) -> tuple[list[ReportEntry], str]:
+    from btp.runtime.ledger import is_url, open_existing
 
-    with open_existing(results_dir) as book:
+    with open_existing(ledger or results_dir) as book:
         rows = book.rows(since)
+        if station is None and ledger is not None and is_url(ledger):
+            station = book.station
+    if station is not None:
+        rows = [row for row in rows if row["station"] == station]
     latest = {row["path"]: row for row in rows}  # oldest first: the last one of a path wins
     entries, models = [], set()
     for row in latest.values():

@@ -268,7 +268,7 @@ class Watcher:
     # the service ------------------------------------------------------------------------------
     def run(self, *, once: bool = False) -> None:
         """Poll until ``stop`` is set (``once``: until IN_DIR holds nothing left to score)."""
-        log(f"watching {self.options.in_dir} (settle {self.options.settle_s:g} s); ledger {self.ledger.path}; "
+        log(f"watching {self.options.in_dir} (settle {self.options.settle_s:g} s); ledger {self.ledger.location} (station {self.ledger.station}); "
             f"started {utc_now()}")
         self.flush()
         while not self.stop.is_set():
