@@ -47,8 +47,8 @@ def watch(
     a row per scan in the ledger. SIGTERM / Ctrl-C finish the scans in flight and exit; a restart
     skips what the ledger holds. Exit codes: 0 stopped; 2 unusable model, options or folders."""
     from btp.errors import BTPError
-    from btp.io.files import file_sha256
-    from btp.runtime.calibration import CalibrationError, check_threshold, find_threshold
+    from btp.io.files import file_sha256, remove_stale_temps
+    from btp.runtime.calibration import CalibrationError, check_score_threshold, find_threshold
     from btp.runtime.ledger import LEDGER_NAME, NAME_PATTERN, Ledger, check_name_pattern
     from btp.runtime.outputs import check_output_dir
     from btp.runtime.pipeline import Pipeline
@@ -63,9 +63,12 @@ def watch(
             if folder is not None and folder.resolve() == in_dir.resolve():
                 raise BTPError(f"{flag} {folder} is the watched folder itself; give another folder")
         check_output_dir(out)
+        stale = remove_stale_temps(out)  # what atomic writes of a killed service left
+        if stale:
+            log(f"removed {len(stale)} temporary file(s) a killed run left in {out}")
         source = "--threshold"
         if threshold is not None:
-            threshold = check_threshold(threshold)
+            threshold = check_score_threshold(threshold, "--threshold")
         else:
             sidecar = find_threshold(model)
             if sidecar is not None:
