@@ -59,3 +59,20 @@ def test_no_hot_point_no_region_and_nan_is_cold(shapes_root):
     assert defect_regions(pts, scores, 0.5) == []
     with pytest.raises(ValueError, match="expected"):
         defect_regions(pts, scores[:-1], 0.5)
+
+
+def test_a_huge_hot_set_is_linked_through_a_subset_with_the_same_regions(shapes_root):
+    pts = real_scan(shapes_root, name="cgal__pinion.ply", n=30000, seed=8).astype(np.float64)
+    far = np.argmax(np.linalg.norm(pts - pts[0], axis=1))
+    radius = 0.25 * np.ptp(pts, axis=0).max()  # two large hot caps: thousands of hot points each
+    s1, _ = _defect_scores(pts, pts[0], radius, seed=2)
+    s2, _ = _defect_scores(pts, pts[far], radius, seed=2)
+    scores = np.maximum(s1, s2)
+    exact = defect_regions(pts, scores, 0.5)
+    bounded = defect_regions(pts, scores, 0.5, max_linked=1500)  # far fewer than the hot points
+    assert sum(r.points for r in exact) > 3 * 1500
+    spacing = sampling_spacing(pts)
+    for a, b in zip(exact[:2], bounded[:2]):  # the same two regions, give or take a few stray points
+        assert abs(a.points - b.points) <= 0.01 * a.points and a.peak == b.peak
+        assert np.linalg.norm(np.array(a.center) - np.array(b.center)) <= 2 * spacing
+    assert sum(r.points for r in bounded) == sum(r.points for r in exact)  # every hot point in a region

@@ -225,7 +225,10 @@ def test_watch_scores_each_complete_file_once_with_mqtt(tmp_path, shapes_root, t
     assert msg["bracket_0002.ply"]["verdict"] == "FAILED" and "end_header" in msg["bracket_0002.ply"]["error"]
     assert msg["bracket_0004.pcd"]["part"] == "bracket" and msg["bracket_0004.pcd"]["serial"] == "0004"
     assert msg["bracket_0004.pcd"]["verdict"] == ("OK" if msg["bracket_0004.pcd"]["decision"] == "normal" else "NG")
-    assert all(isinstance(m["regions"], list) for m in service.lines)
+    for m in service.lines:  # the message's regions: the largest of the ledger's, with the total
+        row = next(r for r in rows if r["id"] == m["ledger_id"])
+        assert m["regions"] == json.loads(row["regions"] or "[]")[:20]
+        assert m["regions_total"] == len(json.loads(row["regions"] or "[]"))
 
 
 def test_kill_9_then_restart_scores_no_file_twice_and_loses_none(tmp_path, shapes_root, tmp_path_factory):

@@ -8,6 +8,12 @@ longer than ``LINK_SPACINGS`` sampling spacings; the sampling spacing is the med
 a point of the scan to its nearest neighbour, so the radius follows the scanner's density.
 Coordinates and sizes are in the scan's own units (pass the scan's own frame). Torch-free: a
 k-d tree (pykdtree) for the spacing, scipy for the links and their connected components.
+
+Memory stays bounded on huge hot sets (a 5M-point scan of an untrained model can be half hot):
+beyond MAX_LINKED hot points an evenly strided subset of MAX_LINKED is linked, with the radius
+widened by sqrt(hot / MAX_LINKED) (a surface sample's spacing grows with the square root of the
+thinning), and every hot point joins the region of its nearest linked point - counts, centres,
+extents, peaks and means still cover every hot point.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import numpy as np
 LINK_SPACINGS = 4.0  # hot points closer than this many sampling spacings are connected (about 11
 # neighbours on average for random surface samples, well above where such samples fall apart)
 SPACING_SAMPLE = 8192  # points whose nearest-neighbour distance estimates the spacing
+MAX_LINKED = 200_000  # hot points linked pairwise at most; beyond, an even subset is linked (below)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,12 +66,12 @@ def sampling_spacing(points: np.ndarray, sample: int = SPACING_SAMPLE) -> float:
 
 def defect_regions(points: np.ndarray, scores: np.ndarray, point_threshold: float, *,
                    spacing: float | None = None, link_spacings: float = LINK_SPACINGS,
-                   min_points: int = 1) -> list[Region]:
+                   min_points: int = 1, max_linked: int = MAX_LINKED) -> list[Region]:
     """Regions of the points with ``scores >= point_threshold``, largest first (then by peak).
 
     ``points`` [M, 3] and ``scores`` [M] (NaN counts as below the threshold); ``spacing``: the
     sampling spacing (default: ``sampling_spacing(points)``); regions with fewer than
-    ``min_points`` points are left out."""
+    ``min_points`` points are left out; ``max_linked``: see the module's note on huge hot sets."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
     from scipy.spatial import cKDTree
@@ -79,9 +86,20 @@ def defect_regions(points: np.ndarray, scores: np.ndarray, point_threshold: floa
     if spacing is None:
         spacing = sampling_spacing(pts)
     hp = pts[hot]
-    pairs = cKDTree(hp).query_pairs(max(link_spacings * spacing, 0.0), output_type="ndarray")
-    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(len(hot), len(hot)))
+    radius = max(link_spacings * spacing, 0.0)
+    linked = np.arange(len(hot))
+    if len(hot) > max_linked:
+        linked = np.linspace(0, len(hot) - 1, max_linked).astype(np.int64)
+        radius *= np.sqrt(len(hot) / max_linked)
+    pairs = cKDTree(hp[linked]).query_pairs(radius, output_type="ndarray")
+    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])),
+                       shape=(len(linked), len(linked)))
     count, label = connected_components(graph, directed=False)
+    if len(linked) < len(hot):  # every hot point joins the region of its nearest linked point
+        from pykdtree.kdtree import KDTree
+
+        _, nearest = KDTree(np.ascontiguousarray(hp[linked])).query(np.ascontiguousarray(hp), k=1)
+        label = label[nearest.astype(np.int64)]
     regions = []
     for k in range(count):
         members = np.flatnonzero(label == k)

@@ -42,6 +42,7 @@ PARTIAL_SUFFIXES = (".tmp", ".part")  # being written: taken once renamed withou
 RESEND_S = 5.0  # while messages wait for the line (e.g. the broker is down), try again this often
 Sink = Callable[[dict[str, Any]], None]  # sends one message; raises when it could not
 STDOUT, MQTT = 1, 2  # the channels' bits in the ledger's ``published`` marks
+MESSAGE_REGIONS = 20  # the largest regions in a message (the ledger and the scan's JSON have all)
 
 
 @dataclass(kw_only=True)
@@ -68,14 +69,17 @@ def message(row: dict[str, Any]) -> dict[str, Any]:
     """The message of one ledger row, as stdout and MQTT carry it (README: "Run it on the line").
 
     ``verdict``: OK (decision normal), NG (anomalous), FAILED (not scored; ``error`` says why)
-    or NONE (scored, but no object-score threshold is known)."""
+    or NONE (scored, but no object-score threshold is known). ``regions``: the MESSAGE_REGIONS
+    largest, ``regions_total`` how many the scan has."""
+    regions = row.get("regions") or []
     if row["status"] != "ok":
         verdict = "FAILED"
     else:
         verdict = {"normal": "OK", "anomalous": "NG"}.get(row.get("decision") or "", "NONE")
     return _finite({"verdict": verdict, "part": row.get("part"), "serial": row.get("serial"), "file": row["path"],
             "status": row["status"], "decision": row.get("decision"), "object_score": row.get("object_score"),
-            "threshold": row.get("threshold"), "regions": row.get("regions") or [], "error": row.get("error"),
+            "threshold": row.get("threshold"), "regions": regions[:MESSAGE_REGIONS],
+                    "regions_total": len(regions), "error": row.get("error"),
             "sha256": row.get("sha256"), "model_sha256": row.get("model_sha256"), "reference": row.get("reference"),
             "scored_at": row.get("scored_at"), "ledger_id": row.get("id"), "total_ms": row.get("total_ms")})
 
