@@ -111,7 +111,7 @@ class Watcher:
     def __post_init__(self) -> None:
         self._pending: dict[Path, _Seen] = {}
         self._unsent_since: float | None = None  # when a flush last left messages unsent
-        self._handled: set[tuple[Path, int, int]] = set()
+        self._handled: dict[Path, tuple[int, int]] = {}  # files dealt with: path -> (size, mtime_ns)
         o = self.options
         self._skip_dirs = {p.resolve() for p in (o.out, o.move_done, o.move_failed) if p is not None}
 
@@ -141,7 +141,7 @@ class Watcher:
                 continue
             key = (st.st_size, st.st_mtime_ns)
             present.add(path)
-            if (path, *key) in self._handled:
+            if self._handled.get(path) == key:
                 continue
             seen = self._pending.get(path)
             if seen is None or seen.key != key:
@@ -150,6 +150,8 @@ class Watcher:
                 ready.append((path, key))
         for gone in set(self._pending) - present:
             del self._pending[gone]
+        for gone in set(self._handled) - present:  # moved away or deleted: nothing to remember
+            del self._handled[gone]
         return ready
 
     # one round --------------------------------------------------------------------------------
@@ -159,7 +161,7 @@ class Watcher:
         for path, key in self.ready():
             self._pending.pop(path, None)
             if self.ledger.seen(path, *key):
-                self._handled.add((path, *key))
+                self._handled[path] = key
                 self._move(path, None)  # scored before a crash, not moved yet
                 continue
             try:
@@ -171,7 +173,7 @@ class Watcher:
                 continue
             if self.ledger.seen_content(path, version[2]):
                 log(f"{path}: the same bytes as an earlier scan of this path (sha256 {version[2][:12]}...); skipped")
-                self._handled.add((path, *key))
+                self._handled[path] = key
                 self._move(path, None)
                 continue
             todo.append((path, version))
@@ -220,7 +222,7 @@ class Watcher:
         self.ledger.record(record_from_outcome(oc, version=version, model=str(self.pipeline.model_path),
                                                model_sha256=o.model_sha256, reference=o.reference,
                                                name_pattern=o.name_pattern))
-        self._handled.add((oc.file, version[0], version[1]))
+        self._handled[oc.file] = (version[0], version[1])
         if not oc.ok:
             log(f"{oc.file}: FAILED: {oc.error}")
 
