@@ -175,3 +175,30 @@ def test_report_of_a_watch_folder_reads_the_ledger(tmp_path, shapes_root, tmp_pa
     res = CliRunner().invoke(app, ["report", str(out), "--since", "2021-01-01"])
     assert res.exit_code == 0
     assert [r["serial"] for r in _rows((out / "report.html").read_text())] == ["0007"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_a_shift_shows_the_highest_scores_first_and_the_rest_on_demand(tmp_path):
+    """Many scans (a shift's ledger): the first screen holds the 48 highest-scoring thumbnails and a
+    button for the rest; counts and histogram still cover every scan."""
+    from btp.runtime.report import ReportEntry, write_report
+
+    rng = np.random.default_rng(0)
+    entries = []
+    for i, score in enumerate(rng.uniform(0.3, 0.9, 60)):
+        doc = {"file": f"/scans/housing_{i:04d}.pcd", "object_score": float(score),
+               "decision": "anomalous" if score > 0.7 else "normal", "threshold": {"value": 0.7, "source": "test"},
+               "points": 1000, "regions": [], "point_scores": {"point_threshold": 0.5, "anomalous_fraction": 0.0}}
+        entries.append(ReportEntry(file=doc["file"], stem=f"housing_{i:04d}", doc=doc))
+    page = write_report(tmp_path, entries)
+    proc = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                           page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
+    dom = proc.stdout
+    shown = re.findall(r'<div class="thumb \w+" data-stem="([^"]+)"', dom)
+    best = [e.stem for e in sorted(entries, key=lambda e: -e.doc["object_score"])][:48]
+    assert shown == best and "show all 60 scans" in dom
+    ng = sum(e.doc["decision"] == "anomalous" for e in entries)
+    assert f'data-verdict="NG"><b>{ng}</b>' in dom and f'data-verdict="OK"><b>{60 - ng}</b>' in dom
+    assert "housing: object scores of 60 scan(s)" in dom
