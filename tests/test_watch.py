@@ -489,3 +489,38 @@ def test_two_stations_watch_into_one_postgres_ledger_with_a_kill_9(tmp_path, sha
     listed = json.loads(page.split("const ROWS = ", 1)[1].split(";\n", 1)[0])
     assert sorted(r["file"] for r in listed) == sorted(r["path"] for r in rows if r["station"] == "line2")
     assert all(r["image"] for r in listed)  # each scan's heat map found beside the ledger's row
+
+
+def test_a_file_the_service_died_on_goes_alone_then_is_given_up(tmp_path, shapes_root, tmp_path_factory, capsys):
+    """Files in flight when the service died (the ledger's inflight marks): scored alone next time,
+    so that a file that crashes the process cannot take others down; after MAX_ATTEMPTS deaths it is
+    recorded as failed without being read again. In-process, on the Watcher itself."""
+    from btp.runtime.ledger import Ledger, file_version
+    from btp.runtime.pipeline import Pipeline
+    from btp.runtime.watch import MAX_ATTEMPTS, STDOUT, Watcher, WatchOptions
+
+    model = tiny_export(tmp_path_factory)[0]
+    hot, out = tmp_path / "in", tmp_path / "out"
+    hot.mkdir()
+    for i in range(5):
+        (hot / f"cover_{i:04d}.pcd").write_bytes(_scan_bytes(tmp_path, shapes_root, 70 + i))
+    book = Ledger(out / "ledger.sqlite")
+    suspect, poison = hot / "cover_0001.pcd", hot / "cover_0002.pcd"
+    book.begin(suspect, file_version(suspect)[2])  # in flight once when the service died
+    for _ in range(MAX_ATTEMPTS):
+        book.begin(poison, file_version(poison)[2])  # the service died on it every time
+    sent = []
+    watcher = Watcher(Pipeline(model), WatchOptions(in_dir=hot, out=out, settle_s=0.0, heatmaps=()), book,
+                      {STDOUT: sent.append})
+    capsys.readouterr()
+    watcher.poll_once()  # sees the files
+    watcher.poll_once()  # takes them
+    log = capsys.readouterr().err
+    rows = {Path(r["path"]).name: r for r in book.rows()}
+    assert sorted(rows) == [f"cover_{i:04d}.pcd" for i in range(5)]
+    assert rows["cover_0002.pcd"]["status"] == "failed" and "ServiceCrash" in rows["cover_0002.pcd"]["error"]
+    assert all(r["status"] == "ok" for name, r in rows.items() if name != "cover_0002.pcd")
+    assert log.count("1 scan(s) in") == 1 and log.count("3 scan(s) in") == 1  # the suspect alone, then the rest
+    assert all(book.attempts(hot / name, r["sha256"]) == 0 for name, r in rows.items())
+    assert sorted(m["serial"] for m in sent) == ["0000", "0001", "0002", "0003", "0004"]
+    book.close()

@@ -189,6 +189,9 @@ class Ledger:
         run(f"CREATE TABLE IF NOT EXISTS scans ({columns}, UNIQUE ({', '.join(_KEY)}))")
         run("CREATE INDEX IF NOT EXISTS scans_path_sha ON scans (station, path, sha256)")
         run("CREATE INDEX IF NOT EXISTS scans_time ON scans (scored_at)")
+        # the files being scored: a file still here after a restart was in flight when the service died
+        run("CREATE TABLE IF NOT EXISTS inflight (station TEXT NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL, "
+            "attempts BIGINT NOT NULL, PRIMARY KEY (station, path, sha256))")
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s") if self.postgres else sql
@@ -246,6 +249,22 @@ class Ledger:
         rows = self._query(f"INSERT INTO scans ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
                            f"ON CONFLICT ({', '.join(_KEY)}) {action} RETURNING id", [values[n] for n in names])
         return rows[0]["id"] if rows else None
+
+    def attempts(self, path: str | Path, sha256: str) -> int:
+        """How often this station started scoring this file without finishing it (a crash, a kill)."""
+        rows = self._query("SELECT attempts FROM inflight WHERE station = ? AND path = ? AND sha256 = ?",
+                           (self.station, str(path), sha256))
+        return int(rows[0]["attempts"]) if rows else 0
+
+    def begin(self, path: str | Path, sha256: str) -> None:
+        """This file is being scored (one more attempt; ``end`` clears it once its row is in)."""
+        self._execute("INSERT INTO inflight (station, path, sha256, attempts) VALUES (?, ?, ?, 1) "
+                      "ON CONFLICT (station, path, sha256) DO UPDATE SET attempts = inflight.attempts + 1",
+                      (self.station, str(path), sha256))
+
+    def end(self, path: str | Path, sha256: str) -> None:
+        self._execute("DELETE FROM inflight WHERE station = ? AND path = ? AND sha256 = ?",
+                      (self.station, str(path), sha256))
 
     def mark_published(self, row_id: int, channels: int) -> None:
         """Add ``channels`` (bits: btp.runtime.watch's STDOUT, MQTT) to the row's sent marks."""

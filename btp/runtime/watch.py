@@ -16,7 +16,9 @@ scan's outputs are written to OUT (btp.runtime.run), its row is committed to the
 message goes to the sinks (a JSON line on stdout, MQTT) and the row is marked published; last, the
 file is moved to --move-done / --move-failed if asked. A crash at any point redoes at most the
 scans in flight: a committed row is never scored again, an unpublished row is sent again on the
-next start. A stop request (SIGTERM, Ctrl-C) lets the batch in flight finish, then the service
+next start. The ledger also marks the files in flight: one that was in flight when the service
+died is scored alone next time (a file that crashes the process cannot take others down), and
+after MAX_ATTEMPTS such deaths it is recorded as failed without being read again. A stop request (SIGTERM, Ctrl-C) lets the batch in flight finish, then the service
 exits; a second one stops at once.
 """
 from __future__ import annotations
@@ -42,6 +44,7 @@ PARTIAL_SUFFIXES = (".tmp", ".part")  # being written: taken once renamed withou
 RESEND_S = 5.0  # while messages wait for the line (e.g. the broker is down), try again this often
 Sink = Callable[[dict[str, Any]], None]  # sends one message; raises when it could not
 STDOUT, MQTT = 1, 2  # the channels' bits in the ledger's ``published`` marks
+MAX_ATTEMPTS = 2  # a file the service died on this often is recorded as failed, not scored again
 MESSAGE_REGIONS = 20  # the largest regions in a message (the ledger and the scan's JSON have all)
 
 
@@ -176,14 +179,37 @@ class Watcher:
                 self._handled[path] = key
                 self._move(path, None)
                 continue
-            todo.append((path, version))
+            tried = self.ledger.attempts(path, version[2])
+            if tried >= MAX_ATTEMPTS:
+                self._give_up(path, version, tried)
+                continue
+            todo.append((path, version, tried))
+        # a file that was in flight when the service died goes alone, so that it cannot take others down
+        chunks = [[(p, v)] for p, v, tried in todo if tried]
+        rest = [(p, v) for p, v, tried in todo if not tried]
+        step = max(self.options.batch, 1)
+        chunks += [rest[i:i + step] for i in range(0, len(rest), step)]
         scored = 0
-        for start in range(0, len(todo), max(self.options.batch, 1)):
+        for chunk in chunks:
             if self.stop.is_set():
                 break
-            chunk = todo[start:start + max(self.options.batch, 1)]
             scored += self._score(chunk)
         return scored
+
+    def _give_up(self, path: Path, version: tuple[int, int, str], tried: int) -> None:
+        """Record as failed a file the service died on MAX_ATTEMPTS times (e.g. a reader crash)."""
+        o = self.options
+        error = (f"ServiceCrash: the service stopped {tried} times while scoring this file (a crash or a kill in "
+                 "the reader or the engine); not scored again - check the file, and score it with btp-run")
+        outcome = ScanOutcome.failed(file=path, stem="", error=error)
+        self.ledger.record(record_from_outcome(outcome, version=version, model=str(self.pipeline.model_path),
+                                               model_sha256=o.model_sha256, reference=o.reference,
+                                               name_pattern=o.name_pattern))
+        self.ledger.end(path, version[2])
+        self._handled[path] = (version[0], version[1])
+        log(f"{path}: FAILED: {error}")
+        self.flush()
+        self._move(path, False)
 
     def _stems(self, paths: list[Path]) -> list[str]:
         """Output names from the path under IN_DIR ("line1/part_7.pcd" -> "line1__part_7"); with the
@@ -206,11 +232,14 @@ class Watcher:
         paths = [p for p, _ in chunk]
         versions = dict(chunk)
         t0 = time.perf_counter()
+        for path, version in chunk:
+            self.ledger.begin(path, version[2])
         outcomes = run_files(self.pipeline, paths, o.out, batch=len(paths), threshold=o.threshold,
                              threshold_source=o.threshold_source, heatmaps=o.heatmaps, backend=o.backend,
                              stems=self._stems(paths), prefetch=0)
         for oc in outcomes:
             self._commit(oc, versions[oc.file])
+            self.ledger.end(oc.file, versions[oc.file][2])
         log(f"{len(outcomes)} scan(s) in {1e3 * (time.perf_counter() - t0):.0f} ms")
         self.flush()
         for oc in outcomes:
