@@ -25,7 +25,6 @@ from btp.io import write_point_cloud
 from runtime_helpers import real_scan, tiny_export
 
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").is_file() else None)
-REPO = Path(__file__).resolve().parents[1]
 BROKEN_PLY = b"ply\nformat ascii 1.0\nelement vertex 3\n"  # the header is cut off
 
 
@@ -97,7 +96,7 @@ class Service:
     """`btp watch` in a subprocess; its stdout lines collected on a thread."""
 
     def __init__(self, args: list[str], tmp_path: Path) -> None:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        env = dict(os.environ)  # the btp this test imports: the checkout, an editable install or a wheel
         self.stderr_path = tmp_path / f"watch-stderr-{time.monotonic_ns()}.txt"
         self.proc = subprocess.Popen([sys.executable, "-m", "btp.cli", "watch", *args], stdout=subprocess.PIPE,
                                      stderr=self.stderr_path.open("wb"), text=True, env=env)

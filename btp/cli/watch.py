@@ -12,7 +12,8 @@ ledger_app = typer.Typer(name="ledger", help="The results ledger of `btp watch` 
 
 def watch(
     in_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="The hot folder (watched recursively)."),
-    model: Path = typer.Option(..., "--model", "-m", help="model.onnx from btp-export."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="model.onnx from btp-export (default: the "
+                                         "default model the package carries)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: per-scan outputs and ledger.sqlite."),
     ledger: Optional[str] = typer.Option(None, "--ledger", help="The ledger: an SQLite file (default: "
                                          "OUT/ledger.sqlite) or a PostgreSQL URL postgresql://USER@HOST/DB, "
@@ -59,6 +60,15 @@ def watch(
     sinks, closers = {STDOUT: stdout_sink}, []
     try:
         pattern = check_name_pattern(name_pattern) if name_pattern else NAME_PATTERN
+        if model is None:
+            from btp.config import DEFAULT_MODEL_NAME
+            from btp.io.locations import packaged_model
+
+            model = packaged_model(DEFAULT_MODEL_NAME)
+            if model is None:
+                raise BTPError(f"this install of btp carries no {DEFAULT_MODEL_NAME}.onnx: pass --model model.onnx "
+                               "from btp-export")
+        model = model.resolve()
         for flag, folder in (("--out", out), ("--move-done", move_done), ("--move-failed", move_failed)):
             if folder is not None and folder.resolve() == in_dir.resolve():
                 raise BTPError(f"{flag} {folder} is the watched folder itself; give another folder")
@@ -74,7 +84,6 @@ def watch(
             if sidecar is not None:
                 threshold, source = sidecar.value, f"sidecar (q={sidecar.quantile}, margin={sidecar.margin}, " \
                                                    f"{sidecar.n_scans} good scans)"
-        model = model.resolve()
         pipeline = Pipeline(model, backend=backend, threads=threads)
         book = Ledger(ledger or out / LEDGER_NAME, station=station)
         if mqtt:
