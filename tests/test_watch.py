@@ -509,8 +509,8 @@ def test_a_file_the_service_died_on_goes_alone_then_is_given_up(tmp_path, shapes
     for _ in range(MAX_ATTEMPTS):
         book.begin(poison, file_version(poison)[2])  # the service died on it every time
     sent = []
-    watcher = Watcher(Pipeline(model), WatchOptions(in_dir=hot, out=out, settle_s=0.0, heatmaps=()), book,
-                      {STDOUT: sent.append})
+    watcher = Watcher(pipeline=Pipeline(model), options=WatchOptions(in_dir=hot, out=out, settle_s=0.0, heatmaps=()),
+                      ledger=book, sinks={STDOUT: sent.append})
     capsys.readouterr()
     watcher.poll_once()  # sees the files
     watcher.poll_once()  # takes them

@@ -105,7 +105,7 @@ def watch(
                            threshold=threshold, threshold_source=source if threshold is not None else None,
                            move_done=move_done, move_failed=move_failed, name_pattern=pattern, backend=backend,
                            model_sha256=file_sha256(model))
-    watcher = Watcher(pipeline, options, book, sinks)
+    watcher = Watcher(pipeline=pipeline, options=options, ledger=book, sinks=sinks)
     stop_on_signals(watcher.stop)
     try:
         watcher.run(once=once)

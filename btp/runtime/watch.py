@@ -103,8 +103,11 @@ class _Seen:
     since: float
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Watcher:
+    """The service: ``run`` polls IN_DIR until ``stop`` is set; ``poll_once`` is one round (the
+    engine stays loaded in ``pipeline``); ``sinks``: channel bit -> a callable that sends a message."""
+
     pipeline: Any
     options: WatchOptions
     ledger: Ledger
