@@ -15,6 +15,7 @@ from btp.cli import convert as model_commands
 from btp.cli import doctor as kernel_commands
 from btp.cli import eval as eval_commands
 from btp.cli import export as export_commands
+from btp.cli import reference as reference_commands
 from btp.cli import run as runtime_commands
 from btp.cli import train as train_commands
 from btp.cli import watch as line_commands
@@ -41,6 +42,7 @@ app.command("demo")(runtime_commands.demo)
 app.command("watch")(line_commands.watch)
 app.add_typer(line_commands.ledger_app, name="ledger")
 app.add_typer(bench_commands.app, name="bench")
+app.add_typer(reference_commands.app, name="reference")
 app.add_typer(model_commands.convert_app, name="convert")
 app.command("doctor")(kernel_commands.doctor)
 

@@ -111,6 +111,10 @@ def run(
     ledger: Optional[str] = typer.Option(None, "--ledger", help="Also record every scan in this ledger: an SQLite "
                                          "file or a PostgreSQL URL (btp watch's format; a re-run of the same file "
                                          "replaces its row)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", "-r", help="PART.btpref from `btp reference build`, "
+                                             "or a folder of them (one per part: a scan goes to the part named by "
+                                             "one of its folders, else by its file name's start, PART_*); the "
+                                             "part's fused score and threshold decide."),
 ) -> None:
     """Score point clouds: per scan an object score (+ decision), <stem>.npy with one score per input
     point (file order), a heat-mapped <stem>.ply and optionally a <stem>.png (three views).
@@ -144,7 +148,8 @@ def run(
     if report == "html" and "png" not in heatmaps:
         heatmaps = tuple(h for h in heatmaps if h != "none") + ("png",)
     try:
-        pipeline = Pipeline(model, backend=backend, threads=threads, preprocess=preprocess, downsample=downsample)
+        pipeline = Pipeline(model, backend=backend, threads=threads, preprocess=preprocess, downsample=downsample,
+                            reference=reference)
         source = "--threshold"
         if threshold is None:
             sidecar = find_threshold(model)
@@ -194,6 +199,10 @@ def run(
                                             path=oc.file.resolve() if oc.file.exists() else oc.file), replace=True)
         if oc.ok:
             decision = f" -> {oc.decision}" if oc.decision else ""
+            if oc.reference is not None:
+                ref = oc.reference
+                decision += f" (part {ref.part}, {ref.route}" + (
+                    f", fitness {ref.fitness:.2f})" if ref.fitness is not None else ")")
             console.print(f"[green]ok[/green] {escape(str(oc.file))}: object score {oc.object_score:.4f}{decision} "
                           f"({oc.points} points, {oc.total_ms:.0f} ms)")
             for note in oc.warnings:

@@ -94,6 +94,40 @@ class ModelInfo:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ReferenceCheck:
+    """The scan against its part's reference (btp-run --reference; btp.runtime.guided).
+
+    part             the part it was routed to (None: no part matched); route: the rule that matched
+    file             the part's .btpref
+    decision         "anomalous" | "normal" (the fused score against the part's threshold) |
+                     "not registered" (fitness under the part's bar: not scored) | "no reference"
+    registered       whether the scan registered to the part's template; fitness, rmse of that
+    object_score     the fused object score; reference_score: the reference maps' alone
+    threshold        the part's threshold (from its good scans, leave-one-out)
+    deviation        {"max_abs", "p99_abs", "mean_abs", "residual_max"}: distances to the template,
+                     in the scan's units
+    """
+
+    part: str | None
+    route: str
+    decision: str
+    file: str | None = None
+    registered: bool | None = None
+    fitness: float | None = None
+    rmse: float | None = None
+    object_score: float | None = None
+    reference_score: float | None = None
+    threshold: float | None = None
+    deviation: Mapping[str, float] | None = None
+
+    @classmethod
+    def of(cls, guided) -> "ReferenceCheck":
+        """From a ``btp.runtime.guided.GuidedResult``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in guided.doc().items() if k in names})
+
+
+@dataclass(frozen=True, kw_only=True)
 class ScanOutcome:
     """One scan of a run: its scores and decision, or the error that stopped it.
 
@@ -110,6 +144,8 @@ class ScanOutcome:
     model           ModelInfo of the model file
     warnings        what the reader or the pipeline noticed (dropped rows, few points, fresh model)
     outputs         {kind: path} of the files written for the scan besides its JSON (npy, ply, png)
+    zero_shot_score with --reference: the model's own object score (object_score is then the part's fused one)
+    reference       with --reference: ReferenceCheck (the part, registration, deviation, its decision)
     error           "ErrorType: reason" when the scan failed (then no scores and no files)
 
     In memory only: ``stem`` (the output files' name), ``result`` (the pipeline's Result with the
@@ -133,6 +169,8 @@ class ScanOutcome:
     model: ModelInfo | None = None
     warnings: tuple[str, ...] = ()
     outputs: Mapping[str, Path] = field(default_factory=dict)
+    zero_shot_score: float | None = optional()
+    reference: ReferenceCheck | None = optional()
     error: str | None = optional()
     stem: str = in_memory("")
     result: Result | None = in_memory()
@@ -150,7 +188,17 @@ class ScanOutcome:
         if threshold is not None:
             decision = "anomalous" if result.object_score > threshold.value else "normal"
         warnings = tuple(result.warnings) + ((FRESH_INIT_WARNING,) if model.fresh_init else ())
-        return cls(file=file, stem=stem, result=result, object_score=result.object_score,
+        score, zero_shot, check = result.object_score, None, None
+        if result.reference is not None:  # the part's reference decides
+            guided = result.reference
+            check, zero_shot, decision = ReferenceCheck.of(guided), result.object_score, guided.decision
+            threshold = None
+            if guided.scores is not None and guided.scores.registered:
+                score = guided.scores.object_score
+                threshold = AppliedThreshold(value=guided.threshold,
+                                             source=f"reference {guided.part} ({guided.reference_file})")
+        return cls(file=file, stem=stem, result=result, object_score=score, zero_shot_score=zero_shot,
+                   reference=check,
                    global_prob=result.global_prob, decision=decision, threshold=threshold,
                    points=int(len(result.point_scores)),
                    rows=int(len(result.row_mask)) if result.row_mask is not None else int(len(result.point_scores)),
@@ -191,7 +239,8 @@ def _document(value: Any) -> Any:
     return value
 
 
-_NESTED = {"threshold": AppliedThreshold, "point_scores": PointSummary, "model": ModelInfo}
+_NESTED = {"threshold": AppliedThreshold, "point_scores": PointSummary, "model": ModelInfo,
+           "reference": ReferenceCheck}
 
 
 def _from_document(cls, doc: Mapping[str, Any], *, stem: str) -> ScanOutcome:

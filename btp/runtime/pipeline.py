@@ -35,6 +35,7 @@ from btp.io import PointCloud, read_point_cloud
 from btp.io.pointcloud import centred
 from btp.runtime.backends import make_backend
 from btp.runtime.device import DeviceChain, PreprocessError, resolve_preprocess
+from btp.runtime.guided import GuidedResult, ReferenceSet
 from btp.runtime.metadata import read_model_meta
 
 
@@ -55,6 +56,8 @@ class Result:
     row_mask        bool [R]       which rows of the file were kept (None = all)
     offset          float64 [3]    points + offset = the scan's own coordinates, when a float64 scan
                                    was centred before the float32 cast (None: points are the scan's)
+    reference       GuidedResult   with ``Pipeline(..., reference=...)``: the part, registration,
+                                   reference and fused maps, the part's decision (btp.runtime.guided)
     """
 
     object_score: float
@@ -70,6 +73,7 @@ class Result:
     sampled_scores: np.ndarray | None = field(default=None, repr=False)
     row_mask: np.ndarray | None = field(default=None, repr=False)
     offset: np.ndarray | None = field(default=None, repr=False)
+    reference: GuidedResult | None = field(default=None, repr=False)
 
     def scores_per_row(self) -> np.ndarray:
         """float32 [R]: one score per row of the input file, NaN where a NaN/inf row was dropped."""
@@ -100,14 +104,17 @@ class Job:
 
 class Pipeline:
     def __init__(self, model_path: str | Path, backend="ort-cpu", threads: int | None = None, *,
-                 preprocess: str = "auto", downsample: str = "auto", **backend_options):
+                 preprocess: str = "auto", downsample: str = "auto", reference=None, **backend_options):
         """``backend``: a name of ``btp.contract.BACKENDS`` (ort-cpu, trt, ...), or a backend object
         (``run(neighborhood, center) -> outputs``, e.g. the benchmarks' PyTorch row); ``threads``: intra-op threads (None = ORT's
         default); ``preprocess``: auto | cpu | cuda | cuda-emu (btp.runtime.device); ``downsample``:
         auto | exact | bucket | voxel for scans of more than N points (exact: the reference rules,
         also for the interpolation's ties; auto: the voxel rule, whose way back to the raw scan is
         a gather); ``backend_options`` go to the backend (e.g.
-        ``precision="fp16"`` for trt)."""
+        ``precision="fp16"`` for trt); ``reference``: a ``.btpref`` file, a folder of them (one per
+        part, routed by btp.runtime.reference.ROUTING_RULE) or {part: Reference}: every scan is then
+        also scored against its part (``Result.reference``); a reference built for another model
+        file is refused (ReferenceError)."""
         if downsample not in DOWNSAMPLE_METHODS:
             raise PreprocessError(f"downsample={downsample!r}; choose one of {', '.join(DOWNSAMPLE_METHODS)}")
         default_openmp_threads()
@@ -120,6 +127,7 @@ class Pipeline:
             backend, self.model_path, self.meta, threads=threads, device_resident=self.preprocess == "cuda",
             **backend_options)
         self.device_chain = DeviceChain(self.cfg, self.backend, self.preprocess) if self.preprocess != "cpu" else None
+        self.references = None if reference is None else load_references(reference, self.model_path)
 
     def __call__(self, source) -> Result:
         return self.run_batch([source])[0]
@@ -172,7 +180,7 @@ class Pipeline:
                                               timer=partial(_timed, t),
                                               point_probs=None if point_probs is None else point_probs[b])
         return _result(self.cfg, job=job, outputs=outputs, row=b, timings=t, point_scores=point_scores,
-                       sample_idx=job.prep.sample_idx, sampled_scores=sampled, batch=batch)
+                       sample_idx=job.prep.sample_idx, sampled_scores=sampled, batch=batch, references=self.references)
 
     def finish_on_device(self, job: Job) -> Result:
         """The whole chain of one scan on the device (btp.runtime.device.DeviceChain)."""
@@ -180,7 +188,7 @@ class Pipeline:
         if self.cfg.preprocess.sampling_order != "canonical":
             got = self.device_chain.run(job.raw, partial(_timed, t))
             return _result(self.cfg, job=job, outputs=got.outputs, row=0, timings=t, point_scores=got.point_scores,
-                           sample_idx=got.sample_idx, sampled_scores=got.sampled_scores, batch=1)
+                           sample_idx=got.sample_idx, sampled_scores=got.sampled_scores, batch=1, references=self.references)
         # the kernels take rows in their order: hand them the canonical one, and map back
         with _timed(t, "canonical_order"):
             order = canonical_order(job.raw)
@@ -188,20 +196,41 @@ class Pipeline:
         point_scores = np.empty_like(got.point_scores)
         point_scores[order] = got.point_scores
         return _result(self.cfg, job=job, outputs=got.outputs, row=0, timings=t, point_scores=point_scores,
-                       sample_idx=order[got.sample_idx], sampled_scores=got.sampled_scores, batch=1)
+                       sample_idx=order[got.sample_idx], sampled_scores=got.sampled_scores, batch=1, references=self.references)
+
+
+def load_references(reference, model_path: Path) -> ReferenceSet:
+    """``reference`` (a .btpref file, a folder of them, or {part: Reference}) -> a ReferenceSet,
+    each reference checked against the model file's sha256."""
+    from btp.io.files import file_sha256
+    from btp.runtime.reference import check_model, read_references
+
+    refs = reference if isinstance(reference, dict) else read_references(reference)
+    sha = file_sha256(model_path)
+    for ref in refs.values():
+        check_model(ref, sha, model_path)
+    return ReferenceSet(refs)
 
 
 def _result(cfg, *, job: Job, outputs: dict[str, np.ndarray], row: int, timings: dict[str, float],
-            point_scores: np.ndarray, sample_idx: np.ndarray, sampled_scores: np.ndarray, batch: int) -> Result:
+            point_scores: np.ndarray, sample_idx: np.ndarray, sampled_scores: np.ndarray, batch: int,
+            references: ReferenceSet | None = None) -> Result:
     """Row ``row`` of a batch of ``batch`` scans: the engine's outputs, the scores of the ``sample_idx``
-    points (``sampled_scores`` [N]) and of every raw point (``point_scores`` [M]) -> Result."""
+    points (``sampled_scores`` [N]) and of every raw point (``point_scores`` [M]) -> Result; with
+    ``references``, the scan is also routed to its part and scored against it (stage "reference")."""
     global_prob = float(outputs["global_prob"][row]) if "global_prob" in outputs else float("nan")
+    guided, notes = None, job.warnings
+    if references is not None:
+        t0 = time.perf_counter()
+        guided = references.score(job.path, job.raw, point_scores)
+        timings = dict(timings, reference=(time.perf_counter() - t0) * 1e3)
+        notes += (guided.warning(),) if guided.warning() else ()
     return Result(object_score=object_score(cfg.scoring, outputs["object_score"][row], global_prob, sampled_scores),
                   point_scores=point_scores,
                   patch_probs=np.asarray(outputs["patch_probs"][row], dtype=np.float32), timings=timings,
                   global_prob=global_prob,
-                  points=job.raw, path=job.path, batch_size=batch, warnings=job.warnings, sampled_idx=sample_idx,
-                  sampled_scores=sampled_scores, row_mask=job.row_mask, offset=job.offset)
+                  points=job.raw, path=job.path, batch_size=batch, warnings=notes, sampled_idx=sample_idx,
+                  sampled_scores=sampled_scores, row_mask=job.row_mask, offset=job.offset, reference=guided)
 
 
 @contextmanager

@@ -1,0 +1,203 @@
+"""Rigid registration of a scan to a template in any orientation, and local descriptors (torch-free).
+
+numpy in, numpy out; open3d does the work (FPFH, RANSAC over feature matches, point-to-plane ICP).
+Lengths are in the clouds' own units; callers pass a ``voxel`` (the registration's cell size,
+e.g. ``part_size / 60``) and every radius is a multiple of it.
+
+    scan [M,3] --voxel down--> [m,3] + normals + FPFH [m,33]
+        -> global: RANSAC over FPFH matches (``tries`` seeds)  -> 4x4 pose hypotheses
+        -> ICP point-to-plane, coarse to fine (voxel * ICP_SCALES)  -> the best fitness wins
+        -> Registration(transform [4,4], fitness, rmse)
+
+Fitness is measured scan -> template only (the share of scan points with a template point within
+``FITNESS_RADIUS`` voxels), so a partial single-view scan of a full template registers with a
+high fitness; the other direction would punish the part it does not see.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ICP_SCALES = (4.0, 2.0, 1.0)  # coarse-to-fine ICP: correspondence radius = scale * 1.5 * voxel
+FPFH_RADIUS = 5.0  # registration FPFH radius, in voxels
+NORMAL_RADIUS = 2.5  # normals from neighbours within this many voxels (at most 30)
+FITNESS_RADIUS = 1.5  # a scan point "fits" when a template point lies within this many voxels
+RANSAC_ITERATIONS = 10000  # per try; more found no better pose on the shared shapes, at 3x the time
+
+
+@dataclass(frozen=True)
+class Registration:
+    """scan -> template pose: ``points @ transform[:3, :3].T + transform[:3, 3]``.
+
+    transform  float64 [4,4]
+    fitness    share of the (downsampled) scan's points with a template point within FITNESS_RADIUS voxels
+    rmse       RMS distance of those points (scan units)
+    """
+
+    transform: np.ndarray
+    fitness: float
+    rmse: float
+
+
+def _cloud(points: np.ndarray, normals: np.ndarray | None = None):
+    import open3d as o3d
+
+    o3d.utility.set_verbosity_level(o3d.utility.VerbosityLevel.Error)  # RANSAC's fallback notes are not errors
+    pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.asarray(points, dtype=np.float64)))
+    if normals is not None:
+        pc.normals = o3d.utility.Vector3dVector(np.asarray(normals, dtype=np.float64))
+    return pc
+
+
+def part_size(points: np.ndarray) -> float:
+    """The bounding-box diagonal of a cloud [M,3] (the unit every registration length is scaled by)."""
+    pts = np.asarray(points, dtype=np.float64)
+    return float(np.linalg.norm(pts.max(axis=0) - pts.min(axis=0)))
+
+
+def voxel_down(points: np.ndarray, voxel: float) -> np.ndarray:
+    """float32 [m,3]: the mean point of every occupied ``voxel`` cell."""
+    return np.asarray(_cloud(points).voxel_down_sample(voxel).points, dtype=np.float32)
+
+
+def normals(points: np.ndarray, radius: float, max_nn: int = 30, center: np.ndarray | None = None) -> np.ndarray:
+    """float32 [m,3] unit normals, oriented away from ``center`` (default: the cloud's centroid; a
+    rule that turns with the cloud, so descriptors built on them do not depend on the scan's pose;
+    after registration pass the template's centroid, so a partial scan orients them as the
+    template does)."""
+    import open3d as o3d
+
+    pc = _cloud(points)
+    pc.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=radius, max_nn=max_nn))
+    n = np.asarray(pc.normals)
+    pts = np.asarray(points, dtype=np.float64)
+    center = pts.mean(axis=0) if center is None else np.asarray(center, dtype=np.float64)
+    flip = np.einsum("ij,ij->i", n, pts - center) < 0
+    n[flip] *= -1
+    return n.astype(np.float32)
+
+
+def fpfh(points: np.ndarray, point_normals: np.ndarray, radius: float, max_nn: int = 50) -> np.ndarray:
+    """float32 [m,33] FPFH of every point (neighbours within ``radius``), as open3d computes it."""
+    import open3d as o3d
+
+    feat = o3d.pipelines.registration.compute_fpfh_feature(
+        _cloud(points, point_normals), o3d.geometry.KDTreeSearchParamHybrid(radius=radius, max_nn=max_nn))
+    return np.asarray(feat.data, dtype=np.float32).T.copy()
+
+
+def multiscale_fpfh(points: np.ndarray, point_normals: np.ndarray, radii) -> np.ndarray:
+    """float32 [m, 33 * len(radii)]: FPFH at each radius, each histogram square-rooted (Hellinger:
+    a Euclidean distance between these compares histograms fairly) and scaled to unit norm per
+    radius, so that every scale weighs the same."""
+    blocks = []
+    for r in radii:
+        h = np.sqrt(np.maximum(fpfh(points, point_normals, r), 0.0))
+        blocks.append(h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12))
+    return np.concatenate(blocks, axis=1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a scan is registered to: the template downsampled at ``voxel``, its normals and FPFH."""
+
+    points: np.ndarray  # float32 [t,3]
+    normals: np.ndarray  # float32 [t,3]
+    features: np.ndarray  # float32 [t,33]
+    voxel: float
+
+
+def make_target(points: np.ndarray, voxel: float) -> Target:
+    """The registration target of a template cloud [T,3] at cell size ``voxel``."""
+    pts = voxel_down(points, voxel)
+    nrm = normals(pts, NORMAL_RADIUS * voxel)
+    return Target(points=pts, normals=nrm, features=fpfh(pts, nrm, FPFH_RADIUS * voxel), voxel=voxel)
+
+
+def icp(source: np.ndarray, target: Target, init: np.ndarray, scales=ICP_SCALES, iterations: int = 30) -> Registration:
+    """Point-to-plane ICP of ``source`` [m,3] onto ``target`` from pose ``init`` [4,4], coarse to fine."""
+    import open3d as o3d
+
+    reg = o3d.pipelines.registration
+    src, dst = _cloud(source), _cloud(target.points, target.normals)
+    pose = np.asarray(init, dtype=np.float64)
+    for scale in scales:
+        got = reg.registration_icp(src, dst, 1.5 * scale * target.voxel, pose,
+                                   reg.TransformationEstimationPointToPlane(),
+                                   reg.ICPConvergenceCriteria(max_iteration=iterations))
+        pose = np.asarray(got.transformation)
+    return evaluate(source, target, pose)
+
+
+def evaluate(source: np.ndarray, target: Target, pose: np.ndarray, radius: float | None = None) -> Registration:
+    """Fitness and RMSE of ``source`` under ``pose`` (scan -> template; a point fits within ``radius``,
+    default FITNESS_RADIUS voxels)."""
+    import open3d as o3d
+
+    radius = FITNESS_RADIUS * target.voxel if radius is None else radius
+    got = o3d.pipelines.registration.evaluate_registration(
+        _cloud(source), _cloud(target.points), radius, np.asarray(pose, dtype=np.float64))
+    return Registration(transform=np.asarray(pose, dtype=np.float64), fitness=float(got.fitness),
+                        rmse=float(got.inlier_rmse))
+
+
+def register(scan: np.ndarray, target: Target, *, tries: int = 3, seed: int = 0,
+             good_fitness: float = 0.9) -> Registration:
+    """scan [M,3] -> the pose onto ``target`` in any orientation: RANSAC over FPFH matches, then
+    coarse-to-fine ICP; up to ``tries`` RANSAC seeds (stopping early at ``good_fitness``), the
+    best fitness wins. Also tries the plain centroid alignment (parts that arrive nearly in
+    the template's pose, or symmetric ones where features cannot tell poses apart)."""
+    import open3d as o3d
+
+    reg = o3d.pipelines.registration
+    voxel = target.voxel
+    src = voxel_down(scan, voxel)
+    src_n = normals(src, NORMAL_RADIUS * voxel)
+    src_f = fpfh(src, src_n, FPFH_RADIUS * voxel)
+    shift = np.eye(4)
+    shift[:3, 3] = target.points.mean(axis=0) - src.mean(axis=0)
+    best = icp(src, target, shift)
+    feat_src, feat_dst = reg.Feature(), reg.Feature()
+    feat_src.data, feat_dst.data = src_f.T.astype(np.float64), target.features.T.astype(np.float64)
+    for t in range(tries):
+        if best.fitness >= good_fitness:
+            break
+        o3d.utility.random.seed(seed + t)
+        dist = 1.5 * voxel
+        got = reg.registration_ransac_based_on_feature_matching(
+            _cloud(src, src_n), _cloud(target.points, target.normals), feat_src, feat_dst, True, dist,
+            reg.TransformationEstimationPointToPoint(False), 3,
+            [reg.CorrespondenceCheckerBasedOnEdgeLength(0.9), reg.CorrespondenceCheckerBasedOnDistance(dist)],
+            reg.RANSACConvergenceCriteria(RANSAC_ITERATIONS, 0.999))
+        refined = icp(src, target, np.asarray(got.transformation))
+        if refined.fitness > best.fitness:
+            best = refined
+    return best
+
+
+def transform(points: np.ndarray, pose: np.ndarray) -> np.ndarray:
+    """float32 [M,3]: ``points`` under the 4x4 ``pose``."""
+    pose = np.asarray(pose, dtype=np.float64)
+    return (np.asarray(points, dtype=np.float64) @ pose[:3, :3].T + pose[:3, 3]).astype(np.float32)
+
+
+def greedy_coreset(features: np.ndarray, size: int, *, seed: int = 0, project: int = 32) -> np.ndarray:
+    """int64 [min(size, n)]: rows of ``features`` [n,d] chosen by greedy k-center (PatchCore's
+    coreset): each next row is the one farthest from those chosen. Distances are computed on a
+    random Gaussian projection to ``project`` dims (as PatchCore does), which keeps the choice
+    close to the full one at a fraction of the cost."""
+    n = features.shape[0]
+    if n <= size:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    x = features.astype(np.float32)
+    if x.shape[1] > project:
+        x = x @ rng.standard_normal((x.shape[1], project)).astype(np.float32) / np.sqrt(project)
+    chosen = np.empty(size, dtype=np.int64)
+    chosen[0] = int(rng.integers(n))
+    dist = np.sum((x - x[chosen[0]]) ** 2, axis=1)
+    for i in range(1, size):
+        chosen[i] = int(np.argmax(dist))
+        dist = np.minimum(dist, np.sum((x - x[chosen[i]]) ** 2, axis=1))
+    return chosen

@@ -1,0 +1,391 @@
+"""Reference-guided scoring: a few good scans of a part make the decision trustworthy. Torch-free.
+
+Explicit inputs and outputs, no pipeline state: ``build_reference`` turns good scans (and their
+zero-shot point scores) into a ``Reference``; ``ReferenceScorer`` scores one scan (and its
+zero-shot point scores) against it and returns ``GuidedScores``.
+
+Scoring one scan [M,3], in the scan's units:
+
+    register to the template in any orientation (btp.geometry.registration: FPFH + RANSAC, then
+    coarse-to-fine ICP; fitness scan -> template only)      -> pose, fitness
+    fitness < settings.min_fitness                           -> registered = False, no scores
+    residual   [M]  mean distance to the RESIDUAL_K nearest template points (scan -> template)
+    deviation  [M]  signed distance to the nearest template point's tangent plane (+ = outside)
+    feature    [M]  distance of the multi-scale FPFH of the scan's cells to the nearest of the bank
+    zero_shot  [M]  the model's point scores (given)
+    each map -> (s - median_good) / (q99_good - median_good)   (the good scans' leave-one-out maps:
+                 0 = a typical good point, 1 = the 99th percentile of good points)
+    reference map = max(residual, feature); fused map = FUSION (see FUSIONS)
+    object score = mean of the top OBJECT_TOP_RATIO of the fused map; decision: > threshold
+
+The threshold is the good scans' own: each good scan is scored leave-one-out (template and bank
+from the others), and threshold = max + (max - median) of their fused object scores: with K good
+scans, a new good scan exceeds the largest of K with chance 1/(K+1) (20 % at K = 4); the margin
+of one more spread above it is what keeps good parts from being flagged, at the cost of the
+weakest defects (the report lists the leave-one-out scores, so the margin can be judged).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from btp.geometry import registration as reg
+from btp.geometry.scores import top_mean
+from btp.runtime.reference import Reference, ReferenceError
+
+RESIDUAL_K = 16
+OBJECT_TOP_RATIO = 0.01
+MAPS = ("residual", "feature", "zero_shot")
+# fused map from the normalised maps; the rule in use is Settings.fusion (chosen on validation sets)
+FUSIONS = {
+    "max": lambda z: np.maximum.reduce([z["residual"], z["feature"], z["zero_shot"]]),
+    "mean": lambda z: (z["residual"] + z["feature"] + z["zero_shot"]) / 3.0,
+    "ref-max+zs": lambda z: np.maximum(z["residual"], z["feature"]) + 0.5 * z["zero_shot"],
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """How a reference is built and used; every length is a fraction of the part's size (the
+    template's bounding-box diagonal) and stored in scan units in the file."""
+
+    register_cells: float = 40.0  # registration voxel = size / register_cells
+    template_cells: float = 100.0  # template voxel = size / template_cells
+    feature_cells: float = 64.0  # feature voxel = size / feature_cells
+    feature_radii: tuple[float, ...] = (3.0, 5.0, 8.0)  # multi-scale FPFH radii, in feature voxels
+    bank_size: int = 4096  # coreset size of the whole bank (split evenly over the good scans)
+    fusion: str = "ref-max+zs"
+    fitness_cells: float = 50.0  # a scan point fits when a template point lies within size / fitness_cells
+    min_fitness: float = 0.6  # a scan whose fitness is lower is reported as not registered
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["feature_radii"] = list(self.feature_radii)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Settings":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "feature_radii" in known:
+            known["feature_radii"] = tuple(float(r) for r in known["feature_radii"])
+        return cls(**known)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuidedScores:
+    """One scan scored with a reference. Maps are float32 [M] in the scan's row order; None when the
+    scan did not register (then only ``registered``, ``fitness``, ``rmse`` and ``transform`` mean anything).
+
+    registered       fitness >= the reference's min_fitness
+    fitness, rmse    of the scan -> template registration (share of points; scan units)
+    transform        float64 [4,4] scan -> template
+    residual         mean distance to the 16 nearest template points (scan units)
+    deviation        signed distance to the nearest template point's tangent plane (scan units)
+    reference_map    max of the normalised residual and feature maps
+    fused            the fused map (Settings.fusion) the decision is made on
+    object_score     top-1 % mean of ``fused``; reference_score: the same of ``reference_map``
+    """
+
+    registered: bool
+    fitness: float
+    rmse: float
+    transform: np.ndarray = field(repr=False)
+    residual: np.ndarray | None = field(default=None, repr=False)
+    deviation: np.ndarray | None = field(default=None, repr=False)
+    reference_map: np.ndarray | None = field(default=None, repr=False)
+    fused: np.ndarray | None = field(default=None, repr=False)
+    object_score: float = float("nan")
+    reference_score: float = float("nan")
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self, threshold: float) -> dict[str, Any]:
+        """The per-scan JSON's ``reference`` block (numbers in scan units where they have units)."""
+        doc: dict[str, Any] = {"registered": self.registered, "fitness": round(self.fitness, 4),
+                               "rmse": self.rmse, "threshold": threshold}
+        if self.registered:
+            dev = np.abs(self.deviation)
+            doc.update(object_score=self.object_score, reference_score=self.reference_score,
+                       decision="anomalous" if self.object_score > threshold else "normal",
+                       deviation={"max_abs": float(dev.max()), "p99_abs": float(np.quantile(dev, 0.99)),
+                                  "mean_abs": float(dev.mean()), "residual_max": float(self.residual.max())})
+        else:
+            doc["decision"] = "not registered"
+        return doc
+
+
+# ---- the geometry shared by building and scoring ------------------------------------------------
+
+def _scales(size: float, s: Settings) -> dict[str, float]:
+    return {"size": size, "register_voxel": size / s.register_cells, "template_voxel": size / s.template_cells,
+            "feature_voxel": size / s.feature_cells, "fitness_radius": size / s.fitness_cells}
+
+
+def _features(aligned: np.ndarray, center: np.ndarray, units: dict, s: Settings) -> tuple[np.ndarray, np.ndarray]:
+    """(cells [c,3], multi-scale FPFH [c,F]) of an aligned scan, normals oriented from the template's center."""
+    v = units["feature_voxel"]
+    cells = reg.voxel_down(aligned, v)
+    nrm = reg.normals(cells, reg.NORMAL_RADIUS * v, center=center)
+    return cells, reg.multiscale_fpfh(cells, nrm, [r * v for r in s.feature_radii])
+
+
+def _nearest_dist(bank: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """float32 [q]: Euclidean distance of each query row to its nearest bank row (brute force in
+    float32 blocks: at F ~ 100 dims a k-d tree prunes little; see benchmarks for the measurement)."""
+    bank = np.ascontiguousarray(bank, dtype=np.float32)
+    b2 = np.einsum("ij,ij->i", bank, bank)
+    out = np.empty(len(queries), dtype=np.float32)
+    for i in range(0, len(queries), 2048):
+        q = np.ascontiguousarray(queries[i:i + 2048], dtype=np.float32)
+        d2 = np.einsum("ij,ij->i", q, q)[:, None] - 2.0 * q @ bank.T + b2[None, :]
+        out[i:i + 2048] = np.sqrt(np.maximum(d2.min(axis=1), 0.0))
+    return out
+
+
+def _to_points(cells: np.ndarray, values: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """float32 [M]: each point takes the value of its nearest cell."""
+    from btp.geometry import knn
+
+    idx, _ = knn(np.ascontiguousarray(cells, dtype=np.float32), np.ascontiguousarray(points, dtype=np.float32), 1)
+    return values[idx[:, 0]].astype(np.float32)
+
+
+def _residual(template: np.ndarray, template_normals: np.ndarray, aligned: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(mean distance to the RESIDUAL_K nearest template points [M], signed plane distance to the nearest [M])."""
+    from btp.geometry import knn
+
+    k = min(RESIDUAL_K, len(template))
+    idx, d2 = knn(np.ascontiguousarray(template, dtype=np.float32), np.ascontiguousarray(aligned, np.float32), k)
+    residual = np.sqrt(np.maximum(d2, 0.0)).mean(axis=1).astype(np.float32)
+    nearest = idx[:, 0]
+    deviation = np.einsum("ij,ij->i", aligned - template[nearest], template_normals[nearest]).astype(np.float32)
+    return residual, deviation
+
+
+def normalise(value: np.ndarray, stats: dict[str, float]) -> np.ndarray:
+    """(s - median) / (q99 - median) of the good scans' map: 0 typical good, 1 its 99th percentile."""
+    spread = max(float(stats["q99"]) - float(stats["median"]), 1e-12)
+    return ((np.asarray(value, dtype=np.float64) - float(stats["median"])) / spread).astype(np.float32)
+
+
+def _stats(values: np.ndarray) -> dict[str, float]:
+    return {"median": float(np.median(values)), "q99": float(np.quantile(values, 0.99))}
+
+
+@dataclass(frozen=True)
+class _Maps:
+    residual: np.ndarray
+    deviation: np.ndarray
+    feature: np.ndarray
+
+
+def _raw_maps(points: np.ndarray, pose: np.ndarray, template: np.ndarray, template_normals: np.ndarray,
+              bank: np.ndarray, units: dict, s: Settings) -> _Maps:
+    aligned = reg.transform(points, pose)
+    residual, deviation = _residual(template, template_normals, aligned)
+    cells, feats = _features(aligned, template.mean(axis=0), units, s)
+    feature = _to_points(cells, _nearest_dist(bank, feats), aligned)
+    return _Maps(residual, deviation, feature)
+
+
+def fuse(maps: dict[str, np.ndarray], statistics: dict[str, Any], fusion: str) -> tuple[np.ndarray, np.ndarray]:
+    """(reference map [M], fused map [M]) from raw maps {residual, feature, zero_shot} [M]."""
+    z = {name: normalise(maps[name], statistics[name]) for name in MAPS}
+    return np.maximum(z["residual"], z["feature"]), FUSIONS[fusion](z).astype(np.float32)
+
+
+# ---- building --------------------------------------------------------------------------------
+
+def build_reference(scans: Sequence[np.ndarray], zero_shot: Sequence[np.ndarray], *, name: str,
+                    model: dict[str, Any], sources: list[dict[str, Any]], settings: Settings = Settings(),
+                    cad: np.ndarray | None = None, log=lambda msg: None) -> Reference:
+    """A part's reference from ``scans`` (float32 [M_i,3], any poses) and the model's point scores
+    of each (float32 [M_i]); ``cad``: points sampled from the part's CAD model (then the template).
+
+    model: {"sha256", "name", "weights_sha256"} of the model.onnx; sources: one entry per input file.
+    """
+    if len(scans) < 2:
+        raise ValueError(f"{len(scans)} good scan(s): a reference needs at least 2 (each one's "
+                         "statistics come from a template and bank of the others)")
+    if len(zero_shot) != len(scans):
+        raise ValueError("one zero-shot map per good scan")
+    s = settings
+    t0 = time.perf_counter()
+    anchor = np.asarray(cad if cad is not None else scans[0], dtype=np.float32)
+    units = _scales(reg.part_size(anchor), s)
+    target = reg.make_target(anchor, units["register_voxel"])
+    poses, fits = [], []
+    for i, scan in enumerate(scans):
+        if cad is None and i == 0:
+            poses.append(np.eye(4))
+            fits.append(1.0)
+            continue
+        got = reg.register(scan, target, seed=s.seed)
+        poses.append(got.transform)
+        fits.append(reg.evaluate(scan, target, got.transform, units["fitness_radius"]).fitness)
+        if fits[-1] < s.min_fitness:
+            raise ValueError(f"good scan {sources[i]['file']} registers to the others with fitness {fits[-1]:.2f} "
+                             f"(< {s.min_fitness}): is it the same part? Leave it out, or pass --cad")
+    aligned = [reg.transform(scan, pose) for scan, pose in zip(scans, poses)]
+    log(f"registered {len(scans)} good scans (fitness {', '.join(f'{f:.2f}' for f in fits)})")
+    tv = units["template_voxel"]
+
+    def template_of(clouds: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        pts = reg.voxel_down(np.concatenate(clouds), tv)
+        return pts, reg.normals(pts, reg.NORMAL_RADIUS * tv)
+
+    per_scan = max(s.bank_size // len(scans), 1)
+    center = (anchor if cad is not None else np.concatenate(aligned)).mean(axis=0)
+    banks = []
+    for i, a in enumerate(aligned):
+        _, feats = _features(a, center, units, s)
+        banks.append(feats[reg.greedy_coreset(feats, per_scan, seed=s.seed + i)])
+    # leave-one-out maps of every good scan: what an unseen good scan of this part looks like
+    loo: dict[str, list[np.ndarray]] = {m: [] for m in MAPS}
+    loo_fitness = []
+    for i in range(len(scans)):
+        others = [a for j, a in enumerate(aligned) if j != i]
+        tmpl, tmpl_n = template_of([anchor] if cad is not None else others)
+        bank = np.concatenate([b for j, b in enumerate(banks) if j != i])
+        loo_target = reg.make_target(tmpl, units["register_voxel"])
+        loo_fitness.append(reg.evaluate(aligned[i], loo_target, np.eye(4), units["fitness_radius"]).fitness)
+        maps = _raw_maps(aligned[i], np.eye(4), tmpl, tmpl_n, bank, units, s)
+        loo["residual"].append(maps.residual)
+        loo["feature"].append(maps.feature)
+        loo["zero_shot"].append(np.asarray(zero_shot[i], dtype=np.float32))
+    statistics = {m: _stats(np.concatenate(loo[m])) for m in MAPS}
+    loo_scores = []
+    for i in range(len(scans)):
+        _, fused = fuse({m: loo[m][i] for m in MAPS}, statistics, s.fusion)
+        loo_scores.append(top_mean(fused, OBJECT_TOP_RATIO))
+    top, mid = max(loo_scores), float(np.median(loo_scores))
+    threshold = {"value": top + (top - mid), "rule": "max + (max - median) of the good scans' leave-one-out "
+                                                      "fused object scores",
+                 "leave_one_out_scores": loo_scores}
+    template, template_n = template_of([anchor] if cad is not None else aligned)
+    statistics["leave_one_out_fitness"] = loo_fitness
+    header = {"model": model, "sources": sources, "settings": {**s.to_dict(), **units},
+              "statistics": statistics, "threshold": threshold,
+              "template_from": "cad" if cad is not None else "good scans",
+              "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "build_seconds": round(time.perf_counter() - t0, 3)}
+    arrays = {"template": template.astype(np.float32), "template_normals": template_n.astype(np.float32),
+              "bank": np.concatenate(banks).astype(np.float32),
+              "poses": np.stack(poses).astype(np.float64)}
+    log(f"template {len(template)} points, bank {len(arrays['bank'])} x {arrays['bank'].shape[1]}, "
+        f"threshold {threshold['value']:.3f} (leave-one-out {', '.join(f'{x:.3f}' for x in loo_scores)})")
+    return Reference(name=name, header=header, arrays=arrays)
+
+
+# ---- scoring -----------------------------------------------------------------------------------
+
+class ReferenceScorer:
+    """Scores scans against one reference: ``scorer(points [M,3], zero_shot [M]) -> GuidedScores``."""
+
+    def __init__(self, ref: Reference):
+        self.ref = ref
+        self.settings = Settings.from_dict(ref.settings)
+        if self.settings.fusion not in FUSIONS:
+            raise ReferenceError(ref.path or Path("<reference>"), f"unknown fusion {self.settings.fusion!r}: "
+                                                                   "rebuild it with this btp-edge")
+        self.units = {k: float(ref.settings[k]) for k in ("size", "register_voxel", "template_voxel",
+                                                          "feature_voxel", "fitness_radius")}
+        self.template = ref.arrays["template"]
+        self.template_normals = ref.arrays["template_normals"]
+        self.bank = ref.arrays["bank"]
+        self.target = reg.make_target(self.template, self.units["register_voxel"])
+
+    @property
+    def threshold(self) -> float:
+        return self.ref.threshold
+
+    def __call__(self, points: np.ndarray, zero_shot: np.ndarray) -> GuidedScores:
+        t: dict[str, float] = {}
+        t0 = time.perf_counter()
+        got = reg.register(points, self.target, seed=self.settings.seed)
+        fit = reg.evaluate(points, self.target, got.transform, self.units["fitness_radius"])
+        t["register"] = (time.perf_counter() - t0) * 1e3
+        if fit.fitness < self.settings.min_fitness:
+            return GuidedScores(registered=False, fitness=fit.fitness, rmse=fit.rmse, transform=got.transform,
+                                timings=t)
+        t0 = time.perf_counter()
+        maps = _raw_maps(points, got.transform, self.template, self.template_normals, self.bank, self.units,
+                         self.settings)
+        ref_map, fused = fuse({"residual": maps.residual, "feature": maps.feature,
+                               "zero_shot": np.asarray(zero_shot, dtype=np.float32)},
+                              self.ref.statistics, self.settings.fusion)
+        t["reference_maps"] = (time.perf_counter() - t0) * 1e3
+        return GuidedScores(registered=True, fitness=fit.fitness, rmse=fit.rmse, transform=got.transform,
+                            residual=maps.residual, deviation=maps.deviation, reference_map=ref_map, fused=fused,
+                            object_score=top_mean(fused, OBJECT_TOP_RATIO),
+                            reference_score=top_mean(ref_map, OBJECT_TOP_RATIO), timings=t)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuidedResult:
+    """A scan's reference outcome: the part it was routed to (None: no part matched), the rule
+    that routed it, its scores (None when no part matched) and that part's threshold."""
+
+    part: str | None
+    route: str
+    scores: GuidedScores | None = None
+    threshold: float | None = None
+    reference_file: str | None = None
+    min_fitness: float = Settings.min_fitness
+
+    @property
+    def decision(self) -> str:
+        if self.part is None:
+            return "no reference"
+        if not self.scores.registered:
+            return "not registered"
+        return "anomalous" if self.scores.object_score > self.threshold else "normal"
+
+    def doc(self) -> dict[str, Any]:
+        """The per-scan JSON's ``reference`` block."""
+        doc: dict[str, Any] = {"part": self.part, "route": self.route, "file": self.reference_file}
+        if self.scores is not None:
+            doc.update(self.scores.summary(self.threshold))
+        doc["decision"] = self.decision
+        return doc
+
+    def warning(self) -> str | None:
+        if self.part is None:
+            return f"no reference part matched this scan ({self.route}): it was not inspected against a reference"
+        if not self.scores.registered:
+            return (f"the scan does not register to the template of part {self.part!r} (fitness "
+                    f"{self.scores.fitness:.2f} < {self.min_fitness}): wrong part, or too little of it "
+                    "in view; it was not scored against the reference")
+        return None
+
+
+class ReferenceSet:
+    """The references of a run (one per part) and their scorers:
+    ``refs.score(path, points, zero_shot) -> GuidedResult`` (routing by ``btp.runtime.reference.route``)."""
+
+    def __init__(self, refs: dict[str, Reference]):
+        if not refs:
+            raise ValueError("no references")
+        self.refs = refs
+        self._scorers: dict[str, ReferenceScorer] = {}
+
+    def scorer(self, part: str) -> ReferenceScorer:
+        if part not in self._scorers:
+            self._scorers[part] = ReferenceScorer(self.refs[part])
+        return self._scorers[part]
+
+    def score(self, path, points: np.ndarray, zero_shot: np.ndarray) -> GuidedResult:
+        from btp.runtime.reference import route
+
+        where = route(path, self.refs)
+        if where.part is None:
+            return GuidedResult(part=None, route=where.rule)
+        scorer = self.scorer(where.part)
+        return GuidedResult(part=where.part, route=where.rule, scores=scorer(points, zero_shot),
+                            threshold=scorer.threshold, reference_file=str(self.refs[where.part].path),
+                            min_fitness=scorer.settings.min_fitness)

@@ -1,0 +1,175 @@
+"""Reference-guided inspection: `btp reference build` + `btp-run --reference` on real shapes.
+
+Good scans are sampled from the shared meshes and turned by random rotations (any angle); a
+defect is a bump pushed out of the surface. The model is the tiny, freshly initialised export
+(its zero-shot map is noise): what is asserted is the reference's work - registration in any
+orientation, routing, refusals - and that a real bump outscores the good scans.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+from typer.testing import CliRunner
+
+from btp.cli import app
+from btp.io import write_point_cloud
+from btp.runtime.reference import ReferenceError, read_reference, route
+from runtime_helpers import real_scan, tiny_export
+
+BUNNY, PINION, BLOCK = "cgal__stanford_bunny.ply", "cgal__pinion.ply", "trimesh__featuretype_block.ply"
+N = 3000
+
+
+def turned(points: np.ndarray, seed: int) -> np.ndarray:
+    rot = Rotation.random(random_state=seed).as_matrix()
+    return (points @ rot.T + np.float32(seed)).astype(np.float32)
+
+
+def with_bump(points: np.ndarray, at: int = 0, radius: float = 0.08, height: float = 0.06) -> np.ndarray:
+    """A smooth bump pushed out of the surface around point ``at`` (fractions of the part's size)."""
+    size = float(np.linalg.norm(np.ptp(points, axis=0)))
+    d = np.linalg.norm(points - points[at], axis=1) / size
+    out = points - points.mean(axis=0)
+    out /= np.linalg.norm(out, axis=1, keepdims=True)
+    push = height * size * np.clip(1 - d / radius, 0, None)[:, None] ** 2
+    return (points + push * out).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return tiny_export(tmp_path_factory)[0]
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory, shapes_root, model_path):
+    """bunny.btpref and block.btpref, each built from 3 good scans in random poses, via the CLI."""
+    root = tmp_path_factory.mktemp("refs")
+    for name, mesh in (("bunny", BUNNY), ("block", BLOCK)):
+        good = root / f"good-{name}"
+        good.mkdir()
+        for i in range(3):
+            write_point_cloud(good / f"g{i}.pcd", turned(real_scan(shapes_root, mesh, n=N, seed=10 + i), 10 + i))
+        (root / "refs").mkdir(exist_ok=True)
+        res = CliRunner().invoke(app, ["reference", "build", str(good), "--model", str(model_path),
+                                       "--out", str(root / "refs" / f"{name}.btpref")])
+        assert res.exit_code == 0, res.output
+    return root / "refs"
+
+
+def _run(model_path, inputs, out, reference) -> dict:
+    res = CliRunner().invoke(app, ["run", str(model_path), *map(str, inputs), "--out", str(out),
+                                   "--reference", str(reference), "--heatmap", "none"])
+    assert res.exit_code == 0, res.output
+    return {p.stem: json.loads(p.read_text()) for p in out.glob("*.json") if p.stem != "summary"}
+
+
+def test_build_and_run_any_orientation(refs, model_path, shapes_root, tmp_path):
+    ref = read_reference(refs / "bunny.btpref")
+    assert ref.name == "bunny" and len(ref.header["sources"]) == 3
+    assert all(len(s["sha256"]) == 64 for s in ref.header["sources"])
+    assert ref.header["threshold"]["value"] >= max(ref.header["threshold"]["leave_one_out_scores"])
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    good = real_scan(shapes_root, BUNNY, n=N, seed=40)
+    write_point_cloud(scans / "good.pcd", turned(good, 41))
+    write_point_cloud(scans / "bump.pcd", turned(with_bump(good), 42))
+    docs = _run(model_path, [scans], tmp_path / "out", refs / "bunny.btpref")
+    for stem in ("good", "bump"):
+        r = docs[stem]["reference"]
+        assert r["registered"] and r["fitness"] > 0.9, r
+        assert r["part"] == "bunny" and "deviation" in r
+    assert docs["good"]["decision"] == "normal", docs["good"]["reference"]
+    assert docs["bump"]["decision"] == "anomalous", docs["bump"]["reference"]
+    assert docs["bump"]["object_score"] > docs["good"]["object_score"]
+    # the bump stands out of the surface by up to 6 % of the size: the deviation sees it in scan units
+    size = float(np.linalg.norm(np.ptp(good, axis=0)))
+    assert docs["bump"]["reference"]["deviation"]["max_abs"] > 0.03 * size
+    assert docs["good"]["reference"]["deviation"]["max_abs"] < 0.03 * size
+
+
+def test_routing_by_folder_and_file_name(refs, model_path, shapes_root, tmp_path):
+    scans = tmp_path / "line"
+    (scans / "bunny").mkdir(parents=True)
+    write_point_cloud(scans / "bunny" / "part7.pcd", turned(real_scan(shapes_root, BUNNY, n=N, seed=50), 50))
+    write_point_cloud(scans / "block_0001.pcd", turned(real_scan(shapes_root, BLOCK, n=N, seed=51), 51))
+    write_point_cloud(scans / "unknown.pcd", turned(real_scan(shapes_root, BLOCK, n=N, seed=52), 52))
+    docs = _run(model_path, [scans], tmp_path / "out", refs)
+    assert docs["part7"]["reference"]["part"] == "bunny" and docs["part7"]["reference"]["route"] == "folder bunny"
+    assert docs["block_0001"]["reference"]["part"] == "block"
+    assert docs["block_0001"]["reference"]["registered"]
+    assert docs["unknown"]["reference"]["part"] is None and docs["unknown"]["decision"] == "no reference"
+    assert route("x/BUNNY/a.pcd", ["bunny", "block"]).part == "bunny"
+    assert route("blockade.pcd", ["bunny", "block"]).part is None  # a name must end at a separator
+
+
+def test_scan_that_does_not_register_is_flagged(refs, model_path, shapes_root, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    write_point_cloud(scans / "gear.pcd", turned(real_scan(shapes_root, PINION, n=N, seed=60), 60))
+    doc = _run(model_path, [scans], tmp_path / "out", refs / "bunny.btpref")["gear"]
+    assert doc["reference"]["registered"] is False and doc["decision"] == "not registered"
+    assert doc["reference"]["fitness"] < 0.6
+    assert doc["threshold"] is None and any("does not register" in w for w in doc["warnings"])
+
+
+def test_reference_for_another_model_refused(refs, model_path, tmp_path, shapes_root):
+    import onnx
+
+    other = tmp_path / "other.onnx"
+    proto = onnx.load(str(model_path))
+    proto.doc_string = "another build of the model"
+    onnx.save(proto, str(other))
+    write_point_cloud(tmp_path / "a.pcd", real_scan(shapes_root, BUNNY, n=N, seed=3))
+    res = CliRunner().invoke(app, ["run", str(other), str(tmp_path / "a.pcd"), "--out", str(tmp_path / "out"),
+                                   "--reference", str(refs / "bunny.btpref")])
+    assert res.exit_code == 2
+    assert "built for another model" in " ".join(res.output.split())
+
+
+def test_tampered_reference_refused(refs, tmp_path):
+    data = bytearray((refs / "bunny.btpref").read_bytes())
+    body = tmp_path / "payload.btpref"
+    body.write_bytes(bytes(data[:-200]) + bytes(b ^ 0xFF for b in data[-200:-100]) + bytes(data[-100:]))
+    with pytest.raises(ReferenceError, match="does not match its sha256"):
+        read_reference(body)
+    head = tmp_path / "threshold.btpref"
+    value = read_reference(refs / "bunny.btpref").threshold
+    text = bytes(data).replace(json.dumps(value).encode(), json.dumps(value * 10).encode(), 1)
+    assert text != bytes(data)
+    head.write_bytes(text)
+    with pytest.raises(ReferenceError, match="does not match its sha256"):
+        read_reference(head)
+    (tmp_path / "junk.btpref").write_bytes(b"PK\x03\x04 not a reference")
+    with pytest.raises(ReferenceError, match="not a btp reference"):
+        read_reference(tmp_path / "junk.btpref")
+
+
+def test_no_pickle_loaded(refs, tmp_path, monkeypatch):
+    """An object array is refused even with a matching sha256, and reading never unpickles."""
+    import io
+    import struct
+
+    from btp.runtime import reference as refmod
+
+    ref = read_reference(refs / "bunny.btpref")
+    buf = io.BytesIO()
+    np.savez(buf, **ref.arrays, evil=np.array([{"a": 1}], dtype=object))
+    payload = buf.getvalue()
+    header = dict(ref.header)
+    header["arrays"] = {**header["arrays"], "evil": {"shape": [1], "dtype": "object"}}
+    header["sha256"] = refmod.content_sha256(header, payload)
+    head = json.dumps(header).encode()
+    (tmp_path / "evil.btpref").write_bytes(refmod.MAGIC + struct.pack("<Q", len(head)) + head + payload)
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("a reference file was unpickled")
+
+    monkeypatch.setattr(pickle, "load", no_unpickling)
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    with pytest.raises(ReferenceError, match="plain arrays"):
+        read_reference(tmp_path / "evil.btpref")
+    assert read_reference(refs / "block.btpref").name == "block"
