@@ -173,3 +173,29 @@ def test_no_pickle_loaded(refs, tmp_path, monkeypatch):
     with pytest.raises(ReferenceError, match="plain arrays"):
         read_reference(tmp_path / "evil.btpref")
     assert read_reference(refs / "block.btpref").name == "block"
+
+
+def test_eval_references_train(model_path, shapes_root, tmp_path):
+    """`btp eval --references train` on a tiny mesh-maker set: the fused model in mean/classes,
+    zero-shot, reference-only and both baselines beside it, with and without --random-pose."""
+    from btp.eval.meshdefects import MeshDefectConfig, write_mesh_defect_dataset
+
+    data = tmp_path / "set"
+    write_mesh_defect_dataset(shapes_root, data, ["stanford_bunny"], per_class_good=2, per_class_bad=3,
+                              per_class_train=3, seed=5, cfg=MeshDefectConfig(num_points=2000), log=lambda m: None)
+    assert len(list((data / "stanford_bunny" / "train").glob("*.pcd"))) == 3
+    for extra in ([], ["--random-pose", "7"]):
+        out = tmp_path / f"eval{len(extra)}.json"
+        res = CliRunner().invoke(app, ["eval", "--data", str(data), "--model", str(model_path), "--references",
+                                       "train", "--shots", "3", "--json", str(out), *extra])
+        assert res.exit_code == 0, res.output
+        report = json.loads(out.read_text())
+        assert report["data"]["references"] == "train" and report["data"]["shots"] == 3
+        assert report["data"]["random_pose"] == (7 if extra else None)
+        assert report["data"]["samples"]["stanford_bunny"] == {"good": 2, "bad": 3, "points": 10000}
+        for row in ("zero_shot", "reference_only", "icp_baseline", "fpfh_baseline"):
+            assert 0.0 <= report[row]["mean"]["p_auroc"] <= 1.0, row
+        for key in ("o_auroc", "p_auroc", "au_pro"):
+            assert 0.0 <= report["mean"][key] <= 1.0
+        assert set(report["fusions"]) >= {"max", "mean"}
+        assert "reference" in report["data"]["ms_per_scan"]

@@ -32,6 +32,12 @@ def evaluate(
                                    "and learned baselines (off: the model only, e.g. a second model on the same set)."),
     trust_gt: bool = typer.Option(False, "--trust-gt", help="Take each ground-truth file's points and labels as "
                                   "they are, without checking them against their scan (as the reference loaders do)."),
+    references: str = typer.Option("", "--references", help="train: each class's good train/ scans are its "
+                                   "reference (btp reference build); reports the fused model in mean/classes, "
+                                   "with zero-shot, reference-only, an ICP and an FPFH-bank baseline beside it."),
+    shots: int = typer.Option(4, "--shots", min=2, help="With --references: the first K good train/ scans."),
+    random_pose: int = typer.Option(None, "--random-pose", help="With --references: turn every test scan (and its "
+                                    "ground truth) by a random rotation (any angle) drawn from this seed."),
 ) -> None:
     """Zero-shot evaluation: O-AUROC, P-AUROC, AU-PRO, O-AP, P-AP, O-F1max per class and mean."""
     from rich.console import Console
@@ -74,9 +80,21 @@ def evaluate(
             def progress(done: int, total: int) -> None:
                 bar.update(done, total=total)
 
-            report = run_eval(data, layout=layout or None, classes=chosen, scorer=scorer, learned=learned,
-                              baselines=baselines, downsample=downsample, verify_gt=not trust_gt,
-                              progress=progress)
+            if references:
+                from btp.eval.references import evaluate_references
+
+                if references != "train":
+                    raise typer.BadParameter(f"{references!r}: the one source of references is train",
+                                             param_hint="--references")
+                if scorer is None:
+                    raise typer.BadParameter("--references needs the model (its zero-shot map is fused)",
+                                             param_hint="--no-model")
+                report = evaluate_references(data, scorer, layout=layout or None, classes=chosen, shots=shots,
+                                             random_pose=random_pose, progress=progress)
+            else:
+                report = run_eval(data, layout=layout or None, classes=chosen, scorer=scorer, learned=learned,
+                                  baselines=baselines, downsample=downsample, verify_gt=not trust_gt,
+                                  progress=progress)
     except (BTPError, FileNotFoundError) as err:
         typer.echo(f"btp eval: {err}", err=True)
         raise typer.Exit(code=2) from None
@@ -110,9 +128,15 @@ def print_report(report: dict) -> None:
     if not console.is_terminal:  # files and pipes: do not squeeze the metric columns to 80 characters
         console = Console(width=max(console.width, 150))
     data = report["data"]
-    sections = [("model: " + (report["model"] or {}).get("name", "-"), report)] if report.get("classes") else []
+    fused = " fused with the references" if data.get("references") else ""
+    sections = [("model: " + (report["model"] or {}).get("name", "-") + fused, report)] if report.get("classes") else []
     if report.get("baseline"):
         sections.append(("baseline: surface variation (training-free)", report["baseline"]))
+    for key, title in (("zero_shot", "zero-shot (the model alone)"), ("reference_only", "reference only"),
+                       ("icp_baseline", "baseline: coarse-to-fine ICP + 16-NN distance"),
+                       ("fpfh_baseline", "baseline: FPFH memory bank")):
+        if report.get(key):
+            sections.append((title, report[key]))
     if report.get("learned_baseline"):
         sections.append(("learned baseline: covariance features + LightGBM", report["learned_baseline"]))
     for title, section in sections:
@@ -140,6 +164,8 @@ def eval_sets(
     shapes: Path = typer.Option(..., "--shapes", help="Meshes + index.json: shared/data/shapes or the `btp data corpus` folder."),
     good: int = typer.Option(4, "--good", min=1, help="Normal test scans per held-out mesh."),
     bad: int = typer.Option(8, "--bad", min=1, help="Anomalous test scans per held-out mesh."),
+    train: int = typer.Option(4, "--train", min=0, help="Good train/ scans per mesh (other poses and samplings "
+                              "than the test scans): the references of `btp eval --references train`."),
     makers: str = typer.Option("synth,mesh", "--makers", help="synth (the training maker) and/or mesh (eval only)."),
     layouts: str = typer.Option("anomaly-shapenet,real3d", "--layouts", help="anomaly-shapenet and/or real3d."),
     split: str = typer.Option("heldout", "--split", help="heldout (test sets) | train (data to fit a learned "
@@ -164,7 +190,7 @@ def eval_sets(
     if split not in SPLIT_SEED_OFFSETS:
         raise typer.BadParameter(f"{split!r}: choose one of {tuple(SPLIT_SEED_OFFSETS)}", param_hint="--split")
     try:
-        write_eval_sets(shapes, out, good=good, bad=bad, makers=chosen_makers, layouts=chosen_layouts, split=split,
-                        points=points, partial=partial, log=typer.echo)
+        write_eval_sets(shapes, out, good=good, bad=bad, train=train, makers=chosen_makers, layouts=chosen_layouts,
+                        split=split, points=points, partial=partial, log=typer.echo)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--makers") from None

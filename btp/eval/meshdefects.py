@@ -250,10 +250,33 @@ def _full_mesh_sample(vertices, faces, seed: int, kind: str | None, cfg: MeshDef
     raise MeshDefectError(f"no {kind} defect fits this mesh in {cfg.max_tries} tries (seed {seed})")
 
 
+TRAIN_POSE_DEG = 10.0
+TRAIN_POSE_SHIFT = 0.02
+
+
+def _small_pose(points: np.ndarray, seed: int) -> np.ndarray:
+    """float32 [M,3]: ``points`` turned by up to TRAIN_POSE_DEG about a random axis through their
+    centroid and shifted by up to TRAIN_POSE_SHIFT of their size per axis."""
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(seed)
+    axis = rng.normal(size=3)
+    axis /= max(np.linalg.norm(axis), 1e-30)
+    rot = Rotation.from_rotvec(axis * np.deg2rad(rng.uniform(0, TRAIN_POSE_DEG))).as_matrix()
+    size = float(np.linalg.norm(np.ptp(points, axis=0)))
+    c = points.mean(axis=0)
+    moved = (points - c) @ rot.T + c + rng.uniform(-TRAIN_POSE_SHIFT, TRAIN_POSE_SHIFT, size=3) * size
+    return moved.astype(np.float32)
+
+
 def write_mesh_defect_dataset(shapes_root, out, classes: list[str], *, per_class_good: int = 4,
                               per_class_bad: int = 9, seed: int = 300, layout: str = "anomaly-shapenet",
-                              cfg: MeshDefectConfig = MeshDefectConfig(), log=print) -> dict:
-    """Test scans of ``classes`` (index.json names) in a public layout, made by this maker."""
+                              cfg: MeshDefectConfig = MeshDefectConfig(), per_class_train: int = 0,
+                              log=print) -> dict:
+    """Test scans of ``classes`` (index.json names) in a public layout, made by this maker, and
+    ``per_class_train`` good train/ scans (the references of ``btp eval --references train``):
+    their own samplings, each turned by up to TRAIN_POSE_DEG about a random axis and shifted by
+    up to TRAIN_POSE_SHIFT of the size (the test scans stay in the mesh's frame)."""
     from btp.train.corpus import check_not_reserved
     from btp.train.synth import layout_names, list_shapes, sample_seed, write_gt
 
@@ -269,6 +292,10 @@ def write_mesh_defect_dataset(shapes_root, out, classes: list[str], *, per_class
         test_dir.mkdir(parents=True, exist_ok=True)
         gt_dir.mkdir(parents=True, exist_ok=True)
         info = {}
+        for i in range(per_class_train):
+            s = make_mesh_sample(v, f, sample_seed(seed, cls, "mesh-train", i), None, cfg)
+            write_point_cloud(out / cls / "train" / f"{names['train'](i)}.pcd",
+                              _small_pose(s.points, sample_seed(seed, cls, "mesh-train-pose", i)))
         for i in range(per_class_good):
             s = make_mesh_sample(v, f, sample_seed(seed, cls, "mesh-good", i), None, cfg)
             write_point_cloud(test_dir / f"{names['good'](i)}.pcd", s.points)

@@ -32,7 +32,7 @@ def split_names(shapes_root, split: str) -> list[str]:
     return [s.name for s in zs.train if family_of(s) in val]
 
 
-def write_eval_sets(shapes_root, out, *, good: int = 4, bad: int = 8, makers=MAKERS,
+def write_eval_sets(shapes_root, out, *, good: int = 4, bad: int = 8, train: int = 4, makers=MAKERS,
                     layouts=tuple(LAYOUT_SEEDS), split: str = "heldout", points: int = 8192, partial: bool = False,
                     log=print) -> dict:
     """``split="train"``: the same scans on the training meshes (to fit a learned baseline on the
@@ -40,9 +40,10 @@ def write_eval_sets(shapes_root, out, *, good: int = 4, bad: int = 8, makers=MAK
     ``split="validation"``: the same scans on the meshes of the validation families inside the
     training split (``btp.train.validate.validation_families``), both makers: a `--validate` run
     never trains on them, so its model can be compared there with the runtime's whole raw-scan
-    path, and nothing is decided on the held-out sets. ``points``:
+    path, and nothing is decided on the held-out sets. ``train``: good train/ scans per class
+    (their own samplings and poses; the references of ``btp eval --references train``). ``points``:
     points per scan (e.g. 100 000 to measure the runtime's raw-scan rules at scanner density);
-    ``partial``: every test scan is what one camera sees (at most ``points`` points, open borders;
+    ``partial``: every scan is what one camera sees (at most ``points`` points, open borders;
     defective scans viewed from the defect's side), the sets named ``<maker>-<layout>-partial``."""
     from btp.eval.meshdefects import MeshDefectConfig, write_mesh_defect_dataset
     from btp.train.evalsets import write_class
@@ -53,7 +54,7 @@ def write_eval_sets(shapes_root, out, *, good: int = 4, bad: int = 8, makers=MAK
         raise ValueError("the mesh defect maker is for evaluation only: no training-split sets")
     names = split_names(shapes_root, split)
     out = Path(out)
-    manifest: dict = {"split": split, "classes": names, "good": good, "bad": bad, "points": points,
+    manifest: dict = {"split": split, "classes": names, "good": good, "bad": bad, "train": train, "points": points,
                       "partial": partial, "sets": {}}
     for maker in makers:
         for layout in layouts:
@@ -63,13 +64,13 @@ def write_eval_sets(shapes_root, out, *, good: int = 4, bad: int = 8, makers=MAK
                 summary = write_mesh_defect_dataset(shapes_root, dest, names, per_class_good=good,
                                                     per_class_bad=bad, seed=seed, layout=layout,
                                                     cfg=MeshDefectConfig(num_points=points, partial=partial),
-                                                    log=log)
+                                                    per_class_train=train, log=log)
                 manifest["sets"][dest.name] = {"maker": "btp.eval.meshdefects", "layout": layout, "seed": seed,
                                                "skipped": {c: [k for k, v in s.items() if isinstance(v, str)]
                                                            for c, s in summary["classes"].items()
                                                            if any(isinstance(v, str) for v in s.values())}}
                 continue
-            plan_kw = {"per_class_train": 0, "per_class_test_good": good, "per_class_test_bad": bad, "seed": seed,
+            plan_kw = {"per_class_train": train, "per_class_test_good": good, "per_class_test_bad": bad, "seed": seed,
                        "layout": layout}
             used = {}
             for cls in names:

@@ -86,6 +86,7 @@ class GuidedScores:
     transform        float64 [4,4] scan -> template
     residual         mean distance to the 16 nearest template points (scan units)
     deviation        signed distance to the nearest template point's tangent plane (scan units)
+    feature          distance of the point's cell's descriptor to the nearest bank descriptor
     reference_map    max of the normalised residual and feature maps
     fused            the fused map (Settings.fusion) the decision is made on
     object_score     top-1 % mean of ``fused``; reference_score: the same of ``reference_map``
@@ -97,6 +98,7 @@ class GuidedScores:
     transform: np.ndarray = field(repr=False)
     residual: np.ndarray | None = field(default=None, repr=False)
     deviation: np.ndarray | None = field(default=None, repr=False)
+    feature: np.ndarray | None = field(default=None, repr=False)
     reference_map: np.ndarray | None = field(default=None, repr=False)
     fused: np.ndarray | None = field(default=None, repr=False)
     object_score: float = float("nan")
@@ -321,7 +323,8 @@ class ReferenceScorer:
                               self.ref.statistics, self.settings.fusion)
         t["reference_maps"] = (time.perf_counter() - t0) * 1e3
         return GuidedScores(registered=True, fitness=fit.fitness, rmse=fit.rmse, transform=got.transform,
-                            residual=maps.residual, deviation=maps.deviation, reference_map=ref_map, fused=fused,
+                            residual=maps.residual, deviation=maps.deviation, feature=maps.feature,
+                            reference_map=ref_map, fused=fused,
                             object_score=top_mean(fused, OBJECT_TOP_RATIO),
                             reference_score=top_mean(ref_map, OBJECT_TOP_RATIO), timings=t)
 
