@@ -176,6 +176,7 @@ def eval_sets(
     partial: bool = typer.Option(False, "--partial", help="Single-view partial scans: what one camera sees "
                                  "(open borders, at most --points points; defective scans seen from the "
                                  "defect's side); sets named <maker>-<layout>-partial."),
+    classes: str = typer.Option("", "--classes", help="Comma-separated meshes of the split (default: all)."),
 ) -> None:
     """Held-out test sets of the zero-shot split from both defect makers (the training one and the
     evaluation-only mesh editor, btp.eval.meshdefects), in both public layouts."""
@@ -191,6 +192,7 @@ def eval_sets(
         raise typer.BadParameter(f"{split!r}: choose one of {tuple(SPLIT_SEED_OFFSETS)}", param_hint="--split")
     try:
         write_eval_sets(shapes, out, good=good, bad=bad, train=train, makers=chosen_makers, layouts=chosen_layouts,
-                        split=split, points=points, partial=partial, log=typer.echo)
+                        split=split, points=points, partial=partial,
+                        classes=[c.strip() for c in classes.split(",") if c.strip()] or None, log=typer.echo)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--makers") from None

@@ -34,15 +34,15 @@ def split_names(shapes_root, split: str) -> list[str]:
 
 def write_eval_sets(shapes_root, out, *, good: int = 4, bad: int = 8, train: int = 4, makers=MAKERS,
                     layouts=tuple(LAYOUT_SEEDS), split: str = "heldout", points: int = 8192, partial: bool = False,
-                    log=print) -> dict:
+                    classes: list[str] | None = None, log=print) -> dict:
     """``split="train"``: the same scans on the training meshes (to fit a learned baseline on the
     same kind of data the model trains on; only the training maker belongs there).
     ``split="validation"``: the same scans on the meshes of the validation families inside the
     training split (``btp.train.validate.validation_families``), both makers: a `--validate` run
     never trains on them, so its model can be compared there with the runtime's whole raw-scan
     path, and nothing is decided on the held-out sets. ``train``: good train/ scans per class
-    (their own samplings and poses; the references of ``btp eval --references train``). ``points``:
-    points per scan (e.g. 100 000 to measure the runtime's raw-scan rules at scanner density);
+    (their own samplings and poses; the references of ``btp eval --references train``).
+    ``classes``: a subset of the split's meshes (default: all). ``points``: points per scan (e.g. 100 000 to measure the runtime's raw-scan rules at scanner density);
     ``partial``: every scan is what one camera sees (at most ``points`` points, open borders;
     defective scans viewed from the defect's side), the sets named ``<maker>-<layout>-partial``."""
     from btp.eval.meshdefects import MeshDefectConfig, write_mesh_defect_dataset
@@ -53,6 +53,11 @@ def write_eval_sets(shapes_root, out, *, good: int = 4, bad: int = 8, train: int
     if split == "train" and "mesh" in makers:
         raise ValueError("the mesh defect maker is for evaluation only: no training-split sets")
     names = split_names(shapes_root, split)
+    if classes:
+        unknown = sorted(set(classes) - set(names))
+        if unknown:
+            raise ValueError(f"classes {unknown} are not meshes of the {split} split; choose from {names}")
+        names = [n for n in names if n in set(classes)]
     out = Path(out)
     manifest: dict = {"split": split, "classes": names, "good": good, "bad": bad, "train": train, "points": points,
                       "partial": partial, "sets": {}}

@@ -8,7 +8,7 @@ Scoring one scan [M,3], in the scan's units:
 
     register to the template in any orientation (btp.geometry.registration: FPFH + RANSAC, then
     coarse-to-fine ICP; fitness scan -> template only)      -> pose, fitness
-    fitness < settings.min_fitness                           -> registered = False, no scores
+    fitness < min_fitness (statistics)                       -> registered = False, no scores
     residual   [M]  mean distance to the RESIDUAL_K nearest template points (scan -> template)
     deviation  [M]  signed distance to the nearest template point's tangent plane (+ = outside)
     feature    [M]  distance of the multi-scale FPFH of the scan's cells to the nearest of the bank
@@ -38,6 +38,7 @@ from btp.geometry.scores import top_mean
 from btp.runtime.reference import Reference, ReferenceError
 
 RESIDUAL_K = 16
+BUILD_MIN_FITNESS = 0.3  # a good scan that fits the others' union worse is refused (another part?)
 OBJECT_TOP_RATIO = 0.01
 MAPS = ("residual", "feature", "zero_shot")
 # fused map from the normalised maps; the rule in use is Settings.fusion (chosen on validation sets)
@@ -187,10 +188,11 @@ class _Maps:
 
 
 def _raw_maps(points: np.ndarray, pose: np.ndarray, template: np.ndarray, template_normals: np.ndarray,
-              bank: np.ndarray, units: dict, s: Settings) -> _Maps:
+              bank: np.ndarray, center: np.ndarray, units: dict, s: Settings) -> _Maps:
+    """The raw maps of a scan under ``pose``; ``center``: the whole template's centroid (descriptor normals)."""
     aligned = reg.transform(points, pose)
     residual, deviation = _residual(template, template_normals, aligned)
-    cells, feats = _features(aligned, template.mean(axis=0), units, s)
+    cells, feats = _features(aligned, center, units, s)
     feature = _to_points(cells, _nearest_dist(bank, feats), aligned)
     return _Maps(residual, deviation, feature)
 
@@ -218,21 +220,28 @@ def build_reference(scans: Sequence[np.ndarray], zero_shot: Sequence[np.ndarray]
         raise ValueError("one zero-shot map per good scan")
     s = settings
     t0 = time.perf_counter()
-    anchor = np.asarray(cad if cad is not None else scans[0], dtype=np.float32)
+    # the widest scan anchors the template (a whole part before a single view); each next scan, widest
+    # first, registers to the union of those before it, so partial views that overlap little with the
+    # anchor still find their place
+    order = sorted(range(len(scans)), key=lambda i: -reg.part_size(scans[i]))
+    anchor = np.asarray(cad if cad is not None else scans[order[0]], dtype=np.float32)
     units = _scales(reg.part_size(anchor), s)
-    target = reg.make_target(anchor, units["register_voxel"])
-    poses, fits = [], []
-    for i, scan in enumerate(scans):
-        if cad is None and i == 0:
-            poses.append(np.eye(4))
-            fits.append(1.0)
+    poses: list = [None] * len(scans)
+    fits = [1.0] * len(scans)
+    merged = [anchor]
+    for i in order:
+        if cad is None and i == order[0]:
+            poses[i] = np.eye(4)
             continue
-        got = reg.register(scan, target, seed=s.seed)
-        poses.append(got.transform)
-        fits.append(reg.evaluate(scan, target, got.transform, units["fitness_radius"]).fitness)
-        if fits[-1] < s.min_fitness:
-            raise ValueError(f"good scan {sources[i]['file']} registers to the others with fitness {fits[-1]:.2f} "
-                             f"(< {s.min_fitness}): is it the same part? Leave it out, or pass --cad")
+        target = reg.make_target(np.concatenate(merged), units["register_voxel"])
+        got = reg.register(scans[i], target, seed=s.seed)
+        poses[i] = got.transform
+        fits[i] = reg.evaluate(scans[i], target, got.transform, units["fitness_radius"]).fitness
+        if fits[i] < BUILD_MIN_FITNESS:
+            raise ValueError(f"good scan {sources[i]['file']} registers to the others with fitness {fits[i]:.2f} "
+                             f"(< {BUILD_MIN_FITNESS}): is it the same part? Leave it out, or pass --cad")
+        if cad is None:
+            merged.append(reg.transform(scans[i], got.transform))
     aligned = [reg.transform(scan, pose) for scan, pose in zip(scans, poses)]
     log(f"registered {len(scans)} good scans (fitness {', '.join(f'{f:.2f}' for f in fits)})")
     tv = units["template_voxel"]
@@ -242,7 +251,8 @@ def build_reference(scans: Sequence[np.ndarray], zero_shot: Sequence[np.ndarray]
         return pts, reg.normals(pts, reg.NORMAL_RADIUS * tv)
 
     per_scan = max(s.bank_size // len(scans), 1)
-    center = (anchor if cad is not None else np.concatenate(aligned)).mean(axis=0)
+    template, template_n = template_of([anchor] if cad is not None else aligned)
+    center = template.mean(axis=0)
     banks = []
     for i, a in enumerate(aligned):
         _, feats = _features(a, center, units, s)
@@ -256,7 +266,7 @@ def build_reference(scans: Sequence[np.ndarray], zero_shot: Sequence[np.ndarray]
         bank = np.concatenate([b for j, b in enumerate(banks) if j != i])
         loo_target = reg.make_target(tmpl, units["register_voxel"])
         loo_fitness.append(reg.evaluate(aligned[i], loo_target, np.eye(4), units["fitness_radius"]).fitness)
-        maps = _raw_maps(aligned[i], np.eye(4), tmpl, tmpl_n, bank, units, s)
+        maps = _raw_maps(aligned[i], np.eye(4), tmpl, tmpl_n, bank, center, units, s)
         loo["residual"].append(maps.residual)
         loo["feature"].append(maps.feature)
         loo["zero_shot"].append(np.asarray(zero_shot[i], dtype=np.float32))
@@ -269,8 +279,10 @@ def build_reference(scans: Sequence[np.ndarray], zero_shot: Sequence[np.ndarray]
     threshold = {"value": top + (top - mid), "rule": "max + (max - median) of the good scans' leave-one-out "
                                                       "fused object scores",
                  "leave_one_out_scores": loo_scores}
-    template, template_n = template_of([anchor] if cad is not None else aligned)
     statistics["leave_one_out_fitness"] = loo_fitness
+    # a good single view may overlap the others' union little: the bar for "registered" is lowered to
+    # 0.8 x the worst leave-one-out fitness of the good scans themselves, never raised
+    statistics["min_fitness"] = min(s.min_fitness, 0.8 * min(loo_fitness))
     header = {"model": model, "sources": sources, "settings": {**s.to_dict(), **units},
               "statistics": statistics, "threshold": threshold,
               "template_from": "cad" if cad is not None else "good scans",
@@ -301,6 +313,7 @@ class ReferenceScorer:
         self.template_normals = ref.arrays["template_normals"]
         self.bank = ref.arrays["bank"]
         self.target = reg.make_target(self.template, self.units["register_voxel"])
+        self.min_fitness = float(ref.statistics.get("min_fitness", self.settings.min_fitness))
 
     @property
     def threshold(self) -> float:
@@ -312,12 +325,12 @@ class ReferenceScorer:
         got = reg.register(points, self.target, seed=self.settings.seed)
         fit = reg.evaluate(points, self.target, got.transform, self.units["fitness_radius"])
         t["register"] = (time.perf_counter() - t0) * 1e3
-        if fit.fitness < self.settings.min_fitness:
+        if fit.fitness < self.min_fitness:
             return GuidedScores(registered=False, fitness=fit.fitness, rmse=fit.rmse, transform=got.transform,
                                 timings=t)
         t0 = time.perf_counter()
-        maps = _raw_maps(points, got.transform, self.template, self.template_normals, self.bank, self.units,
-                         self.settings)
+        maps = _raw_maps(points, got.transform, self.template, self.template_normals, self.bank,
+                         self.template.mean(axis=0), self.units, self.settings)
         ref_map, fused = fuse({"residual": maps.residual, "feature": maps.feature,
                                "zero_shot": np.asarray(zero_shot, dtype=np.float32)},
                               self.ref.statistics, self.settings.fusion)
@@ -391,4 +404,4 @@ class ReferenceSet:
         scorer = self.scorer(where.part)
         return GuidedResult(part=where.part, route=where.rule, scores=scorer(points, zero_shot),
                             threshold=scorer.threshold, reference_file=str(self.refs[where.part].path),
-                            min_fitness=scorer.settings.min_fitness)
+                            min_fitness=scorer.min_fitness)
