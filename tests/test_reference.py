@@ -199,3 +199,25 @@ def test_eval_references_train(model_path, shapes_root, tmp_path):
             assert 0.0 <= report["mean"][key] <= 1.0
         assert set(report["fusions"]) >= {"max", "mean"}
         assert "reference" in report["data"]["ms_per_scan"]
+
+
+def test_cad_template(model_path, shapes_root, tmp_path):
+    """--cad: the mesh's sampled surface is the template; good scans in any pose register to it."""
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(2):
+        write_point_cloud(good / f"g{i}.pcd", turned(real_scan(shapes_root, BLOCK, n=N, seed=70 + i), 70 + i))
+    out = tmp_path / "block.btpref"
+    res = CliRunner().invoke(app, ["reference", "build", str(good / "g0.pcd"), str(good / "g1.pcd"), "--model",
+                                   str(model_path), "--out", str(out), "--cad", str(shapes_root / BLOCK),
+                                   "--name", "bracket"])
+    assert res.exit_code == 0, res.output
+    ref = read_reference(out)
+    assert ref.name == "bracket" and ref.header["template_from"] == "cad"
+    assert ref.header["sources"][-1]["cad"] is True
+    # the template lies on the mesh: every template point within a few template cells of the CAD surface
+    cad = real_scan(shapes_root, BLOCK, n=50_000, seed=0)
+    from scipy.spatial import cKDTree
+
+    dist, _ = cKDTree(cad).query(ref.arrays["template"])
+    assert dist.max() < 3 * ref.settings["template_voxel"]
