@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from btp.cli import app
 from btp.io import write_point_cloud
+from btp.runtime.outcome import ScanOutcome
 from btp.runtime.reference import ReferenceError, read_reference, route
 from runtime_helpers import real_scan, tiny_export
 
@@ -85,6 +86,10 @@ def test_build_and_run_any_orientation(refs, model_path, shapes_root, tmp_path):
     assert docs["good"]["decision"] == "normal", docs["good"]["reference"]
     assert docs["bump"]["decision"] == "anomalous", docs["bump"]["reference"]
     assert docs["bump"]["object_score"] > docs["good"]["object_score"]
+    assert docs["bump"]["zero_shot_score"] != docs["bump"]["object_score"]
+    assert docs["bump"]["threshold"]["value"] == pytest.approx(ref.threshold)
+    back = ScanOutcome.from_document(docs["bump"])
+    assert back.reference.part == "bunny" and back.reference.decision == "anomalous"
     # the bump stands out of the surface by up to 6 % of the size: the deviation sees it in scan units
     size = float(np.linalg.norm(np.ptp(good, axis=0)))
     assert docs["bump"]["reference"]["deviation"]["max_abs"] > 0.03 * size
