@@ -255,6 +255,24 @@ def render(
 
 
 @app.command()
+def reference(
+    model: Path = typer.Option(..., "--model", help="model.onnx the reference is built for"),
+    points: str = typer.Option("40000,400000", help="scan sizes timed with and without a reference"),
+    repeats: int = typer.Option(3, min=1, help="timed calls per size and pipeline (after one warm-up)"),
+    out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
+) -> None:
+    """Cost of reference-guided inspection: build time and size of a 4-scan reference, the time it
+    adds to btp-run's end to end, and the bank's kNN library measured."""
+    from btp.benchmarks.machine import describe_machine, machine_line
+    from btp.benchmarks.reference import markdown, run_reference_bench
+
+    machine = describe_machine()
+    data = run_reference_bench(model, sizes=_ints(points, "--points"), repeats=repeats, log=_say)
+    data["machine"] = machine
+    _write_report("reference", data, markdown(data, machine_line(machine), machine["date_utc"]), out, machine=machine)
+
+
+@app.command()
 def throughput(
     model: Path = typer.Argument(..., exists=True, dir_okay=False, help="model.onnx (from btp-export)"),
     files: int = typer.Option(100, min=2, help="scan files written for the run"),
