@@ -88,6 +88,9 @@ def test_build_and_run_any_orientation(refs, model_path, shapes_root, tmp_path):
     assert docs["bump"]["object_score"] > docs["good"]["object_score"]
     assert docs["bump"]["zero_shot_score"] != docs["bump"]["object_score"]
     assert docs["bump"]["threshold"]["value"] == pytest.approx(ref.threshold)
+    maps = np.load(tmp_path / "out" / "bump.reference.npy")  # [rows, 2]: fused, signed deviation
+    assert maps.shape == (N, 2)
+    assert np.abs(maps[:, 1]).max() == pytest.approx(docs["bump"]["reference"]["deviation"]["max_abs"], rel=1e-5)
     back = ScanOutcome.from_document(docs["bump"])
     assert back.reference.part == "bunny" and back.reference.decision == "anomalous"
     # the bump stands out of the surface by up to 6 % of the size: the deviation sees it in scan units

@@ -4,6 +4,9 @@
     <stem>.npy   float32 [R]: one score per row of the file, in its order (NaN for dropped rows)
     <stem>.ply   the scan with an ``anomaly`` scalar and turbo heat colours (btp.io.write_point_cloud)
     <stem>.png   three views of the anomaly map (matplotlib Agg, no display; ``render_views``)
+    <stem>.reference.npy  with --reference, a registered scan: float32 [R, 2] per file row: the fused
+                 map (0 = a typical good point, 1 = the good scans' 99th percentile) and the signed
+                 deviation from the template in the scan's units (NaN for dropped rows)
     <stem>.json  ``ScanOutcome.document()``: object score, decision, point-score summary, timings
                  (written last: its presence means the scan's outputs are complete)
 
@@ -231,7 +234,7 @@ def _jsonable(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-SCAN_SUFFIXES = (".npy", ".ply", ".png", ".json")  # every file write_scan may leave for one scan
+SCAN_SUFFIXES = (".npy", ".reference.npy", ".ply", ".png", ".json")  # every file write_scan may leave for one scan
 
 
 def write_scan(out_dir: Path, outcome: ScanOutcome, heatmaps: tuple[str, ...], *,
@@ -244,6 +247,14 @@ def write_scan(out_dir: Path, outcome: ScanOutcome, heatmaps: tuple[str, ...], *
         return Path(out_dir) / f"{outcome.stem}{suffix}"
 
     files = {"npy": write_npy(place(".npy"), r.scores_per_row())}
+    guided = r.reference.scores if r.reference is not None else None
+    if guided is not None and guided.registered:
+        maps = np.stack([guided.fused, guided.deviation], axis=1)  # [M, 2]
+        if r.row_mask is not None:
+            rows = np.full((len(r.row_mask), 2), np.nan, dtype=np.float32)
+            rows[r.row_mask] = maps
+            maps = rows
+        files["reference"] = write_npy(place(".reference.npy"), maps)
     if "ply" in heatmaps:
         points = r.points if r.offset is None else r.points.astype(np.float64) + r.offset  # the scan's own frame
         files["ply"] = write_heatmap_ply(place(".ply"), points, r.point_scores)
