@@ -229,3 +229,29 @@ def test_cad_template(model_path, shapes_root, tmp_path):
 
     dist, _ = cKDTree(cad).query(ref.arrays["template"])
     assert dist.max() < 3 * ref.settings["template_voxel"]
+
+
+def test_dense_scan_is_mapped_on_cells(refs, shapes_root):
+    """Over MAP_POINTS points the maps come from voxel cells gathered back to every point; they
+    agree with the point-by-point maps of the same scan thinned below the limit."""
+    from btp.geometry.registration import voxel_cells
+    from btp.runtime.guided import MAP_POINTS, ReferenceScorer
+
+    scorer = ReferenceScorer(read_reference(refs / "bunny.btpref"))
+    good = real_scan(shapes_root, BUNNY, n=MAP_POINTS + 10_000, seed=80)
+    bump = with_bump(good)
+    moved = np.linalg.norm(bump - good, axis=1) > 0.005 * np.linalg.norm(np.ptp(good, axis=0))
+    typical = scorer.ref.statistics["zero_shot"]["median"]  # a zero-shot map that says nothing
+    score = {}
+    for name, cloud in (("good", good), ("bump", bump), ("thin bump", bump[::4])):
+        got = scorer(turned(cloud, 81), np.full(len(cloud), typical, np.float32))
+        assert got.registered and got.fused.shape == (len(cloud),)
+        score[name] = got
+    assert score["bump"].fused[moved].mean() > 3 * max(score["bump"].fused[~moved].mean(), 0.1)
+    assert score["bump"].object_score > 1.15 * score["good"].object_score
+    assert score["bump"].object_score == pytest.approx(score["thin bump"].object_score, rel=0.25)
+    dense = good
+    cells, cell_of = voxel_cells(dense, 0.05)
+    np.testing.assert_allclose(cells[cell_of], dense, atol=0.05 * np.sqrt(3))
+    np.testing.assert_allclose(np.bincount(cell_of, weights=dense[:, 0]) / np.bincount(cell_of), cells[:, 0],
+                               rtol=1e-5, atol=1e-5)

@@ -61,6 +61,20 @@ def voxel_down(points: np.ndarray, voxel: float) -> np.ndarray:
     return np.asarray(_cloud(points).voxel_down_sample(voxel).points, dtype=np.float32)
 
 
+def voxel_cells(points: np.ndarray, voxel: float) -> tuple[np.ndarray, np.ndarray]:
+    """(cells float32 [c,3]: the mean point of every occupied ``voxel`` cell, cell_of int64 [M]: the
+    cell of each point) - a voxel downsampling that also says where each point went, so values of
+    the cells gather back to the points without a nearest-neighbour search."""
+    pts = np.asarray(points, dtype=np.float64)
+    grid = np.floor((pts - pts.min(axis=0)) / voxel).astype(np.int64)  # [M,3]
+    dims = grid.max(axis=0) + 1
+    keys = (grid[:, 0] * dims[1] + grid[:, 1]) * dims[2] + grid[:, 2]
+    _, cell_of = np.unique(keys, return_inverse=True)
+    count = np.bincount(cell_of).astype(np.float64)
+    cells = np.stack([np.bincount(cell_of, weights=pts[:, d]) for d in range(3)], axis=1) / count[:, None]
+    return cells.astype(np.float32), cell_of.astype(np.int64)
+
+
 def normals(points: np.ndarray, radius: float, max_nn: int = 30, center: np.ndarray | None = None) -> np.ndarray:
     """float32 [m,3] unit normals, oriented away from ``center`` (default: the cloud's centroid; a
     rule that turns with the cloud, so descriptors built on them do not depend on the scan's pose;

@@ -38,6 +38,8 @@ from btp.geometry.scores import top_mean
 from btp.runtime.reference import Reference, ReferenceError
 
 RESIDUAL_K = 16
+MAP_POINTS = 50_000  # scans with more points are mapped on cells of size / MAP_CELLS, then gathered
+MAP_CELLS = 150.0
 BUILD_MIN_FITNESS = 0.3  # a good scan that fits the others' union worse is refused (another part?)
 OBJECT_TOP_RATIO = 0.01
 MAPS = ("residual", "feature", "zero_shot")
@@ -322,15 +324,22 @@ class ReferenceScorer:
     def __call__(self, points: np.ndarray, zero_shot: np.ndarray) -> GuidedScores:
         t: dict[str, float] = {}
         t0 = time.perf_counter()
+        points = np.asarray(points, dtype=np.float32)
+        # a dense scan is mapped on its MAP_CELLS cells and the maps gathered back to every point
+        # (the zero-shot path's voxel rule does the same); up to MAP_POINTS points, point by point
+        dense = len(points) > MAP_POINTS
+        mapped, cell_of = reg.voxel_cells(points, self.units["size"] / MAP_CELLS) if dense else (points, None)
         got = reg.register(points, self.target, seed=self.settings.seed)
-        fit = reg.evaluate(points, self.target, got.transform, self.units["fitness_radius"])
+        fit = reg.evaluate(mapped, self.target, got.transform, self.units["fitness_radius"])
         t["register"] = (time.perf_counter() - t0) * 1e3
         if fit.fitness < self.min_fitness:
             return GuidedScores(registered=False, fitness=fit.fitness, rmse=fit.rmse, transform=got.transform,
                                 timings=t)
         t0 = time.perf_counter()
-        maps = _raw_maps(points, got.transform, self.template, self.template_normals, self.bank,
+        maps = _raw_maps(mapped, got.transform, self.template, self.template_normals, self.bank,
                          self.template.mean(axis=0), self.units, self.settings)
+        if dense:
+            maps = _Maps(maps.residual[cell_of], maps.deviation[cell_of], maps.feature[cell_of])
         ref_map, fused = fuse({"residual": maps.residual, "feature": maps.feature,
                                "zero_shot": np.asarray(zero_shot, dtype=np.float32)},
                               self.ref.statistics, self.settings.fusion)
