@@ -113,7 +113,6 @@ def evaluate(
         raise typer.Exit(code=1)
 
 
-_METHOD_OF_TITLE = {"model": "model", "baseline": "baseline", "learned baseline": "learned_baseline"}
 
 
 def print_report(report: dict) -> None:
@@ -129,17 +128,17 @@ def print_report(report: dict) -> None:
         console = Console(width=max(console.width, 150))
     data = report["data"]
     fused = " fused with the references" if data.get("references") else ""
-    sections = [("model: " + (report["model"] or {}).get("name", "-") + fused, report)] if report.get("classes") else []
-    if report.get("baseline"):
-        sections.append(("baseline: surface variation (training-free)", report["baseline"]))
-    for key, title in (("zero_shot", "zero-shot (the model alone)"), ("reference_only", "reference only"),
+    # (title, section, its key in data.notes)
+    sections = ([("model: " + (report["model"] or {}).get("name", "-") + fused, report, "model")]
+                if report.get("classes") else [])
+    for key, title in (("baseline", "baseline: surface variation (training-free)"),
+                       ("zero_shot", "zero-shot (the model alone)"), ("reference_only", "reference only"),
                        ("icp_baseline", "baseline: coarse-to-fine ICP + 16-NN distance"),
-                       ("fpfh_baseline", "baseline: FPFH memory bank")):
+                       ("fpfh_baseline", "baseline: FPFH memory bank"),
+                       ("learned_baseline", "learned baseline: covariance features + LightGBM")):
         if report.get(key):
-            sections.append((title, report[key]))
-    if report.get("learned_baseline"):
-        sections.append(("learned baseline: covariance features + LightGBM", report["learned_baseline"]))
-    for title, section in sections:
+            sections.append((title, report[key], key))
+    for title, section, method in sections:
         table = Table(title=f"{title} - {data['layout']} {data['root']}", title_justify="left")
         table.add_column("class")
         for key in SHOWN_KEYS:
@@ -148,7 +147,7 @@ def print_report(report: dict) -> None:
             cells = [("-" if metrics.get(k) is None else f"{100 * metrics[k]:.1f}") for k in SHOWN_KEYS]
             table.add_row(f"[bold]{name}" if name == "mean" else name, *cells)
         console.print(table)
-        for cls, reasons in (data.get("notes") or {}).get(_METHOD_OF_TITLE[title.split(":")[0]], {}).items():
+        for cls, reasons in (data.get("notes") or {}).get(method, {}).items():
             first = next(iter(reasons.values()))
             more = len(set(reasons.values())) - 1
             console.print(f"  {cls}: {', '.join(reasons)} shown as - ({escape(first)}"
