@@ -329,7 +329,7 @@ class ReferenceScorer:
         # (the zero-shot path's voxel rule does the same); up to MAP_POINTS points, point by point
         dense = len(points) > MAP_POINTS
         mapped, cell_of = reg.voxel_cells(points, self.units["size"] / MAP_CELLS) if dense else (points, None)
-        got = reg.register(points, self.target, seed=self.settings.seed)
+        got = reg.register(mapped, self.target, seed=self.settings.seed)  # cells finer than its own voxel
         fit = reg.evaluate(mapped, self.target, got.transform, self.units["fitness_radius"])
         t["register"] = (time.perf_counter() - t0) * 1e3
         if fit.fitness < self.min_fitness:
