@@ -16,7 +16,7 @@ from scipy.spatial.transform import Rotation
 from typer.testing import CliRunner
 
 from btp.cli import app
-from btp.io import write_point_cloud
+from btp.io import read_point_cloud, write_point_cloud
 from btp.runtime.outcome import ScanOutcome
 from btp.runtime.reference import ReferenceError, read_reference, route
 from runtime_helpers import real_scan, tiny_export
@@ -61,9 +61,9 @@ def refs(tmp_path_factory, shapes_root, model_path):
     return root / "refs"
 
 
-def _run(model_path, inputs, out, reference) -> dict:
+def _run(model_path, inputs, out, reference, heatmap: str = "none") -> dict:
     res = CliRunner().invoke(app, ["run", str(model_path), *map(str, inputs), "--out", str(out),
-                                   "--reference", str(reference), "--heatmap", "none"])
+                                   "--reference", str(reference), "--heatmap", heatmap])
     assert res.exit_code == 0, res.output
     return {p.stem: json.loads(p.read_text()) for p in out.glob("*.json") if p.stem != "summary"}
 
@@ -78,7 +78,7 @@ def test_build_and_run_any_orientation(refs, model_path, shapes_root, tmp_path):
     good = real_scan(shapes_root, BUNNY, n=N, seed=40)
     write_point_cloud(scans / "good.pcd", turned(good, 41))
     write_point_cloud(scans / "bump.pcd", turned(with_bump(good), 42))
-    docs = _run(model_path, [scans], tmp_path / "out", refs / "bunny.btpref")
+    docs = _run(model_path, [scans], tmp_path / "out", refs / "bunny.btpref", heatmap="ply")
     for stem in ("good", "bump"):
         r = docs[stem]["reference"]
         assert r["registered"] and r["fitness"] > 0.9, r
@@ -91,6 +91,9 @@ def test_build_and_run_any_orientation(refs, model_path, shapes_root, tmp_path):
     maps = np.load(tmp_path / "out" / "bump.reference.npy")  # [rows, 2]: fused, signed deviation
     assert maps.shape == (N, 2)
     assert np.abs(maps[:, 1]).max() == pytest.approx(docs["bump"]["reference"]["deviation"]["max_abs"], rel=1e-5)
+    fused = read_point_cloud(tmp_path / "out" / "bump.fused.ply")
+    np.testing.assert_allclose(fused.scalars, maps[:, 0], rtol=1e-5, atol=1e-6)
+    assert docs["bump"]["outputs"]["fused_ply"].endswith("bump.fused.ply")
     back = ScanOutcome.from_document(docs["bump"])
     assert back.reference.part == "bunny" and back.reference.decision == "anomalous"
     # the bump stands out of the surface by up to 6 % of the size: the deviation sees it in scan units

@@ -7,6 +7,9 @@
     <stem>.reference.npy  with --reference, a registered scan: float32 [R, 2] per file row: the fused
                  map (0 = a typical good point, 1 = the good scans' 99th percentile) and the signed
                  deviation from the template in the scan's units (NaN for dropped rows)
+    <stem>.fused.ply  with --reference and ply heat maps, a registered scan: the fused map as its
+                 ``anomaly`` scalar, coloured from 0 to twice the part's threshold (the threshold
+                 mid-scale)
     <stem>.json  ``ScanOutcome.document()``: object score, decision, point-score summary, timings
                  (written last: its presence means the scan's outputs are complete)
 
@@ -234,7 +237,7 @@ def _jsonable(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-SCAN_SUFFIXES = (".npy", ".reference.npy", ".ply", ".png", ".json")  # every file write_scan may leave for one scan
+SCAN_SUFFIXES = (".npy", ".reference.npy", ".ply", ".fused.ply", ".png", ".json")  # every file write_scan may leave for one scan
 
 
 def write_scan(out_dir: Path, outcome: ScanOutcome, heatmaps: tuple[str, ...], *,
@@ -258,6 +261,12 @@ def write_scan(out_dir: Path, outcome: ScanOutcome, heatmaps: tuple[str, ...], *
     if "ply" in heatmaps:
         points = r.points if r.offset is None else r.points.astype(np.float64) + r.offset  # the scan's own frame
         files["ply"] = write_heatmap_ply(place(".ply"), points, r.point_scores)
+        if guided is not None and guided.registered:
+            from btp.io import heat_colors, write_point_cloud
+
+            top = 2.0 * max(r.reference.threshold, 1e-6)
+            files["fused_ply"] = write_point_cloud(place(".fused.ply"), points, scalars=guided.fused,
+                                                   colors=heat_colors(guided.fused, vmin=0.0, vmax=top))
     if "png" in heatmaps:
         decision = f" - {outcome.decision}" if outcome.decision else ""
         title = f"{outcome.file.name}: object score {r.object_score:.3f}{decision}"
