@@ -10,6 +10,10 @@
     <stem>.fused.ply  with --reference and ply heat maps, a registered scan: the fused map as its
                  ``anomaly`` scalar, coloured from 0 to twice the part's threshold (the threshold
                  mid-scale)
+    <stem>.fused.png, <stem>.deviation.png  with --reference and png heat maps, a registered scan:
+                 three views of the fused map (``fused_scale``: 0 to twice the part's threshold) and of
+                 the signed deviation from the template in scan units (``deviation_scale``: blue inside,
+                 red outside), both facing the fused map's highest values
     <stem>.json  ``ScanOutcome.document()``: object score, decision, point-score summary, timings
                  (written last: its presence means the scan's outputs are complete)
 
@@ -25,6 +29,7 @@ import csv
 import dataclasses
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,16 +153,61 @@ def _front_surface(x: np.ndarray, y: np.ndarray, depth: np.ndarray, extent: floa
     return np.flatnonzero(depth >= nearest[key] - 0.03 * extent)
 
 
-def colorbar_ticks(point_threshold: float | None, step: float = 0.2, gap: float = 0.08) -> tuple[list, list]:
-    """(positions, labels) on the 0..1 colour bar: every ``step``, the point threshold as its own
-    labelled tick, and no two ticks closer than ``gap`` (the regular ones near it are dropped), so
-    labels never overlap."""
-    ticks = [round(t, 6) for t in np.arange(0.0, 1.0 + 1e-9, step)]
-    if point_threshold is None or not 0.0 <= point_threshold <= 1.0:
+def _nice_step(span: float, count: int = 5) -> float:
+    """The smallest of 1, 2, 5 x 10^k that is at least span / count."""
+    raw = max(span / count, 1e-12)
+    power = 10.0 ** np.floor(np.log10(raw))
+    return float(next(m * power for m in (1.0, 2.0, 5.0, 10.0) if m * power >= raw * (1 - 1e-9)))
+
+
+def colorbar_ticks(mark: float | None, step: float | None = None, gap: float | None = None, *, vmin: float = 0.0,
+                   vmax: float = 1.0, mark_label: str = "point threshold") -> tuple[list, list]:
+    """(positions, labels) on a colour bar from ``vmin`` to ``vmax``: every ``step`` (default: a
+    round step, 0.2 on 0..1), ``mark`` (e.g. the point threshold) as its own tick labelled
+    ``mark_label``, and no two ticks closer than ``gap`` (default 8 % of the range; the regular
+    ones near the mark are dropped), so labels never overlap."""
+    span = vmax - vmin
+    step = _nice_step(span) if step is None else step
+    gap = 0.08 * span if gap is None else gap
+    first = np.ceil(vmin / step - 1e-9) * step
+    ticks = [round(float(t), 6) + 0.0 for t in np.arange(first, vmax + 1e-9 * span, step)]
+    if mark is None or not vmin <= mark <= vmax:
         return ticks, [f"{t:g}" for t in ticks]
-    kept = [t for t in ticks if abs(t - point_threshold) >= gap]
-    pos = sorted(kept + [point_threshold])
-    return pos, [f"{t:.2f} point threshold" if t == point_threshold else f"{t:g}" for t in pos]
+    kept = [t for t in ticks if abs(t - mark) >= gap]
+    pos = sorted(kept + [mark])
+    return pos, [f"{t:.3g} {mark_label}" if t == mark else f"{t:g}" for t in pos]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MapScale:
+    """How ``render_views`` colours a map: its colour-bar ``label``, range ``vmin``..``vmax``
+    (values beyond it take the end colours), matplotlib ``cmap``, and ``mark``: a level drawn as a
+    labelled tick and line on the bar (``mark_label``) whose points get a black rim (None: none)."""
+
+    label: str = "anomaly score"
+    vmin: float = 0.0
+    vmax: float = 1.0
+    cmap: str = "turbo"
+    mark: float | None = None
+    mark_label: str = "point threshold"
+
+
+def fused_scale(threshold: float) -> MapScale:
+    """The fused map of a scan checked against its part's reference: 0 (a typical good point) to
+    twice the part's threshold, the threshold mid-scale and marked (as ``<stem>.fused.ply``)."""
+    top = 2.0 * max(float(threshold), 1e-6)
+    return MapScale(label="fused score (0 = typical good point)", vmax=top, mark=float(threshold),
+                    mark_label="part threshold")
+
+
+def deviation_scale(deviation: np.ndarray) -> MapScale:
+    """The signed deviation from the part's template in scan units (+ outside the template's
+    surface, - inside): blue - white - red, symmetric about 0 up to the 99.9th percentile of |deviation|."""
+    dev = np.abs(np.asarray(deviation, dtype=np.float64))
+    top = float(np.quantile(dev, 0.999)) if len(dev) else 0.0
+    top = top if top > 0 else 1e-6
+    return MapScale(label="deviation from the template (scan units; + outside)", vmin=-top, vmax=top,
+                    cmap="coolwarm")
 
 
 MAX_DRAWN_REGIONS = 9
@@ -165,13 +215,16 @@ MAX_DRAWN_REGIONS = 9
 
 def render_views(path: str | Path, points: np.ndarray, scores: np.ndarray, *, title: str = "",
                  point_threshold: float | None = None, max_points: int = 30000,
-                 regions: list[dict] | None = None) -> Path:
+                 regions: list[dict] | None = None, scale: MapScale | None = None,
+                 facing: np.ndarray | None = None) -> Path:
     """One PNG with three views of the heat-mapped scan from its principal axes (``view_axes``;
     Agg canvas, no display).
 
     Each view is an orthographic projection filling its panel, points drawn far to near so the
-    visible surface is on top, turbo colours on a fixed 0..1 scale; points at or above
-    ``point_threshold`` get a black rim and the threshold is a labelled tick of the colour bar.
+    visible surface is on top, coloured by ``scale`` (default: turbo on a fixed 0..1 scale with
+    ``point_threshold`` as its mark); points at or above the mark get a black rim and the mark is
+    a labelled tick of the colour bar. ``facing``: the map the views face the highest values of
+    (default ``scores``; the fused map for the fused and deviation views, so that they match).
     ``regions`` (btp.runtime.regions as dicts, ``center`` in the frame of ``points``): the first
     MAX_DRAWN_REGIONS outlined by a circle and numbered 1, 2, ... as in the scan's JSON.
     Deterministic: an evenly strided subset of at most ``max_points`` points.
@@ -180,27 +233,29 @@ def render_views(path: str | Path, points: np.ndarray, scores: np.ndarray, *, ti
     from matplotlib.figure import Figure
     from matplotlib.patches import Circle
 
+    scale = MapScale(mark=point_threshold) if scale is None else scale
     pts = np.asarray(points, dtype=np.float32)
     sc = np.nan_to_num(np.asarray(scores, dtype=np.float32), nan=0.0)
+    face = sc if facing is None else np.nan_to_num(np.asarray(facing, dtype=np.float32), nan=0.0)
     if len(pts) > max_points:
         keep = np.linspace(0, len(pts) - 1, max_points).astype(np.int64)
-        pts, sc = pts[keep], sc[keep]
+        pts, sc, face = pts[keep], sc[keep], face[keep]
     fig = Figure(figsize=(13.5, 4.9), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3, gridspec_kw={"wspace": 0.02, "left": 0.01, "right": 0.86, "top": 0.86, "bottom": 0.02})
     art = None
-    hot_mask = sc >= point_threshold if point_threshold is not None else np.zeros(len(sc), bool)
+    colour = dict(cmap=scale.cmap, vmin=scale.vmin, vmax=scale.vmax)
+    hot_mask = sc >= scale.mark if scale.mark is not None else np.zeros(len(sc), bool)
     extent = float(np.ptp(pts, axis=0).max()) or 1.0
-    for ax, (name, d, u, v) in zip(axes, view_axes(pts, sc)):
+    for ax, (name, d, u, v) in zip(axes, view_axes(pts, face)):
         x, y, depth = pts @ u, pts @ v, pts @ d
         front = _front_surface(x, y, depth, extent)  # what an opaque part would show
         order = front[np.argsort(depth[front], kind="stable")]  # far first
         size = max(0.6, min(8.0, 12000.0 / max(len(order), 1)))
-        art = ax.scatter(x[order], y[order], c=sc[order], cmap="turbo", vmin=0.0, vmax=1.0, s=size, linewidths=0)
+        art = ax.scatter(x[order], y[order], c=sc[order], s=size, linewidths=0, **colour)
         hot = order[hot_mask[order]]
         if len(hot):
-            ax.scatter(x[hot], y[hot], c=sc[hot], cmap="turbo", vmin=0.0, vmax=1.0, s=size * 2.5,
-                       edgecolors="black", linewidths=0.3)
+            ax.scatter(x[hot], y[hot], c=sc[hot], s=size * 2.5, edgecolors="black", linewidths=0.3, **colour)
         for k, region in enumerate((regions or [])[:MAX_DRAWN_REGIONS], start=1):
             c = np.asarray(region["center"], dtype=np.float64)
             radius = max(0.5 * float(np.linalg.norm(region["extent"])), 0.02 * extent)
@@ -215,11 +270,11 @@ def render_views(path: str | Path, points: np.ndarray, scores: np.ndarray, *, ti
         ax.set_yticks([])
         ax.set_title(name, fontsize=9)
     cax = fig.add_axes([0.875, 0.1, 0.012, 0.7])
-    bar = fig.colorbar(art, cax=cax, label="anomaly score")
-    ticks, labels = colorbar_ticks(point_threshold)
+    bar = fig.colorbar(art, cax=cax, label=scale.label)
+    ticks, labels = colorbar_ticks(scale.mark, vmin=scale.vmin, vmax=scale.vmax, mark_label=scale.mark_label)
     bar.set_ticks(ticks, labels=labels, fontsize=7)
-    if point_threshold is not None:
-        bar.ax.axhline(point_threshold, color="black", linewidth=1.5)
+    if scale.mark is not None:
+        bar.ax.axhline(scale.mark, color="black", linewidth=1.5)
     if title:
         fig.suptitle(title, fontsize=11)
     buf = io.BytesIO()
@@ -237,7 +292,8 @@ def _jsonable(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-SCAN_SUFFIXES = (".npy", ".reference.npy", ".ply", ".fused.ply", ".png", ".json")  # every file write_scan may leave for one scan
+SCAN_SUFFIXES = (".npy", ".reference.npy", ".ply", ".fused.ply", ".png", ".fused.png", ".deviation.png",
+                 ".json")  # every file write_scan may leave for one scan
 
 
 def write_scan(out_dir: Path, outcome: ScanOutcome, heatmaps: tuple[str, ...], *,
@@ -264,16 +320,28 @@ def write_scan(out_dir: Path, outcome: ScanOutcome, heatmaps: tuple[str, ...], *
         if guided is not None and guided.registered:
             from btp.io import heat_colors, write_point_cloud
 
-            top = 2.0 * max(r.reference.threshold, 1e-6)
+            top = fused_scale(r.reference.threshold).vmax
             files["fused_ply"] = write_point_cloud(place(".fused.ply"), points, scalars=guided.fused,
                                                    colors=heat_colors(guided.fused, vmin=0.0, vmax=top))
     if "png" in heatmaps:
         decision = f" - {outcome.decision}" if outcome.decision else ""
         title = f"{outcome.file.name}: object score {r.object_score:.3f}{decision}"
+        if r.reference is not None:  # the decision is the part's (fused views); this map is the model's own
+            title = f"{outcome.file.name}: zero-shot map, the model's object score {r.object_score:.3f}"
         shift = np.zeros(3) if r.offset is None else np.asarray(r.offset, dtype=np.float64)  # regions: scan frame
         drawn = [dict(reg, center=list(np.asarray(reg["center"]) - shift)) for reg in outcome.regions]
         files["png"] = render_views(place(".png"), r.points, r.point_scores, title=title,
                                     point_threshold=outcome.point_scores.point_threshold, regions=drawn)
+        if guided is not None and guided.registered:
+            part = r.reference.part
+            files["fused_png"] = render_views(
+                place(".fused.png"), r.points, guided.fused, scale=fused_scale(r.reference.threshold),
+                title=f"{outcome.file.name}: part {part}, fused score {guided.object_score:.3f}{decision}")
+            dev = np.abs(guided.deviation)
+            files["deviation_png"] = render_views(
+                place(".deviation.png"), r.points, guided.deviation, scale=deviation_scale(guided.deviation),
+                facing=guided.fused, title=f"{outcome.file.name}: deviation from the template of {part} "
+                                           f"(max |d| {dev.max():.4g}, p99 {np.quantile(dev, 0.99):.4g} scan units)")
     outcome = dataclasses.replace(outcome, outputs=files)
     if json_file:
         write_json(place(".json"), outcome.document())
