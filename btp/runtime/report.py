@@ -10,7 +10,11 @@ the threshold line, and thumbnails of every scan sorted by score (click: its ful
 a sortable table (part, serial, time, score, regions; failed files with their error) with a CSV
 download; a row opens the three-view heat map (``<stem>.png``), the defect regions and an
 interactive 3D view drawn with three.js (vendored under ``report_assets/``, MIT licence beside it)
-that starts in the front view with the scan's axes, and the ground truth overlaid when known. Each
+that starts in the front view with the scan's axes, and the ground truth overlaid when known. A scan
+checked against its part's reference (btp-run / btp watch --reference) also shows the part, its
+routing rule, the registration fitness, the fused, reference and zero-shot scores, the part's
+threshold, and the views of its fused map (``<stem>.fused.png``, also its thumbnail) and of its
+signed deviation from the template in scan units (``<stem>.deviation.png``). Each
 cloud is a small script ``report_assets/clouds/<stem>.js`` (at most ``CLOUD_BUDGET`` points, evenly
 strided, so a 5M-point scan stays responsive), loaded only when its 3D view is opened. The page is
 ``assets/report.html.template``, filled in here. Torch-free.
@@ -107,10 +111,14 @@ def _row(entry: ReportEntry, out_dir: Path) -> dict[str, Any]:
     if d is None:
         return {**common, "status": "failed", "verdict": "FAILED", "score": None, "decision": None, "threshold": None,
                 "threshold_source": None, "fraction": None, "points": None, "ms": None,
-                "notes": entry.error or "failed", "image": None, "cloud": False, "regions": None, "truth": None}
-    ps = d.get("point_scores", {})
-    image = Path(d.get("outputs", {}).get("png", out_dir / f"{entry.stem}.png"))
+                "notes": entry.error or "failed", "image": None, "thumb": None, "cloud": False, "regions": None,
+                "truth": None, "reference": None}
+    ps = d.get("point_scores") or {}
+    image = _image(d, out_dir, entry.stem, "png")
     threshold = d.get("threshold") or {}
+    ref = _reference(d, out_dir, entry.stem)
+    if ref is not None and ref["part"] and not entry.part:
+        common["part"] = ref["part"]
     regions = d.get("regions", [])
     truth = None
     if entry.truth is not None and entry.scores is not None and len(entry.truth) == len(entry.scores):
@@ -121,10 +129,35 @@ def _row(entry: ReportEntry, out_dir: Path) -> dict[str, Any]:
             "score": d.get("object_score"), "decision": d.get("decision"), "threshold": threshold.get("value"),
             "threshold_source": threshold.get("source"), "fraction": ps.get("anomalous_fraction"),
             "points": d.get("points"), "ms": d.get("total_ms"), "notes": "; ".join(d.get("warnings", [])),
-            "image": image.name if image.is_file() else None, "point_threshold": ps.get("point_threshold"),
+            "image": image, "point_threshold": ps.get("point_threshold"), "reference": ref,
+            "thumb": (ref or {}).get("fused_image") or image,
+            # a scan not checked against its part (no part matched, not registered) carries the
+            # model's own score: it stays out of the part's histogram, whose threshold is the part's
+            "hist": ref is None or ref["decision"] in VERDICTS,
+            "zero_shot": d.get("zero_shot_score"), "fitness": (ref or {}).get("fitness"),
+            "deviation": ((ref or {}).get("deviation") or {}).get("max_abs"),
             "cloud": entry.points is not None and entry.scores is not None,
             "regions": regions[:MAX_LISTED_REGIONS], "regions_left": max(len(regions) - MAX_LISTED_REGIONS, 0),
             "truth": truth}
+
+
+def _image(doc: dict[str, Any], out_dir: Path, stem: str, kind: str) -> str | None:
+    """The file name of a scan's image ``kind`` (png, fused_png, deviation_png) beside the report, if it is there."""
+    suffix = {"png": ".png", "fused_png": ".fused.png", "deviation_png": ".deviation.png"}[kind]
+    path = Path((doc.get("outputs") or {}).get(kind, out_dir / f"{stem}{suffix}"))
+    return path.name if (out_dir / path.name).is_file() else None
+
+
+def _reference(doc: dict[str, Any], out_dir: Path, stem: str) -> dict[str, Any] | None:
+    """The page's view of a scan's reference block (btp-run / btp watch --reference), or None."""
+    ref = doc.get("reference")
+    if not ref:
+        return None
+    keys = ("part", "route", "file", "decision", "registered", "fitness", "rmse", "object_score", "reference_score",
+            "threshold", "deviation")
+    return {**{k: ref.get(k) for k in keys}, "zero_shot_score": doc.get("zero_shot_score", ref.get("zero_shot_score")),
+            "fused_image": _image(doc, out_dir, stem, "fused_png"),
+            "deviation_image": _image(doc, out_dir, stem, "deviation_png")}
 
 
 def write_report(out_dir: str | Path, entries: list[ReportEntry], *, title: str = "btp-edge inspection report",
@@ -271,7 +304,8 @@ def _entries_from_ledger(results_dir: Path, since: str | None, ledger: str | Non
             doc = {"file": row["path"], "object_score": row["object_score"], "decision": row["decision"],
                    "threshold": None if row["threshold"] is None else {"value": row["threshold"],
                                                                        "source": row["threshold_source"]},
-                   "points": row["points"], "regions": row["regions"] or [], "total_ms": row["total_ms"]}
+                   "points": row["points"], "regions": row["regions"] or [], "total_ms": row["total_ms"],
+                   "reference": row.get("reference")}
         entry = ReportEntry(doc=doc, **common)
         _attach_cloud(entry, results_dir)
         entries.append(entry)
