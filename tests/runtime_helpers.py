@@ -15,6 +15,7 @@ from btp.io import load_mesh, sample_surface
 _EXPORTS: dict[str, tuple[Path, object]] = {}
 
 REAL_SHAPES = ("cgal__stanford_bunny.ply", "cgal__pinion.ply", "trimesh__featuretype_block.ply")
+BUNNY, PINION, BLOCK = REAL_SHAPES
 
 
 def tiny_export(tmp_path_factory, batch="dynamic"):
@@ -61,3 +62,40 @@ def real_scan(shapes_root: Path, name: str = REAL_SHAPES[0], n: int = 3000, seed
     vertices, faces = load_mesh(shapes_root / name)
     points, _ = sample_surface(vertices, faces, n, seed)
     return np.asarray(points, dtype=np.float32)
+
+
+def turned(points: np.ndarray, seed: int) -> np.ndarray:
+    """The scan under a random rotation (any angle) and a shift of ``seed`` units."""
+    from scipy.spatial.transform import Rotation
+
+    rot = Rotation.random(random_state=seed).as_matrix()
+    return (points @ rot.T + np.float32(seed)).astype(np.float32)
+
+
+def with_bump(points: np.ndarray, at: int = 0, radius: float = 0.08, height: float = 0.06) -> np.ndarray:
+    """A smooth bump pushed out of the surface around point ``at`` (fractions of the part's size)."""
+    size = float(np.linalg.norm(np.ptp(points, axis=0)))
+    d = np.linalg.norm(points - points[at], axis=1) / size
+    out = points - points.mean(axis=0)
+    out /= np.linalg.norm(out, axis=1, keepdims=True)
+    push = height * size * np.clip(1 - d / radius, 0, None)[:, None] ** 2
+    return (points + push * out).astype(np.float32)
+
+
+def build_references(root: Path, model_path: Path, shapes_root: Path, n: int = 3000) -> Path:
+    """root/refs/{bunny,block}.btpref, each built by `btp reference build` from 3 good scans in random poses."""
+    from typer.testing import CliRunner
+
+    from btp.cli import app
+    from btp.io import write_point_cloud
+
+    for name, mesh in (("bunny", BUNNY), ("block", BLOCK)):
+        good = root / f"good-{name}"
+        good.mkdir(parents=True)
+        for i in range(3):
+            write_point_cloud(good / f"g{i}.pcd", turned(real_scan(shapes_root, mesh, n=n, seed=10 + i), 10 + i))
+        (root / "refs").mkdir(exist_ok=True)
+        res = CliRunner().invoke(app, ["reference", "build", str(good), "--model", str(model_path),
+                                       "--out", str(root / "refs" / f"{name}.btpref")])
+        assert res.exit_code == 0, res.output
+    return root / "refs"

@@ -12,32 +12,15 @@ import pickle
 
 import numpy as np
 import pytest
-from scipy.spatial.transform import Rotation
 from typer.testing import CliRunner
 
 from btp.cli import app
 from btp.io import read_point_cloud, write_point_cloud
 from btp.runtime.outcome import ScanOutcome
 from btp.runtime.reference import ReferenceError, read_reference, route
-from runtime_helpers import real_scan, tiny_export
+from runtime_helpers import BLOCK, BUNNY, PINION, build_references, real_scan, tiny_export, turned, with_bump
 
-BUNNY, PINION, BLOCK = "cgal__stanford_bunny.ply", "cgal__pinion.ply", "trimesh__featuretype_block.ply"
 N = 3000
-
-
-def turned(points: np.ndarray, seed: int) -> np.ndarray:
-    rot = Rotation.random(random_state=seed).as_matrix()
-    return (points @ rot.T + np.float32(seed)).astype(np.float32)
-
-
-def with_bump(points: np.ndarray, at: int = 0, radius: float = 0.08, height: float = 0.06) -> np.ndarray:
-    """A smooth bump pushed out of the surface around point ``at`` (fractions of the part's size)."""
-    size = float(np.linalg.norm(np.ptp(points, axis=0)))
-    d = np.linalg.norm(points - points[at], axis=1) / size
-    out = points - points.mean(axis=0)
-    out /= np.linalg.norm(out, axis=1, keepdims=True)
-    push = height * size * np.clip(1 - d / radius, 0, None)[:, None] ** 2
-    return (points + push * out).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +31,7 @@ def model_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def refs(tmp_path_factory, shapes_root, model_path):
     """bunny.btpref and block.btpref, each built from 3 good scans in random poses, via the CLI."""
-    root = tmp_path_factory.mktemp("refs")
-    for name, mesh in (("bunny", BUNNY), ("block", BLOCK)):
-        good = root / f"good-{name}"
-        good.mkdir()
-        for i in range(3):
-            write_point_cloud(good / f"g{i}.pcd", turned(real_scan(shapes_root, mesh, n=N, seed=10 + i), 10 + i))
-        (root / "refs").mkdir(exist_ok=True)
-        res = CliRunner().invoke(app, ["reference", "build", str(good), "--model", str(model_path),
-                                       "--out", str(root / "refs" / f"{name}.btpref")])
-        assert res.exit_code == 0, res.output
-    return root / "refs"
+    return build_references(tmp_path_factory.mktemp("refs"), model_path, shapes_root, n=N)
 
 
 def _run(model_path, inputs, out, reference, heatmap: str = "none") -> dict:

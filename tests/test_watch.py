@@ -523,3 +523,79 @@ def test_a_file_the_service_died_on_goes_alone_then_is_given_up(tmp_path, shapes
     assert all(book.attempts(hot / name, r["sha256"]) == 0 for name, r in rows.items())
     assert sorted(m["serial"] for m in sent) == ["0000", "0001", "0002", "0003", "0004"]
     book.close()
+
+
+def test_watch_with_references_routes_each_scan_to_its_part(tmp_path, shapes_root, tmp_path_factory, broker):
+    """`btp watch --reference DIR`: the references are loaded once, each scan is routed to its part
+    by btp-run's rule, and the part's result (fused and reference scores, deviation, fitness, the
+    part's threshold; not registered, no part) is in the ledger row, the stdout line and the MQTT
+    message; `btp report` on the folder shows it."""
+    from runtime_helpers import BUNNY, PINION, build_references, turned, with_bump
+
+    model = tiny_export(tmp_path_factory)[0]
+    refs = build_references(tmp_path / "references", model, shapes_root)
+    hot, out = tmp_path / "in", tmp_path / "out"
+    (hot / "bunny").mkdir(parents=True)
+    good = real_scan(shapes_root, BUNNY, n=3000, seed=40)
+    gear = real_scan(shapes_root, PINION, n=3000, seed=60)
+    write_point_cloud(hot / "bunny" / "cell3_0001.pcd", turned(good, 41))  # routed by its folder
+    write_point_cloud(hot / "bunny_0002.pcd", turned(with_bump(good), 42))  # by its file name; a bump
+    write_point_cloud(hot / "bunny" / "cell3_0003.pcd", turned(gear, 60))  # a gear in the bunny's folder
+    write_point_cloud(hot / "gear_0004.pcd", turned(gear, 61))  # no part of that name
+    sub = Subscriber(broker, "line1/btp")
+    service = Service([str(hot), "--model", str(model), "--reference", str(refs), "--out", str(out), "--once",
+                       "--settle", "0.2", "--poll", "0.1", "--threshold", "0.5", "--heatmap", "png",
+                       "--mqtt", f"127.0.0.1:{broker}", "--topic", "line1/btp"], tmp_path)
+    try:
+        assert service.proc.wait(timeout=180) == 0, service.stderr[-3000:]
+        service._reader.join(timeout=10)
+        _wait_for(lambda: len(sub.messages) >= 4, 20, "four MQTT messages", service)
+    finally:
+        sub.close()
+    log = service.stderr
+    assert "reference bunny: " in log and "reference block: " in log and "routing: a folder" in log
+    assert "--threshold is not used" in log  # each part's own threshold decides
+    rows = {Path(r["path"]).name: r for r in _ledger_rows(out / "ledger.sqlite")}
+    assert sorted(rows) == ["bunny_0002.pcd", "cell3_0001.pcd", "cell3_0003.pcd", "gear_0004.pcd"]
+    msgs = {Path(m["file"]).name: m for m in service.lines}
+    assert sorted(m["ledger_id"] for m in sub.messages) == sorted(m["ledger_id"] for m in service.lines)
+    assert rows["cell3_0001.pcd"]["stem"] == "bunny__cell3_0001"
+    bunny_threshold = json.loads((out / "bunny__cell3_0001.json").read_text())["reference"]["threshold"]
+    for name, verdict, decision in (("cell3_0001.pcd", "OK", "normal"), ("bunny_0002.pcd", "NG", "anomalous")):
+        row, msg = rows[name], msgs[name]
+        ref = json.loads(row["reference"])
+        doc = json.loads((out / f"{row['stem']}.json").read_text())
+        assert row["part"] == "bunny" and msg["part"] == "bunny" and ref["part"] == "bunny"
+        assert row["decision"] == decision and msg["verdict"] == verdict, ref
+        assert ref["registered"] and ref["fitness"] > 0.9 and ref["decision"] == decision
+        assert row["threshold"] == pytest.approx(bunny_threshold) and row["threshold_source"].startswith("reference bunny")
+        assert row["object_score"] == pytest.approx(ref["object_score"]) == pytest.approx(doc["object_score"])
+        assert ref["zero_shot_score"] == pytest.approx(doc["zero_shot_score"])
+        assert ref["deviation"] == pytest.approx(doc["reference"]["deviation"])
+        assert msg["reference"] == ref and msg["threshold"] == pytest.approx(bunny_threshold)
+        assert (out / f"{row['stem']}.fused.png").is_file() and (out / f"{row['stem']}.deviation.png").is_file()
+    assert json.loads(rows["cell3_0001.pcd"]["reference"])["route"] == "folder bunny"
+    assert json.loads(rows["bunny_0002.pcd"]["reference"])["route"] == "file name bunny*"
+    size = float(np.linalg.norm(np.ptp(good, axis=0)))  # the bump stands out by up to 6 % of the size
+    assert msgs["bunny_0002.pcd"]["reference"]["deviation"]["max_abs"] > 0.03 * size
+    assert msgs["cell3_0001.pcd"]["reference"]["deviation"]["max_abs"] < 0.03 * size
+    lost = msgs["cell3_0003.pcd"]  # routed to the bunny by its folder, but it is a gear: flagged, not decided
+    assert lost["verdict"] == "NONE" and lost["decision"] == "not registered" and lost["threshold"] is None
+    assert lost["reference"]["part"] == "bunny" and not lost["reference"]["registered"]
+    assert lost["reference"]["fitness"] < 0.6
+    alone = msgs["gear_0004.pcd"]
+    assert alone["verdict"] == "NONE" and alone["decision"] == "no reference" and alone["part"] == "gear"
+    assert alone["reference"]["part"] is None and "no part matched" in alone["reference"]["route"]
+    assert not (out / "gear_0004.fused.png").exists()
+    # the shift's report from the ledger: the part, its threshold and source, the fused and deviation views
+    res = CliRunner().invoke(app, ["report", str(out)])
+    assert res.exit_code == 0, res.output
+    page = (out / "report.html").read_text()
+    listed = {Path(r["file"]).name: r for r in json.loads(page.split("const ROWS = ", 1)[1].split(";\n", 1)[0])}
+    bump = listed["bunny_0002.pcd"]
+    assert bump["verdict"] == "NG" and bump["part"] == "bunny" and bump["threshold_source"].startswith("reference bunny")
+    assert bump["reference"]["fused_image"] == "bunny_0002.fused.png" and bump["thumb"] == "bunny_0002.fused.png"
+    assert bump["reference"]["deviation_image"] == "bunny_0002.deviation.png" and bump["image"] == "bunny_0002.png"
+    assert not listed["cell3_0003.pcd"]["hist"] and not listed["gear_0004.pcd"]["hist"]  # not on a part's scale
+    info = json.loads(page.split("const INFO = ", 1)[1].split(";\n", 1)[0])
+    assert [t["value"] for t in info["thresholds"]] == pytest.approx([bunny_threshold])

@@ -43,6 +43,11 @@ def watch(
     backend: str = typer.Option("ort-cpu", "--backend", "-b", help="ort-cpu | ort-cuda | ort-trt | trt | openvino."),
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads."),
     once: bool = typer.Option(False, "--once", help="Score what IN_DIR holds, then exit (no watching)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", "-r", help="PART.btpref from `btp reference "
+                                             "build`, or a folder of them (one per part), loaded once: each scan is "
+                                             "routed to its part as btp-run --reference routes it (a folder of its "
+                                             "path named PART, else its file name's start, PART_*) and the part's "
+                                             "fused score and threshold decide."),
 ) -> None:
     """Score every scan that lands in IN_DIR, exactly once: a JSON line per scan on stdout (and MQTT),
     a row per scan in the ledger. SIGTERM / Ctrl-C finish the scans in flight and exit; a restart
@@ -53,6 +58,7 @@ def watch(
     from btp.runtime.ledger import LEDGER_NAME, NAME_PATTERN, Ledger, check_name_pattern
     from btp.runtime.outputs import check_output_dir
     from btp.runtime.pipeline import Pipeline
+    from btp.runtime.reference import ROUTING_RULE
     from btp.runtime.watch import MQTT, STDOUT, Watcher, WatchOptions, log, stdout_sink, stop_on_signals
     from btp.cli.run import _split_heatmaps
 
@@ -84,7 +90,12 @@ def watch(
             if sidecar is not None:
                 threshold, source = sidecar.value, f"sidecar (q={sidecar.quantile}, margin={sidecar.margin}, " \
                                                    f"{sidecar.n_scans} good scans)"
-        pipeline = Pipeline(model, backend=backend, threads=threads)
+        pipeline = Pipeline(model, backend=backend, threads=threads, reference=reference)
+        if pipeline.references is not None:  # every part's scorer now: a reference it cannot use stops the start
+            for part, ref in sorted(pipeline.references.refs.items()):
+                pipeline.references.scorer(part)
+                log(f"reference {part}: {ref.path} (threshold {ref.threshold:.4f}, from its good scans)")
+            log(f"routing: {ROUTING_RULE}")
         book = Ledger(ledger or out / LEDGER_NAME, station=station)
         if mqtt:
             from btp.runtime.mqtt import MqttSink
@@ -97,7 +108,11 @@ def watch(
     except (BTPError, CalibrationError, ValueError, OSError) as exc:
         typer.echo(f"btp watch: {exc}", err=True)
         raise typer.Exit(code=2) from None
-    if threshold is None:
+    if reference is not None:
+        if threshold is not None:
+            log(f"{source} is not used: with --reference each part's own threshold decides")
+        threshold = None
+    elif threshold is None:
         log("no object-score threshold (--threshold, or `btp calibrate` for a sidecar): verdict NONE for every scan")
     in_dir, out = in_dir.resolve(), out.resolve()  # the ledger's paths stay the same from any working folder
     move_done, move_failed = (p.resolve() if p is not None else None for p in (move_done, move_failed))

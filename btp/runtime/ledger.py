@@ -49,6 +49,7 @@ _COLUMNS = (
 )
 _KEY = ("station", "path", "size", "mtime_ns", "sha256")
 URL_PREFIXES = ("postgresql://", "postgres://")
+JSON_COLUMNS = ("regions", "timings", "reference")  # held as JSON text
 FIELDS = ("id",) + tuple(name for name, _ in _COLUMNS)
 
 
@@ -59,7 +60,12 @@ class LedgerError(BTPError):
 @dataclass(frozen=True, kw_only=True)
 class ScanRecord:
     """One row of the ledger. ``regions``: the scan's defect regions (btp.runtime.regions, as
-    dicts); ``timings``: ms per stage; ``status``: "ok" or "failed" (then ``error`` says why)."""
+    dicts); ``timings``: ms per stage; ``status``: "ok" or "failed" (then ``error`` says why);
+    ``reference``: with a part's reference (btp-run / btp watch --reference), the scan's reference
+    block (``reference_block``: part, route, registration fitness, fused and reference scores,
+    deviation in scan units, the part's threshold and decision, the model's zero-shot score);
+    ``part`` is then the part the scan was routed to, ``object_score``, ``decision`` and
+    ``threshold`` are the part's."""
 
     path: str
     status: str
@@ -72,7 +78,7 @@ class ScanRecord:
     serial: str | None = None
     model: str | None = None
     model_sha256: str | None = None
-    reference: str | None = None
+    reference: dict[str, Any] | None = None
     object_score: float | None = None
     decision: str | None = None
     threshold: float | None = None
@@ -237,7 +243,7 @@ class Ledger:
         values = _finite(asdict(rec))  # NaN / inf -> NULL
         values["station"] = values["station"] or self.station
         values["scored_at"] = values["scored_at"] or utc_now()
-        for key in ("regions", "timings"):
+        for key in JSON_COLUMNS:
             values[key] = None if values[key] is None else json.dumps(values[key], allow_nan=False,
                                                                       default=_plain)
         names = [name for name, _ in _COLUMNS if name != "published"]
@@ -320,7 +326,7 @@ def open_existing(path: str | Path) -> Ledger:
 
 def _decode(row) -> dict[str, Any]:
     d = dict(row)
-    for key in ("regions", "timings"):
+    for key in JSON_COLUMNS:
         if d.get(key) is not None:
             d[key] = json.loads(d[key])
     return d
@@ -340,14 +346,26 @@ def file_version(path: str | Path) -> tuple[int, int, str]:
     return st.st_size, st.st_mtime_ns, file_sha256(path)
 
 
+def reference_block(outcome: ScanOutcome) -> dict[str, Any] | None:
+    """The ledger's and the messages' ``reference`` of a scan: its ``reference`` document
+    (btp.runtime.outcome.ReferenceCheck) and the model's own ``zero_shot_score``; None without a reference."""
+    if outcome.reference is None:
+        return None
+    return {**outcome.document()["reference"], "zero_shot_score": outcome.zero_shot_score}
+
+
 def record_from_outcome(outcome: ScanOutcome, *, version: tuple[int, int, str] | None, model: str | None = None,
-                        model_sha256: str | None = None, reference: str | None = None,
-                        name_pattern: str = NAME_PATTERN, path: str | Path | None = None) -> ScanRecord:
+                        model_sha256: str | None = None, name_pattern: str = NAME_PATTERN,
+                        path: str | Path | None = None) -> ScanRecord:
     """A ledger row from one scan's ``ScanOutcome`` (btp.runtime.outcome) and the file's
     ``version`` (file_version; None if unreadable); ``path``: the path to record (default: the
-    outcome's file as given)."""
+    outcome's file as given). Part and serial come from the file name by ``name_pattern``; a scan
+    routed to a part's reference takes that part (the one whose threshold decided)."""
     path = str(path if path is not None else outcome.file)
     part, serial = part_and_serial(path, name_pattern)
+    reference = reference_block(outcome)
+    if reference is not None and reference.get("part"):
+        part = reference["part"]
     size, mtime_ns, sha256 = version if version is not None else (None, None, None)
     common = dict(path=path, size=size, mtime_ns=mtime_ns, sha256=sha256, stem=outcome.stem or None, part=part,
                   serial=serial, model=model, model_sha256=model_sha256, reference=reference)

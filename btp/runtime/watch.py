@@ -1,6 +1,11 @@
 """``btp watch``: a hot folder scored as scans land in it, every file exactly once. Torch-free.
 
-    btp watch IN_DIR --model model.onnx --out OUT [--mqtt HOST[:PORT] --topic T]
+    btp watch IN_DIR --model model.onnx --out OUT [--reference PART.btpref|DIR] [--mqtt HOST[:PORT] --topic T]
+
+With --reference the pipeline holds the parts' references (btp.runtime.guided.ReferenceSet, loaded
+once): each scan is routed to its part by btp.runtime.reference.ROUTING_RULE, as btp-run --reference
+routes it, and the part's fused score and threshold decide; its reference block goes into the
+ledger row and the message.
 
 Each poll walks IN_DIR (recursively; OUT and the --move-* folders inside it are left out) and
 takes a file when it is complete:
@@ -65,15 +70,16 @@ class WatchOptions:
     name_pattern: str = NAME_PATTERN
     backend: str = "ort-cpu"
     model_sha256: str | None = None
-    reference: str | None = None
 
 
 def message(row: dict[str, Any]) -> dict[str, Any]:
     """The message of one ledger row, as stdout and MQTT carry it (README: "Run it on the line").
 
     ``verdict``: OK (decision normal), NG (anomalous), FAILED (not scored; ``error`` says why)
-    or NONE (scored, but no object-score threshold is known). ``regions``: the MESSAGE_REGIONS
-    largest, ``regions_total`` how many the scan has."""
+    or NONE (scored, but not decided: no object-score threshold is known, or with --reference the
+    decision is "no reference" (no part matched) or "not registered"). ``regions``: the
+    MESSAGE_REGIONS largest, ``regions_total`` how many the scan has. ``reference``: with
+    --reference, the scan's reference block (btp.runtime.ledger.reference_block), else None."""
     regions = row.get("regions") or []
     if row["status"] != "ok":
         verdict = "FAILED"
@@ -206,8 +212,7 @@ class Watcher:
                  "the reader or the engine); not scored again - check the file, and score it with btp-run")
         outcome = ScanOutcome.failed(file=path, stem="", error=error)
         self.ledger.record(record_from_outcome(outcome, version=version, model=str(self.pipeline.model_path),
-                                               model_sha256=o.model_sha256, reference=o.reference,
-                                               name_pattern=o.name_pattern))
+                                               model_sha256=o.model_sha256, name_pattern=o.name_pattern))
         self.ledger.end(path, version[2])
         self._handled[path] = (version[0], version[1])
         log(f"{path}: FAILED: {error}")
@@ -252,8 +257,7 @@ class Watcher:
     def _commit(self, oc: ScanOutcome, version: tuple[int, int, str]) -> None:
         o = self.options
         self.ledger.record(record_from_outcome(oc, version=version, model=str(self.pipeline.model_path),
-                                               model_sha256=o.model_sha256, reference=o.reference,
-                                               name_pattern=o.name_pattern))
+                                               model_sha256=o.model_sha256, name_pattern=o.name_pattern))
         self._handled[oc.file] = (version[0], version[1])
         if not oc.ok:
             log(f"{oc.file}: FAILED: {oc.error}")
