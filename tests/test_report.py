@@ -202,3 +202,88 @@ def test_a_shift_shows_the_highest_scores_first_and_the_rest_on_demand(tmp_path)
     ng = sum(e.doc["decision"] == "anomalous" for e in entries)
     assert f'data-verdict="NG"><b>{ng}</b>' in dom and f'data-verdict="OK"><b>{60 - ng}</b>' in dom
     assert "housing: object scores of 60 scan(s)" in dom
+
+
+@pytest.fixture(scope="module")
+def reference_batch(tmp_path_factory, shapes_root):
+    """btp-run --reference refs/ --report html --ledger on a good bunny, a bunny with a bump and a
+    scan no part matches (references built from shared shapes as tests/test_reference.py does)."""
+    from runtime_helpers import BUNNY, PINION, build_references, turned, with_bump
+
+    model = tiny_export(tmp_path_factory)[0]
+    refs = build_references(tmp_path_factory.mktemp("references"), model, shapes_root)
+    d = tmp_path_factory.mktemp("reference-scans")
+    good = real_scan(shapes_root, BUNNY, n=3000, seed=40)
+    write_point_cloud(d / "bunny_0001.pcd", turned(good, 41))
+    write_point_cloud(d / "bunny_0002.pcd", turned(with_bump(good), 42))
+    write_point_cloud(d / "gear_0003.pcd", turned(real_scan(shapes_root, PINION, n=3000, seed=60), 60))
+    out = tmp_path_factory.mktemp("reference-results")
+    res = CliRunner().invoke(app, ["run", str(model), str(d), "--out", str(out), "--reference", str(refs),
+                                   "--report", "html", "--ledger", str(out / "ledger.sqlite")])
+    assert res.exit_code == 0, res.output
+    return out, good
+
+
+def test_report_with_a_reference_shows_the_part_its_threshold_and_maps(reference_batch):
+    out, good = reference_batch
+    rows = {r["stem"]: r for r in _rows((out / "report.html").read_text())}
+    bump, ok, alone = rows["bunny_0002"], rows["bunny_0001"], rows["gear_0003"]
+    doc = json.loads((out / "bunny_0002.json").read_text())
+    assert bump["verdict"] == "NG" and ok["verdict"] == "OK" and alone["verdict"] == "NONE"
+    assert bump["threshold"] == pytest.approx(doc["reference"]["threshold"])
+    assert bump["threshold_source"].startswith("reference bunny (") and bump["threshold_source"].endswith("bunny.btpref)")
+    ref = bump["reference"]
+    assert ref["part"] == "bunny" and ref["registered"] and ref["fitness"] > 0.9
+    assert ref["zero_shot_score"] == pytest.approx(doc["zero_shot_score"]) and bump["score"] == pytest.approx(ref["object_score"])
+    assert ref["fused_image"] == "bunny_0002.fused.png" and ref["deviation_image"] == "bunny_0002.deviation.png"
+    assert bump["thumb"] == ref["fused_image"] and bump["hist"] and not alone["hist"]
+    assert alone["reference"]["part"] is None and alone["reference"]["fused_image"] is None
+    # the deviation views are in scan units: the bump's max |d| beyond 3 % of the part's size, the good scan's within
+    size = float(np.linalg.norm(np.ptp(good, axis=0)))
+    assert bump["deviation"] > 0.03 * size > ok["deviation"]
+    from PIL import Image
+
+    red = {}  # pixels of the views (left of the colour bar) at the red end of the scale
+    for stem in ("bunny_0001", "bunny_0002"):
+        for kind in ("fused", "deviation"):
+            with Image.open(out / f"{stem}.{kind}.png") as im:
+                assert im.size == (1350, 490)
+                p = np.asarray(im.convert("RGB"), dtype=np.int16)[:, :1160]
+            red[stem, kind] = int(((p[..., 0] > 150) & (p[..., 1] < 110) & (p[..., 2] < 110)).sum())
+    # the bump is drawn red: far above the part's threshold (fused) and far outside the template (deviation)
+    assert red["bunny_0002", "fused"] > 20 and red["bunny_0001", "fused"] < red["bunny_0002", "fused"] / 4, red
+    assert red["bunny_0002", "deviation"] > 2 * red["bunny_0001", "deviation"], red
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+def test_report_with_a_reference_in_headless_chromium(reference_batch, tmp_path):
+    """btp-run's page and `btp report`'s page from the ledger: the part's threshold and source on
+    the first screen, the fused thumbnail, the reference block and both maps in the opened row."""
+    out, _ = reference_batch
+    copy = tmp_path / "watch-folder"
+    shutil.copytree(out, copy)
+    (copy / "report.html").unlink()
+    res = CliRunner().invoke(app, ["report", str(copy)])  # from the ledger, as on a btp watch folder
+    assert res.exit_code == 0, res.output
+    for folder in (out, copy):
+        url = (folder / "report.html").as_uri() + "#open=bunny_0002"
+        proc = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / folder.name}", "--dump-dom",
+                               url], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert not [line for line in proc.stderr.splitlines() if "CONSOLE" in line], proc.stderr[-2000:]
+        dom = proc.stdout
+        assert re.search(r"Object-score threshold: <b>[0-9.]+</b> \(reference bunny \([^)]*bunny\.btpref\)\)", dom)
+        assert '<div class="count ng" data-verdict="NG"><b>1</b>' in dom
+        assert '<div class="count none" data-verdict="no decision"><b>1</b>' in dom
+        hists = re.findall(r'<svg class="hist" data-part="([^"$]+)"', dom)
+        assert hists == ["bunny"], hists  # the unmatched gear is not on any part's scale
+        svg = re.search(r'<svg class="hist" data-part="bunny".*?</svg>', dom).group(0)
+        line = float(re.search(r'<line class="threshold" x1="([0-9.]+)"', svg).group(1))
+        assert 30 <= line <= 372, svg  # the part's threshold line inside the plot (fused scores go beyond 1)
+        labels = [float(t) for t in re.findall(r'text-anchor="(?:start|middle|end)">([0-9.-]+)</text>', svg)]
+        assert len(labels) == 5 and labels == sorted(labels), labels
+        assert re.search(r'<div class="thumb NG" data-stem="bunny_0002"><div class="pic"[^>]*><img [^>]*'
+                         r'src="bunny_0002.fused.png"', dom)  # the thumbnail shows the map that decided
+        assert "reference: part <b>bunny</b>" in dom and "registration fitness" in dom
+        assert 'src="bunny_0002.fused.png"' in dom and 'src="bunny_0002.deviation.png"' in dom
+        assert 'src="bunny_0002.png"' in dom  # the model's own map beside them
