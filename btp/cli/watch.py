@@ -34,7 +34,8 @@ def watch(
     batch: int = typer.Option(8, "--batch", min=1, help="At most this many scans per engine call, when "
                               "several are ready together."),
     threshold: Optional[float] = typer.Option(None, "--threshold", "-t", help="Object-score threshold for OK/NG "
-                                              "(default: the model's sidecar from `btp calibrate`, if any)."),
+                                              "(default: the model's sidecar from `btp calibrate`, if any; not used with "
+                                              "--reference: each part's own threshold decides)."),
     heatmap: List[str] = typer.Option(["png"], "--heatmap", help="ply | png | none, per scan (as btp-run)."),
     name_pattern: Optional[str] = typer.Option(None, "--name-pattern", help="Regular expression on the file name "
                                                "(without extension) with the groups (?P<serial>...) and optionally "
