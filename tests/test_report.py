@@ -243,6 +243,13 @@ def test_report_with_a_reference_shows_the_part_its_threshold_and_maps(reference
     assert bump["deviation"] > 0.03 * size > ok["deviation"]
     from PIL import Image
 
+    cloud = json.loads((out / "report_assets" / "clouds" / "bunny_0002.js").read_text().split("= ", 2)[-1].rstrip(";\n"))
+    import base64
+
+    fused_rgb = np.frombuffer(base64.b64decode(cloud["maps"]["fused"]), np.uint8).reshape(-1, 3)
+    assert len(fused_rgb) == cloud["n"] and set(cloud["maps"]) == {"fused", "deviation"}
+    assert not (fused_rgb == np.frombuffer(base64.b64decode(cloud["rgb"]), np.uint8).reshape(-1, 3)).all()
+    assert "maps" not in (out / "report_assets" / "clouds" / "gear_0003.js").read_text()
     red = {}  # pixels of the views (left of the colour bar) at the red end of the scale
     for stem in ("bunny_0001", "bunny_0002"):
         for kind in ("fused", "deviation"):
@@ -266,7 +273,7 @@ def test_report_with_a_reference_in_headless_chromium(reference_batch, tmp_path)
     res = CliRunner().invoke(app, ["report", str(copy)])  # from the ledger, as on a btp watch folder
     assert res.exit_code == 0, res.output
     for folder in (out, copy):
-        url = (folder / "report.html").as_uri() + "#open=bunny_0002"
+        url = (folder / "report.html").as_uri() + "#open=bunny_0002&3d=1"
         proc = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / folder.name}", "--dump-dom",
                                url], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -287,3 +294,4 @@ def test_report_with_a_reference_in_headless_chromium(reference_batch, tmp_path)
         assert "reference: part <b>bunny</b>" in dom and "registration fitness" in dom
         assert 'src="bunny_0002.fused.png"' in dom and 'src="bunny_0002.deviation.png"' in dom
         assert 'src="bunny_0002.png"' in dom  # the model's own map beside them
+        assert '<canvas class="cloud"' in dom and '<select class="map">' in dom  # the 3D view, its maps to choose

@@ -210,6 +210,15 @@ def deviation_scale(deviation: np.ndarray) -> MapScale:
                     cmap="coolwarm")
 
 
+def map_colors(values: np.ndarray, scale: MapScale) -> np.ndarray:
+    """uint8 RGB [M, 3] of ``values`` [M] on ``scale`` (as ``render_views`` draws them; NaN as the low end)."""
+    from matplotlib import colormaps
+
+    span = max(scale.vmax - scale.vmin, 1e-12)
+    t = np.clip((np.nan_to_num(np.asarray(values, dtype=np.float64), nan=scale.vmin) - scale.vmin) / span, 0.0, 1.0)
+    return (colormaps[scale.cmap](t)[:, :3] * 255.0 + 0.5).astype(np.uint8)
+
+
 MAX_DRAWN_REGIONS = 9
 
 

@@ -14,7 +14,8 @@ that starts in the front view with the scan's axes, and the ground truth overlai
 checked against its part's reference (btp-run / btp watch --reference) also shows the part, its
 routing rule, the registration fitness, the fused, reference and zero-shot scores, the part's
 threshold, and the views of its fused map (``<stem>.fused.png``, also its thumbnail) and of its
-signed deviation from the template in scan units (``<stem>.deviation.png``). Each
+signed deviation from the template in scan units (``<stem>.deviation.png``); its 3D view starts
+coloured by the fused map, with a menu for the deviation and the zero-shot map. Each
 cloud is a small script ``report_assets/clouds/<stem>.js`` (at most ``CLOUD_BUDGET`` points, evenly
 strided, so a 5M-point scan stays responsive), loaded only when its 3D view is opened. The page is
 ``assets/report.html.template``, filled in here. Torch-free.
@@ -47,7 +48,9 @@ class ReportEntry:
     """One scan of the report: its btp-run JSON document (None when it failed, then ``error``);
     for the 3D view its points [M, 3] and scores [M] (either may be None); ``truth``: the known
     defect points (bool [M]) when there is a ground truth (demo, eval sets); part, serial and
-    time (UTC ISO) as the ledger has them (default: from the file name, and the JSON's time)."""
+    time (UTC ISO) as the ledger has them (default: from the file name, and the JSON's time);
+    ``maps``: with a part's reference, {"fused", "deviation"} float32 [M] for the 3D view, and
+    ``reference_threshold`` the part's threshold (the fused map's scale)."""
 
     file: str
     stem: str
@@ -59,6 +62,8 @@ class ReportEntry:
     part: str | None = None
     serial: str | None = None
     time: str | None = None
+    maps: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    reference_threshold: float | None = None
 
 
 def _turbo_bytes(scores: np.ndarray) -> np.ndarray:
@@ -68,13 +73,16 @@ def _turbo_bytes(scores: np.ndarray) -> np.ndarray:
 
 
 def write_cloud_asset(path: Path, stem: str, points: np.ndarray, scores: np.ndarray, budget: int = CLOUD_BUDGET,
-                      truth: np.ndarray | None = None) -> Path:
+                      truth: np.ndarray | None = None, maps: dict[str, np.ndarray] | None = None,
+                      reference_threshold: float | None = None) -> Path:
     """``window.BTP_CLOUDS[stem] = {n, xyz (float32 base64), rgb (uint8 base64), axes, truth}``: the
     points centred, turned into the frame of the first view of ``btp.runtime.outputs.view_axes``
     (right, up, towards the camera: a camera on +z sees that view) and scaled to unit radius -
     display only; ``axes``: the scan's x, y, z unit vectors in that frame; ``truth``: one byte per
-    point, 1 for a known defect point (only with ``truth``)."""
-    from btp.runtime.outputs import view_axes
+    point, 1 for a known defect point (only with ``truth``); ``maps``: {"fused": rgb, "deviation": rgb}
+    (base64 uint8) of a scan checked against its part (``maps`` and ``reference_threshold`` given),
+    coloured as its fused and deviation views (btp.runtime.outputs.fused_scale, deviation_scale)."""
+    from btp.runtime.outputs import deviation_scale, fused_scale, map_colors, view_axes
 
     pts = np.asarray(points, dtype=np.float32)
     sc = np.nan_to_num(np.asarray(scores, dtype=np.float32), nan=0.0)
@@ -83,6 +91,7 @@ def write_cloud_asset(path: Path, stem: str, points: np.ndarray, scores: np.ndar
         keep = np.linspace(0, len(pts) - 1, budget).astype(np.int64)
         pts, sc = pts[keep], sc[keep]
         gt = None if gt is None else gt[keep]
+        maps = None if maps is None else {k: np.asarray(v)[keep] for k, v in maps.items()}
     centred = (pts - pts.mean(axis=0)).astype(np.float64)
     _, d, u, v = view_axes(pts, sc)[0]
     frame = np.stack([u, v, d], axis=1)  # columns: display x, y, z
@@ -92,6 +101,10 @@ def write_cloud_asset(path: Path, stem: str, points: np.ndarray, scores: np.ndar
     payload = {"n": int(len(xyz)), "xyz": base64.b64encode(xyz.tobytes()).decode(),
                "rgb": base64.b64encode(_turbo_bytes(sc).tobytes()).decode(),
                "axes": [[round(float(c), 6) for c in row] for row in frame]}
+    if maps is not None and reference_threshold is not None:
+        colours = {"fused": map_colors(maps["fused"], fused_scale(reference_threshold)),
+                   "deviation": map_colors(maps["deviation"], deviation_scale(maps["deviation"]))}
+        payload["maps"] = {k: base64.b64encode(np.ascontiguousarray(v).tobytes()).decode() for k, v in colours.items()}
     if gt is not None:
         payload["truth"] = base64.b64encode(gt.astype(np.uint8).tobytes()).decode()
     text = f"window.BTP_CLOUDS = window.BTP_CLOUDS || {{}};\nwindow.BTP_CLOUDS[{json.dumps(stem)}] = {json.dumps(payload)};\n"
@@ -175,7 +188,7 @@ def write_report(out_dir: str | Path, entries: list[ReportEntry], *, title: str 
         row = _row(entry, out_dir)
         if row["cloud"]:
             write_cloud_asset(assets / "clouds" / f"{entry.stem}.js", entry.stem, entry.points, entry.scores,
-                              truth=entry.truth)
+                              truth=entry.truth, maps=entry.maps, reference_threshold=entry.reference_threshold)
         rows.append(row)
     thresholds = {}
     for r in rows:
@@ -206,10 +219,17 @@ def entries_from_outcomes(outcomes, truths=None) -> list[ReportEntry]:
 
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     truths = truths or {}
-    return [ReportEntry(file=str(oc.file), stem=oc.stem, doc=oc.document() if oc.ok else None, error=oc.error,
-                        points=oc.result.points if oc.ok else None, scores=oc.result.point_scores if oc.ok else None,
-                        truth=truths.get(oc.stem), time=now)
-            for oc in outcomes]
+    entries = []
+    for oc in outcomes:
+        entry = ReportEntry(file=str(oc.file), stem=oc.stem, doc=oc.document() if oc.ok else None, error=oc.error,
+                            points=oc.result.points if oc.ok else None,
+                            scores=oc.result.point_scores if oc.ok else None, truth=truths.get(oc.stem), time=now)
+        guided = oc.result.reference if oc.ok else None
+        if guided is not None and guided.scores is not None and guided.scores.registered:
+            entry.maps = {"fused": guided.scores.fused, "deviation": guided.scores.deviation}
+            entry.reference_threshold = guided.threshold
+        entries.append(entry)
+    return entries
 
 
 def _attach_cloud(entry: ReportEntry, results_dir: Path) -> None:
@@ -230,8 +250,23 @@ def _attach_cloud(entry: ReportEntry, results_dir: Path) -> None:
             if truth.is_file():
                 mask = np.load(truth).astype(bool)
                 entry.truth = mask if len(mask) == len(scores) else None
+            _attach_maps(entry, results_dir)
     except Exception:  # the 3D view is optional: a missing or changed file only drops it
         pass
+
+
+def _attach_maps(entry: ReportEntry, results_dir: Path) -> None:
+    """The fused and deviation maps of ``<stem>.reference.npy`` (rows of the file; the rows the
+    reader dropped are NaN there as in ``<stem>.npy``) and the part's threshold, for the 3D view."""
+    threshold = ((entry.doc or {}).get("reference") or {}).get("threshold")
+    path = results_dir / f"{entry.stem}.reference.npy"
+    if threshold is None or not path.is_file():
+        return
+    rows = np.load(path)
+    rows = rows[np.isfinite(rows).all(axis=1)]
+    if rows.ndim == 2 and rows.shape[1] == 2 and len(rows) == len(entry.scores):
+        entry.maps = {"fused": rows[:, 0], "deviation": rows[:, 1]}
+        entry.reference_threshold = float(threshold)
 
 
 def _utc_mtime(path: Path) -> str:
