@@ -579,6 +579,11 @@ def test_watch_with_references_routes_each_scan_to_its_part(tmp_path, shapes_roo
     size = float(np.linalg.norm(np.ptp(good, axis=0)))  # the bump stands out by up to 6 % of the size
     assert msgs["bunny_0002.pcd"]["reference"]["deviation"]["max_abs"] > 0.03 * size
     assert msgs["cell3_0001.pcd"]["reference"]["deviation"]["max_abs"] < 0.03 * size
+    # the regions are the fused map's at the part's threshold: the largest one sits on the bump
+    peak = turned(with_bump(good), 42)[0]  # the bump's top, in the scan's units
+    largest = msgs["bunny_0002.pcd"]["regions"][0]
+    assert np.linalg.norm(np.asarray(largest["center"]) - peak) < 0.08 * size, (largest, peak)
+    assert largest["peak"] > bunny_threshold and json.loads(rows["bunny_0002.pcd"]["regions"])[0] == largest
     lost = msgs["cell3_0003.pcd"]  # routed to the bunny by its folder, but it is a gear: flagged, not decided
     assert lost["verdict"] == "NONE" and lost["decision"] == "not registered" and lost["threshold"] is None
     assert lost["reference"]["part"] == "bunny" and not lost["reference"]["registered"]

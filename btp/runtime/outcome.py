@@ -138,7 +138,8 @@ class ScanOutcome:
     threshold       the threshold the decision used (None: no threshold)
     points          raw points scored (M); rows = rows of the file (M + the NaN/inf rows dropped)
     point_scores    PointSummary of the M per-point scores
-    regions         defect regions (btp.runtime.regions: center, extent, points, peak, mean), largest first
+    regions         defect regions (btp.runtime.regions: center, extent, points, peak, mean), largest first;
+                    with --reference and a registered scan, of the fused map at the part's threshold
     timings_ms      {stage: ms} (Result.timings, rounded to microseconds); total_ms their sum
     batch_size      scans in the engine call; backend, preprocess: where it ran
     model           ModelInfo of the model file

@@ -339,12 +339,14 @@ def write_scan(out_dir: Path, outcome: ScanOutcome, heatmaps: tuple[str, ...], *
             title = f"{outcome.file.name}: zero-shot map, the model's object score {r.object_score:.3f}"
         shift = np.zeros(3) if r.offset is None else np.asarray(r.offset, dtype=np.float64)  # regions: scan frame
         drawn = [dict(reg, center=list(np.asarray(reg["center"]) - shift)) for reg in outcome.regions]
+        fused = guided is not None and guided.registered  # then the regions are the fused map's: drawn there
         files["png"] = render_views(place(".png"), r.points, r.point_scores, title=title,
-                                    point_threshold=outcome.point_scores.point_threshold, regions=drawn)
-        if guided is not None and guided.registered:
+                                    point_threshold=outcome.point_scores.point_threshold,
+                                    regions=None if fused else drawn)
+        if fused:
             part = r.reference.part
             files["fused_png"] = render_views(
-                place(".fused.png"), r.points, guided.fused, scale=fused_scale(r.reference.threshold),
+                place(".fused.png"), r.points, guided.fused, scale=fused_scale(r.reference.threshold), regions=drawn,
                 title=f"{outcome.file.name}: part {part}, fused score {guided.object_score:.3f}{decision}")
             dev = np.abs(guided.deviation)
             files["deviation_png"] = render_views(

@@ -119,11 +119,18 @@ class _Scoring:
 
 
 def scan_regions(result: Result, point_threshold: float) -> tuple[dict, ...]:
-    """The scan's defect regions (btp.runtime.regions) in its own coordinates, largest first."""
+    """The scan's defect regions (btp.runtime.regions) in its own coordinates, largest first: of its
+    point scores at ``point_threshold``, or - checked against its part's reference and registered -
+    of its fused map at the part's threshold (the map and level its decision comes from; peak and
+    mean are then fused values)."""
     from btp.runtime.regions import defect_regions
 
     points = result.points if result.offset is None else result.points.astype(np.float64) + result.offset
-    return tuple(r.as_dict() for r in defect_regions(points, result.point_scores, point_threshold))
+    scores, level = result.point_scores, point_threshold
+    guided = result.reference
+    if guided is not None and guided.scores is not None and guided.scores.registered:
+        scores, level = guided.scores.fused, guided.threshold
+    return tuple(r.as_dict() for r in defect_regions(points, scores, level))
 
 
 def _infer(pipeline: Pipeline, ready: list[tuple[int, Job]]) -> list[tuple[int, Result | BaseException]]:
