@@ -21,7 +21,7 @@ from btp.eval.baselines import (
     surface_variation_scores,
 )
 from btp.eval.evaluate import evaluate
-from btp.eval.metrics import METRIC_KEYS
+from btp.metrics import METRIC_KEYS
 from btp.eval.scoring import CloudScores
 from btp.geometry.prepare import prepare
 from btp.io import iter_samples
@@ -221,7 +221,7 @@ def test_synth_metrics_baselines_and_baseline_eval_do_not_import_torch(datasets)
     import sys
 
     code = ("import sys\n"
-            "import btp.train.synth, btp.eval.metrics, btp.eval.baselines\n"
+            "import btp.train.synth, btp.metrics, btp.eval.baselines\n"
             "from btp.config import PreprocessConfig\n"
             "from btp.eval.evaluate import evaluate\n"
             f"r = evaluate({str(datasets['real3d'])!r}, classes=['spot'], preprocess=PreprocessConfig(num_points=256))\n"

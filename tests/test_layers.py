@@ -1,7 +1,9 @@
 """Imports run one way (docs/design.md): every ``import`` in the package, function-level ones
-included, goes to the same floor or one below it.
+included, goes to the same floor or one below it, and no import closes a circle: neither between
+the packages of one floor (train -> eval -> train) nor between the files of one package
+(build.py -> cuda_python.py -> build.py).
 
-    config, errors -> io, geometry -> kernels -> runtime -> model, train, eval, export -> benchmarks -> cli
+    config, errors -> io, geometry, metrics -> kernels -> runtime -> model, train, eval, export -> benchmarks -> cli
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "btp"
 
 FLOORS = (
     ("btp", "btp.config", "btp.errors"),
-    ("btp.io", "btp.geometry"),
+    ("btp.io", "btp.geometry", "btp.metrics"),
     ("btp.kernels",),
     ("btp.runtime",),
     ("btp.model", "btp.train", "btp.eval", "btp.export"),
@@ -44,10 +46,13 @@ def floor_of(module: str) -> int:
 
 
 def imports_of(path: Path) -> list[tuple[int, str]]:
-    """(line, imported btp module) for every import statement in the file, at any depth."""
+    """(line, imported btp module) for every import statement in the file, at any depth.
+    ``from btp.train import data`` names the module btp.train.data when that file exists, else
+    the package btp.train (whose ``__init__`` then runs the import)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     here = module_name(path).split(".")
     package = here if path.name == "__init__.py" else here[:-1]
+    modules = set(module_names())
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -58,12 +63,74 @@ def imports_of(path: Path) -> list[tuple[int, str]]:
             else:
                 base = node.module or ""
             # `from btp import runtime` imports the submodule btp.runtime
-            found += [(node.lineno, f"{base}.{alias.name}" if base == "btp" else base) for alias in node.names]
+            found += [(node.lineno, f"{base}.{alias.name}" if base == "btp" or f"{base}.{alias.name}" in modules
+                       else base) for alias in node.names]
     return [(line, name) for line, name in found if name == "btp" or name.startswith("btp.")]
 
 
 def python_files() -> list[Path]:
     return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def module_names() -> list[str]:
+    return [module_name(p) for p in python_files()]
+
+
+def room_of(module: str) -> str:
+    """The package of FLOORS that ``module`` lives in (the longest matching room)."""
+    rooms = [room for rooms in FLOORS for room in rooms if module == room or module.startswith(room + ".")]
+    return max(rooms, key=len)
+
+
+def import_edges() -> list[tuple[str, str, str]]:
+    """(importing module, imported module, "file:line") for every import between two btp modules;
+    an imported name that is no file (``import btp.geometry.scores.x``) counts as its module."""
+    modules = set(module_names())
+    edges = []
+    for path in python_files():
+        source = module_name(path)
+        for line, target in imports_of(path):
+            while target not in modules and "." in target:
+                target = target.rsplit(".", 1)[0]
+            if target != source:
+                edges.append((source, target, f"{path.relative_to(PACKAGE.parent)}:{line}"))
+    return edges
+
+
+def circles(edges: list[tuple[str, str, str]]) -> list[list[str]]:
+    """The import circles of a graph: for every group of nodes that all reach each other
+    (a strongly connected component of more than one node), the imports inside the group."""
+    succ: dict[str, set[str]] = {}
+    for a, b, _ in edges:
+        succ.setdefault(a, set()).add(b)
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in succ.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    reached = {node: reach(node) for node in succ}
+    groups = []
+    for node in sorted(succ):
+        group = {node} | {other for other in reached[node] if node in reached.get(other, ())}
+        if len(group) > 1 and group not in groups:
+            groups.append(group)
+    return [sorted({f"{where} {a} -> {b}" for a, b, where in edges if a in group and b in group}) for group in groups]
+
+
+def same_floor_circles() -> list[list[str]]:
+    """Circles between the packages of one floor (btp.train <-> btp.eval), through any files."""
+    rooms = [(room_of(a), room_of(b), f"{where} ({a} -> {b})") for a, b, where in import_edges()]
+    return circles([(a, b, where) for a, b, where in rooms if a != b])
+
+
+def file_circles() -> list[list[str]]:
+    """Circles between the files of one package (build.py <-> cuda_python.py)."""
+    return circles([(a, b, where) for a, b, where in import_edges() if room_of(a) == room_of(b)])
 
 
 def upward_imports() -> list[str]:
@@ -98,7 +165,44 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path, monkeypa
     assert any("relative.py:1" in b and "btp.cli" in b for b in bad)
 
 
-@pytest.mark.parametrize("module,floor", [("btp.config", 0), ("btp.geometry.prepare", 1), ("btp.kernels.ops", 2),
+def test_no_import_circles_between_packages_of_one_floor():
+    found = same_floor_circles()
+    assert not found, "packages of one floor that import each other:\n" + "\n\n".join("\n".join(c) for c in found)
+
+
+def test_no_import_circles_between_files_of_one_package():
+    found = file_circles()
+    assert not found, "files of one package that import each other:\n" + "\n\n".join("\n".join(c) for c in found)
+
+
+def test_the_checker_sees_circles_on_one_floor_and_in_one_package(tmp_path, monkeypatch):
+    """Planted circles: btp.train <-> btp.eval (one import inside a function) and, inside btp.io,
+    a.py -> b.py -> c.py -> a.py; an import of a package's own __init__ or of the floor below is no circle."""
+    fake = tmp_path / "btp"
+    for room in ("io", "train", "eval", "model"):
+        (fake / room).mkdir(parents=True)
+        (fake / room / "__init__.py").write_text("")
+    (fake / "__init__.py").write_text("")
+    (fake / "train" / "loop.py").write_text("from btp.model import net\n\ndef f():\n    from btp.eval.metrics import auroc\n")
+    (fake / "eval" / "metrics.py").write_text("def auroc():\n    pass\n")
+    (fake / "eval" / "sets.py").write_text("from btp.train import loop\n")
+    (fake / "model" / "net.py").write_text("from btp.io import a\n")
+    (fake / "io" / "a.py").write_text("from btp.io.b import x\n")
+    (fake / "io" / "b.py").write_text("x = 1\n\ndef g():\n    from . import c\n")
+    (fake / "io" / "c.py").write_text("import btp.io.a\nfrom btp.io import d\n")
+    (fake / "io" / "d.py").write_text("import btp.io\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    floors = same_floor_circles()
+    assert len(floors) == 1 and len(floors[0]) == 2, floors
+    assert any("train/loop.py:4" in c and "btp.eval.metrics" in c for c in floors[0])
+    assert any("eval/sets.py:1" in c and "btp.train.loop" in c for c in floors[0])
+    files = file_circles()
+    assert len(files) == 1, files
+    assert [c.split()[0] for c in files[0]] == ["btp/io/a.py:1", "btp/io/b.py:4", "btp/io/c.py:1"], files
+    assert not upward_imports()
+
+
+@pytest.mark.parametrize("module,floor", [("btp.config", 0), ("btp.geometry.prepare", 1), ("btp.metrics", 1), ("btp.kernels.ops", 2),
                                           ("btp.runtime.pipeline", 3), ("btp.export.onnx", 4), ("btp.cli.run", 6)])
 def test_floors(module, floor):
     assert floor_of(module) == floor

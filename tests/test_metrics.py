@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from btp.eval.metrics import (
+from btp.metrics import (
     DegenerateMetricWarning,
     au_pro,
     auroc,

@@ -1,8 +1,8 @@
-"""btp.eval.metrics against an independent re-implementation of the official BTP-3DAD formulas
+"""btp.metrics against an independent re-implementation of the official BTP-3DAD formulas
 (test_standard_aupro.py): AU-PRO within 1e-6 and the official F1max, on random inputs.
 
 The reference below is written from the formulas, deliberately the slow way (per-threshold
-loops, a union-find over radius neighbours), sharing no code with btp.eval.metrics.
+loops, a union-find over radius neighbours), sharing no code with btp.metrics.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from scipy.spatial import cKDTree
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from btp.eval.metrics import au_pro, auroc, average_precision, f1_max, f1_max_official
+from btp.metrics import au_pro, auroc, average_precision, f1_max, f1_max_official
 
 
 def _ref_regions(points, labels):

@@ -35,7 +35,7 @@ def test_edge_modules_import_and_help_without_torch(tmp_path):
                      "btp.runtime.calibration", "btp.cli.run", "btp.cli.demo",
                      "btp.export.samples", "btp.export.formats",
                      "btp.io", "btp.geometry", "btp.geometry.prepare", "btp.kernels", "btp.kernels.devices",
-                     "btp.kernels.cuda_python", "btp.cli"):
+                     "btp.kernels.cuda_python", "btp.kernels.cuda_bindings", "btp.metrics", "btp.cli"):
             importlib.import_module(name)
         from btp.runtime import Pipeline, Result  # the lazy exports resolve too
         from typer.main import get_command

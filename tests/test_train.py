@@ -149,7 +149,7 @@ def test_short_training_run_lowers_the_loss(tiny_arrays, tmp_path):
     threshold = summary["point_threshold"]
     assert model.cfg.scoring.point_threshold == pytest.approx(threshold)
     assert prov["point_threshold"]["point_threshold"] == pytest.approx(threshold)
-    from btp.eval.metrics import f1_max_threshold
+    from btp.metrics import f1_max_threshold
     from btp.model.scoring import point_logits_from_patches
     from btp.train.loop import _collate
 

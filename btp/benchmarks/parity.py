@@ -7,7 +7,7 @@ For each test sample of a data set (Anomaly-ShapeNet / Real3D-AD layout, read by
    reference backend and to each test backend -> patch_probs, global_prob, object_score,
    patch_embed (when the model exports it).
 2. Pipeline level (each backend's own full path): ``Pipeline(points)`` -> point scores at the
-   raw scan's resolution and the object score; O-AUROC and P-AUROC (btp.eval.metrics) on them.
+   raw scan's resolution and the object score; O-AUROC and P-AUROC (btp.metrics) on them.
 3. Indices: the centre and patch indices each backend's own ``Pipeline.prepare`` produces (the
    GPU kernels where a GPU pipeline uses them, btp.geometry on CPU) against ``fps_reference`` /
    ``knn_reference`` (the plain-numpy rule) on the reference's sampled points.
@@ -51,7 +51,7 @@ def _reference_indices(sampled: np.ndarray, cfg) -> tuple[np.ndarray, np.ndarray
 
 
 def _metrics(object_labels, object_scores, point_labels, point_scores) -> dict:
-    from btp.eval.metrics import auroc
+    from btp.metrics import auroc
 
     out = {"o_auroc": float("nan"), "p_auroc": float("nan")}
     try:

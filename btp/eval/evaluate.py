@@ -29,7 +29,7 @@ import numpy as np
 from btp.config import DEFAULT_MODEL_NAME, PreprocessConfig, btp_mini_config
 from btp.errors import BTPError
 from btp.eval.baselines import LearnedBaseline, surface_variation_scorer
-from btp.eval.metrics import EXTRA_KEYS, METRIC_KEYS, compute_metrics, mean_metrics
+from btp.metrics import EXTRA_KEYS, METRIC_KEYS, compute_metrics, mean_metrics
 from btp.eval.scoring import CloudScores, score_with
 from btp.io import detect_layout, read_sample, sample_files
 from btp.io.errors import GroundTruthMismatchError

@@ -151,7 +151,7 @@ def compile_nvrtc(source_name: str, arch: int) -> bytes:
 
 def _nvrtc_cubin(source_name: str, arch: int) -> Path:
     """The NVRTC build itself (in the child process): the cached cubin's path."""
-    from btp.kernels.cuda_python import check, nvrtc_api
+    from btp.kernels.cuda_bindings import check, nvrtc_api
 
     nvrtc = nvrtc_api()
     version = ".".join(str(v) for v in check(nvrtc.nvrtcVersion(), "nvrtcVersion"))

@@ -62,7 +62,7 @@ def gpu_identity(device_id: int = 0) -> tuple[str, str]:
         major, minor = dev.compute_capability()
         return dev.name(), f"{major}.{minor}"
     if reasons["cuda-python"] is None:
-        from btp.kernels.cuda_python import check, driver_api
+        from btp.kernels.cuda_bindings import check, driver_api
 
         driver = driver_api()
         dev = check(driver.cuDeviceGet(device_id), "cuDeviceGet")

@@ -176,7 +176,7 @@ def calibrate_point_threshold(model, dataset, cached=None, batch_size: int = 16)
     """Point-F1-max threshold of the trained model on ``dataset`` (its own training samples), on
     the scores of ``sample_scores``. Returns (threshold, F1 at it); sets
     ``model.cfg.scoring.point_threshold``."""
-    from btp.eval.metrics import f1_max_threshold
+    from btp.metrics import f1_max_threshold
 
     got = sample_scores(model, dataset, cached, batch_size)
     f1, threshold = f1_max_threshold(got["point_labels"].ravel(), got["point_scores"].ravel())

@@ -41,7 +41,7 @@ def validate_btp(cfg, arrays: dict[str, np.ndarray], train_shapes, out, opts, *,
     """Train the BTP stage on the non-validation families' samples (``arrays``, whose
     ``shape_id`` indexes ``train_shapes``), score the validation families' samples, write
     ``out/validation.json``; returns its content."""
-    from btp.eval.metrics import auroc
+    from btp.metrics import auroc
     from btp.model.checkpoint import load_checkpoint
     from btp.train.data import BTPArrays
     from btp.train.loop import precompute_features, sample_scores, train_btp

@@ -17,13 +17,9 @@ from typing import Protocol
 import numpy as np
 
 from btp import contract
-from btp.errors import BTPError
+from btp.runtime.backends.errors import BackendError
 
 BACKENDS = contract.backend_names()
-
-
-class BackendError(BTPError, RuntimeError):
-    """A backend cannot be created on this machine (missing provider / GPU / package)."""
 
 
 class Backend(Protocol):

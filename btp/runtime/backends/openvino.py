@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from btp.runtime.backends import BackendError
+from btp.runtime.backends.errors import BackendError
 
 PRECISIONS = {"openvino": "f32", "openvino-bf16": "bf16"}
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from btp.runtime.backends import BackendError
+from btp.runtime.backends.errors import BackendError
 
 PROVIDERS = {
     "ort-cpu": ["CPUExecutionProvider"],
