@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from btp.config import tiny_config, ulip2_config
 from btp.geometry import propagate_patch_scores
+from btp.geometry.scores import UNCOVERED_RULES
 from btp.model import (OUTPUT_NAMES, BTPModel, MiniLMTextEncoder, OpenCLIPTextEncoder, TextNotReadyError,
                        btp_loss, point_logits_from_patches)
 from btp.model.losses import dice_loss, focal_loss, geometric_loss
@@ -343,23 +344,55 @@ def test_full_model_forward_backward_at_ulip2_shapes(shapes_root):
 
 # ---- point scores and losses -------------------------------------------------------------------
 
-def test_point_logits_match_the_numpy_propagation(tiny_batch, tiny):
-    """Same rule as btp.geometry.propagate_patch_scores, incl. points in no patch (G*K < N here)."""
+@pytest.mark.parametrize("uncovered", UNCOVERED_RULES)
+@pytest.mark.parametrize("per_point", [False, True])
+def test_point_scores_match_the_numpy_propagation(tiny_batch, tiny, uncovered, per_point):
+    """The torch propagation is btp.geometry.propagate_patch_scores (the runtime's rule) under both
+    ``scoring.uncovered_points`` rules, incl. points in no patch (G*K < N here), with and without
+    per-point values, on probabilities as training calibrates its point threshold."""
     torch.manual_seed(3)
-    b, g = tiny_batch["center"].shape[:2]
+    b, g, k = tiny_batch["patch_idx"].shape
     n = tiny.preprocess.num_points
-    logits = torch.randn(b, g)
-    ours = point_logits_from_patches(logits, tiny_batch["patch_idx"], n,
-                                     points=tiny_batch["points"], center=tiny_batch["center"])
+    probs = torch.rand(b, g)
+    values = torch.rand(b, g, k) if per_point else None
+    ours = point_logits_from_patches(probs, tiny_batch["patch_idx"], n, points=tiny_batch["points"],
+                                     center=tiny_batch["center"], point_values=values, uncovered=uncovered)
     covered = torch.zeros(b, n, dtype=torch.bool)
     covered.scatter_(1, tiny_batch["patch_idx"].reshape(b, -1), True)
     assert (~covered).any(), "the tiny config must leave points uncovered for this test to bite"
     for i in range(b):
-        ref = propagate_patch_scores(logits[i].numpy(), tiny_batch["patch_idx"][i].numpy(),
-                                     tiny_batch["center"][i].numpy(), tiny_batch["points"][i].numpy())
-        np.testing.assert_allclose(ours[i].numpy(), ref, atol=1e-5)
-    with pytest.raises(ValueError):
+        ref = propagate_patch_scores(probs[i].numpy(), tiny_batch["patch_idx"][i].numpy(),
+                                     tiny_batch["center"][i].numpy(), tiny_batch["points"][i].numpy(), uncovered,
+                                     None if values is None else values[i].numpy())
+        np.testing.assert_allclose(ours[i].numpy(), ref, atol=1e-6)
+    uncovered_scores = ours[~covered]
+    if uncovered == "zero":
+        assert (uncovered_scores == 0).all()
+    else:  # each takes a patch's own probability
+        assert (uncovered_scores > 0).all() and torch.isin(uncovered_scores, probs).all()
+
+
+def test_nearest_center_ties_go_to_the_lowest_centre_as_in_numpy():
+    """Two centres at the same distance from an uncovered point: both sides take the lower index."""
+    points = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 0.5]]])
+    center = torch.tensor([[[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]]])
+    patch_idx = torch.tensor([[[1], [2]]])  # points 0 and 3 lie in no patch; both centres are as near
+    probs = torch.tensor([[0.2, 0.9]])
+    ours = point_logits_from_patches(probs, patch_idx, 4, points=points, center=center)
+    ref = propagate_patch_scores(probs[0].numpy(), patch_idx[0].numpy(), center[0].numpy(), points[0].numpy())
+    np.testing.assert_array_equal(ours[0].numpy(), ref)
+    assert ours[0, 0] == ours[0, 3] == pytest.approx(0.2)
+
+
+def test_point_propagation_refuses_what_it_cannot_compute(tiny_batch, tiny):
+    b, g = tiny_batch["center"].shape[:2]
+    logits = torch.randn(b, g)
+    with pytest.raises(ValueError, match="outside"):
         point_logits_from_patches(logits, tiny_batch["patch_idx"], 10)
+    with pytest.raises(ValueError, match="uncovered"):
+        point_logits_from_patches(logits, tiny_batch["patch_idx"], tiny.preprocess.num_points, uncovered="mean")
+    with pytest.raises(ValueError, match="needs points"):  # points in no patch, nothing to find a centre with
+        point_logits_from_patches(logits, tiny_batch["patch_idx"], tiny.preprocess.num_points)
 
 
 def test_balanced_bce_weighs_both_classes_equally():

@@ -159,9 +159,36 @@ def test_short_training_run_lowers_the_loss(tiny_arrays, tmp_path):
     with torch.no_grad():
         probs = model(batch["neighborhood"], batch["center"])["patch_probs"]
     scores = point_logits_from_patches(probs, batch["patch_idx"], batch["point_labels"].shape[1],
-                                       points=batch["points"], center=batch["center"]).numpy().ravel()
+                                       points=batch["points"], center=batch["center"],
+                                       uncovered=cfg.scoring.uncovered_points).numpy().ravel()
     f1, expect = f1_max_threshold(batch["point_labels"].numpy().ravel(), scores)
     assert threshold == pytest.approx(expect, abs=1e-4) and summary["point_f1_at_threshold"] == pytest.approx(f1, abs=1e-3)
+
+
+@pytest.mark.parametrize("uncovered", ["nearest_center", "zero"])
+def test_training_scores_points_by_the_runtime_rule(tiny_arrays, uncovered):
+    """The scores the point threshold is calibrated on (``sample_scores``) follow the model's
+    ``scoring.uncovered_points`` as the runtime's numpy propagation does (btp-3dad: "zero")."""
+    from btp.geometry import propagate_patch_scores
+    from btp.train.loop import _collate, sample_scores
+
+    cfg = tiny_config()
+    cfg.scoring.uncovered_points = uncovered
+    torch.manual_seed(0)
+    model = build_model(cfg, None, BTPOptions())
+    dataset = tdata.BTPArrays(tiny_arrays, cfg)
+    got = sample_scores(model, dataset)["point_scores"]
+    batch = _collate([dataset[i] for i in range(len(dataset))])
+    model.eval()
+    with torch.no_grad():
+        probs = model(batch["neighborhood"], batch["center"])["patch_probs"].numpy()
+    uncovered_points = 0
+    for i in range(len(dataset)):
+        pidx = batch["patch_idx"][i].numpy()
+        ref = propagate_patch_scores(probs[i], pidx, batch["center"][i].numpy(), batch["points"][i].numpy(), uncovered)
+        np.testing.assert_allclose(got[i], ref, atol=1e-5)
+        uncovered_points += len(ref) - len(np.unique(pidx))
+    assert uncovered_points > 0, "the tiny samples must leave points in no patch for this test to bite"
 
 
 def test_cached_encoder_features_match_the_model_forward(tiny_arrays):

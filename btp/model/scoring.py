@@ -1,7 +1,13 @@
-"""Patch -> point scores in torch (for the loss); the numpy twin is btp.geometry.propagate_patch_scores."""
+"""Patch -> point scores in torch, differentiable: the runtime's rule, which
+``btp.geometry.propagate_patch_scores`` (numpy) defines, on tensors (the loss, and the scores
+training calibrates the point threshold on). Both rules for points in no patch,
+``scoring.uncovered_points`` (``btp.geometry.scores.UNCOVERED_RULES``), agree with numpy
+(tests/test_model.py)."""
 from __future__ import annotations
 
 import torch
+
+from btp.geometry.scores import UNCOVERED_RULES
 
 
 def point_logits_from_patches(
@@ -12,16 +18,20 @@ def point_logits_from_patches(
     points: torch.Tensor | None = None,
     center: torch.Tensor | None = None,
     point_values: torch.Tensor | None = None,
+    uncovered: str = "nearest_center",
 ) -> torch.Tensor:
-    """Mean of the logits of the patches that contain each point -> [B, N].
+    """Mean of the values (logits or probabilities) of the patches that contain each point -> [B, N].
 
     patch_logits [B, G], patch_idx [B, G, K] (int64 indices into the N points).
     ``point_values [B, G, K]`` (a model with per-point scores, ``patch_point_logits``): each point
     takes the mean of its own values in the patches that contain it instead.
-    Points in no patch take the logit of their nearest centre when `points [B, N, 3]` and
-    `center [B, G, 3]` are given (spec section 8), else 0 (probability 0.5).
-    Differentiable w.r.t. patch_logits.
+    Points in no patch (``uncovered``): ``"nearest_center"`` takes the value of the patch whose
+    centre is nearest (float32 ``(dx*dx + dy*dy) + dz*dz``, ties -> lowest centre index, as
+    ``btp.geometry.knn``; needs ``points [B, N, 3]`` and ``center [B, G, 3]``); ``"zero"`` gives 0
+    (on probabilities: the official BTP-3DAD rule). Differentiable w.r.t. patch_logits.
     """
+    if uncovered not in UNCOVERED_RULES:
+        raise ValueError(f"uncovered={uncovered!r}: choose one of {UNCOVERED_RULES}")
     if patch_idx.dim() != 3 or patch_logits.shape != patch_idx.shape[:2]:
         raise ValueError(f"patch_logits {tuple(patch_logits.shape)} and patch_idx {tuple(patch_idx.shape)} "
                          "must be [B, G] and [B, G, K]")
@@ -36,9 +46,14 @@ def point_logits_from_patches(
     sums = patch_logits.new_zeros(b, n_points).scatter_add(1, idx, values)  # [B, N]
     counts = patch_logits.new_zeros(b, n_points).scatter_add(1, idx, torch.ones_like(values))
     covered = counts > 0
-    point_logits = sums / counts.clamp_min(1.0)
-    if points is not None and center is not None and not bool(covered.all()):
-        nearest = torch.cdist(points.to(center.dtype), center).argmin(dim=-1)  # [B, N]
-        fallback = patch_logits.gather(1, nearest)  # [B, N]
-        point_logits = torch.where(covered, point_logits, fallback)
-    return point_logits
+    point_logits = sums / counts.clamp_min(1.0)  # uncovered points: 0 here, the "zero" rule
+    if uncovered == "zero" or bool(covered.all()):
+        return point_logits
+    if points is None or center is None:
+        raise ValueError("some points lie in no patch: uncovered='nearest_center' needs points [B, N, 3] "
+                         "and center [B, G, 3]")
+    rows, cols = torch.nonzero(~covered, as_tuple=True)  # [U]
+    d = points[rows, cols].to(torch.float32)[:, None, :] - center[rows].to(torch.float32)  # [U, G, 3]
+    dist2 = (d[..., 0] * d[..., 0] + d[..., 1] * d[..., 1]) + d[..., 2] * d[..., 2]  # [U, G]
+    nearest = dist2.argmin(dim=1)  # the first minimum: the lowest centre index on a tie
+    return point_logits.index_put((rows, cols), patch_logits[rows, nearest])

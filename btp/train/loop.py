@@ -141,7 +141,7 @@ def _collate(items: list[dict]) -> dict:
 def sample_scores(model, dataset, cached=None, batch_size: int = 16) -> dict[str, np.ndarray]:
     """The trained model on BTP samples, scored as the runtime scores them on the N sampled points:
     each point's mean probability over the patches that contain it (its own per-point ones with
-    ``gfcm.point_dim``); object scores by ``btp.geometry.scores.object_score``.
+    ``gfcm.point_dim``), points in no patch by ``scoring.uncovered_points``; object scores by ``btp.geometry.scores.object_score``.
     -> {point_scores [S, N], point_labels [S, N], object_scores [S], object_labels [S]}.
     ``cached``: the CachedPointEncoder standing in for the encoder (rows = ``dataset``'s)."""
     import torch
@@ -161,7 +161,8 @@ def sample_scores(model, dataset, cached=None, batch_size: int = 16) -> dict[str
             out = model(batch["neighborhood"], batch["center"])
             point = point_logits_from_patches(out["patch_probs"], batch["patch_idx"], batch["point_labels"].shape[1],
                                               points=batch["points"], center=batch["center"],
-                                              point_values=out.get("patch_point_probs"))
+                                              point_values=out.get("patch_point_probs"),
+                                              uncovered=model.cfg.scoring.uncovered_points)
             points.append(point.numpy())
             labels.append(batch["point_labels"].numpy())
             objects.append(np.array([object_score(model.cfg.scoring, o, g, p) for o, g, p in
