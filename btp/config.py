@@ -19,7 +19,7 @@ from typing import Any
 SCHEMA_VERSION = 1
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EncoderConfig:
     """PointBERT point encoder (ULIP-2 "colored" variant takes xyz + rgb = 6 channels)."""
 
@@ -37,7 +37,7 @@ class EncoderConfig:
     feature_layers: tuple[int, ...] = (2, 5, 8, 11)  # 1-based blocks whose patch tokens feed MGFEM
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TextConfig:
     """Text side: which encoder, prompt templates and learnable context."""
 
@@ -58,7 +58,7 @@ class TextConfig:
     layers: int = 32
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GFCMConfig:
     """Geometric feature creation module and its FPFH supervision."""
 
@@ -106,7 +106,7 @@ class MGFEMConfig:
     hidden: int = 512
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ScoringConfig:
     """How patch / global probabilities become point and object scores."""
 
@@ -134,7 +134,7 @@ OBJECT_SOURCES = ("patches", "points", "pooled-points")
 SAMPLING_ORDERS = ("input", "canonical")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PreprocessConfig:
     """What happens between a raw scan and the engine's inputs."""
 
@@ -164,7 +164,7 @@ class PreprocessConfig:
     sampling_order: str = "input"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LossConfig:
     # point term: "focal" (the spec: sigmoid focal, gamma/alpha below) or "balanced-bce" (BCE with
     # the positives weighted by the batch's negative/positive ratio; see models/btp-mini.md)
@@ -181,7 +181,7 @@ class LossConfig:
     object_term: str = "patch-max"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     lr: float = 5e-4
     lr_prompt: float = 1e-3
@@ -195,7 +195,7 @@ class TrainConfig:
     seed: int = 0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BTPConfig:
     name: str = "btp"
     version: str = "0.1.0"
@@ -423,6 +423,7 @@ def tiny_config() -> BTPConfig:
         gfcm=GFCMConfig(conv_dims=(16, 32, 64), hidden=32),
         mgfem=MGFEMConfig(hidden=32),
         preprocess=PreprocessConfig(num_points=512),
+        train=TrainConfig(epochs=1),
     ).validate()
 
 

@@ -124,3 +124,39 @@ def test_refuses_missing_foreign_and_inconsistent_files(tmp_path):
     with pytest.raises(CheckpointError) as err:
         load_checkpoint(bad)
     assert "mgfem.layer_weights" in str(err.value) and "gfcm.head.0.weight" in str(err.value)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_committed_models_load_with_their_stored_config_and_tensors():
+    """Every committed model loads under today's config tree and option types: each config value
+    in the file comes back unchanged (fields newer than the file take their defaults) and the
+    model holds the file's tensors bit for bit - what its export and its card's numbers rest on."""
+    from safetensors.torch import load_file
+
+    from btp.config import BTPConfig
+    from btp.eval.evaluate import DEFAULT_MODEL
+    from btp.model.checkpoint import checkpoint_state
+
+    committed = sorted(DEFAULT_MODEL.parent.glob("*.safetensors"))
+    assert DEFAULT_MODEL in committed
+    defaults = _flat(json.loads(BTPConfig().to_json()))
+    for path in committed:
+        stored = _flat(json.loads(_header(path)["__metadata__"]["config"]))
+        model, _ = load_checkpoint(path)
+        now = _flat(json.loads(model.cfg.to_json()))
+        assert {k: now[k] for k in stored} == stored, path.name
+        assert all(now[k] == defaults[k] for k in set(now) - set(stored)), path.name
+        tensors = load_file(str(path))
+        state = checkpoint_state(model)
+        assert set(state) == set(tensors), path.name
+        for key, value in tensors.items():
+            assert torch.equal(state[key], value), f"{path.name}: {key}"

@@ -134,7 +134,8 @@ def test_dist_env_detection():
 def test_short_training_run_lowers_the_loss(tiny_arrays, tmp_path):
     cfg = tiny_config()
     cfg.train.lr, cfg.train.lr_prompt = 3e-3, 3e-3
-    summary = train_btp(cfg, tiny_arrays, tmp_path, BTPOptions(epochs=20, batch_size=2, ckpt_every=0, seed=0),
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.seed = 20, 2, 0
+    summary = train_btp(cfg, tiny_arrays, tmp_path, BTPOptions(ckpt_every=0),
                         progress=False, log=lambda *_: None)
     losses = np.array([v for _, v in summary["losses"]])
     assert len(losses) == 80 and np.isfinite(losses).all()
@@ -217,7 +218,8 @@ def test_cached_encoder_features_match_the_model_forward(tiny_arrays):
 def test_resume_continues_from_the_saved_step(tiny_arrays, tmp_path, monkeypatch, point_dim):
     cfg = tiny_config()
     cfg.gfcm.point_dim = point_dim
-    opts = BTPOptions(epochs=2, batch_size=2, ckpt_every=3, seed=1)  # 8 steps, checkpoints at 3 and 6
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.seed = 2, 2, 1  # 8 steps
+    opts = BTPOptions(ckpt_every=3)  # checkpoints at 3 and 6
     full = train_btp(cfg, tiny_arrays, tmp_path / "full", opts, progress=False, log=lambda *_: None)
 
     import btp.model
@@ -256,9 +258,10 @@ def test_a_non_finite_loss_stops_training_with_the_step_and_the_last_checkpoint(
         return (loss * float("nan"), parts) if calls["n"] == 5 else (loss, parts)
 
     monkeypatch.setattr(btp.model, "btp_loss", diverging)
-    opts = BTPOptions(epochs=2, batch_size=2, ckpt_every=3, seed=1)
+    cfg = tiny_config()
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.seed = 2, 2, 1
     with pytest.raises(TrainingDivergedError, match=r"not finite at step 5 .*samples \[.*train_state\.safetensors"):
-        train_btp(tiny_config(), tiny_arrays, tmp_path / "nan", opts, progress=False, log=lambda *_: None)
+        train_btp(cfg, tiny_arrays, tmp_path / "nan", BTPOptions(ckpt_every=3), progress=False, log=lambda *_: None)
     assert read_step(tmp_path / "nan" / "train_state.safetensors") == 3  # the good checkpoint is kept
 
 
@@ -314,7 +317,8 @@ def test_btp_stage_from_a_converted_ulip2_checkpoint(tiny_arrays, tmp_path):
     converted, report = convert_ulip2(ulip, clip, base_config="tiny")
     start = save_checkpoint(tmp_path / "converted.safetensors", converted,
                             conversion_provenance(ulip, clip, report, 0))
-    summary = train_btp(converted.cfg, tiny_arrays, tmp_path / "btp", BTPOptions(epochs=12, batch_size=2, ckpt_every=0),
+    converted.cfg.train.epochs, converted.cfg.train.batch_size = 12, 2
+    summary = train_btp(converted.cfg, tiny_arrays, tmp_path / "btp", BTPOptions(ckpt_every=0),
                         init_from=start, progress=False, log=lambda *_: None)
     losses = np.array([v for _, v in summary["losses"]])
     assert np.isfinite(losses).all() and losses[-8:].mean() < losses[:4].mean()
@@ -376,9 +380,9 @@ def test_validation_families_are_held_out_of_the_btp_stage(shapes_root, tmp_path
     from btp.train.split import Shape
     from btp.train.validate import ValidationError, validation_families
 
-    fams = [Shape(f"m{i}", "mechanical", tmp_path, f"kicad:F{i:02d}") for i in range(12)]
+    fams = [Shape(name=f"m{i}", kind="mechanical", path=tmp_path, family=f"kicad:F{i:02d}") for i in range(12)]
     assert validation_families(fams) == ["kicad:F02", "kicad:F07"]
-    kinds = [Shape("a", "organic", tmp_path), Shape("b", "other", tmp_path)]
+    kinds = [Shape(name="a", kind="organic", path=tmp_path), Shape(name="b", kind="other", path=tmp_path)]
     assert validation_families(kinds) == ["shapes:other"]  # too few for the stride: the last one
     with pytest.raises(ValidationError):
         validation_families(kinds[:1])

@@ -53,83 +53,39 @@ def train(
     CPU works; torchrun works (`torchrun --nproc_per_node P $(which btp) train ...`: WORLD_SIZE > 1
     -> DDP with DistributedSampler, gloo on CPU / NCCL on CUDA).
     """
-    from dataclasses import replace
+    from btp.model.checkpoint import CheckpointError
+    from btp.train import recipes
 
-    from btp.config import BTPConfig, preset
-    from btp.train.recipes import get_recipe, run_recipe
-
-    if not recipe and stage not in ("pretrain", "btp"):
+    if not recipe and stage not in recipes.STAGES:
         raise typer.BadParameter("give --recipe NAME or --stage pretrain|btp", param_hint="--stage")
+    if validate and not recipe:
+        raise typer.BadParameter("--validate runs a whole recipe: give --recipe NAME", param_hint="--validate")
     try:
-        rec = get_recipe(recipe or ("tiny" if config == "tiny" else "btp-mini"))
+        rec = recipes.choose_recipe(recipe, config)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--recipe") from None
-    cfg_path = Path(config)
-    if not config:  # the recipe's own config (btp-corpus-point's has per-point scores, not btp-mini's)
-        cfg = rec.config()
-    elif cfg_path.suffix == ".json" and cfg_path.is_file():
-        cfg = BTPConfig.from_json(cfg_path.read_text()).validate()
-    else:
-        cfg = preset(config)
-    if feature_layers:
-        cfg.encoder.feature_layers = tuple(int(x) for x in feature_layers.split(","))
-        cfg.validate()
-    pre = rec.pretrain
-    btp_opts = replace(rec.btp, use_gfcm=not no_gfcm, learn_prompt=not no_prompt_learning)
-    if steps:
-        pre = replace(pre, steps=steps)
-    if batch_size:
-        pre, btp_opts = replace(pre, batch_size=batch_size), replace(btp_opts, batch_size=batch_size)
-    if epochs:
-        btp_opts = replace(btp_opts, epochs=epochs)
-    if max_steps:
-        btp_opts = replace(btp_opts, max_steps=max_steps)
-    if ckpt_every >= 0:
-        pre, btp_opts = replace(pre, ckpt_every=ckpt_every), replace(btp_opts, ckpt_every=ckpt_every)
-    rec = replace(rec, pretrain=pre, btp=btp_opts, per_shape=per_shape or rec.per_shape, use_pretrain=not no_pretrain)
+    try:
+        cfg = recipes.choose_config(rec, config, init_from if stage == "btp" and not recipe else None)
+    except CheckpointError as err:
+        raise typer.BadParameter(str(err), param_hint="--from") from None
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--config") from None
+    overrides = recipes.Overrides(
+        steps=steps or None, epochs=epochs or None, batch_size=batch_size or None, max_steps=max_steps or None,
+        per_shape=per_shape or None, ckpt_every=None if ckpt_every < 0 else ckpt_every, pretrain=not no_pretrain,
+        gfcm=not no_gfcm, prompt_learning=not no_prompt_learning,
+        feature_layers=tuple(int(x) for x in feature_layers.split(",")) if feature_layers else None)
+    try:
+        rec, cfg = recipes.configure(rec, cfg, seed, overrides)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--feature-layers" if feature_layers else "--config") from None
     shapes = _shapes(shapes)
     out = out or Path("runs") / f"{recipe or stage}-seed{seed}"
-
     if recipe:
-        run_recipe(rec, shapes, out, seed=seed, resume=resume, progress=progress, cfg=cfg, validate=validate)
-        return
-    if validate:
-        raise typer.BadParameter("--validate runs a whole recipe: give --recipe NAME", param_hint="--validate")
-
-    from btp.train.recipes import with_seed
-    from btp.train.split import zero_shot_split
-
-    rec = with_seed(rec, seed)
-    train_shapes = list(zero_shot_split(shapes).train)
-    if stage == "pretrain":
-        from btp.train.pretrain import pretrain
-
-        pretrain(cfg, train_shapes, out, rec.pretrain, resume=resume, progress=progress)
-        return
-    from btp.train import data as tdata
-    from btp.train.loop import train_btp
-
-    if init_from is not None:
-        from btp.model.checkpoint import CheckpointError, read_checkpoint
-
-        try:
-            cfg = read_checkpoint(init_from)[0]
-        except CheckpointError as err:
-            raise typer.BadParameter(str(err), param_hint="--from") from None
-        arrays = tdata.btp_samples(train_shapes, cfg, rec.per_shape, seed, out / "cache")
-        train_btp(cfg, arrays, out, rec.btp, init_from=init_from, resume=resume, progress=progress,
-                  provenance={"stage": "btp", "seed": seed, "from": str(init_from)}, feature_cache=out / "cache")
-        return
-    if encoder is None and not no_pretrain:
-        guess = out.parent / "pretrain" / "encoder.safetensors"
-        encoder = guess if guess.is_file() else None
-        if encoder is None:
-            typer.echo("btp train --stage btp: no --encoder given and none found; the encoder stays random "
-                       "(run --stage pretrain first, or pass --no-pretrain to silence this)", err=True)
-    arrays = tdata.btp_samples(train_shapes, cfg, rec.per_shape, seed, out / "cache")
-    train_btp(cfg, arrays, out, rec.btp, encoder_path=None if no_pretrain else encoder, resume=resume,
-              progress=progress, provenance={"stage": "btp", "seed": seed, "encoder": str(encoder)},
-              feature_cache=out / "cache")
+        recipes.run_recipe(rec, shapes, out, seed=seed, resume=resume, progress=progress, cfg=cfg, validate=validate)
+    else:
+        recipes.run_stage(stage, rec, cfg, shapes, out, resume=resume, progress=progress, encoder=encoder,
+                          init_from=init_from, warn=lambda msg: typer.echo(msg, err=True))
 
 
 @data_app.command("synth")

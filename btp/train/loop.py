@@ -28,12 +28,12 @@ class TrainingDivergedError(BTPError, FloatingPointError):
     the last good checkpoint is."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BTPOptions:
-    epochs: int | None = None  # None: cfg.train.epochs
-    batch_size: int | None = None  # None: cfg.train.batch_size
+    """How one BTP-stage run goes, beside the model's own training settings: epochs, batch size,
+    learning rates and the seed are ``cfg.train`` (btp/config.py), read from the config only."""
+
     ckpt_every: int = 100
-    seed: int = 0
     # ablation switches (all on = the spec's model)
     use_gfcm: bool = True  # False: GFCM descriptor replaced by zeros, no geometric loss
     learn_prompt: bool = True  # False: prompt context stays at its random init
@@ -191,9 +191,10 @@ def build_model(cfg: BTPConfig, encoder_path=None, opts: BTPOptions | None = Non
     """BTPModel with the config's text encoder, the stage-1 encoder loaded and frozen.
 
     ``init_from``: a btp checkpoint (e.g. from ``btp convert ulip2`` / ``btp convert btp-3dad``) to
-    start from instead - its encoder (frozen), heads, prompt context and text side. With an OpenCLIP
-    tower in the file the prompt context learns through it; a checkpoint whose text is frozen and
-    that holds no tower trains GFCM and MGFEM against its frozen text embeddings."""
+    start from instead - its encoder (frozen), heads, prompt context and text side; its config
+    but ``cfg.train``, the training this run gives it. With an OpenCLIP tower in the file the
+    prompt context learns through it; a checkpoint whose text is frozen and that holds no tower
+    trains GFCM and MGFEM against its frozen text embeddings."""
     from btp.model import BTPModel
     from btp.model.text import build_text_encoder
     from btp.train.pretrain import load_encoder_weights
@@ -203,6 +204,7 @@ def build_model(cfg: BTPConfig, encoder_path=None, opts: BTPOptions | None = Non
         from btp.model.checkpoint import load_checkpoint
 
         model, _ = load_checkpoint(init_from)
+        model.cfg.train = replace(cfg.train)
         if model.text_encoder is not None and model.is_text_frozen:
             model.unfreeze_text()
         if model.text_encoder is None:
@@ -232,17 +234,16 @@ def train_btp(cfg: BTPConfig, arrays: dict[str, np.ndarray], out_dir, opts: BTPO
               resume: bool = False, progress: bool = True, log=print, text_encoder=None,
               provenance: dict | None = None, feature_cache=None, init_from=None) -> dict:
     """Run the BTP stage on cached samples; returns a summary (losses, steps, wall time, paths).
-    ``init_from``: start from a btp checkpoint (``build_model``); ``cfg`` must be its config."""
+    Epochs, batch size, learning rates and seed: ``cfg.train``. ``init_from``: start from a btp
+    checkpoint (``build_model``); ``cfg`` is then its config, whose ``train`` this run follows."""
     import torch
     from torch.utils.data import DistributedSampler
 
-    from btp.model import btp_loss, save_checkpoint
-    from btp.train.checkpointing import load_training_state, save_training_state
+    from btp.train.checkpointing import load_training_state
     from btp.train.data import BTPArrays
     from btp.train.progress import Progress
-    from btp.train.schedule import make_optimizer, set_lr
+    from btp.train.schedule import make_optimizer
 
-    opts = replace(opts, epochs=opts.epochs or cfg.train.epochs, batch_size=opts.batch_size or cfg.train.batch_size)
     env: DistEnv = dist_env()
     init_distributed(env)
     if opts.threads:
@@ -250,25 +251,23 @@ def train_btp(cfg: BTPConfig, arrays: dict[str, np.ndarray], out_dir, opts: BTPO
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state_path = out_dir / "train_state.safetensors"
-    torch.manual_seed(opts.seed)
+    torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, encoder_path, opts, text_encoder, init_from=init_from)
     cfg = model.cfg
+    run = cfg.train
     named = trainable(model)
-    optimizer = make_optimizer(named, cfg.train)
+    optimizer = make_optimizer(named, run)
     dataset = BTPArrays(arrays, cfg)
     sampler = DistributedSampler(range(len(dataset)), num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                                 seed=opts.seed, drop_last=True)
-    steps_per_epoch = max(1, len(sampler) // opts.batch_size)
-    total = steps_per_epoch * opts.epochs
+                                 seed=run.seed, drop_last=True)
+    steps_per_epoch = max(1, len(sampler) // run.batch_size)
+    total = steps_per_epoch * run.epochs
     if opts.max_steps:
         total = min(total, opts.max_steps)
-    modules = {"gfcm": model.gfcm, "mgfem": model.mgfem}  # the encoder is frozen: not in the state
-    if model.point_refine is not None:
-        modules["point_refine"] = model.point_refine
-    extra = {"prompt_ctx": model.prompt_ctx}
+    state = _TrainingState(state_path, model, optimizer, total, opts)
     start = 0
     if resume and state_path.is_file():
-        start = load_training_state(state_path, modules, optimizer, extra_params=extra)
+        start = load_training_state(state_path, state.modules, optimizer, extra_params=state.extra)
         log(f"btp: resumed from {state_path} at step {start}/{total}")
     real_encoder = model.point_encoder
     cached = None
@@ -280,61 +279,94 @@ def train_btp(cfg: BTPConfig, arrays: dict[str, np.ndarray], out_dir, opts: BTPO
     model.train()
     history: list[tuple[int, float]] = []
     t0 = time.time()
-    step = start
     with Progress("btp", total=total, start=start, enabled=env.is_main, bar=progress) as bar:
-        while step < total:
+        for step in range(start, total):
             epoch, offset = divmod(step, steps_per_epoch)
             sampler.set_epoch(epoch)
-            order = list(sampler)
-            b0 = offset * opts.batch_size
-            batch_idx = order[b0:b0 + opts.batch_size]
+            batch_idx = list(sampler)[offset * run.batch_size:(offset + 1) * run.batch_size]
             batch = _collate([dataset[i] for i in batch_idx])
             if cached is not None:
                 cached.select(batch_idx)
-            set_lr(optimizer, step, total, cfg.train)
-            outputs = ddp_model(batch["neighborhood"], batch["center"])
-            loss, parts = btp_loss(outputs, batch, cfg.loss, gfcm=cfg.gfcm, object_alpha=cfg.scoring.object_alpha,
-                                   point_top_k=model.point_top_k)
-            if not opts.use_gfcm:
-                loss = loss - cfg.loss.geometric_weight * parts["geometric"]
-            if not torch.isfinite(loss):
-                terms = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
-                raise TrainingDivergedError(
-                    f"btp: the loss is not finite at step {step + 1} ({terms}; samples {batch_idx}); the "
-                    f"weights were not updated from it. The last checkpoint is "
-                    f"{state_path if state_path.is_file() else 'none yet'}: fix the cause (inputs, learning rate), "
-                    f"then --resume")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.train.grad_clip)
-            optimizer.step()
-            step += 1
-            value = mean_across(env, float(loss.detach()))
-            history.append((step, value))
-            bar.update(step, loss=value, **{k: float(v) for k, v in parts.items()})
-            if opts.ckpt_every and step % opts.ckpt_every == 0 and step < total and env.is_main:
-                save_training_state(state_path, modules, optimizer, step, extra_params=extra,
-                                    meta={"total": total, "options": asdict(opts)})
+            loss, parts = _optimise(ddp_model, model, batch, optimizer, named, step, total, cfg, opts,
+                                    where=f"step {step + 1} (samples {batch_idx})", state_path=state_path)
+            value = mean_across(env, loss)
+            history.append((step + 1, value))
+            bar.update(step + 1, loss=value, **parts)
+            if opts.ckpt_every and (step + 1) % opts.ckpt_every == 0 and step + 1 < total and env.is_main:
+                state.save(step + 1)
     wall = time.time() - t0
     model = unwrap(ddp_model)
     summary = {"steps": total, "resumed_from": start, "wall_s": round(wall, 1), "losses": history,
                "steps_per_epoch": steps_per_epoch, "samples": len(dataset)}
     if env.is_main:  # model.point_encoder is still the cached one here: calibration is cheap
         threshold, f1 = calibrate_point_threshold(model, dataset, cached)
-        summary_threshold = {"point_threshold": threshold, "point_f1_at_threshold": f1}
-        summary.update(summary_threshold)
+        summary.update(point_threshold=threshold, point_f1_at_threshold=f1)
         log(f"btp: point threshold {threshold:.4f} (point-F1-max {f1:.3f} on the {len(dataset)} training samples)")
     model.point_encoder = real_encoder  # the checkpoint holds the real (frozen) encoder
     if env.is_main:
-        save_training_state(state_path, modules, optimizer, total, extra_params=extra,
-                            meta={"total": total, "options": asdict(opts)})
-        model.eval()
-        model.freeze_text(drop_encoder=True)
-        prov = dict(provenance or {})
-        prov.update({"stage": "btp", "btp_options": asdict(opts), "btp_steps": total, "btp_wall_s": round(wall, 1),
-                     "final_loss_mean_last50": float(np.mean([v for _, v in history[-50:]])) if history else None,
-                     "point_threshold": summary_threshold})
-        summary["checkpoint"] = str(save_checkpoint(out_dir / f"{cfg.name}.safetensors", model, prov))
+        state.save(total)
+        summary["checkpoint"] = _save_model(model, out_dir, opts, summary, provenance)
         (out_dir / "btp_history.json").write_text(json.dumps(summary, indent=1))
     shutdown(env)
     return summary
+
+
+class _TrainingState:
+    """What ``train_state.safetensors`` holds to resume: the trained modules (the frozen encoder
+    is not among them), the prompt context and the optimiser, at a step."""
+
+    def __init__(self, path: Path, model, optimizer, total: int, opts: BTPOptions):
+        self.path, self.optimizer, self.total, self.opts = path, optimizer, total, opts
+        self.modules = {"gfcm": model.gfcm, "mgfem": model.mgfem}
+        if model.point_refine is not None:
+            self.modules["point_refine"] = model.point_refine
+        self.extra = {"prompt_ctx": model.prompt_ctx}
+
+    def save(self, step: int) -> None:
+        from btp.train.checkpointing import save_training_state
+
+        save_training_state(self.path, self.modules, self.optimizer, step, extra_params=self.extra,
+                            meta={"total": self.total, "options": asdict(self.opts)})
+
+
+def _optimise(ddp_model, model, batch: dict, optimizer, named, step: int, total: int, cfg: BTPConfig,
+              opts: BTPOptions, *, where: str, state_path: Path) -> tuple[float, dict[str, float]]:
+    """One optimiser step on one batch: learning rate of ``step``, loss, backward, clipped update.
+    -> (loss, its parts). A loss that is not finite raises before any weight changes."""
+    import torch
+
+    from btp.model import btp_loss
+    from btp.train.schedule import set_lr
+
+    set_lr(optimizer, step, total, cfg.train)
+    outputs = ddp_model(batch["neighborhood"], batch["center"])
+    loss, parts = btp_loss(outputs, batch, cfg.loss, gfcm=cfg.gfcm, object_alpha=cfg.scoring.object_alpha,
+                           point_top_k=model.point_top_k)
+    if not opts.use_gfcm:
+        loss = loss - cfg.loss.geometric_weight * parts["geometric"]
+    if not torch.isfinite(loss):
+        terms = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
+        raise TrainingDivergedError(
+            f"btp: the loss is not finite at {where} ({terms}); the weights were not updated from it. "
+            f"The last checkpoint is {state_path if state_path.is_file() else 'none yet'}: fix the cause "
+            f"(inputs, learning rate), then --resume")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.train.grad_clip)
+    optimizer.step()
+    return float(loss.detach()), {k: float(v) for k, v in parts.items()}
+
+
+def _save_model(model, out_dir: Path, opts: BTPOptions, summary: dict, provenance: dict | None) -> str:
+    """The trained model, text frozen, as ``out_dir/<cfg.name>.safetensors`` with its provenance."""
+    from btp.model import save_checkpoint
+
+    model.eval()
+    model.freeze_text(drop_encoder=True)
+    history = summary["losses"]
+    prov = dict(provenance or {})
+    prov.update({"stage": "btp", "btp_options": asdict(opts), "btp_steps": summary["steps"],
+                 "btp_wall_s": summary["wall_s"],
+                 "final_loss_mean_last50": float(np.mean([v for _, v in history[-50:]])) if history else None,
+                 "point_threshold": {k: summary[k] for k in ("point_threshold", "point_f1_at_threshold")}})
+    return str(save_checkpoint(out_dir / f"{model.cfg.name}.safetensors", model, prov))

@@ -31,8 +31,11 @@ from btp.train import data as tdata
 from btp.train.ddp import DistEnv, dist_env
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PretrainOptions:
+    """Stage 1's own settings (its iterations, batch and optimiser, not the BTP stage's
+    ``cfg.train``); the seed is the model's one, ``cfg.train.seed``."""
+
     steps: int = 300
     batch_size: int = 8
     lr: float = 1e-3
@@ -41,7 +44,6 @@ class PretrainOptions:
     align_weight: float = 0.5
     pool_points: int = 8192
     ckpt_every: int = 100
-    seed: int = 0
 
 
 def describe(shape) -> str:
@@ -91,7 +93,7 @@ def _make_net(cfg: BTPConfig):
 
 def pretrain(cfg: BTPConfig, shapes, out_dir, opts: PretrainOptions, *, resume: bool = False,
              progress: bool = True, log=print) -> Path:
-    """Run stage 1; returns the path of ``encoder.safetensors``. Deterministic by ``opts.seed``."""
+    """Run stage 1; returns the path of ``encoder.safetensors``. Deterministic by ``cfg.train.seed``."""
     import torch
     from safetensors.torch import save_file
 
@@ -105,8 +107,9 @@ def pretrain(cfg: BTPConfig, shapes, out_dir, opts: PretrainOptions, *, resume: 
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / "encoder.safetensors"
     state_path = out_dir / "pretrain_state.safetensors"
-    torch.manual_seed(opts.seed)
-    pool = tdata.surface_pool(shapes, opts.pool_points, opts.seed, out_dir.parent / "cache")
+    seed = cfg.train.seed
+    torch.manual_seed(seed)
+    pool = tdata.surface_pool(shapes, opts.pool_points, seed, out_dir.parent / "cache")
     text = None  # alignment needs the MiniLM space as the text space (btp-mini: D = 384)
     if opts.align_weight > 0 and cfg.text.kind == "minilm":
         text = torch.from_numpy(minilm_embed([describe(s) for s in shapes]))  # [S, 384]
@@ -141,7 +144,7 @@ def pretrain(cfg: BTPConfig, shapes, out_dir, opts: PretrainOptions, *, resume: 
     t0 = time.time()
     with Progress("pretrain", total=opts.steps, start=start, enabled=env.is_main, bar=progress) as bar:
         for step in range(start, opts.steps):
-            rng = np.random.default_rng([opts.seed, step, env.rank])  # per-step: resume-exact
+            rng = np.random.default_rng([seed, step, env.rank])  # per-step: resume-exact
             ids = rng.choice(n_shapes, size=opts.batch_size, replace=opts.batch_size > n_shapes)
             neigh, center = tdata.pretrain_batch(pool, ids, cfg, rng)
             g = neigh.shape[1]

@@ -1,26 +1,33 @@
-"""Named end-to-end recipes: ``btp train --recipe btp-mini --seed S --out DIR``.
+"""Named end-to-end recipes: ``btp train --recipe btp-mini --seed S --out DIR``, and the choices
+``btp train`` makes for a run (which recipe and config, what its flags change, one stage alone).
 
-A recipe = config + zero-shot split + stage-1 options + BTP-data size + stage-2 options. Every
-random choice derives from the one seed (pre-training batches, masks and rotations, synthetic
-samples, data order, initialisation), so the same seed on the same machine type gives the same
-model. Layout of ``DIR``: ``cache/`` (surface pool, BTP samples), ``pretrain/encoder.safetensors``,
-``btp/<name>.safetensors`` (the model), ``recipe.json`` (options, split, wall times).
+A recipe = config + zero-shot split + stage-1 options + BTP-data size + stage-2 run options; the
+BTP stage's epochs, batch size, learning rates and the seed are the config's ``train`` section.
+Every random choice derives from the one seed, ``cfg.train.seed`` (pre-training batches, masks
+and rotations, synthetic samples, data order, initialisation), so the same seed on the same
+machine type gives the same model. Layout of ``DIR``: ``cache/`` (surface pool, BTP samples),
+``pretrain/encoder.safetensors``, ``btp/<name>.safetensors`` (the model), ``recipe.json``
+(options, split, wall times).
 """
 from __future__ import annotations
 
+import copy
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from btp.config import (BTPConfig, btp_context_config, btp_geo4k_config, btp_geo_config, btp_mini_config,
-                        btp_point_config, tiny_config)
+                        btp_point_config, preset, tiny_config)
 from btp.train.loop import BTPOptions
 from btp.train.pretrain import PretrainOptions
 
+STAGES = ("pretrain", "btp")
 
-@dataclass
+
+@dataclass(kw_only=True)
 class Recipe:
     name: str
     config: Callable[[], BTPConfig]
@@ -82,10 +89,11 @@ RECIPES: dict[str, Recipe] = {
     "tiny": Recipe(
         name="tiny", config=tiny_config,
         pretrain=PretrainOptions(steps=6, batch_size=2, pool_points=1024, ckpt_every=3),
-        btp=BTPOptions(epochs=1, batch_size=2, ckpt_every=2, max_steps=6),
+        btp=BTPOptions(ckpt_every=2, max_steps=6),
         per_shape=2,
     ),
 }
+
 
 
 def get_recipe(name: str) -> Recipe:
@@ -95,8 +103,113 @@ def get_recipe(name: str) -> Recipe:
         raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}") from None
 
 
-def with_seed(recipe: Recipe, seed: int) -> Recipe:
-    return replace(recipe, pretrain=replace(recipe.pretrain, seed=seed), btp=replace(recipe.btp, seed=seed))
+def choose_recipe(name: str = "", config: str = "") -> Recipe:
+    """The recipe a run follows: ``name``; for a single stage (no name) ``tiny`` with the tiny
+    config, else ``btp-mini``. ValueError for an unknown name."""
+    return get_recipe(name or ("tiny" if config == "tiny" else "btp-mini"))
+
+
+def choose_config(recipe: Recipe, config: str = "", init_from=None) -> BTPConfig:
+    """The config a run starts from: ``init_from``'s (a btp checkpoint, to train further), else
+    ``config`` (a preset name or a config JSON file), else the recipe's own (btp-corpus-point's
+    has per-point scores, btp-mini's has not). ValueError for an unknown preset or a missing file;
+    CheckpointError for a checkpoint that cannot be read."""
+    if init_from is not None:
+        from btp.model.checkpoint import read_checkpoint
+
+        return read_checkpoint(init_from)[0]
+    if not config:
+        return recipe.config()
+    path = Path(config)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ValueError(f"{path}: no such config file; give a config JSON file or a preset name")
+        return BTPConfig.from_json(path.read_text()).validate()
+    return preset(config)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Overrides:
+    """What one run changes in its recipe and config (``btp train`` flags); None keeps the recipe's."""
+
+    steps: int | None = None  # stage 1 iterations
+    epochs: int | None = None  # BTP stage: cfg.train.epochs
+    batch_size: int | None = None  # both stages: cfg.train.batch_size and stage 1's batch
+    max_steps: int | None = None  # BTP stage: cap on iterations
+    per_shape: int | None = None  # synthetic BTP samples per training mesh
+    ckpt_every: int | None = None  # both stages; 0 = only at the end
+    pretrain: bool = True  # False: the BTP stage keeps a frozen random encoder (ablation)
+    gfcm: bool = True  # False: GFCM descriptor = 0, no geometric loss (ablation)
+    prompt_learning: bool = True  # False: the prompt context keeps its init (ablation)
+    feature_layers: tuple[int, ...] | None = None  # MGFEM's encoder blocks (ablation)
+
+
+def configure(recipe: Recipe, cfg: BTPConfig, seed: int,
+              overrides: Overrides = Overrides()) -> tuple[Recipe, BTPConfig]:
+    """The recipe and config of one run: ``overrides`` applied (to a copy of ``cfg``) and the seed
+    in ``cfg.train.seed``. ValueError when the result is no valid config."""
+    o = overrides
+    cfg = copy.deepcopy(cfg)
+    cfg.train.seed = seed
+    if o.epochs:
+        cfg.train.epochs = o.epochs
+    if o.batch_size:
+        cfg.train.batch_size = o.batch_size
+    if o.feature_layers:
+        cfg.encoder.feature_layers = tuple(o.feature_layers)
+    cfg.validate()
+    changed = {"steps": o.steps, "batch_size": o.batch_size, "ckpt_every": o.ckpt_every}
+    pre = replace(recipe.pretrain, **{k: v for k, v in changed.items() if v is not None})
+    changed = {"max_steps": o.max_steps or None, "ckpt_every": o.ckpt_every}
+    btp = replace(recipe.btp, use_gfcm=o.gfcm, learn_prompt=o.prompt_learning,
+                  **{k: v for k, v in changed.items() if v is not None})
+    recipe = replace(recipe, pretrain=pre, btp=btp, per_shape=o.per_shape or recipe.per_shape,
+                     use_pretrain=recipe.use_pretrain and o.pretrain)
+    return recipe, cfg
+
+
+def find_encoder(out) -> Path | None:
+    """The stage-1 encoder a BTP stage written to ``out`` starts from when none is named: the one
+    a pre-training stage beside it wrote (``out/../pretrain/encoder.safetensors``), if there."""
+    guess = Path(out).parent / "pretrain" / "encoder.safetensors"
+    return guess if guess.is_file() else None
+
+
+def run_stage(stage: str, recipe: Recipe, cfg: BTPConfig, shapes_root, out, *, resume: bool = False,
+              progress: bool = True, encoder=None, init_from=None, log=print,
+              warn: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)):
+    """One stage of ``recipe`` on the training split of ``shapes_root``, seed ``cfg.train.seed``:
+    ``pretrain`` -> the encoder's path; ``btp`` -> ``train_btp``'s summary, from ``init_from``
+    (a btp checkpoint whose config ``cfg`` is) or from ``encoder`` (default: ``find_encoder``;
+    none with ``recipe.use_pretrain`` off, and ``warn`` says so when none is found)."""
+    from btp.train import data as tdata
+    from btp.train.split import zero_shot_split
+
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: choose one of {', '.join(STAGES)}")
+    seed, out = cfg.train.seed, Path(out)
+    train_shapes = list(zero_shot_split(shapes_root).train)
+    if stage == "pretrain":
+        from btp.train.pretrain import pretrain
+
+        return pretrain(cfg, train_shapes, out, recipe.pretrain, resume=resume, progress=progress, log=log)
+    from btp.train.loop import train_btp
+
+    if init_from is not None:
+        arrays = tdata.btp_samples(train_shapes, cfg, recipe.per_shape, seed, out / "cache")
+        return train_btp(cfg, arrays, out, recipe.btp, init_from=init_from, resume=resume, progress=progress,
+                         log=log, provenance={"stage": "btp", "seed": seed, "from": str(init_from)},
+                         feature_cache=out / "cache")
+    if not recipe.use_pretrain:
+        encoder = None
+    elif encoder is None:
+        encoder = find_encoder(out)
+        if encoder is None:
+            warn(f"btp train --stage btp: no --encoder given and none at {Path(out).parent / 'pretrain'}; the "
+                 "encoder stays random (run --stage pretrain first, or pass --no-pretrain to silence this)")
+    arrays = tdata.btp_samples(train_shapes, cfg, recipe.per_shape, seed, out / "cache")
+    return train_btp(cfg, arrays, out, recipe.btp, encoder_path=encoder, resume=resume, progress=progress, log=log,
+                     provenance={"stage": "btp", "seed": seed, "encoder": str(encoder)}, feature_cache=out / "cache")
 
 
 def run_recipe(recipe: Recipe, shapes_root, out, *, seed: int = 0, resume: bool = False, progress: bool = True,
@@ -110,7 +223,6 @@ def run_recipe(recipe: Recipe, shapes_root, out, *, seed: int = 0, resume: bool 
     from btp.train.pretrain import pretrain
     from btp.train.split import zero_shot_split
 
-    recipe = with_seed(recipe, seed)
     cfg = cfg or recipe.config()
     cfg.train.seed = seed
     out = Path(out)
