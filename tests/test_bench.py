@@ -266,9 +266,11 @@ def test_bench_one_schema_and_reports(tmp_path):
             _ordered(s.to_dict())
         assert stats["engine"].p50 == pytest.approx(1.0)  # the engine call is per batch: counted once
         assert stats["fps"].min >= batch * 1e-3  # per-scan stages are summed over the batch
-        rows.append(LatencyRow("ort-cpu", 512, batch, {k: v.to_dict() for k, v in stats.items()},
-                               batch * 1e3 / stats["end_to_end"].mean, rss.peak_mb, rss.before_mb, None, iters,
-                               "perf_counter", "fp32", "test").to_dict())
+        rows.append(LatencyRow(backend="ort-cpu", points=512, batch=batch,
+                               stages={k: v.to_dict() for k, v in stats.items()},
+                               throughput=batch * 1e3 / stats["end_to_end"].mean, peak_rss_mb=rss.peak_mb,
+                               rss_before_mb=rss.before_mb, device_memory_mb=None, iterations=iters,
+                               timer="perf_counter", precision="fp32", weights="test").to_dict())
     assert rss.peak_mb >= rss.before_mb > 0
     data = _latency_data(rows, [Skipped("trt-fp16", "no NVIDIA GPU on this machine").to_dict()])
     data["goals"] = [g.to_dict() for g in evaluate_goals(data)]

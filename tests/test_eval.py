@@ -97,7 +97,8 @@ def test_oracle_scores_give_perfect_metrics_in_gt_row_order(datasets):
             s = truth[np.ascontiguousarray(raw, dtype=np.float32).tobytes()]
             idx = prepare(raw, replace(btp_mini_config(), preprocess=pre), group=False).sample_idx
             scores = s.labels.astype(np.float32)
-            return CloudScores(float(s.object_label), scores, idx, scores[idx])
+            return CloudScores(object_score=float(s.object_label), point_scores=scores, sampled_idx=idx,
+                               sampled_scores=scores[idx])
 
         def info(self):
             return {"name": "oracle"}
@@ -172,7 +173,8 @@ def test_cli_baselines_only_fits_and_reports_learned_baseline(datasets, tmp_path
 
 
 def test_degenerate_class_reports_null_with_reason(shapes_root, tmp_path):
-    write_dataset(shapes_root, tmp_path, ["spot"], SynthPlan(0, 2, 0, seed=0), SynthConfig(num_points=512))
+    write_dataset(shapes_root, tmp_path, ["spot"], SynthPlan(per_class_train=0, per_class_test_good=2,
+                                                             per_class_test_bad=0, seed=0), SynthConfig(num_points=512))
     report = evaluate(tmp_path, preprocess=PreprocessConfig(num_points=256))
     spot = report["baseline"]["classes"]["spot"]
     assert spot["o_auroc"] is None and spot["au_pro"] is None

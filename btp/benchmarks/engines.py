@@ -164,11 +164,12 @@ def _keep_metadata(source: Path, variant: Path, dest: Path) -> Path:
 def run_engines(model, *, variants=VARIANTS, rounds: int = 7, iters: int = 10, warmup: int = 5,
                 save: Path | None = None, progress: Callable[[str], None] | None = None,
                 compare: tuple = ()) -> dict:
-    """``save``: also write the ORT variants' graphs there (``<variant>.onnx``, with the model's
-    metadata), e.g. for ``btp eval --model`` on a variant that is faster."""
-    from btp.benchmarks.flops import matmul_peak, onnx_flops
+    """Engine variants of one model on one feed, taking turns: build each variant, time them,
+    check their outputs against ``ort``, profile ``ort``, give each a verdict.
+    ``save``: also write the ORT variants' graphs there (``<variant>.onnx``, with the model's
+    metadata), e.g. for ``btp eval --model`` on a variant that is faster. ``compare``: other
+    models (same engine inputs) timed in the same turns."""
     from btp.benchmarks.machine import describe_machine, package_version
-    from btp.runtime.backends import BackendError
     from btp.runtime.metadata import read_model_meta
 
     say = progress or (lambda _msg: None)
@@ -178,81 +179,125 @@ def run_engines(model, *, variants=VARIANTS, rounds: int = 7, iters: int = 10, w
         Path(save).mkdir(parents=True, exist_ok=True)
     calibration = _inputs(CALIBRATION_MESHES, 8, cfg, seed=0)
     check = _inputs(PARITY_MESHES, 4, cfg, seed=1000)
+    with tempfile.TemporaryDirectory(prefix="btp-engines-") as tmp:
+        runners, rows = _variants(model, cfg, variants, Path(tmp), calibration, save, say)
+        others = _other_models(model, cfg, compare)
+        for name, (run, row) in others.items():
+            runners[name], rows[name] = run, row
+        times = _take_turns(runners, check[0], rounds=rounds, iters=iters, warmup=warmup, say=say)
+        for name, row in rows.items():
+            if name in times:
+                row.update(median_ms=statistics.median(times[name]), calls=len(times[name]))
+        if "ort" in runners:
+            _parity(runners, rows, check, skip=set(others))
+    profile = _ort_profile(model, check[0], rows["ort"]["median_ms"], say) if "ort" in runners else None
+    _verdicts(rows, others=set(others))
+    return {"machine": describe_machine(), "model": str(model), "name": cfg.name, "rounds": rounds, "iters": iters,
+            "warmup": warmup, "parity_scans": f"{len(check)} scans of {', '.join(PARITY_MESHES)}",
+            "parity_tolerance": PARITY_TOLERANCE, "onnxruntime": package_version("onnxruntime"), "variants": rows,
+            "profile": profile}
+
+
+def _variants(model: Path, cfg, variants, tmp: Path, calibration, save, say) -> tuple[dict, dict]:
+    """-> ({variant: run(feed) -> outputs}, {variant: its report row}); a variant this machine
+    cannot build gets a row that says why, and no runner."""
+    from btp.benchmarks.machine import package_version
+    from btp.runtime.backends import BackendError
+
     runners: dict[str, Callable] = {}
     rows: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="btp-engines-") as tmp:
-        tmp = Path(tmp)
-        for name in variants:
-            try:
-                if name == "ort":
-                    runners[name], rows[name] = _ort_runner(model), {"graph": "model.onnx as exported"}
-                elif name == "ort-fusions":
-                    path, counts = _fused(model, tmp / "fused.onnx", cfg)
-                    runners[name], rows[name] = _ort_runner(path), {"fused_ops": counts}
-                    if save:
-                        _keep_metadata(model, path, Path(save) / f"{name}.onnx")
-                elif name == "ort-int8-qdq":
-                    path = _quantized(model, tmp / "int8.onnx", calibration)
-                    runners[name] = _ort_runner(path)
-                    rows[name] = {"calibration": f"{len(calibration)} scans of {', '.join(CALIBRATION_MESHES)}",
-                                  "size_mb": round(path.stat().st_size / 1e6, 2)}
-                    if save:
-                        _keep_metadata(model, path, Path(save) / f"{name}.onnx")
-                elif name in ("openvino", "openvino-bf16"):
-                    runners[name] = _backend_runner(name, model)
-                    rows[name] = {"openvino": f"{package_version('openvino')}, {'f32' if name == 'openvino' else 'bf16'}"}
-                else:
-                    raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
-                say(f"{name}: ready")
-            except (ImportError, BackendError) as err:
-                rows[name] = {"skipped": f"{type(err).__name__}: {err}"}
-                say(f"{name}: skipped ({err})")
-        others = set()
-        for other in map(Path, compare):
-            o_cfg = read_model_meta(other).config
-            mine, theirs = ((c.encoder.num_group, c.encoder.group_size, c.encoder.in_channels) for c in (cfg, o_cfg))
-            if mine != theirs:
-                raise ValueError(f"{other}: engine inputs (G, K, C) = {theirs}, {model.name} has {mine}: "
-                                 "only models with the same inputs can take turns on one feed")
-            name = f"model:{other.stem}"
-            runners[name] = _ort_runner(other)
-            rows[name] = {"graph": f"another model: {other} ({o_cfg.name}, {onnx_flops(other).total / 1e9:.2f} "
-                                   "GFLOP), ORT as `ort`"}
-            others.add(name)
-        feed = check[0]
+    for name in variants:
+        try:
+            if name == "ort":
+                runners[name], rows[name] = _ort_runner(model), {"graph": "model.onnx as exported"}
+            elif name == "ort-fusions":
+                path, counts = _fused(model, tmp / "fused.onnx", cfg)
+                runners[name], rows[name] = _ort_runner(path), {"fused_ops": counts}
+                if save:
+                    _keep_metadata(model, path, Path(save) / f"{name}.onnx")
+            elif name == "ort-int8-qdq":
+                path = _quantized(model, tmp / "int8.onnx", calibration)
+                runners[name] = _ort_runner(path)
+                rows[name] = {"calibration": f"{len(calibration)} scans of {', '.join(CALIBRATION_MESHES)}",
+                              "size_mb": round(path.stat().st_size / 1e6, 2)}
+                if save:
+                    _keep_metadata(model, path, Path(save) / f"{name}.onnx")
+            elif name in ("openvino", "openvino-bf16"):
+                runners[name] = _backend_runner(name, model)
+                rows[name] = {"openvino": f"{package_version('openvino')}, {'f32' if name == 'openvino' else 'bf16'}"}
+            else:
+                raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
+            say(f"{name}: ready")
+        except (ImportError, BackendError) as err:
+            rows[name] = {"skipped": f"{type(err).__name__}: {err}"}
+            say(f"{name}: skipped ({err})")
+    return runners, rows
+
+
+def _other_models(model: Path, cfg, compare) -> dict[str, tuple[Callable, dict]]:
+    """``{"model:<stem>": (ORT runner, row)}`` for each model of ``compare``; ValueError for one whose
+    engine inputs differ from ``model``'s (they could not take turns on one feed)."""
+    from btp.benchmarks.flops import onnx_flops
+    from btp.runtime.metadata import read_model_meta
+
+    others = {}
+    for other in map(Path, compare):
+        o_cfg = read_model_meta(other).config
+        mine, theirs = ((c.encoder.num_group, c.encoder.group_size, c.encoder.in_channels) for c in (cfg, o_cfg))
+        if mine != theirs:
+            raise ValueError(f"{other}: engine inputs (G, K, C) = {theirs}, {model.name} has {mine}: "
+                             "only models with the same inputs can take turns on one feed")
+        others[f"model:{other.stem}"] = (_ort_runner(other), {
+            "graph": f"another model: {other} ({o_cfg.name}, {onnx_flops(other).total / 1e9:.2f} GFLOP), ORT as `ort`"})
+    return others
+
+
+def _take_turns(runners: dict[str, Callable], feed: dict, *, rounds: int, iters: int, warmup: int,
+                say) -> dict[str, list[float]]:
+    """``warmup`` calls each, then ``rounds`` rounds in which every runner makes ``iters`` calls in
+    turn (so a machine that slows down slows them all) -> {name: ms per call}."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run(feed)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for r in range(rounds):
         for name, run in runners.items():
-            for _ in range(warmup):
+            for _ in range(iters):
+                t0 = time.perf_counter()
                 run(feed)
-        times: dict[str, list[float]] = {name: [] for name in runners}
-        for r in range(rounds):
-            for name, run in runners.items():
-                for _ in range(iters):
-                    t0 = time.perf_counter()
-                    run(feed)
-                    times[name].append((time.perf_counter() - t0) * 1e3)
-            say(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {statistics.median(v[-iters:]):.1f} ms"
-                                                        for n, v in times.items()))
-        reference = [runners["ort"](f) for f in check] if "ort" in runners else None
-        for name, run in runners.items():
-            row = rows[name]
-            row["median_ms"] = statistics.median(times[name])
-            row["calls"] = len(times[name])
-            if reference is None or name in others:
-                continue
-            got = [run(f) for f in check]
-            row["max_abs_patch_probs"] = float(max(np.abs(g["patch_probs"] - r["patch_probs"]).max()
-                                                   for g, r in zip(got, reference)))
-            row["max_abs_object_score"] = float(max(np.abs(g["object_score"] - r["object_score"]).max()
-                                                    for g, r in zip(got, reference)))
-    profile = None
-    if "ort" in runners:
-        say("profiling ort")
-        profile = engine_profile(model, check[0])
-        flops = onnx_flops(model).total
-        peak = matmul_peak().gflops
-        profile.update({"gflop": flops / 1e9, "matmul_peak_gflops": peak,
-                        "achieved_gflops_engine": flops / 1e6 / rows["ort"]["median_ms"],
-                        "achieved_gflops_gemm_ops": flops / 1e6 / profile["gemm_ms_per_call"]})
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        say(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {statistics.median(v[-iters:]):.1f} ms"
+                                                    for n, v in times.items()))
+    return times
+
+
+def _parity(runners: dict[str, Callable], rows: dict[str, dict], check: list[dict], skip: set[str]) -> None:
+    """Each variant's largest |difference| from ``ort`` on the parity scans, into its row."""
+    reference = [runners["ort"](f) for f in check]
+    for name, run in runners.items():
+        if name in skip:
+            continue
+        got = [run(f) for f in check]
+        for key in ("patch_probs", "object_score"):
+            rows[name][f"max_abs_{key}"] = float(max(np.abs(g[key] - r[key]).max() for g, r in zip(got, reference)))
+
+
+def _ort_profile(model: Path, feed: dict, engine_ms: float, say) -> dict:
+    """``engine_profile`` of the ``ort`` engine with its FLOPs and the GFLOP/s it reaches."""
+    from btp.benchmarks.flops import matmul_peak, onnx_flops
+
+    say("profiling ort")
+    profile = engine_profile(model, feed)
+    flops = onnx_flops(model).total
+    profile.update({"gflop": flops / 1e9, "matmul_peak_gflops": matmul_peak().gflops,
+                    "achieved_gflops_engine": flops / 1e6 / engine_ms,
+                    "achieved_gflops_gemm_ops": flops / 1e6 / profile["gemm_ms_per_call"]})
+    return profile
+
+
+def _verdicts(rows: dict[str, dict], others: set[str]) -> None:
+    """Each timed row's ratio to ``ort`` and verdict: faster and within tolerance, faster beyond
+    it (the held-out AUROC decides), or not faster."""
     base = rows.get("ort", {}).get("median_ms")
     for name, row in rows.items():
         if "median_ms" not in row or base is None:
@@ -268,10 +313,6 @@ def run_engines(model, *, variants=VARIANTS, rounds: int = 7, iters: int = 10, w
                           "faster, outputs within tolerance: adopt after the held-out AUROC check" if row["parity"] else
                           "faster, outputs beyond tolerance: held-out AUROC within 1 point decides (btp eval "
                           "--backend openvino-bf16, or --model on the saved ORT variant)")
-    return {"machine": describe_machine(), "model": str(model), "name": cfg.name, "rounds": rounds, "iters": iters,
-            "warmup": warmup, "parity_scans": f"{len(check)} scans of {', '.join(PARITY_MESHES)}",
-            "parity_tolerance": PARITY_TOLERANCE, "onnxruntime": package_version("onnxruntime"), "variants": rows,
-            "profile": profile}
 
 
 def engines_markdown(data: dict) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 COUNTED_OPS = ("MatMul", "Gemm", "Conv", "Einsum", "FusedMatMul")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FlopCount:
     total: float  # FLOPs per forward at the given batch
     by_op: dict = field(default_factory=dict)  # op type -> FLOPs
@@ -110,7 +110,7 @@ def onnx_flops(model_path, batch: int = 1) -> FlopCount:
     return FlopCount(total=float(sum(by_op.values())), by_op=dict(by_op), batch=batch)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MatmulPeak:
     gflops: float  # the best of the libraries below
     by_library: dict  # "numpy (openblas)" -> GFLOP/s

@@ -38,7 +38,7 @@ DEFAULT_BATCHES = (1, 4)
 BATCH_STAGES = ("engine",)  # btp.runtime.Result: "engine = the whole batch call"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LatencyRow:
     backend: str
     points: int
@@ -66,7 +66,7 @@ class Skipped:
         return asdict(self)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LatencyReport:
     machine: dict
     model: dict

@@ -43,7 +43,7 @@ OURS = "btp.geometry"
 REFERENCE = "numpy reference"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OpRow:
     op: str  # "fps" | "knn"
     impl: str
@@ -271,7 +271,8 @@ def knn_agreement(truth_idx: np.ndarray, idx: np.ndarray) -> float:
 
 def _run_fps(name, fn, pts, g, truth_idx, truth_cover, repeat, max_s):
     if name == REFERENCE and len(pts) * g > _FPS_REFERENCE_MAX:
-        return OpRow("fps", name, len(pts), g, None, None, None, None, None, False,
+        return OpRow(op="fps", impl=name, n_points=len(pts), n_groups=g, k=None, median_ms=None, same_order=None,
+                     same_set=None, quality=None, exact=False,
                      skipped=f"numpy reference skipped above N*G = {_FPS_REFERENCE_MAX:.0e} (takes seconds)")
     ms, out = median_ms(lambda: fn(pts, g, 0), repeat=repeat, max_s=max_s)
     note = "indices ride in the colour channel; returned in ascending order" if name.startswith("open3d") else ""
@@ -279,12 +280,14 @@ def _run_fps(name, fn, pts, g, truth_idx, truth_cover, repeat, max_s):
         note = f"h={_bucket_height(len(pts))}; ignores start_idx order (anchors.md)"
     same = order_agreement(truth_idx, out)
     cover = covering_radius(pts, pts[out]) / truth_cover
-    return OpRow("fps", name, len(pts), g, None, ms, same, set_agreement(truth_idx, out), cover, same == 1.0, note)
+    return OpRow(op="fps", impl=name, n_points=len(pts), n_groups=g, k=None, median_ms=ms, same_order=same,
+                 same_set=set_agreement(truth_idx, out), quality=cover, exact=same == 1.0, note=note)
 
 
 def _run_knn(name, fn, pts, q, k, truth, repeat, max_s):
     if name == REFERENCE and len(pts) * len(q) > _KNN_REFERENCE_MAX:
-        return OpRow("knn", name, len(pts), len(q), k, None, None, None, None, False,
+        return OpRow(op="knn", impl=name, n_points=len(pts), n_groups=len(q), k=k, median_ms=None, same_order=None,
+                     same_set=None, quality=None, exact=False,
                      skipped=f"numpy brute force skipped above N*G = {_KNN_REFERENCE_MAX:.1e}")
     ms, (idx, d2) = median_ms(lambda: fn(pts, q, k), repeat=repeat, max_s=max_s)
     same = knn_agreement(truth[0], idx)
@@ -292,7 +295,8 @@ def _run_knn(name, fn, pts, q, k, truth, repeat, max_s):
     exact = same == 1.0 and err <= 1e-6 * max(1.0, float(np.max(truth[1])))
     note = "brute force via matmul expansion" if name.startswith("torch") else ""
     note += "; host->device copies included" if "CUDA" in name else ""
-    return OpRow("knn", name, len(pts), len(q), k, ms, order_agreement(truth[0], idx), same, err, exact, note)
+    return OpRow(op="knn", impl=name, n_points=len(pts), n_groups=len(q), k=k, median_ms=ms,
+                 same_order=order_agreement(truth[0], idx), same_set=same, quality=err, exact=exact, note=note)
 
 
 def run_ops(points: Sequence[int] = DEFAULT_POINTS, groups: Sequence[int] = DEFAULT_GROUPS,
@@ -347,7 +351,8 @@ def _run_downsample(pts, impls, repeat, max_s, progress) -> list[OpRow]:
             ms, out = median_ms(lambda: fn(pts, g, 0), repeat=repeat, max_s=max_s)
             same = order_agreement(truth_idx, out)
             cover = covering_radius(pts, pts[out]) / truth_cover
-            return OpRow("downsample", name, n, g, None, ms, same, set_agreement(truth_idx, out), cover, same == 1.0)
+            return OpRow(op="downsample", impl=name, n_points=n, n_groups=g, k=None, median_ms=ms, same_order=same,
+                         same_set=set_agreement(truth_idx, out), quality=cover, exact=same == 1.0)
 
         rows.append(_guard(one, "downsample", name, n, g, None))
     return rows
@@ -357,9 +362,11 @@ def _guard(call, op, name, n, g, k) -> OpRow:
     try:
         return call()
     except ImportError as exc:
-        return OpRow(op, name, n, g, k, None, None, None, None, False, skipped=f"not installed: {exc}")
+        return OpRow(op=op, impl=name, n_points=n, n_groups=g, k=k, median_ms=None, same_order=None, same_set=None,
+                     quality=None, exact=False, skipped=f"not installed: {exc}")
     except Exception as exc:  # noqa: BLE001 - a failing library is a row, never a crash
-        return OpRow(op, name, n, g, k, None, None, None, None, False, skipped=f"{type(exc).__name__}: {exc}")
+        return OpRow(op=op, impl=name, n_points=n, n_groups=g, k=k, median_ms=None, same_order=None, same_set=None,
+                     quality=None, exact=False, skipped=f"{type(exc).__name__}: {exc}")
 
 
 def _set_threads(threads: int) -> None:

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Stats:
     """Summary of one series of timings, all in milliseconds."""
 

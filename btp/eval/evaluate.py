@@ -48,7 +48,7 @@ class CloudScorer(Protocol):
     def info(self) -> dict: ...
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Collected:
     object_labels: list[int] = field(default_factory=list)
     object_scores: list[float] = field(default_factory=list)

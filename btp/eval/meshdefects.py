@@ -39,7 +39,7 @@ class MeshDefectError(ValueError):
     """No defect of the asked kind fits this mesh with this seed."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MeshDefectConfig:
     num_points: int = 8192
     noise: float = 0.0003  # Gaussian sigma per coordinate, fraction of the size
@@ -51,7 +51,7 @@ class MeshDefectConfig:
     partial: bool = False
 
 
-@dataclass
+@dataclass(kw_only=True)
 class MeshSample:
     points: np.ndarray  # float32 [N, 3]
     labels: np.ndarray  # int64 [N]
@@ -181,7 +181,8 @@ _MAKERS: dict[str, Callable] = {"extra_material": _extra_material, "missing_part
 
 def _finish(points, labels, size, rng, cfg, params, kind):
     pts = points + rng.normal(scale=cfg.noise * size, size=points.shape) if cfg.noise > 0 else points
-    return MeshSample(pts.astype(np.float32), labels, int(kind is not None), kind, params)
+    return MeshSample(points=pts.astype(np.float32), labels=labels, object_label=int(kind is not None), defect=kind,
+                      params=params)
 
 
 def _single_view(sample: MeshSample, size: float, rng: np.random.Generator, num_points: int) -> MeshSample:

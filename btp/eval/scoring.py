@@ -20,7 +20,7 @@ from btp.geometry.prepare import interpolate, prepare, scores_to_raw
 from btp.geometry.scores import object_score
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CloudScores:
     """Scores of one scan: object_score, point_scores float32 [M] (raw order), sampled_idx [N],
     sampled_scores float32 [N] (scores of raw[sampled_idx])."""
@@ -38,8 +38,9 @@ def score_with(scorer: Callable[[np.ndarray], tuple[float, np.ndarray]], raw_poi
     prepared = prepare(raw_points, cfg, method, group=False)
     object_score, sampled_scores = scorer(prepared.points)
     sampled_scores = np.asarray(sampled_scores, dtype=np.float32)
-    return CloudScores(float(object_score), interpolate(sampled_scores, prepared, cfg, exact=True),
-                       prepared.sample_idx, sampled_scores)
+    return CloudScores(object_score=float(object_score),
+                       point_scores=interpolate(sampled_scores, prepared, cfg, exact=True),
+                       sampled_idx=prepared.sample_idx, sampled_scores=sampled_scores)
 
 
 def score_cloud_torch(model, raw_points: np.ndarray, cfg: BTPConfig | None = None, device: str = "cpu",
@@ -68,7 +69,8 @@ def score_cloud_torch(model, raw_points: np.ndarray, cfg: BTPConfig | None = Non
     sampled, point_scores = scores_to_raw(patch_probs, prepared, cfg, exact=prepared.voxel_map is None,
                                           point_probs=point_probs)
     obj = object_score(cfg.scoring, float(out["object_score"][0]), float(out["global_prob"][0]), sampled)
-    return CloudScores(obj, point_scores, prepared.sample_idx, sampled)
+    return CloudScores(object_score=obj, point_scores=point_scores, sampled_idx=prepared.sample_idx,
+                       sampled_scores=sampled)
 
 
 class TorchScorer:
@@ -110,7 +112,8 @@ class OnnxScorer:
         idx = np.asarray(result.sampled_idx, dtype=np.int64)  # [N]
         sampled = (np.asarray(result.sampled_scores, dtype=np.float32) if result.sampled_scores is not None
                    else point_scores[idx])
-        return CloudScores(float(result.object_score), point_scores, idx, sampled)
+        return CloudScores(object_score=float(result.object_score), point_scores=point_scores, sampled_idx=idx,
+                           sampled_scores=sampled)
 
     def info(self) -> dict:
         meta = self.pipeline.meta

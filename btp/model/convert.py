@@ -50,7 +50,7 @@ class ConversionError(BTPError, ValueError):
         super().__init__("\n".join(lines))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ConversionReport:
     config: BTPConfig
     point_keys: int
@@ -201,7 +201,8 @@ def convert_ulip2(point_ckpt: str | Path, clip_ckpt: str | Path | None = None, *
     if clip_ckpt is None and text_state:
         used |= {CLIP_IN_ULIP_PREFIX + k for k in text_state}
     ignored = _summarise(sorted(set(ulip) - used))
-    report = ConversionReport(cfg, len(point_state), len(text_state), text_source, ignored)
+    report = ConversionReport(config=cfg, point_keys=len(point_state), text_keys=len(text_state),
+                              text_source=text_source, ignored=ignored)
     return model.eval(), report
 
 

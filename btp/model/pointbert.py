@@ -102,7 +102,7 @@ class TransformerEncoder(nn.Module):
         return outs
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PointFeatures:
     """What the point encoder hands to the BTP heads."""
 

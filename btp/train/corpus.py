@@ -140,7 +140,7 @@ def write_ply(path: Path, vertices: np.ndarray, faces: np.ndarray) -> None:
     atomic_write_bytes(path, header + np.asarray(vertices, "<f4").tobytes() + face_rec.tobytes())
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CorpusOptions:
     per_family: int = 4
     max_faces: int = 20000

@@ -28,7 +28,7 @@ HELDOUT_NAMES: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Shape:
     name: str
     kind: str
@@ -52,7 +52,8 @@ def read_index(shapes_root) -> list[Shape]:
     if not index.is_file():
         raise FileNotFoundError(f"{index}: not found; point --shapes (or $BTP_SHAPES) at shared/data/shapes")
     entries = json.loads(index.read_text())
-    shapes = sorted((Shape(e["name"], e["kind"], root / e["file"], e.get("family", "")) for e in entries),
+    shapes = sorted((Shape(name=e["name"], kind=e["kind"], path=root / e["file"],
+                           family=e.get("family", "")) for e in entries),
                     key=lambda s: s.name)
     for s in shapes:
         check_not_reserved(s.path)

@@ -44,7 +44,7 @@ class SynthError(ValueError):
     """A synthetic sample could not be made (bad mesh, impossible size); names mesh and reason."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SynthConfig:
     """How synthetic samples look. Sizes are fractions of the object size (bbox diagonal)."""
 
@@ -61,7 +61,7 @@ class SynthConfig:
     max_tries: int = 12
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SynthSample:
     """One synthetic cloud: `points` float32 [N,3], `labels` int64 [N] (1 = anomalous point)."""
 
@@ -80,7 +80,7 @@ class SynthSample:
 
 # ---- mesh surface ----------------------------------------------------------------------
 
-@dataclass
+@dataclass(kw_only=True)
 class ShapeSurface:
     """A triangle mesh ready for area-weighted sampling with smooth normals."""
 
@@ -171,7 +171,7 @@ def sample_seed(root_seed: int, cls: str, split: str, index: int) -> int:
 # Each defect maker gets the dense clean cloud and returns (points, labels, keep) where `points`
 # may carry new rows appended after the kept originals. `target` = wanted labelled point count.
 
-@dataclass
+@dataclass(kw_only=True)
 class _Dense:
     points: np.ndarray  # float64 [M,3]
     normals: np.ndarray  # float64 [M,3]
@@ -187,7 +187,8 @@ def _make_dense(points: np.ndarray, normals: np.ndarray, size: float) -> _Dense:
     dist = tree.query(probe, k=11)[0]  # [P, 11], column 0 = the point itself
     spacing = max(float(np.median(dist[:, 1])), 1e-9)
     area_per_point = np.pi * float(np.median(dist[:, 10])) ** 2 / 10.0  # 10 neighbours in a disc
-    return _Dense(points, normals, size, spacing, max(np.sqrt(area_per_point), 1e-9), tree)
+    return _Dense(points=points, normals=normals, size=size, spacing=spacing, cell=max(np.sqrt(area_per_point), 1e-9),
+                  tree=tree)
 
 
 def _falloff(t: np.ndarray) -> np.ndarray:
@@ -406,10 +407,11 @@ def make_normal(shape: ShapeSurface, seed: int, cfg: SynthConfig = SynthConfig()
     partial = bool(rng.random() < cfg.partial_prob)
     dense = _dense_cloud(shape, cfg, rng, partial)
     points, labels = _finish(dense.points, np.zeros(len(dense.points), np.int64), shape, cfg, rng)
-    return SynthSample(points, labels, 0, None, shape.name, seed, {"partial": partial})
+    return SynthSample(points=points, labels=labels, object_label=0, defect=None, cls=shape.name, seed=seed,
+                       params={"partial": partial})
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Defect:
     """Result of `apply_defect`: rows `points[keep]` with `labels[keep]` form the defective cloud.
 
@@ -454,7 +456,7 @@ def _apply(dense: _Dense, kind: str, rng, cfg: SynthConfig, target_frac=None, ce
     target = max(1, int(round(target_frac * len(dense.points))))
     points, labels, keep, params = _DEFECTS[kind](dense, centre, depth, target, cfg, rng)
     params.update(target_frac=float(target_frac), centre=centre)
-    return Defect(kind, points, labels, keep, params)
+    return Defect(kind=kind, points=points, labels=labels, keep=keep, params=params)
 
 
 def make_anomalous(shape: ShapeSurface, seed: int, cfg: SynthConfig = SynthConfig(),
@@ -482,14 +484,15 @@ def make_anomalous(shape: ShapeSurface, seed: int, cfg: SynthConfig = SynthConfi
         out_points, out_labels = _finish(points, labels, shape, cfg, rng)
         if lo <= out_labels.mean() <= hi:
             d.params.update(partial=partial, attempt=attempt)
-            return SynthSample(out_points, out_labels, 1, kind, shape.name, seed, d.params)
+            return SynthSample(points=out_points, labels=out_labels, object_label=1, defect=kind, cls=shape.name,
+                               seed=seed, params=d.params)
     raise SynthError(f"{shape.path or shape.name}: could not place a {kind!r} defect covering "
                      f"{lo:.1%}-{hi:.1%} of the points in {cfg.max_tries} tries (seed {seed})")
 
 
 # ---- datasets on disk ------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SynthPlan:
     """What `write_dataset` writes per class."""
 
