@@ -84,7 +84,7 @@ def main() -> None:
             "cuda-emu: the same .cu source on the CPU (btp.kernels.emu)", fontsize=7.5, color="#c55a11")
 
     # the floors
-    ax.text(0.1, 3.85, "Floors: imports run downward only (tests/test_layers.py walks every import, "
+    ax.text(0.1, 3.85, "Floors: imports run downward, never in a circle (tests/test_layers.py walks every import, "
             "function-level ones included)", fontsize=11, weight="bold")
     rows = floors()
     h = 3.3 / len(rows)
