@@ -111,7 +111,8 @@ class ShapeSurface:
             np.add.at(vert_n, f[:, corner], cross)
         vert_n /= np.maximum(np.linalg.norm(vert_n, axis=1), 1e-30)[:, None]
         size = float(np.linalg.norm(np.ptp(v[np.unique(f)], axis=0)))
-        return cls(name, v, f, vert_n, face_n, np.cumsum(area2 * 0.5), size, path)
+        return cls(name=name, vertices=v, faces=f, vertex_normals=vert_n, face_normals=face_n,
+                   cum_area=np.cumsum(area2 * 0.5), size=size, path=path)
 
     def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Area-weighted points [n,3] and unit normals [n,3] (float64)."""
