@@ -207,7 +207,8 @@ def _single_view(sample: MeshSample, size: float, rng: np.random.Generator, num_
     if len(visible) > num_points:
         visible = np.sort(rng.choice(visible, num_points, replace=False))
     params = {**sample.params, "partial_view": [round(float(x), 4) for x in view]}
-    return MeshSample(sample.points[visible], sample.labels[visible], sample.object_label, sample.defect, params)
+    return MeshSample(points=sample.points[visible], labels=sample.labels[visible], object_label=sample.object_label,
+                      defect=sample.defect, params=params)
 
 
 def make_mesh_sample(vertices, faces, seed: int, kind: str | None, cfg: MeshDefectConfig = MeshDefectConfig()
