@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,8 +147,9 @@ def test_committed_models_load_with_their_stored_config_and_tensors():
     from btp.eval.evaluate import DEFAULT_MODEL
     from btp.model.checkpoint import checkpoint_state
 
-    committed = sorted(DEFAULT_MODEL.parent.glob("*.safetensors"))
-    assert DEFAULT_MODEL in committed
+    repo_models = Path(__file__).resolve().parents[1] / "models"
+    committed = sorted({DEFAULT_MODEL.resolve(), *(p.resolve() for p in repo_models.glob("*.safetensors"))})
+    assert len(committed) >= 3, committed  # the default model, btp-geo and btp-mini
     defaults = _flat(json.loads(BTPConfig().to_json()))
     for path in committed:
         stored = _flat(json.loads(_header(path)["__metadata__"]["config"]))
