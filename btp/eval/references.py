@@ -92,8 +92,8 @@ class FpfhBaseline:
 
 def _cloud_scores(point_scores: np.ndarray, zero_shot: CloudScores) -> CloudScores:
     point_scores = np.asarray(point_scores, dtype=np.float32)
-    return CloudScores(top_mean(point_scores, OBJECT_TOP_RATIO), point_scores, zero_shot.sampled_idx,
-                       point_scores[zero_shot.sampled_idx])
+    return CloudScores(object_score=top_mean(point_scores, OBJECT_TOP_RATIO), point_scores=point_scores,
+                       sampled_idx=zero_shot.sampled_idx, sampled_scores=point_scores[zero_shot.sampled_idx])
 
 
 def evaluate_references(root: str | Path, scorer: CloudScorer, *, layout: str | None = None,
@@ -196,7 +196,8 @@ def _score_one(points: np.ndarray, scorer: CloudScorer, current: dict, seconds: 
         out["reference_only"] = _cloud_scores(got.reference_map, zs)
         for name, rule in FUSIONS.items():
             out[f"fusion:{name}"] = _cloud_scores(rule(z), zs)
-        out["model"] = CloudScores(got.object_score, got.fused, zs.sampled_idx, got.fused[zs.sampled_idx])
+        out["model"] = CloudScores(object_score=got.object_score, point_scores=got.fused, sampled_idx=zs.sampled_idx,
+                                   sampled_scores=got.fused[zs.sampled_idx])
     else:
         fallback = guided.normalise(zs.point_scores, ref.ref.statistics["zero_shot"])
         for name in ["reference_only", "model", *(f"fusion:{n}" for n in FUSIONS)]:
