@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from btp.cli import app
 from btp.io import write_point_cloud
-from btp.runtime.outputs import view_axes
+from btp.runtime.views import principal_axes, view_axes
 from runtime_helpers import real_scan, tiny_export
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -106,7 +106,7 @@ def test_no_view_of_a_flat_part_is_edge_on():
     vertices, faces = load_mesh(Path(outputs.__file__).parents[1] / "data" / "plate_holes.ply")
     pts, _ = sample_surface(vertices, faces, 8000, 0)
     pts = np.asarray(pts, dtype=np.float64)
-    extent = np.sort(np.ptp(pts @ outputs.principal_axes(pts).T, axis=0))
+    extent = np.sort(np.ptp(pts @ principal_axes(pts).T, axis=0))
     assert extent[0] < 0.2 * extent[2]  # it is flat: a view along its long axes would be a strip
     for name, d, u, v in view_axes(pts, np.zeros(len(pts))):
         seen = np.ptp(pts @ u) * np.ptp(pts @ v)

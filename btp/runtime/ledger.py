@@ -238,9 +238,9 @@ class Ledger:
     def record(self, rec: ScanRecord, *, replace: bool = False) -> int | None:
         """Insert ``rec``; -> its row id, or None when this file version was in the ledger already
         (``replace``: overwrite that row instead, e.g. a deliberate `btp-run --ledger` re-run)."""
-        from btp.runtime.outputs import _finite
+        from btp.runtime.strict_json import finite
 
-        values = _finite(asdict(rec))  # NaN / inf -> NULL
+        values = finite(asdict(rec))  # NaN / inf -> NULL
         values["station"] = values["station"] or self.station
         values["scored_at"] = values["scored_at"] or utc_now()
         for key in JSON_COLUMNS:

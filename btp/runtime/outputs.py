@@ -29,7 +29,6 @@ import csv
 import dataclasses
 import io
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,8 @@ import numpy as np
 from btp.errors import BTPError
 from btp.io.files import atomic_write_bytes
 from btp.runtime.outcome import ScanOutcome
+from btp.runtime.strict_json import finite, jsonable
+from btp.runtime.views import MapScale, deviation_scale, fused_scale, view_axes
 
 CSV_FIELDS = ("file", "status", "object_score", "decision", "threshold", "points", "anomalous_points",
               "anomalous_fraction", "score_max", "score_mean", "total_ms", "error")
@@ -65,20 +66,8 @@ def check_output_dir(out: str | Path, flag: str = "--out") -> Path:
 
 def write_json(path: str | Path, doc: Any) -> Path:
     """Strict JSON (RFC 8259): a NaN or infinite number is written as null, never as NaN/Infinity."""
-    text = json.dumps(_finite(doc), indent=2, sort_keys=False, default=_jsonable, allow_nan=False)
+    text = json.dumps(finite(doc), indent=2, sort_keys=False, default=jsonable, allow_nan=False)
     return atomic_write_bytes(path, (text + "\n").encode())
-
-
-def _finite(value):
-    if isinstance(value, (float, np.floating)):
-        return float(value) if np.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _finite(value.tolist())
-    return value
 
 
 def write_npy(path: str | Path, scores: np.ndarray) -> Path:
@@ -92,53 +81,6 @@ def write_heatmap_ply(path: str | Path, points: np.ndarray, scores: np.ndarray) 
     from btp.io import heat_colors, write_point_cloud
 
     return write_point_cloud(path, points, scalars=scores, colors=heat_colors(scores, vmin=0.0, vmax=1.0))
-
-
-def principal_axes(points: np.ndarray) -> np.ndarray:
-    """[3, 3] rows e1, e2, e3: the part's principal axes, longest extent first, each signed so that
-    its largest component is positive (deterministic), e3 = e1 x e2 (a right-handed frame)."""
-    pts = np.asarray(points, dtype=np.float64)
-    centred = pts - pts.mean(axis=0)
-    _, vecs = np.linalg.eigh(centred.T @ centred)
-    axes = vecs[:, ::-1].T.copy()
-    for a in axes[:2]:
-        if a[np.argmax(np.abs(a))] < 0:
-            a *= -1
-    axes[2] = np.cross(axes[0], axes[1])
-    return axes
-
-
-def view_axes(points: np.ndarray, scores: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """Three views from the part's principal axes (``principal_axes``), none of them edge-on:
-
-    front          along the thinnest axis e3, from the side of the highest-scoring region
-    three-quarter  along e1 + e2 + e3 (each signed towards that region): a corner view that sees
-                   the front and two sides at once, foreshortened but never edge-on
-    back           the opposite of front
-
-    The highest-scoring region: the top 1 % of points, weighted by how far their scores stand
-    above the median (none for a flat map: then the axes keep their own signs). The longest axis
-    runs across each view. -> [(name, view direction d, right u, up v)]: a point p is drawn at
-    (p.u, p.v), depth p.d (the camera on d's side looking back at the part: depth grows towards it)."""
-    pts = np.asarray(points, dtype=np.float64)
-    sc = np.asarray(scores, dtype=np.float64)
-    centre = pts.mean(axis=0)
-    axes = principal_axes(pts)
-    w = np.clip(sc - np.median(sc), 0, None) if len(sc) else np.zeros(0)
-    cut = np.quantile(w, 0.99) if w.any() else 0.0
-    if cut > 0:  # more than 1 % above the median: keep the top 1 %
-        w = np.where(w >= cut, w, 0.0)
-    hot = (w[:, None] * (pts - centre)).sum(axis=0) / w.sum() if w.any() else np.zeros(3)
-    signs = np.where(axes @ hot < 0, -1.0, 1.0)
-    e1, e2, e3 = axes * signs[:, None]
-
-    def frame(d: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        d = d / np.linalg.norm(d)
-        u = right - (right @ d) * d
-        u /= np.linalg.norm(u)
-        return d, u, np.cross(d, u)  # right-handed: u x v = d
-
-    return [("front", *frame(e3, e1)), ("three-quarter", *frame(e1 + e2 + e3, e1)), ("back", *frame(-e3, -e1))]
 
 
 def _front_surface(x: np.ndarray, y: np.ndarray, depth: np.ndarray, extent: float, cells: int = 160) -> np.ndarray:
@@ -176,47 +118,6 @@ def colorbar_ticks(mark: float | None, step: float | None = None, gap: float | N
     kept = [t for t in ticks if abs(t - mark) >= gap]
     pos = sorted(kept + [mark])
     return pos, [f"{t:.3g} {mark_label}" if t == mark else f"{t:g}" for t in pos]
-
-
-@dataclass(frozen=True, kw_only=True)
-class MapScale:
-    """How ``render_views`` colours a map: its colour-bar ``label``, range ``vmin``..``vmax``
-    (values beyond it take the end colours), matplotlib ``cmap``, and ``mark``: a level drawn as a
-    labelled tick and line on the bar (``mark_label``) whose points get a black rim (None: none)."""
-
-    label: str = "anomaly score"
-    vmin: float = 0.0
-    vmax: float = 1.0
-    cmap: str = "turbo"
-    mark: float | None = None
-    mark_label: str = "point threshold"
-
-
-def fused_scale(threshold: float) -> MapScale:
-    """The fused map of a scan checked against its part's reference: 0 (a typical good point) to
-    twice the part's threshold, the threshold mid-scale and marked (as ``<stem>.fused.ply``)."""
-    top = 2.0 * max(float(threshold), 1e-6)
-    return MapScale(label="fused score (0 = typical good point)", vmax=top, mark=float(threshold),
-                    mark_label="part threshold")
-
-
-def deviation_scale(deviation: np.ndarray) -> MapScale:
-    """The signed deviation from the part's template in scan units (+ outside the template's
-    surface, - inside): blue - white - red, symmetric about 0 up to the 99.9th percentile of |deviation|."""
-    dev = np.abs(np.asarray(deviation, dtype=np.float64))
-    top = float(np.quantile(dev, 0.999)) if len(dev) else 0.0
-    top = top if top > 0 else 1e-6
-    return MapScale(label="deviation from the template (scan units; + outside)", vmin=-top, vmax=top,
-                    cmap="coolwarm")
-
-
-def map_colors(values: np.ndarray, scale: MapScale) -> np.ndarray:
-    """uint8 RGB [M, 3] of ``values`` [M] on ``scale`` (as ``render_views`` draws them; NaN as the low end)."""
-    from matplotlib import colormaps
-
-    span = max(scale.vmax - scale.vmin, 1e-12)
-    t = np.clip((np.nan_to_num(np.asarray(values, dtype=np.float64), nan=scale.vmin) - scale.vmin) / span, 0.0, 1.0)
-    return (colormaps[scale.cmap](t)[:, :3] * 255.0 + 0.5).astype(np.uint8)
 
 
 MAX_DRAWN_REGIONS = 9
@@ -289,16 +190,6 @@ def render_views(path: str | Path, points: np.ndarray, scores: np.ndarray, *, ti
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     return atomic_write_bytes(path, buf.getvalue())
-
-
-def _jsonable(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 SCAN_SUFFIXES = (".npy", ".reference.npy", ".ply", ".fused.ply", ".png", ".fused.png", ".deviation.png",

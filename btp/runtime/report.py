@@ -76,13 +76,13 @@ def write_cloud_asset(path: Path, stem: str, points: np.ndarray, scores: np.ndar
                       truth: np.ndarray | None = None, maps: dict[str, np.ndarray] | None = None,
                       reference_threshold: float | None = None) -> Path:
     """``window.BTP_CLOUDS[stem] = {n, xyz (float32 base64), rgb (uint8 base64), axes, truth}``: the
-    points centred, turned into the frame of the first view of ``btp.runtime.outputs.view_axes``
+    points centred, turned into the frame of the first view of ``btp.runtime.views.view_axes``
     (right, up, towards the camera: a camera on +z sees that view) and scaled to unit radius -
     display only; ``axes``: the scan's x, y, z unit vectors in that frame; ``truth``: one byte per
     point, 1 for a known defect point (only with ``truth``); ``maps``: {"fused": rgb, "deviation": rgb}
     (base64 uint8) of a scan checked against its part (``maps`` and ``reference_threshold`` given),
-    coloured as its fused and deviation views (btp.runtime.outputs.fused_scale, deviation_scale)."""
-    from btp.runtime.outputs import deviation_scale, fused_scale, map_colors, view_axes
+    coloured as its fused and deviation views (btp.runtime.views.fused_scale, deviation_scale)."""
+    from btp.runtime.views import deviation_scale, fused_scale, map_colors, view_axes
 
     pts = np.asarray(points, dtype=np.float32)
     sc = np.nan_to_num(np.asarray(scores, dtype=np.float32), nan=0.0)
@@ -207,9 +207,9 @@ def write_report(out_dir: str | Path, entries: list[ReportEntry], *, title: str 
 
 def _script_json(value) -> str:
     """JSON safe inside a <script> element (no "</" to close it early; NaN as null)."""
-    from btp.runtime.outputs import _finite
+    from btp.runtime.strict_json import finite
 
-    return json.dumps(_finite(value), allow_nan=False).replace("</", "<\\/")
+    return json.dumps(finite(value), allow_nan=False).replace("</", "<\\/")
 
 
 def entries_from_outcomes(outcomes, truths=None) -> list[ReportEntry]:

@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 from btp.io import READ_SUFFIXES
 from btp.runtime.ledger import NAME_PATTERN, Ledger, file_version, record_from_outcome, utc_now
-from btp.runtime.outputs import _finite
+from btp.runtime.strict_json import finite
 from btp.runtime.outcome import ScanOutcome
 from btp.runtime.run import RESERVED_STEMS, run_files
 
@@ -85,7 +85,7 @@ def message(row: dict[str, Any]) -> dict[str, Any]:
         verdict = "FAILED"
     else:
         verdict = {"normal": "OK", "anomalous": "NG"}.get(row.get("decision") or "", "NONE")
-    return _finite({"verdict": verdict, "part": row.get("part"), "serial": row.get("serial"), "file": row["path"],
+    return finite({"verdict": verdict, "part": row.get("part"), "serial": row.get("serial"), "file": row["path"],
             "status": row["status"], "decision": row.get("decision"), "object_score": row.get("object_score"),
             "threshold": row.get("threshold"), "regions": regions[:MESSAGE_REGIONS],
                     "regions_total": len(regions), "error": row.get("error"),
