@@ -24,7 +24,7 @@ class EncoderConfig:
     """PointBERT point encoder (ULIP-2 "colored" variant takes xyz + rgb = 6 channels)."""
 
     in_channels: int = 6
-    num_group: int = 512  # G: FPS centres per cloud
+    num_group: int = 512  # G: FPS centers per cloud
     group_size: int = 32  # K: neighbours per patch
     trans_dim: int = 384
     depth: int = 18
@@ -65,13 +65,13 @@ class GFCMConfig:
     conv_dims: tuple[int, int, int] = (64, 128, 256)
     hidden: int = 128
     out_dim: int = 33  # FPFH width
-    # What GFCM sees. "world": absolute patch xyz (the spec). "local": each patch centred on its
+    # What GFCM sees. "world": absolute patch xyz (the spec). "local": each patch centered on its
     # mean, rotated into its own principal-axis frame (signs fixed by the third moment) and scaled
     # by local_scale - a pose-invariant view of the local shape (see models/btp-mini.md).
     frame: str = "world"
     local_scale: float = 10.0
     # context_k > 0: each patch's conv feature is also compared with the mean over its context_k
-    # nearest patches (centre distance), so the descriptor says how a patch differs from its
+    # nearest patches (center distance), so the descriptor says how a patch differs from its
     # surroundings. 0 = the spec's per-patch descriptor.
     context_k: int = 0
     # point_dim > 0: "back to point" - every point of every patch also gets its own score, from
@@ -87,7 +87,7 @@ class GFCMConfig:
     # () = xyz only (the spec).
     point_geometry: tuple[float, ...] = ()
     # context_geometry = (w, ...): the same covariance shape over a wider neighbourhood, the cores
-    # (K/4 points nearest the centre) of the patch's context_k nearest patches (sigma = w x the
+    # (K/4 points nearest the center) of the patch's context_k nearest patches (sigma = w x the
     # patch's mean radius), with the point's in-patch shape against its mean there
     # (btp.model.heads.context_geometry). Needs point_geometry and context_k > 0. () = off.
     context_geometry: tuple[float, ...] = ()
@@ -126,7 +126,7 @@ class ScoringConfig:
     # training samples (btp.train.loop.calibrate_point_threshold).
     point_threshold: float = 0.5
     # Sampled points that lie in no patch: "nearest_center" takes the score of the nearest FPS
-    # centre; "zero" gives them 0 (the official BTP-3DAD rule: sum / (count + 1e-6)).
+    # center; "zero" gives them 0 (the official BTP-3DAD rule: sum / (count + 1e-6)).
     uncovered_points: str = "nearest_center"
 
 
@@ -141,7 +141,7 @@ class PreprocessConfig:
     num_points: int = 2048  # N: the raw scan is FPS-downsampled to this many points
     fps_start: int = 0  # explicit FPS start index, identical on every backend
     rgb_fill: float = 0.5  # colour channels for scans without colour
-    # centre at the centroid, divide by the max radius: "unit_sphere" of the N sampled points, or
+    # center at the centroid, divide by the max radius: "unit_sphere" of the N sampled points, or
     # "unit_sphere_raw" of the whole raw scan before downsampling (the official preprocessing)
     normalize: str = "unit_sphere"
     # where the downsampling FPS (raw -> N) starts: "fixed" = fps_start; "seeded-random" = the

@@ -48,7 +48,7 @@ def main() -> None:
     cpu, dev, eng, io = "#dbe9f6", "#fde2c8", "#d9f0d3", "#eeeeee"
     stages = [("file\n.pcd .ply .npy ...", io, "btp.io\nread_point_cloud"),
               ("sanitize\ncheck_scan", cpu, ""), ("downsample\nM -> N", cpu, ""), ("normalize", cpu, ""),
-              ("FPS\nG centres", cpu, ""), ("kNN group\n[G,K,C]", cpu, "")]
+              ("FPS\nG centers", cpu, ""), ("kNN group\n[G,K,C]", cpu, "")]
     x = 0.2
     xs = []
     for text, color, note in stages:

@@ -33,9 +33,9 @@ def surfaces(shapes_root):
 def defect(points: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A bulge: points near a random seed point pushed away from the centroid; labels mark them."""
     rng = np.random.default_rng(seed)
-    centre = points[rng.integers(len(points))]
+    center = points[rng.integers(len(points))]
     radius = 0.15 * np.linalg.norm(points.max(0) - points.min(0))
-    labels = (np.linalg.norm(points - centre, axis=1) < radius).astype(np.int64)
+    labels = (np.linalg.norm(points - center, axis=1) < radius).astype(np.int64)
     moved = points.copy()
     outward = points - points.mean(0)
     moved[labels == 1] += 0.05 * outward[labels == 1]

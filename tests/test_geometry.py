@@ -328,9 +328,9 @@ def _assert_sorted_rule(points, queries, idx, dist2):
 @pytest.mark.parametrize("name", MESHES)
 def test_knn_matches_reference_on_real_meshes(mesh_clouds, name):
     cloud = mesh_clouds[name]
-    centres = cloud[fps(cloud, 256, 0)]
-    off_cloud = centres + np.float32(0.003)  # queries that are not cloud points
-    for queries in (centres, off_cloud):
+    centers = cloud[fps(cloud, 256, 0)]
+    off_cloud = centers + np.float32(0.003)  # queries that are not cloud points
+    for queries in (centers, off_cloud):
         idx, dist2 = knn(cloud, queries, 32)
         ref_idx, ref_dist2 = knn_reference(cloud, queries, 32)
         assert idx.dtype == np.int64 and dist2.dtype == np.float32 and idx.shape == (256, 32)
@@ -411,11 +411,11 @@ def test_group_batch_stacks_per_cloud_results(mesh_clouds):
 
 def test_normalize_round_trip(mesh_clouds):
     cloud = mesh_clouds[MESHES[1]] * np.float32(40.0) + np.float32([5, -3, 100])
-    normed, centre, scale = normalize(cloud)
-    assert normed.dtype == np.float32 and centre.dtype == np.float32 and centre.shape == (3,)
+    normed, origin, scale = normalize(cloud)
+    assert normed.dtype == np.float32 and origin.dtype == np.float32 and origin.shape == (3,)
     np.testing.assert_allclose(normed.mean(0), 0.0, atol=1e-6)
     assert np.linalg.norm(normed, axis=1).max() == pytest.approx(1.0, abs=1e-6)
-    np.testing.assert_allclose(denormalize(normed, centre, scale), cloud, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(denormalize(normed, origin, scale), cloud, rtol=0, atol=1e-4)
 
 
 def test_normalize_degenerate_cloud():
@@ -450,12 +450,12 @@ def test_propagate_toy_case():
     center = points[[0, 2]]
     scores = propagate_patch_scores(np.float32([1.0, 3.0]), patch_idx, center, points)
     assert scores.dtype == np.float32
-    np.testing.assert_allclose(scores, [1.0, 2.0, 3.0, 3.0, 1.0])  # 3 -> centre 2, 4 -> centre 0
+    np.testing.assert_allclose(scores, [1.0, 2.0, 3.0, 3.0, 1.0])  # 3 -> center 2, 4 -> center 0
     batched = propagate_patch_scores(np.float32([[1.0, 3.0], [5.0, 7.0]]), np.stack([patch_idx] * 2),
                                      np.stack([center] * 2), np.stack([points] * 2))
     np.testing.assert_allclose(batched, [[1, 2, 3, 3, 1], [5, 6, 7, 7, 5]])
     # per-point scores [G, K]: point 1 averages its own score in both patches; uncovered points
-    # still take their nearest centre's patch score
+    # still take their nearest center's patch score
     own = propagate_patch_scores(np.float32([1.0, 3.0]), patch_idx, center, points,
                                  point_scores=np.float32([[0.5, 0.2], [0.6, 0.9]]))
     np.testing.assert_allclose(own, [0.5, 0.4, 0.9, 3.0, 1.0])
@@ -468,7 +468,7 @@ def test_propagate_on_real_groups(mesh_clouds):
     groups = group(cloud, 128, 16)
     patch_scores = np.random.default_rng(1).random(128).astype(np.float32)
     point_scores = propagate_patch_scores(patch_scores, groups.patch_idx, groups.center, cloud)
-    # brute-force check: mean over the patches that list each point, else nearest centre
+    # brute-force check: mean over the patches that list each point, else nearest center
     for point in range(0, len(cloud), 97):
         containing = np.nonzero((groups.patch_idx == point).any(1))[0]
         if containing.size:

@@ -125,7 +125,7 @@ def assert_knn_equal(got_idx, got_d2, points, queries, k):
 @pytest.mark.parametrize("k", [1, 16, 64])
 def test_knn_lattice_ties(dev, k):
     points = lattice(6)  # 216 points, many equal distances at the K-th boundary
-    center_idx = np.arange(0, 216, 7)  # 31 centres: not a multiple of the block
+    center_idx = np.arange(0, 216, 7)  # 31 centers: not a multiple of the block
     got = ops.knn_group(dev, points, center_idx, k, blocks=SMALL)
     assert_knn_equal(got["patch_idx"], got["dist2"], points, points[center_idx], k)
 
@@ -197,7 +197,7 @@ def test_knn_rejects_k_above_64(dev, bunny_points):
 
 def test_propagate_matches_geometry_with_uncovered_points(dev, bunny_points):
     # 60 patches of 64 on 3000 points: some points in several patches, ~140 in none (those
-    # take their nearest centre's score)
+    # take their nearest center's score)
     groups = group(bunny_points, 60, 64, start_idx=3)
     patch_scores = np.random.default_rng(7).random(60, dtype=np.float32)
     got = ops.propagate_patch_scores(dev, patch_scores, groups.patch_idx, groups.center, bunny_points,
@@ -255,10 +255,10 @@ def test_normalize_matches_geometry(dev, bunny_points, shape_points):
     from btp.geometry import normalize
 
     for cloud in (bunny_points, *shape_points, bunny_points * np.float32(37.0) + np.float32(5.0)):
-        got, centre, scale = ops.normalize(dev, cloud, blocks=ODD)
-        ref, ref_centre, ref_scale = normalize(cloud)
+        got, origin, scale = ops.normalize(dev, cloud, blocks=ODD)
+        ref, ref_origin, ref_scale = normalize(cloud)
         np.testing.assert_array_equal(got, ref)
-        np.testing.assert_array_equal(centre, ref_centre)
+        np.testing.assert_array_equal(origin, ref_origin)
         assert scale == np.float32(ref_scale)
 
 

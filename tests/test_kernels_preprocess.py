@@ -24,15 +24,15 @@ def raw_scan(bunny_mesh):
     vertices, faces = load_mesh(bunny_mesh)
     points, _ = sample_surface(vertices, faces, 2500, seed=3)
     colors = np.random.default_rng(0).random(points.shape, dtype=np.float32)
-    return points.astype(np.float32) * np.float32(40.0) + np.float32(3.0), colors  # off-centre, scaled
+    return points.astype(np.float32) * np.float32(40.0) + np.float32(3.0), colors  # off-center, scaled
 
 
 def cpu_pipeline(raw, colors, n, g, k, c, rgb_fill, start):
     sample_idx = geometry.downsample(raw, n, start, method="exact")
-    normed, centre, scale = geometry.normalize(raw[sample_idx])
+    normed, origin, scale = geometry.normalize(raw[sample_idx])
     groups = geometry.group(normed, g, k, start_idx=start, colors=None if colors is None else colors[sample_idx],
                             rgb_fill=rgb_fill, in_channels=c)
-    return sample_idx, normed, centre, scale, groups
+    return sample_idx, normed, origin, scale, groups
 
 
 @pytest.mark.parametrize("with_colors", [False, True])
@@ -46,10 +46,10 @@ def test_prepare_and_scores_match_cpu_pipeline(raw_scan, with_colors):
     pre = GpuPreprocessor.from_config(cfg, device=EmuDevice(), blocks=SMALL)
     got = pre.run(raw, colors)
     n, g, k = cfg.preprocess.num_points, cfg.encoder.num_group, cfg.encoder.group_size
-    sample_idx, normed, centre, scale, groups = cpu_pipeline(raw, colors, n, g, k, 6, cfg.preprocess.rgb_fill, 5)
+    sample_idx, normed, origin, scale, groups = cpu_pipeline(raw, colors, n, g, k, 6, cfg.preprocess.rgb_fill, 5)
     np.testing.assert_array_equal(got.sample_idx, sample_idx)
     np.testing.assert_array_equal(got.points, normed)
-    np.testing.assert_array_equal(got.origin, centre)
+    np.testing.assert_array_equal(got.origin, origin)
     assert got.scale == np.float32(scale)
     np.testing.assert_array_equal(got.center_idx, groups.center_idx)
     np.testing.assert_array_equal(got.patch_idx, groups.patch_idx)

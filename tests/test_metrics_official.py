@@ -96,8 +96,8 @@ def _random_class(rng, n_samples, quantise):
         pts = rng.normal(size=(n, 3)).astype(np.float32)
         lab = np.zeros(n, int)
         for _ in range(int(rng.integers(0, 4))):
-            centre = pts[rng.integers(n)]
-            lab[np.linalg.norm(pts - centre, axis=1) < rng.uniform(0.2, 0.6)] = 1
+            center = pts[rng.integers(n)]
+            lab[np.linalg.norm(pts - center, axis=1) < rng.uniform(0.2, 0.6)] = 1
         s = rng.random(n) * 0.7 + 0.3 * lab * rng.random(n)
         if quantise:
             s = np.round(s * 20) / 20

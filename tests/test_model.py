@@ -174,9 +174,9 @@ def test_local_frame_is_pose_invariant_and_uses_the_principal_axes(tiny_batch):
     ref = local_frame(xyz, 10.0)
     moved = local_frame(xyz @ rot.T + torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64), 10.0)
     assert torch.allclose(ref, moved, atol=1e-6)
-    centred = (xyz - xyz.mean(dim=2, keepdim=True)) * 10.0
-    _, vecs = torch.linalg.eigh(centred.transpose(2, 3) @ centred)  # ascending eigenvalues
-    expect = (centred @ vecs.flip(-1)).abs()  # largest-variance axis first
+    centered = (xyz - xyz.mean(dim=2, keepdim=True)) * 10.0
+    _, vecs = torch.linalg.eigh(centered.transpose(2, 3) @ centered)  # ascending eigenvalues
+    expect = (centered @ vecs.flip(-1)).abs()  # largest-variance axis first
     assert torch.allclose(ref.abs(), expect, atol=1e-5)
     assert (ref.pow(3).sum(dim=2) >= -1e-9).all()  # signs fixed by the third moment
     var = ref.pow(2).mean(dim=2)
@@ -372,11 +372,11 @@ def test_point_scores_match_the_numpy_propagation(tiny_batch, tiny, uncovered, p
         assert (uncovered_scores > 0).all() and torch.isin(uncovered_scores, probs).all()
 
 
-def test_nearest_center_ties_go_to_the_lowest_centre_as_in_numpy():
-    """Two centres at the same distance from an uncovered point: both sides take the lower index."""
+def test_nearest_center_ties_go_to_the_lowest_center_as_in_numpy():
+    """Two centers at the same distance from an uncovered point: both sides take the lower index."""
     points = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 0.5]]])
     center = torch.tensor([[[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]]])
-    patch_idx = torch.tensor([[[1], [2]]])  # points 0 and 3 lie in no patch; both centres are as near
+    patch_idx = torch.tensor([[[1], [2]]])  # points 0 and 3 lie in no patch; both centers are as near
     probs = torch.tensor([[0.2, 0.9]])
     ours = point_logits_from_patches(probs, patch_idx, 4, points=points, center=center)
     ref = propagate_patch_scores(probs[0].numpy(), patch_idx[0].numpy(), center[0].numpy(), points[0].numpy())
@@ -391,7 +391,7 @@ def test_point_propagation_refuses_what_it_cannot_compute(tiny_batch, tiny):
         point_logits_from_patches(logits, tiny_batch["patch_idx"], 10)
     with pytest.raises(ValueError, match="uncovered"):
         point_logits_from_patches(logits, tiny_batch["patch_idx"], tiny.preprocess.num_points, uncovered="mean")
-    with pytest.raises(ValueError, match="needs points"):  # points in no patch, nothing to find a centre with
+    with pytest.raises(ValueError, match="needs points"):  # points in no patch, nothing to find a center with
         point_logits_from_patches(logits, tiny_batch["patch_idx"], tiny.preprocess.num_points)
 
 
@@ -620,7 +620,7 @@ def test_point_geometry_reads_local_shape_is_invariant_and_exports(tiny_batch):
     assert flat.shape == (25, point_geometry_width((0.5, 1.0))) == (25, 22)
     assert flat[:, [0, 3, 10, 13, 20, 21]].abs().max() < 1e-4  # surface variation, heights: 0
     bumped = grid.clone()
-    bumped[0, 0, 12, 2] = 0.8  # the centre point lifted off the plane
+    bumped[0, 0, 12, 2] = 0.8  # the center point lifted off the plane
     got = point_geometry(bumped, (0.5, 1.0))[0, 0]
     others = torch.arange(25) != 12
     for col in (3, 13):  # its height over the local plane, at both widths
@@ -667,7 +667,7 @@ def test_gfcm_with_point_geometry_trains_and_exports(tiny_batch):
 
 def _plane_groups(bump: float = 0.0):
     """A 40 x 40 grid plane (optionally its middle point lifted by ``bump``), grouped into 64
-    patches of 16 by the product's grouping: patch xyz [1, G, K, 3], centres [1, G, 3], the
+    patches of 16 by the product's grouping: patch xyz [1, G, K, 3], centers [1, G, 3], the
     lifted point's (patch, slot) pairs."""
     from btp.geometry import group
 

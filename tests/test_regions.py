@@ -1,5 +1,5 @@
 """Defect regions (btp.runtime.regions) on scans sampled from real meshes with synthetic defects
-of known place and size: the hot points of each defect form one region, centred on it."""
+of known place and size: the hot points of each defect form one region, centered on it."""
 from __future__ import annotations
 
 import numpy as np
@@ -21,7 +21,7 @@ def _defect_scores(points, center, radius, seed=0):
 
 
 @pytest.mark.parametrize("n", [4000, 40000])
-def test_one_region_centred_on_the_defect(shapes_root, n):
+def test_one_region_centered_on_the_defect(shapes_root, n):
     pts = real_scan(shapes_root, n=n, seed=5)
     center = pts[123]
     radius = 0.03 * np.ptp(pts, axis=0).max()  # a cap small enough that the surface's bend barely moves its mean

@@ -659,7 +659,7 @@ def test_pass2_item1_a_thin_part_and_a_flat_plate_are_still_surfaces(model_path,
     pipe = Pipeline(model_path)
     thin = good_points[0] * np.array([1.0, 1e-3, 1e-3], np.float32)  # a wire-like part, 1000:1
     plate = good_points[0] * np.array([1.0, 1.0, 0.0], np.float32)  # a flat plate
-    far = good_points[0].astype(np.float64) * 50.0 + 1e5  # float64 far from the origin: centred, kept
+    far = good_points[0].astype(np.float64) * 50.0 + 1e5  # float64 far from the origin: centered, kept
     for points in (thin, plate, far):
         assert np.isfinite(pipe(points).object_score)
 

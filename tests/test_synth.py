@@ -51,8 +51,8 @@ def test_displacement_labels_are_exactly_the_moved_points(bunny_cloud, kind):
     lo, hi = SMALL.depth_range
     assert lo * shape.size * 0.5 <= moved.max() <= hi * shape.size * 1.0001
     # bulges go out along the normal, dents/cracks/grooves go in
-    centre = d.params["centre"]
-    sign = np.sign((d.points - points)[d.labels == 1] @ normals[centre])
+    center = d.params["center"]
+    sign = np.sign((d.points - points)[d.labels == 1] @ normals[center])
     assert (sign == (1 if kind == "bulge" else -1)).all()
 
 

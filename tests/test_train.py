@@ -75,12 +75,12 @@ def test_btp_samples_match_runtime_preprocessing(tiny_arrays):
     # anomalous clouds keep labelled points after FPS; normal ones have none
     frac = a["labels"].mean(axis=1)
     assert (frac[a["object_label"] == 1] > 0).all() and (frac[a["object_label"] == 0] == 0).all()
-    # unit-sphere normalised, centres are points of the cloud
+    # unit-sphere normalised, centers are points of the cloud
     assert np.abs(np.linalg.norm(a["points"], axis=2).max(axis=1) - 1).max() < 1e-4
     item = tdata.BTPArrays(a, cfg)[0]
     assert item["neighborhood"].shape == (g, k, 6)
     np.testing.assert_allclose(item["neighborhood"][..., 3:], cfg.preprocess.rgb_fill)
-    np.testing.assert_allclose(item["neighborhood"][:, 0, :3], 0, atol=1e-6)  # each centre is its own 1st neighbour
+    np.testing.assert_allclose(item["neighborhood"][:, 0, :3], 0, atol=1e-6)  # each center is its own 1st neighbour
 
 
 # ---- schedule ----------------------------------------------------------------------------

@@ -60,8 +60,8 @@ def sample_cloud(n_points: int, *, mesh: str | None = None, seed: int = 0) -> np
 
 
 def unit_sphere(points: np.ndarray) -> np.ndarray:
-    """Centre at the centroid, divide by the max radius (the pipeline's normalisation)."""
+    """Center at the centroid, divide by the max radius (the pipeline's normalisation)."""
     pts = np.asarray(points, dtype=np.float32)
-    centred = pts - pts.mean(axis=0, dtype=np.float64).astype(np.float32)
-    radius = float(np.sqrt((centred.astype(np.float64) ** 2).sum(axis=1).max()))
-    return np.ascontiguousarray(centred / np.float32(radius if radius > 0 else 1.0))
+    centered = pts - pts.mean(axis=0, dtype=np.float64).astype(np.float32)
+    radius = float(np.sqrt((centered.astype(np.float64) ** 2).sum(axis=1).max()))
+    return np.ascontiguousarray(centered / np.float32(radius if radius > 0 else 1.0))

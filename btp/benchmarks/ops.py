@@ -8,7 +8,7 @@ output against the truth:
   (tests/test_geometry.py pins ours == reference). ``same_order`` = fraction of the G positions
   whose index equals the truth's; ``cover`` = covering radius (max distance of any point to
   its nearest sample) relative to the truth's — the quality an approximate FPS gives up.
-  ``same_set`` = fraction of the truth's centres picked at all: the encoder is permutation-
+  ``same_set`` = fraction of the truth's centers picked at all: the encoder is permutation-
   equivariant over patches, so an identical *set* in another order gives the same scores.
 - kNN truth: ``btp.geometry.knn_reference`` where N*G is small enough, else ours. ``same_set``
   = mean fraction of each row's index set found; ``same_order`` = identical positions;
@@ -388,7 +388,7 @@ def ops_summary(rows: Sequence[OpRow], goal_ratio: float = 1.2) -> list[dict]:
     and the ratios.
 
     Libraries = every CPU implementation but ours and the numpy reference. "Same output" = the
-    identical index set (FPS centres in any order / kNN rows). ``meets_goal`` = ours <=
+    identical index set (FPS centers in any order / kNN rows). ``meets_goal`` = ours <=
     goal_ratio x the best library of all (the issue's goal: approximate FPS counts too).
     """
     out = []

@@ -8,7 +8,7 @@ For each test sample of a data set (Anomaly-ShapeNet / Real3D-AD layout, read by
    patch_embed (when the model exports it).
 2. Pipeline level (each backend's own full path): ``Pipeline(points)`` -> point scores at the
    raw scan's resolution and the object score; O-AUROC and P-AUROC (btp.metrics) on them.
-3. Indices: the centre and patch indices each backend's own ``Pipeline.prepare`` produces (the
+3. Indices: the center and patch indices each backend's own ``Pipeline.prepare`` produces (the
    GPU kernels where a GPU pipeline uses them, btp.geometry on CPU) against ``fps_reference`` /
    ``knn_reference`` (the plain-numpy rule) on the reference's sampled points.
 

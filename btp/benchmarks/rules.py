@@ -18,7 +18,7 @@ rule): both score the same samples at every start, so the difference between the
 without the sampling noise that two separate ``btp eval`` runs carry.
 
 The rule ``exact-start1`` is the exact rule started at point 1 instead of the model's
-``preprocess.fps_start`` (both FPS: the downsampling and the patch centres): an equally valid
+``preprocess.fps_start`` (both FPS: the downsampling and the patch centers): an equally valid
 sample of the same scans. Its difference from ``exact`` is the noise floor of the comparison -
 how far the metrics move when nothing but the choice of samples changes.
 """
@@ -35,7 +35,7 @@ def run_rules(model, data_roots, *, rules=("exact", "auto"), starts=None, voxel_
               progress: Callable[[str], None] | None = None) -> dict:
     """One ``btp eval`` (model only) per set, rule and FPS start.
 
-    ``starts``: FPS start indices (both FPS: downsampling and patch centres). None = the model's
+    ``starts``: FPS start indices (both FPS: downsampling and patch centers). None = the model's
     own ``preprocess.fps_start`` only. With several, every rule runs from every start: the
     reported metrics are the means over starts, ``delta_points`` the mean of the paired
     per-start differences (fast - reference) and ``delta_se_points`` its standard error, so the
@@ -204,7 +204,7 @@ def _table_markdown(data: dict, key: str, column: str, lines: list[str], verdict
             lines.append(f"| {Path(s['data']).name} | | **{label} - {ref}** | {shown['o_auroc']} | "
                          f"{shown['p_auroc']} | {shown['au_pro']} | {shown['p_auroc_sampled']} | {verdict(s, label)} |")
     if data.get("starts"):
-        lines += ["", f"- Every {column} ran from each FPS start in {data['starts']} (downsampling and patch centres); "
+        lines += ["", f"- Every {column} ran from each FPS start in {data['starts']} (downsampling and patch centers); "
                   "the rows are means over the starts, the difference is the mean of the paired per-start "
                   "differences ± its standard error (n = number of starts)."]
         for s in data["sets"]:

@@ -45,8 +45,8 @@ def _neighbourhood_eigen(points: np.ndarray, idx: np.ndarray):
     """
     nb = points[idx].astype(np.float64)  # [N,k,3]
     mean = nb.mean(axis=1)  # [N,3]
-    centred = nb - mean[:, None, :]
-    cov = np.einsum("nki,nkj->nij", centred, centred) / idx.shape[1]  # [N,3,3]
+    centered = nb - mean[:, None, :]
+    cov = np.einsum("nki,nkj->nij", centered, centered) / idx.shape[1]  # [N,3,3]
     evals, evecs = np.linalg.eigh(cov)  # ascending
     return np.clip(evals, 0.0, None), evecs[:, :, 0], mean
 

@@ -1,4 +1,4 @@
-"""k nearest neighbours and PointBERT-style grouping (FPS centres + kNN patches), numpy only.
+"""k nearest neighbours and PointBERT-style grouping (FPS centers + kNN patches), numpy only.
 
 The kNN rule (every backend must give the same *index sets* with the same distances; this
 module's two functions give the same index order too):
@@ -125,8 +125,8 @@ class Groups(NamedTuple):
     """PointBERT groups of one cloud (or a batch, with a leading B on every field).
 
     center_idx int64 [G]: FPS indices into the points (start at ``start_idx``).
-    patch_idx int64 [G, K]: kNN of each centre among the points, sorted by (dist2, index);
-        ``patch_idx[:, 0]`` is the centre itself unless it has a lower-index duplicate.
+    patch_idx int64 [G, K]: kNN of each center among the points, sorted by (dist2, index);
+        ``patch_idx[:, 0]`` is the center itself unless it has a lower-index duplicate.
     neighborhood float32 [G, K, C]: ``points[patch_idx] - center[:, None]`` in channels 0..2;
         channels 3..5 (C = 6) the colours of those points, or ``rgb_fill`` without colours.
     center float32 [G, 3]: ``points[center_idx]``.
@@ -140,7 +140,7 @@ class Groups(NamedTuple):
 
 def group(points, num_group: int, group_size: int, *, start_idx: int = 0, colors=None,
           rgb_fill: float = 0.5, in_channels: int = 6) -> Groups:
-    """FPS ``num_group`` centres, then ``group_size`` nearest neighbours of each: see ``Groups``.
+    """FPS ``num_group`` centers, then ``group_size`` nearest neighbours of each: see ``Groups``.
 
     points [N, 3]; colors [N, 3] in [0, 1] or None; in_channels 3 (xyz) or 6 (xyz + rgb).
     Take G, K, C, rgb_fill, start_idx from the config (encoder.num_group, encoder.group_size,

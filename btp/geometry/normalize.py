@@ -8,25 +8,25 @@ from btp.geometry.errors import DegenerateCloudError
 
 
 def normalize(points) -> tuple[np.ndarray, np.ndarray, float]:
-    """Centre at the centroid and divide by the max radius.
+    """Move the centroid to the origin and divide by the max radius.
 
-    points [N, 3] -> (normed float32 [N, 3], centre float32 [3], scale float) with
-    ``normed = (points - centre) / scale`` and max ``|normed|`` = 1. The centroid and radius are
+    points [N, 3] -> (normed float32 [N, 3], origin float32 [3], scale float) with
+    ``normed = (points - origin) / scale`` and max ``|normed|`` = 1. The centroid and radius are
     accumulated in float64. Raises DegenerateCloudError if all points coincide (scale 0).
     """
     pts = as_points(points)
-    centre64 = pts.mean(axis=0, dtype=np.float64)  # [3]
-    centred = pts.astype(np.float64) - centre64  # [N, 3]
-    scale = float(np.sqrt((centred * centred).sum(axis=1).max()))
+    origin64 = pts.mean(axis=0, dtype=np.float64)  # [3]
+    centered = pts.astype(np.float64) - origin64  # [N, 3]
+    scale = float(np.sqrt((centered * centered).sum(axis=1).max()))
     if not scale > 0.0 or not np.isfinite(scale):
         raise DegenerateCloudError(
             f"normalize: all {pts.shape[0]} points coincide (max radius {scale}), so the cloud has "
             f"no extent to scale; check the scan (a single repeated point is not a surface)")
-    normed = (centred / scale).astype(np.float32)
-    return normed, centre64.astype(np.float32), scale
+    normed = (centered / scale).astype(np.float32)
+    return normed, origin64.astype(np.float32), scale
 
 
-def denormalize(normed, centre, scale: float) -> np.ndarray:
-    """Inverse of ``normalize``: normed [..., 3] -> float32 [..., 3] = normed * scale + centre."""
+def denormalize(normed, origin, scale: float) -> np.ndarray:
+    """Inverse of ``normalize``: normed [..., 3] -> float32 [..., 3] = normed * scale + origin."""
     arr = np.asarray(normed, dtype=np.float64)
-    return (arr * float(scale) + np.asarray(centre, dtype=np.float64)).astype(np.float32)
+    return (arr * float(scale) + np.asarray(origin, dtype=np.float64)).astype(np.float32)

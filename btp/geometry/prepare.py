@@ -11,9 +11,9 @@ cfg)`` are used by the runtime (``btp.runtime.Pipeline``), evaluation, training 
 export's parity samples, the Triton pre/post steps, and as the reference of the CUDA kernels
 (``btp.kernels.preprocess``). Every number comes from the model's ``BTPConfig``:
 
-- ``preprocess.normalize = "unit_sphere"``: downsample the raw scan to N, then centre the N
+- ``preprocess.normalize = "unit_sphere"``: downsample the raw scan to N, then center the N
   points at their centroid and divide by their max radius (btp's own models are trained so);
-  ``"unit_sphere_raw"``: centre and scale the whole raw scan first, then downsample (the
+  ``"unit_sphere_raw"``: center and scale the whole raw scan first, then downsample (the
   official BTP-3DAD preprocessing).
 - ``preprocess.downsample_start = "fixed"``: the downsampling FPS starts at ``fps_start``;
   ``"seeded-random"``: at ``seeded_start(M, downsample_seed)``, the index the official code's
@@ -68,11 +68,11 @@ class Prepared:
     sample_idx    int64 [N]       the downsampled points (indices into raw_points; N = min(N, M))
     points        float32 [N, 3]  the sampled points, normalised (centroid 0, max radius 1)
     origin/scale  the normalisation: raw_points[sample_idx] ~= points * scale + origin (the
-                  centroid and max radius; ``center`` below is the patch centres)
+                  centroid and max radius; ``center`` below is the patch centers)
     voxel_map     VoxelMap | None the "voxel" rule's raw point -> cell map (None for the other rules
                   and for M <= N): interpolation back to the raw scan is then a gather
-    center_idx    int64 [G]       FPS centres (indices into points)
-    patch_idx     int64 [G, K]    kNN of each centre among points
+    center_idx    int64 [G]       FPS centers (indices into points)
+    patch_idx     int64 [G, K]    kNN of each center among points
     neighborhood  float32 [G, K, C], center float32 [G, 3]: the engine's inputs
     (the last four are None when ``prepare(..., group=False)``)
     """
@@ -95,7 +95,7 @@ class Prepared:
 
 
 def min_points(cfg: BTPConfig) -> int:
-    """The fewest points a scan may have: G centres and K neighbours must exist (max(G, K))."""
+    """The fewest points a scan may have: G centers and K neighbours must exist (max(G, K))."""
     return max(cfg.encoder.num_group, cfg.encoder.group_size)
 
 
@@ -152,7 +152,7 @@ def _check_surface(pts: np.ndarray, extent: float, biggest: float, need: int, wh
         raise DegenerateCloudError(
             f"{name}: float32 coordinates near {biggest:.3g} are resolved only to {step:.3g} units and the scan "
             f"spans {extent:.3g}: its points have collapsed onto a coarse grid. Save the scan as float64 (btp "
-            "centres float64 coordinates before the float32 cast) or subtract the offset before saving")
+            "centers float64 coordinates before the float32 cast) or subtract the offset before saving")
     distinct = _few_distinct(pts, need)
     if distinct is not None:
         raise DegenerateCloudError(
@@ -169,8 +169,8 @@ def _check_surface(pts: np.ndarray, extent: float, biggest: float, need: int, wh
 def _covariance(points: np.ndarray) -> np.ndarray:
     """float64 [3, 3] covariance of points [S, 3] by column products (np.cov's GEMM costs
     milliseconds more on a few cores that ONNX Runtime's threads are using)."""
-    centred = points - points.mean(axis=0)
-    cols = [np.ascontiguousarray(centred[:, i]) for i in range(3)]
+    centered = points - points.mean(axis=0)
+    cols = [np.ascontiguousarray(centered[:, i]) for i in range(3)]
     cov = np.empty((3, 3))
     for i in range(3):
         for j in range(i, 3):
@@ -247,7 +247,7 @@ def prepare(raw, cfg: BTPConfig, method: str = "auto", *, group: bool = True, wh
         raw, bounds = _checked_scan(raw, cfg, where)
     if pre.normalize == "unit_sphere_raw":  # the whole scan first, then sample it
         with timer("normalize"):
-            normed_raw, centre, scale = normalize(raw)  # [M, 3]
+            normed_raw, origin, scale = normalize(raw)  # [M, 3]
         with timer("downsample"):
             sample_idx, vmap = sample_indices(normed_raw, pre, method)  # [N]
             points = np.ascontiguousarray(normed_raw[sample_idx])  # [N, 3]
@@ -255,9 +255,9 @@ def prepare(raw, cfg: BTPConfig, method: str = "auto", *, group: bool = True, wh
         with timer("downsample"):
             sample_idx, vmap = sample_indices(raw, pre, method, bounds)  # [N]
         with timer("normalize"):
-            points, centre, scale = normalize(raw[sample_idx])  # [N, 3]
+            points, origin, scale = normalize(raw[sample_idx])  # [N, 3]
     if not group:
-        return Prepared(raw_points=raw, sample_idx=sample_idx, points=points, origin=centre, scale=float(scale),
+        return Prepared(raw_points=raw, sample_idx=sample_idx, points=points, origin=origin, scale=float(scale),
                         voxel_map=vmap)
     with timer("fps"):
         center_idx = fps(points, enc.num_group, pre.fps_start)  # [G]
@@ -265,7 +265,7 @@ def prepare(raw, cfg: BTPConfig, method: str = "auto", *, group: bool = True, wh
         center = points[center_idx]  # [G, 3]
         patch_idx, _ = knn(points, center, enc.group_size)  # [G, K]
         neighborhood = neighborhoods(points, patch_idx, center, enc.in_channels, pre.rgb_fill)  # [G, K, C]
-    return Prepared(raw_points=raw, sample_idx=sample_idx, points=points, origin=centre, scale=float(scale),
+    return Prepared(raw_points=raw, sample_idx=sample_idx, points=points, origin=origin, scale=float(scale),
                     voxel_map=vmap, center_idx=center_idx, patch_idx=patch_idx, neighborhood=neighborhood,
                     center=center)
 

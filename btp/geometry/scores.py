@@ -49,7 +49,7 @@ def propagate_patch_scores(patch_scores, patch_idx, center, points, uncovered: s
     reads ``patch_scores``.
     A point listed twice in one patch counts twice (index_add semantics, as the spec's
     ``index_add / counts``). Points in no patch (``scoring.uncovered_points``): ``"nearest_center"``
-    takes the score of their nearest centre (``knn`` rule: ties -> lowest centre index);
+    takes the score of their nearest center (``knn`` rule: ties -> lowest center index);
     ``"zero"`` gives 0. With a leading batch dim on every argument ([B,G], [B,G,K], [B,G,3],
     [B,N,3]) returns [B, N]. Sums are accumulated in float64.
     """

@@ -57,7 +57,7 @@ class PointCloud:
                                    row (``btp-run``'s ``.npy``) put NaN there
     offset  float64 [3] or None    ``points + offset`` are the file's coordinates: set when the file's
                                    numbers carry more precision than float32 keeps and the reader was
-                                   asked to centre them (``read_point_cloud(..., centre=True)``)
+                                   asked to center them (``read_point_cloud(..., center=True)``)
     """
 
     points: np.ndarray
@@ -93,8 +93,8 @@ def check_point_count(path: Path, n: int) -> None:
                                       "BTP_MAX_POINTS to read it")
 
 
-def centred(points: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """float64 points -> (float32 points, offset): centred at their float64 centroid first when
+def centered(points: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """float64 points -> (float32 points, offset): centered at their float64 centroid first when
     casting straight to float32 would round them (large global coordinates, e.g. UTM-like offsets,
     keep their millimetres); float32-exact input is returned as it is with offset None."""
     points = np.asarray(points)
@@ -105,13 +105,13 @@ def centred(points: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return np.ascontiguousarray(points - offset, dtype=np.float32), offset
 
 
-def read_point_cloud(path: str | os.PathLike, *, min_points: int = 1, centre: bool = False) -> PointCloud:
+def read_point_cloud(path: str | os.PathLike, *, min_points: int = 1, center: bool = False) -> PointCloud:
     """Read one point cloud; typed errors (``btp.io.errors``) name the file and the reason.
 
     NaN/inf rows are dropped with a ``warnings.warn`` naming the count. Raises
     ``InvalidValuesError`` when that leaves fewer than ``min_points`` rows, ``TooFewPointsError``
     when the file simply holds fewer than ``min_points`` points (pass the model's N or K).
-    ``centre``: coordinates with more precision than float32 are centred in float64 before the
+    ``center``: coordinates with more precision than float32 are centered in float64 before the
     cast (``PointCloud.offset``). Files over ``max_file_bytes()`` are refused before reading.
     """
     path = Path(path)
@@ -134,7 +134,7 @@ def read_point_cloud(path: str | os.PathLike, *, min_points: int = 1, centre: bo
                                       "of one scan; set BTP_MAX_FILE_BYTES to read larger files")
     reader = {".pcd": _read_pcd, ".ply": _read_ply, ".npy": _read_npy, ".npz": _read_npz}.get(suffix, _read_text)
     points, labels, colors, scalars = reader(path)
-    return _finish(path, points, labels, colors, scalars, min_points, centre)
+    return _finish(path, points, labels, colors, scalars, min_points, center)
 
 
 def cloud_from_array(points, *, min_points: int = 1, where: str | os.PathLike | None = None) -> PointCloud:
@@ -163,7 +163,7 @@ def _finite_rows(points: np.ndarray) -> np.ndarray:
 
 
 def _finish(path: Path, points: np.ndarray, labels, colors, scalars, min_points: int,
-            centre: bool = False) -> PointCloud:
+            center: bool = False) -> PointCloud:
     points = np.asarray(points)
     n = points.shape[0]
     if n == 0:
@@ -195,7 +195,7 @@ def _finish(path: Path, points: np.ndarray, labels, colors, scalars, min_points:
         colors = np.clip(np.asarray(colors, dtype=np.float32), 0.0, 1.0)
     if scalars is not None:
         scalars = np.asarray(scalars, dtype=np.float32)
-    points32, offset = centred(points) if centre else (np.ascontiguousarray(points, dtype=np.float32), None)
+    points32, offset = centered(points) if center else (np.ascontiguousarray(points, dtype=np.float32), None)
     return PointCloud(points32, labels, colors, path, scalars, row_mask, offset)
 
 

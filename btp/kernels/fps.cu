@@ -3,7 +3,7 @@
 // Rule (identical to btp.geometry.fps_reference): idx[0] = start; min_d2 = +inf; repeat:
 // min_d2 = min(min_d2, dist2(p, p[last])); last = argmax(min_d2), lowest index among ties.
 // Already-picked points have min_d2 == 0 and are NOT skipped specially (no |p|^2 threshold as in
-// pointnet2_ops, which can never pick a point near the origin of a centred cloud).
+// pointnet2_ops, which can never pick a point near the origin of a centered cloud).
 //
 // Per iteration: each thread updates its strided share of min_d2 (global workspace, so N can
 // be millions) and keeps its local arg-max; warp shuffles reduce 32 -> 1, lane 0 of each warp

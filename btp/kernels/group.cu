@@ -1,6 +1,6 @@
 // kNN grouping fused with the gather that builds the encoder's inputs (PointBERT `Group`).
 //
-// One thread per query (a centre picked by FPS); the points stream through shared memory in
+// One thread per query (a center picked by FPS); the points stream through shared memory in
 // tiles that the whole block loads together. Each thread keeps its K best (dist2, index) in a
 // sorted list (K <= 64). Points are visited in index order, so a candidate that ties an entry
 // has the larger index and goes after it; a candidate that ties the K-th is rejected (strict

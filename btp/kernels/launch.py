@@ -46,7 +46,7 @@ class BlockSizes:
 
     Defaults are for real GPUs; the emulation tests pass small ones (64) to stay fast. FPS runs
     one block per cloud, so its block is the only parallelism inside a cloud: as large as
-    allowed. kNN runs one thread per centre: small blocks spread G centres over more SMs.
+    allowed. kNN runs one thread per center: small blocks spread G centers over more SMs.
     Clouds of ``fps_wide_from`` points or more use the wide FPS instead (``fps_wide_blocks``
     blocks of ``elementwise`` threads per cloud, one launch per step). None of these numbers
     has been measured on a GPU yet (docs/gpu.md).
@@ -97,12 +97,12 @@ def gather_launch(batch: int, n_idx: int, n_channels: int, block: int) -> Launch
 
 
 def knn_launch(batch: int, n_groups: int, block: int) -> Launch:
-    """btp_knn_group: one thread per centre."""
+    """btp_knn_group: one thread per center."""
     return Launch((_blocks(n_groups, block), batch), block)
 
 
 def scatter_launch(batch: int, n_groups: int, k: int, block: int) -> Launch:
-    """btp_scatter_patch_scores: one thread per (centre, neighbour)."""
+    """btp_scatter_patch_scores: one thread per (center, neighbour)."""
     return Launch((_blocks(n_groups * k, block), batch), block)
 
 

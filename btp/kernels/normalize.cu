@@ -1,7 +1,7 @@
-// Unit-sphere normalisation of each cloud on the device (btp.geometry.normalize): centre at the
-// centroid, divide by the max radius, accumulated in float64 like the reference:
-//   centre = sum(p) / N (float64);  scale = sqrt(max((dx*dx + dy*dy) + dz*dz)) (float64, no FMA)
-//   out = float32((p - centre) / scale);  centre_scale[b] = (float32 centre, float32 scale)
+// Unit-sphere normalisation of each cloud on the device (btp.geometry.normalize): move the
+// centroid to the origin, divide by the max radius, accumulated in float64 like the reference:
+//   origin = sum(p) / N (float64);  scale = sqrt(max((dx*dx + dy*dy) + dz*dz)) (float64, no FMA)
+//   out = float32((p - origin) / scale);  origin_scale[b] = (float32 origin, float32 scale)
 // One block per cloud. The float64 sum is a fixed-order tree (thread-strided partial sums, warp
 // shuffles, then warp 0), numpy sums pairwise: the centroids can differ in the last float64 bit,
 // which changes a float32 output only when it lies within ~1e-16 of a rounding boundary.
@@ -24,10 +24,10 @@ extern "C" __global__ void __launch_bounds__(1024)
 btp_normalize(const float* __restrict__ points,  // [B, N, 3]
               int n_points,
               float* __restrict__ normed,        // [B, N, 3] (may not alias points)
-              float* __restrict__ centre_scale)  // [B, 4]: centre xyz, scale
+              float* __restrict__ origin_scale)  // [B, 4]: origin xyz, scale
 {
   __shared__ double s_part[3][BTP_WARP];
-  __shared__ double s_centre[3];
+  __shared__ double s_origin[3];
   __shared__ double s_scale;
 
   const int b = blockIdx.x;
@@ -55,11 +55,11 @@ btp_normalize(const float* __restrict__ points,  // [B, N, 3]
   if (warp == 0) {
     for (int c = 0; c < 3; ++c) {
       const double v = btp_warp_sum(lane < n_warps ? s_part[c][lane] : 0.0);
-      if (lane == 0) s_centre[c] = __ddiv_rn(v, (double)n_points);
+      if (lane == 0) s_origin[c] = __ddiv_rn(v, (double)n_points);
     }
   }
   __syncthreads();
-  const double cx = s_centre[0], cy = s_centre[1], cz = s_centre[2];
+  const double cx = s_origin[0], cy = s_origin[1], cz = s_origin[2];
 
   // 2. max radius
   double r2 = 0.0;
@@ -78,7 +78,7 @@ btp_normalize(const float* __restrict__ points,  // [B, N, 3]
     if (lane == 0) s_scale = sqrt(v);
   }
   __syncthreads();
-  const double scale = s_scale;  // 0 for a degenerate cloud: the host checks centre_scale[3]
+  const double scale = s_scale;  // 0 for a degenerate cloud: the host checks origin_scale[3]
 
   // 3. write
   for (int j = tid; j < n_points; j += blockDim.x) {
@@ -87,9 +87,9 @@ btp_normalize(const float* __restrict__ points,  // [B, N, 3]
     out[3 * j + 2] = (float)__ddiv_rn(__dsub_rn((double)pts[3 * j + 2], cz), scale);
   }
   if (tid == 0) {
-    centre_scale[4 * b] = (float)cx;
-    centre_scale[4 * b + 1] = (float)cy;
-    centre_scale[4 * b + 2] = (float)cz;
-    centre_scale[4 * b + 3] = (float)scale;
+    origin_scale[4 * b] = (float)cx;
+    origin_scale[4 * b + 1] = (float)cy;
+    origin_scale[4 * b + 2] = (float)cz;
+    origin_scale[4 * b + 3] = (float)scale;
   }
 }

@@ -98,14 +98,14 @@ def enqueue_fps(dev: Device, points, batch: int, n_points: int, n_samples: int, 
     return out_idx
 
 
-def enqueue_normalize(dev: Device, points, batch: int, n_points: int, out=None, centre_scale=None,
+def enqueue_normalize(dev: Device, points, batch: int, n_points: int, out=None, origin_scale=None,
                       blocks: BlockSizes = BlockSizes()):
-    """points float32 [B, N, 3] -> (normed float32 [B, N, 3], centre_scale float32 [B, 4])."""
+    """points float32 [B, N, 3] -> (normed float32 [B, N, 3], origin_scale float32 [B, 4])."""
     check_sizes(n_points)
     out = dev.empty((batch, n_points, 3), np.float32) if out is None else out
-    centre_scale = dev.empty((batch, 4), np.float32) if centre_scale is None else centre_scale
-    dev.launch("btp_normalize", normalize_launch(batch, blocks.fps), points, n_points, out, centre_scale)
-    return out, centre_scale
+    origin_scale = dev.empty((batch, 4), np.float32) if origin_scale is None else origin_scale
+    dev.launch("btp_normalize", normalize_launch(batch, blocks.fps), points, n_points, out, origin_scale)
+    return out, origin_scale
 
 
 def enqueue_gather(dev: Device, src, idx, batch: int, n_src: int, n_idx: int, n_channels: int,
@@ -142,7 +142,7 @@ def enqueue_knn_group(dev: Device, points, colors, center_idx, batch: int, n_poi
 def enqueue_group(dev: Device, points, colors, batch: int, n_points: int, n_groups: int, k: int,
                   n_channels: int, rgb_fill: float, start_idx, out: DeviceGroups | None = None,
                   fps_workspace=None, blocks: BlockSizes = BlockSizes()) -> DeviceGroups:
-    """FPS centres then kNN grouping, both on the device: the PointBERT `Group` of a batch."""
+    """FPS centers then kNN grouping, both on the device: the PointBERT `Group` of a batch."""
     center_idx = enqueue_fps(dev, points, batch, n_points, n_groups, start_idx,
                              out_idx=None if out is None else out.center_idx, workspace=fps_workspace,
                              blocks=blocks)
@@ -154,9 +154,9 @@ def enqueue_propagate(dev: Device, patch_scores, patch_idx, center, points, batc
                       n_points: int, n_groups: int, k: int, out=None, sums=None, counts=None,
                       blocks: BlockSizes = BlockSizes(), point_scores=None):
     """patch_scores [B, G], patch_idx int32 [B, G, K], center [B, G, 3], points [B, N, 3]
-    -> point_scores float32 [B, N]: mean over containing patches, else nearest centre's score.
+    -> point_scores float32 [B, N]: mean over containing patches, else nearest center's score.
     ``point_scores [B, G, K]`` (a model with per-point scores): each point's mean of its own
-    scores in the patches that contain it; uncovered points still take the centre's patch score."""
+    scores in the patches that contain it; uncovered points still take the center's patch score."""
     sums = dev.empty((batch, n_points), np.float32) if sums is None else sums
     counts = dev.empty((batch, n_points), np.int32) if counts is None else counts
     out = dev.empty((batch, n_points), np.float32) if out is None else out
@@ -202,14 +202,14 @@ def _start_array(start_idx, batch: int, n_points: int) -> np.ndarray:
 
 
 def normalize(dev: Device, points, blocks: BlockSizes = BlockSizes()):
-    """As btp.geometry.normalize: points [N, 3] -> (normed float32 [N, 3], centre float32 [3],
+    """As btp.geometry.normalize: points [N, 3] -> (normed float32 [N, 3], center float32 [3],
     scale float); with [B, N, 3] -> ([B, N, 3], [B, 3], float32 [B])."""
     pts, single = _batched_points(points)
-    normed, centre_scale = enqueue_normalize(dev, dev.upload(pts), pts.shape[0], pts.shape[1], blocks=blocks)
-    normed, centre_scale = dev.download(normed), dev.download(centre_scale)
+    normed, origin_scale = enqueue_normalize(dev, dev.upload(pts), pts.shape[0], pts.shape[1], blocks=blocks)
+    normed, origin_scale = dev.download(normed), dev.download(origin_scale)
     if single:
-        return normed[0], centre_scale[0, :3], float(centre_scale[0, 3])
-    return normed, centre_scale[:, :3], centre_scale[:, 3]
+        return normed[0], origin_scale[0, :3], float(origin_scale[0, 3])
+    return normed, origin_scale[:, :3], origin_scale[:, 3]
 
 
 def fps(dev: Device, points, n_samples: int, start_idx=0, blocks: BlockSizes = BlockSizes()) -> np.ndarray:

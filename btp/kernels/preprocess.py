@@ -4,7 +4,7 @@ Data flow of one scan (every arrow is a kernel on the device's stream; the only 
 the raw upload and whatever the caller downloads at the end):
 
     raw [M, 3] --FPS(N, fps_start)--> sample_idx [N] --gather--> sampled [N, 3] (raw frame)
-      --normalize--> normed [N, 3] (+ centre, scale) --FPS(G)+kNN(K)+gather--> neighborhood
+      --normalize--> normed [N, 3] (+ origin, scale) --FPS(G)+kNN(K)+gather--> neighborhood
       [1, G, K, C], center [1, G, 3]  (written straight into the engine's input buffers)
     engine patch scores [1, G] --scatter/mean--> point scores [1, N] --nearest--> raw scores [M]
 
@@ -42,7 +42,7 @@ class DeviceScan:
     sample_idx: Any        # int32 [1, N] into the raw scan
     sampled_xyz: Any       # float32 [1, N, 3], raw frame
     normed_xyz: Any        # float32 [1, N, 3], model frame
-    centre_scale: Any      # float32 [1, 4]
+    origin_scale: Any      # float32 [1, 4]
     groups: ops.DeviceGroups
 
 
@@ -75,7 +75,7 @@ class GpuPreprocessor:
         self._sampled = dev.empty((1, n, 3), np.float32)
         self._sampled_colors = dev.empty((1, n, 3), np.float32)
         self._normed = dev.empty((1, n, 3), np.float32)
-        self._centre_scale = dev.empty((1, 4), np.float32)
+        self._origin_scale = dev.empty((1, 4), np.float32)
         self._fps_ws_n = dev.empty((1, n), np.float32)
         self._groups = ops.DeviceGroups(dev.empty((1, g), np.int32), dev.empty((1, g, k), np.int32),
                                         dev.empty((1, g, k), np.float32), dev.empty((1, g, k, c), np.float32),
@@ -91,7 +91,7 @@ class GpuPreprocessor:
     def check_config(cfg) -> None:
         """NotAvailableError when the kernels cannot run this BTPConfig's rules: they implement
         btp's own preprocessing (normalise after sampling, fixed FPS start, uncovered points ->
-        nearest centre, nearest-point interpolation)."""
+        nearest center, nearest-point interpolation)."""
         p = cfg.preprocess
         unsupported = [f"{name}={value!r}" for name, value, ours in (
             ("preprocess.normalize", p.normalize, "unit_sphere"),
@@ -160,14 +160,14 @@ class GpuPreprocessor:
             ops.enqueue_gather(dev, dev.upload(col[None], out=self._raw_colors), self._sample_idx, 1, n_raw, n, 3,
                                out=self._sampled_colors, blocks=blocks)
             sampled_colors = self._sampled_colors
-        ops.enqueue_normalize(dev, self._sampled, 1, n, out=self._normed, centre_scale=self._centre_scale,
+        ops.enqueue_normalize(dev, self._sampled, 1, n, out=self._normed, origin_scale=self._origin_scale,
                               blocks=blocks)
         groups = self._groups if out is None else out
         groups = ops.enqueue_group(dev, self._normed, sampled_colors, 1, n, self.num_group, self.group_size, c,
                                    self.rgb_fill, self._start, out=groups._replace(center_idx=self._groups.center_idx),
                                    fps_workspace=self._fps_ws_n, blocks=blocks)
         self._last = DeviceScan(n_raw=n_raw, n_points=n, raw_xyz=raw_dev, sample_idx=self._sample_idx,
-                                sampled_xyz=self._sampled, normed_xyz=self._normed, centre_scale=self._centre_scale,
+                                sampled_xyz=self._sampled, normed_xyz=self._normed, origin_scale=self._origin_scale,
                                 groups=groups)
         return self._last
 
@@ -198,24 +198,24 @@ class GpuPreprocessor:
 
     # ---- numpy conveniences ------------------------------------------------------------------
 
-    def centre_scale(self, scan: DeviceScan | None = None) -> tuple[np.ndarray, float]:
-        """(centre float32 [3], scale) of a prepared scan; DegenerateCloudError when scale is 0."""
+    def origin_scale(self, scan: DeviceScan | None = None) -> tuple[np.ndarray, float]:
+        """(origin float32 [3], scale) of a prepared scan; DegenerateCloudError when scale is 0."""
         scan = scan or self._require()
-        centre_scale = self.device.download(scan.centre_scale)[0]
-        if not centre_scale[3] > 0:
+        origin_scale = self.device.download(scan.origin_scale)[0]
+        if not origin_scale[3] > 0:
             raise DegenerateCloudError(f"normalize: all {scan.n_points} sampled points coincide (max radius 0); "
                                        "check the scan")
-        return centre_scale[:3].copy(), float(centre_scale[3])
+        return origin_scale[:3].copy(), float(origin_scale[3])
 
     def download_prepared(self, scan: DeviceScan | None = None) -> Prepared:
         """The device buffers of a prepared scan as the CPU chain's ``Prepared`` (numpy)."""
         scan = scan or self._require()
         dev, n = self.device, scan.n_points
-        centre, scale = self.centre_scale(scan)
+        origin, scale = self.origin_scale(scan)
         return Prepared(
             raw_points=dev.download(scan.raw_xyz)[0, :scan.n_raw],
             sample_idx=dev.download(scan.sample_idx)[0, :n].astype(np.int64),
-            points=dev.download(scan.normed_xyz)[0, :n], origin=centre, scale=scale,
+            points=dev.download(scan.normed_xyz)[0, :n], origin=origin, scale=scale,
             center_idx=dev.download(scan.groups.center_idx)[0].astype(np.int64),
             patch_idx=dev.download(scan.groups.patch_idx)[0].astype(np.int64),
             neighborhood=dev.download(scan.groups.neighborhood)[0], center=dev.download(scan.groups.center)[0])

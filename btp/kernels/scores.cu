@@ -28,7 +28,7 @@ btp_scatter_patch_scores(const float* __restrict__ values,        // [B, G] or [
 }
 
 // point_scores[b, p] = sums / counts where the point is in some patch; otherwise the score of
-// its nearest centre (dist2 rule, lowest centre index on ties). One thread per point.
+// its nearest center (dist2 rule, lowest center index on ties). One thread per point.
 extern "C" __global__ void __launch_bounds__(256)
 btp_finish_point_scores(const float* __restrict__ sums,          // [B, N]
                         const int* __restrict__ counts,          // [B, N]
@@ -53,7 +53,7 @@ btp_finish_point_scores(const float* __restrict__ sums,          // [B, N]
   int best_g = 0;
   for (int g = 0; g < n_groups; ++g) {
     const float d = btp_dist2(px, py, pz, cen[3 * g], cen[3 * g + 1], cen[3 * g + 2]);
-    if (d < best_d) {  // strict: the lowest centre index wins ties
+    if (d < best_d) {  // strict: the lowest center index wins ties
       best_d = d;
       best_g = g;
     }

@@ -44,7 +44,7 @@ def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def local_frame(patch_xyz: torch.Tensor, scale: float) -> torch.Tensor:
-    """Patch xyz [B,G,K,3] -> the same points centred on the patch mean, in the patch's principal
+    """Patch xyz [B,G,K,3] -> the same points centered on the patch mean, in the patch's principal
     axes (largest, middle, smallest variance), each axis signed so the third moment is >= 0, times
     ``scale``. Invariant to the patch's position and rotation (and to reflections)."""
     x = (patch_xyz - patch_xyz.mean(dim=2, keepdim=True)) * scale  # [B, G, K, 3]
@@ -121,7 +121,7 @@ class _PatchGeometry(NamedTuple):
     normal: torch.Tensor  # the finest width's unit normal [B, G, K, 3] (sign arbitrary)
     centroid: torch.Tensor  # the patch mean [B, G, 1, 3]
     radius: torch.Tensor  # the patch points' mean distance to it [B, G, 1, 1]
-    unit: torch.Tensor  # the patch centred on its mean, in units of its radius [B, G, K, 3]
+    unit: torch.Tensor  # the patch centered on its mean, in units of its radius [B, G, K, 3]
 
 
 def _point_geometry_parts(patch_xyz: torch.Tensor, widths: tuple[float, ...]) -> _PatchGeometry:
@@ -173,12 +173,12 @@ def _gather_patches(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def context_geometry(patch_xyz: torch.Tensor, center: torch.Tensor, context: torch.Tensor, widths: tuple[float, ...],
                      own: _PatchGeometry) -> torch.Tensor:
     """Geometry of every point of every patch over a neighbourhood wider than its patch: patch xyz
-    [B,G,K,3], centres [B,G,3], ``context`` [B,G,C] the indices of each patch's C nearest patches
+    [B,G,K,3], centers [B,G,3], ``context`` [B,G,C] the indices of each patch's C nearest patches
     (itself included), ``own`` the patches' ``_point_geometry_parts`` -> [B,G,K,10 per width],
     invariant to position, rotation and scale.
 
     The neighbourhood is the cores of the context patches, a core being the K/4 points of a patch
-    nearest its centre: each point lies in about four patches, so the cores cover the surface
+    nearest its center: each point lies in about four patches, so the cores cover the surface
     about once, and 8 context patches give 64 points, the learned baseline's wide neighbourhood.
     The points are weighted by exp(-d^2 / (2 (w r)^2)), r the patch's mean radius as in
     ``point_geometry``. From its
@@ -186,15 +186,15 @@ def context_geometry(patch_xyz: torch.Tensor, center: torch.Tensor, context: tor
     plane (in the neighbourhood's rms radius), density (mass over the patch's mean of it); the
     bend of the point's finest in-patch normal against the wide one (1 - |cos|); and the point's
     finest in-patch shape (``own.shape``) minus its weighted mean over the neighbourhood - the
-    learned baseline's "relative to the 64 nearest" features, centred on the point instead of
+    learned baseline's "relative to the 64 nearest" features, centered on the point instead of
     cut at its patch's edge.
     """
     with torch.no_grad():
         b, g, k, _ = patch_xyz.shape
         x, local_shape = own.unit, own.shape  # [B, G, K, 3], [B, G, K, 4]
         rows = torch.cat([patch_xyz, local_shape], dim=-1)  # [B, G, K, 7]
-        to_centre = (patch_xyz - center.unsqueeze(2)).pow(2).sum(-1)  # [B, G, K]
-        core = to_centre.topk(k // 4, dim=-1, largest=False).indices  # [B, G, K/4]; K >= 4 (config)
+        to_center = (patch_xyz - center.unsqueeze(2)).pow(2).sum(-1)  # [B, G, K]
+        core = to_center.topk(k // 4, dim=-1, largest=False).indices  # [B, G, K/4]; K >= 4 (config)
         core = torch.gather(rows, 2, core.unsqueeze(-1).expand(-1, -1, -1, rows.shape[-1]))  # [B, G, K/4, 7]
         ctx = _gather_patches(core, context)  # [B, G, C K/4, 7]
         y = (ctx[..., :3] - own.centroid) / own.radius
@@ -255,7 +255,7 @@ class GFCM(nn.Module):
         # patch_xyz [B, G, K, 3] absolute coordinates; center [B, G, 3] (needed when context_k > 0)
         if self.context_k:
             if center is None:
-                raise ValueError("GFCM with context_k > 0 needs the patch centres")
+                raise ValueError("GFCM with context_k > 0 needs the patch centers")
             dist = torch.cdist(center, center)  # [B, G, G]
             nearest = dist.topk(self.context_k, dim=-1, largest=False)  # self included
         view = local_frame(patch_xyz, self.local_scale) if self.frame == "local" else patch_xyz

@@ -6,7 +6,7 @@
 
 Point logits are the patch logits propagated to the N points (mean over containing patches), or
 with per-point scores (``patch_point_logits``) the mean of each point's own logits in those patches;
-points in no patch take their nearest centre's logit, whatever ``scoring.uncovered_points`` says
+points in no patch take their nearest center's logit, whatever ``scoring.uncovered_points`` says
 (its "zero" is a probability of 0, which has no finite logit).
 The geometric term is InfoNCE (temperature cfg.gfcm.temperature) by default; cosine and MSE
 are the alternatives (cfg.gfcm.loss).
@@ -88,7 +88,7 @@ def btp_loss(
     outputs: BTPModel.forward's dict (`patch_logits [B,G]`, `global_logit [B]`, `geo_desc [B,G,33]`).
     batch:   `patch_idx [B,G,K]` int64, `point_labels [B,N]` (0/1), `object_label [B]` (0/1);
              `points [B,N,3]` + `center [B,G,3]` (needed when points lie in no patch: they take
-             their nearest centre's logit) and optional `fpfh [B,G,33]` (without it the geometric
+             their nearest center's logit) and optional `fpfh [B,G,33]` (without it the geometric
              term is 0).
     object_alpha: the a of the global term (pass cfg.scoring.object_alpha).
     point_top_k: with ``cfg.object_term == "points-top"``, how many per-point logits

@@ -26,7 +26,7 @@ def point_logits_from_patches(
     ``point_values [B, G, K]`` (a model with per-point scores, ``patch_point_logits``): each point
     takes the mean of its own values in the patches that contain it instead.
     Points in no patch (``uncovered``): ``"nearest_center"`` takes the value of the patch whose
-    centre is nearest (float32 ``(dx*dx + dy*dy) + dz*dz``, ties -> lowest centre index, as
+    center is nearest (float32 ``(dx*dx + dy*dy) + dz*dz``, ties -> lowest center index, as
     ``btp.geometry.knn``; needs ``points [B, N, 3]`` and ``center [B, G, 3]``); ``"zero"`` gives 0
     (on probabilities: the official BTP-3DAD rule). Differentiable w.r.t. patch_logits.
     """
@@ -55,5 +55,5 @@ def point_logits_from_patches(
     rows, cols = torch.nonzero(~covered, as_tuple=True)  # [U]
     d = points[rows, cols].to(torch.float32)[:, None, :] - center[rows].to(torch.float32)  # [U, G, 3]
     dist2 = (d[..., 0] * d[..., 0] + d[..., 1] * d[..., 1]) + d[..., 2] * d[..., 2]  # [U, G]
-    nearest = dist2.argmin(dim=1)  # the first minimum: the lowest centre index on a tie
+    nearest = dist2.argmin(dim=1)  # the first minimum: the lowest center index on a tie
     return point_logits.index_put((rows, cols), patch_logits[rows, nearest])

@@ -103,7 +103,7 @@ class DeviceChain:
                 scan = kernels.prepare(raw, out=out)
             else:
                 scan = kernels.prepare(raw)
-            kernels.centre_scale(scan)  # DegenerateCloudError for a scan whose points coincide (syncs)
+            kernels.origin_scale(scan)  # DegenerateCloudError for a scan whose points coincide (syncs)
             if not self.resident:
                 neighborhood = dev.download(scan.groups.neighborhood)  # [1, G, K, C]
                 center = dev.download(scan.groups.center)  # [1, G, 3]

@@ -32,7 +32,7 @@ from btp.geometry.prepare import Prepared, check_scan, engine_batch, min_points,
 from btp.geometry.sampling import DOWNSAMPLE_METHODS, canonical_order
 from btp.geometry.scores import object_score
 from btp.io import PointCloud, read_point_cloud
-from btp.io.pointcloud import centred
+from btp.io.pointcloud import centered
 from btp.runtime.backends import make_backend
 from btp.runtime.device import DeviceChain, PreprocessError, resolve_preprocess
 from btp.runtime.guided import GuidedResult, ReferenceSet
@@ -55,7 +55,7 @@ class Result:
     sampled_scores  float32 [N]    their scores before interpolation
     row_mask        bool [R]       which rows of the file were kept (None = all)
     offset          float64 [3]    points + offset = the scan's own coordinates, when a float64 scan
-                                   was centred before the float32 cast (None: points are the scan's)
+                                   was centered before the float32 cast (None: points are the scan's)
     reference       GuidedResult   with ``Pipeline(..., reference=...)``: the part, registration,
                                    reference and fused maps, the part's decision (btp.runtime.guided)
     """
@@ -244,19 +244,19 @@ def load(source, cfg) -> tuple[PointCloud, list[str]]:
     """A path (any ``btp.io`` format), a ``PointCloud`` or an array [M, 3] -> (PointCloud, the
     warnings ``btp.io`` raised, e.g. dropped NaN rows, as text). A file with fewer than max(G, K)
     finite points fails (InvalidValuesError / TooFewPointsError, naming the file). Float64
-    coordinates are centred in float64 before the float32 cast (``btp.io.pointcloud.centred``), so
+    coordinates are centered in float64 before the float32 cast (``btp.io.pointcloud.centered``), so
     a part far from the origin scores as the same part at the origin."""
     if isinstance(source, PointCloud):
         return source, []
     if not isinstance(source, (str, Path)):
         points = np.asarray(source)
         if points.ndim == 2 and points.shape[1:] == (3,) and points.dtype == np.float64 and np.isfinite(points).all():
-            points, offset = centred(points)
+            points, offset = centered(points)
             return PointCloud(points, offset=offset), []
         return PointCloud(points), []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cloud = read_point_cloud(source, min_points=min_points(cfg), centre=True)
+        cloud = read_point_cloud(source, min_points=min_points(cfg), center=True)
     return cloud, [str(w.message) for w in caught]
 
 

@@ -12,7 +12,7 @@ k-d tree (pykdtree) for the spacing, scipy for the links and their connected com
 Memory stays bounded on huge hot sets (a 5M-point scan of an untrained model can be half hot):
 beyond MAX_LINKED hot points an evenly strided subset of MAX_LINKED is linked, with the radius
 widened by sqrt(hot / MAX_LINKED) (a surface sample's spacing grows with the square root of the
-thinning), and every hot point joins the region of its nearest linked point - counts, centres,
+thinning), and every hot point joins the region of its nearest linked point - counts, centers,
 extents, peaks and means still cover every hot point.
 """
 from __future__ import annotations

@@ -76,7 +76,7 @@ def write_cloud_asset(path: Path, stem: str, points: np.ndarray, scores: np.ndar
                       truth: np.ndarray | None = None, maps: dict[str, np.ndarray] | None = None,
                       reference_threshold: float | None = None) -> Path:
     """``window.BTP_CLOUDS[stem] = {n, xyz (float32 base64), rgb (uint8 base64), axes, truth}``: the
-    points centred, turned into the frame of the first view of ``btp.runtime.views.view_axes``
+    points centered, turned into the frame of the first view of ``btp.runtime.views.view_axes``
     (right, up, towards the camera: a camera on +z sees that view) and scaled to unit radius -
     display only; ``axes``: the scan's x, y, z unit vectors in that frame; ``truth``: one byte per
     point, 1 for a known defect point (only with ``truth``); ``maps``: {"fused": rgb, "deviation": rgb}
@@ -92,10 +92,10 @@ def write_cloud_asset(path: Path, stem: str, points: np.ndarray, scores: np.ndar
         pts, sc = pts[keep], sc[keep]
         gt = None if gt is None else gt[keep]
         maps = None if maps is None else {k: np.asarray(v)[keep] for k, v in maps.items()}
-    centred = (pts - pts.mean(axis=0)).astype(np.float64)
+    centered = (pts - pts.mean(axis=0)).astype(np.float64)
     _, d, u, v = view_axes(pts, sc)[0]
     frame = np.stack([u, v, d], axis=1)  # columns: display x, y, z
-    shown = centred @ frame
+    shown = centered @ frame
     radius = float(np.linalg.norm(shown, axis=1).max()) or 1.0
     xyz = (shown / radius).astype("<f4")
     payload = {"n": int(len(xyz)), "xyz": base64.b64encode(xyz.tobytes()).decode(),

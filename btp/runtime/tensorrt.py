@@ -263,7 +263,7 @@ SCORING_TENSORS = ("patch_embed",)
 _HEAD_SCOPE = re.compile(r"(^|/)mgfem[/.]")
 # ops directly in GFCM's scope (/gfcm/Mul_3, not /gfcm/convs/...): the local frame's and the
 # in-patch geometry's covariances and closed-form 3x3 eigen-solves (acos/cos of near-equal
-# eigenvalues, cubes of small scales) and the context's centre distances. FP16's 11-bit mantissa
+# eigenvalues, cubes of small scales) and the context's center distances. FP16's 11-bit mantissa
 # and 6e-5 smallest normal put them at risk (not measured on TensorRT here); they are small
 # element-wise ops, so FP32 costs little.
 _GEOMETRY_OP = re.compile(r"(^|/)gfcm/[A-Za-z][^/]*$")

@@ -12,8 +12,8 @@ def principal_axes(points: np.ndarray) -> np.ndarray:
     """[3, 3] rows e1, e2, e3: the part's principal axes, longest extent first, each signed so that
     its largest component is positive (deterministic), e3 = e1 x e2 (a right-handed frame)."""
     pts = np.asarray(points, dtype=np.float64)
-    centred = pts - pts.mean(axis=0)
-    _, vecs = np.linalg.eigh(centred.T @ centred)
+    centered = pts - pts.mean(axis=0)
+    _, vecs = np.linalg.eigh(centered.T @ centered)
     axes = vecs[:, ::-1].T.copy()
     for a in axes[:2]:
         if a[np.argmax(np.abs(a))] < 0:
@@ -36,13 +36,13 @@ def view_axes(points: np.ndarray, scores: np.ndarray) -> list[tuple[str, np.ndar
     (p.u, p.v), depth p.d (the camera on d's side looking back at the part: depth grows towards it)."""
     pts = np.asarray(points, dtype=np.float64)
     sc = np.asarray(scores, dtype=np.float64)
-    centre = pts.mean(axis=0)
+    center = pts.mean(axis=0)
     axes = principal_axes(pts)
     w = np.clip(sc - np.median(sc), 0, None) if len(sc) else np.zeros(0)
     cut = np.quantile(w, 0.99) if w.any() else 0.0
     if cut > 0:  # more than 1 % above the median: keep the top 1 %
         w = np.where(w >= cut, w, 0.0)
-    hot = (w[:, None] * (pts - centre)).sum(axis=0) / w.sum() if w.any() else np.zeros(3)
+    hot = (w[:, None] * (pts - center)).sum(axis=0) / w.sum() if w.any() else np.zeros(3)
     signs = np.where(axes @ hot < 0, -1.0, 1.0)
     e1, e2, e3 = axes * signs[:, None]
 

@@ -6,7 +6,7 @@ Everything is computed once per dataset and cached as ``.npz`` under the run's c
 - pre-training pool: ``pool_points`` area-weighted surface points per training mesh [S, P, 3];
   every step draws ``num_points`` of them, rotates them randomly, and groups them (FPS + kNN).
 - BTP samples: synthetic-defect clouds (btp.train.synth) on training meshes, preprocessed
-  exactly like the runtime does (FPS to N, unit-sphere normalisation, FPS centres + kNN
+  exactly like the runtime does (FPS to N, unit-sphere normalisation, FPS centers + kNN
   patches), with per-point labels and the FPFH target of every patch.
 """
 from __future__ import annotations

@@ -3,9 +3,9 @@
 No ULIP-2 weights exist here, so the default model's encoder is trained from scratch by:
 
 1. **Masked point modelling** (BERT-style masking at the input): a random ``mask_ratio`` of the
-   patches get their centred xyz replaced by zeros (their centre - the positional input - stays);
+   patches get their centered xyz replaced by zeros (their center - the positional input - stays);
    a small head Linear(T,256)-GELU-Linear(256,K*3) on the final patch tokens predicts the K
-   centred points of every masked patch; loss = symmetric Chamfer (squared L2) on xyz x 10
+   centered points of every masked patch; loss = symmetric Chamfer (squared L2) on xyz x 10
    (patches have radius ~0.1 in the unit sphere; x10 brings the loss to O(1)).
 2. **Text alignment** of the global embedding (``pc_projection`` output, D = text width): InfoNCE
    (temperature 0.07) of each cloud against the frozen MiniLM embeddings of one description per

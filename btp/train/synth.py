@@ -11,7 +11,7 @@ Torch-free (numpy, scipy, open3d). One sample is made in this order:
 
 Defects (`DEFECT_TYPES`), sizes relative to the object size = bounding-box diagonal:
 
-- ``bulge`` / ``dent``: points near a centre move along the centre's normal by
+- ``bulge`` / ``dent``: points near a center move along the center's normal by
   ``h * (1 - t^2)^2`` (t = distance / radius), h = +-1..5 %; labelled where the move exceeds
   ``label_threshold``. The radius is solved so the labelled share hits a random target.
 - ``hole``: material inside a ball is removed; the rim (a ring of ~2 point spacings) is labelled.
@@ -198,16 +198,16 @@ def _falloff(t: np.ndarray) -> np.ndarray:
     return (1.0 - t * t) ** 2
 
 
-def _same_side(d: _Dense, centre: int, cos_min: float = 0.2) -> np.ndarray:
-    """Points whose normal agrees with the centre's (keeps a defect off a thin part's back face)."""
-    return d.normals @ d.normals[centre] > cos_min
+def _same_side(d: _Dense, center: int, cos_min: float = 0.2) -> np.ndarray:
+    """Points whose normal agrees with the center's (keeps a defect off a thin part's back face)."""
+    return d.normals @ d.normals[center] > cos_min
 
 
-def _displace(d: _Dense, centre: int, height: float, target: int, cfg: SynthConfig, rng):
+def _displace(d: _Dense, center: int, height: float, target: int, cfg: SynthConfig, rng):
     """Bulge (height > 0) or dent (< 0): radius solved so exactly `target` points move > threshold."""
-    n_c = d.normals[centre]
-    dist = np.linalg.norm(d.points - d.points[centre], axis=1)
-    cand = np.flatnonzero(_same_side(d, centre))
+    n_c = d.normals[center]
+    dist = np.linalg.norm(d.points - d.points[center], axis=1)
+    cand = np.flatnonzero(_same_side(d, center))
     order = cand[np.argsort(dist[cand], kind="stable")]
     thr = cfg.label_threshold * d.size
     t_star = np.sqrt(1.0 - np.sqrt(thr / abs(height)))  # falloff(t_star) * |h| == thr
@@ -220,9 +220,9 @@ def _displace(d: _Dense, centre: int, height: float, target: int, cfg: SynthConf
     return points, labels, np.ones(len(points), bool), {"radius": float(radius / d.size), "height": float(height / d.size)}
 
 
-def _line_cut(d: _Dense, centre: int, depth: float, target: int, cfg: SynthConfig, rng, *, kind: str):
-    """Crack / groove: a curved line through the centre, cut in along the centre normal."""
-    n_c = d.normals[centre]
+def _line_cut(d: _Dense, center: int, depth: float, target: int, cfg: SynthConfig, rng, *, kind: str):
+    """Crack / groove: a curved line through the center, cut in along the center normal."""
+    n_c = d.normals[center]
     helper = np.eye(3)[np.argmin(np.abs(n_c))]
     t_dir = np.cross(n_c, helper)
     t_dir /= np.linalg.norm(t_dir)
@@ -231,16 +231,16 @@ def _line_cut(d: _Dense, centre: int, depth: float, target: int, cfg: SynthConfi
     b_dir = np.cross(n_c, t_dir)
     aspect = rng.uniform(12, 30) if kind == "crack" else rng.uniform(4, 10)  # length / width
     bend = rng.uniform(-1, 1)  # curvature of the line, in units of 1/length
-    rel = d.points - d.points[centre]
+    rel = d.points - d.points[center]
     along, across = rel @ t_dir, rel @ b_dir
     dist = np.linalg.norm(rel, axis=1)
-    side = _same_side(d, centre, 0.0)
+    side = _same_side(d, center, 0.0)
     thr = cfg.label_threshold * d.size
 
     def cut(width: float) -> np.ndarray:
         half_len = 0.5 * aspect * width
         s = along / half_len
-        off = across - bend * half_len * s * s  # curved centre line
+        off = across - bend * half_len * s * s  # curved center line
         profile = _falloff(np.abs(off) / width) if kind == "groove" else np.clip(1 - np.abs(off) / width, 0, 1)
         taper = np.clip((1.0 - np.abs(s)) / 0.25, 0.0, 1.0)  # ends fade out over the last quarter
         taper = taper * taper * (3 - 2 * taper)
@@ -255,9 +255,9 @@ def _line_cut(d: _Dense, centre: int, depth: float, target: int, cfg: SynthConfi
                                                        "length": aspect * width / d.size}
 
 
-def _hole(d: _Dense, centre: int, depth: float, target: int, cfg: SynthConfig, rng):
+def _hole(d: _Dense, center: int, depth: float, target: int, cfg: SynthConfig, rng):
     """Missing material: points in a ball are removed, the rim around it is labelled."""
-    dist = np.linalg.norm(d.points - d.points[centre], axis=1)
+    dist = np.linalg.norm(d.points - d.points[center], axis=1)
     rim_points = rng.uniform(1.5, 2.5) * d.spacing  # at least a couple of point spacings ...
     rim_ratio = rng.uniform(0.25, 0.5)  # ... and a share of the radius, so big rims mean wider holes, not huge ones
 
@@ -279,10 +279,10 @@ def _hole(d: _Dense, centre: int, depth: float, target: int, cfg: SynthConfig, r
     return d.points.copy(), labels, keep, {"radius": radius / d.size, "rim": rim_width / d.size}
 
 
-def _broken(d: _Dense, centre: int, depth: float, target: int, cfg: SynthConfig, rng):
-    """A broken-off piece: cut by a plane near the centre's extremity, fracture face filled in."""
+def _broken(d: _Dense, center: int, depth: float, target: int, cfg: SynthConfig, rng):
+    """A broken-off piece: cut by a plane near the center's extremity, fracture face filled in."""
     centroid = d.points.mean(axis=0)
-    axis = d.points[centre] - centroid
+    axis = d.points[center] - centroid
     axis = axis / max(np.linalg.norm(axis), 1e-12) + 0.3 * rng.normal(size=3)
     axis /= np.linalg.norm(axis)
     height = d.points @ axis  # [M]
@@ -365,8 +365,8 @@ def _dense_cloud(shape: ShapeSurface, cfg: SynthConfig, rng: np.random.Generator
         view = rng.normal(size=3)
         view /= np.linalg.norm(view)
         points, normals = shape.sample(n_dense * 3, rng)
-        centre = points.mean(axis=0)
-        camera = centre + view * 1.5 * shape.size
+        center = points.mean(axis=0)
+        camera = center + view * 1.5 * shape.size
         cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points))
         _, visible = cloud.hidden_point_removal(camera, shape.size * 100.0)
         visible = np.sort(np.asarray(visible, dtype=np.int64))
@@ -389,9 +389,9 @@ def _finish(points: np.ndarray, labels: np.ndarray, shape: ShapeSurface, cfg: Sy
     axis /= np.linalg.norm(axis)
     angle = np.deg2rad(rng.uniform(0, cfg.pose_deg))
     rot = _rotation(axis, angle)
-    centre = points.mean(axis=0)
+    center = points.mean(axis=0)
     shift = rng.uniform(-cfg.pose_shift, cfg.pose_shift, size=3) * shape.size
-    points = (points - centre) @ rot.T + centre + shift
+    points = (points - center) @ rot.T + center + shift
     if cfg.noise > 0:
         points = points + rng.normal(scale=cfg.noise * shape.size, size=points.shape)
     return points.astype(np.float32), labels.astype(np.int64)
@@ -429,12 +429,12 @@ class Defect:
 
 def apply_defect(points: np.ndarray, normals: np.ndarray, kind: str, rng: np.random.Generator,
                  cfg: SynthConfig = SynthConfig(), *, size: float | None = None,
-                 target_frac: float | None = None, centre: int | None = None) -> Defect:
+                 target_frac: float | None = None, center: int | None = None) -> Defect:
     """Put one defect of `kind` on a clean cloud `points` [M,3] with unit `normals` [M,3].
 
     `size` = object size (default: the cloud's bounding-box diagonal); depth is drawn from
     cfg.depth_range, the labelled share aims at `target_frac` (drawn inside cfg.frac_range when
-    None), the defect centre is a random point unless given. Labels mark the points whose
+    None), the defect center is a random point unless given. Labels mark the points whose
     geometry changed by more than cfg.label_threshold * size (moved points, hole rims, the
     fracture face and the band along a break).
     """
@@ -444,19 +444,19 @@ def apply_defect(points: np.ndarray, normals: np.ndarray, kind: str, rng: np.ran
     nrm = np.asarray(normals, dtype=np.float64)
     size = float(np.linalg.norm(np.ptp(pts, axis=0))) if size is None else float(size)
     dense = _make_dense(pts, nrm, size)
-    return _apply(dense, kind, rng, cfg, target_frac, centre)
+    return _apply(dense, kind, rng, cfg, target_frac, center)
 
 
-def _apply(dense: _Dense, kind: str, rng, cfg: SynthConfig, target_frac=None, centre=None) -> Defect:
+def _apply(dense: _Dense, kind: str, rng, cfg: SynthConfig, target_frac=None, center=None) -> Defect:
     lo, hi = cfg.frac_range
     if target_frac is None:  # log-uniform, with a margin for the final random subset
         top = min(hi * 0.85, 0.03) if kind == "crack" else hi * 0.85  # a crack stays thin
         target_frac = float(np.exp(rng.uniform(np.log(lo * 1.4), np.log(top))))
     depth = float(rng.uniform(*cfg.depth_range)) * dense.size
-    centre = int(rng.integers(len(dense.points))) if centre is None else int(centre)
+    center = int(rng.integers(len(dense.points))) if center is None else int(center)
     target = max(1, int(round(target_frac * len(dense.points))))
-    points, labels, keep, params = _DEFECTS[kind](dense, centre, depth, target, cfg, rng)
-    params.update(target_frac=float(target_frac), centre=centre)
+    points, labels, keep, params = _DEFECTS[kind](dense, center, depth, target, cfg, rng)
+    params.update(target_frac=float(target_frac), center=center)
     return Defect(kind=kind, points=points, labels=labels, keep=keep, params=params)
 
 

@@ -44,9 +44,9 @@ int emu_btp_fps_wide_step(int gx, int gy, int bx, const float* points, int n_poi
 }
 
 int emu_btp_normalize(int gx, int gy, int bx, const float* points, int n_points, float* normed,
-                      float* centre_scale) {
+                      float* origin_scale) {
   return guarded([&] { emu::launch(dim3(gx, gy), dim3(bx), btp_normalize, points, n_points, normed,
-                                   centre_scale); });
+                                   origin_scale); });
 }
 
 int emu_btp_gather_rows(int gx, int gy, int bx, const float* src, const int* idx, int n_src,
