@@ -1,4 +1,4 @@
-"""The performance goals of issue 6, evaluated from one run's measurements. Pure (dicts in, Goals out).
+"""The performance goals, evaluated from one run's measurements. Pure (dicts in, Goals out).
 
 1. ORT CPU end-to-end >= 2x faster than PyTorch eager (default model, 2048-point scan, batch 1).
 2. Pre- + post-processing <= 10% of end-to-end (ORT CPU, 2048 points): (e2e - engine) / e2e.

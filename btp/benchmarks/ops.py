@@ -389,7 +389,7 @@ def ops_summary(rows: Sequence[OpRow], goal_ratio: float = 1.2) -> list[dict]:
 
     Libraries = every CPU implementation but ours and the numpy reference. "Same output" = the
     identical index set (FPS centers in any order / kNN rows). ``meets_goal`` = ours <=
-    goal_ratio x the best library of all (the issue's goal: approximate FPS counts too).
+    goal_ratio x the best library of all (approximate FPS counts too).
     """
     out = []
     keys = sorted({(r.op, r.n_points, r.n_groups) for r in rows})

@@ -21,7 +21,7 @@ import numpy as np
 
 FP16_UNIT_ROUNDOFF = 2.0 ** -11
 # relative error budget for FP16 logits: unit roundoff x 16 (a chain of ~16 rounded GEMM/norm
-# stages, each adding <= 1 u with linear worst-case growth); FP32 is held to issue 4's 1e-4.
+# stages, each adding <= 1 u with linear worst-case growth); FP32 is held to the export's parity limit, 1e-4.
 FP16_REL = 16 * FP16_UNIT_ROUNDOFF  # 0.0078
 FP32_ABS = 1e-4
 
@@ -130,7 +130,7 @@ def tolerances(precision: str, reference: Mapping[str, object], *, object_alpha:
                global_temperature: float = 0.07, object_labels=None, point_labels=None) -> tuple[Tolerance, ...]:
     """The tolerance of every check for a backend running at ``precision`` ("fp32" | "fp16" | "int8").
 
-    FP32: probabilities and scores to 1e-4 abs (issue 4's export parity), patch-embedding
+    FP32: probabilities and scores to 1e-4 abs (the export's parity limit), patch-embedding
     cosine >= 1 - 1e-5, metric deltas <= 1e-3, indices identical.
 
     FP16 (and INT8, same rule, stated as such): follows from the score scale of the reference.

@@ -49,7 +49,7 @@ from btp.runtime.metadata import META_KEY, build_metadata, output_names
 
 DEFAULT_MODEL = DEFAULT_MODEL_NAME
 TRT_OPS_FILE = Path(__file__).with_name("trt_onnx_ops.txt")
-PARITY_ATOL = 1e-4  # issue 4: max abs diff of probabilities and object score in FP32
+PARITY_ATOL = 1e-4  # max abs diff of probabilities and object score in FP32
 FP16_MAX = 65504.0
 
 

@@ -79,8 +79,7 @@ def knn(points, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
     sorted by (dist2, index). A row whose k-th distance is not safely below the farthest
     candidate's (a tie or a rounding near-tie at the boundary) is recomputed by brute force, so
     the result never depends on pykdtree's order among equal distances.
-    Measured on this 2-core box (median): N=2048, G=512, k=32: 1.4 ms (bare pykdtree query
-    0.9 ms, scipy cKDTree 2.4 ms); N=8192, G=512: 2.0 ms. pykdtree runs OpenMP threads
+    Its cost next to other kNN libraries: ``btp-bench ops``. pykdtree runs OpenMP threads
     (OMP_NUM_THREADS); on a CPU shared with other busy processes 1 thread gives steadier times.
     """
     return knn_candidates(points, queries, k, extra=_KNN_EXTRA)

@@ -157,9 +157,7 @@ def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto")
     - ``"auto"`` (default): ``"voxel"`` (a scan of M <= n points keeps all of them). Without fpsample
       (``_fpsample``) ``"bucket"`` runs as ``"voxel"``, and ``fps`` as ``fps_reference``.
 
-    Measured on this 2-core box (benchmarks/results/latency-*.md has the whole scan's cost), M =
-    400 000 points sampled from a real mesh (bunny) -> 2048, median ms: exact 1955, bucket 61,
-    voxel ~10 (downsampling and the raw-point map together).
+    Their costs on large scans: ``btp-bench latency`` (benchmarks/results/latency-*.md).
     """
     pts = as_points(points)
     n_points = pts.shape[0]

@@ -152,7 +152,7 @@ def cloud_from_array(points, *, min_points: int = 1, where: str | os.PathLike | 
 def _finite_rows(points: np.ndarray) -> np.ndarray:
     """bool [M]: rows whose three coordinates are finite. The common case (all finite) is settled
     by per-column min/max, which NaN and inf always reach; numpy's ``isfinite(...).all(axis=1)``
-    over an [M, 3] array is many times slower (5M points: ~40 ms)."""
+    over an [M, 3] array is many times slower."""
     columns = [points[:, i] for i in range(points.shape[1])]
     if all(np.isfinite(c.min()) and np.isfinite(c.max()) for c in columns):
         return np.ones(points.shape[0], dtype=bool)

@@ -267,10 +267,9 @@ def default_openmp_threads() -> bool:
     """Set ``OMP_NUM_THREADS=1`` for this process when it is unset; -> whether it was set here.
 
     The CPU chain's kNN and interpolation (pykdtree) run OpenMP threads, ONNX Runtime its own
-    intra-op pool: two pools on the same cores oversubscribe them. With one OpenMP thread the
-    2048-point e2e went 83.7 -> 45.1 ms at ORT's default threads on the shared 2-vCPU box (group
-    9.5 -> 1.3 ms; benchmarks/results/cpu-findings-2026-11-25.md, proposal 1); these queries are
-    ~1 ms at N = 2048, too small to gain from threads. An explicit OMP_NUM_THREADS is never
+    intra-op pool: two pools on the same cores oversubscribe them (the end-to-end and grouping
+    costs with and without: benchmarks/results/cpu-findings-2026-11-25.md, proposal 1); at
+    N = 2048 these queries are too small to gain from threads. An explicit OMP_NUM_THREADS is never
     overridden (e.g. ``OMP_NUM_THREADS=2`` on a dedicated edge box for 400k-point scans).
     OpenMP reads the variable when its runtime loads (the first pykdtree import), so this must
     run before any kNN in the process: ``Pipeline`` calls it first thing in its constructor.

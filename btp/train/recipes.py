@@ -42,7 +42,7 @@ class Recipe:
 
 
 _BTP_MINI = Recipe(
-    # ~27 min per seed on the shared 2-core CPU (measured per stage in models/btp-mini.md).
+    # sized for a 2-core CPU (the time of each stage: models/btp-mini.md)
     name="btp-mini", config=btp_mini_config,
     pretrain=PretrainOptions(steps=200, batch_size=4, lr=1e-3, mask_ratio=0.6, align_weight=0.5,
                              pool_points=8192, ckpt_every=50),

@@ -38,8 +38,7 @@ def session_options(threads: int | None):
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
     # idle intra-op workers block instead of busy-waiting after a run, leaving the cores to the
-    # CPU pre/post-processing around the engine (benchmarks/results/cpu-findings-2026-11-25.md:
-    # with OMP_NUM_THREADS=1 it took the 2048-point e2e from 83.7 to 45.1 ms on the shared 2-vCPU box)
+    # CPU pre/post-processing around the engine (benchmarks/results/cpu-findings-2026-11-25.md)
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
     return opts
