@@ -38,8 +38,12 @@ from btp.geometry.scores import top_mean
 from btp.runtime.reference import Reference, ReferenceError
 
 RESIDUAL_K = 16
-MAP_POINTS = 50_000  # scans with more points are mapped on cells of size / MAP_CELLS, then gathered
-MAP_CELLS = 150.0
+# maps are computed on the scan's voxel cells of size / MAP_CELLS (the template's own spacing, so a
+# cell holds about one template point) and gathered back to every point of the cell
+MAP_CELLS = 100.0
+# the bank is queried on descriptors of cells FEATURE_STRIDE feature voxels apart (each feature
+# cell takes the distance of the nearest one); the descriptors themselves use every feature cell
+FEATURE_STRIDE = 2.0
 BUILD_MIN_FITNESS = 0.3  # a good scan that fits the others' union worse is refused (another part?)
 OBJECT_TOP_RATIO = 0.01
 MAPS = ("residual", "feature", "zero_shot")
@@ -159,17 +163,25 @@ def _to_points(cells: np.ndarray, values: np.ndarray, points: np.ndarray) -> np.
     return values[idx[:, 0]].astype(np.float32)
 
 
-def _residual(template: np.ndarray, template_normals: np.ndarray, aligned: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """(mean distance to the RESIDUAL_K nearest template points [M], signed plane distance to the nearest [M])."""
-    from btp.geometry import knn
+def _tree(points: np.ndarray):
+    from pykdtree.kdtree import KDTree
 
-    k = min(RESIDUAL_K, len(template))
-    idx, d2 = knn(np.ascontiguousarray(template, dtype=np.float32), np.ascontiguousarray(aligned, np.float32), k)
-    residual = np.sqrt(np.maximum(d2, 0.0)).mean(axis=1).astype(np.float32)
-    nearest = idx[:, 0]
-    deviation = np.einsum("ij,ij->i", aligned - template[nearest], template_normals[nearest]).astype(np.float32)
-    return residual, deviation
+    return KDTree(np.ascontiguousarray(points, dtype=np.float32))
+
+
+def _feature_map(aligned: np.ndarray, bank: np.ndarray, center: np.ndarray, units: dict, s: Settings) -> np.ndarray:
+    """float32 [m]: distance to the bank of the descriptor near each aligned point [m,3]: descriptors
+    of the feature cells (as the bank's), queried on cells FEATURE_STRIDE apart, the nearest one's
+    distance copied to every point."""
+    v = units["feature_voxel"]
+    cells = reg.voxel_down(aligned, v)
+    nrm = reg.normals(cells, reg.NORMAL_RADIUS * v, center=center)
+    tree = _tree(cells)
+    _, near = tree.query(reg.voxel_down(cells, FEATURE_STRIDE * v), k=1)
+    queried = np.unique(near.astype(np.int64))
+    feats = reg.multiscale_fpfh(cells, nrm, [r * v for r in s.feature_radii], indices=queried)
+    _, owner = _tree(cells[queried]).query(np.ascontiguousarray(aligned, dtype=np.float32), k=1)
+    return _nearest_dist(bank, feats)[owner.astype(np.int64)]
 
 
 def normalise(value: np.ndarray, stats: dict[str, float]) -> np.ndarray:
@@ -190,12 +202,24 @@ class _Maps:
 
 
 def _raw_maps(points: np.ndarray, pose: np.ndarray, template: np.ndarray, template_normals: np.ndarray,
-              bank: np.ndarray, center: np.ndarray, units: dict, s: Settings) -> _Maps:
-    """The raw maps of a scan under ``pose``; ``center``: the whole template's centroid (descriptor normals)."""
+              bank: np.ndarray, center: np.ndarray, units: dict, s: Settings, *, tree=None,
+              cells: tuple[np.ndarray, np.ndarray] | None = None) -> _Maps:
+    """The raw maps [M] of a scan [M,3] under ``pose``; ``center``: the whole template's centroid
+    (descriptor normals); ``tree``: a pykdtree of ``template``; ``cells``: the scan's
+    ``voxel_cells`` at size / MAP_CELLS when the caller has them. Residual and descriptor distance
+    are computed per cell and gathered to its points; the deviation is each point's own distance to
+    the tangent plane of its cell's nearest template point."""
+    cell_pts, cell_of = cells if cells is not None else reg.voxel_cells(points, units["size"] / MAP_CELLS)
+    aligned_cells = reg.transform(cell_pts, pose)
+    tree = tree if tree is not None else _tree(template)
+    k = min(RESIDUAL_K, len(template))
+    dist, idx = tree.query(aligned_cells, k=k)
+    dist, idx = dist.reshape(len(aligned_cells), k), idx.reshape(len(aligned_cells), k)
+    residual = dist.mean(axis=1).astype(np.float32)[cell_of]
+    nearest = idx[:, 0].astype(np.int64)[cell_of]
     aligned = reg.transform(points, pose)
-    residual, deviation = _residual(template, template_normals, aligned)
-    cells, feats = _features(aligned, center, units, s)
-    feature = _to_points(cells, _nearest_dist(bank, feats), aligned)
+    deviation = np.einsum("ij,ij->i", aligned - template[nearest], template_normals[nearest]).astype(np.float32)
+    feature = _feature_map(aligned_cells, bank, center, units, s)[cell_of]
     return _Maps(residual, deviation, feature)
 
 
@@ -315,6 +339,8 @@ class ReferenceScorer:
         self.template_normals = ref.arrays["template_normals"]
         self.bank = ref.arrays["bank"]
         self.target = reg.make_target(self.template, self.units["register_voxel"])
+        self.tree = _tree(self.template)
+        self.center = self.template.mean(axis=0)
         self.min_fitness = float(ref.statistics.get("min_fitness", self.settings.min_fitness))
 
     @property
@@ -325,21 +351,17 @@ class ReferenceScorer:
         t: dict[str, float] = {}
         t0 = time.perf_counter()
         points = np.asarray(points, dtype=np.float32)
-        # a dense scan is mapped on its MAP_CELLS cells and the maps gathered back to every point
-        # (the zero-shot path's voxel rule does the same); up to MAP_POINTS points, point by point
-        dense = len(points) > MAP_POINTS
-        mapped, cell_of = reg.voxel_cells(points, self.units["size"] / MAP_CELLS) if dense else (points, None)
-        got = reg.register(mapped, self.target, seed=self.settings.seed)  # cells finer than its own voxel
-        fit = reg.evaluate(mapped, self.target, got.transform, self.units["fitness_radius"])
+        # registered and mapped on its cells of size / MAP_CELLS (finer than the registration voxel)
+        cells = reg.voxel_cells(points, self.units["size"] / MAP_CELLS)
+        got = reg.register(cells[0], self.target, seed=self.settings.seed)
+        fit = reg.evaluate(cells[0], self.target, got.transform, self.units["fitness_radius"])
         t["register"] = (time.perf_counter() - t0) * 1e3
         if fit.fitness < self.min_fitness:
             return GuidedScores(registered=False, fitness=fit.fitness, rmse=fit.rmse, transform=got.transform,
                                 timings=t)
         t0 = time.perf_counter()
-        maps = _raw_maps(mapped, got.transform, self.template, self.template_normals, self.bank,
-                         self.template.mean(axis=0), self.units, self.settings)
-        if dense:
-            maps = _Maps(maps.residual[cell_of], maps.deviation[cell_of], maps.feature[cell_of])
+        maps = _raw_maps(points, got.transform, self.template, self.template_normals, self.bank, self.center,
+                         self.units, self.settings, tree=self.tree, cells=cells)
         ref_map, fused = fuse({"residual": maps.residual, "feature": maps.feature,
                                "zero_shot": np.asarray(zero_shot, dtype=np.float32)},
                               self.ref.statistics, self.settings.fusion)
