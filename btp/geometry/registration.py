@@ -156,14 +156,18 @@ def icp(source: np.ndarray, target: Target, init: np.ndarray, scales=ICP_SCALES,
 
 def evaluate(source: np.ndarray, target: Target, pose: np.ndarray, radius: float | None = None) -> Registration:
     """Fitness and RMSE of ``source`` under ``pose`` (scan -> template; a point fits within ``radius``,
-    default FITNESS_RADIUS voxels)."""
-    import open3d as o3d
+    default FITNESS_RADIUS voxels, of its nearest template point): open3d's evaluate_registration
+    rule, on one pykdtree query."""
+    from pykdtree.kdtree import KDTree
 
     radius = FITNESS_RADIUS * target.voxel if radius is None else radius
-    got = o3d.pipelines.registration.evaluate_registration(
-        _cloud(source), _cloud(target.points), radius, np.asarray(pose, dtype=np.float64))
-    return Registration(transform=np.asarray(pose, dtype=np.float64), fitness=float(got.fitness),
-                        rmse=float(got.inlier_rmse))
+    pose = np.asarray(pose, dtype=np.float64)
+    tree = KDTree(np.ascontiguousarray(target.points, dtype=np.float32))
+    dist, _ = tree.query(transform(source, pose), k=1, distance_upper_bound=radius)
+    inlier = np.isfinite(dist) & (dist < radius)
+    fitness = float(inlier.mean()) if len(dist) else 0.0
+    rmse = float(np.sqrt(np.mean(np.square(dist[inlier], dtype=np.float64)))) if inlier.any() else 0.0
+    return Registration(transform=pose, fitness=fitness, rmse=rmse)
 
 
 def _pca_frame(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -217,7 +217,9 @@ def _raw_maps(points: np.ndarray, pose: np.ndarray, template: np.ndarray, templa
     dist, idx = dist.reshape(len(aligned_cells), k), idx.reshape(len(aligned_cells), k)
     residual = dist.mean(axis=1).astype(np.float32)[cell_of]
     nearest = idx[:, 0].astype(np.int64)[cell_of]
-    aligned = reg.transform(points, pose)
+    # (R p + t - q) . n, in float32: the only step that touches every point
+    rot, shift = np.asarray(pose[:3, :3], np.float32), np.asarray(pose[:3, 3], np.float32)
+    aligned = np.asarray(points, dtype=np.float32) @ rot.T + shift
     deviation = np.einsum("ij,ij->i", aligned - template[nearest], template_normals[nearest]).astype(np.float32)
     feature = _feature_map(aligned_cells, bank, center, units, s)[cell_of]
     return _Maps(residual, deviation, feature)
