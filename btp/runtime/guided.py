@@ -6,12 +6,16 @@ zero-shot point scores) against it and returns ``GuidedScores``.
 
 Scoring one scan [M,3], in the scan's units:
 
-    register to the template in any orientation (btp.geometry.registration: FPFH + RANSAC, then
-    coarse-to-fine ICP; fitness scan -> template only)      -> pose, fitness
+    voxel cells of size / MAP_CELLS [c,3] (cell_of [M]): registration and maps run on the cells
+    register the cells to the template in any orientation (btp.geometry.registration: principal
+    axes, then FPFH + RANSAC only if those fit badly; coarse-to-fine ICP; fitness scan -> template
+    only)                                                     -> pose, fitness
     fitness < min_fitness (statistics)                       -> registered = False, no scores
-    residual   [M]  mean distance to the RESIDUAL_K nearest template points (scan -> template)
-    deviation  [M]  signed distance to the nearest template point's tangent plane (+ = outside)
-    feature    [M]  distance of the multi-scale FPFH of the scan's cells to the nearest of the bank
+    residual   [M]  mean distance of the point's cell to the RESIDUAL_K nearest template points
+    deviation  [M]  signed distance of the point to its cell's nearest template point's tangent
+                    plane (+ = outside)
+    feature    [M]  distance of the multi-scale FPFH near the point (cells FEATURE_STRIDE feature
+                    voxels apart) to the nearest of the bank
     zero_shot  [M]  the model's point scores (given)
     each map -> (s - median_good) / (q99_good - median_good)   (the good scans' leave-one-out maps:
                  0 = a typical good point, 1 = the 99th percentile of good points)
