@@ -231,3 +231,28 @@ def test_dense_scan_is_mapped_on_cells(refs, shapes_root):
     np.testing.assert_allclose(cells[cell_of], dense, atol=0.05 * np.sqrt(3))
     np.testing.assert_allclose(np.bincount(cell_of, weights=dense[:, 0]) / np.bincount(cell_of), cells[:, 0],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_registration_of_a_turned_scan_and_its_fitness(shapes_root):
+    """A turned scan of a template's part registers in any orientation (principal axes or RANSAC),
+    and the fitness follows open3d's evaluate_registration to the last digit (a shifted pose too)."""
+    import open3d as o3d
+
+    from btp.geometry import registration as reg
+
+    template = real_scan(shapes_root, BLOCK, n=20_000, seed=90)
+    target = reg.make_target(template, reg.part_size(template) / 40)
+    scan = real_scan(shapes_root, BLOCK, n=8000, seed=91)
+    got = reg.register(turned(scan, 92), target)
+    assert got.fitness > 0.9
+    moved = reg.transform(turned(scan, 92), got.transform)
+    assert np.abs(moved.mean(axis=0) - scan.mean(axis=0)).max() < 3 * target.voxel
+    for shift in (0.0, 4.0):
+        pose = got.transform.copy()
+        pose[:3, 3] += shift * target.voxel
+        ours = reg.evaluate(turned(scan, 92), target, pose)
+        ref = o3d.pipelines.registration.evaluate_registration(
+            reg._cloud(turned(scan, 92)), reg._cloud(target.points), reg.FITNESS_RADIUS * target.voxel, pose)
+        assert ours.fitness == pytest.approx(ref.fitness, abs=1e-12)
+        assert ours.rmse == pytest.approx(ref.inlier_rmse, rel=1e-4)
+    assert reg.evaluate(turned(scan, 92), target, pose).fitness < 0.9  # shifted by 4 cells: a bad fit

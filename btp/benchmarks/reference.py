@@ -3,11 +3,13 @@ reference scoring adds to btp-run's end to end, and the bank's kNN library measu
 
     4 good scans (a real mesh, random rotations) -> build_from_files -> PART.btpref (s, MB)
     per scan size M: Pipeline(model) vs Pipeline(model, reference=PART.btpref) on the same scan,
-                     median of ``repeats`` warm calls each, interleaved (A B A B)
+                     ``repeats`` warm calls each, interleaved (A B A B): medians, the median of
+                     the paired ratios, and the 1-minute load average before and after
     bank kNN: numpy brute force vs pykdtree vs scipy cKDTree on the reference's own bank
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +26,7 @@ def _turned(points: np.ndarray, seed: int) -> np.ndarray:
     return (points @ Rotation.random(random_state=seed).as_matrix().T).astype(np.float32)
 
 
-def run_reference_bench(model: Path, *, sizes=(40_000, 400_000), build_points: int = 40_000, repeats: int = 3,
+def run_reference_bench(model: Path, *, sizes=(40_000, 400_000), build_points: int = 40_000, repeats: int = 7,
                         mesh: str | None = None, log=print) -> dict:
     from btp.benchmarks.data import sample_cloud
     from btp.io import write_point_cloud
@@ -50,19 +52,31 @@ def run_reference_bench(model: Path, *, sizes=(40_000, 400_000), build_points: i
             scan = _turned(sample_cloud(n, seed=7), 7)
             plain(scan), guided(scan)  # warm-up
             times: dict[str, list[float]] = {"plain": [], "reference": []}
-            stages: dict[str, float] = {}
+            stages: dict[str, list[float]] = {}
+            registered = True
+            load = [os.getloadavg()[0]]
             for _ in range(repeats):
                 for name, pipe in (("plain", plain), ("reference", guided)):
                     t0 = time.perf_counter()
                     res = pipe(scan)
                     times[name].append((time.perf_counter() - t0) * 1e3)
                     if name == "reference":
-                        stages = dict(res.reference.scores.timings, registered=res.reference.scores.registered)
+                        registered &= res.reference.scores.registered
+                        for k, v in res.reference.scores.timings.items():
+                            stages.setdefault(k, []).append(v)
+            load.append(os.getloadavg()[0])
+            # each reference call is paired with the plain call just before it: the median of the
+            # pairs' ratios is steadier than the ratio of medians on a machine shared with other jobs
+            pairs = np.asarray(times["reference"]) / np.asarray(times["plain"])
             row = {"points": n, "plain_ms": float(np.median(times["plain"])),
-                   "reference_ms": float(np.median(times["reference"])), "reference_stages_ms": stages}
+                   "reference_ms": float(np.median(times["reference"])), "calls": repeats,
+                   "paired_overhead": float(np.median(pairs)) - 1.0, "registered": bool(registered),
+                   "reference_stages_ms": {k: float(np.median(v)) for k, v in stages.items()},
+                   "load_1min": [round(x, 1) for x in load]}
             row["overhead"] = row["reference_ms"] / row["plain_ms"] - 1.0
             data["rows"].append(row)
-            log(f"{n} points: {row['plain_ms']:.0f} ms -> {row['reference_ms']:.0f} ms (+{100 * row['overhead']:.0f} %)")
+            log(f"{n} points: {row['plain_ms']:.0f} ms -> {row['reference_ms']:.0f} ms (+{100 * row['overhead']:.0f} %, "
+                f"paired +{100 * row['paired_overhead']:.0f} %; load {load[0]:.1f} -> {load[1]:.1f})")
         data["knn"] = _knn(ref.arrays["bank"], guided)
     return data
 
@@ -96,15 +110,18 @@ def markdown(data: dict, machine_line: str, date: str) -> str:
     b = data["build"]
     lines = ["# Reference-guided inspection: cost", "", f"- Machine: {machine_line}", f"- Date (UTC): {date}",
              f"- Model: {data['model']}; scans sampled from {data['mesh']}, turned by random rotations",
-             "- Run: `btp-bench reference`; medians of warm calls, the two pipelines interleaved", "",
+             "- Run: `btp-bench reference`; medians of warm calls, the two pipelines interleaved (A B A B); "
+             "paired overhead = median over the (A, B) pairs of B / A - 1", "",
              f"Build (4 scans of {b['points_per_scan']:,} points): {b['seconds']:.1f} s (goal {GOALS['build']}); "
              f"file {b['file_mb']:.2f} MB (goal {GOALS['size']}); bank {b['bank']}, template {b['template_points']:,} "
-             "points.", "", "| points | btp-run e2e ms | with reference ms | overhead | reference stages ms |",
-             "|---|---|---|---|---|"]
+             "points.", "", "| points | calls | btp-run e2e ms | with reference ms | overhead | paired overhead | "
+             "reference stages ms (median) | load (1 min) before -> after |", "|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["reference_stages_ms"].items() if isinstance(v, float))
-        lines.append(f"| {r['points']:,} | {r['plain_ms']:.0f} | {r['reference_ms']:.0f} | "
-                     f"+{100 * r['overhead']:.0f} % | {stages} |")
+        load = " -> ".join(f"{x:.1f}" for x in r.get("load_1min", []))
+        lines.append(f"| {r['points']:,} | {r.get('calls', '')} | {r['plain_ms']:.0f} | {r['reference_ms']:.0f} | "
+                     f"+{100 * r['overhead']:.0f} % | +{100 * r.get('paired_overhead', r['overhead']):.0f} % | "
+                     f"{stages} | {load} |")
     lines += ["", f"Goal: {GOALS['overhead']}.", "", "Nearest bank descriptor (99-d multi-scale FPFH):", "",
               "| library | ms | max abs error vs cKDTree | bank | queries |", "|---|---|---|---|---|"]
     for r in data["knn"]:

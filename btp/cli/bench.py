@@ -258,7 +258,7 @@ def render(
 def reference(
     model: Path = typer.Option(..., "--model", help="model.onnx the reference is built for"),
     points: str = typer.Option("40000,400000", help="scan sizes timed with and without a reference"),
-    repeats: int = typer.Option(3, min=1, help="timed calls per size and pipeline (after one warm-up)"),
+    repeats: int = typer.Option(7, min=1, help="timed calls per size and pipeline, interleaved (after one warm-up)"),
     out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
 ) -> None:
     """Cost of reference-guided inspection: build time and size of a 4-scan reference, the time it
