@@ -6,7 +6,7 @@ e.g. ``part_size / 60``) and every radius is a multiple of it.
 
     scan [M,3] --voxel down--> [m,3] (+ normals + FPFH [m,33] when RANSAC runs)
         -> global: centroid shift + principal axes (4 flips), the best two by nearest distance
-           (RANSAC over FPFH matches, ``tries`` seeds, only when those fit worse than good_fitness)
+           (taken when one fits >= COARSE_FITNESS; otherwise RANSAC over FPFH matches, ``tries`` seeds)
         -> ICP point-to-plane, coarse to fine (voxel * ICP_SCALES)  -> the best fitness wins
         -> Registration(transform [4,4], fitness, rmse)
 
@@ -26,6 +26,9 @@ NORMAL_RADIUS = 2.5  # normals from neighbours within this many voxels (at most 
 FITNESS_RADIUS = 1.5  # a scan point "fits" when a template point lies within this many voxels
 RANSAC_ITERATIONS = 10000  # per try; more found no better pose on the shared shapes, at 3x the time
 COARSE_SAMPLE = 512  # source points that score each cheap global pose
+# a cheap global pose is taken only when its fit is near complete: on partial views a wrong pose
+# can fit 0.9 of the points, and RANSAC over descriptors finds better ones there
+COARSE_FITNESS = 0.98
 
 
 @dataclass(frozen=True)
@@ -98,26 +101,22 @@ def normals(points: np.ndarray, radius: float, max_nn: int = 30, center: np.ndar
     return n.astype(np.float32)
 
 
-def fpfh(points: np.ndarray, point_normals: np.ndarray, radius: float, max_nn: int = 50,
-         indices: np.ndarray | None = None) -> np.ndarray:
-    """float32 [m,33] FPFH of every point (neighbours within ``radius``), as open3d computes it;
-    with ``indices`` [q]: only of those points, [q,33] (the same rows as the full computation's)."""
+def fpfh(points: np.ndarray, point_normals: np.ndarray, radius: float, max_nn: int = 50) -> np.ndarray:
+    """float32 [m,33] FPFH of every point (neighbours within ``radius``), as open3d computes it."""
     import open3d as o3d
 
-    search = o3d.geometry.KDTreeSearchParamHybrid(radius=radius, max_nn=max_nn)
-    args = () if indices is None else (np.asarray(indices, dtype=np.int64).tolist(),)
-    feat = o3d.pipelines.registration.compute_fpfh_feature(_cloud(points, point_normals), search, *args)
+    feat = o3d.pipelines.registration.compute_fpfh_feature(
+        _cloud(points, point_normals), o3d.geometry.KDTreeSearchParamHybrid(radius=radius, max_nn=max_nn))
     return np.asarray(feat.data, dtype=np.float32).T.copy()
 
 
-def multiscale_fpfh(points: np.ndarray, point_normals: np.ndarray, radii, indices: np.ndarray | None = None
-                    ) -> np.ndarray:
+def multiscale_fpfh(points: np.ndarray, point_normals: np.ndarray, radii) -> np.ndarray:
     """float32 [m, 33 * len(radii)]: FPFH at each radius, each histogram square-rooted (Hellinger:
     a Euclidean distance between these compares histograms fairly) and scaled to unit norm per
-    radius, so that every scale weighs the same. ``indices``: only of those points (see ``fpfh``)."""
+    radius, so that every scale weighs the same."""
     blocks = []
     for r in radii:
-        h = np.sqrt(np.maximum(fpfh(points, point_normals, r, indices=indices), 0.0))
+        h = np.sqrt(np.maximum(fpfh(points, point_normals, r), 0.0))
         blocks.append(h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12))
     return np.concatenate(blocks, axis=1).astype(np.float32)
 
@@ -212,24 +211,29 @@ def coarse_poses(source: np.ndarray, target: Target, *, sample: int = COARSE_SAM
 
 
 def register(scan: np.ndarray, target: Target, *, tries: int = 3, seed: int = 0,
-             good_fitness: float = 0.9) -> Registration:
-    """scan [M,3] -> the pose onto ``target`` in any orientation; the best fitness wins:
+             good_fitness: float = 0.9, coarse_fitness: float = COARSE_FITNESS) -> Registration:
+    """scan [M,3] -> the pose onto ``target`` in any orientation:
     1. cheap global poses (``coarse_poses``: centroid shift, principal axes under 4 sign flips),
-       the best two refined by coarse-to-fine ICP in turn; done as soon as one reaches ``good_fitness``;
-    2. otherwise up to ``tries`` RANSAC seeds over FPFH matches, each refined by ICP (stopping
-       early at ``good_fitness``): partial views and parts whose principal axes are ambiguous."""
+       the best two refined in turn by coarse-to-fine ICP: the first that fits at least
+       ``coarse_fitness`` is the pose (a whole scan of the part: it fits all but everywhere);
+    2. otherwise the centroid alignment refined by ICP, then up to ``tries`` RANSAC seeds over
+       FPFH matches, each refined by ICP, stopping early at ``good_fitness``; the best fitness
+       wins (partial views, whose fitness is high in wrong poses too, and ambiguous axes)."""
     import open3d as o3d
 
     reg = o3d.pipelines.registration
     voxel = target.voxel
     src = voxel_down(scan, voxel)
+    shift = np.eye(4)
+    shift[:3, 3] = target.points.mean(axis=0) - src.mean(axis=0)
     best = None
     for init in coarse_poses(src, target, seed=seed):
         got = icp(src, target, init)
-        if best is None or got.fitness > best.fitness:
+        if got.fitness >= coarse_fitness:
+            return got
+        if np.array_equal(init, shift):
             best = got
-        if best.fitness >= good_fitness:
-            return best
+    best = best if best is not None else icp(src, target, shift)
     src_n = normals(src, NORMAL_RADIUS * voxel)
     src_f = fpfh(src, src_n, FPFH_RADIUS * voxel)
     feat_src, feat_dst = reg.Feature(), reg.Feature()

@@ -14,8 +14,8 @@ Scoring one scan [M,3], in the scan's units:
     residual   [M]  mean distance of the point's cell to the RESIDUAL_K nearest template points
     deviation  [M]  signed distance of the point to its cell's nearest template point's tangent
                     plane (+ = outside)
-    feature    [M]  distance of the multi-scale FPFH near the point (cells FEATURE_STRIDE feature
-                    voxels apart) to the nearest of the bank
+    feature    [M]  distance of the multi-scale FPFH of the point's feature cell to the nearest of
+                    the bank
     zero_shot  [M]  the model's point scores (given)
     each map -> (s - median_good) / (q99_good - median_good)   (the good scans' leave-one-out maps:
                  0 = a typical good point, 1 = the 99th percentile of good points)
@@ -45,9 +45,6 @@ RESIDUAL_K = 16
 # maps are computed on the scan's voxel cells of size / MAP_CELLS (the template's own spacing, so a
 # cell holds about one template point) and gathered back to every point of the cell
 MAP_CELLS = 100.0
-# the bank is queried on descriptors of cells FEATURE_STRIDE feature voxels apart (each feature
-# cell takes the distance of the nearest one); the descriptors themselves use every feature cell
-FEATURE_STRIDE = 2.0
 BUILD_MIN_FITNESS = 0.3  # a good scan that fits the others' union worse is refused (another part?)
 OBJECT_TOP_RATIO = 0.01
 MAPS = ("residual", "feature", "zero_shot")
@@ -174,17 +171,10 @@ def _tree(points: np.ndarray):
 
 
 def _feature_map(aligned: np.ndarray, bank: np.ndarray, center: np.ndarray, units: dict, s: Settings) -> np.ndarray:
-    """float32 [m]: distance to the bank of the descriptor near each aligned point [m,3]: descriptors
-    of the feature cells (as the bank's), queried on cells FEATURE_STRIDE apart, the nearest one's
-    distance copied to every point."""
-    v = units["feature_voxel"]
-    cells = reg.voxel_down(aligned, v)
-    nrm = reg.normals(cells, reg.NORMAL_RADIUS * v, center=center)
-    tree = _tree(cells)
-    _, near = tree.query(reg.voxel_down(cells, FEATURE_STRIDE * v), k=1)
-    queried = np.unique(near.astype(np.int64))
-    feats = reg.multiscale_fpfh(cells, nrm, [r * v for r in s.feature_radii], indices=queried)
-    _, owner = _tree(cells[queried]).query(np.ascontiguousarray(aligned, dtype=np.float32), k=1)
+    """float32 [m]: distance to the bank of the descriptor of the feature cell nearest each aligned
+    point [m,3] (descriptors as the bank's: multi-scale FPFH of the feature cells)."""
+    cells, feats = _features(aligned, center, units, s)
+    _, owner = _tree(cells).query(np.ascontiguousarray(aligned, dtype=np.float32), k=1)
     return _nearest_dist(bank, feats)[owner.astype(np.int64)]
 
 
