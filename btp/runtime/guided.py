@@ -42,9 +42,10 @@ from btp.geometry.scores import top_mean
 from btp.runtime.reference import Reference, ReferenceError
 
 RESIDUAL_K = 16
-# maps are computed on the scan's voxel cells of size / MAP_CELLS (the template's own spacing, so a
-# cell holds about one template point) and gathered back to every point of the cell
-MAP_CELLS = 100.0
+# maps are computed on the scan's voxel cells of size / MAP_CELLS (1.5 cells per template point
+# spacing: a scan of about 10,000 points keeps about one point a cell) and gathered back to every
+# point of the cell; coarser cells (size / 100) cost the defects' peaks on the validation sets
+MAP_CELLS = 150.0
 BUILD_MIN_FITNESS = 0.3  # a good scan that fits the others' union worse is refused (another part?)
 OBJECT_TOP_RATIO = 0.01
 MAPS = ("residual", "feature", "zero_shot")
