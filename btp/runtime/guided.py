@@ -44,8 +44,8 @@ from btp.runtime.reference import Reference, ReferenceError
 
 RESIDUAL_K = 16
 # a scan of up to MAP_POINTS points is registered and mapped point by point; a denser one on its
-# voxel cells of size / MAP_CELLS, the maps gathered back to every point of the cell (cells of
-# size / 100 on every scan lowered the defects' peaks: -1.9 points O-AUROC on validation sets)
+# voxel cells of size / MAP_CELLS, the maps gathered back to every point of the cell (coarser
+# cells smooth a small defect's peak, which the top-1 % object score needs)
 MAP_POINTS = 50_000
 MAP_CELLS = 150.0
 BUILD_MIN_FITNESS = 0.3  # a good scan that fits the others' union worse is refused (another part?)
