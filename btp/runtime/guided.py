@@ -212,8 +212,8 @@ def _raw_maps(points: np.ndarray, pose: np.ndarray, template: np.ndarray, templa
     """The raw maps [M] of a scan [M,3] under ``pose``; ``center``: the whole template's centroid
     (descriptor normals); ``tree``: a pykdtree of ``template``; ``cells``: the scan's
     ``map_cells`` when the caller has them. Residual and descriptor distance
-    are computed per cell and gathered to its points; the deviation is each point's own distance to
-    the tangent plane of its cell's nearest template point."""
+    and the signed deviation (to the tangent plane of the nearest template point) are computed per
+    cell and gathered to its points."""
     cell_pts, cell_of = cells if cells is not None else map_cells(points, units["size"])
     aligned_cells = reg.transform(cell_pts, pose)
     tree = tree if tree is not None else _tree(template)
@@ -221,11 +221,9 @@ def _raw_maps(points: np.ndarray, pose: np.ndarray, template: np.ndarray, templa
     dist, idx = tree.query(aligned_cells, k=k)
     dist, idx = dist.reshape(len(aligned_cells), k), idx.reshape(len(aligned_cells), k)
     residual = dist.mean(axis=1).astype(np.float32)[cell_of]
-    nearest = idx[:, 0].astype(np.int64)[cell_of]
-    # (R p + t - q) . n, in float32: the only step that touches every point
-    rot, shift = np.asarray(pose[:3, :3], np.float32), np.asarray(pose[:3, 3], np.float32)
-    aligned = np.asarray(points, dtype=np.float32) @ rot.T + shift
-    deviation = np.einsum("ij,ij->i", aligned - template[nearest], template_normals[nearest]).astype(np.float32)
+    nearest = idx[:, 0].astype(np.int64)
+    deviation = np.einsum("ij,ij->i", aligned_cells - template[nearest], template_normals[nearest])
+    deviation = deviation.astype(np.float32)[cell_of]
     feature = _feature_map(aligned_cells, bank, center, units, s)[cell_of]
     return _Maps(residual, deviation, feature)
 
