@@ -4,9 +4,8 @@ numpy in, numpy out; open3d does the work (FPFH, RANSAC over feature matches, po
 Lengths are in the clouds' own units; callers pass a ``voxel`` (the registration's cell size,
 e.g. ``part_size / 60``) and every radius is a multiple of it.
 
-    scan [M,3] --voxel down--> [m,3] (+ normals + FPFH [m,33] when RANSAC runs)
-        -> global: centroid shift + principal axes (4 flips), the best two by nearest distance
-           (taken when one fits >= COARSE_FITNESS; otherwise RANSAC over FPFH matches, ``tries`` seeds)
+    scan [M,3] --voxel down--> [m,3] + normals + FPFH [m,33]
+        -> global: RANSAC over FPFH matches (``tries`` seeds)  -> 4x4 pose hypotheses
         -> ICP point-to-plane, coarse to fine (voxel * ICP_SCALES)  -> the best fitness wins
         -> Registration(transform [4,4], fitness, rmse)
 
@@ -25,10 +24,6 @@ FPFH_RADIUS = 5.0  # registration FPFH radius, in voxels
 NORMAL_RADIUS = 2.5  # normals from neighbours within this many voxels (at most 30)
 FITNESS_RADIUS = 1.5  # a scan point "fits" when a template point lies within this many voxels
 RANSAC_ITERATIONS = 10000  # per try; more found no better pose on the shared shapes, at 3x the time
-COARSE_SAMPLE = 512  # source points that score each cheap global pose
-# a cheap global pose is taken only when its fit is near complete: on partial views a wrong pose
-# can fit 0.9 of the points, and RANSAC over descriptors finds better ones there
-COARSE_FITNESS = 0.98
 
 
 @dataclass(frozen=True)
@@ -169,73 +164,22 @@ def evaluate(source: np.ndarray, target: Target, pose: np.ndarray, radius: float
     return Registration(transform=pose, fitness=fitness, rmse=rmse)
 
 
-def _pca_frame(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(centroid [3], principal axes [3,3] as columns, largest spread first, right-handed)."""
-    pts = np.asarray(points, dtype=np.float64)
-    center = pts.mean(axis=0)
-    _, vecs = np.linalg.eigh(np.cov((pts - center).T))
-    axes = vecs[:, ::-1].copy()
-    if np.linalg.det(axes) < 0:
-        axes[:, 2] *= -1
-    return center, axes
-
-
-# the four proper sign flips of a principal frame (an axis' sign is not defined by the spread)
-_FLIPS = [np.diag(d) for d in ((1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1))]
-
-
-def coarse_poses(source: np.ndarray, target: Target, *, sample: int = COARSE_SAMPLE, keep: int = 2,
-                 seed: int = 0) -> list[np.ndarray]:
-    """The ``keep`` best of a handful of cheap global poses of ``source`` [m,3] onto ``target``:
-    the centroid shift (a part already near the template's pose) and the principal axes of the two
-    clouds matched under each of the 4 sign flips; scored by the mean distance of ``sample``
-    source points to their nearest target point (smaller first)."""
-    from pykdtree.kdtree import KDTree
-
-    src = np.asarray(source, dtype=np.float32)
-    if len(src) > sample:
-        src = src[np.random.default_rng(seed).choice(len(src), sample, replace=False)]
-    (cs, axs), (ct, axt) = _pca_frame(source), _pca_frame(target.points)
-    poses = []
-    shift = np.eye(4)
-    shift[:3, 3] = ct - cs
-    poses.append(shift)
-    for flip in _FLIPS:
-        pose = np.eye(4)
-        pose[:3, :3] = axt @ flip @ axs.T
-        pose[:3, 3] = ct - pose[:3, :3] @ cs
-        poses.append(pose)
-    tree = KDTree(np.ascontiguousarray(target.points, dtype=np.float32))
-    cost = [float(tree.query(transform(src, pose), k=1)[0].mean()) for pose in poses]
-    return [poses[i] for i in np.argsort(cost, kind="stable")[:keep]]
-
-
 def register(scan: np.ndarray, target: Target, *, tries: int = 3, seed: int = 0,
-             good_fitness: float = 0.9, coarse_fitness: float = COARSE_FITNESS) -> Registration:
-    """scan [M,3] -> the pose onto ``target`` in any orientation:
-    1. cheap global poses (``coarse_poses``: centroid shift, principal axes under 4 sign flips),
-       the best two refined in turn by coarse-to-fine ICP: the first that fits at least
-       ``coarse_fitness`` is the pose (a whole scan of the part: it fits all but everywhere);
-    2. otherwise the centroid alignment refined by ICP, then up to ``tries`` RANSAC seeds over
-       FPFH matches, each refined by ICP, stopping early at ``good_fitness``; the best fitness
-       wins (partial views, whose fitness is high in wrong poses too, and ambiguous axes)."""
+             good_fitness: float = 0.9) -> Registration:
+    """scan [M,3] -> the pose onto ``target`` in any orientation: RANSAC over FPFH matches, then
+    coarse-to-fine ICP; up to ``tries`` RANSAC seeds (stopping early at ``good_fitness``), the
+    best fitness wins. Also tries the plain centroid alignment (parts that arrive nearly in
+    the template's pose, or symmetric ones where features cannot tell poses apart)."""
     import open3d as o3d
 
     reg = o3d.pipelines.registration
     voxel = target.voxel
     src = voxel_down(scan, voxel)
-    shift = np.eye(4)
-    shift[:3, 3] = target.points.mean(axis=0) - src.mean(axis=0)
-    best = None
-    for init in coarse_poses(src, target, seed=seed):
-        got = icp(src, target, init)
-        if got.fitness >= coarse_fitness:
-            return got
-        if np.array_equal(init, shift):
-            best = got
-    best = best if best is not None else icp(src, target, shift)
     src_n = normals(src, NORMAL_RADIUS * voxel)
     src_f = fpfh(src, src_n, FPFH_RADIUS * voxel)
+    shift = np.eye(4)
+    shift[:3, 3] = target.points.mean(axis=0) - src.mean(axis=0)
+    best = icp(src, target, shift)
     feat_src, feat_dst = reg.Feature(), reg.Feature()
     feat_src.data, feat_dst.data = src_f.T.astype(np.float64), target.features.T.astype(np.float64)
     for t in range(tries):
