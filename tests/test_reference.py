@@ -237,7 +237,7 @@ def test_dense_scan_is_mapped_on_cells(refs, shapes_root):
 
 
 def test_registration_of_a_turned_scan_and_its_fitness(shapes_root):
-    """A turned scan of a template's part registers in any orientation (principal axes or RANSAC),
+    """A turned scan of a template's part registers in any orientation (centroid ICP or RANSAC),
     and the fitness follows open3d's evaluate_registration to the last digit (a shifted pose too)."""
     import open3d as o3d
 
