@@ -8,12 +8,12 @@ Scoring one scan [M,3], in the scan's units:
 
     map cells [c,3] (cell_of [M]): the points up to MAP_POINTS, else voxel cells of size / MAP_CELLS;
     registration and maps run on them
-    register the cells to the template in any orientation (btp.geometry.registration: principal
-    axes, then FPFH + RANSAC only if those fit badly; coarse-to-fine ICP; fitness scan -> template
-    only)                                                     -> pose, fitness
+    register the cells to the template in any orientation (btp.geometry.registration: centroid
+    ICP, else FPFH + RANSAC, then coarse-to-fine ICP; fitness scan -> template only)
+                                                              -> pose, fitness
     fitness < min_fitness (statistics)                       -> registered = False, no scores
     residual   [M]  mean distance of the point's cell to the RESIDUAL_K nearest template points
-    deviation  [M]  signed distance of the point to its cell's nearest template point's tangent
+    deviation  [M]  signed distance of the point's cell to the nearest template point's tangent
                     plane (+ = outside)
     feature    [M]  distance of the multi-scale FPFH of the point's feature cell to the nearest of
                     the bank
