@@ -49,9 +49,11 @@ def test_compare_verdicts_per_kind():
            "fps_idx": np.array([[0, 3, 2]]), "o_auroc": np.array([0.80])}
     test = {"patch_probs": np.array([[0.1, 0.50005]]), "patch_embed": np.array([[[1.0, 0.1]]]),
             "fps_idx": np.array([[0, 3, 1]]), "o_auroc": np.array([0.8004])}
-    tols = (cmp.Tolerance("patch_probs", "abs", 1e-4, "t"), cmp.Tolerance("patch_embed", "cosine", 0.999, "t"),
-            cmp.Tolerance("fps_idx", "index", 1.0, "t"), cmp.Tolerance("o_auroc", "metric", 1e-3, "t"),
-            cmp.Tolerance("object_score", "abs", 1e-4, "t"))
+    tols = (cmp.Tolerance("patch_probs", kind="abs", limit=1e-4, why="t"),
+            cmp.Tolerance("patch_embed", kind="cosine", limit=0.999, why="t"),
+            cmp.Tolerance("fps_idx", kind="index", limit=1.0, why="t"),
+            cmp.Tolerance("o_auroc", kind="metric", limit=1e-3, why="t"),
+            cmp.Tolerance("object_score", kind="abs", limit=1e-4, why="t"))
     res = {r.output: r for r in cmp.compare(ref, test, tols)}
     assert res["patch_probs"].verdict == "PASS" and res["patch_probs"].value == pytest.approx(5e-5)
     assert res["patch_embed"].verdict == "FAIL" and res["patch_embed"].value == pytest.approx(1 / np.sqrt(1.01))
@@ -59,7 +61,7 @@ def test_compare_verdicts_per_kind():
     assert res["o_auroc"].verdict == "PASS"
     assert res["object_score"].verdict == "SKIP" and "reference" in res["object_score"].note
     assert cmp.overall(list(res.values())) == "FAIL"
-    mismatch = cmp.check(np.zeros(3), np.zeros(4), cmp.Tolerance("x", "abs", 1.0, "t"))
+    mismatch = cmp.check(np.zeros(3), np.zeros(4), cmp.Tolerance("x", kind="abs", limit=1.0, why="t"))
     assert mismatch.verdict == "FAIL" and "shape" in mismatch.note
 
 

@@ -190,7 +190,7 @@ def test_float64_recheck_passes_onnx_no_farther_from_exact_than_pytorch(real_inp
     def verdict(ref_off: float, got_off: float):
         ref = {"patch_probs": exact["patch_probs"] + ref_off}  # as if PyTorch FP32 missed float64 by ref_off
         got = {"patch_probs": exact["patch_probs"] - got_off}
-        tol = Tolerance("patch_probs", "abs", PARITY_ATOL, "FP32")
+        tol = Tolerance("patch_probs", kind="abs", limit=PARITY_ATOL, why="FP32")
         checks = compare(ref, got, [tol])
         assert checks[0].passed is False  # ref and got differ by more than 1e-4
         return recheck_float64(loaded.model, nb, ct, ref, got, checks)[0]

@@ -50,7 +50,8 @@ def tiny_onnx(path, *, batch="B", num_group=G, with_meta=True):
 
 
 def key(**changes) -> EngineKey:
-    base = EngineKey("ab" * 32, "NVIDIA Jetson AGX Orin", "8.7", "10.3.0", "fp16", (1, 1, 4), 2048)
+    base = EngineKey(model_sha256="ab" * 32, gpu_name="NVIDIA Jetson AGX Orin", compute_capability="8.7",
+                     trt_version="10.3.0", precision="fp16", batch=(1, 1, 4), workspace_mb=2048)
     return dataclasses.replace(base, **changes)
 
 
@@ -245,8 +246,9 @@ def test_cached_engine_builds_once_then_reuses_and_rebuilds_on_change(tmp_path, 
     builds = []
 
     def fake_key(model_path, precision, batch, workspace_mb, calib_dir=None):
-        return EngineKey(trt_export.file_sha256(model_path), "NVIDIA H100 80GB HBM3", "9.0", current["trt"],
-                         precision, tuple(batch), workspace_mb)
+        return EngineKey(model_sha256=trt_export.file_sha256(model_path), gpu_name="NVIDIA H100 80GB HBM3",
+                         compute_capability="9.0", trt_version=current["trt"],
+                         precision=precision, batch=tuple(batch), workspace_mb=workspace_mb)
 
     def fake_build(model_path, key, timing_cache, *, calib_dir=None, log=print):
         builds.append(key.trt_version)
@@ -281,7 +283,8 @@ def test_btp_build_prints_the_plan(tmp_path, monkeypatch):
 
     def fake_cached_engine(model_path, **kwargs):
         calls.update(kwargs)
-        return trt_export.BuildResult(plan, tmp_path / "manifest.json", True, 12.5, ())
+        return trt_export.BuildResult(plan_path=plan, manifest_path=tmp_path / "manifest.json", built=True,
+                                      seconds=12.5, reasons=())
 
     monkeypatch.setattr(trt_export, "tensorrt_unavailable_reason", lambda: None)
     monkeypatch.setattr(trt_export, "cached_engine", fake_cached_engine)

@@ -14,7 +14,7 @@ why (``Tolerance.why``), so the report can print the rule next to every verdict.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import KW_ONLY, asdict, dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -29,13 +29,14 @@ FP32_ABS = 1e-4
 @dataclass(frozen=True)
 class Tolerance:
     output: str
+    _: KW_ONLY
     kind: str  # "abs" | "cosine" | "index" | "metric"
     limit: float
     why: str
     informative: bool = True  # False: the limit is so loose that a PASS would say nothing (-> SKIP)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CheckResult:
     output: str
     kind: str
@@ -61,36 +62,42 @@ def check(ref, test, tol: Tolerance) -> CheckResult:
     """One check of ``test`` against ``ref`` under ``tol`` (arrays of equal shape)."""
     if ref is None or test is None:
         side = "reference" if ref is None else "test backend"
-        return CheckResult(tol.output, tol.kind, None, None, tol.limit, None, 0, tol.why,
+        return CheckResult(output=tol.output, kind=tol.kind, value=None, mean=None, limit=tol.limit, passed=None, n=0,
+                           why=tol.why,
                            note=f"not produced by the {side}")
     ref_arr, test_arr = np.asarray(ref), np.asarray(test)
     if ref_arr.shape != test_arr.shape:
-        return CheckResult(tol.output, tol.kind, None, None, tol.limit, False, int(ref_arr.size), tol.why,
+        return CheckResult(output=tol.output, kind=tol.kind, value=None, mean=None, limit=tol.limit, passed=False,
+                           n=int(ref_arr.size), why=tol.why,
                            note=f"shape mismatch: reference {ref_arr.shape} vs test {test_arr.shape}")
     n = int(ref_arr.size)
     if not tol.informative:
         diff = float(np.max(np.abs(test_arr.astype(np.float64) - ref_arr.astype(np.float64)))) if n else None
-        return CheckResult(tol.output, tol.kind, diff, diff, tol.limit, None, n, tol.why,
+        return CheckResult(output=tol.output, kind=tol.kind, value=diff, mean=diff, limit=tol.limit, passed=None, n=n,
+                           why=tol.why,
                            note="not informative: the reference scores are near-ties at this tolerance")
     if tol.kind in ("abs", "metric"):
         diff = np.abs(test_arr.astype(np.float64) - ref_arr.astype(np.float64))
         if n == 0 or not np.isfinite(diff).all():
-            return CheckResult(tol.output, tol.kind, None, None, tol.limit, False, n, tol.why,
+            return CheckResult(output=tol.output, kind=tol.kind, value=None, mean=None, limit=tol.limit, passed=False,
+                               n=n, why=tol.why,
                                note="empty or non-finite values")
         value, mean = float(diff.max()), float(diff.mean())
-        return CheckResult(tol.output, tol.kind, value, mean, tol.limit, value <= tol.limit, n, tol.why)
+        return CheckResult(output=tol.output, kind=tol.kind, value=value, mean=mean, limit=tol.limit,
+                           passed=value <= tol.limit, n=n, why=tol.why)
     if tol.kind == "cosine":
         a = ref_arr.reshape(-1, ref_arr.shape[-1]).astype(np.float64)
         b = test_arr.reshape(-1, test_arr.shape[-1]).astype(np.float64)
         denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
         cos = np.sum(a * b, axis=1) / np.maximum(denom, 1e-30)
         value = float(cos.min())
-        return CheckResult(tol.output, tol.kind, value, float(cos.mean()), tol.limit, value >= tol.limit,
-                           int(cos.size), tol.why)
+        return CheckResult(output=tol.output, kind=tol.kind, value=value, mean=float(cos.mean()), limit=tol.limit,
+                           passed=value >= tol.limit, n=int(cos.size), why=tol.why)
     if tol.kind == "index":
         agree = (ref_arr == test_arr).astype(np.float64)
         value = float(agree.mean()) if n else 1.0
-        return CheckResult(tol.output, tol.kind, value, value, tol.limit, value >= tol.limit, n, tol.why)
+        return CheckResult(output=tol.output, kind=tol.kind, value=value, mean=value, limit=tol.limit,
+                           passed=value >= tol.limit, n=n, why=tol.why)
     raise ValueError(f"unknown check kind {tol.kind!r}: expected abs, cosine, index or metric")
 
 
@@ -160,8 +167,8 @@ def tolerances(precision: str, reference: Mapping[str, object], *, object_alpha:
             if labels is not None and scores is not None and np.size(labels) == np.size(scores):
                 bound = auroc_swap_bound(labels, scores, by_name[level].limit)
                 if bound > t.limit:
-                    t = Tolerance(t.output, t.kind, bound,
-                                  f"share of (anomalous, normal) pairs within 2 x tol({level}) = "
+                    t = Tolerance(t.output, kind=t.kind, limit=bound,
+                                  why=f"share of (anomalous, normal) pairs within 2 x tol({level}) = "
                                   f"{2 * by_name[level].limit:.1e} in the reference: swaps the tolerated score "
                                   f"error allows (> the {t.limit:g} floor)", informative=bound < 0.25)
         out.append(t)
@@ -172,16 +179,16 @@ def _score_tolerances(precision, reference, object_alpha, global_temperature) ->
     if precision == "fp32":
         probs = FP32_ABS
         return (
-            Tolerance("patch_probs", "abs", probs, "FP32: 1e-4 abs (the export's parity bar)"),
-            Tolerance("patch_point_probs", "abs", probs, "FP32: 1e-4 abs (the export's parity bar)"),
-            Tolerance("global_prob", "abs", probs, "FP32: 1e-4 abs"),
-            Tolerance("object_score", "abs", probs, "FP32: 1e-4 abs"),
-            Tolerance("point_scores", "abs", probs, "FP32: 1e-4 abs (means of patch probs)"),
-            Tolerance("patch_embed", "cosine", 1 - 1e-5, "FP32: cosine >= 1 - 1e-5"),
-            Tolerance("fps_idx", "index", 1.0, "identical FPS indices (the FPS rule)"),
-            Tolerance("knn_idx", "index", 1.0, "identical kNN index sets"),
-            Tolerance("o_auroc", "metric", 1e-3, "FP32: |delta| <= 1e-3"),
-            Tolerance("p_auroc", "metric", 1e-3, "FP32: |delta| <= 1e-3"),
+            Tolerance("patch_probs", kind="abs", limit=probs, why="FP32: 1e-4 abs (the export's parity bar)"),
+            Tolerance("patch_point_probs", kind="abs", limit=probs, why="FP32: 1e-4 abs (the export's parity bar)"),
+            Tolerance("global_prob", kind="abs", limit=probs, why="FP32: 1e-4 abs"),
+            Tolerance("object_score", kind="abs", limit=probs, why="FP32: 1e-4 abs"),
+            Tolerance("point_scores", kind="abs", limit=probs, why="FP32: 1e-4 abs (means of patch probs)"),
+            Tolerance("patch_embed", kind="cosine", limit=1 - 1e-5, why="FP32: cosine >= 1 - 1e-5"),
+            Tolerance("fps_idx", kind="index", limit=1.0, why="identical FPS indices (the FPS rule)"),
+            Tolerance("knn_idx", kind="index", limit=1.0, why="identical kNN index sets"),
+            Tolerance("o_auroc", kind="metric", limit=1e-3, why="FP32: |delta| <= 1e-3"),
+            Tolerance("p_auroc", kind="metric", limit=1e-3, why="FP32: |delta| <= 1e-3"),
         )
     if precision not in ("fp16", "int8"):
         raise ValueError(f"precision={precision!r}: expected fp32, fp16 or int8")
@@ -207,18 +214,22 @@ def _score_tolerances(precision, reference, object_alpha, global_temperature) ->
     label = f"{precision.upper()} r=16u={r:.4f}"
     note = "" if precision == "fp16" else " (INT8 held to the FP16 rule)"
     return (
-        Tolerance("patch_probs", "abs", tol_patch,
-                  f"{label}: max sigma'(l)*r*max(|l|,1) over the reference patch logits{note}"),
-        Tolerance("patch_point_probs", "abs", tol_patch, f"{label}: = tol_patch (patch logit + a per-point term)"),
-        Tolerance("global_prob", "abs", tol_global, f"{label}: max sigma'(l_g)*2r/T, T={global_temperature}"),
-        Tolerance("object_score", "abs", tol_object,
-                  f"{label}: alpha*tol_global + (1-alpha)*tol_patch, alpha={object_alpha}"),
-        Tolerance("point_scores", "abs", tol_patch, f"{label}: = tol_patch (means of patch probs)"),
-        Tolerance("patch_embed", "cosine", 1 - 8 * r * r, f"{label}: 1 - cos ~ r^2/2, 4r allowed: >= 1 - 8r^2"),
-        Tolerance("fps_idx", "index", 1.0, "identical FPS indices (FP32 preprocessing everywhere)"),
-        Tolerance("knn_idx", "index", 1.0, "identical kNN index sets (FP32 preprocessing everywhere)"),
-        Tolerance("o_auroc", "metric", 5e-3, f"{precision.upper()}: |delta| <= 5e-3 (near-ties may swap)"),
-        Tolerance("p_auroc", "metric", 5e-3, f"{precision.upper()}: |delta| <= 5e-3"),
+        Tolerance("patch_probs", kind="abs", limit=tol_patch,
+                  why=f"{label}: max sigma'(l)*r*max(|l|,1) over the reference patch logits{note}"),
+        Tolerance("patch_point_probs", kind="abs", limit=tol_patch,
+                  why=f"{label}: = tol_patch (patch logit + a per-point term)"),
+        Tolerance("global_prob", kind="abs", limit=tol_global,
+                  why=f"{label}: max sigma'(l_g)*2r/T, T={global_temperature}"),
+        Tolerance("object_score", kind="abs", limit=tol_object,
+                  why=f"{label}: alpha*tol_global + (1-alpha)*tol_patch, alpha={object_alpha}"),
+        Tolerance("point_scores", kind="abs", limit=tol_patch, why=f"{label}: = tol_patch (means of patch probs)"),
+        Tolerance("patch_embed", kind="cosine", limit=1 - 8 * r * r,
+                  why=f"{label}: 1 - cos ~ r^2/2, 4r allowed: >= 1 - 8r^2"),
+        Tolerance("fps_idx", kind="index", limit=1.0, why="identical FPS indices (FP32 preprocessing everywhere)"),
+        Tolerance("knn_idx", kind="index", limit=1.0, why="identical kNN index sets (FP32 preprocessing everywhere)"),
+        Tolerance("o_auroc", kind="metric", limit=5e-3,
+                  why=f"{precision.upper()}: |delta| <= 5e-3 (near-ties may swap)"),
+        Tolerance("p_auroc", kind="metric", limit=5e-3, why=f"{precision.upper()}: |delta| <= 5e-3"),
     )
 
 

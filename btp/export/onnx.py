@@ -298,10 +298,10 @@ def verify_parity(model, model_bytes, neighborhood, center, fixed_batch: int | N
     ref = torch_outputs(model, neighborhood, center)
     got = onnx_outputs(model_bytes, neighborhood, center, fixed_batch)
     why = f"FP32 export parity: max abs diff <= {atol:g}"
-    tols = [Tolerance(name, "abs", atol, why) for name in ("patch_probs", "global_prob", "object_score",
-                                                            "patch_point_probs") if name in got]
+    tols = [Tolerance(name, kind="abs", limit=atol, why=why)
+            for name in ("patch_probs", "global_prob", "object_score", "patch_point_probs") if name in got]
     if "patch_embed" in got:
-        tols.append(Tolerance("patch_embed", "cosine", 1 - 1e-5, "FP32: cosine >= 1 - 1e-5"))
+        tols.append(Tolerance("patch_embed", kind="cosine", limit=1 - 1e-5, why="FP32: cosine >= 1 - 1e-5"))
     checks = compare(ref, got, tols)
     if any(c.passed is False and c.kind == "abs" and c.value is not None for c in checks):
         checks = recheck_float64(model, neighborhood, center, ref, got, checks, atol)
@@ -352,7 +352,7 @@ def exported_at() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(epoch) if epoch else None))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExportResult:
     path: Path
     size_bytes: int
@@ -420,6 +420,7 @@ def export_onnx(loaded: LoadedModel, out: str | Path, *, opset: int = 17, batch:
                           "nothing was written")
     atomic_write_bytes(out, payload)
     ops = tuple(sorted(op for _, op in op_types(proto)))
-    return ExportResult(out, len(payload), time.perf_counter() - t0, checks, verdict, ops, metadata)
+    return ExportResult(path=out, size_bytes=len(payload), seconds=time.perf_counter() - t0, parity=checks,
+                        verdict=verdict, op_types=ops, metadata=metadata)
 
 

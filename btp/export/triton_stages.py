@@ -41,7 +41,7 @@ def _use_environment() -> dict:
 
 _ENV = _use_environment()
 
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import KW_ONLY, dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -56,26 +56,27 @@ class Port:
     """One tensor of a Triton model's config: dims are sizes, -1 (variable) or contract symbols."""
 
     name: str
+    _: KW_ONLY
     dtype: str                  # Triton's name without TYPE_: FP32, INT64, INT32, BOOL
     dims: tuple
     reshape: tuple | None = None  # Triton's reshape of a batched model's tensor (a scalar per scan: ())
 
     def resolved(self, cfg: BTPConfig) -> "Port":
         size = contract.sizes(cfg)
-        return Port(self.name, self.dtype, tuple(size[d] if isinstance(d, str) else d for d in self.dims),
-                    self.reshape)
+        return Port(self.name, dtype=self.dtype, dims=tuple(size[d] if isinstance(d, str) else d for d in self.dims),
+                    reshape=self.reshape)
 
 
 _DTYPES = {"float32": "FP32", "int64": "INT64", "int32": "INT32", "bool": "BOOL"}
 
-SCAN = (Port("points", "FP32", (-1, 3)),)  # the entry model's input: one raw scan, any number of rows
-SCORES = (Port("object_score", "FP32", (1,)), Port("point_scores", "FP32", (-1,)),
-          Port("global_prob", "FP32", (1,)))  # the entry model's outputs
+SCAN = (Port("points", dtype="FP32", dims=(-1, 3)),)  # the entry model's input: one raw scan, any number of rows
+SCORES = (Port("object_score", dtype="FP32", dims=(1,)), Port("point_scores", dtype="FP32", dims=(-1,)),
+          Port("global_prob", dtype="FP32", dims=(1,)))  # the entry model's outputs
 # the prepared scan, from btp_pre to btp_post (with the engine's center and the raw points)
-PREPARED = (Port("patch_idx", "INT64", ("G", "K")), Port("sample_idx", "INT64", (-1,)),
-            Port("sampled_points", "FP32", (-1, 3)), Port("row_mask", "BOOL", (-1,)),
-            Port("cell_rep", "INT64", (-1,)),       # the voxel rule's raw point -> cell map (empty for
-            Port("cell_of_raw", "INT32", (-1,)))    # the other rules)
+PREPARED = (Port("patch_idx", dtype="INT64", dims=("G", "K")), Port("sample_idx", dtype="INT64", dims=(-1,)),
+            Port("sampled_points", dtype="FP32", dims=(-1, 3)), Port("row_mask", dtype="BOOL", dims=(-1,)),
+            Port("cell_rep", dtype="INT64", dims=(-1,)),       # the voxel rule's raw point -> cell map (empty for
+            Port("cell_of_raw", dtype="INT32", dims=(-1,)))    # the other rules)
 
 
 def engine_port(tensor: contract.Tensor, batched: bool) -> Port:
@@ -83,8 +84,8 @@ def engine_port(tensor: contract.Tensor, batched: bool) -> Port:
     stage's one scan), or without it for a model that batches (a per-scan scalar reshaped to [])."""
     dims = tuple(tensor.shape[1:])
     if not batched:
-        return Port(tensor.name, _DTYPES[tensor.dtype], (1,) + dims)
-    return Port(tensor.name, _DTYPES[tensor.dtype], dims or (1,), () if not dims else None)
+        return Port(tensor.name, dtype=_DTYPES[tensor.dtype], dims=(1,) + dims)
+    return Port(tensor.name, dtype=_DTYPES[tensor.dtype], dims=dims or (1,), reshape=() if not dims else None)
 
 
 def ports(stage: str, cfg: BTPConfig) -> tuple[tuple[Port, ...], tuple[Port, ...]]:

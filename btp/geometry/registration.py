@@ -116,7 +116,7 @@ def multiscale_fpfh(points: np.ndarray, point_normals: np.ndarray, radii) -> np.
     return np.concatenate(blocks, axis=1).astype(np.float32)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Target:
     """What a scan is registered to: the template downsampled at ``voxel``, its normals and FPFH."""
 

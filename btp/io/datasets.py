@@ -46,7 +46,7 @@ DEFAULT_GT_TOLERANCE = 1e-4  # relative to the scan's bounding-box diagonal
 _ABS_TOLERANCE_FLOOR = 1e-6
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, kw_only=True)
 class Sample:
     """One data-set sample.
 
@@ -68,7 +68,7 @@ class Sample:
     gt_path: Path | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SampleFile:
     """Where one sample lives, before reading it (for progress bars: ``len(sample_files(...))``)."""
 
@@ -156,14 +156,15 @@ def sample_files(root: str | os.PathLike, layout: str | None = None, split: str 
         for scan in sorted(split_dir.glob("*.pcd"), key=lambda p: p.name):
             name = scan.stem.lower()
             if split == "train":
-                files.append(SampleFile(d.name, scan, split, 0, None))
+                files.append(SampleFile(cls=d.name, path=scan, split=split, object_label=0, gt_path=None))
                 continue
             if "template" in name:
                 continue
             if _NORMAL_MARK[layout] in name:
-                files.append(SampleFile(d.name, scan, split, 0, None))
+                files.append(SampleFile(cls=d.name, path=scan, split=split, object_label=0, gt_path=None))
             else:
-                files.append(SampleFile(d.name, scan, split, 1, d / _GT_DIR[layout] / f"{scan.stem}.txt"))
+                files.append(SampleFile(cls=d.name, path=scan, split=split, object_label=1,
+                                        gt_path=d / _GT_DIR[layout] / f"{scan.stem}.txt"))
     return files
 
 
@@ -185,7 +186,8 @@ def read_sample(entry: SampleFile, *, min_points: int = 1, verify_gt: bool = Tru
     if entry.gt_path is None:
         cloud = read_point_cloud(entry.path, min_points=min_points)
         labels = np.zeros(len(cloud), dtype=np.int64)
-        return Sample(cloud.points, labels, entry.object_label, entry.cls, entry.path, entry.split)
+        return Sample(points=cloud.points, labels=labels, object_label=entry.object_label, cls=entry.cls,
+                      path=entry.path, split=entry.split)
     if not entry.gt_path.is_file():
         raise MissingFileError(entry.gt_path, f"ground truth for the anomalous scan {entry.path.name} is missing "
                                               f"(expected {entry.gt_path.parent.name}/{entry.gt_path.name}); "
@@ -196,7 +198,8 @@ def read_sample(entry: SampleFile, *, min_points: int = 1, verify_gt: bool = Tru
     if verify_gt:
         scan = read_point_cloud(entry.path, min_points=min_points)
         check_ground_truth(scan.points, gt.points, entry.gt_path, entry.path, gt_tolerance)
-    return Sample(gt.points, gt.labels, entry.object_label, entry.cls, entry.path, entry.split, entry.gt_path)
+    return Sample(points=gt.points, labels=gt.labels, object_label=entry.object_label, cls=entry.cls, path=entry.path,
+                  split=entry.split, gt_path=entry.gt_path)
 
 
 def check_ground_truth(scan_points: np.ndarray, gt_points: np.ndarray, gt_path: Path, scan_path: Path,

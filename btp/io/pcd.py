@@ -30,7 +30,7 @@ _PCD_NUMPY_TYPES = {
 _MAX_HEADER_LINES = 64
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PCDHeader:
     """What a PCD header says. ``data_offset`` = byte index of the first data byte."""
 
@@ -129,7 +129,8 @@ def read_header(path: Path, raw: bytes) -> PCDHeader:
     missing_xyz = [axis for axis in "xyz" if axis not in fields]
     if missing_xyz:
         raise MalformedFileError(path, f"the PCD has no {'/'.join(missing_xyz)} field (FIELDS {' '.join(fields)})")
-    return PCDHeader(fields, sizes, types, counts, width, height, points, data, offset)
+    return PCDHeader(fields=fields, sizes=sizes, types=types, counts=counts, width=width, height=height,
+                     points=points, data=data, data_offset=offset)
 
 
 def read_records(path: Path, raw: bytes, header: PCDHeader) -> np.ndarray:

@@ -25,7 +25,7 @@ _PLY_TYPES = {
 }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PLYElement:
     name: str
     count: int
@@ -65,7 +65,7 @@ def read_header(path: Path, raw: bytes) -> PLYHeader:
             fmt = words[1]
         elif words[0] == "element":
             try:
-                elements.append(PLYElement(words[1], int(words[2])))
+                elements.append(PLYElement(name=words[1], count=int(words[2])))
             except (IndexError, ValueError):
                 raise MalformedFileError(path, f"bad PLY element line {line!r}") from None
             if elements[-1].count < 0:

@@ -16,7 +16,7 @@ import os
 import warnings
 import zipfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,7 @@ class PointCloud:
     """
 
     points: np.ndarray
+    _: KW_ONLY
     labels: np.ndarray | None = None
     colors: np.ndarray | None = None
     path: Path | None = None
@@ -196,7 +197,8 @@ def _finish(path: Path, points: np.ndarray, labels, colors, scalars, min_points:
     if scalars is not None:
         scalars = np.asarray(scalars, dtype=np.float32)
     points32, offset = centered(points) if center else (np.ascontiguousarray(points, dtype=np.float32), None)
-    return PointCloud(points32, labels, colors, path, scalars, row_mask, offset)
+    return PointCloud(points32, labels=labels, colors=colors, path=path, scalars=scalars, row_mask=row_mask,
+                      offset=offset)
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)

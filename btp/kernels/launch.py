@@ -40,7 +40,7 @@ class Launch:
     block: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BlockSizes:
     """Threads per block for each kernel family (multiples of 32).
 

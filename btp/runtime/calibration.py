@@ -25,7 +25,7 @@ class CalibrationError(BTPError, ValueError):
     """Calibration inputs or a sidecar that cannot be used; the message names the file and the fix."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Threshold:
     value: float
     quantile: float
@@ -95,8 +95,9 @@ def calibrate_threshold(scores, quantile: float = 1.0, margin: float = 0.0) -> f
 
 def make_threshold(model_path: str | Path, scores, quantile: float, margin: float, model_name: str = "") -> Threshold:
     value = calibrate_threshold(scores, quantile, margin)
-    return Threshold(value, quantile, margin, len(scores), tuple(float(s) for s in scores), file_sha256(model_path),
-                     model_name, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return Threshold(value=value, quantile=quantile, margin=margin, n_scans=len(scores),
+                     scores=tuple(float(s) for s in scores), model_sha256=file_sha256(model_path),
+                     model_name=model_name, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
 def write_threshold(path: str | Path, threshold: Threshold) -> Path:

@@ -41,7 +41,7 @@ class ModelMetadataError(BTPError, ValueError):
         super().__init__(f"{path}: {reason}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelMeta:
     """What the runtime knows about a model.onnx, all from its metadata."""
 
@@ -134,7 +134,8 @@ def parse_metadata(text: str, path: str | Path = "<model.onnx>") -> ModelMeta:
     if batch != "dynamic" and not (_is_integer(batch) and 1 <= batch <= MAX_FIXED_BATCH):
         raise ModelMetadataError(path, f"metadata export.batch = {batch!r}: expected \"dynamic\" or a whole number "
                                        f"in [1, {MAX_FIXED_BATCH}]; {_RE_EXPORT}")
-    return ModelMeta(cfg, parts["model"], parts["provenance"], parts["export"], parts["io"], doc)
+    return ModelMeta(config=cfg, model=parts["model"], provenance=parts["provenance"], export=parts["export"],
+                     io=parts["io"], raw=doc)
 
 
 # The numbers of the config the runtime reads, with the range a real model has them in:

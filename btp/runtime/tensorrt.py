@@ -52,7 +52,7 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineKey:
     """Everything a serialized plan depends on. Two keys equal <=> the plan may be reused."""
 
@@ -279,7 +279,7 @@ def common_scope(names: Iterable[str]) -> str:
     return prefix[:prefix.rindex("/") + 1] if "/" in prefix else ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LayerPrecision:
     name: str
     op_type: str
@@ -305,19 +305,24 @@ def precision_policy(layers: Iterable[tuple[str, str]], scoring_tail: Iterable[s
     out = []
     for name, op_type in layers:
         if op_type in FP32_OP_TYPES:
-            out.append(LayerPrecision(name, op_type, "fp32", f"{op_type} is FP16-sensitive"))
+            out.append(LayerPrecision(name=name, op_type=op_type, precision="fp32",
+                                      reason=f"{op_type} is FP16-sensitive"))
         elif _NORM_SCOPE.search(name):
-            out.append(LayerPrecision(name, op_type, "fp32", "inside a LayerNorm/normalisation"))
+            out.append(LayerPrecision(name=name, op_type=op_type, precision="fp32",
+                                      reason="inside a LayerNorm/normalisation"))
         elif _HEAD_SCOPE.search(name):
-            out.append(LayerPrecision(name, op_type, "fp32", "MGFEM fusion head (feeds the scoring)"))
+            out.append(LayerPrecision(name=name, op_type=op_type, precision="fp32",
+                                      reason="MGFEM fusion head (feeds the scoring)"))
         elif _GEOMETRY_OP.search(name):
-            out.append(LayerPrecision(name, op_type, "fp32", "GFCM frame / geometry (covariances, eigen-solves)"))
+            out.append(LayerPrecision(name=name, op_type=op_type, precision="fp32",
+                                      reason="GFCM frame / geometry (covariances, eigen-solves)"))
         elif name in tail:
-            out.append(LayerPrecision(name, op_type, "fp32", "scoring tail (after patch_embed)"))
+            out.append(LayerPrecision(name=name, op_type=op_type, precision="fp32",
+                                      reason="scoring tail (after patch_embed)"))
         elif root_ops and name.startswith(root) and "/" in name and _ROOT_OP.fullmatch(name[len(root):]):
-            out.append(LayerPrecision(name, op_type, "fp32", "top-level op (scoring)"))
+            out.append(LayerPrecision(name=name, op_type=op_type, precision="fp32", reason="top-level op (scoring)"))
         else:
-            out.append(LayerPrecision(name, op_type, "fp16", "default"))
+            out.append(LayerPrecision(name=name, op_type=op_type, precision="fp16", reason="default"))
     return out
 
 
@@ -408,7 +413,7 @@ def strongly_typed_only(trt) -> bool:
     return not hasattr(trt.BuilderFlag, "FP16")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BuildResult:
     plan_path: Path
     manifest_path: Path
@@ -428,8 +433,9 @@ def engine_key_for(model_path: str | os.PathLike, precision: str, batch: tuple[i
         for f in sorted(Path(calib_dir).glob("*.npz")):
             h.update(f.name.encode() + file_sha256(f).encode())
         calib = h.hexdigest()[:16]
-    return EngineKey(file_sha256(model_path), gpu_name, cc, trt.__version__, precision, tuple(batch),
-                     int(workspace_mb), calib)
+    return EngineKey(model_sha256=file_sha256(model_path), gpu_name=gpu_name, compute_capability=cc,
+                     trt_version=trt.__version__, precision=precision, batch=tuple(batch),
+                     workspace_mb=int(workspace_mb), calib_sha256=calib)
 
 
 def cached_engine(model_path: str | os.PathLike, *, precision: str = "fp16", batch=(1, 1, 4),
@@ -444,7 +450,7 @@ def cached_engine(model_path: str | os.PathLike, *, precision: str = "fp16", bat
     decision = CacheDecision("build", ("--force",)) if force else check_cache(plan_path, manifest_path, key)
     if decision.action == "load":
         log(f"engine cache hit: {plan_path}")
-        return BuildResult(plan_path, manifest_path, False, 0.0, ())
+        return BuildResult(plan_path=plan_path, manifest_path=manifest_path, built=False, seconds=0.0, reasons=())
     for reason in decision.reasons:
         log(f"building engine: {reason}")
     start = time.perf_counter()
@@ -456,7 +462,8 @@ def cached_engine(model_path: str | os.PathLike, *, precision: str = "fp16", bat
     os.replace(tmp, plan_path)
     manifest = make_manifest(key, plan, build_seconds=seconds, **manifest_extra)
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return BuildResult(plan_path, manifest_path, True, seconds, decision.reasons)
+    return BuildResult(plan_path=plan_path, manifest_path=manifest_path, built=True, seconds=seconds,
+                       reasons=decision.reasons)
 
 
 class TrtLogger:
