@@ -146,7 +146,8 @@ def evaluate_references(root: str | Path, scorer: CloudScorer, *, layout: str | 
         c = counts.setdefault(sample.cls, {"good": 0, "bad": 0, "points": 0})
         c["bad" if sample.object_label else "good"] += 1
         c["points"] += int(len(points))
-        moved = type(sample)(points, sample.labels, sample.object_label, sample.cls, sample.path, sample.split)
+        moved = type(sample)(points=points, labels=sample.labels, object_label=sample.object_label, cls=sample.cls,
+                              path=sample.path, split=sample.split)
         for name, scores in scored.items():
             collected[name].setdefault(sample.cls, _Collected()).add(moved, scores)
         if progress:
