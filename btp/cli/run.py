@@ -71,6 +71,130 @@ def _model_and_inputs(paths: list[str]) -> tuple[Path, list[str]]:
     return model, inputs
 
 
+def _check_run_options(fmt: str, threads: int | None, force_threads: bool, threshold: float | None,
+                       heatmap: list[str], report: str) -> tuple[int | None, float | None, tuple[str, ...]]:
+    """btp-run's choices checked before anything is opened: (the threads, the threshold, the heat-map kinds
+    to write)."""
+    from btp.runtime.calibration import CalibrationError, check_score_threshold
+    from btp.runtime.run import FORMAT_CHOICES
+
+    if fmt not in FORMAT_CHOICES:
+        raise typer.BadParameter(f"{fmt!r}: choose json or csv", param_hint="--format")
+    threads = _check_threads(threads, force_threads)
+    if threshold is not None:
+        try:
+            threshold = check_score_threshold(threshold, "--threshold")
+        except CalibrationError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--threshold") from None
+    heatmaps = _split_heatmaps(heatmap)
+    if report not in ("none", "html"):
+        raise typer.BadParameter(f"{report!r}: choose html or none", param_hint="--report")
+    if report == "html" and "png" not in heatmaps:
+        heatmaps = tuple(h for h in heatmaps if h != "none") + ("png",)
+    return threads, threshold, heatmaps
+
+
+def _open_pipeline(console, model: Path, *, backend: str, threads: int | None, preprocess: str, downsample: str,
+                   reference: Path | None, threshold: float | None):
+    """(the pipeline, the threshold, where it came from): --threshold, else the model's sidecar, else None.
+    An unusable model exits 2 with the reason."""
+    from rich.markup import escape
+
+    from btp.errors import BTPError
+    from btp.runtime.calibration import CalibrationError, find_threshold
+    from btp.runtime.pipeline import Pipeline
+
+    try:
+        pipeline = Pipeline(model, backend=backend, threads=threads, preprocess=preprocess, downsample=downsample,
+                            reference=reference)
+        source = "--threshold"
+        if threshold is None:
+            sidecar = find_threshold(model)
+            if sidecar is not None:
+                threshold, source = sidecar.value, f"sidecar (q={sidecar.quantile}, margin={sidecar.margin}, " \
+                                                   f"{sidecar.n_scans} good scans)"
+    except (BTPError, CalibrationError, ValueError, OSError) as exc:
+        console.print(f"[red]btp run: {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
+    if pipeline.preprocess != "cpu":
+        console.print(f"btp run: preprocessing on {pipeline.preprocess} ({escape(pipeline.preprocess_reason)})")
+    if pipeline.meta.model.get("fresh_init"):
+        console.print("[yellow]btp run: this model.onnx holds a freshly initialised, UNTRAINED model: "
+                      "its scores carry no meaning")
+    return pipeline, threshold, source
+
+
+def _prepare_output_dir(console, out: Path) -> None:
+    """Exit 2 when OUT cannot take the outputs; remove the temporary files an interrupted run left there."""
+    from rich.markup import escape
+
+    from btp.errors import BTPError
+    from btp.io.files import remove_stale_temps
+    from btp.runtime import outputs
+
+    try:
+        outputs.check_output_dir(out)
+    except BTPError as exc:
+        console.print(f"[red]btp run: {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
+    stale = remove_stale_temps(out)
+    if stale:
+        console.print(f"btp run: removed {len(stale)} temporary file(s) an interrupted run left in {out}")
+
+
+def _ledger_recorder(console, ledger: str | None, model: Path):
+    """A function that records one outcome in --ledger (None without one); a ledger that cannot be opened
+    exits 2."""
+    if ledger is None:
+        return None
+    from rich.markup import escape
+
+    from btp.errors import BTPError
+    from btp.io.files import file_sha256
+    from btp.runtime.ledger import Ledger, file_version, record_from_outcome
+
+    try:
+        book, model_sha256 = Ledger(ledger), file_sha256(model)
+    except (BTPError, OSError) as exc:
+        console.print(f"[red]btp run: {escape(str(exc))}")
+        raise typer.Exit(code=2) from None
+
+    def record(oc) -> None:
+        try:
+            version = file_version(oc.file)
+        except OSError:
+            version = None
+        book.record(record_from_outcome(oc, version=version, model=str(model), model_sha256=model_sha256,
+                                        path=oc.file.resolve() if oc.file.exists() else oc.file), replace=True)
+
+    return record
+
+
+def _print_outcome(console, oc, *, debug: bool) -> None:
+    """One line per scan as it finishes: its score and decision, or why it failed."""
+    from rich.markup import escape
+
+    from btp.runtime.outcome import FRESH_INIT_WARNING
+
+    if oc.ok:
+        decision = f" -> {oc.decision}" if oc.decision else ""
+        if oc.reference is not None:
+            ref = oc.reference
+            decision += f" (part {ref.part}, {ref.route}" + (
+                f", fitness {ref.fitness:.2f})" if ref.fitness is not None else ")")
+        console.print(f"[green]ok[/green] {escape(str(oc.file))}: object score {oc.object_score:.4f}{decision} "
+                      f"({oc.points} points, {oc.total_ms:.0f} ms)")
+        for note in oc.warnings:
+            if note != FRESH_INIT_WARNING:  # said once for the whole run above
+                note = note.removeprefix(f"{oc.file}: ")  # the readers' warnings name the file already
+                console.print(f"[yellow]  warning[/yellow] {escape(str(oc.file))}: {escape(note)}")
+    else:
+        console.print(f"[red]FAILED[/red] {escape(str(oc.file))}: {escape(oc.error)}")
+        if debug and oc.traceback:
+            console.print(oc.traceback, markup=False, highlight=False)
+
+
+
 def run(
     paths: List[str] = typer.Argument(..., metavar="[MODEL.onnx] INPUT",
                                       help=f"An exported model.onnx from btp-export (everything else comes from its "
@@ -122,97 +246,27 @@ def run(
     Bad files are reported and skipped. Exit codes: 0 every scan scored; 1 some inputs failed (listed,
     with the reason, in OUT/summary.json); 2 unusable model, arguments or output folder; 130 interrupted."""
     from rich.console import Console
-    from rich.markup import escape
 
-    from btp.errors import BTPError
-    from btp.runtime.calibration import CalibrationError, find_threshold
     from btp.runtime import outputs
-    from btp.runtime.calibration import check_score_threshold
-    from btp.runtime.outcome import FRESH_INIT_WARNING
-    from btp.runtime.pipeline import Pipeline
-    from btp.runtime.run import FORMAT_CHOICES, expand_inputs, run_files
+    from btp.runtime.run import expand_inputs, run_files
 
     console = Console(stderr=True)
     model, inputs = _model_and_inputs(paths)
-    if fmt not in FORMAT_CHOICES:
-        raise typer.BadParameter(f"{fmt!r}: choose json or csv", param_hint="--format")
-    threads = _check_threads(threads, force_threads)
-    if threshold is not None:
-        try:
-            threshold = check_score_threshold(threshold, "--threshold")
-        except CalibrationError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--threshold") from None
-    heatmaps = _split_heatmaps(heatmap)
-    if report not in ("none", "html"):
-        raise typer.BadParameter(f"{report!r}: choose html or none", param_hint="--report")
-    if report == "html" and "png" not in heatmaps:
-        heatmaps = tuple(h for h in heatmaps if h != "none") + ("png",)
-    try:
-        pipeline = Pipeline(model, backend=backend, threads=threads, preprocess=preprocess, downsample=downsample,
-                            reference=reference)
-        source = "--threshold"
-        if threshold is None:
-            sidecar = find_threshold(model)
-            if sidecar is not None:
-                threshold, source = sidecar.value, f"sidecar (q={sidecar.quantile}, margin={sidecar.margin}, " \
-                                                   f"{sidecar.n_scans} good scans)"
-    except (BTPError, CalibrationError, ValueError, OSError) as exc:
-        console.print(f"[red]btp run: {escape(str(exc))}")
-        raise typer.Exit(code=2) from None
-    if pipeline.preprocess != "cpu":
-        console.print(f"btp run: preprocessing on {pipeline.preprocess} ({escape(pipeline.preprocess_reason)})")
-    if pipeline.meta.model.get("fresh_init"):
-        console.print("[yellow]btp run: this model.onnx holds a freshly initialised, UNTRAINED model: "
-                      "its scores carry no meaning")
-    try:
-        outputs.check_output_dir(out)
-    except BTPError as exc:
-        console.print(f"[red]btp run: {escape(str(exc))}")
-        raise typer.Exit(code=2) from None
-    from btp.io.files import remove_stale_temps
-
-    stale = remove_stale_temps(out)
-    if stale:
-        console.print(f"btp run: removed {len(stale)} temporary file(s) an interrupted run left in {out}")
+    threads, threshold, heatmaps = _check_run_options(fmt, threads, force_threads, threshold, heatmap, report)
+    pipeline, threshold, source = _open_pipeline(console, model, backend=backend, threads=threads,
+                                                 preprocess=preprocess, downsample=downsample, reference=reference,
+                                                 threshold=threshold)
+    _prepare_output_dir(console, out)
     files = expand_inputs(inputs, exclude=out)
     if not files:
         console.print("[red]btp run: no input files found")
         raise typer.Exit(code=1)
-    book = None
-    if ledger is not None:
-        from btp.io.files import file_sha256
-        from btp.runtime.ledger import Ledger, file_version, record_from_outcome
-
-        try:
-            book, model_sha256 = Ledger(ledger), file_sha256(model)
-        except (BTPError, OSError) as exc:
-            console.print(f"[red]btp run: {escape(str(exc))}")
-            raise typer.Exit(code=2) from None
+    record = _ledger_recorder(console, ledger, model)
 
     def say(oc) -> None:
-        if book is not None:
-            try:
-                version = file_version(oc.file)
-            except OSError:
-                version = None
-            book.record(record_from_outcome(oc, version=version, model=str(model), model_sha256=model_sha256,
-                                            path=oc.file.resolve() if oc.file.exists() else oc.file), replace=True)
-        if oc.ok:
-            decision = f" -> {oc.decision}" if oc.decision else ""
-            if oc.reference is not None:
-                ref = oc.reference
-                decision += f" (part {ref.part}, {ref.route}" + (
-                    f", fitness {ref.fitness:.2f})" if ref.fitness is not None else ")")
-            console.print(f"[green]ok[/green] {escape(str(oc.file))}: object score {oc.object_score:.4f}{decision} "
-                          f"({oc.points} points, {oc.total_ms:.0f} ms)")
-            for note in oc.warnings:
-                if note != FRESH_INIT_WARNING:  # said once for the whole run above
-                    note = note.removeprefix(f"{oc.file}: ")  # the readers' warnings name the file already
-                    console.print(f"[yellow]  warning[/yellow] {escape(str(oc.file))}: {escape(note)}")
-        else:
-            console.print(f"[red]FAILED[/red] {escape(str(oc.file))}: {escape(oc.error)}")
-            if debug and oc.traceback:
-                console.print(oc.traceback, markup=False, highlight=False)
+        if record is not None:
+            record(oc)
+        _print_outcome(console, oc, debug=debug)
 
     try:
         outcomes = run_files(pipeline, files, out, batch=batch, memory_budget=max_memory << 20, threshold=threshold,
