@@ -187,17 +187,16 @@ class Pipeline:
         t = dict(job.timings)
         if self.cfg.preprocess.sampling_order != "canonical":
             got = self.device_chain.run(job.raw, partial(_timed, t))
-            return _result(self.cfg, job=job, outputs=got.outputs, row=0, timings=t, point_scores=got.point_scores,
-                           sample_idx=got.sample_idx, sampled_scores=got.sampled_scores, batch=1, references=self.references)
-        # the kernels take rows in their order: hand them the canonical one, and map back
-        with _timed(t, "canonical_order"):
-            order = canonical_order(job.raw)
-        got = self.device_chain.run(job.raw[order], partial(_timed, t))
-        point_scores = np.empty_like(got.point_scores)
-        point_scores[order] = got.point_scores
+            point_scores, sample_idx = got.point_scores, got.sample_idx
+        else:  # the kernels take rows in their order: hand them the canonical one, and map back
+            with _timed(t, "canonical_order"):
+                order = canonical_order(job.raw)
+            got = self.device_chain.run(job.raw[order], partial(_timed, t))
+            point_scores = np.empty_like(got.point_scores)
+            point_scores[order] = got.point_scores
+            sample_idx = order[got.sample_idx]
         return _result(self.cfg, job=job, outputs=got.outputs, row=0, timings=t, point_scores=point_scores,
-                       sample_idx=order[got.sample_idx], sampled_scores=got.sampled_scores, batch=1, references=self.references)
-
+                       sample_idx=sample_idx, sampled_scores=got.sampled_scores, batch=1, references=self.references)
 
 def load_references(reference, model_path: Path) -> ReferenceSet:
     """``reference`` (a .btpref file, a folder of them, or {part: Reference}) -> a ReferenceSet,
@@ -224,7 +223,8 @@ def _result(cfg, *, job: Job, outputs: dict[str, np.ndarray], row: int, timings:
         t0 = time.perf_counter()
         guided = references.score(job.path, job.raw, point_scores)
         timings = dict(timings, reference=(time.perf_counter() - t0) * 1e3)
-        notes += (guided.warning(),) if guided.warning() else ()
+        warning = guided.warning()
+        notes += (warning,) if warning else ()
     return Result(object_score=object_score(cfg.scoring, outputs["object_score"][row], global_prob, sampled_scores),
                   point_scores=point_scores,
                   patch_probs=np.asarray(outputs["patch_probs"][row], dtype=np.float32), timings=timings,
