@@ -228,7 +228,7 @@ FORMATS: tuple[Format, ...] = (
                       "--optional-output", "--patch-embed", "--seed")),
     Format(name="triton", what="a Triton model repository (--model may also be an exported model.onnx)",
            command="btp export --format triton", suffix="/", gpu=False,
-           arguments=("--model", "--out", "--format", "--layout", "--engine", "--plan", "--opset"),
+           arguments=("--model", "--out", "--format", "--layout", "--engine", "--plan", "--opset", "--reference"),
            choices={"--layout": ("python", "ensemble"), "--engine": ("onnx", "plan")}),
     Format(name="engine", what="a TensorRT engine built from model.onnx, cached per GPU + TensorRT version + model "
                                "hash", command="btp build", suffix=".plan", gpu=True,

@@ -82,14 +82,18 @@ def with_bump(points: np.ndarray, at: int = 0, radius: float = 0.08, height: flo
     return (points + push * out).astype(np.float32)
 
 
-def build_references(root: Path, model_path: Path, shapes_root: Path, n: int = 3000) -> Path:
-    """root/refs/{bunny,block}.btpref, each built by `btp reference build` from 3 good scans in random poses."""
+def build_references(root: Path, model_path: Path, shapes_root: Path, n: int = 3000,
+                     parts: tuple[str, ...] = ("bunny", "block")) -> Path:
+    """root/refs/{bunny,block}.btpref (those of ``parts``), each built by `btp reference build` from
+    3 good scans in random poses."""
     from typer.testing import CliRunner
 
     from btp.cli import app
     from btp.io import write_point_cloud
 
     for name, mesh in (("bunny", BUNNY), ("block", BLOCK)):
+        if name not in parts:
+            continue
         good = root / f"good-{name}"
         good.mkdir(parents=True)
         for i in range(3):

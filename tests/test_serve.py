@@ -1,6 +1,8 @@
 """Triton serving: `btp export --format triton` -> `btp serve` (a real tritonserver on free loopback
 ports) -> a real scan over plain KServe-v2 HTTP JSON gets btp-run's scores; bad requests get a 4xx
-and the server keeps serving. Skipped with the reason where the server binary cannot start."""
+and the server keeps serving; with `--reference PART.btpref`, btp-run --reference's results (fused
+map, deviation, scores, threshold, fitness, decision) and a scan that does not register flagged.
+Skipped with the reason where the server binary cannot start."""
 from __future__ import annotations
 
 import json
@@ -18,7 +20,7 @@ from typer.testing import CliRunner
 
 from btp.cli import app
 from btp.export import triton_stages
-from runtime_helpers import real_scan, tiny_export
+from runtime_helpers import BUNNY, PINION, build_references, real_scan, tiny_export, turned, with_bump
 
 
 def _server_or_skip():
@@ -37,7 +39,8 @@ def _infer(port: int, points: np.ndarray):
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/btp/infer", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
-        return {o["name"]: np.asarray(o["data"], np.float32) for o in json.loads(r.read())["outputs"]}
+        return {o["name"]: np.asarray(o["data"], bool if o["datatype"] == "BOOL" else np.float32)
+                for o in json.loads(r.read())["outputs"]}
 
 
 def _ready(port: int) -> bool:
@@ -51,12 +54,19 @@ def _ready(port: int) -> bool:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, shapes_root):
     _server_or_skip()
-    from btp.export.triton import free_port
-
     model = tiny_export(tmp_path_factory)[0]
     repo = tmp_path_factory.mktemp("repo") / "btp-repo"
     res = CliRunner().invoke(app, ["export", "--format", "triton", "--model", str(model), "--out", str(repo)])
     assert res.exit_code == 0, res.output
+    for port, proc in _serve(repo):
+        yield model, port, proc
+
+
+def _serve(repo: Path):
+    """`btp serve repo` on free loopback ports: yields (HTTP port, the process) once it is ready,
+    then stops it with SIGTERM."""
+    from btp.export.triton import free_port
+
     ports = [free_port() for _ in range(3)]
     proc = subprocess.Popen([sys.executable, "-m", "btp.cli", "serve", str(repo), "--http-port", str(ports[0]),
                              "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])],
@@ -69,7 +79,7 @@ def served(tmp_path_factory, shapes_root):
             log = (repo / "tritonserver.log").read_text()[-3000:] if (repo / "tritonserver.log").exists() else ""
             pytest.fail(f"btp serve did not become ready: {out}\n{log}")
         time.sleep(0.5)
-    yield model, ports[0], proc
+    yield ports[0], proc
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
 
@@ -220,7 +230,9 @@ def _fake_pb_utils():
     return mod
 
 
-def _load_model_py(path, monkeypatch):
+def _load_model_py(path, monkeypatch, config: dict | None = None):
+    """The generated model.py's TritonPythonModel, initialised with ``config`` as Triton passes the
+    model's config.pbtxt (JSON in args["model_config"])."""
     import importlib.util
 
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
@@ -228,7 +240,7 @@ def _load_model_py(path, monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     model = module.TritonPythonModel()
-    model.initialize({})
+    model.initialize({"model_config": json.dumps(config or {})})
     return model
 
 
@@ -301,3 +313,165 @@ def _ensemble_matches_pipeline(model, tmp_path, shapes_root, monkeypatch, sizes)
     bad = pre.execute([{"points": _FakeTensor("points", np.zeros((3, 3), np.float32))}])[0]
     assert bad.error is not None and "fewer than" in str(bad.error)
     return repo, engine_scores, ensemble_scores
+
+
+# ---- with a reference: `btp export --format triton --reference PART.btpref` ------------------------
+
+N_REF = 3000
+
+
+@pytest.fixture(scope="module")
+def bunny_reference(tmp_path_factory, shapes_root):
+    """(model.onnx, bunny.btpref built by `btp reference build` from 3 good scans in random poses)."""
+    model = tiny_export(tmp_path_factory)[0]
+    refs = build_references(tmp_path_factory.mktemp("refs"), model, shapes_root, n=N_REF, parts=("bunny",))
+    return model, refs / "bunny.btpref"
+
+
+def _reference_scans(shapes_root) -> dict[str, np.ndarray]:
+    """A good bunny, the same with a bump, a gear (another part: does not register), all turned at random;
+    the good one with NaN rows (one output per input row)."""
+    good = real_scan(shapes_root, BUNNY, n=N_REF, seed=40)
+    scans = {"good": turned(good, 41), "bump": turned(with_bump(good), 42),
+             "gear": turned(real_scan(shapes_root, PINION, n=N_REF, seed=60), 60)}
+    scans["good"][::100] = np.nan
+    return scans
+
+
+def test_reference_pipeline_over_kserve_http_gets_btp_run_references_results(bunny_reference, shapes_root,
+                                                                              tmp_path):
+    """The served reference-guided pipeline == `btp-run --reference` on the same scans: the fused map
+    and signed deviation per row (<stem>.reference.npy) within 1e-5 (float32 through JSON), the fused
+    and reference scores, the part's threshold and the deviation's max within 1e-6 relative, the
+    fitness within 5e-5 (btp-run's JSON rounds it to 4 decimals), the decision exactly; the zero-shot
+    outputs stay btp-run's own (zero_shot_score). A scan that does not register comes back flagged:
+    registered false, NaN fused outputs, not anomalous."""
+    _server_or_skip()
+    model, reference = bunny_reference
+    repo = tmp_path / "repo"
+    res = CliRunner().invoke(app, ["export", "--format", "triton", "--model", str(model), "--out", str(repo),
+                                   "--reference", str(reference)])
+    assert res.exit_code == 0, res.output
+    copy = repo / "btp" / "1" / "bunny.btpref"
+    assert copy.read_bytes() == reference.read_bytes()
+    assert 'parameters { key: "reference" value: { string_value: "bunny.btpref" } }' in \
+        (repo / "btp" / "config.pbtxt").read_text()
+    scans = _reference_scans(shapes_root)
+    got = {}
+    for port, _ in _serve(repo):
+        got = {stem: _infer(port, scan) for stem, scan in scans.items()}
+    (tmp_path / "scans").mkdir()
+    for stem, scan in scans.items():
+        np.save(tmp_path / "scans" / f"{stem}.npy", scan)
+    res = CliRunner().invoke(app, ["run", str(model), str(tmp_path / "scans"), "--out", str(tmp_path / "out"),
+                                   "--reference", str(reference)])
+    assert res.exit_code == 0, res.output
+    docs = {stem: json.loads((tmp_path / "out" / f"{stem}.json").read_text()) for stem in scans}
+    assert [docs[s]["decision"] for s in scans] == ["normal", "anomalous", "not registered"]
+    for stem, doc in docs.items():
+        served, ref = got[stem], doc["reference"]
+        assert served["point_scores"].shape == (N_REF,)
+        np.testing.assert_allclose(served["point_scores"], np.load(tmp_path / "out" / f"{stem}.npy"), atol=1e-5,
+                                   rtol=0)
+        assert float(served["object_score"][0]) == pytest.approx(doc["zero_shot_score"], abs=1e-6)
+        assert bool(served["registered"][0]) == ref["registered"]
+        assert bool(served["anomalous"][0]) == (doc["decision"] == "anomalous")
+        assert float(served["fitness"][0]) == pytest.approx(ref["fitness"], abs=5e-5)
+        assert float(served["threshold"][0]) == pytest.approx(ref["threshold"], rel=1e-6)
+        if not ref["registered"]:
+            continue
+        maps = np.load(tmp_path / "out" / f"{stem}.reference.npy")  # [rows, 2]: fused, signed deviation
+        np.testing.assert_allclose(served["fused_scores"], maps[:, 0], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(served["deviation"], maps[:, 1], atol=1e-5, rtol=0)
+        assert float(served["fused_object_score"][0]) == pytest.approx(doc["object_score"], rel=1e-6)
+        assert float(served["reference_score"][0]) == pytest.approx(ref["reference_score"], rel=1e-6)
+        assert float(np.nanmax(np.abs(served["deviation"]))) == pytest.approx(ref["deviation"]["max_abs"], rel=1e-6)
+    assert np.isnan(got["good"]["fused_scores"][::100]).all() and np.isnan(got["good"]["point_scores"][::100]).all()
+    gear = got["gear"]
+    assert not gear["registered"][0] and not gear["anomalous"][0] and float(gear["fitness"][0]) < 0.6
+    assert np.isnan(gear["fused_scores"]).all() and np.isnan(gear["deviation"]).all()
+    assert np.isnan(gear["fused_object_score"]).all() and np.isnan(gear["reference_score"]).all()
+
+
+def test_reference_export_refuses_what_btp_run_refuses(bunny_reference, tmp_path):
+    """--reference is checked before anything is written: a reference for another model file, a
+    modified one, a folder of references (a request has no path to route by), a checkpoint --model;
+    a reference modified in the repository after the export stops the model's load."""
+    import onnx
+
+    model, reference = bunny_reference
+    other = tmp_path / "other.onnx"
+    proto = onnx.load(str(model))
+    proto.doc_string = "another build of the model"
+    onnx.save(proto, str(other))
+    tampered = tmp_path / "tampered.btpref"
+    data = reference.read_bytes()
+    tampered.write_bytes(data[:-100] + bytes(b ^ 0xFF for b in data[-100:]))
+    for args, message in ((["--model", str(other), "--reference", str(reference)], "built for another model"),
+                          (["--model", str(model), "--reference", str(tampered)], "does not match its sha256"),
+                          (["--model", str(model), "--reference", str(reference.parent)], "is a folder"),
+                          (["--model", "tiny", "--reference", str(reference)], "needs --model MODEL.onnx")):
+        out = tmp_path / f"repo-{len(list(tmp_path.iterdir()))}"
+        res = CliRunner().invoke(app, ["export", "--format", "triton", "--out", str(out), *args])
+        assert res.exit_code == 1, res.output
+        assert message in " ".join(res.output.split()), res.output
+        assert not out.exists() or not any(out.iterdir())
+    res = CliRunner().invoke(app, ["export", "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--reference",
+                                   str(reference)])
+    assert res.exit_code == 2 and "--format triton" in res.output
+    from btp.export.triton import export_repository
+    from btp.runtime.reference import ReferenceError
+
+    repo = export_repository(model, tmp_path / "repo", reference=reference)
+    copy = repo / "btp" / "1" / reference.name
+    copy.write_bytes(tampered.read_bytes())
+    with pytest.raises(ReferenceError, match="does not match its sha256"):
+        triton_stages.PipelineStage(str(repo / "btp" / "1" / "model.onnx"), reference=str(copy))
+
+
+def test_ensemble_with_a_reference_scores_as_btp_run(bunny_reference, tmp_path, shapes_root, monkeypatch):
+    """The ensemble's btp_post scores with the reference (its copy, named in btp_post's config):
+    btp_pre -> ONNX Runtime -> btp_post through the generated model.py files gives Pipeline(...,
+    reference=...)'s fused map, deviation and scores; the entry ensemble maps every reference output."""
+    from btp.export.triton import export_repository
+    from btp.runtime import Pipeline
+    from btp.runtime.backends import make_backend
+    from btp.runtime.metadata import read_model_meta
+
+    model, reference = bunny_reference
+    repo = export_repository(model, tmp_path / "ens", layout="ensemble", reference=reference)
+    post_config = (repo / "btp_post" / "config.pbtxt").read_text()
+    assert 'parameters { key: "reference" value: { string_value: "bunny.btpref" } }' in post_config
+    assert (repo / "btp_post" / "1" / "bunny.btpref").is_file() and not (repo / "btp_pre" / "1" / "bunny.btpref").exists()
+    entry = (repo / "btp" / "config.pbtxt").read_text()
+    for port in triton_stages.REFERENCE:
+        assert f'output_map {{ key: "{port.name}" value: "{port.name}" }}' in entry
+        assert f'name: "{port.name}" data_type: TYPE_{port.dtype}' in entry and port.name in post_config
+    pre = _load_model_py(repo / "btp_pre" / "1" / "model.py", monkeypatch)
+    post = _load_model_py(repo / "btp_post" / "1" / "model.py", monkeypatch,
+                          config={"parameters": {"reference": {"string_value": "bunny.btpref"}}})
+    engine_path = repo / "btp_engine" / "1" / "model.onnx"
+    engine = make_backend("ort-cpu", engine_path, read_model_meta(engine_path))
+    pipe = Pipeline(model, reference=reference)
+    for stem, scan in _reference_scans(shapes_root).items():
+        p = pre.execute([{"points": _FakeTensor("points", scan)}])[0]
+        assert p.error is None, p.error
+        out = engine.run(p.outputs["neighborhood"], p.outputs["center"])
+        request = {k: _FakeTensor(k, v) for k, v in {**p.outputs, "points": scan}.items()}
+        for name in ("patch_probs", "patch_point_probs", "object_score", "global_prob"):
+            if name in out:
+                request[name] = _FakeTensor(name, out[name])
+        q = post.execute([request])[0]
+        assert q.error is None, q.error
+        finite = np.isfinite(scan).all(axis=1)
+        guided = pipe(scan[finite]).reference
+        assert bool(q.outputs["registered"][0]) == guided.scores.registered, stem
+        assert bool(q.outputs["anomalous"][0]) == (guided.decision == "anomalous"), stem
+        assert float(q.outputs["fitness"][0]) == pytest.approx(guided.scores.fitness, abs=1e-6)
+        if not guided.scores.registered:
+            assert stem == "gear" and np.isnan(q.outputs["fused_scores"]).all()
+            continue
+        np.testing.assert_allclose(q.outputs["fused_scores"][finite], guided.scores.fused, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(q.outputs["deviation"][finite], guided.scores.deviation, atol=1e-5, rtol=0)
+        assert np.isnan(q.outputs["fused_scores"][~finite]).all()
+        assert float(q.outputs["fused_object_score"][0]) == pytest.approx(guided.scores.object_score, abs=1e-5)

@@ -40,6 +40,9 @@ def export(
                                "engine -> post)."),
     engine: str = typer.Option("onnx", "--engine", help=f"--format triton --layout ensemble: {_choices('--engine')}."),
     plan: Path = typer.Option(None, "--plan", help="--engine plan: the TensorRT engine from `btp build`."),
+    reference: Path = typer.Option(None, "--reference", help="--format triton: PART.btpref from `btp reference "
+                                   "build` with this --model MODEL.onnx; the served pipeline also scores every scan "
+                                   "against it, as `btp-run --reference` does (one part per repository)."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset, 17..20 (>= 17 keeps LayerNormalization one op)."),
     batch: str = typer.Option("dynamic", "--batch", help="'dynamic' (symbolic B) or a fixed batch size N."),
     fp16_safe: bool = typer.Option(False, "--fp16-safe",
@@ -85,7 +88,7 @@ def export(
         console.print(f"{prefix} [red]failed:[/red] {escape(str(exc))}")
         raise typer.Exit(code=2) from None
     if fmt == "triton":
-        _export_triton(model, out, layout, engine, plan, opset, console, prefix)
+        _export_triton(model, out, layout, engine, plan, opset, reference, console, prefix)
         return
     try:
         loaded = load_model(model, seed=seed)
@@ -141,24 +144,33 @@ def _check_out(out: Path, fmt: str) -> None:
     check_output_dir(out.parent, flag="--out (the folder of the model file)")
 
 
-def _export_triton(model: str, out: Path, layout: str, engine: str, plan, opset: int, console, prefix: str) -> None:
+def _export_triton(model: str, out: Path, layout: str, engine: str, plan, opset: int, reference: Path | None,
+                   console, prefix: str) -> None:
     import tempfile
+
+    from rich.markup import escape
 
     from btp.errors import BTPError
     from btp.export.triton import export_repository
 
+    source = Path(model)
+    if reference is not None and source.suffix != ".onnx":
+        console.print(f"{prefix} [red]failed:[/red] --reference needs --model MODEL.onnx, the model file the "
+                      f"reference was built with (`btp reference build --model MODEL.onnx`), not {escape(model)}")
+        raise typer.Exit(code=1)
     try:
-        source = Path(model)
         with tempfile.TemporaryDirectory() as tmp:
             if source.suffix != ".onnx":  # a checkpoint or preset: export it first
                 from btp.export.onnx import export_onnx, load_model
 
                 source = export_onnx(load_model(model), Path(tmp) / "model.onnx", opset=opset).path
-            repo = export_repository(source, out, layout=layout, engine=engine, plan=plan)
+            repo = export_repository(source, out, layout=layout, engine=engine, plan=plan, reference=reference)
     except (BTPError, ValueError, OSError) as exc:
-        console.print(f"{prefix} [red]failed:[/red] {exc}")
+        console.print(f"{prefix} [red]failed:[/red] {escape(str(exc))}")
         raise typer.Exit(code=1) from None
-    console.print(f"{prefix} Triton model repository ({layout}) written to {repo}; serve it with `btp serve {repo}`")
+    scored = f", scoring with the reference {reference.name}" if reference is not None else ""
+    console.print(f"{prefix} Triton model repository ({layout}{escape(scored)}) written to {escape(str(repo))}; "
+                  f"serve it with `btp serve {escape(str(repo))}`")
 
 
 def serve(

@@ -1,11 +1,18 @@
 """NVIDIA Triton Inference Server: a model repository for a btp model.onnx, and a local server.
 
     btp export --format triton --model model.onnx --out REPO [--layout python|ensemble] [--engine onnx|plan]
+               [--reference PART.btpref]
     btp serve REPO                      # a real tritonserver on 127.0.0.1 (KServe v2 HTTP/gRPC)
 
 The entry model is always ``btp``: input ``points`` FP32 ``[-1, 3]`` (one raw scan), outputs
 ``object_score`` FP32 ``[1]``, ``point_scores`` FP32 ``[-1]`` (one per input row) and
-``global_prob`` FP32 ``[1]``. Layouts:
+``global_prob`` FP32 ``[1]``. With ``--reference PART.btpref`` (built with this model file), every
+scan is also scored against the part's reference as ``btp-run --reference`` scores it, and the
+entry model gives ``triton_stages.REFERENCE`` too (fused map, signed deviation, fused and reference
+scores, the part's threshold, registration fitness, registered, anomalous). The file is read and
+checked against the model here, copied into the version folder of the stage that scores with it
+(``btp``, or ``btp_post`` of the ensemble), named by that config's parameter ``reference``, and
+read and checked again when the server loads the model. Layouts:
 
 - ``python`` (default): one Python-backend model running ``btp.runtime.Pipeline`` on the model file
   in its version folder - for servers with only the Python backend (the ``tritonserver`` that
@@ -44,6 +51,7 @@ from btp.errors import BTPError, NotAvailableError
 from btp.export import triton_stages as stages
 from btp.io.files import atomic_write_bytes
 from btp.runtime.metadata import read_model_meta
+from btp.runtime.reference import SUFFIX
 
 LAYOUTS = export_format("triton").choices["--layout"]
 ENGINES = export_format("triton").choices["--engine"]
@@ -77,28 +85,52 @@ def _ports(kind: str, ports) -> str:
     return f"{kind} [\n" + ",\n".join(f"  {_port(p)}" for p in ports) + "\n]\n"
 
 
-def _config(name: str, head: str, stage: str, cfg, *, max_batch_size: int = 0, tail: str = "") -> str:
-    """config.pbtxt of model ``name``; its inputs and outputs are ``stage``'s (btp.export.triton_stages.ports)."""
-    ins, outs = stages.ports(stage, cfg)
+def _config(name: str, head: str, stage: str, cfg, *, max_batch_size: int = 0, tail: str = "",
+            guided: bool = False) -> str:
+    """config.pbtxt of model ``name``; its inputs and outputs are ``stage``'s (btp.export.triton_stages.ports;
+    ``guided``: of a repository that scores with a reference)."""
+    ins, outs = stages.ports(stage, cfg, reference=guided)
     return (f'name: "{name}"\n{head}\nmax_batch_size: {max_batch_size}\n' + _ports("input", ins)
             + _ports("output", outs) + tail)
 
 
-def _python_model(folder: Path, model_path: Path, env: bytes, stage: str, cfg, name: str, tail: str = "") -> None:
+def _python_model(folder: Path, model_path: Path, env: bytes, stage: str, cfg, name: str, tail: str = "",
+                  reference: Path | None = None) -> None:
     """A Python-backend model: the model file (its metadata configures the stage), btp_env.json,
-    model.py = btp/export/triton_stages.py as it is, config.pbtxt."""
+    model.py = btp/export/triton_stages.py as it is, config.pbtxt; with ``reference``, a copy of the
+    .btpref file the stage scores with, named in config.pbtxt."""
     version = folder / "1"
     version.mkdir(parents=True)
     shutil.copyfile(model_path, version / "model.onnx")
+    if reference is not None:
+        copy = reference.name if reference.suffix == SUFFIX else f"reference{SUFFIX}"  # never over model.onnx
+        shutil.copyfile(reference, version / copy)
+        tail = (f'parameters {{ key: "{stages.REFERENCE_PARAMETER}" value: {{ string_value: {json.dumps(copy)} }} }}\n'
+                + tail)
     _write(version / stages.ENV_FILE, env)
     _write(version / "model.py", resources.files("btp.export").joinpath("triton_stages.py").read_bytes())
-    _write(folder / "config.pbtxt", _config(name, 'backend: "python"', stage, cfg, tail=tail))
+    _write(folder / "config.pbtxt", _config(name, 'backend: "python"', stage, cfg, tail=tail,
+                                            guided=reference is not None))
+
+
+def check_reference(reference: str | Path, model_path: Path) -> Path:
+    """``--reference``: one .btpref file, valid and built for ``model_path`` (TritonError otherwise)."""
+    from btp.runtime.pipeline import load_references
+
+    reference = Path(reference)
+    if reference.is_dir():
+        raise TritonError(f"--reference {reference} is a folder: a Triton request carries no file path to route "
+                          "a scan to its part by, so a repository serves one part; pass one PART.btpref and "
+                          "export one repository per part")
+    load_references(reference, model_path)  # the file's own checks, then its model's sha256
+    return reference
 
 
 def export_repository(model_path: str | Path, out: str | Path, *, layout: str = "python", engine: str = "onnx",
                       plan: str | Path | None = None, max_queue_delay_us: int = 2000,
-                      threads: int | None = None) -> Path:
-    """Write a Triton model repository for ``model_path`` (a btp model.onnx) to ``out``."""
+                      threads: int | None = None, reference: str | Path | None = None) -> Path:
+    """Write a Triton model repository for ``model_path`` (a btp model.onnx) to ``out``; with
+    ``reference`` (a .btpref built with that model file), one whose pipeline also scores with it."""
     try:
         check_choice("triton", "--layout", layout)
         check_choice("triton", "--engine", engine)
@@ -107,18 +139,20 @@ def export_repository(model_path: str | Path, out: str | Path, *, layout: str = 
     model_path = Path(model_path)
     meta = read_model_meta(model_path)  # refuses a file that is not a btp model
     cfg = meta.config
+    if reference is not None:
+        reference = check_reference(reference, model_path)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise TritonError(f"{out} is not empty: pass a new folder (a repository is written whole)")
     if layout == "python":
         _python_model(out / "btp", model_path, _env_doc("model.onnx", threads, "pipeline"), "pipeline", cfg, "btp",
-                      tail="instance_group [ { count: 1 kind: KIND_CPU } ]\n")
+                      tail="instance_group [ { count: 1 kind: KIND_CPU } ]\n", reference=reference)
         return out
     if engine == "plan" and (plan is None or not Path(plan).is_file()):
         raise TritonError("--engine plan needs --plan FILE: a TensorRT engine from `btp build` on the serving GPU")
     for stage in ("pre", "post"):
         _python_model(out / f"btp_{stage}", model_path, _env_doc("model.onnx", threads, stage), stage, cfg,
-                      f"btp_{stage}")
+                      f"btp_{stage}", reference=reference if stage == "post" else None)
     engine_dir = out / "btp_engine" / "1"
     engine_dir.mkdir(parents=True)
     if engine == "onnx":
@@ -130,28 +164,27 @@ def export_repository(model_path: str | Path, out: str | Path, *, layout: str = 
     _write(out / "btp_engine" / "config.pbtxt", _config(
         "btp_engine", platform, "engine", cfg, max_batch_size=8,
         tail=f"dynamic_batching {{ max_queue_delay_microseconds: {int(max_queue_delay_us)} }}\n"))
-    _write(out / "btp" / "config.pbtxt", _ensemble(cfg))
+    _write(out / "btp" / "config.pbtxt", _ensemble(cfg, reference is not None))
     (out / "btp" / "1").mkdir(parents=True)
     return out
 
 
-def _ensemble(cfg) -> str:
+def _ensemble(cfg, reference: bool) -> str:
     """The entry model ``btp``: btp_pre -> btp_engine -> btp_post, every tensor passed by its own name
     (the engine's object score as ``engine_object_score``: btp_post makes the served one)."""
     renamed = {"object_score": "engine_object_score"}
     pre_out = [p.name for p in stages.ports("pre", cfg)[1]]
     engine_in, engine_out = ([p.name for p in ports] for ports in stages.ports("engine", cfg))
-    post_in = [p.name for p in stages.ports("post", cfg)[0]]
+    post_in, post_out = ([p.name for p in ports] for ports in stages.ports("post", cfg, reference=reference))
     steps = [("btp_pre", {"points": "points"}, {k: k for k in pre_out}),
              ("btp_engine", {k: k for k in engine_in}, {k: renamed.get(k, k) for k in engine_out}),
-             ("btp_post", {k: renamed.get(k, k) for k in post_in}, {"point_scores": "point_scores",
-                                                                   "object_score": "object_score"})]
+             ("btp_post", {k: renamed.get(k, k) for k in post_in}, {k: k for k in post_out})]
     blocks = []
     for name, inputs, outputs in steps:
         ins = "".join(f'    input_map {{ key: "{a}" value: "{b}" }}\n' for a, b in inputs.items())
         outs = "".join(f'    output_map {{ key: "{a}" value: "{b}" }}\n' for a, b in outputs.items())
         blocks.append(f'  step [ {{\n    model_name: "{name}"\n    model_version: -1\n{ins}{outs}  }} ]\n')
-    return _config("btp", 'platform: "ensemble"', "pipeline", cfg,
+    return _config("btp", 'platform: "ensemble"', "pipeline", cfg, guided=reference,
                    tail=f'ensemble_scheduling {{\n{"".join(blocks)}}}\n')
 
 

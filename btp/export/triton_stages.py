@@ -12,6 +12,13 @@ repository, the Python version, the model file and which stage this model is):
   the object score as the runtime makes it (``btp.geometry.prepare.scores_to_raw``,
   ``btp.geometry.scores.object_score``).
 
+With a reference (``btp export --format triton --reference PART.btpref``), the ``pipeline`` or
+``post`` stage also scores the scan against the part's reference, as ``btp-run --reference`` does
+(``btp.runtime.pipeline.load_references`` reads it, checks it against the model file;
+``btp.runtime.guided.ReferenceSet`` registers and scores), and gives ``REFERENCE``'s outputs. The
+reference file lies in the model's version folder; its name is the config's parameter
+``reference``.
+
 A request's rows go through ``btp.io.cloud_from_array``, the readers' own NaN dropping and
 minimum-points check. Each stage is a plain class over numpy dicts (``STAGES``), so tests run it
 without Triton; ``TritonPythonModel`` only moves tensors in and out (DLPack both ways: the stub's
@@ -72,6 +79,17 @@ _DTYPES = {"float32": "FP32", "int64": "INT64", "int32": "INT32", "bool": "BOOL"
 SCAN = (Port("points", dtype="FP32", dims=(-1, 3)),)  # the entry model's input: one raw scan, any number of rows
 SCORES = (Port("object_score", dtype="FP32", dims=(1,)), Port("point_scores", dtype="FP32", dims=(-1,)),
           Port("global_prob", dtype="FP32", dims=(1,)))  # the entry model's outputs
+# with a reference: the scan against the part's reference (btp.runtime.guided), maps one value per input
+# row (NaN where a row was dropped or the scan did not register), the rest one value per scan
+REFERENCE = (Port("fused_scores", dtype="FP32", dims=(-1,)),        # the fused map the decision is made on
+             Port("deviation", dtype="FP32", dims=(-1,)),           # signed distance to the template, scan units
+             Port("fused_object_score", dtype="FP32", dims=(1,)),   # NaN when the scan did not register
+             Port("reference_score", dtype="FP32", dims=(1,)),      # the reference maps' alone (NaN: idem)
+             Port("threshold", dtype="FP32", dims=(1,)),            # the part's, from its good scans
+             Port("fitness", dtype="FP32", dims=(1,)),              # of the scan -> template registration
+             Port("registered", dtype="BOOL", dims=(1,)),           # False: not scored against the reference
+             Port("anomalous", dtype="BOOL", dims=(1,)))            # registered and fused score > threshold
+REFERENCE_PARAMETER = "reference"  # the config.pbtxt parameter naming the reference file
 # the prepared scan, from btp_pre to btp_post (with the engine's center and the raw points)
 PREPARED = (Port("patch_idx", dtype="INT64", dims=("G", "K")), Port("sample_idx", dtype="INT64", dims=(-1,)),
             Port("sampled_points", dtype="FP32", dims=(-1, 3)), Port("row_mask", dtype="BOOL", dims=(-1,)),
@@ -88,18 +106,20 @@ def engine_port(tensor: contract.Tensor, batched: bool) -> Port:
     return Port(tensor.name, dtype=_DTYPES[tensor.dtype], dims=dims or (1,), reshape=() if not dims else None)
 
 
-def ports(stage: str, cfg: BTPConfig) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
+def ports(stage: str, cfg: BTPConfig, reference: bool = False) -> tuple[tuple[Port, ...], tuple[Port, ...]]:
     """(inputs, outputs) of ``stage`` ("pipeline", "pre", "post", or "engine": the ONNX/TensorRT model)
-    for a model of ``cfg``, dims resolved."""
+    for a model of ``cfg``, dims resolved; ``reference``: the repository scores with a reference
+    (the pipeline and post stages then also give ``REFERENCE``)."""
     engine_in, engine_out = contract.inputs(), contract.runtime_outputs(cfg)
+    guided = REFERENCE if reference else ()
     if stage == "pipeline":
-        ins, outs = SCAN, SCORES
+        ins, outs = SCAN, SCORES + guided
     elif stage == "pre":
         ins, outs = SCAN, tuple(engine_port(t, False) for t in engine_in) + PREPARED
     elif stage == "post":
         ins = SCAN + PREPARED + (engine_port(contract.tensor("center"), False),) + tuple(
             engine_port(t, False) for t in engine_out)
-        outs = tuple(p for p in SCORES if p.name != "global_prob")  # global_prob: the engine's own
+        outs = tuple(p for p in SCORES if p.name != "global_prob") + guided  # global_prob: the engine's own
     elif stage == "engine":
         ins, outs = tuple(engine_port(t, True) for t in engine_in), tuple(engine_port(t, True) for t in engine_out)
     else:
@@ -121,26 +141,47 @@ def _rows(cloud) -> np.ndarray:
     return cloud.row_mask if cloud.row_mask is not None else np.ones(len(cloud.points), bool)
 
 
-class PipelineStage:
-    """One raw scan -> btp.runtime.Pipeline -> the entry model's outputs."""
+def _reference_outputs(guided, rows: np.ndarray) -> dict:
+    """A scan's ``btp.runtime.guided.GuidedResult`` -> REFERENCE's tensors; ``rows``: bool [R], the
+    input rows its points came from."""
+    scores = guided.scores
+    fused, deviation = (np.full(len(rows), np.nan, np.float32) for _ in range(2))
+    if scores.registered:
+        fused[rows], deviation[rows] = scores.fused, scores.deviation
+    return {"fused_scores": fused, "deviation": deviation,
+            "fused_object_score": np.array([scores.object_score], np.float32),
+            "reference_score": np.array([scores.reference_score], np.float32),
+            "threshold": np.array([guided.threshold], np.float32),
+            "fitness": np.array([scores.fitness], np.float32),
+            "registered": np.array([scores.registered], bool),
+            "anomalous": np.array([guided.decision == "anomalous"], bool)}
 
-    def __init__(self, model_file: str, threads: int | None = None):
+
+class PipelineStage:
+    """One raw scan -> btp.runtime.Pipeline -> the entry model's outputs (with ``reference``, a
+    .btpref file: also scored against it, REFERENCE's outputs)."""
+
+    def __init__(self, model_file: str, threads: int | None = None, reference: str | None = None):
         from btp.runtime import Pipeline
 
-        self.pipe = Pipeline(model_file, threads=threads)
+        self.pipe = Pipeline(model_file, threads=threads, reference=reference)
         self.cfg = self.pipe.cfg
 
     def __call__(self, tensors: dict) -> dict:
         result = self.pipe(_scan(tensors, self.cfg))
-        return {"object_score": np.array([result.object_score], np.float32),
-                "point_scores": np.asarray(result.scores_per_row(), np.float32),
-                "global_prob": np.array([result.global_prob], np.float32)}
+        out = {"object_score": np.array([result.object_score], np.float32),
+               "point_scores": np.asarray(result.scores_per_row(), np.float32),
+               "global_prob": np.array([result.global_prob], np.float32)}
+        if result.reference is not None:
+            rows = result.row_mask if result.row_mask is not None else np.ones(len(result.point_scores), bool)
+            out.update(_reference_outputs(result.reference, rows))
+        return out
 
 
 class PreStage:
     """Raw scan -> the engine's inputs (a batch of one) and the prepared scan for PostStage."""
 
-    def __init__(self, model_file: str, threads: int | None = None):
+    def __init__(self, model_file: str, threads: int | None = None, reference: str | None = None):
         from btp.runtime.metadata import read_model_meta
 
         self.cfg = read_model_meta(model_file).config
@@ -159,12 +200,15 @@ class PreStage:
 
 
 class PostStage:
-    """The engine's outputs + the prepared scan -> point scores per input row, object score."""
+    """The engine's outputs + the prepared scan -> point scores per input row, object score (with
+    ``reference``, a .btpref file: also scored against it, REFERENCE's outputs)."""
 
-    def __init__(self, model_file: str, threads: int | None = None):
+    def __init__(self, model_file: str, threads: int | None = None, reference: str | None = None):
         from btp.runtime.metadata import read_model_meta
+        from btp.runtime.pipeline import load_references
 
         self.cfg = read_model_meta(model_file).config
+        self.references = None if reference is None else load_references(reference, model_file)
 
     def __call__(self, tensors: dict) -> dict:
         from btp.geometry.prepare import Prepared, scores_to_raw
@@ -187,10 +231,20 @@ class PostStage:
                                               point_probs=point_probs)
         obj = object_score(cfg.scoring, float(np.asarray(tensors["object_score"]).reshape(-1)[0]),
                            float(np.asarray(tensors["global_prob"]).reshape(-1)[0]), sampled)
-        return {"point_scores": scores, "object_score": np.array([obj], np.float32)}
+        out = {"point_scores": scores, "object_score": np.array([obj], np.float32)}
+        if self.references is not None:  # as Pipeline does: the raw points and their zero-shot scores
+            out.update(_reference_outputs(self.references.score(None, prep.raw_points, scores[mask]), mask))
+        return out
 
 
 STAGES = {"pipeline": PipelineStage, "pre": PreStage, "post": PostStage}
+
+
+def reference_file(model_config: dict) -> str | None:
+    """The reference file a model's config names (parameter ``reference``, a file in its version
+    folder), None when it names none."""
+    value = model_config.get("parameters", {}).get(REFERENCE_PARAMETER, {}).get("string_value")
+    return value or None
 
 
 # ---- Triton's side -----------------------------------------------------------------------------
@@ -205,8 +259,10 @@ class TritonPythonModel:
         if list(sys.version_info[:2]) != _ENV["python"]:
             raise pb_utils.TritonModelException(
                 f"the Python stub runs {sys.version_info[:2]}, the btp environment is {_ENV['python']}")
-        model_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), _ENV["model_file"])
-        self.stage = STAGES[_ENV["stage"]](model_file, threads=_ENV.get("threads"))
+        here = os.path.dirname(os.path.abspath(__file__))
+        reference = reference_file(json.loads(args.get("model_config") or "{}"))
+        self.stage = STAGES[_ENV["stage"]](os.path.join(here, _ENV["model_file"]), threads=_ENV.get("threads"),
+                                           reference=None if reference is None else os.path.join(here, reference))
         self.inputs = [p.name for p in ports(_ENV["stage"], self.stage.cfg)[0]]
 
     def execute(self, requests):
