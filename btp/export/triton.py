@@ -213,10 +213,12 @@ def backend_dir(server_root: Path, cache: Path) -> Path:
         raise NotAvailableError(f"this tritonserver has no Python-backend stub for Python {version}")
     dest = cache / "backends" / "python"
     dest.mkdir(parents=True, exist_ok=True)
+    # replaced, never rewritten in place: a server already running from this folder (another `btp
+    # serve`) keeps the files it has open or mapped
     for f in (server_root / "backends" / "python").iterdir():
         if f.is_file():
-            shutil.copyfile(f, dest / f.name)
-    shutil.copyfile(stub, dest / "triton_python_backend_stub")
+            atomic_write_bytes(dest / f.name, f.read_bytes())
+    atomic_write_bytes(dest / "triton_python_backend_stub", stub.read_bytes())
     (dest / "triton_python_backend_stub").chmod(0o755)
     return dest.parent
 
