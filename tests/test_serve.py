@@ -417,8 +417,10 @@ def test_reference_export_refuses_what_btp_run_refuses(bunny_reference, tmp_path
         assert message in " ".join(res.output.split()), res.output
         assert not out.exists() or not any(out.iterdir())
     res = CliRunner().invoke(app, ["export", "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--reference",
-                                   str(reference)])
-    assert res.exit_code == 2 and "--format triton" in res.output
+                                   str(reference)], env={"COLUMNS": "200"})
+    assert res.exit_code == 2, res.output
+    assert "--reference does not apply to --format onnx; it applies to --format triton" in \
+        " ".join(res.output.replace("│", " ").split()), res.output
     from btp.export.triton import export_repository
     from btp.runtime.reference import ReferenceError
 
