@@ -84,7 +84,7 @@ SCORES = (Port("object_score", dtype="FP32", dims=(1,)), Port("point_scores", dt
 REFERENCE = (Port("fused_scores", dtype="FP32", dims=(-1,)),        # the fused map the decision is made on
              Port("deviation", dtype="FP32", dims=(-1,)),           # signed distance to the template, scan units
              Port("fused_object_score", dtype="FP32", dims=(1,)),   # NaN when the scan did not register
-             Port("reference_score", dtype="FP32", dims=(1,)),      # the reference maps' alone (NaN: idem)
+             Port("reference_score", dtype="FP32", dims=(1,)),      # the reference maps' alone (NaN likewise)
              Port("threshold", dtype="FP32", dims=(1,)),            # the part's, from its good scans
              Port("fitness", dtype="FP32", dims=(1,)),              # of the scan -> template registration
              Port("registered", dtype="BOOL", dims=(1,)),           # False: not scored against the reference
@@ -179,7 +179,8 @@ class PipelineStage:
 
 
 class PreStage:
-    """Raw scan -> the engine's inputs (a batch of one) and the prepared scan for PostStage."""
+    """Raw scan -> the engine's inputs (a batch of one) and the prepared scan for PostStage
+    (``reference`` is PostStage's: taken for the common signature, not used)."""
 
     def __init__(self, model_file: str, threads: int | None = None, reference: str | None = None):
         from btp.runtime.metadata import read_model_meta
