@@ -187,6 +187,19 @@ BACKENDS: tuple[Backend, ...] = (
             extra="openvino", bench=("openvino-bf16",)),
 )
 DEFAULT_BACKEND = "ort-cpu"
+# "auto": the backend the model's precision (metadata export.precision.mode) runs on
+AUTO_BACKEND = "auto"
+
+# the precisions of a model.onnx (btp-export --precision) and the CPU backend each runs on
+PRECISIONS: dict[str, str] = {"fp32": "ort-cpu", "int8": "ort-cpu", "bf16": "openvino-bf16"}
+
+
+def precision_backend(precision: str) -> str:
+    """The backend ``btp-run --backend auto`` picks for a model of this precision."""
+    try:
+        return PRECISIONS[precision]
+    except KeyError:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}") from None
 
 
 def backend_names() -> tuple[str, ...]:
@@ -225,7 +238,9 @@ FORMATS: tuple[Format, ...] = (
     Format(name="onnx", what="one self-describing model.onnx: everything after grouping, text embeddings frozen "
                              "inside", command="btp export", suffix=".onnx", gpu=False,
            arguments=("--model", "--out", "--format", "--opset", "--batch", "--fp16-safe", "--simplify",
-                      "--optional-output", "--patch-embed", "--seed")),
+                      "--optional-output", "--patch-embed", "--seed", "--precision", "--gate-data",
+                      "--calibration-shapes", "--keep-fp32", "--force"),
+           choices={"--precision": ("fp32", "int8", "bf16")}),
     Format(name="triton", what="a Triton model repository (--model may also be an exported model.onnx)",
            command="btp export --format triton", suffix="/", gpu=False,
            arguments=("--model", "--out", "--format", "--layout", "--engine", "--plan", "--opset", "--reference"),

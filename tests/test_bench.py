@@ -385,6 +385,29 @@ def test_latency_command_end_to_end(tiny_onnx, tmp_path):
     assert "skipped" in next(out.glob("*.md")).read_text()
 
 
+def test_latency_times_a_precision_variant_beside_fp32(tiny_onnx, tmp_path, shapes_root):
+    """--variant int8.onnx: rows named by the variant's precision and file, on its own backend."""
+    from typer.testing import CliRunner
+
+    from btp.cli.bench import app
+    from btp.export import precision as P
+    from btp.runtime.metadata import read_model_meta
+
+    cfg = read_model_meta(tiny_onnx).config
+    feeds = P.engine_feeds(P.calibration_scans(shapes_root, cfg, 2, 2)[0], cfg)
+    graph = P.Int8Builder(tiny_onnx, feeds, P.Int8Settings(), tmp_path).build(tmp_path / "q.onnx")
+    variant = P.write_variant(tiny_onnx, graph, tmp_path / "int8.onnx", P.precision_record("int8", forced=True))
+    res = CliRunner().invoke(app, ["latency", str(tiny_onnx), "--backends", "ort-cpu", "--variant", str(variant),
+                                   "--points", "600", "--batch", "1", "--warmup", "0", "--duration", "0",
+                                   "--min-iters", "3", "--no-sweep", "--out", str(tmp_path / "res"),
+                                   "--json", str(tmp_path / "lat.json")])
+    assert res.exit_code == 0, res.output
+    rows = {r["backend"]: r for r in json.loads((tmp_path / "lat.json").read_text())["results"]}
+    assert set(rows) == {"ort-cpu", "int8:int8.onnx"}
+    assert rows["int8:int8.onnx"]["precision"] == "int8" and rows["ort-cpu"]["precision"] == "fp32"
+    assert "backend ort-cpu" in rows["int8:int8.onnx"]["weights"]
+
+
 def test_parity_command_end_to_end(tiny_onnx, tmp_path, shapes_root):
     from typer.testing import CliRunner
 

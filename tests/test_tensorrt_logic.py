@@ -17,7 +17,7 @@ from btp.runtime.tensorrt import CacheDecision, EngineKey, check_cache, make_man
 G, K, C = 32, 16, 6  # tiny_config
 
 
-def tiny_onnx(path, *, batch="B", num_group=G, with_meta=True):
+def tiny_onnx(path, *, batch="B", num_group=G, with_meta=True, precision=None):
     """A small graph shaped like the exported BTP model, with torch.onnx-style node names."""
     import onnx
     from onnx import TensorProto, helper
@@ -44,7 +44,8 @@ def tiny_onnx(path, *, batch="B", num_group=G, with_meta=True):
     graph = helper.make_graph(nodes, "btp", [nb, ce], outs, [w, text, shape, gamma])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     if with_meta:
-        helper.set_model_props(model, {"btp": json.dumps({"format": "btp-onnx", "format_version": 1, "config": tiny_config().to_dict(), "model": {}})})
+        export = {"precision": {"mode": precision}} if precision else {}
+        helper.set_model_props(model, {"btp": json.dumps({"format": "btp-onnx", "format_version": 1, "config": tiny_config().to_dict(), "model": {}, "export": export})})
     onnx.save(model, str(path))
     return path
 
@@ -292,6 +293,27 @@ def test_btp_build_prints_the_plan(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "engine.plan (2.0 MB, fp32, built in 12.5 s)" in result.output
     assert calls["precision"] == "fp32" and calls["batch"] == (1, 1, 8) and calls["workspace_mb"] == 512
+
+
+def test_btp_build_takes_an_int8_model_without_calibration(tmp_path, monkeypatch):
+    """An INT8 model.onnx (btp-export --precision int8) carries its scales: INT8, no --calib."""
+    from btp.cli import app
+
+    calls = {}
+
+    def fake_cached_engine(model_path, **kwargs):
+        calls.update(kwargs)
+        return trt_export.BuildResult(plan_path=model_path, manifest_path=tmp_path / "manifest.json", built=True,
+                                      seconds=1.0, reasons=())
+
+    monkeypatch.setattr(trt_export, "tensorrt_unavailable_reason", lambda: None)
+    monkeypatch.setattr(trt_export, "cached_engine", fake_cached_engine)
+    model = tiny_onnx(tmp_path / "int8.onnx", precision="int8")
+    result = CliRunner().invoke(app, ["build", str(model)])
+    assert result.exit_code == 0, result.output
+    assert calls["precision"] == "int8" and calls["calib_dir"] is None
+    result = CliRunner().invoke(app, ["build", str(tiny_onnx(tmp_path / "fp32.onnx")), "--int8"])
+    assert result.exit_code == 2 and "--int8 needs --calib" in result.output
 
 
 def test_common_scope_and_scoped_root_ops():

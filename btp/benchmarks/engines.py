@@ -8,9 +8,10 @@ Variants (each on the CPU, batch 1, the machine's default thread count):
 - ``ort-fusions``: the graph after ``onnxruntime.transformers.optimizer`` (model type ``bert``,
   the encoder's heads and width): Attention / LayerNorm / GELU fusions where its patterns match;
   the fused op counts are reported.
-- ``ort-int8-qdq``: static INT8 quantisation in the QDQ format (``onnxruntime.quantization``):
-  per-channel symmetric int8 weights, uint8 activations, MatMul / Conv / Gemm, calibrated (MinMax)
-  on engine inputs of real scans of *training-split* meshes.
+- ``ort-int8-qdq``: the INT8 variant of ``btp-export --precision int8`` (btp.export.precision:
+  static QDQ, per-channel int8 weights, uint8 activations, MatMul / Conv / Gemm, the committed
+  recipe's layer groups kept in FP32), calibrated (MinMax) on engine inputs of real scans of
+  *training-split* meshes.
 - ``openvino`` / ``openvino-bf16``: the runtime's OpenVINO backends (btp.runtime.backends.openvino:
   the same model.onnx on OpenVINO's CPU plugin, float32 / bfloat16 inside), where the optional
   ``openvino`` package is installed.
@@ -23,8 +24,8 @@ Timing: the variants take turns, ``rounds`` times ``iters`` calls each on the sa
 a warm-up; the median of all calls is reported with its ratio to ``ort``. Parity: on engine
 inputs of other training-split meshes (not the calibration ones), max |difference| of
 ``patch_probs`` and ``object_score`` against ``ort``. A variant is adoptable only when it is faster
-than ``ort`` in this run and its parity holds; the held-out AUROC check (within 1 point) is then
-``btp eval`` on the variant's model, which this report names as the next step.
+than ``ort`` in this run; whether its accuracy holds is the gate of ``btp-export --precision``
+(held-out O-/P-AUROC within 0.5 point, OK/NG decisions agreeing on 99 % of the scans).
 """
 from __future__ import annotations
 
@@ -60,13 +61,9 @@ def _inputs(meshes, per_mesh: int, cfg, seed: int) -> list[dict[str, np.ndarray]
 
 
 def _ort_runner(path: Path) -> Callable[[dict], dict]:
-    import onnxruntime as ort
+    from btp.export.precision import ort_runner
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return lambda feed: dict(zip(names, session.run(None, feed)))
+    return ort_runner(path)
 
 
 def _fused(path: Path, out: Path, cfg) -> tuple[Path, dict]:
@@ -80,26 +77,15 @@ def _fused(path: Path, out: Path, cfg) -> tuple[Path, dict]:
     return out, counts
 
 
-class _Calibration:
-    """onnxruntime.quantization CalibrationDataReader over prepared engine inputs."""
+def _quantized(path: Path, out: Path, feeds) -> tuple[Path, list[str]]:
+    """The INT8 variant ``btp-export --precision int8`` makes (btp.export.precision): the committed
+    recipe's groups kept in FP32 for known weights, else every group in INT8 -> (path, kept groups)."""
+    from btp.export.precision import Int8Builder, Int8Settings, committed_keep
+    from btp.runtime.metadata import read_model_meta
 
-    def __init__(self, feeds):
-        self._it = iter(feeds)
-
-    def get_next(self):
-        return next(self._it, None)
-
-
-def _quantized(path: Path, out: Path, feeds) -> Path:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    staged = out.with_name("preprocessed.onnx")
-    quant_pre_process(str(path), str(staged), skip_symbolic_shape=True)
-    quantize_static(str(staged), str(out), _Calibration(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    op_types_to_quantize=["MatMul", "Conv", "Gemm"], calibrate_method=CalibrationMethod.MinMax)
-    return out
+    keep = list(committed_keep(read_model_meta(path)) or ())
+    Int8Builder(path, feeds, Int8Settings(), out.parent).build(out, keep=keep)
+    return out, keep
 
 
 def _backend_runner(name: str, path: Path) -> Callable[[dict], dict]:
@@ -165,7 +151,8 @@ def run_engines(model, *, variants=VARIANTS, rounds: int = 7, iters: int = 10, w
                 save: Path | None = None, progress: Callable[[str], None] | None = None,
                 compare: tuple = ()) -> dict:
     """Engine variants of one model on one feed, taking turns: build each variant, time them,
-    check their outputs against ``ort``, profile ``ort``, give each a verdict.
+    check their outputs against ``ort``, profile ``ort``, give each a verdict (the accuracy gate of
+    ``btp-export --precision`` decides whether a variant beyond the raw-output tolerance is kept).
     ``save``: also write the ORT variants' graphs there (``<variant>.onnx``, with the model's
     metadata), e.g. for ``btp eval --model`` on a variant that is faster. ``compare``: other
     models (same engine inputs) timed in the same turns."""
@@ -216,10 +203,11 @@ def _variants(model: Path, cfg, variants, tmp: Path, calibration, save, say) -> 
                 if save:
                     _keep_metadata(model, path, Path(save) / f"{name}.onnx")
             elif name == "ort-int8-qdq":
-                path = _quantized(model, tmp / "int8.onnx", calibration)
+                path, kept = _quantized(model, tmp / "int8.onnx", calibration)
                 runners[name] = _ort_runner(path)
                 rows[name] = {"calibration": f"{len(calibration)} scans of {', '.join(CALIBRATION_MESHES)}",
-                              "size_mb": round(path.stat().st_size / 1e6, 2)}
+                              "size_mb": round(path.stat().st_size / 1e6, 2),
+                              "kept_fp32": ", ".join(kept) or "none (no committed recipe for these weights)"}
                 if save:
                     _keep_metadata(model, path, Path(save) / f"{name}.onnx")
             elif name in ("openvino", "openvino-bf16"):
@@ -297,7 +285,7 @@ def _ort_profile(model: Path, feed: dict, engine_ms: float, say) -> dict:
 
 def _verdicts(rows: dict[str, dict], others: set[str]) -> None:
     """Each timed row's ratio to ``ort`` and verdict: faster and within tolerance, faster beyond
-    it (the held-out AUROC decides), or not faster."""
+    it (the accuracy gate decides), or not faster."""
     base = rows.get("ort", {}).get("median_ms")
     for name, row in rows.items():
         if "median_ms" not in row or base is None:
@@ -310,9 +298,9 @@ def _verdicts(rows: dict[str, dict], others: set[str]) -> None:
         faster = row["median_ms"] < base
         row["verdict"] = ("baseline" if name == "ort" else
                           "rejected: not faster" if not faster else
-                          "faster, outputs within tolerance: adopt after the held-out AUROC check" if row["parity"] else
-                          "faster, outputs beyond tolerance: held-out AUROC within 1 point decides (btp eval "
-                          "--backend openvino-bf16, or --model on the saved ORT variant)")
+                          "faster, outputs within tolerance: the accuracy gate decides" if row["parity"] else
+                          "faster, outputs beyond tolerance: the accuracy gate decides (btp-export --precision "
+                          "int8|bf16 --gate-data SETS)")
 
 
 def engines_markdown(data: dict) -> str:
@@ -335,7 +323,7 @@ def engines_markdown(data: dict) -> str:
             lines.append(f"| {name} | - | - | - | - | skipped | {row['skipped']} |")
             continue
         notes = "; ".join(f"{k}: {v}" for k, v in row.items() if k in ("graph", "fused_ops", "calibration", "size_mb",
-                                                                       "openvino"))
+                                                                       "kept_fp32", "openvino"))
         diffs = " | ".join(f"{row[k]:.2g}" if k in row else "-"
                            for k in ("max_abs_patch_probs", "max_abs_object_score"))
         lines.append(f"| {name} | {row['median_ms']:.2f} | {row.get('ratio_to_ort', float('nan')):.2f}x | "

@@ -116,6 +116,8 @@ def unavailable_reason(backend: str) -> str | None:
         return f"unknown raw-scan rule {method!r} after '@'; choose from {', '.join(DOWNSAMPLE_METHODS)}"
     if reps is not None and method not in ("auto", "voxel"):
         return f"':{reps}' (voxel cells per sample) applies to the voxel rule (auto or voxel), not {method!r}"
+    if backend == "auto":  # a variant's own backend (its precision's): the Pipeline says if it cannot run
+        return None
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}"
     if backend in TORCH_BACKENDS:
@@ -176,6 +178,9 @@ def _pipeline(backend: str, rule: str, model_path, threads, checkpoint):
         torch_backend = TorchBackend.for_onnx(model_path, checkpoint=checkpoint, threads=threads,
                                               half=backend != "torch", mixed=backend == "torch-fp16-mixed")
         return Pipeline(model_path, backend=torch_backend, preprocess="cpu", downsample=rule), torch_backend.weights
+    if backend == "auto":
+        pipe = Pipeline(model_path, backend="auto", threads=threads, preprocess="cpu", downsample=rule)
+        return pipe, f"{Path(model_path).name} ({pipe.meta.precision}, backend {pipe.backend.name})"
     row = RUNTIME_BACKENDS[backend]
     if row.precisions:  # the bench name carries the precision: trt-fp16 -> trt, precision="fp16"
         pipe = Pipeline(model_path, backend=row.name, threads=threads, precision=precision_of(backend),
@@ -272,7 +277,11 @@ def run_latency(model_path, *, backends: Sequence[str] = ("torch", "ort-cpu") + 
                 points: Sequence[int] = DEFAULT_POINTS, batches: Sequence[int] = DEFAULT_BATCHES,
                 warmup_s: float = 1.0, duration_s: float = 5.0, min_iters: int = 10,
                 threads: int | None = None, checkpoint=None, mesh: str | None = None,
+                variants: Sequence[str | Path] = (),
                 progress: Callable[[str], None] | None = None) -> LatencyReport:
+    """``variants``: reduced-precision files of the same model (``btp-export --precision``), each
+    timed in the same run on the backend its precision runs on, as rows named
+    ``<precision>:<file name>``."""
     from btp.benchmarks.machine import describe_machine
     from btp.runtime.metadata import read_model_meta
 
@@ -289,43 +298,47 @@ def run_latency(model_path, *, backends: Sequence[str] = ("torch", "ort-cpu") + 
     )
     # torch last: importing it grows the process (RSS of the other rows stays honest)
     ordered = sorted(dict.fromkeys(backends), key=lambda b: b.startswith("torch"))
-    for backend in ordered:
+    jobs = [(b, b, model_path) for b in ordered if not b.startswith("torch")]
+    jobs += [(f"{read_model_meta(v).precision}:{Path(v).name}", "auto", Path(v)) for v in variants]
+    jobs += [(b, b, model_path) for b in ordered if b.startswith("torch")]
+    report.settings["variants"] = [str(v) for v in variants]
+    for name, backend, path in jobs:
         reason = unavailable_reason(backend)
         if reason:
-            report.skipped.append(Skipped(backend, reason))
+            report.skipped.append(Skipped(name, reason))
             if progress:
-                progress(f"{backend}: skipped: {reason}")
+                progress(f"{name}: skipped: {reason}")
             continue
         try:
-            pipe, weights = make_pipeline(backend, model_path, threads=threads, checkpoint=checkpoint)
+            pipe, weights = make_pipeline(backend, path, threads=threads, checkpoint=checkpoint)
         except Exception as exc:  # noqa: BLE001 - a backend that fails to start is a skipped row
-            report.skipped.append(Skipped(backend, f"failed to start: {type(exc).__name__}: {exc}"))
+            report.skipped.append(Skipped(name, f"failed to start: {type(exc).__name__}: {exc}"))
             if progress:
-                progress(f"{backend}: skipped: {exc}")
+                progress(f"{name}: skipped: {exc}")
             continue
+        precision = pipe.meta.precision if backend == "auto" else precision_of(backend)
         for n in points:
             for b in batches:
                 if progress:
-                    progress(f"{backend}: {n} points x batch {b}")
+                    progress(f"{name}: {n} points x batch {b}")
                 scans = make_scans(n, b, mesh)
                 try:
                     with RssSampler() as rss:
                         stats, iters = bench_one(pipe, scans, warmup_s=warmup_s, duration_s=duration_s,
                                                  min_iters=min_iters)
                 except Exception as exc:  # noqa: BLE001 - keep the other rows
-                    report.skipped.append(Skipped(backend, f"{n} points x batch {b}: "
-                                                           f"{type(exc).__name__}: {exc}"))
+                    report.skipped.append(Skipped(name, f"{n} points x batch {b}: {type(exc).__name__}: {exc}"))
                     continue
                 e2e = stats["end_to_end"]
                 report.results.append(LatencyRow(
-                    backend=backend, points=n, batch=b,
+                    backend=name, points=n, batch=b,
                     stages={k: v.to_dict() for k, v in stats.items()},
                     throughput=b * 1e3 / e2e.mean,
                     peak_rss_mb=round(rss.peak_mb, 1), rss_before_mb=round(rss.before_mb, 1),
                     device_memory_mb=device_memory_mb() if split_rule(backend)[0] in GPU_BACKENDS else None,
                     iterations=iters,
                     timer=str(getattr(getattr(pipe, "engine", None), "timer", "perf_counter")),
-                    precision=precision_of(backend), weights=weights,
+                    precision=precision, weights=weights,
                 ))
         del pipe
     return report

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -85,6 +85,9 @@ def latency(
                              "report shows every goal"),
     sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="engine-only 1- vs 2-thread medians per CPU "
                                "backend in the same run"),
+    variant: List[Path] = typer.Option([], "--variant", help="a reduced-precision file of the same model "
+                                       "(`btp-export --precision int8|bf16`), timed in the same run on its "
+                                       "precision's backend; repeat for several"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="also write the JSON here"),
     out: Path = typer.Option(None, help="report folder (default ./benchmarks/results/)"),
 ) -> None:
@@ -97,7 +100,8 @@ def latency(
     _match_openmp(threads)
     result = run_latency(model, backends=_names(backends), points=_ints(points, "--points"),
                          batches=_ints(batch, "--batch"), warmup_s=warmup, duration_s=duration,
-                         min_iters=min_iters, threads=threads, checkpoint=checkpoint, progress=_say)
+                         min_iters=min_iters, threads=threads, checkpoint=checkpoint, variants=variant,
+                         progress=_say)
     data = result.to_dict()
     _say("counting encoder FLOPs and measuring the matmul peak")
     data["flops"] = onnx_flops(model).to_dict()

@@ -10,7 +10,9 @@ import typer
 def build(
     model: Path = typer.Argument(..., help="model.onnx from `btp export`"),
     fp16: bool = typer.Option(True, "--fp16/--fp32", help="FP16 (LayerNorm/Softmax, the MGFEM head and scoring kept FP32) or all FP32"),
-    int8: bool = typer.Option(False, "--int8", help="INT8 with calibration (TensorRT 10 only); needs --calib"),
+    int8: bool = typer.Option(False, "--int8", help="INT8 with calibration (TensorRT 10 only); needs --calib. An "
+                              "INT8 model.onnx from `btp-export --precision int8` builds INT8 from its own Q/DQ "
+                              "scales without it (TensorRT 10 and 11)"),
     calib: Optional[Path] = typer.Option(None, "--calib", help="directory of .npz batches (neighborhood, center)"),
     workspace: int = typer.Option(2048, "--workspace", help="builder workspace limit in MB"),
     min_batch: int = typer.Option(1, "--min-batch", help="optimization profile: smallest batch"),
@@ -29,21 +31,23 @@ def build(
 
     if not model.is_file():
         fail(f"{model}: no such file (export the model first: btp export ... -o model.onnx)")
-    if int8 and calib is None:
-        fail("--int8 needs --calib DIR (.npz batches with neighborhood and center arrays)")
-    if calib is not None and not calib.is_dir():
-        fail(f"--calib {calib}: not a directory")
     if not 1 <= min_batch <= opt_batch <= max_batch:
         fail(f"batch profile {min_batch}/{opt_batch}/{max_batch}: need 1 <= --min-batch <= --opt-batch <= --max-batch")
     try:  # the model's inputs and metadata are checked before anything needs TensorRT
         trt_export.profile_shapes(trt_export.read_onnx_io(model), (min_batch, opt_batch, max_batch))
     except (ValueError, FileNotFoundError) as exc:
         fail(f"{model}: {exc}")
+    qdq = trt_export.model_precision(model) == "int8"  # btp-export --precision int8: scales inside
+    if int8 and calib is None and not qdq:
+        fail("--int8 needs --calib DIR (.npz batches with neighborhood and center arrays), or an INT8 model.onnx "
+             "from `btp-export --precision int8`")
+    if calib is not None and not calib.is_dir():
+        fail(f"--calib {calib}: not a directory")
     reason = trt_export.tensorrt_unavailable_reason()
     if reason:
         fail(f"TensorRT is not available here: {reason}. `btp doctor --gpu` checks this machine; "
              f"ONNX Runtime runs the same model.onnx without it (btp run --backend ort-cpu).")
-    precision = "int8" if int8 else ("fp16" if fp16 else "fp32")
+    precision = "int8" if int8 or qdq else ("fp16" if fp16 else "fp32")
     try:
         result = trt_export.cached_engine(model, precision=precision, batch=(min_batch, opt_batch, max_batch),
                                           workspace_mb=workspace, cache_dir=cache_dir, calib_dir=calib, force=force,

@@ -55,6 +55,24 @@ def export(
                                                   for t in contract.optional_outputs()) + "."),
     patch_embed: bool = typer.Option(False, "--patch-embed", help="Short for --optional-output patch_embed."),
     seed: int = typer.Option(0, "--seed", help="Torch seed of a fresh init (when no committed weights exist)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | int8 | bf16. int8: static INT8 (QDQ) "
+                                  "calibrated on normal scans of --calibration-shapes, the most sensitive layer "
+                                  "groups kept in FP32 until the accuracy gate holds; bf16: OpenVINO's bfloat16 "
+                                  "CPU plugin (CPUs with AVX512-BF16 or AMX). Both need --gate-data; --model may "
+                                  "be an exported FP32 model.onnx (no PyTorch needed then)."),
+    gate_data: List[Path] = typer.Option([], "--gate-data", help="--precision int8|bf16: held-out evaluation sets "
+                                         "(`btp data eval-sets` output, or set folders; repeat for several): the "
+                                         "variant must keep O-AUROC and P-AUROC within 0.5 point of FP32 on each "
+                                         "and agree with FP32's OK/NG decisions on >= 99 % of the scans."),
+    calibration_shapes: Path = typer.Option(None, "--calibration-shapes", help="--precision int8: the shapes "
+                                            "folder whose training-split meshes give the normal calibration scans "
+                                            "(default $BTP_SHAPES)."),
+    keep_fp32: str = typer.Option("auto", "--keep-fp32", help="--precision int8: layer groups kept in FP32, "
+                                  "comma-separated (e.g. gfcm,gfcm/convs); 'search': find them (each group's "
+                                  "sensitivity, then the gate); 'auto': the committed recipe for the model's "
+                                  "weights, else search."),
+    force: bool = typer.Option(False, "--force", help="--precision int8|bf16: write a variant that fails the gate "
+                               "anyway (its metadata says forced)."),
 ) -> None:
     """Export a BTP model to one self-describing model.onnx (parity-checked against PyTorch).
 
@@ -90,6 +108,13 @@ def export(
     if fmt == "triton":
         _export_triton(model, out, layout, engine, plan, opset, reference, console, prefix)
         return
+    if precision != "fp32":
+        _export_variant(model, out, precision, gate_data=gate_data, shapes=calibration_shapes, keep=keep_fp32,
+                        force=force, seed=seed, console=console, prefix=prefix)
+        return
+    if Path(model).suffix == ".onnx":
+        raise typer.BadParameter(f"{model}: already an ONNX model; --model takes a checkpoint or preset name "
+                                 "(an exported model.onnx only with --precision int8|bf16)", param_hint="--model")
     try:
         loaded = load_model(model, seed=seed)
         if loaded.info.get("fresh_init"):
@@ -126,6 +151,46 @@ def export(
     console.print(f"{prefix} success ✅ {result.seconds:.1f}s, saved as '{result.path}' "
                   f"({result.size_bytes / 1e6:.1f} MB), {len(result.op_types)} op types, "
                   f"parity vs PyTorch {result.verdict}")
+
+
+def _export_variant(model: str, out: Path, precision: str, *, gate_data, shapes, keep: str, force: bool, seed: int,
+                    console, prefix: str) -> None:
+    """--precision int8|bf16: the FP32 model.onnx (--model, or exported from the checkpoint first)
+    -> its gated variant at --out."""
+    import tempfile
+
+    from rich.markup import escape
+
+    from btp.errors import BTPError
+    from btp.export.precision import PrecisionError, make_variant
+
+    if not gate_data:
+        raise typer.BadParameter(f"--precision {precision} needs --gate-data SETS: held-out evaluation sets "
+                                 "(make them with `btp data eval-sets --out SETS`)", param_hint="--gate-data")
+    word = keep.strip()
+    kept = "auto" if word == "auto" else None if word == "search" else [g.strip() for g in word.split(",") if g.strip()]
+    try:
+        with tempfile.TemporaryDirectory(prefix="btp-export-") as tmp:
+            source = Path(model)
+            if source.suffix != ".onnx":
+                from btp.export.onnx import export_onnx, load_model
+
+                console.print(f"{prefix} exporting the FP32 model first")
+                source = export_onnx(load_model(model, seed=seed), Path(tmp) / "model.onnx").path
+            variant = make_variant(source, out, precision, gate_data=gate_data, shapes=shapes, keep_fp32=kept,
+                                   force=force, progress=lambda msg: console.print(f"{prefix} {escape(msg)}"))
+    except PrecisionError as exc:
+        console.print(f"{prefix} [red]refused:[/red] {escape(str(exc))}")
+        raise typer.Exit(code=1) from None
+    except (BTPError, ValueError, OSError) as exc:
+        console.print(f"{prefix} [red]failed:[/red] {escape(str(exc))}")
+        raise typer.Exit(code=1) from None
+    for line in variant.gate.lines():
+        console.print(f"{prefix} gate {escape(line)}")
+    kept_text = ", ".join(variant.kept_fp32) or "none"
+    state = "passed" if variant.gate.passed else "[yellow]FAILED, kept because of --force[/yellow]"
+    console.print(f"{prefix} {precision} model saved as '{variant.path}' ({variant.path.stat().st_size / 1e6:.1f} MB; "
+                  f"layer groups in FP32: {escape(kept_text)}); accuracy gate {state}")
 
 
 def _check_out(out: Path, fmt: str) -> None:

@@ -17,6 +17,8 @@ from btp.config import DEFAULT_MODEL_NAME
 
 
 def _check_backend(name: str) -> str:
+    if name == contract.AUTO_BACKEND:
+        return name
     try:
         return contract.backend(name).name
     except ValueError as exc:
@@ -25,8 +27,10 @@ def _check_backend(name: str) -> str:
 
 def backend_option():
     """--backend / -b: the engine backend, its choices and help from btp.contract.BACKENDS."""
-    return typer.Option(contract.DEFAULT_BACKEND, "--backend", "-b", callback=_check_backend,
-                        help=f"Engine backend: {contract.backends_help()}.")
+    return typer.Option(contract.AUTO_BACKEND, "--backend", "-b", callback=_check_backend,
+                        help=f"Engine backend: auto (default: the one the model's precision runs on: "
+                             f"{', '.join(f'{p} {b}' for p, b in contract.PRECISIONS.items())}); "
+                             f"{contract.backends_help()}.")
 
 
 def _split_heatmaps(values: list[str]) -> tuple[str, ...]:

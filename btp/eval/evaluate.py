@@ -117,6 +117,7 @@ def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] 
     counts: dict[str, dict[str, int]] = {}
     seconds: dict[str, float] = {}
     failed: list[dict[str, str]] = []
+    scans: list[dict] = []
     for done, entry in enumerate(files, 1):
         try:  # one bad file is listed and left out; it never stops the evaluation
             sample = read_sample(entry, min_points=1, verify_gt=verify_gt)
@@ -141,6 +142,9 @@ def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] 
         c["points"] += int(sample.points.shape[0])
         for name, scores in scored.items():
             collected[name].setdefault(sample.cls, _Collected()).add(sample, scores)
+        if "model" in scored:
+            scans.append({"file": str(sample.path), "class": sample.cls, "label": int(sample.object_label),
+                          "object_score": float(scored["model"].object_score)})
     if not counts:
         raise FileNotFoundError(f"{root}: none of the {len(files)} test samples could be scored: "
                                 + "; ".join(f"{f['file']}: {f['error']}" for f in failed[:3]))
@@ -164,6 +168,7 @@ def evaluate(root: str | Path, *, layout: str | None = None, classes: list[str] 
         "object_score": {"baseline": "mean of the top 1% point scores (surface variation, k=16)",
                          "learned_baseline": "mean of the top 1% point probabilities (LightGBM)",
                          "model": "alpha * global_prob + (1 - alpha) * mean(top patch probs)"},
+        "scans": scans,  # the model's object score of each scored test scan, in reading order
         "ms_per_scan": {name: round(1e3 * t / len(files), 2) for name, t in seconds.items()},  # wall, this machine
         "notes": notes,
     }

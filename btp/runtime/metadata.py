@@ -4,7 +4,8 @@
      "config": BTPConfig.to_dict(),                     # G, K, N, C, scoring, preprocessing ...
      "model": {"name", "version", "weights_sha256", "source", "text_prompts", "fresh_init"},
      "provenance": {...},                               # training data / commit / conversion, as saved
-     "export": {"opset", "batch", "fp16_safe", "simplified", "torch", "exported_at", "btp_version"},
+     "export": {"opset", "batch", "fp16_safe", "simplified", "torch", "exported_at", "btp_version",
+                "precision": {"mode": fp32|int8|bf16, "kept_fp32", "gate", ...}},   # btp.export.precision
      "io": {"inputs": {name: {"shape", "dtype"}}, "outputs": {...}}}
 
 The exporter writes it (``build_metadata``), the runtime reads it (``read_model_meta``): no flag
@@ -76,6 +77,10 @@ class ModelMeta:
         return None if b == "dynamic" else int(b)
 
     @property
+    def precision(self) -> str:  # fp32 | int8 | bf16 (btp-export --precision)
+        return self.export.get("precision", {}).get("mode", "fp32")
+
+    @property
     def name(self) -> str:
         return str(self.model.get("name", self.config.name))
 
@@ -134,6 +139,10 @@ def parse_metadata(text: str, path: str | Path = "<model.onnx>") -> ModelMeta:
     if batch != "dynamic" and not (_is_integer(batch) and 1 <= batch <= MAX_FIXED_BATCH):
         raise ModelMetadataError(path, f"metadata export.batch = {batch!r}: expected \"dynamic\" or a whole number "
                                        f"in [1, {MAX_FIXED_BATCH}]; {_RE_EXPORT}")
+    precision = parts["export"].get("precision", {"mode": "fp32"})
+    if not isinstance(precision, dict) or precision.get("mode") not in contract.PRECISIONS:
+        raise ModelMetadataError(path, f"metadata export.precision = {precision!r}: expected an object whose mode is "
+                                       f"one of {', '.join(contract.PRECISIONS)}; {_RE_EXPORT}")
     return ModelMeta(config=cfg, model=parts["model"], provenance=parts["provenance"], export=parts["export"],
                      io=parts["io"], raw=doc)
 

@@ -84,13 +84,14 @@ class ModelInfo:
     version: str | None = None
     weights_sha256: str | None = None
     fresh_init: bool = False
+    precision: str = "fp32"  # the model file's (btp-export --precision)
 
     @classmethod
     def of(cls, pipeline) -> "ModelInfo":
         meta = pipeline.meta
         return cls(path=str(pipeline.model_path), name=meta.name, version=meta.model.get("version"),
                    weights_sha256=meta.model.get("weights_sha256"),
-                   fresh_init=bool(meta.model.get("fresh_init", False)))
+                   fresh_init=bool(meta.model.get("fresh_init", False)), precision=meta.precision)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -103,9 +103,10 @@ class Job:
 
 
 class Pipeline:
-    def __init__(self, model_path: str | Path, backend="ort-cpu", threads: int | None = None, *,
+    def __init__(self, model_path: str | Path, backend="auto", threads: int | None = None, *,
                  preprocess: str = "auto", downsample: str = "auto", reference=None, **backend_options):
-        """``backend``: a name of ``btp.contract.BACKENDS`` (ort-cpu, trt, ...), or a backend object
+        """``backend``: a name of ``btp.contract.BACKENDS`` (ort-cpu, trt, ...), ``auto`` (the one the
+        model's precision runs on: ort-cpu, or openvino-bf16 for a bf16 model), or a backend object
         (``run(neighborhood, center) -> outputs``, e.g. the benchmarks' PyTorch row); ``threads``: intra-op threads (None = ORT's
         default); ``preprocess``: auto | cpu | cuda | cuda-emu (btp.runtime.device); ``downsample``:
         auto | exact | bucket | voxel for scans of more than N points (exact: the reference rules,

@@ -230,7 +230,8 @@ def run_files(pipeline: Pipeline, files: list[Path], out_dir: Path, *, batch: in
     batch = min(max(batch, 1), in_flight_cap(pipeline.cfg, memory_budget, pipeline.cfg.preprocess.num_points))
     applied = None if threshold is None else AppliedThreshold(value=threshold, source=threshold_source)
     scoring = _Scoring(model=ModelInfo.of(pipeline), point_threshold=pipeline.meta.config.scoring.point_threshold,
-                       threshold=applied, backend=backend, preprocess=pipeline.preprocess)
+                       threshold=applied, backend=getattr(pipeline.backend, "name", None) or backend,
+                       preprocess=pipeline.preprocess)
     run = _Run(files=list(files), stems=unique_stems(files) if stems is None else list(stems), out_dir=out_dir, scoring=scoring, fmt=fmt,
                heatmaps=heatmaps, write=write, on_outcome=on_outcome)
     reader = _Prefetch(pipeline, files, max(prefetch, batch) if prefetch else 0)

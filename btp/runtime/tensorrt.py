@@ -482,6 +482,11 @@ class TrtLogger:
         return Logger()
 
 
+def model_precision(model_path) -> str:
+    """The precision a model.onnx was exported in (metadata export.precision.mode; fp32 without it)."""
+    return read_onnx_io(model_path).meta.get("export", {}).get("precision", {}).get("mode", "fp32")
+
+
 def build_engine(model_path: str | os.PathLike, key: EngineKey, timing_cache: Path, *,
                  calib_dir: str | os.PathLike | None = None, log=print) -> tuple[bytes, dict[str, Any]]:
     """Parse model.onnx and build a serialized plan for ``key`` (TensorRT 10 or 11).
@@ -495,7 +500,8 @@ def build_engine(model_path: str | os.PathLike, key: EngineKey, timing_cache: Pa
     source = Path(model_path)
     if strong and key.precision == "fp16":
         source = mixed_precision_onnx(model_path, Path(timing_cache).parent / f"{source.stem}.{key.model_sha256[:12]}.fp16.onnx")
-    if strong and key.precision == "int8":
+    explicit = key.precision == "int8" and model_precision(model_path) == "int8"  # Q/DQ nodes from btp-export
+    if strong and key.precision == "int8" and not explicit:
         raise NotAvailableError("INT8 on TensorRT 11 needs explicit quantization (Q/DQ nodes, e.g. NVIDIA ModelOpt) "
                                 "in the ONNX; implicit calibration (--int8 --calib) exists only up to TensorRT 10")
     logger = TrtLogger(trt, log)
@@ -536,7 +542,9 @@ def build_engine(model_path: str | os.PathLike, key: EngineKey, timing_cache: Pa
                 for i in float_outputs:
                     layer.set_output_type(i, trt.float32)
                 fp32_layers.append(layer.name)
-    if not strong and key.precision == "int8":
+    if not strong and explicit:  # the graph's own Q/DQ scales: no calibrator
+        config.set_flag(trt.BuilderFlag.INT8)
+    elif not strong and key.precision == "int8":
         if calib_dir is None:
             raise ValueError("--int8 needs --calib DIR (npz files with neighborhood/center from `btp calibrate`)")
         config.set_flag(trt.BuilderFlag.INT8)

@@ -33,7 +33,10 @@ def make_backend(name: str, model_path: str | Path, meta, *, threads: int | None
     """The backend called ``name`` for ``model_path`` (``meta``: its ``ModelMeta``).
 
     ``device_resident``: ort-cuda binds its inputs/outputs to device buffers (trt always does);
-    ``options`` go to the backend's constructor (e.g. ``precision="fp16"`` for trt)."""
+    ``options`` go to the backend's constructor (e.g. ``precision="fp16"`` for trt).
+    ``auto``: the backend of the model's precision (``auto_backend``)."""
+    if name == contract.AUTO_BACKEND:
+        name = auto_backend(meta)
     try:
         row = contract.backend(name)
     except ValueError as exc:
@@ -53,3 +56,20 @@ def make_backend(name: str, model_path: str | Path, meta, *, threads: int | None
     from btp.runtime.backends.openvino import OpenVinoBackend
 
     return OpenVinoBackend(model_path, meta, name=name, threads=threads, **options)
+
+
+def auto_backend(meta) -> str:
+    """The backend a model runs on by default: its precision's (btp.contract.PRECISIONS); a bf16
+    model where OpenVINO's bf16 cannot run falls back to ort-cpu (float32 inside, a warning)."""
+    import warnings
+
+    precision = meta.precision if meta is not None else "fp32"
+    name = contract.precision_backend(precision)
+    if name == "openvino-bf16":
+        from btp.runtime.backends.openvino import bf16_unavailable
+
+        reason = bf16_unavailable()
+        if reason:
+            warnings.warn(f"a bf16 model runs in float32 on ort-cpu here: {reason}", RuntimeWarning, stacklevel=3)
+            return contract.DEFAULT_BACKEND
+    return name

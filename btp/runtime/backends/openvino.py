@@ -19,6 +19,31 @@ from btp.runtime.backends.errors import BackendError
 PRECISIONS = {"openvino": "f32", "openvino-bf16": "bf16"}
 
 
+def cpu_bf16() -> tuple[bool, str]:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16), and which of the two
+    flags it has (or why that is unknown). Without them OpenVINO would emulate bf16: slower."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False, "the CPU's flags cannot be read here (no /proc/cpuinfo)"
+    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")),
+                 set())
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(native), ", ".join(native) or "neither avx512_bf16 nor amx_bf16"
+
+
+def bf16_unavailable() -> str:
+    """Why ``openvino-bf16`` cannot run here ("" when it can)."""
+    native, flags = cpu_bf16()
+    if not native:
+        return f"this CPU has no native bfloat16 ({flags})"
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "OpenVINO is not installed (pip install 'btp-edge[openvino]')"
+    return ""
+
+
 class OpenVinoBackend:
     """``run(neighborhood [B,G,K,C], center [B,G,3]) -> {output name: array}`` with OpenVINO (CPU)."""
 
