@@ -67,6 +67,12 @@ def test_gate_refuses_a_broken_quantisation(model, gate_sets, shapes_root, tmp_p
     record = read_model_meta(out).export["precision"]
     assert record["mode"] == "int8" and record["forced"] is True and record["gate"]["passed"] is False
     assert not forced.gate.passed
+    # the parity check's tolerance follows from the gate: no move there, none allowed here
+    still = P.SetScores(name="s", o_auroc=0.5, p_auroc=0.5, labels=(0, 1), object_scores=(0.3, 0.4))
+    check = P.parity(model, out, "ort-cpu", [still], [still])
+    assert check["object_score_tolerance"] <= 1e-6 and not check["passed"]
+    moved = P.SetScores(name="s", o_auroc=0.5, p_auroc=0.5, labels=(0, 1), object_scores=(0.3, 0.9))
+    assert P.parity(model, out, "ort-cpu", [still], [moved])["passed"]
 
 
 def test_committed_recipe_passes_and_runs(model, gate_sets, shapes_root, tmp_path):
@@ -81,6 +87,7 @@ def test_committed_recipe_passes_and_runs(model, gate_sets, shapes_root, tmp_pat
     assert meta.precision == "int8" and record["forced"] is False
     assert record["kept_fp32"] == list(P.committed_keep(read_model_meta(model)))
     assert record["gate"]["passed"] and record["gate"]["agreement"] >= P.GATE_AGREEMENT
+    assert record["parity"]["passed"] and "parity on 6 sample scans" in res.output
     assert len(record["gate"]["sets"]) == 2
     assert meta.model["weights_sha256"] == read_model_meta(model).model["weights_sha256"]
     graph_ops = {n.op_type for n in onnx.load(str(out)).graph.node}

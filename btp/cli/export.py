@@ -187,8 +187,12 @@ def _export_variant(model: str, out: Path, precision: str, *, gate_data, shapes,
         raise typer.Exit(code=1) from None
     for line in variant.gate.lines():
         console.print(f"{prefix} gate {escape(line)}")
+    check = variant.info["parity"]
+    console.print(f"{prefix} parity on {check['scans']} sample scans: object score {check['max_abs_object_score']:.2e} "
+                  f"(limit {check['object_score_tolerance']:.2e}, twice its largest move on the gate's scans), "
+                  f"patch probabilities {check['max_abs_patch_probs']:.2e}")
     kept_text = ", ".join(variant.kept_fp32) or "none"
-    state = "passed" if variant.gate.passed else "[yellow]FAILED, kept because of --force[/yellow]"
+    state = "passed" if variant.passed else "[yellow]FAILED, kept because of --force[/yellow]"
     console.print(f"{prefix} {precision} model saved as '{variant.path}' ({variant.path.stat().st_size / 1e6:.1f} MB; "
                   f"layer groups in FP32: {escape(kept_text)}); accuracy gate {state}")
 

@@ -17,9 +17,11 @@
 variant's O-AUROC and P-AUROC within ``GATE_AUROC_DROP`` of FP32 on every set, and its OK/NG
 decisions equal to FP32's on at least ``GATE_AGREEMENT`` of the scans, each model at its own
 threshold calibrated on the sets' good scans by ``btp calibrate``'s rule (as a user calibrates the
-model they deploy; with FP32's threshold, the good scan that sets it would flip on any change). A variant that fails is refused unless
+model they deploy; with FP32's threshold, the good scan that sets it would flip on any change).
+Then a fast parity check (``parity``) compares the raw outputs on a few sample scans, with an
+object-score tolerance that follows from the gate. A variant that fails either is refused unless
 forced; the metadata (``export.precision``) records the precision, the groups kept in FP32, the
-calibration, the gate's numbers and whether it was forced.
+calibration, the gate's and the parity check's numbers and whether it was forced.
 """
 from __future__ import annotations
 
@@ -331,6 +333,36 @@ def gate_sets(paths: Sequence[str | Path]) -> list[Path]:
     return found
 
 
+# ---- the fast parity check ------------------------------------------------------------------
+
+PARITY_SCANS = 6  # the shipped sample meshes (btp/data), sampled like the FP32 export's parity check
+PARITY_MARGIN = 2.0  # the object score may move by this times its largest move on the gate's scans
+
+
+def parity(model: Path, variant: Path, backend: str, reference: Sequence[SetScores],
+           scores: Sequence[SetScores]) -> dict[str, Any]:
+    """The variant's raw outputs against FP32's on a few real scans, with a tolerance that follows
+    from the gate: its object scores may differ by at most ``PARITY_MARGIN`` times the largest
+    difference seen on the gate's scans (where the held-out metrics and decisions held). The
+    patch probabilities' largest difference is reported beside it."""
+    from btp.export.samples import parity_inputs
+    from btp.runtime.backends import make_backend
+    from btp.runtime.metadata import read_model_meta
+
+    meta = read_model_meta(model)
+    neighborhood, center = parity_inputs(meta.config, PARITY_SCANS)
+    runs = [make_backend(name, path, meta).run for name, path in (("ort-cpu", model), (backend, variant))]
+    ref, got = (run(neighborhood, center) for run in runs)
+    gate_move = max((abs(a - b) for r, v in zip(reference, scores)
+                     for a, b in zip(r.object_scores, v.object_scores)), default=0.0)
+    tolerance = max(PARITY_MARGIN * gate_move, 1e-6)
+    moved = float(np.abs(got["object_score"] - ref["object_score"]).max())
+    return {"scans": PARITY_SCANS, "max_abs_object_score": moved,
+            "max_abs_patch_probs": float(np.abs(got["patch_probs"] - ref["patch_probs"]).max()),
+            "object_score_tolerance": tolerance, "gate_max_abs_object_score": gate_move,
+            "passed": moved <= tolerance}
+
+
 # ---- the search, and the variant file ---------------------------------------------------------
 
 @dataclass(kw_only=True)
@@ -343,27 +375,32 @@ class Variant:
     gate: GateResult
     info: dict[str, Any]
 
+    @property
+    def passed(self) -> bool:
+        return self.gate.passed and self.info.get("parity", {}).get("passed", True)
+
 
 def search_int8(builder: Int8Builder, model: Path, sets: Sequence[Path], reference: Sequence[SetScores],
                 order: Sequence[str], out: Path, *, max_steps: int | None = None,
-                progress=None) -> tuple[Path, list[str], GateResult, list[dict]]:
+                progress=None) -> tuple[Path, list[str], GateResult, list[dict], list[SetScores]]:
     """Keep the groups of ``order`` (most sensitive first) in FP32, one more per step, until the
-    gate holds -> (variant path, kept groups, its gate, each step's numbers). The last step
-    tried is returned when none passes."""
+    gate holds -> (variant path, kept groups, its gate, each step's numbers, its scores). The last
+    step tried is returned when none passes."""
     say = progress or (lambda _m: None)
     history: list[dict] = []
     steps = len(order) if max_steps is None else min(max_steps, len(order))
     for n_kept in range(steps + 1):
         kept = list(order[:n_kept])
         builder.build(out, keep=kept)
-        result = gate(reference, [score_set(s, out) for s in sets])
+        scores = [score_set(s, out) for s in sets]
+        result = gate(reference, scores)
         history.append({"kept_fp32": kept, "passed": result.passed, "agreement": result.agreement,
                         "sets": result.sets})
         say(f"int8 with {n_kept} group(s) in FP32 {kept}: gate {'passed' if result.passed else 'failed'} "
             f"({'; '.join(result.failures) or 'all sets within'})")
         if result.passed:
             break
-    return out, kept, result, history
+    return out, kept, result, history, scores
 
 
 def precision_record(precision: str, *, kept_fp32=(), settings: Int8Settings | None = None,
@@ -431,11 +468,13 @@ def make_variant(model: Path, dest: Path, precision: str, *, gate_data: Sequence
     say(f"gate: FP32 on {len(sets)} set(s)")
     reference = [score_set(s, model) for s in sets]
     if precision == "bf16":
-        result = gate(reference, [score_set(s, model, backend="openvino-bf16") for s in sets])
-        record = precision_record("bf16", gate_result=result, forced=force and not result.passed,
-                                  seconds=time.perf_counter() - t0)
+        scores = [score_set(s, model, backend="openvino-bf16") for s in sets]
+        result = gate(reference, scores)
+        record = precision_record("bf16", gate_result=result, seconds=time.perf_counter() - t0)
+        record["parity"] = parity(model, model, "openvino-bf16", reference, scores)
         variant = Variant(path=dest, precision="bf16", kept_fp32=[], gate=result, info=record)
-        if result.passed or force:
+        record["forced"] = force and not variant.passed
+        if variant.passed or force:
             write_variant(model, model, dest, record)
         return _checked(variant, force)
     settings = settings or Int8Settings()
@@ -456,7 +495,8 @@ def make_variant(model: Path, dest: Path, precision: str, *, gate_data: Sequence
             say(f"int8: {len(builder.groups)} layer groups; measuring each one's sensitivity")
             check = engine_feeds(calibration_scans(root, meta.config, 8, 8, seed=10_000)[0], meta.config)
             ranked = sensitivity(builder, model, check, progress=say)
-            _, kept, result, steps = search_int8(builder, model, sets, reference, list(ranked), graph, progress=say)
+            _, kept, result, steps, scores = search_int8(builder, model, sets, reference, list(ranked), graph,
+                                                          progress=say)
             searched = {"sensitivity": {g: float(f"{e:.3g}") for g, e in ranked.items()},
                         "sensitivity_scans": f"{len(check)} normal scans of training-split meshes (other samplings)",
                         "steps": [{"kept_fp32": st["kept_fp32"], "passed": st["passed"],
@@ -466,20 +506,27 @@ def make_variant(model: Path, dest: Path, precision: str, *, gate_data: Sequence
         else:
             kept = list(keep_fp32)
             builder.build(graph, keep=kept)
-            result = gate(reference, [score_set(s, graph) for s in sets])
+            scores = [score_set(s, graph) for s in sets]
+            result = gate(reference, scores)
         record = precision_record("int8", kept_fp32=kept, settings=settings, calibration=calibration,
-                                  gate_result=result, forced=force and not result.passed,
-                                  seconds=time.perf_counter() - t0)
+                                  gate_result=result, seconds=time.perf_counter() - t0)
+        record["parity"] = parity(model, graph, "ort-cpu", reference, scores)
         if searched:
             record["search"] = searched
         variant = Variant(path=dest, precision="int8", kept_fp32=kept, gate=result, info=record)
-        if result.passed or force:
+        record["forced"] = force and not variant.passed
+        if variant.passed or force:
             write_variant(model, graph, dest, record)
     return _checked(variant, force)
 
 
 def _checked(variant: Variant, force: bool) -> Variant:
-    if not variant.gate.passed and not force:
-        raise PrecisionError(f"the {variant.precision} variant fails the accuracy gate, so it was not written "
-                             f"(--force keeps it, marked in its metadata):\n  " + "\n  ".join(variant.gate.lines()))
+    if not variant.passed and not force:
+        check = variant.info.get("parity", {})
+        lines = variant.gate.lines() if not variant.gate.passed else [
+            f"parity on {check['scans']} sample scans: object score moved {check['max_abs_object_score']:.2e}, "
+            f"more than {check['object_score_tolerance']:.2e} (twice its largest move on the gate's scans)"]
+        what = "accuracy gate" if not variant.gate.passed else "parity check"
+        raise PrecisionError(f"the {variant.precision} variant fails the {what}, so it was not written "
+                             f"(--force keeps it, marked in its metadata):\n  " + "\n  ".join(lines))
     return variant
