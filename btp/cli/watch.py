@@ -6,6 +6,8 @@ from typing import List, Optional
 
 import typer
 
+from btp.cli.run import backend_option
+
 ledger_app = typer.Typer(name="ledger", help="The results ledger of `btp watch` / `btp-run --ledger`.",
                          no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
@@ -41,7 +43,7 @@ def watch(
                                                "(without extension) with the groups (?P<serial>...) and optionally "
                                                "(?P<part>...); default: PART_SERIAL, the serial after the last "
                                                "underscore."),
-    backend: str = typer.Option("ort-cpu", "--backend", "-b", help="ort-cpu | ort-cuda | ort-trt | trt | openvino."),
+    backend: str = backend_option(),
     threads: Optional[int] = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads."),
     once: bool = typer.Option(False, "--once", help="Score what IN_DIR holds, then exit (no watching)."),
     reference: Optional[Path] = typer.Option(None, "--reference", "-r", help="PART.btpref from `btp reference "

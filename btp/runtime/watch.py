@@ -68,7 +68,7 @@ class WatchOptions:
     move_done: Path | None = None
     move_failed: Path | None = None
     name_pattern: str = NAME_PATTERN
-    backend: str = "ort-cpu"
+    backend: str = "auto"
     model_sha256: str | None = None
 
 
