@@ -404,8 +404,8 @@ def search_int8(builder: Int8Builder, model: Path, sets: Sequence[Path], referen
 
 
 def precision_record(precision: str, *, kept_fp32=(), settings: Int8Settings | None = None,
-                     calibration: str = "", gate_result: GateResult | None = None, forced: bool = False,
-                     seconds: float | None = None) -> dict[str, Any]:
+                     calibration: str = "", gate_result: GateResult | None = None,
+                     forced: bool = False) -> dict[str, Any]:
     """The metadata's ``export.precision`` document."""
     record: dict[str, Any] = {"mode": precision, "kept_fp32": list(kept_fp32), "forced": bool(forced)}
     if settings is not None:
@@ -414,8 +414,6 @@ def precision_record(precision: str, *, kept_fp32=(), settings: Int8Settings | N
         record["calibration"] = calibration
     if gate_result is not None:
         record["gate"] = gate_result.to_dict()
-    if seconds is not None:
-        record["search_s"] = round(seconds, 1)
     record["backend"] = contract.precision_backend(precision)
     return record
 
@@ -443,17 +441,15 @@ def make_variant(model: Path, dest: Path, precision: str, *, gate_data: Sequence
                  force: bool = False, progress=None) -> Variant:
     """FP32 ``model`` -> its ``precision`` variant at ``dest``, gated on ``gate_data``.
     ``keep_fp32``: the groups to keep; "auto": the committed recipe for the model's weights, else
-    search them; None: search them (most sensitive first). Raises
-    PrecisionError when the variant cannot be made or fails the gate (unless ``force``)."""
-    from btp.io.locations import shapes_dir
+    search them; None: search them (most sensitive first). Raises PrecisionError when the variant
+    cannot be made or fails the gate or the parity check (then nothing is written, unless ``force``)."""
     from btp.runtime.metadata import read_model_meta
 
     say = progress or (lambda _m: None)
     model, dest = Path(model), Path(dest)
     meta = read_model_meta(model)
-    current = meta.export.get("precision", {}).get("mode", "fp32")
-    if current != "fp32":
-        raise PrecisionError(f"{model} is already a {current} model: derive variants from the FP32 export")
+    if meta.precision != "fp32":
+        raise PrecisionError(f"{model} is already a {meta.precision} model: derive variants from the FP32 export")
     if precision not in contract.PRECISIONS or precision == "fp32":
         raise PrecisionError(f"--precision {precision}: a variant is int8 or bf16")
     if precision == "bf16":
@@ -470,53 +466,64 @@ def make_variant(model: Path, dest: Path, precision: str, *, gate_data: Sequence
     if precision == "bf16":
         scores = [score_set(s, model, backend="openvino-bf16") for s in sets]
         result = gate(reference, scores)
-        record = precision_record("bf16", gate_result=result, seconds=time.perf_counter() - t0)
+        record = precision_record("bf16", gate_result=result)
+        record["seconds"] = round(time.perf_counter() - t0, 1)
         record["parity"] = parity(model, model, "openvino-bf16", reference, scores)
-        variant = Variant(path=dest, precision="bf16", kept_fp32=[], gate=result, info=record)
-        record["forced"] = force and not variant.passed
-        if variant.passed or force:
-            write_variant(model, model, dest, record)
-        return _checked(variant, force)
+        return _finish(Variant(path=dest, precision="bf16", kept_fp32=[], gate=result, info=record), model, model,
+                       force)
     settings = settings or Int8Settings()
+    with tempfile.TemporaryDirectory(prefix="btp-int8-") as tmp:
+        graph = Path(tmp) / "int8.onnx"
+        kept, result, scores, record = _int8(model, meta, graph, sets, reference, shapes=shapes, keep_fp32=keep_fp32,
+                                             settings=settings, say=say)
+        record["seconds"] = round(time.perf_counter() - t0, 1)
+        record["parity"] = parity(model, graph, "ort-cpu", reference, scores)
+        return _finish(Variant(path=dest, precision="int8", kept_fp32=kept, gate=result, info=record), model, graph,
+                       force)
+
+
+def _int8(model: Path, meta, graph: Path, sets, reference, *, shapes, keep_fp32, settings: Int8Settings,
+          say) -> tuple[list[str], GateResult, list[SetScores], dict[str, Any]]:
+    """The INT8 graph at ``graph`` (the given, committed or searched groups kept in FP32) and its
+    gate -> (kept groups, gate, its scores, the metadata record)."""
+    from btp.io.locations import shapes_dir
+
     root = shapes_dir(shapes, flag="--calibration-shapes")
     scans, names = calibration_scans(root, meta.config, settings.calibration_scans, settings.calibration_meshes)
-    feeds = engine_feeds(scans, meta.config)
+    builder = Int8Builder(model, engine_feeds(scans, meta.config), settings, graph.parent)
+    if keep_fp32 == "auto":
+        keep_fp32 = committed_keep(meta)
+        say("int8: " + ("no committed recipe for these weights: searching" if keep_fp32 is None else
+                        f"the committed recipe keeps {', '.join(keep_fp32) or 'no group'} in FP32"))
+    searched: dict[str, Any] = {}
+    if keep_fp32 is None:
+        say(f"int8: {len(builder.groups)} layer groups; measuring each one's sensitivity")
+        check = engine_feeds(calibration_scans(root, meta.config, 8, 8, seed=10_000)[0], meta.config)
+        ranked = sensitivity(builder, model, check, progress=say)
+        _, kept, result, steps, scores = search_int8(builder, model, sets, reference, list(ranked), graph,
+                                                      progress=say)
+        searched = {"sensitivity": {g: float(f"{e:.3g}") for g, e in ranked.items()},
+                    "sensitivity_scans": f"{len(check)} normal scans of training-split meshes (other samplings)",
+                    "steps": [{"kept_fp32": st["kept_fp32"], "passed": st["passed"], "agreement": st["agreement"],
+                               "sets": st["sets"]} for st in steps]}
+    else:
+        kept = list(keep_fp32)
+        builder.build(graph, keep=kept)
+        scores = [score_set(s, graph) for s in sets]
+        result = gate(reference, scores)
     calibration = (f"{len(scans)} normal scans of {len(names)} training-split meshes of {root.name} "
                    f"({', '.join(names)})")
-    with tempfile.TemporaryDirectory(prefix="btp-int8-") as tmp:
-        builder = Int8Builder(model, feeds, settings, Path(tmp))
-        graph = Path(tmp) / "int8.onnx"
-        searched: dict[str, Any] = {}
-        if keep_fp32 == "auto":
-            keep_fp32 = committed_keep(meta)
-            say("int8: " + ("no committed recipe for these weights: searching" if keep_fp32 is None else
-                            f"the committed recipe keeps {', '.join(keep_fp32) or 'no group'} in FP32"))
-        if keep_fp32 is None:
-            say(f"int8: {len(builder.groups)} layer groups; measuring each one's sensitivity")
-            check = engine_feeds(calibration_scans(root, meta.config, 8, 8, seed=10_000)[0], meta.config)
-            ranked = sensitivity(builder, model, check, progress=say)
-            _, kept, result, steps, scores = search_int8(builder, model, sets, reference, list(ranked), graph,
-                                                          progress=say)
-            searched = {"sensitivity": {g: float(f"{e:.3g}") for g, e in ranked.items()},
-                        "sensitivity_scans": f"{len(check)} normal scans of training-split meshes (other samplings)",
-                        "steps": [{"kept_fp32": st["kept_fp32"], "passed": st["passed"],
-                                   "agreement": st["agreement"],
-                                   "sets": [{k: v for k, v in row.items() if k != "scans"} for row in st["sets"]]}
-                                  for st in steps]}
-        else:
-            kept = list(keep_fp32)
-            builder.build(graph, keep=kept)
-            scores = [score_set(s, graph) for s in sets]
-            result = gate(reference, scores)
-        record = precision_record("int8", kept_fp32=kept, settings=settings, calibration=calibration,
-                                  gate_result=result, seconds=time.perf_counter() - t0)
-        record["parity"] = parity(model, graph, "ort-cpu", reference, scores)
-        if searched:
-            record["search"] = searched
-        variant = Variant(path=dest, precision="int8", kept_fp32=kept, gate=result, info=record)
-        record["forced"] = force and not variant.passed
-        if variant.passed or force:
-            write_variant(model, graph, dest, record)
+    record = precision_record("int8", kept_fp32=kept, settings=settings, calibration=calibration, gate_result=result)
+    if searched:
+        record["search"] = searched
+    return kept, result, scores, record
+
+
+def _finish(variant: Variant, source: Path, graph: Path, force: bool) -> Variant:
+    """Write the variant when it passed (or is forced, and marked so); refuse it otherwise."""
+    variant.info["forced"] = force and not variant.passed
+    if variant.passed or force:
+        write_variant(source, graph, variant.path, variant.info)
     return _checked(variant, force)
 
 
