@@ -240,7 +240,7 @@ FORMATS: tuple[Format, ...] = (
            arguments=("--model", "--out", "--format", "--opset", "--batch", "--fp16-safe", "--simplify",
                       "--optional-output", "--patch-embed", "--seed", "--precision", "--gate-data",
                       "--calibration-shapes", "--keep-fp32", "--force"),
-           choices={"--precision": ("fp32", "int8", "bf16")}),
+           choices={"--precision": tuple(PRECISIONS)}),
     Format(name="triton", what="a Triton model repository (--model may also be an exported model.onnx)",
            command="btp export --format triton", suffix="/", gpu=False,
            arguments=("--model", "--out", "--format", "--layout", "--engine", "--plan", "--opset", "--reference"),

@@ -128,7 +128,7 @@ def test_precision_needs_gate_data_and_fp32_source(model, tmp_path):
     assert res.exit_code == 2 and "--gate-data" in res.output
     res = CliRunner().invoke(app, ["export", "--model", str(model), "--out", str(tmp_path / "m.onnx"),
                                           "--precision", "fp16"])
-    assert res.exit_code == 2
+    assert res.exit_code == 2 and "choose one of fp32, int8, bf16" in res.output
 
 
 def _with_precision(model, dest, record) -> None:

@@ -94,6 +94,8 @@ def export(
                                  + (" (`btp build` makes engines)" if fmt == "engine" else ""), param_hint="--format")
     try:
         contract.check_arguments(fmt, _given_flags(ctx))
+        if fmt == "onnx":
+            contract.check_choice(fmt, "--precision", precision)
         if fmt == "triton":
             contract.check_choice(fmt, "--layout", layout)
             contract.check_choice(fmt, "--engine", engine)

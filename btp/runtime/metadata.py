@@ -141,8 +141,9 @@ def parse_metadata(text: str, path: str | Path = "<model.onnx>") -> ModelMeta:
                                        f"in [1, {MAX_FIXED_BATCH}]; {_RE_EXPORT}")
     precision = parts["export"].get("precision", {"mode": "fp32"})
     if not isinstance(precision, dict) or precision.get("mode") not in contract.PRECISIONS:
-        raise ModelMetadataError(path, f"metadata export.precision = {precision!r}: expected an object whose mode is "
-                                       f"one of {', '.join(contract.PRECISIONS)}; {_RE_EXPORT}")
+        mode = precision.get("mode") if isinstance(precision, dict) else precision
+        raise ModelMetadataError(path, f"metadata export.precision's mode = {mode!r}: expected one of "
+                                       f"{', '.join(contract.PRECISIONS)}; {_RE_EXPORT}")
     return ModelMeta(config=cfg, model=parts["model"], provenance=parts["provenance"], export=parts["export"],
                      io=parts["io"], raw=doc)
 
