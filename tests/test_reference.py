@@ -259,3 +259,30 @@ def test_registration_of_a_turned_scan_and_its_fitness(shapes_root):
         assert ours.fitness == pytest.approx(ref.fitness, abs=1e-12)
         assert ours.rmse == pytest.approx(ref.inlier_rmse, rel=1e-4)
     assert reg.evaluate(turned(scan, 92), target, pose).fitness < 0.9  # shifted by 4 cells: a bad fit
+
+
+def test_multiscale_descriptors_match_open3d(shapes_root):
+    """The multi-scale FPFH from one neighbour search is open3d's compute_fpfh_feature at each
+    radius (Hellinger, unit norm per radius) to float32 rounding: a whole scan and a single view,
+    radii under and over the 50-neighbour cap; and the bank's brute-force nearest distance is a
+    k-d tree's."""
+    from scipy.spatial import cKDTree
+
+    from btp.geometry import registration as reg
+    from btp.runtime.guided import _nearest_dist
+
+    scan = turned(real_scan(shapes_root, BUNNY, n=20_000, seed=95), 96)
+    voxel = reg.part_size(scan) / 64
+    for cloud in (scan, scan[scan[:, 0] > np.median(scan[:, 0])]):
+        cells = reg.voxel_down(cloud, voxel)
+        nrm = reg.normals(cells, reg.NORMAL_RADIUS * voxel, center=cells.mean(axis=0))
+        radii = [1.5 * voxel, 3.0 * voxel, 8.0 * voxel]
+        ours = reg.multiscale_fpfh(cells, nrm, radii)
+        assert ours.shape == (len(cells), 99)
+        for i, r in enumerate(radii):
+            h = np.sqrt(np.maximum(reg.fpfh(cells, nrm, r), 0.0))
+            want = h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12)
+            np.testing.assert_allclose(ours[:, 33 * i:33 * (i + 1)], want, atol=1e-5)
+        assert np.abs(ours[:, :33] - ours[:, 33:66]).max() > 0.1  # the radii see different neighbourhoods
+    bank, queries = ours[::3], ours[1::3]
+    np.testing.assert_allclose(_nearest_dist(bank, queries, block=100), cKDTree(bank).query(queries)[0], atol=1e-4)

@@ -105,14 +105,84 @@ def fpfh(points: np.ndarray, point_normals: np.ndarray, radius: float, max_nn: i
     return np.asarray(feat.data, dtype=np.float32).T.copy()
 
 
-def multiscale_fpfh(points: np.ndarray, point_normals: np.ndarray, radii) -> np.ndarray:
-    """float32 [m, 33 * len(radii)]: FPFH at each radius, each histogram square-rooted (Hellinger:
-    a Euclidean distance between these compares histograms fairly) and scaled to unit norm per
-    radius, so that every scale weighs the same."""
-    blocks = []
+def _pair_features(p1: np.ndarray, n1: np.ndarray, p2: np.ndarray, n2: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The three FPFH angles (alpha in [-pi, pi], phi and theta in [-1, 1]) of point pairs given as
+    float64 [3,P] (x, y, z rows), by open3d's rule (ComputePairFeatures): the frame sits on the
+    point whose normal is the more parallel to the line between them; a pair at zero distance, or
+    with a normal along that line, has all three zero."""
+    d = p2 - p1
+    norm = np.sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
+    safe = np.where(norm > 0, norm, 1.0)
+    a1 = (n1[0] * d[0] + n1[1] * d[1] + n1[2] * d[2]) / safe
+    a2 = (n2[0] * d[0] + n2[1] * d[1] + n2[2] * d[2]) / safe
+    swap = np.arccos(np.minimum(np.abs(a1), 1.0)) > np.arccos(np.minimum(np.abs(a2), 1.0))
+    u, m = np.where(swap, n2, n1), np.where(swap, n1, n2)
+    d = np.where(swap, -d, d)
+    theta = np.where(swap, -a2, a1)
+    v = np.stack([d[1] * u[2] - d[2] * u[1], d[2] * u[0] - d[0] * u[2], d[0] * u[1] - d[1] * u[0]])
+    v_norm = np.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
+    v /= np.where(v_norm > 0, v_norm, 1.0)
+    w = np.stack([u[1] * v[2] - u[2] * v[1], u[2] * v[0] - u[0] * v[2], u[0] * v[1] - u[1] * v[0]])
+    phi = v[0] * m[0] + v[1] * m[1] + v[2] * m[2]
+    alpha = np.arctan2(w[0] * m[0] + w[1] * m[1] + w[2] * m[2], u[0] * m[0] + u[1] * m[1] + u[2] * m[2])
+    zero = (norm == 0) | (v_norm == 0)
+    return np.where(zero, 0.0, alpha), np.where(zero, 0.0, phi), np.where(zero, 0.0, theta)
+
+
+def multiscale_fpfh(points: np.ndarray, point_normals: np.ndarray, radii, max_nn: int = 50) -> np.ndarray:
+    """float32 [m, 33 * len(radii)]: FPFH at each radius (open3d's compute_fpfh_feature with
+    KDTreeSearchParamHybrid(radius, max_nn): the same numbers to float32 rounding), each histogram
+    square-rooted (Hellinger: a Euclidean distance between these compares histograms fairly) and
+    scaled to unit norm per radius, so that every scale weighs the same.
+
+    All radii share one neighbour search (the ``max_nn`` nearest within the largest radius; a
+    smaller radius keeps the prefix within it) and one computation of the pair angles; a radius
+    whose neighbourhoods equal a smaller one's (every ``max_nn``-th neighbour nearer than both)
+    reuses its histograms."""
+    from pykdtree.kdtree import KDTree
+    from scipy.sparse import csr_matrix
+
+    pts = np.ascontiguousarray(points, dtype=np.float64)
+    nrm = np.ascontiguousarray(np.asarray(point_normals, dtype=np.float64).T)  # [3,n]
+    n, k = len(pts), min(max_nn, len(pts))
+    if n == 0 or k < 2:
+        return np.zeros((n, 33 * len(radii)), dtype=np.float32)
+    _, idx = KDTree(pts).query(pts, k=k, distance_upper_bound=float(max(radii)))
+    # column 0 is the point itself (open3d's rule too: its loops start at the second neighbour)
+    nb = idx.reshape(n, k)[:, 1:].astype(np.int64).ravel()
+    found = nb < n
+    nb = np.where(found, nb, 0)
+    rows = np.repeat(np.arange(n, dtype=np.int64), k - 1)
+    xyz = np.ascontiguousarray(pts.T)  # [3,n]: the pairs' arithmetic on contiguous rows
+    p1, p2 = xyz[:, rows], xyz[:, nb]
+    d = p2 - p1
+    dist2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
+    alpha, phi, theta = _pair_features(p1, nrm[:, rows], p2, nrm[:, nb])
+    bins = [np.clip(np.floor(11.0 * (alpha + np.pi) / (2.0 * np.pi)).astype(np.int64), 0, 10),
+            np.clip(np.floor(11.0 * (phi + 1.0) * 0.5).astype(np.int64), 0, 10) + 11,
+            np.clip(np.floor(11.0 * (theta + 1.0) * 0.5).astype(np.int64), 0, 10) + 22]
+    slot = [rows * 33 + b for b in bins]
+    indptr = np.arange(0, n * (k - 1) + 1, k - 1)
+    blocks, last = [], None
     for r in radii:
-        h = np.sqrt(np.maximum(fpfh(points, point_normals, r), 0.0))
+        inside = found & (dist2 < float(r) * float(r))
+        if last is not None and np.array_equal(inside, last[0]):
+            blocks.append(blocks[-1])
+            continue
+        count = np.bincount(rows, weights=inside, minlength=n)  # neighbours besides the point
+        # SPFH: each neighbour's three angles, 100 / count per histogram
+        step = np.where(inside, 100.0 / np.maximum(count, 1.0)[rows], 0.0)
+        spfh = sum(np.bincount(s, weights=step, minlength=33 * n) for s in slot).reshape(n, 33)
+        # FPFH: the neighbours' SPFH weighted by 1 / squared distance, each 11-bin block scaled to
+        # sum to 100, plus the point's own SPFH
+        weight = np.where(inside & (dist2 > 0), 1.0 / np.where(dist2 > 0, dist2, 1.0), 0.0)
+        acc = (csr_matrix((weight, nb, indptr), shape=(n, n)) @ spfh).reshape(n, 3, 11)
+        total = acc.sum(axis=2, keepdims=True)
+        feat = (acc * np.where(total != 0, 100.0 / np.where(total != 0, total, 1.0), 0.0)).reshape(n, 33) + spfh
+        feat[count == 0] = 0.0
+        h = np.sqrt(np.maximum(feat, 0.0))
         blocks.append(h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12))
+        last = (inside,)
     return np.concatenate(blocks, axis=1).astype(np.float32)
 
 

@@ -146,17 +146,21 @@ def _features(aligned: np.ndarray, center: np.ndarray, units: dict, s: Settings)
     return cells, reg.multiscale_fpfh(cells, nrm, [r * v for r in s.feature_radii])
 
 
-def _nearest_dist(bank: np.ndarray, queries: np.ndarray) -> np.ndarray:
+def _nearest_dist(bank: np.ndarray, queries: np.ndarray, block: int = 1024) -> np.ndarray:
     """float32 [q]: Euclidean distance of each query row to its nearest bank row (brute force in
-    float32 blocks: at F ~ 100 dims a k-d tree prunes little; see benchmarks for the measurement)."""
-    bank = np.ascontiguousarray(bank, dtype=np.float32)
+    float32 blocks: at F ~ 100 dims a k-d tree prunes little; see benchmarks for the measurement).
+    Per block one matrix product against -2 x bank, |b|^2 added in place, the row minimum, then
+    |q|^2: the product is the whole cost."""
+    bank = np.asarray(bank, dtype=np.float32)
+    minus_2bt = np.ascontiguousarray(-2.0 * bank.T)
     b2 = np.einsum("ij,ij->i", bank, bank)
     out = np.empty(len(queries), dtype=np.float32)
-    for i in range(0, len(queries), 2048):
-        q = np.ascontiguousarray(queries[i:i + 2048], dtype=np.float32)
-        d2 = np.einsum("ij,ij->i", q, q)[:, None] - 2.0 * q @ bank.T + b2[None, :]
-        out[i:i + 2048] = np.sqrt(np.maximum(d2.min(axis=1), 0.0))
-    return out
+    for i in range(0, len(queries), block):
+        q = np.ascontiguousarray(queries[i:i + block], dtype=np.float32)
+        d2 = q @ minus_2bt
+        d2 += b2
+        out[i:i + block] = d2.min(axis=1) + np.einsum("ij,ij->i", q, q)
+    return np.sqrt(np.maximum(out, 0.0))
 
 
 def _to_points(cells: np.ndarray, values: np.ndarray, points: np.ndarray) -> np.ndarray:
