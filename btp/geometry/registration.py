@@ -22,8 +22,13 @@ import numpy as np
 ICP_SCALES = (4.0, 2.0, 1.0)  # coarse-to-fine ICP: correspondence radius = scale * 1.5 * voxel
 FPFH_RADIUS = 5.0  # registration FPFH radius, in voxels
 NORMAL_RADIUS = 2.5  # normals from neighbours within this many voxels (at most 30)
+FPFH_BINS = 33  # 11 bins for each of FPFH's three angles
 FITNESS_RADIUS = 1.5  # a scan point "fits" when a template point lies within this many voxels
 RANSAC_ITERATIONS = 10000  # per try; more found no better pose on the shared shapes, at 3x the time
+# ICP stops at a scale once fitness and inlier RMSE change by less than this share per iteration;
+# at open3d's default (1e-6) it runs every one of its 30 iterations at each scale for a pose that
+# moves by under 1 % of a voxel
+ICP_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -203,8 +208,11 @@ def make_target(points: np.ndarray, voxel: float) -> Target:
     return Target(points=pts, normals=nrm, features=fpfh(pts, nrm, FPFH_RADIUS * voxel), voxel=voxel)
 
 
-def icp(source: np.ndarray, target: Target, init: np.ndarray, scales=ICP_SCALES, iterations: int = 30) -> Registration:
-    """Point-to-plane ICP of ``source`` [m,3] onto ``target`` from pose ``init`` [4,4], coarse to fine."""
+def icp(source: np.ndarray, target: Target, init: np.ndarray, scales=ICP_SCALES, iterations: int = 30,
+        tolerance: float = ICP_TOLERANCE) -> Registration:
+    """Point-to-plane ICP of ``source`` [m,3] onto ``target`` from pose ``init`` [4,4], coarse to
+    fine; at each scale at most ``iterations``, fewer once fitness and RMSE change by less than
+    ``tolerance`` (relative)."""
     import open3d as o3d
 
     reg = o3d.pipelines.registration
@@ -213,7 +221,8 @@ def icp(source: np.ndarray, target: Target, init: np.ndarray, scales=ICP_SCALES,
     for scale in scales:
         got = reg.registration_icp(src, dst, 1.5 * scale * target.voxel, pose,
                                    reg.TransformationEstimationPointToPlane(),
-                                   reg.ICPConvergenceCriteria(max_iteration=iterations))
+                                   reg.ICPConvergenceCriteria(relative_fitness=tolerance, relative_rmse=tolerance,
+                                                              max_iteration=iterations))
         pose = np.asarray(got.transformation)
     return evaluate(source, target, pose)
 
@@ -245,13 +254,16 @@ def register(scan: np.ndarray, target: Target, *, tries: int = 3, seed: int = 0,
     reg = o3d.pipelines.registration
     voxel = target.voxel
     src = voxel_down(scan, voxel)
-    src_n = normals(src, NORMAL_RADIUS * voxel)
-    src_f = fpfh(src, src_n, FPFH_RADIUS * voxel)
     shift = np.eye(4)
     shift[:3, 3] = target.points.mean(axis=0) - src.mean(axis=0)
     best = icp(src, target, shift)
+    if best.fitness >= good_fitness:
+        return best
+    # the scan's normals and FPFH only for RANSAC
+    src_n = normals(src, NORMAL_RADIUS * voxel)
     feat_src, feat_dst = reg.Feature(), reg.Feature()
-    feat_src.data, feat_dst.data = src_f.T.astype(np.float64), target.features.T.astype(np.float64)
+    feat_src.data = fpfh(src, src_n, FPFH_RADIUS * voxel).T.astype(np.float64)
+    feat_dst.data = target.features.T.astype(np.float64)
     for t in range(tries):
         if best.fitness >= good_fitness:
             break
