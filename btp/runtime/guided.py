@@ -146,20 +146,48 @@ def _features(aligned: np.ndarray, center: np.ndarray, units: dict, s: Settings)
     return cells, reg.multiscale_fpfh(cells, nrm, [r * v for r in s.feature_radii])
 
 
-def _nearest_dist(bank: np.ndarray, queries: np.ndarray, block: int = 1024) -> np.ndarray:
-    """float32 [q]: Euclidean distance of each query row to its nearest bank row (brute force in
-    float32 blocks: at F ~ 100 dims a k-d tree prunes little; see benchmarks for the measurement).
-    Per block one matrix product against -2 x bank, |b|^2 added in place, the row minimum, then
-    |q|^2: the product is the whole cost."""
-    bank = np.asarray(bank, dtype=np.float32)
+def _min_sq_dist(bank: np.ndarray, queries: np.ndarray, block: int) -> np.ndarray:
+    """float32 [q]: squared Euclidean distance of each query row to its nearest bank row; per
+    block one matrix product against -2 x bank, |b|^2 added in place, the row minimum, then |q|^2
+    (the product is the whole cost)."""
+    out = np.full(len(queries), np.inf, dtype=np.float32)
+    if len(bank) == 0:
+        return out
     minus_2bt = np.ascontiguousarray(-2.0 * bank.T)
     b2 = np.einsum("ij,ij->i", bank, bank)
-    out = np.empty(len(queries), dtype=np.float32)
     for i in range(0, len(queries), block):
-        q = np.ascontiguousarray(queries[i:i + block], dtype=np.float32)
+        q = queries[i:i + block]
         d2 = q @ minus_2bt
         d2 += b2
         out[i:i + block] = d2.min(axis=1) + np.einsum("ij,ij->i", q, q)
+    return out
+
+
+def _fold(rows: np.ndarray) -> np.ndarray:
+    """Rows whose last FPFH block repeats the one before, that block dropped and the one before
+    weighted by sqrt(2): the same distances between two such rows, on a third fewer columns."""
+    w = reg.FPFH_BINS
+    return np.concatenate([rows[:, :-2 * w], np.float32(np.sqrt(2.0)) * rows[:, -2 * w:-w]], axis=1)
+
+
+def _nearest_dist(bank: np.ndarray, queries: np.ndarray, block: int = 1024) -> np.ndarray:
+    """float32 [q]: Euclidean distance of each query row to its nearest bank row (brute force in
+    float32 blocks: at F ~ 100 dims a k-d tree prunes little; see benchmarks for the measurement).
+
+    Where a descriptor's largest radius reaches no farther than the one before it (its max_nn
+    nearest neighbours all nearer than both), the two FPFH blocks are equal; between two such rows
+    the product runs folded (``_fold``)."""
+    bank = np.ascontiguousarray(bank, dtype=np.float32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    w = reg.FPFH_BINS
+    if bank.shape[1] < 2 * w:
+        return np.sqrt(np.maximum(_min_sq_dist(bank, queries, block), 0.0))
+    q_rep = np.all(queries[:, -w:] == queries[:, -2 * w:-w], axis=1)
+    b_rep = np.all(bank[:, -w:] == bank[:, -2 * w:-w], axis=1)
+    out = np.empty(len(queries), dtype=np.float32)
+    out[q_rep] = np.minimum(_min_sq_dist(_fold(bank[b_rep]), _fold(queries[q_rep]), block),
+                            _min_sq_dist(bank[~b_rep], queries[q_rep], block))
+    out[~q_rep] = _min_sq_dist(bank, queries[~q_rep], block)
     return np.sqrt(np.maximum(out, 0.0))
 
 
