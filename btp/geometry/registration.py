@@ -71,16 +71,17 @@ def voxel_cells(points: np.ndarray, voxel: float) -> tuple[np.ndarray, np.ndarra
     cell of each point) - a voxel downsampling that also says where each point went, so values of
     the cells gather back to the points without a nearest-neighbour search."""
     pts = np.asarray(points, dtype=np.float32)
-    grid = ((pts - pts.min(axis=0)) / np.float32(voxel)).astype(np.int64)  # [M,3], floor of non-negatives
-    dims = grid.max(axis=0) + 1
-    keys = (grid[:, 0] * dims[1] + grid[:, 1]) * dims[2] + grid[:, 2]
+    xyz = np.ascontiguousarray(pts.T)  # [3,M]: the per-axis arithmetic on contiguous rows
+    grid = ((xyz - xyz.min(axis=1, keepdims=True)) / np.float32(voxel)).astype(np.int64)  # floor of non-negatives
+    dims = grid.max(axis=1) + 1
+    keys = (grid[0] * dims[1] + grid[1]) * dims[2] + grid[2]
     if int(np.prod(dims)) <= (1 << 26):  # a dense table of the grid: no sort
         occupied = np.bincount(keys, minlength=int(np.prod(dims))) > 0
         cell_of = (np.cumsum(occupied) - 1)[keys]
     else:
         _, cell_of = np.unique(keys, return_inverse=True)
     count = np.bincount(cell_of).astype(np.float64)
-    cells = np.stack([np.bincount(cell_of, weights=pts[:, d]) for d in range(3)], axis=1) / count[:, None]
+    cells = np.stack([np.bincount(cell_of, weights=xyz[d]) for d in range(3)], axis=1) / count[:, None]
     return cells.astype(np.float32), cell_of.astype(np.int64)
 
 
