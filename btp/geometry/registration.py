@@ -249,7 +249,10 @@ def register(scan: np.ndarray, target: Target, *, tries: int = 3, seed: int = 0,
     """scan [M,3] -> the pose onto ``target`` in any orientation: RANSAC over FPFH matches, then
     coarse-to-fine ICP; up to ``tries`` RANSAC seeds (stopping early at ``good_fitness``), the
     best fitness wins. Also tries the plain centroid alignment (parts that arrive nearly in
-    the template's pose, or symmetric ones where features cannot tell poses apart)."""
+    the template's pose, or symmetric ones where features cannot tell poses apart): its coarsest
+    ICP scale first, the finer ones at once when that already fits ``good_fitness``, else only if
+    RANSAC finds no such pose (an ICP from a wrong pose runs all its iterations; on the validation
+    scans as given, every centroid alignment that ends above 0.9 fits 0.98 after the coarsest scale)."""
     import open3d as o3d
 
     reg = o3d.pipelines.registration
@@ -257,9 +260,11 @@ def register(scan: np.ndarray, target: Target, *, tries: int = 3, seed: int = 0,
     src = voxel_down(scan, voxel)
     shift = np.eye(4)
     shift[:3, 3] = target.points.mean(axis=0) - src.mean(axis=0)
-    best = icp(src, target, shift)
-    if best.fitness >= good_fitness:
-        return best
+    coarse = icp(src, target, shift, scales=ICP_SCALES[:1])
+    centroid = icp(src, target, coarse.transform, scales=ICP_SCALES[1:]) if coarse.fitness >= good_fitness else None
+    if centroid is not None and centroid.fitness >= good_fitness:
+        return centroid
+    best = centroid if centroid is not None else coarse
     # the scan's normals and FPFH only for RANSAC
     src_n = normals(src, NORMAL_RADIUS * voxel)
     feat_src, feat_dst = reg.Feature(), reg.Feature()
@@ -278,6 +283,10 @@ def register(scan: np.ndarray, target: Target, *, tries: int = 3, seed: int = 0,
         refined = icp(src, target, np.asarray(got.transformation))
         if refined.fitness > best.fitness:
             best = refined
+    if centroid is None and best.fitness < good_fitness:
+        centroid = icp(src, target, coarse.transform, scales=ICP_SCALES[1:])
+        if centroid.fitness > best.fitness or best is coarse:
+            best = centroid
     return best
 
 
