@@ -1,6 +1,8 @@
 """Rigid registration of a scan to a template in any orientation, and local descriptors (torch-free).
 
-numpy in, numpy out; open3d does the work (FPFH, RANSAC over feature matches, point-to-plane ICP).
+numpy in, numpy out; open3d does the work (FPFH, RANSAC over feature matches, point-to-plane ICP),
+but for the multi-scale FPFH of the reference descriptors: open3d's rule in numpy, every radius from
+one neighbour search.
 Lengths are in the clouds' own units; callers pass a ``voxel`` (the registration's cell size,
 e.g. ``part_size / 60``) and every radius is a multiple of it.
 
@@ -251,8 +253,8 @@ def register(scan: np.ndarray, target: Target, *, tries: int = 3, seed: int = 0,
     best fitness wins. Also tries the plain centroid alignment (parts that arrive nearly in
     the template's pose, or symmetric ones where features cannot tell poses apart): its coarsest
     ICP scale first, the finer ones at once when that already fits ``good_fitness``, else only if
-    RANSAC finds no such pose (an ICP from a wrong pose runs all its iterations; on the validation
-    scans as given, every centroid alignment that ends above 0.9 fits 0.98 after the coarsest scale)."""
+    RANSAC finds no such pose (an ICP from a wrong pose runs all its iterations; on validation scans
+    as given, every centroid alignment that ends above 0.9 fitted 0.98 after the coarsest scale)."""
     import open3d as o3d
 
     reg = o3d.pipelines.registration
