@@ -296,3 +296,34 @@ def test_multiscale_descriptors_match_open3d(shapes_root):
     assert 0.05 < repeats.mean() < 0.95
     bank, queries = rows[::3], rows[1::3]
     np.testing.assert_allclose(_nearest_dist(bank, queries, block=100), cKDTree(bank).query(queries)[0], atol=1e-4)
+
+
+def test_register_keeps_the_best_of_the_centroid_alignment_and_ransac(shapes_root):
+    """A scan near the template's pose takes the centroid alignment at once; a scan of another part
+    (nothing fits well) still gets the centroid alignment's full refinement when RANSAC does no
+    better: the best fitness wins, whichever order they ran in."""
+    from scipy.spatial.transform import Rotation
+
+    from btp.geometry import registration as reg
+
+    template = real_scan(shapes_root, BLOCK, n=20_000, seed=90)
+    target = reg.make_target(template, reg.part_size(template) / 40)
+
+    def centroid_icp(scan):
+        src = reg.voxel_down(scan, target.voxel)
+        shift = np.eye(4)
+        shift[:3, 3] = target.points.mean(axis=0) - src.mean(axis=0)
+        return reg.icp(src, target, shift)
+
+    scan = real_scan(shapes_root, BLOCK, n=8000, seed=93)
+    near = (scan @ Rotation.from_rotvec([0.03, -0.02, 0.04]).as_matrix().T).astype(np.float32) + 0.01
+    got, want = reg.register(near, target), centroid_icp(near)
+    assert got.fitness > 0.9
+    np.testing.assert_allclose(got.transform, want.transform, atol=1e-9)
+    other = turned(real_scan(shapes_root, PINION, n=8000, seed=94), 95)
+    other *= reg.part_size(template) / reg.part_size(other)  # the same size, not the same shape
+    got, want = reg.register(other, target), centroid_icp(other)
+    assert got.fitness < 0.9
+    assert got.fitness >= want.fitness
+    # no RANSAC seed at all: the deferred finer scales still run
+    np.testing.assert_allclose(reg.register(other, target, tries=0).transform, want.transform, atol=1e-9)
