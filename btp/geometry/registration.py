@@ -113,13 +113,13 @@ def fpfh(points: np.ndarray, point_normals: np.ndarray, radius: float, max_nn: i
     return np.asarray(feat.data, dtype=np.float32).T.copy()
 
 
-def _pair_features(p1: np.ndarray, n1: np.ndarray, p2: np.ndarray, n2: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The three FPFH angles (alpha in [-pi, pi], phi and theta in [-1, 1]) of point pairs given as
-    float64 [3,P] (x, y, z rows), by open3d's rule (ComputePairFeatures): the frame sits on the
-    point whose normal is the more parallel to the line between them; a pair at zero distance, or
-    with a normal along that line, has all three zero."""
-    d = p2 - p1
-    norm = np.sqrt(d[0] * d[0] + d[1] * d[1] + d[2] * d[2])
+def _pair_features(d: np.ndarray, dist2: np.ndarray, n1: np.ndarray, n2: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The three FPFH angles (alpha in [-pi, pi], phi and theta in [-1, 1]) of point pairs, from
+    ``d`` = p2 - p1, its squared length ``dist2`` and the normals, float64 [3,P] (x, y, z rows), by
+    open3d's rule (ComputePairFeatures): the frame sits on the point whose normal is the more
+    parallel to the line between them; a pair at zero distance, or with a normal along that line,
+    has all three zero."""
+    norm = np.sqrt(dist2)
     safe = np.where(norm > 0, norm, 1.0)
     a1 = (n1[0] * d[0] + n1[1] * d[1] + n1[2] * d[2]) / safe
     a2 = (n2[0] * d[0] + n2[1] * d[1] + n2[2] * d[2]) / safe
@@ -162,10 +162,9 @@ def multiscale_fpfh(points: np.ndarray, point_normals: np.ndarray, radii, max_nn
     nb = np.where(found, nb, 0)
     rows = np.repeat(np.arange(n, dtype=np.int64), k - 1)
     xyz = np.ascontiguousarray(pts.T)  # [3,n]: the pairs' arithmetic on contiguous rows
-    p1, p2 = xyz[:, rows], xyz[:, nb]
-    d = p2 - p1
+    d = xyz[:, nb] - np.repeat(xyz, k - 1, axis=1)
     dist2 = d[0] * d[0] + d[1] * d[1] + d[2] * d[2]
-    alpha, phi, theta = _pair_features(p1, nrm[:, rows], p2, nrm[:, nb])
+    alpha, phi, theta = _pair_features(d, dist2, np.repeat(nrm, k - 1, axis=1), nrm[:, nb])
     bins = [np.clip(np.floor(11.0 * (alpha + np.pi) / (2.0 * np.pi)).astype(np.int64), 0, 10),
             np.clip(np.floor(11.0 * (phi + 1.0) * 0.5).astype(np.int64), 0, 10) + 11,
             np.clip(np.floor(11.0 * (theta + 1.0) * 0.5).astype(np.int64), 0, 10) + 22]
@@ -174,7 +173,7 @@ def multiscale_fpfh(points: np.ndarray, point_normals: np.ndarray, radii, max_nn
     blocks, last = [], None
     for r in radii:
         inside = found & (dist2 < float(r) * float(r))
-        if last is not None and np.array_equal(inside, last[0]):
+        if last is not None and np.array_equal(inside, last):
             blocks.append(blocks[-1])
             continue
         count = np.bincount(rows, weights=inside, minlength=n)  # neighbours besides the point
@@ -190,7 +189,7 @@ def multiscale_fpfh(points: np.ndarray, point_normals: np.ndarray, radii, max_nn
         feat[count == 0] = 0.0
         h = np.sqrt(np.maximum(feat, 0.0))
         blocks.append(h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12))
-        last = (inside,)
+        last = inside
     return np.concatenate(blocks, axis=1).astype(np.float32)
 
 
