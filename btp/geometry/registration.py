@@ -262,18 +262,18 @@ def register(scan: np.ndarray, target: Target, *, tries: int = 3, seed: int = 0,
     shift = np.eye(4)
     shift[:3, 3] = target.points.mean(axis=0) - src.mean(axis=0)
     coarse = icp(src, target, shift, scales=ICP_SCALES[:1])
-    centroid = icp(src, target, coarse.transform, scales=ICP_SCALES[1:]) if coarse.fitness >= good_fitness else None
-    if centroid is not None and centroid.fitness >= good_fitness:
-        return centroid
-    best = centroid if centroid is not None else coarse
+    centroid = None
+    if coarse.fitness >= good_fitness:
+        centroid = icp(src, target, coarse.transform, scales=ICP_SCALES[1:])
+        if centroid.fitness >= good_fitness:
+            return centroid
     # the scan's normals and FPFH only for RANSAC
     src_n = normals(src, NORMAL_RADIUS * voxel)
     feat_src, feat_dst = reg.Feature(), reg.Feature()
     feat_src.data = fpfh(src, src_n, FPFH_RADIUS * voxel).T.astype(np.float64)
     feat_dst.data = target.features.T.astype(np.float64)
+    found = None  # the best RANSAC pose
     for t in range(tries):
-        if best.fitness >= good_fitness:
-            break
         o3d.utility.random.seed(seed + t)
         dist = 1.5 * voxel
         got = reg.registration_ransac_based_on_feature_matching(
@@ -282,13 +282,16 @@ def register(scan: np.ndarray, target: Target, *, tries: int = 3, seed: int = 0,
             [reg.CorrespondenceCheckerBasedOnEdgeLength(0.9), reg.CorrespondenceCheckerBasedOnDistance(dist)],
             reg.RANSACConvergenceCriteria(RANSAC_ITERATIONS, 0.999))
         refined = icp(src, target, np.asarray(got.transformation))
-        if refined.fitness > best.fitness:
-            best = refined
-    if centroid is None and best.fitness < good_fitness:
+        if found is None or refined.fitness > found.fitness:
+            found = refined
+        if found.fitness >= good_fitness:
+            break
+    if centroid is None and (found is None or found.fitness < good_fitness):
         centroid = icp(src, target, coarse.transform, scales=ICP_SCALES[1:])
-        if centroid.fitness > best.fitness or best is coarse:
-            best = centroid
-    return best
+    # a RANSAC pose wins only when it fits strictly better than the centroid alignment
+    if centroid is not None and (found is None or centroid.fitness >= found.fitness):
+        return centroid
+    return found
 
 
 def transform(points: np.ndarray, pose: np.ndarray) -> np.ndarray:
