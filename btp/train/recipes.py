@@ -38,6 +38,10 @@ class Recipe:
     use_pretrain: bool = True  # ablation: False = frozen *random* encoder
     rotate: bool = False  # BTP samples in uniformly random poses (see btp.train.data.btp_samples)
     synth: dict = field(default_factory=dict)  # SynthConfig overrides for the BTP samples (ablations)
+    # the sampling order the BTP samples are made with, when it is not the config's (the model's own
+    # config, saved with it, keeps the config's): "input" reproduces a model trained before
+    # preprocess.sampling_order existed
+    data_sampling_order: str = ""
     extra: dict = field(default_factory=dict)
 
 
@@ -78,7 +82,10 @@ RECIPES: dict[str, Recipe] = {
     # context patches (gfcm.context_geometry = (2.0,)) in place of the in-patch width 1
     "btp-corpus-context": replace(_BTP_MINI, name="btp-corpus-context", per_shape=12, config=btp_context_config),
     # btp-corpus-geo on N = 4096 sampled points (same G, K: same engine cost, half-size patches)
-    "btp-corpus-geo-4k": replace(_BTP_MINI, name="btp-corpus-geo-4k", per_shape=12, config=btp_geo4k_config),
+    # (its samples made in the input order, as the committed weights were; the model scores in the
+    # canonical order its config names)
+    "btp-corpus-geo-4k": replace(_BTP_MINI, name="btp-corpus-geo-4k", per_shape=12, config=btp_geo4k_config,
+                                 data_sampling_order="input"),
     # btp-corpus-geo-4k with 30 % single-view partial scans (hidden-point removal) among its BTP
     # samples, normal and defective alike: the open borders of a partial view are labelled normal
     "btp-corpus-geo-4k-partial": replace(_BTP_MINI, name="btp-corpus-geo-4k-partial", per_shape=12,
@@ -251,8 +258,10 @@ def run_recipe(recipe: Recipe, shapes_root, out, *, seed: int = 0, resume: bool 
             made[0] += n
             bar.update(made[0])
 
-        arrays = tdata.btp_samples(train_shapes, cfg, recipe.per_shape, seed, out / "cache", rotate=recipe.rotate,
-                                   synth_overrides=recipe.synth, progress=tick, log=log)
+        data_cfg = cfg if not recipe.data_sampling_order else replace(
+            cfg, preprocess=replace(cfg.preprocess, sampling_order=recipe.data_sampling_order))
+        arrays = tdata.btp_samples(train_shapes, data_cfg, recipe.per_shape, seed, out / "cache",
+                                   rotate=recipe.rotate, synth_overrides=recipe.synth, progress=tick, log=log)
     times["data_s"] = round(time.time() - t0, 1)
     log(f"recipe {recipe.name}: {len(arrays['points'])} BTP samples ({int(arrays['object_label'].sum())} anomalous) "
         f"from {len(train_shapes)} training meshes in {times['data_s']} s")
@@ -268,6 +277,7 @@ def run_recipe(recipe: Recipe, shapes_root, out, *, seed: int = 0, resume: bool 
         "pretrained_encoder": bool(recipe.use_pretrain),
         "pretrain_options": asdict(recipe.pretrain) if recipe.use_pretrain else None,
         "per_shape": recipe.per_shape, "rotate": recipe.rotate, "synth_overrides": recipe.synth,
+        "data_sampling_order": recipe.data_sampling_order or cfg.preprocess.sampling_order,
         "data": "synthetic defects (btp.train.synth) on training-split meshes",
     }
     t0 = time.time()
