@@ -39,8 +39,8 @@ class Recipe:
     rotate: bool = False  # BTP samples in uniformly random poses (see btp.train.data.btp_samples)
     synth: dict = field(default_factory=dict)  # SynthConfig overrides for the BTP samples (ablations)
     # the sampling order the BTP samples are made with, when it is not the config's (the model's own
-    # config, saved with it, keeps the config's): "input" reproduces a model trained before
-    # preprocess.sampling_order existed
+    # config, saved with it, keeps the config's): "input" makes them as a model trained before
+    # preprocess.sampling_order existed had them
     data_sampling_order: str = ""
     extra: dict = field(default_factory=dict)
 
