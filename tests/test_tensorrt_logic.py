@@ -274,21 +274,28 @@ def test_cached_engine_builds_once_then_reuses_and_rebuilds_on_change(tmp_path, 
     assert any(line.startswith("engine cache hit") for line in lines)
 
 
+def _fake_engine_build(monkeypatch, plan, seconds: float = 1.0) -> dict:
+    """TensorRT "available" and cached_engine replaced by a stand-in returning ``plan``: -> the
+    keyword arguments btp build passed it."""
+    calls = {}
+
+    def fake_cached_engine(model_path, **kwargs):
+        calls.update(kwargs)
+        return trt_export.BuildResult(plan_path=plan, manifest_path=plan.with_name("manifest.json"), built=True,
+                                      seconds=seconds, reasons=())
+
+    monkeypatch.setattr(trt_export, "tensorrt_unavailable_reason", lambda: None)
+    monkeypatch.setattr(trt_export, "cached_engine", fake_cached_engine)
+    return calls
+
+
 def test_btp_build_prints_the_plan(tmp_path, monkeypatch):
     from btp.cli import app
 
     model = tiny_onnx(tmp_path / "m.onnx")
     plan = tmp_path / "engine.plan"
     plan.write_bytes(b"x" * 2_000_000)
-    calls = {}
-
-    def fake_cached_engine(model_path, **kwargs):
-        calls.update(kwargs)
-        return trt_export.BuildResult(plan_path=plan, manifest_path=tmp_path / "manifest.json", built=True,
-                                      seconds=12.5, reasons=())
-
-    monkeypatch.setattr(trt_export, "tensorrt_unavailable_reason", lambda: None)
-    monkeypatch.setattr(trt_export, "cached_engine", fake_cached_engine)
+    calls = _fake_engine_build(monkeypatch, plan, seconds=12.5)
     result = CliRunner().invoke(app, ["build", str(model), "--fp32", "--max-batch", "8", "--workspace", "512"])
     assert result.exit_code == 0, result.output
     assert "engine.plan (2.0 MB, fp32, built in 12.5 s)" in result.output
@@ -299,16 +306,8 @@ def test_btp_build_takes_an_int8_model_without_calibration(tmp_path, monkeypatch
     """An INT8 model.onnx (btp-export --precision int8) carries its scales: INT8, no --calib."""
     from btp.cli import app
 
-    calls = {}
-
-    def fake_cached_engine(model_path, **kwargs):
-        calls.update(kwargs)
-        return trt_export.BuildResult(plan_path=model_path, manifest_path=tmp_path / "manifest.json", built=True,
-                                      seconds=1.0, reasons=())
-
-    monkeypatch.setattr(trt_export, "tensorrt_unavailable_reason", lambda: None)
-    monkeypatch.setattr(trt_export, "cached_engine", fake_cached_engine)
     model = tiny_onnx(tmp_path / "int8.onnx", precision="int8")
+    calls = _fake_engine_build(monkeypatch, model)
     result = CliRunner().invoke(app, ["build", str(model)])
     assert result.exit_code == 0, result.output
     assert calls["precision"] == "int8" and calls["calib_dir"] is None
