@@ -90,6 +90,11 @@ RECIPES: dict[str, Recipe] = {
     # samples, normal and defective alike: the open borders of a partial view are labelled normal
     "btp-corpus-geo-4k-partial": replace(_BTP_MINI, name="btp-corpus-geo-4k-partial", per_shape=12,
                                          config=btp_geo4k_config, synth={"partial_prob": 0.3}),
+    # the default's recipe (samples in the input order) with 15 % single-view samples: the partial
+    # views' effect apart from the sampling order, at half the share
+    "btp-corpus-geo-4k-partial15": replace(_BTP_MINI, name="btp-corpus-geo-4k-partial15", per_shape=12,
+                                           config=btp_geo4k_config, synth={"partial_prob": 0.15},
+                                           data_sampling_order="input"),
     # the same per-point model on btp-mini's data (shared shapes only): corpus or head?
     "btp-mini-point": replace(_BTP_MINI, name="btp-mini-point", config=btp_point_config),
     # seconds: for tests and smoke runs
