@@ -18,16 +18,16 @@ REAL_SHAPES = ("cgal__stanford_bunny.ply", "cgal__pinion.ply", "trimesh__feature
 BUNNY, PINION, BLOCK = REAL_SHAPES
 
 
-def tiny_export(tmp_path_factory, batch="dynamic"):
+def tiny_export(tmp_path_factory, batch="dynamic", patch_embed: bool = False):
     """(model.onnx path, LoadedModel) of a freshly initialised tiny model (torch seed 0), exported
-    once per session and batch setting.
+    once per session and batch setting (``patch_embed``: with that optional output).
 
     ``$BTP_TEST_MODELS``: a folder shared between test runs. A run with torch copies its exports
     there (``<batch>/tiny.onnx``); a run without torch (the edge-only venv, e.g. Python 3.10) uses
     them - with ``None`` for the LoadedModel - and skips when there are none."""
     import pytest
 
-    key = str(batch)
+    key = str(batch) + ("-embed" if patch_embed else "")
     shared = os.environ.get("BTP_TEST_MODELS")
     if key not in _EXPORTS:
         if importlib.util.find_spec("torch") is None:
@@ -41,7 +41,7 @@ def tiny_export(tmp_path_factory, batch="dynamic"):
 
             loaded = fresh_model(tiny_config(), seed=0)
             path = tmp_path_factory.mktemp(f"tiny-onnx-{key}") / "tiny.onnx"
-            export_onnx(loaded, path, batch=batch)
+            export_onnx(loaded, path, batch=batch, patch_embed=patch_embed)
             if shared:
                 (Path(shared) / key).mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, Path(shared) / key / "tiny.onnx")
@@ -83,9 +83,9 @@ def with_bump(points: np.ndarray, at: int = 0, radius: float = 0.08, height: flo
 
 
 def build_references(root: Path, model_path: Path, shapes_root: Path, n: int = 3000,
-                     parts: tuple[str, ...] = ("bunny", "block")) -> Path:
-    """root/refs/{bunny,block}.btpref (those of ``parts``), each built by `btp reference build` from
-    3 good scans in random poses."""
+                     parts: tuple[str, ...] = ("bunny", "block"), options: tuple[str, ...] = ()) -> Path:
+    """root/refs/{bunny,block}.btpref (those of ``parts``), each built by `btp reference build
+    [options]` from 3 good scans in random poses."""
     from typer.testing import CliRunner
 
     from btp.cli import app
@@ -100,6 +100,6 @@ def build_references(root: Path, model_path: Path, shapes_root: Path, n: int = 3
             write_point_cloud(good / f"g{i}.pcd", turned(real_scan(shapes_root, mesh, n=n, seed=10 + i), 10 + i))
         (root / "refs").mkdir(exist_ok=True)
         res = CliRunner().invoke(app, ["reference", "build", str(good), "--model", str(model_path),
-                                       "--out", str(root / "refs" / f"{name}.btpref")])
+                                       "--out", str(root / "refs" / f"{name}.btpref"), *options])
         assert res.exit_code == 0, res.output
     return root / "refs"

@@ -162,6 +162,58 @@ def test_no_pickle_loaded(refs, tmp_path, monkeypatch):
     assert read_reference(refs / "block.btpref").name == "block"
 
 
+def test_reference_with_the_models_embeddings(shapes_root, tmp_path_factory, tmp_path):
+    """--embeddings: the model's patch embeddings of the good scans in the template's frame are
+    banked; a scan is run through the model again in that frame and its embedding map fused. A
+    model file without the patch_embed output is refused for it, and works without it."""
+    from btp.runtime.guided import EMBEDDING, ReferenceScorer
+    from btp.runtime.pipeline import Pipeline
+
+    embed_model = tiny_export(tmp_path_factory, patch_embed=True)[0]
+    plain_model = tiny_export(tmp_path_factory)[0]
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(3):
+        write_point_cloud(good / f"g{i}.pcd", turned(real_scan(shapes_root, BUNNY, n=N, seed=10 + i), 10 + i))
+    out = tmp_path / "bunny.btpref"
+    res = CliRunner().invoke(app, ["reference", "build", str(good), "--model", str(plain_model), "--out", str(out),
+                                   "--embeddings"])
+    assert res.exit_code == 2 and "btp-export --patch-embed" in " ".join(res.output.split())
+    assert not out.exists()
+    res = CliRunner().invoke(app, ["reference", "build", str(good), "--model", str(embed_model), "--out", str(out),
+                                   "--embeddings"])
+    assert res.exit_code == 0, res.output
+    ref = read_reference(out)
+    assert ref.settings["embedding"] is True and EMBEDDING in ref.statistics
+    pipe = Pipeline(embed_model)
+    bank = ref.arrays["embedding_bank"]
+    assert bank.shape == (3 * pipe.meta.num_group, pipe.meta.io["outputs"]["patch_embed"]["shape"][-1])
+    np.testing.assert_allclose(np.linalg.norm(bank, axis=1), 1.0, rtol=1e-5)
+    assert ref.arrays["embedding_centers"].shape == (len(bank), 3)
+    with pytest.raises(ReferenceError, match="patch embeddings"):  # scoring needs the model to run
+        ReferenceScorer(ref)(real_scan(shapes_root, BUNNY, n=N, seed=40), np.zeros(N, np.float32))
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    scan = real_scan(shapes_root, BUNNY, n=N, seed=40)
+    write_point_cloud(scans / "good.pcd", turned(scan, 41))
+    write_point_cloud(scans / "bump.pcd", turned(with_bump(scan), 42))
+    docs = _run(embed_model, [scans], tmp_path / "out", out)
+    assert docs["good"]["reference"]["registered"] and docs["bump"]["reference"]["registered"]
+    assert docs["bump"]["object_score"] > docs["good"]["object_score"]
+    # the second pass sees the scan in the template's frame, whatever its pose
+    pipe = Pipeline(embed_model, reference=out)
+    seen = []
+    embed = pipe.embed
+    pipe.embed = lambda points: seen.append(points) or embed(points)
+    got = pipe(turned(scan, 43)).reference.scores
+    assert got.embedding is not None and got.embedding.shape == (N,) and len(seen) == 1
+    from scipy.spatial import cKDTree
+
+    dist, _ = cKDTree(ref.arrays["template"]).query(seen[0])
+    assert np.median(dist) < 2 * ref.settings["template_voxel"]
+    assert np.median(cKDTree(ref.arrays["template"]).query(turned(scan, 43))[0]) > 10 * ref.settings["template_voxel"]
+
+
 def test_eval_references_train(model_path, shapes_root, tmp_path):
     """`btp eval --references train` on a tiny mesh-maker set: the fused model in mean/classes,
     zero-shot, reference-only and both baselines beside it, with and without --random-pose."""
@@ -327,3 +379,17 @@ def test_register_keeps_the_best_of_the_centroid_alignment_and_ransac(shapes_roo
     assert got.fitness >= want.fitness
     # no RANSAC seed at all: the deferred finer scales still run
     np.testing.assert_allclose(reg.register(other, target, tries=0).transform, want.transform, atol=1e-9)
+
+
+def test_reference_cost_bench_with_embeddings(tmp_path_factory):
+    """`btp-bench reference --embeddings`: a 4-scan reference with the model's embeddings is built and
+    timed against the plain pipeline on a turned scan; its stages include the second engine pass."""
+    from btp.benchmarks.reference import markdown, run_reference_bench
+
+    model = tiny_export(tmp_path_factory, patch_embed=True)[0]
+    data = run_reference_bench(model, sizes=(5000,), build_points=5000, repeats=1, embeddings=True, log=lambda m: None)
+    assert data["embeddings"] is True and data["build"]["scans"] == 4 and data["build"]["file_mb"] > 0
+    row = data["rows"][0]
+    assert row["points"] == 5000 and row["registered"] and row["reference_ms"] > row["plain_ms"] > 0
+    assert {"register", "reference_maps", "embedding"} <= set(row["reference_stages_ms"])
+    assert "patch embeddings" in markdown(data, "test machine", "2026-12-07")

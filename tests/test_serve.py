@@ -328,6 +328,15 @@ def bunny_reference(tmp_path_factory, shapes_root):
     return model, refs / "bunny.btpref"
 
 
+@pytest.fixture(scope="module")
+def bunny_embedding_reference(tmp_path_factory, shapes_root):
+    """(model.onnx with patch_embed, bunny.btpref built with --embeddings)."""
+    model = tiny_export(tmp_path_factory, patch_embed=True)[0]
+    refs = build_references(tmp_path_factory.mktemp("refs-embed"), model, shapes_root, n=N_REF, parts=("bunny",),
+                            options=("--embeddings",))
+    return model, refs / "bunny.btpref"
+
+
 def _reference_scans(shapes_root) -> dict[str, np.ndarray]:
     """A good bunny, the same with a bump, a gear (another part: does not register), all turned at random;
     the good one with NaN rows (one output per input row)."""
@@ -431,16 +440,18 @@ def test_reference_export_refuses_what_btp_run_refuses(bunny_reference, tmp_path
         triton_stages.PipelineStage(str(repo / "btp" / "1" / "model.onnx"), reference=str(copy))
 
 
-def test_ensemble_with_a_reference_scores_as_btp_run(bunny_reference, tmp_path, shapes_root, monkeypatch):
+@pytest.mark.parametrize("which", ["bunny_reference", "bunny_embedding_reference"])
+def test_ensemble_with_a_reference_scores_as_btp_run(which, request, tmp_path, shapes_root, monkeypatch):
     """The ensemble's btp_post scores with the reference (its copy, named in btp_post's config):
     btp_pre -> ONNX Runtime -> btp_post through the generated model.py files gives Pipeline(...,
-    reference=...)'s fused map, deviation and scores; the entry ensemble maps every reference output."""
+    reference=...)'s fused map, deviation and scores; the entry ensemble maps every reference output.
+    A reference with the model's embeddings: btp_post runs the model on the aligned scan itself."""
     from btp.export.triton import export_repository
     from btp.runtime import Pipeline
     from btp.runtime.backends import make_backend
     from btp.runtime.metadata import read_model_meta
 
-    model, reference = bunny_reference
+    model, reference = request.getfixturevalue(which)
     repo = export_repository(model, tmp_path / "ens", layout="ensemble", reference=reference)
     post_config = (repo / "btp_post" / "config.pbtxt").read_text()
     assert 'parameters { key: "reference" value: { string_value: "bunny.btpref" } }' in post_config

@@ -27,13 +27,16 @@ def _turned(points: np.ndarray, seed: int) -> np.ndarray:
 
 
 def run_reference_bench(model: Path, *, sizes=(40_000, 400_000), build_points: int = 40_000, repeats: int = 7,
-                        mesh: str | None = None, log=print) -> dict:
+                        mesh: str | None = None, embeddings: bool = False, log=print) -> dict:
+    """``embeddings``: the reference holds the model's patch embeddings (a second engine pass per scan)."""
     from btp.benchmarks.data import sample_cloud
     from btp.io import write_point_cloud
+    from btp.runtime.guided import EMBEDDING_SETTINGS, Settings
     from btp.runtime.pipeline import Pipeline
     from btp.runtime.refbuild import build_from_files
 
-    data: dict = {"model": str(model), "mesh": mesh or "default benchmark mesh", "goals": GOALS, "rows": []}
+    data: dict = {"model": str(model), "mesh": mesh or "default benchmark mesh", "goals": GOALS, "rows": [],
+                  "embeddings": embeddings}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files = []
@@ -42,7 +45,8 @@ def run_reference_bench(model: Path, *, sizes=(40_000, 400_000), build_points: i
             write_point_cloud(files[-1], _turned(sample_cloud(build_points, seed=100 + i), 100 + i))
         plain = Pipeline(model)
         t0 = time.perf_counter()
-        ref = build_from_files(model, files, tmp / "part.btpref", pipeline=plain)
+        ref = build_from_files(model, files, tmp / "part.btpref", pipeline=plain,
+                               settings=EMBEDDING_SETTINGS if embeddings else Settings())
         data["build"] = {"scans": 4, "points_per_scan": build_points, "seconds": time.perf_counter() - t0,
                          "file_mb": (tmp / "part.btpref").stat().st_size / 1e6,
                          "bank": list(ref.arrays["bank"].shape), "template_points": int(len(ref.arrays["template"]))}
@@ -110,6 +114,9 @@ def markdown(data: dict, machine_line: str, date: str) -> str:
     b = data["build"]
     lines = ["# Reference-guided inspection: cost", "", f"- Machine: {machine_line}", f"- Date (UTC): {date}",
              f"- Model: {data['model']}; scans sampled from {data['mesh']}, turned by random rotations",
+             "- Reference: " + ("with the model's patch embeddings (`btp reference build --embeddings`: a second "
+                                "engine pass per scan, in the template's frame)" if data.get("embeddings")
+                                else "geometry and the zero-shot map (the default build)"),
              "- Run: `btp-bench reference`; medians of warm calls, the two pipelines interleaved (A B A B); "
              "paired overhead = median over the (A, B) pairs of B / A - 1", "",
              f"Build (4 scans of {b['points_per_scan']:,} points): {b['seconds']:.1f} s (goal {GOALS['build']}); "

@@ -263,6 +263,8 @@ def reference(
     model: Path = typer.Option(..., "--model", help="model.onnx the reference is built for"),
     points: str = typer.Option("40000,400000", help="scan sizes timed with and without a reference"),
     repeats: int = typer.Option(7, min=1, help="timed calls per size and pipeline, interleaved (after one warm-up)"),
+    embeddings: bool = typer.Option(False, "--embeddings", help="the reference with the model's patch embeddings "
+                                    "(`btp reference build --embeddings`; the model must give patch_embed)"),
     out: Path = typer.Option(None, help="report folder (default benchmarks/results/)"),
 ) -> None:
     """Cost of reference-guided inspection: build time and size of a 4-scan reference, the time it
@@ -271,9 +273,9 @@ def reference(
     from btp.benchmarks.reference import markdown, run_reference_bench
 
     machine = describe_machine()
-    data = run_reference_bench(model, sizes=_ints(points, "--points"), repeats=repeats, log=_say)
+    data = run_reference_bench(model, sizes=_ints(points, "--points"), repeats=repeats, embeddings=embeddings, log=_say)
     data["machine"] = machine
-    _write_report("reference", data, markdown(data, machine_line(machine), machine["date_utc"]), out, machine=machine)
+    _write_report("reference-embeddings" if embeddings else "reference", data, markdown(data, machine_line(machine), machine["date_utc"]), out, machine=machine)
 
 
 @app.command()

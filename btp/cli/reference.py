@@ -21,6 +21,11 @@ def build(
     name: Optional[str] = typer.Option(None, "--name", help="The part's name (routing with --reference DIR "
                                                             "matches it against folders and file names; default: "
                                                             "the --out file's stem)."),
+    embeddings: bool = typer.Option(False, "--embeddings/--no-embeddings", help="Also bank the model's own patch "
+                                    "embeddings of the good scans (the model must give them: `btp-export "
+                                    "--patch-embed`); every scan then runs through the model a second time, in the "
+                                    "template's frame. Off by default: on the validation sets it did not beat the "
+                                    "geometric bank (models/reference-guided.md)."),
 ) -> None:
     """Build PART.btpref: the good scans registered to each other (any orientation) into a template,
     a coreset bank of multi-scale FPFH descriptors, and the good scans' own leave-one-out score
@@ -29,6 +34,7 @@ def build(
     from rich.markup import escape
 
     from btp.errors import BTPError
+    from btp.runtime.guided import EMBEDDING_SETTINGS, Settings
     from btp.runtime.refbuild import build_from_files
     from btp.runtime.run import expand_inputs
 
@@ -39,6 +45,7 @@ def build(
         raise typer.Exit(code=2)
     try:
         ref = build_from_files(model, files, out, cad=cad, name=name,
+                               settings=EMBEDDING_SETTINGS if embeddings else Settings(),
                                log=lambda msg: console.print(f"btp reference build: {escape(msg)}"))
     except (BTPError, ValueError, OSError) as exc:
         console.print(f"[red]btp reference build: {escape(str(exc))}")

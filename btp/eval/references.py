@@ -7,7 +7,9 @@ with the model's zero-shot maps of them); every test scan (turned by a random ro
     model           the fused map and object score (``Settings.fusion``)       -> report "classes"/"mean"
     zero_shot       the model alone                                            -> "zero_shot"
     reference_only  max of the normalised residual and feature maps            -> "reference_only"
-    fusions         every rule of ``btp.runtime.guided.FUSIONS`` (to choose one on validation sets)
+    fusions         every rule of ``btp.runtime.guided.FUSIONS`` the maps allow (to choose one on
+                    validation sets; the embedding rules with ``settings.embedding``, which needs a
+                    model that gives its patch embeddings)
     icp_baseline    coarse-to-fine ICP (3 scales, from the centroid alignment, no global step) to the
                     train scans ICP-merged into a template; point score = mean distance to the 16
                     nearest template points
@@ -33,7 +35,8 @@ from btp.geometry import registration as reg
 from btp.geometry.scores import top_mean
 from btp.io import detect_layout, read_sample, sample_files
 from btp.runtime import guided
-from btp.runtime.guided import FUSIONS, OBJECT_TOP_RATIO, RESIDUAL_K, ReferenceScorer, Settings, build_reference
+from btp.runtime.guided import (EMBEDDING_FUSIONS, FUSIONS, OBJECT_TOP_RATIO, RESIDUAL_K, ReferenceScorer, Settings,
+                                build_reference)
 
 ROWS = ("model", "zero_shot", "reference_only", "icp_baseline", "fpfh_baseline")
 BASELINE_CELLS = 40.0  # both baselines' voxel = size / 40 (the ICP scales are 4, 2, 1 of it)
@@ -114,7 +117,12 @@ def evaluate_references(root: str | Path, scorer: CloudScorer, *, layout: str | 
     if missing:
         raise FileNotFoundError(f"{root}: classes {missing} have fewer than 2 good train/ scans; --references train "
                                 "needs them (write sets with `btp data eval-sets`, which adds 4 per class)")
-    rows = list(ROWS) + [f"fusion:{name}" for name in FUSIONS]
+    embed = getattr(scorer, "embed", None)
+    if settings.embedding and embed is None:
+        raise ValueError("the reference settings use the model's patch embeddings; this model does not give them "
+                         "(export it with `btp-export --patch-embed`)")
+    fusions = [name for name in FUSIONS if settings.embedding or name not in EMBEDDING_FUSIONS]
+    rows = list(ROWS) + [f"fusion:{name}" for name in fusions]
     collected: dict[str, dict[str, _Collected]] = {r: {} for r in rows}
     seconds: dict[str, float] = {}
     unregistered: dict[str, int] = {}
@@ -129,7 +137,7 @@ def evaluate_references(root: str | Path, scorer: CloudScorer, *, layout: str | 
             zs_train = [scorer(p).point_scores for p in train]
             ref = build_reference(train, zs_train, name=entry.cls, model={"sha256": "eval", "name": "eval"},
                                   sources=[{"file": str(e.path)} for e in by_class_train[entry.cls][:shots]],
-                                  settings=settings)
+                                  settings=settings, embed=embed)
             build_s[entry.cls] = round(time.perf_counter() - t0, 2)
             current = {"cls": entry.cls, "scorer": ReferenceScorer(ref), "icp": IcpBaseline(train),
                        "fpfh": FpfhBaseline(train)}
@@ -141,7 +149,7 @@ def evaluate_references(root: str | Path, scorer: CloudScorer, *, layout: str | 
         points = sample.points
         if random_pose is not None:
             points = (points.astype(np.float64) @ random_rotation(random_pose, done).T).astype(np.float32)
-        scored = _score_one(points, scorer, current, seconds)
+        scored = _score_one(points, scorer, current, seconds, fusions, embed)
         if not scored.pop("registered"):
             unregistered[entry.cls] = unregistered.get(entry.cls, 0) + 1
         c = counts.setdefault(sample.cls, {"good": 0, "bad": 0, "points": 0})
@@ -180,7 +188,8 @@ def evaluate_references(root: str | Path, scorer: CloudScorer, *, layout: str | 
     return report
 
 
-def _score_one(points: np.ndarray, scorer: CloudScorer, current: dict, seconds: dict) -> dict:
+def _score_one(points: np.ndarray, scorer: CloudScorer, current: dict, seconds: dict, fusions: list[str],
+               embed=None) -> dict:
     """{row: CloudScores} of one test scan, plus "registered"."""
     def timed(name, fn, *args):
         t0 = time.perf_counter()
@@ -189,20 +198,22 @@ def _score_one(points: np.ndarray, scorer: CloudScorer, current: dict, seconds: 
         return out
 
     zs = timed("zero_shot", scorer, points)
-    got = timed("reference", current["scorer"], points, zs.point_scores)
+    got = timed("reference", current["scorer"], points, zs.point_scores, embed)
     ref: ReferenceScorer = current["scorer"]
     out: dict = {"zero_shot": zs, "registered": got.registered}
     if got.registered:
         raw = {"residual": got.residual, "feature": got.feature, "zero_shot": zs.point_scores}
-        z = {name: guided.normalise(raw[name], ref.ref.statistics[name]) for name in guided.MAPS}
+        if got.embedding is not None:
+            raw[guided.EMBEDDING] = got.embedding
+        z = guided.normalised(raw, ref.ref.statistics)
         out["reference_only"] = _cloud_scores(got.reference_map, zs)
-        for name, rule in FUSIONS.items():
-            out[f"fusion:{name}"] = _cloud_scores(rule(z), zs)
+        for name in fusions:
+            out[f"fusion:{name}"] = _cloud_scores(FUSIONS[name](z), zs)
         out["model"] = CloudScores(object_score=got.object_score, point_scores=got.fused, sampled_idx=zs.sampled_idx,
                                    sampled_scores=got.fused[zs.sampled_idx])
     else:
         fallback = guided.normalise(zs.point_scores, ref.ref.statistics["zero_shot"])
-        for name in ["reference_only", "model", *(f"fusion:{n}" for n in FUSIONS)]:
+        for name in ["reference_only", "model", *(f"fusion:{n}" for n in fusions)]:
             out[name] = _cloud_scores(fallback, zs)
     out["icp_baseline"] = _cloud_scores(timed("icp_baseline", current["icp"], points), zs)
     out["fpfh_baseline"] = _cloud_scores(timed("fpfh_baseline", current["fpfh"], points), zs)

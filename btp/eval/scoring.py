@@ -115,6 +115,12 @@ class OnnxScorer:
         return CloudScores(object_score=float(result.object_score), point_scores=point_scores, sampled_idx=idx,
                            sampled_scores=sampled)
 
+    @property
+    def embed(self):
+        """The model's patch embeddings of a scan (``btp.runtime.Pipeline.embed``), None for a model
+        file without them."""
+        return self.pipeline.embed if self.pipeline.has_embeddings else None
+
     def info(self) -> dict:
         meta = self.pipeline.meta
         return {"path": str(self.path), "kind": "onnx", "backend": self.backend, "name": self.name,

@@ -210,6 +210,11 @@ class PostStage:
 
         self.cfg = read_model_meta(model_file).config
         self.references = None if reference is None else load_references(reference, model_file)
+        self.embed = None  # a reference with the model's patch embeddings runs the model on the aligned scan
+        if self.references is not None and any(r.settings.get("embedding") for r in self.references.refs.values()):
+            from btp.runtime import Pipeline
+
+            self.embed = Pipeline(model_file, threads=threads).embed
 
     def __call__(self, tensors: dict) -> dict:
         from btp.geometry.prepare import Prepared, scores_to_raw
@@ -234,7 +239,8 @@ class PostStage:
                            float(np.asarray(tensors["global_prob"]).reshape(-1)[0]), sampled)
         out = {"point_scores": scores, "object_score": np.array([obj], np.float32)}
         if self.references is not None:  # as Pipeline does: the raw points and their zero-shot scores
-            out.update(_reference_outputs(self.references.score(None, prep.raw_points, scores[mask]), mask))
+            out.update(_reference_outputs(self.references.score(None, prep.raw_points, scores[mask], self.embed),
+                                          mask))
         return out
 
 

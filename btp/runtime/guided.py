@@ -17,10 +17,15 @@ Scoring one scan [M,3], in the scan's units:
                     plane (+ = outside)
     feature    [M]  distance of the multi-scale FPFH of the point's feature cell to the nearest of
                     the bank
+    embedding  [M]  (a reference with the model's patch embeddings) the scan turned into the
+                    template's frame, run through the model again (``embed``): each patch's embedding's
+                    distance to the nearest of the good scans' (in the same frame), spread to the
+                    points as the patch scores are
     zero_shot  [M]  the model's point scores (given)
     each map -> (s - median_good) / (q99_good - median_good)   (the good scans' leave-one-out maps:
                  0 = a typical good point, 1 = the 99th percentile of good points)
-    reference map = max(residual, feature); fused map = FUSION (see FUSIONS)
+    reference map = the maximum of the reference's normalised maps (residual, feature[, embedding]);
+    fused map = FUSION (see FUSIONS)
     object score = mean of the top OBJECT_TOP_RATIO of the fused map; decision: > threshold
 
 The threshold is the good scans' own: each good scan is scored leave-one-out (template and bank
@@ -34,7 +39,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -51,12 +56,33 @@ MAP_CELLS = 150.0
 BUILD_MIN_FITNESS = 0.3  # a good scan that fits the others' union worse is refused (another part?)
 OBJECT_TOP_RATIO = 0.01
 MAPS = ("residual", "feature", "zero_shot")
+EMBEDDING = "embedding"  # the map of the model's patch embeddings, in references that hold them
 # fused map from the normalised maps; the rule in use is Settings.fusion (chosen on validation sets)
 FUSIONS = {
     "max": lambda z: np.maximum.reduce([z["residual"], z["feature"], z["zero_shot"]]),
     "mean": lambda z: (z["residual"] + z["feature"] + z["zero_shot"]) / 3.0,
     "ref-max+zs": lambda z: np.maximum(z["residual"], z["feature"]) + 0.5 * z["zero_shot"],
+    # with the embedding map: one more reference map in the maximum, or beside the zero-shot map
+    "ref3-max+zs": lambda z: np.maximum.reduce([z["residual"], z["feature"], z[EMBEDDING]]) + 0.5 * z["zero_shot"],
+    "ref-max+emb+zs": lambda z: np.maximum(z["residual"], z["feature"]) + 0.5 * (z[EMBEDDING] + z["zero_shot"]),
+    "ref-max+emb": lambda z: np.maximum(z["residual"], z["feature"]) + 0.5 * z[EMBEDDING],
 }
+EMBEDDING_FUSIONS = ("ref3-max+zs", "ref-max+emb+zs", "ref-max+emb")  # need the embedding map
+
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """The model run on a scan [M,3]: its patch embeddings float32 [G,D], the patch centers float32
+    [G,3] (scan units), and ``spread``: per-patch values [G] -> the scan's points [M], as the patch
+    scores are spread."""
+
+    embeddings: np.ndarray
+    centers: np.ndarray
+    spread: Callable[[np.ndarray], np.ndarray]
+
+
+Embedder = Callable[[np.ndarray], Embedded]  # btp.runtime.Pipeline.embed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +96,10 @@ class Settings:
     feature_radii: tuple[float, ...] = (3.0, 5.0, 8.0)  # multi-scale FPFH radii, in feature voxels
     bank_size: int = 4096  # coreset size of the whole bank (split evenly over the good scans)
     fusion: str = "ref-max+zs"
+    embedding: bool = False  # a bank of the model's patch embeddings beside the descriptors'
+    # a patch's embedding is compared with the good patches centred within this many template voxels
+    # of its own center (the scan in the template's frame); 0: with every good patch
+    embedding_radius: float = 0.0
     fitness_cells: float = 50.0  # a scan point fits when a template point lies within size / fitness_cells
     min_fitness: float = 0.6  # a scan whose fitness is lower is reported as not registered
     seed: int = 0
@@ -87,6 +117,11 @@ class Settings:
         return cls(**known)
 
 
+# `btp reference build --embeddings`: the model's patch embeddings banked beside the descriptors, in
+# the rule that fused them best on the validation sets (models/reference-guided.md)
+EMBEDDING_SETTINGS = Settings(embedding=True, fusion="ref-max+emb+zs")
+
+
 @dataclass(frozen=True, kw_only=True)
 class GuidedScores:
     """One scan scored with a reference. Maps are float32 [M] in the scan's row order; None when the
@@ -98,7 +133,9 @@ class GuidedScores:
     residual         mean distance to the 16 nearest template points (scan units)
     deviation        signed distance to the nearest template point's tangent plane (scan units)
     feature          distance of the point's cell's descriptor to the nearest bank descriptor
-    reference_map    max of the normalised residual and feature maps
+    embedding        distance of the model's embedding of the point's patches (scan in the template's
+                     frame) to the nearest good one; None for a reference without embeddings
+    reference_map    max of the reference's normalised maps (residual, feature[, embedding])
     fused            the fused map (Settings.fusion) the decision is made on
     object_score     top-1 % mean of ``fused``; reference_score: the same of ``reference_map``
     """
@@ -110,6 +147,7 @@ class GuidedScores:
     residual: np.ndarray | None = field(default=None, repr=False)
     deviation: np.ndarray | None = field(default=None, repr=False)
     feature: np.ndarray | None = field(default=None, repr=False)
+    embedding: np.ndarray | None = field(default=None, repr=False)
     reference_map: np.ndarray | None = field(default=None, repr=False)
     fused: np.ndarray | None = field(default=None, repr=False)
     object_score: float = float("nan")
@@ -231,6 +269,46 @@ def _stats(values: np.ndarray) -> dict[str, float]:
     return {"median": float(np.median(values)), "q99": float(np.quantile(values, 0.99))}
 
 
+def map_names(s: Settings) -> tuple[str, ...]:
+    """The raw maps a reference of these settings normalises and fuses."""
+    return MAPS + ((EMBEDDING,) if s.embedding else ())
+
+
+def check_settings(s: Settings) -> None:
+    """ValueError for a fusion rule these settings cannot run."""
+    if s.fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {s.fusion!r}; choose one of {', '.join(FUSIONS)}")
+    if s.fusion in EMBEDDING_FUSIONS and not s.embedding:
+        raise ValueError(f"fusion {s.fusion!r} needs the model's patch embeddings (Settings.embedding)")
+
+
+def _unit_rows(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float32)
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), np.float32(1e-12))
+
+
+def _embed(points: np.ndarray, embed: Embedder) -> Embedded:
+    """The model's view of an aligned scan, embeddings unit length."""
+    got = embed(np.ascontiguousarray(points, dtype=np.float32))
+    return Embedded(_unit_rows(got.embeddings), np.asarray(got.centers, dtype=np.float32), got.spread)
+
+
+def _embedding_map(got: Embedded, bank: np.ndarray, bank_centers: np.ndarray, radius: float) -> np.ndarray:
+    """float32 [M]: each patch embedding's distance to the nearest bank row (``radius`` > 0: of the
+    bank rows centred within ``radius`` of the patch's center, else of all), spread to the points."""
+    bank = np.ascontiguousarray(bank, dtype=np.float32)
+    if radius <= 0:
+        dist = np.sqrt(np.maximum(_min_sq_dist(bank, got.embeddings, 1024), 0.0))
+    else:
+        d2 = (got.embeddings @ (-2.0 * bank.T)) + np.einsum("ij,ij->i", bank, bank)[None, :]
+        d2 += np.einsum("ij,ij->i", got.embeddings, got.embeddings)[:, None]
+        near = ((got.centers[:, None, :] - bank_centers[None, :, :]) ** 2).sum(-1) <= radius * radius
+        # a patch with no good patch near it (a place the good scans did not show) takes the nearest of all
+        near[~near.any(axis=1)] = True
+        dist = np.sqrt(np.maximum(np.where(near, d2, np.inf).min(axis=1), 0.0))
+    return np.asarray(got.spread(dist.astype(np.float32)), dtype=np.float32)
+
+
 @dataclass(frozen=True)
 class _Maps:
     residual: np.ndarray
@@ -261,18 +339,30 @@ def _raw_maps(points: np.ndarray, pose: np.ndarray, template: np.ndarray, templa
 
 
 def fuse(maps: dict[str, np.ndarray], statistics: dict[str, Any], fusion: str) -> tuple[np.ndarray, np.ndarray]:
-    """(reference map [M], fused map [M]) from raw maps {residual, feature, zero_shot} [M]."""
-    z = {name: normalise(maps[name], statistics[name]) for name in MAPS}
-    return np.maximum(z["residual"], z["feature"]), FUSIONS[fusion](z).astype(np.float32)
+    """(reference map [M], fused map [M]) from raw maps {residual, feature, zero_shot[, embedding]} [M]."""
+    z = normalised(maps, statistics)
+    return reference_map(z), FUSIONS[fusion](z).astype(np.float32)
+
+
+def normalised(maps: dict[str, np.ndarray], statistics: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Each raw map normalised by the good scans' statistics of it."""
+    return {name: normalise(value, statistics[name]) for name, value in maps.items()}
+
+
+def reference_map(z: dict[str, np.ndarray]) -> np.ndarray:
+    """The maximum of the reference's own normalised maps (all but the zero-shot one)."""
+    return np.maximum.reduce([z[name] for name in ("residual", "feature", EMBEDDING) if name in z])
 
 
 # ---- building --------------------------------------------------------------------------------
 
 def build_reference(scans: Sequence[np.ndarray], zero_shot: Sequence[np.ndarray], *, name: str,
                     model: dict[str, Any], sources: list[dict[str, Any]], settings: Settings = Settings(),
-                    cad: np.ndarray | None = None, log=lambda msg: None) -> Reference:
+                    cad: np.ndarray | None = None, embed: Embedder | None = None, log=lambda msg: None) -> Reference:
     """A part's reference from ``scans`` (float32 [M_i,3], any poses) and the model's point scores
-    of each (float32 [M_i]); ``cad``: points sampled from the part's CAD model (then the template).
+    of each (float32 [M_i]); ``cad``: points sampled from the part's CAD model (then the template);
+    ``embed``: the model's patch embeddings (``settings.embedding``), run on each good scan turned
+    into the template's frame.
 
     model: {"sha256", "name", "weights_sha256"} of the model.onnx; sources: one entry per input file.
     """
@@ -282,6 +372,9 @@ def build_reference(scans: Sequence[np.ndarray], zero_shot: Sequence[np.ndarray]
     if len(zero_shot) != len(scans):
         raise ValueError("one zero-shot map per good scan")
     s = settings
+    check_settings(s)
+    if s.embedding and embed is None:
+        raise ValueError("Settings.embedding: the model's patch embeddings are needed (embed)")
     t0 = time.perf_counter()
     # the widest scan anchors the template (a whole part before a single view); each next scan, widest
     # first, registers to the union of those before it, so partial views that overlap little with the
@@ -316,12 +409,19 @@ def build_reference(scans: Sequence[np.ndarray], zero_shot: Sequence[np.ndarray]
     per_scan = max(s.bank_size // len(scans), 1)
     template, template_n = template_of([anchor] if cad is not None else aligned)
     center = template.mean(axis=0)
-    banks = []
+    banks, embedded, embedding_banks, embedding_centers = [], [], [], []
     for i, a in enumerate(aligned):
         _, feats = _features(a, center, units, s)
         banks.append(feats[reg.greedy_coreset(feats, per_scan, seed=s.seed + i)])
+        if s.embedding:
+            got = _embed(a, embed)
+            keep = reg.greedy_coreset(got.embeddings, per_scan, seed=s.seed + i)
+            embedded.append(got)
+            embedding_banks.append(got.embeddings[keep])
+            embedding_centers.append(got.centers[keep])
+    names = map_names(s)
     # leave-one-out maps of every good scan: what an unseen good scan of this part looks like
-    loo: dict[str, list[np.ndarray]] = {m: [] for m in MAPS}
+    loo: dict[str, list[np.ndarray]] = {m: [] for m in names}
     loo_fitness = []
     for i in range(len(scans)):
         others = [a for j, a in enumerate(aligned) if j != i]
@@ -333,10 +433,15 @@ def build_reference(scans: Sequence[np.ndarray], zero_shot: Sequence[np.ndarray]
         loo["residual"].append(maps.residual)
         loo["feature"].append(maps.feature)
         loo["zero_shot"].append(np.asarray(zero_shot[i], dtype=np.float32))
-    statistics = {m: _stats(np.concatenate(loo[m])) for m in MAPS}
+        if s.embedding:
+            others = [j for j in range(len(scans)) if j != i]
+            loo[EMBEDDING].append(_embedding_map(embedded[i], np.concatenate([embedding_banks[j] for j in others]),
+                                                 np.concatenate([embedding_centers[j] for j in others]),
+                                                 s.embedding_radius * units["template_voxel"]))
+    statistics = {m: _stats(np.concatenate(loo[m])) for m in names}
     loo_scores = []
     for i in range(len(scans)):
-        _, fused = fuse({m: loo[m][i] for m in MAPS}, statistics, s.fusion)
+        _, fused = fuse({m: loo[m][i] for m in names}, statistics, s.fusion)
         loo_scores.append(top_mean(fused, OBJECT_TOP_RATIO))
     top, mid = max(loo_scores), float(np.median(loo_scores))
     threshold = {"value": top + (top - mid), "rule": "max + (max - median) of the good scans' leave-one-out "
@@ -354,6 +459,9 @@ def build_reference(scans: Sequence[np.ndarray], zero_shot: Sequence[np.ndarray]
     arrays = {"template": template.astype(np.float32), "template_normals": template_n.astype(np.float32),
               "bank": np.concatenate(banks).astype(np.float32),
               "poses": np.stack(poses).astype(np.float64)}
+    if s.embedding:
+        arrays["embedding_bank"] = np.concatenate(embedding_banks).astype(np.float32)
+        arrays["embedding_centers"] = np.concatenate(embedding_centers).astype(np.float32)
     log(f"template {len(template)} points, bank {len(arrays['bank'])} x {arrays['bank'].shape[1]}, "
         f"threshold {threshold['value']:.3f} (leave-one-out {', '.join(f'{x:.3f}' for x in loo_scores)})")
     return Reference(name=name, header=header, arrays=arrays)
@@ -367,9 +475,12 @@ class ReferenceScorer:
     def __init__(self, ref: Reference):
         self.ref = ref
         self.settings = Settings.from_dict(ref.settings)
-        if self.settings.fusion not in FUSIONS:
-            raise ReferenceError(ref.path or Path("<reference>"), f"unknown fusion {self.settings.fusion!r}: "
-                                                                   "rebuild it with this btp-edge")
+        try:
+            check_settings(self.settings)
+            if self.settings.embedding and not {"embedding_bank", "embedding_centers"} <= set(ref.arrays):
+                raise ValueError("its settings name the model's embeddings, its payload holds none")
+        except ValueError as exc:
+            raise ReferenceError(ref.path or Path("<reference>"), f"{exc}: rebuild it with this btp-edge") from None
         self.units = {k: float(ref.settings[k]) for k in ("size", "register_voxel", "template_voxel",
                                                           "feature_voxel", "fitness_radius")}
         self.template = ref.arrays["template"]
@@ -384,7 +495,17 @@ class ReferenceScorer:
     def threshold(self) -> float:
         return self.ref.threshold
 
-    def __call__(self, points: np.ndarray, zero_shot: np.ndarray) -> GuidedScores:
+    @property
+    def needs_embed(self) -> bool:
+        """Whether scoring runs the model again (the reference holds the model's patch embeddings)."""
+        return self.settings.embedding
+
+    def __call__(self, points: np.ndarray, zero_shot: np.ndarray, embed: Embedder | None = None) -> GuidedScores:
+        """``embed``: the model (``btp.runtime.Pipeline.embed``), for a reference with embeddings."""
+        if self.needs_embed and embed is None:
+            raise ReferenceError(self.ref.path or Path("<reference>"),
+                                 "this reference holds the model's patch embeddings: score with a model to run "
+                                 "(btp-run / Pipeline(..., reference=...))")
         t: dict[str, float] = {}
         t0 = time.perf_counter()
         points = np.asarray(points, dtype=np.float32)
@@ -399,13 +520,18 @@ class ReferenceScorer:
         t0 = time.perf_counter()
         maps = _raw_maps(points, got.transform, self.template, self.template_normals, self.bank, self.center,
                          self.units, self.settings, tree=self.tree, cells=cells)
-        ref_map, fused = fuse({"residual": maps.residual, "feature": maps.feature,
-                               "zero_shot": np.asarray(zero_shot, dtype=np.float32)},
-                              self.ref.statistics, self.settings.fusion)
+        raw = {"residual": maps.residual, "feature": maps.feature, "zero_shot": np.asarray(zero_shot, dtype=np.float32)}
         t["reference_maps"] = (time.perf_counter() - t0) * 1e3
+        if self.needs_embed:
+            t0 = time.perf_counter()
+            raw[EMBEDDING] = _embedding_map(_embed(reg.transform(points, got.transform), embed),
+                                            self.ref.arrays["embedding_bank"], self.ref.arrays["embedding_centers"],
+                                            self.settings.embedding_radius * self.units["template_voxel"])
+            t["embedding"] = (time.perf_counter() - t0) * 1e3
+        ref_map, fused = fuse(raw, self.ref.statistics, self.settings.fusion)
         return GuidedScores(registered=True, fitness=fit.fitness, rmse=fit.rmse, transform=got.transform,
                             residual=maps.residual, deviation=maps.deviation, feature=maps.feature,
-                            reference_map=ref_map, fused=fused,
+                            embedding=raw.get(EMBEDDING), reference_map=ref_map, fused=fused,
                             object_score=top_mean(fused, OBJECT_TOP_RATIO),
                             reference_score=top_mean(ref_map, OBJECT_TOP_RATIO), timings=t)
 
@@ -463,13 +589,14 @@ class ReferenceSet:
             self._scorers[part] = ReferenceScorer(self.refs[part])
         return self._scorers[part]
 
-    def score(self, path, points: np.ndarray, zero_shot: np.ndarray) -> GuidedResult:
+    def score(self, path, points: np.ndarray, zero_shot: np.ndarray, embed: Embedder | None = None) -> GuidedResult:
+        """``embed``: the model, for references that hold its patch embeddings."""
         from btp.runtime.reference import route
 
         where = route(path, self.refs)
         if where.part is None:
             return GuidedResult(part=None, route=where.rule)
         scorer = self.scorer(where.part)
-        return GuidedResult(part=where.part, route=where.rule, scores=scorer(points, zero_shot),
+        return GuidedResult(part=where.part, route=where.rule, scores=scorer(points, zero_shot, embed),
                             threshold=scorer.threshold, reference_file=str(self.refs[where.part].path),
                             min_fitness=scorer.min_fitness)

@@ -35,7 +35,7 @@ from btp.io import PointCloud, read_point_cloud
 from btp.io.pointcloud import centered
 from btp.runtime.backends import make_backend
 from btp.runtime.device import DeviceChain, PreprocessError, resolve_preprocess
-from btp.runtime.guided import GuidedResult, ReferenceSet
+from btp.runtime.guided import Embedded, GuidedResult, ReferenceSet
 from btp.runtime.metadata import read_model_meta
 
 
@@ -181,7 +181,8 @@ class Pipeline:
                                               timer=partial(_timed, t),
                                               point_probs=None if point_probs is None else point_probs[b])
         return _result(self.cfg, job=job, outputs=outputs, row=b, timings=t, point_scores=point_scores,
-                       sample_idx=job.prep.sample_idx, sampled_scores=sampled, batch=batch, references=self.references)
+                       sample_idx=job.prep.sample_idx, sampled_scores=sampled, batch=batch, references=self.references,
+                       embed=self.embed)
 
     def finish_on_device(self, job: Job) -> Result:
         """The whole chain of one scan on the device (btp.runtime.device.DeviceChain)."""
@@ -197,7 +198,31 @@ class Pipeline:
             point_scores[order] = got.point_scores
             sample_idx = order[got.sample_idx]
         return _result(self.cfg, job=job, outputs=got.outputs, row=0, timings=t, point_scores=point_scores,
-                       sample_idx=sample_idx, sampled_scores=got.sampled_scores, batch=1, references=self.references)
+                       sample_idx=sample_idx, sampled_scores=got.sampled_scores, batch=1, references=self.references,
+                       embed=self.embed)
+
+    @property
+    def has_embeddings(self) -> bool:
+        """Whether the model file gives its patch embeddings (``btp-export --patch-embed``)."""
+        return "patch_embed" in self.meta.io.get("outputs", {})
+
+    def embed(self, points: np.ndarray):
+        """The model's patch embeddings of a scan [M,3] (the engine's ``patch_embed`` row, float32
+        [G,D]), the patch centers in scan units, and a function spreading per-patch values [G] to
+        the scan's points [M] as the patch scores are spread (``btp.runtime.guided.Embedded``). The
+        CPU chain prepares the scan, also where the scores' chain runs on the device."""
+        if not self.has_embeddings:
+            raise ValueError(f"{self.model_path} has no patch_embed output: export it with `btp-export --patch-embed`")
+        prep = prepare(np.ascontiguousarray(points, dtype=np.float32), self.cfg, self.downsample)
+        neighborhood, center = engine_batch([prep], self.meta.batch)
+        outputs = self.backend.run(neighborhood, center)
+        exact = self.downsample == "exact"
+
+        def spread(values: np.ndarray) -> np.ndarray:
+            return scores_to_raw(np.asarray(values, dtype=np.float32), prep, self.cfg, exact=exact)[1]
+
+        centers = prep.center * np.float32(prep.scale) + prep.origin.astype(np.float32)
+        return Embedded(np.asarray(outputs["patch_embed"][0], dtype=np.float32), centers.astype(np.float32), spread)
 
 def load_references(reference, model_path: Path) -> ReferenceSet:
     """``reference`` (a .btpref file, a folder of them, or {part: Reference}) -> a ReferenceSet,
@@ -214,15 +239,16 @@ def load_references(reference, model_path: Path) -> ReferenceSet:
 
 def _result(cfg, *, job: Job, outputs: dict[str, np.ndarray], row: int, timings: dict[str, float],
             point_scores: np.ndarray, sample_idx: np.ndarray, sampled_scores: np.ndarray, batch: int,
-            references: ReferenceSet | None = None) -> Result:
+            references: ReferenceSet | None = None, embed=None) -> Result:
     """Row ``row`` of a batch of ``batch`` scans: the engine's outputs, the scores of the ``sample_idx``
     points (``sampled_scores`` [N]) and of every raw point (``point_scores`` [M]) -> Result; with
-    ``references``, the scan is also routed to its part and scored against it (stage "reference")."""
+    ``references``, the scan is also routed to its part and scored against it (stage "reference"; ``embed``:
+    the model, for references that hold its patch embeddings)."""
     global_prob = float(outputs["global_prob"][row]) if "global_prob" in outputs else float("nan")
     guided, notes = None, job.warnings
     if references is not None:
         t0 = time.perf_counter()
-        guided = references.score(job.path, job.raw, point_scores)
+        guided = references.score(job.path, job.raw, point_scores, embed)
         timings = dict(timings, reference=(time.perf_counter() - t0) * 1e3)
         warning = guided.warning()
         notes += (warning,) if warning else ()
