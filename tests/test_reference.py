@@ -214,9 +214,10 @@ def test_reference_with_the_models_embeddings(shapes_root, tmp_path_factory, tmp
     assert np.median(cKDTree(ref.arrays["template"]).query(turned(scan, 43))[0]) > 10 * ref.settings["template_voxel"]
 
 
-def test_eval_references_train(model_path, shapes_root, tmp_path):
+def test_eval_references_train(model_path, shapes_root, tmp_path, tmp_path_factory):
     """`btp eval --references train` on a tiny mesh-maker set: the fused model in mean/classes,
-    zero-shot, reference-only and both baselines beside it, with and without --random-pose."""
+    zero-shot, reference-only and both baselines beside it, with and without --random-pose; with
+    --embeddings, the model's embeddings in the references."""
     from btp.eval.meshdefects import MeshDefectConfig, write_mesh_defect_dataset
 
     data = tmp_path / "set"
@@ -236,8 +237,20 @@ def test_eval_references_train(model_path, shapes_root, tmp_path):
             assert 0.0 <= report[row]["mean"]["p_auroc"] <= 1.0, row
         for key in ("o_auroc", "p_auroc", "au_pro"):
             assert 0.0 <= report["mean"][key] <= 1.0
-        assert set(report["fusions"]) >= {"max", "mean"}
+        assert set(report["fusions"]) >= {"max", "mean"} and "ref-max+emb+zs" not in report["fusions"]
         assert "reference" in report["data"]["ms_per_scan"]
+    # --embeddings: a model that gives its patch embeddings; the embedding rules beside the others
+    out = tmp_path / "embed.json"
+    args = ["eval", "--data", str(data), "--references", "train", "--shots", "3", "--embeddings"]
+    res = CliRunner().invoke(app, [*args, "--model", str(model_path), "--json", str(out)], env={"COLUMNS": "300"})
+    assert res.exit_code == 2 and "gives no patch embeddings" in res.output and not out.exists()
+    embed_model = tiny_export(tmp_path_factory, patch_embed=True)[0]
+    res = CliRunner().invoke(app, [*args, "--model", str(embed_model), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert report["model"]["fusion"] == "ref-max+emb+zs" and report["data"]["settings"]["embedding"] is True
+    assert {"ref-max+zs", "ref-max+emb+zs", "ref3-max+zs"} <= set(report["fusions"])
+    assert report["mean"]["o_auroc"] == report["fusions"]["ref-max+emb+zs"]["mean"]["o_auroc"]
 
 
 def test_cad_template(model_path, shapes_root, tmp_path):

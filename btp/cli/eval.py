@@ -38,6 +38,9 @@ def evaluate(
     shots: int = typer.Option(4, "--shots", min=2, help="With --references: the first K good train/ scans."),
     random_pose: int = typer.Option(None, "--random-pose", help="With --references: turn every test scan (and its "
                                     "ground truth) by a random rotation (any angle) drawn from this seed."),
+    embeddings: bool = typer.Option(False, "--embeddings", help="With --references: the references also bank the "
+                                    "model's patch embeddings (btp reference build --embeddings; the model must "
+                                    "give patch_embed); the fusion rules with the embedding map are reported too."),
 ) -> None:
     """Zero-shot evaluation: O-AUROC, P-AUROC, AU-PRO, O-AP, P-AP, O-F1max per class and mean."""
     from rich.console import Console
@@ -89,8 +92,15 @@ def evaluate(
                 if scorer is None:
                     raise typer.BadParameter("--references needs the model (its zero-shot map is fused)",
                                              param_hint="--no-model")
+                from btp.runtime.guided import EMBEDDING_SETTINGS, Settings
+
+                if embeddings and getattr(scorer, "embed", None) is None:
+                    raise typer.BadParameter(f"{model}: this model gives no patch embeddings (export it with "
+                                             "`btp-export --patch-embed`)", param_hint="--embeddings")
+
                 report = evaluate_references(data, scorer, layout=layout or None, classes=chosen, shots=shots,
-                                             random_pose=random_pose, progress=progress)
+                                             random_pose=random_pose, progress=progress,
+                                             settings=EMBEDDING_SETTINGS if embeddings else Settings())
             else:
                 report = run_eval(data, layout=layout or None, classes=chosen, scorer=scorer, learned=learned,
                                   baselines=baselines, downsample=downsample, verify_gt=not trust_gt,
