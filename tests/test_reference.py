@@ -406,3 +406,21 @@ def test_reference_cost_bench_with_embeddings(tmp_path_factory):
     assert row["points"] == 5000 and row["registered"] and row["reference_ms"] > row["plain_ms"] > 0
     assert {"register", "reference_maps", "embedding"} <= set(row["reference_stages_ms"])
     assert "patch embeddings" in markdown(data, "test machine", "2026-12-07")
+
+
+def test_a_good_scan_of_another_part_is_refused_or_left_out(shapes_root):
+    """A 'good' scan that does not register to the others stops the build with the file named; with
+    leave_out_misfits (btp eval --references train) it is left out and named in the header."""
+    from btp.runtime.guided import build_reference
+
+    scans = [turned(real_scan(shapes_root, BUNNY, n=N, seed=90 + i), 90 + i) for i in range(2)]
+    scans.append(0.5 * turned(real_scan(shapes_root, PINION, n=N, seed=92), 92))  # smaller: a bunny anchors
+    sources = [{"file": f"g{i}.pcd"} for i in range(3)]
+    zero = [np.zeros(len(s), np.float32) for s in scans]
+    kwargs = dict(name="bunny", model={"sha256": "x", "name": "x"}, sources=sources)
+    with pytest.raises(ValueError, match="g2.pcd registers to the others with fitness"):
+        build_reference(scans, zero, **kwargs)
+    ref = build_reference(scans, zero, leave_out_misfits=True, **kwargs)
+    assert [d["file"] for d in ref.header["left_out"]] == ["g2.pcd"]
+    assert [s["file"] for s in ref.header["sources"]] == ["g0.pcd", "g1.pcd"]
+    assert len(ref.header["threshold"]["leave_one_out_scores"]) == 2

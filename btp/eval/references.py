@@ -18,7 +18,9 @@ with the model's zero-shot maps of them); every test scan (turned by a random ro
     object score of the reference rows and baselines: mean of the top 1 % point scores
 
 A test scan that does not register to its reference keeps the normalised zero-shot map in the
-reference rows (counted in ``data.unregistered``): the metrics see every scan.
+reference rows (counted in ``data.unregistered``): the metrics see every scan. A good train/ scan
+that does not register to the others is left out of its class's reference
+(``data.references_left_out``), as long as 2 remain.
 """
 from __future__ import annotations
 
@@ -127,6 +129,7 @@ def evaluate_references(root: str | Path, scorer: CloudScorer, *, layout: str | 
     seconds: dict[str, float] = {}
     unregistered: dict[str, int] = {}
     build_s: dict[str, float] = {}
+    left_out: dict[str, list] = {}  # good train/ scans that did not register to the others
     failed: list[dict[str, str]] = []
     current: dict = {}
     counts: dict[str, dict[str, int]] = {}
@@ -137,7 +140,9 @@ def evaluate_references(root: str | Path, scorer: CloudScorer, *, layout: str | 
             zs_train = [scorer(p).point_scores for p in train]
             ref = build_reference(train, zs_train, name=entry.cls, model={"sha256": "eval", "name": "eval"},
                                   sources=[{"file": str(e.path)} for e in by_class_train[entry.cls][:shots]],
-                                  settings=settings, embed=embed)
+                                  settings=settings, embed=embed, leave_out_misfits=True)
+            if ref.header["left_out"]:
+                left_out[entry.cls] = ref.header["left_out"]
             build_s[entry.cls] = round(time.perf_counter() - t0, 2)
             current = {"cls": entry.cls, "scorer": ReferenceScorer(ref), "icp": IcpBaseline(train),
                        "fpfh": FpfhBaseline(train)}
@@ -176,6 +181,7 @@ def evaluate_references(root: str | Path, scorer: CloudScorer, *, layout: str | 
         "root": str(root), "layout": layout, "classes": sorted(counts), "samples": counts, "failed": failed,
         "references": "train", "shots": shots, "random_pose": random_pose, "unregistered": unregistered,
         "settings": settings.to_dict(), "reference_build_s": build_s,
+        "references_left_out": left_out,
         "point_metrics": "p_auroc, p_ap, p_f1max, au_pro: raw test scans' points in GT row order",
         "object_score": {"model": f"top 1 % mean of the fused map ({settings.fusion})",
                          "zero_shot": "the model's object score",

@@ -358,11 +358,14 @@ def reference_map(z: dict[str, np.ndarray]) -> np.ndarray:
 
 def build_reference(scans: Sequence[np.ndarray], zero_shot: Sequence[np.ndarray], *, name: str,
                     model: dict[str, Any], sources: list[dict[str, Any]], settings: Settings = Settings(),
-                    cad: np.ndarray | None = None, embed: Embedder | None = None, log=lambda msg: None) -> Reference:
+                    cad: np.ndarray | None = None, embed: Embedder | None = None, leave_out_misfits: bool = False,
+                    log=lambda msg: None) -> Reference:
     """A part's reference from ``scans`` (float32 [M_i,3], any poses) and the model's point scores
     of each (float32 [M_i]); ``cad``: points sampled from the part's CAD model (then the template);
     ``embed``: the model's patch embeddings (``settings.embedding``), run on each good scan turned
-    into the template's frame.
+    into the template's frame. A good scan that fits the others under BUILD_MIN_FITNESS is refused
+    (ValueError), or with ``leave_out_misfits`` left out (named in the header's ``left_out``) while
+    2 or more remain.
 
     model: {"sha256", "name", "weights_sha256"} of the model.onnx; sources: one entry per input file.
     """
@@ -385,6 +388,7 @@ def build_reference(scans: Sequence[np.ndarray], zero_shot: Sequence[np.ndarray]
     poses: list = [None] * len(scans)
     fits = [1.0] * len(scans)
     merged = [anchor]
+    left_out: list[dict] = []
     for i in order:
         if cad is None and i == order[0]:
             poses[i] = np.eye(4)
@@ -394,10 +398,23 @@ def build_reference(scans: Sequence[np.ndarray], zero_shot: Sequence[np.ndarray]
         poses[i] = got.transform
         fits[i] = reg.evaluate(scans[i], target, got.transform, units["fitness_radius"]).fitness
         if fits[i] < BUILD_MIN_FITNESS:
-            raise ValueError(f"good scan {sources[i]['file']} registers to the others with fitness {fits[i]:.2f} "
-                             f"(< {BUILD_MIN_FITNESS}): is it the same part? Leave it out, or pass --cad")
+            why = (f"good scan {sources[i]['file']} registers to the others with fitness {fits[i]:.2f} "
+                   f"(< {BUILD_MIN_FITNESS})")
+            if not leave_out_misfits:
+                raise ValueError(f"{why}: is it the same part? Leave it out, or pass --cad")
+            left_out.append({"file": sources[i]["file"], "fitness": fits[i]})
+            log(f"{why}: left out")
+            continue
         if cad is None:
             merged.append(reg.transform(scans[i], got.transform))
+    if left_out:
+        n = len(scans)
+        keep = [i for i in range(n) if fits[i] >= BUILD_MIN_FITNESS]
+        if len(keep) < 2:
+            raise ValueError(f"only {len(keep)} of {n} good scans register to each other: is it one part? "
+                             "Pass --cad, or more good scans")
+        scans, zero_shot, poses, fits = ([seq[i] for i in keep] for seq in (scans, zero_shot, poses, fits))
+        sources = [sources[i] for i in keep] + list(sources[n:])  # a CAD model's entry stays last
     aligned = [reg.transform(scan, pose) for scan, pose in zip(scans, poses)]
     log(f"registered {len(scans)} good scans (fitness {', '.join(f'{f:.2f}' for f in fits)})")
     tv = units["template_voxel"]
@@ -453,7 +470,7 @@ def build_reference(scans: Sequence[np.ndarray], zero_shot: Sequence[np.ndarray]
     statistics["min_fitness"] = min(s.min_fitness, 0.8 * min(loo_fitness))
     header = {"model": model, "sources": sources, "settings": {**s.to_dict(), **units},
               "statistics": statistics, "threshold": threshold,
-              "template_from": "cad" if cad is not None else "good scans",
+              "template_from": "cad" if cad is not None else "good scans", "left_out": left_out,
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "build_seconds": round(time.perf_counter() - t0, 3)}
     arrays = {"template": template.astype(np.float32), "template_normals": template_n.astype(np.float32),
