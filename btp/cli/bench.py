@@ -275,7 +275,8 @@ def reference(
     machine = describe_machine()
     data = run_reference_bench(model, sizes=_ints(points, "--points"), repeats=repeats, embeddings=embeddings, log=_say)
     data["machine"] = machine
-    _write_report("reference-embeddings" if embeddings else "reference", data, markdown(data, machine_line(machine), machine["date_utc"]), out, machine=machine)
+    _write_report("reference-embeddings" if embeddings else "reference", data,
+                  markdown(data, machine_line(machine), machine["date_utc"]), out, machine=machine)
 
 
 @app.command()

@@ -70,15 +70,12 @@ FUSIONS = {
 EMBEDDING_FUSIONS = ("ref3-max+zs", "ref-max+emb+zs", "ref-max+emb")  # need the embedding map
 
 
-
 @dataclass(frozen=True)
 class Embedded:
-    """The model run on a scan [M,3]: its patch embeddings float32 [G,D], the patch centers float32
-    [G,3] (scan units), and ``spread``: per-patch values [G] -> the scan's points [M], as the patch
-    scores are spread."""
+    """The model run on a scan [M,3]: its patch embeddings float32 [G,D] and ``spread``: per-patch
+    values [G] -> the scan's points [M], as the patch scores are spread."""
 
     embeddings: np.ndarray
-    centers: np.ndarray
     spread: Callable[[np.ndarray], np.ndarray]
 
 
@@ -97,9 +94,6 @@ class Settings:
     bank_size: int = 4096  # coreset size of the whole bank (split evenly over the good scans)
     fusion: str = "ref-max+zs"
     embedding: bool = False  # a bank of the model's patch embeddings beside the descriptors'
-    # a patch's embedding is compared with the good patches centred within this many template voxels
-    # of its own center (the scan in the template's frame); 0: with every good patch
-    embedding_radius: float = 0.0
     fitness_cells: float = 50.0  # a scan point fits when a template point lies within size / fitness_cells
     min_fitness: float = 0.6  # a scan whose fitness is lower is reported as not registered
     seed: int = 0
@@ -290,22 +284,12 @@ def _unit_rows(a: np.ndarray) -> np.ndarray:
 def _embed(points: np.ndarray, embed: Embedder) -> Embedded:
     """The model's view of an aligned scan, embeddings unit length."""
     got = embed(np.ascontiguousarray(points, dtype=np.float32))
-    return Embedded(_unit_rows(got.embeddings), np.asarray(got.centers, dtype=np.float32), got.spread)
+    return Embedded(_unit_rows(got.embeddings), got.spread)
 
 
-def _embedding_map(got: Embedded, bank: np.ndarray, bank_centers: np.ndarray, radius: float) -> np.ndarray:
-    """float32 [M]: each patch embedding's distance to the nearest bank row (``radius`` > 0: of the
-    bank rows centred within ``radius`` of the patch's center, else of all), spread to the points."""
-    bank = np.ascontiguousarray(bank, dtype=np.float32)
-    if radius <= 0:
-        dist = np.sqrt(np.maximum(_min_sq_dist(bank, got.embeddings, 1024), 0.0))
-    else:
-        d2 = (got.embeddings @ (-2.0 * bank.T)) + np.einsum("ij,ij->i", bank, bank)[None, :]
-        d2 += np.einsum("ij,ij->i", got.embeddings, got.embeddings)[:, None]
-        near = ((got.centers[:, None, :] - bank_centers[None, :, :]) ** 2).sum(-1) <= radius * radius
-        # a patch with no good patch near it (a place the good scans did not show) takes the nearest of all
-        near[~near.any(axis=1)] = True
-        dist = np.sqrt(np.maximum(np.where(near, d2, np.inf).min(axis=1), 0.0))
+def _embedding_map(got: Embedded, bank: np.ndarray) -> np.ndarray:
+    """float32 [M]: each patch embedding's distance to the nearest bank row, spread to the points."""
+    dist = np.sqrt(np.maximum(_min_sq_dist(np.ascontiguousarray(bank, dtype=np.float32), got.embeddings, 1024), 0.0))
     return np.asarray(got.spread(dist.astype(np.float32)), dtype=np.float32)
 
 
@@ -426,7 +410,7 @@ def build_reference(scans: Sequence[np.ndarray], zero_shot: Sequence[np.ndarray]
     per_scan = max(s.bank_size // len(scans), 1)
     template, template_n = template_of([anchor] if cad is not None else aligned)
     center = template.mean(axis=0)
-    banks, embedded, embedding_banks, embedding_centers = [], [], [], []
+    banks, embedded, embedding_banks = [], [], []
     for i, a in enumerate(aligned):
         _, feats = _features(a, center, units, s)
         banks.append(feats[reg.greedy_coreset(feats, per_scan, seed=s.seed + i)])
@@ -435,7 +419,6 @@ def build_reference(scans: Sequence[np.ndarray], zero_shot: Sequence[np.ndarray]
             keep = reg.greedy_coreset(got.embeddings, per_scan, seed=s.seed + i)
             embedded.append(got)
             embedding_banks.append(got.embeddings[keep])
-            embedding_centers.append(got.centers[keep])
     names = map_names(s)
     # leave-one-out maps of every good scan: what an unseen good scan of this part looks like
     loo: dict[str, list[np.ndarray]] = {m: [] for m in names}
@@ -451,10 +434,8 @@ def build_reference(scans: Sequence[np.ndarray], zero_shot: Sequence[np.ndarray]
         loo["feature"].append(maps.feature)
         loo["zero_shot"].append(np.asarray(zero_shot[i], dtype=np.float32))
         if s.embedding:
-            others = [j for j in range(len(scans)) if j != i]
-            loo[EMBEDDING].append(_embedding_map(embedded[i], np.concatenate([embedding_banks[j] for j in others]),
-                                                 np.concatenate([embedding_centers[j] for j in others]),
-                                                 s.embedding_radius * units["template_voxel"]))
+            others = np.concatenate([b for j, b in enumerate(embedding_banks) if j != i])
+            loo[EMBEDDING].append(_embedding_map(embedded[i], others))
     statistics = {m: _stats(np.concatenate(loo[m])) for m in names}
     loo_scores = []
     for i in range(len(scans)):
@@ -478,7 +459,6 @@ def build_reference(scans: Sequence[np.ndarray], zero_shot: Sequence[np.ndarray]
               "poses": np.stack(poses).astype(np.float64)}
     if s.embedding:
         arrays["embedding_bank"] = np.concatenate(embedding_banks).astype(np.float32)
-        arrays["embedding_centers"] = np.concatenate(embedding_centers).astype(np.float32)
     log(f"template {len(template)} points, bank {len(arrays['bank'])} x {arrays['bank'].shape[1]}, "
         f"threshold {threshold['value']:.3f} (leave-one-out {', '.join(f'{x:.3f}' for x in loo_scores)})")
     return Reference(name=name, header=header, arrays=arrays)
@@ -494,7 +474,7 @@ class ReferenceScorer:
         self.settings = Settings.from_dict(ref.settings)
         try:
             check_settings(self.settings)
-            if self.settings.embedding and not {"embedding_bank", "embedding_centers"} <= set(ref.arrays):
+            if self.settings.embedding and "embedding_bank" not in ref.arrays:
                 raise ValueError("its settings name the model's embeddings, its payload holds none")
         except ValueError as exc:
             raise ReferenceError(ref.path or Path("<reference>"), f"{exc}: rebuild it with this btp-edge") from None
@@ -542,8 +522,7 @@ class ReferenceScorer:
         if self.needs_embed:
             t0 = time.perf_counter()
             raw[EMBEDDING] = _embedding_map(_embed(reg.transform(points, got.transform), embed),
-                                            self.ref.arrays["embedding_bank"], self.ref.arrays["embedding_centers"],
-                                            self.settings.embedding_radius * self.units["template_voxel"])
+                                            self.ref.arrays["embedding_bank"])
             t["embedding"] = (time.perf_counter() - t0) * 1e3
         ref_map, fused = fuse(raw, self.ref.statistics, self.settings.fusion)
         return GuidedScores(registered=True, fitness=fit.fitness, rmse=fit.rmse, transform=got.transform,

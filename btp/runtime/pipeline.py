@@ -208,9 +208,9 @@ class Pipeline:
 
     def embed(self, points: np.ndarray):
         """The model's patch embeddings of a scan [M,3] (the engine's ``patch_embed`` row, float32
-        [G,D]), the patch centers in scan units, and a function spreading per-patch values [G] to
-        the scan's points [M] as the patch scores are spread (``btp.runtime.guided.Embedded``). The
-        CPU chain prepares the scan, also where the scores' chain runs on the device."""
+        [G,D]) and a function spreading per-patch values [G] to the scan's points [M] as the patch
+        scores are spread (``btp.runtime.guided.Embedded``). The CPU chain prepares the scan, also
+        where the scores' chain runs on the device."""
         if not self.has_embeddings:
             raise ValueError(f"{self.model_path} has no patch_embed output: export it with `btp-export --patch-embed`")
         prep = prepare(np.ascontiguousarray(points, dtype=np.float32), self.cfg, self.downsample)
@@ -221,8 +221,7 @@ class Pipeline:
         def spread(values: np.ndarray) -> np.ndarray:
             return scores_to_raw(np.asarray(values, dtype=np.float32), prep, self.cfg, exact=exact)[1]
 
-        centers = prep.center * np.float32(prep.scale) + prep.origin.astype(np.float32)
-        return Embedded(np.asarray(outputs["patch_embed"][0], dtype=np.float32), centers.astype(np.float32), spread)
+        return Embedded(np.asarray(outputs["patch_embed"][0], dtype=np.float32), spread)
 
 def load_references(reference, model_path: Path) -> ReferenceSet:
     """``reference`` (a .btpref file, a folder of them, or {part: Reference}) -> a ReferenceSet,
