@@ -536,3 +536,22 @@ def test_a_second_report_of_the_day_gets_its_own_name_and_is_the_newest(tmp_path
 
     os.utime(first.with_suffix(".json"))  # a newer mtime does not outrank a later run of the day
     assert rep.latest("latency", tmp_path) == second.with_suffix(".json")
+
+
+def test_btp_bench_names_a_missing_shapes_folder_in_one_line(tmp_path, monkeypatch, capsys):
+    """Without a shapes folder (no BTP_SHAPES, none beside the package) a bench that samples its
+    scans from the shared meshes stops with the fix named, exit 2, no traceback."""
+    import sys
+
+    from btp.cli import bench_main
+    from btp.io import locations
+
+    monkeypatch.delenv("BTP_SHAPES", raising=False)
+    monkeypatch.setattr(locations, "shapes_dir", lambda path=None, flag="": (_ for _ in ()).throw(
+        locations.LocationError(f"no shapes folder: pass {flag} DIR or set BTP_SHAPES=DIR")))
+    monkeypatch.setattr(sys, "argv", ["btp-bench", "reference", "--model", str(tmp_path / "m.onnx")])
+    with pytest.raises(SystemExit) as exc:
+        bench_main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("btp-bench: no shapes folder") and "Traceback" not in err

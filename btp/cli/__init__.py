@@ -7,6 +7,8 @@ and the torch-free commands run without torch installed.
 """
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from btp.cli import bench as bench_commands
@@ -68,8 +70,14 @@ def run_main() -> None:
 
 
 def bench_main() -> None:
-    """`btp-bench` = `btp bench`."""
-    bench_commands.app()
+    """`btp-bench` = `btp bench`; a missing input (a shapes folder, a model file) is one line, exit 2."""
+    from btp.errors import BTPError
+
+    try:
+        bench_commands.app()
+    except BTPError as exc:
+        print(f"btp-bench: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
