@@ -434,8 +434,8 @@ def build_reference(scans: Sequence[np.ndarray], zero_shot: Sequence[np.ndarray]
         loo["feature"].append(maps.feature)
         loo["zero_shot"].append(np.asarray(zero_shot[i], dtype=np.float32))
         if s.embedding:
-            others = np.concatenate([b for j, b in enumerate(embedding_banks) if j != i])
-            loo[EMBEDDING].append(_embedding_map(embedded[i], others))
+            other_embeddings = np.concatenate([b for j, b in enumerate(embedding_banks) if j != i])
+            loo[EMBEDDING].append(_embedding_map(embedded[i], other_embeddings))
     statistics = {m: _stats(np.concatenate(loo[m])) for m in names}
     loo_scores = []
     for i in range(len(scans)):
