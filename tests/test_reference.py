@@ -238,6 +238,14 @@ def test_eval_references_train(model_path, shapes_root, tmp_path, tmp_path_facto
             assert 0.0 <= report["mean"][key] <= 1.0
         assert set(report["fusions"]) >= {"max", "mean"} and "ref-max+emb+zs" not in report["fusions"]
         assert "reference" in report["data"]["ms_per_scan"]
+    # --cad-shapes: the class's mesh is its template; the train/ scans give the bank and statistics
+    out = tmp_path / "cad.json"
+    res = CliRunner().invoke(app, ["eval", "--data", str(data), "--model", str(model_path), "--references", "train",
+                                   "--shots", "3", "--cad-shapes", str(shapes_root), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert report["data"]["cad"] == {"stanford_bunny": str(shapes_root / BUNNY)}
+    assert 0.0 <= report["mean"]["p_auroc"] <= 1.0
     # --embeddings: a model that gives its patch embeddings; the embedding rules beside the others
     out = tmp_path / "embed.json"
     args = ["eval", "--data", str(data), "--references", "train", "--shots", "3", "--embeddings"]

@@ -38,6 +38,9 @@ def evaluate(
     shots: int = typer.Option(4, "--shots", min=2, help="With --references: the first K good train/ scans."),
     random_pose: int = typer.Option(None, "--random-pose", help="With --references: turn every test scan (and its "
                                     "ground truth) by a random rotation (any angle) drawn from this seed."),
+    cad_shapes: Path = typer.Option(None, "--cad-shapes", help="With --references: each class's template is its "
+                                    "mesh in this shapes folder (index.json; class names are mesh names), as `btp "
+                                    "reference build --cad` makes it; the train/ scans give the bank and statistics."),
     embeddings: bool = typer.Option(False, "--embeddings", help="With --references: the references also bank the "
                                     "model's patch embeddings (btp reference build --embeddings; the model must "
                                     "give patch_embed); the fusion rules with the embedding map are reported too."),
@@ -93,6 +96,7 @@ def evaluate(
                     raise typer.BadParameter("--references needs the model (its zero-shot map is fused)",
                                              param_hint="--no-model")
                 from btp.runtime.guided import EMBEDDING_SETTINGS, Settings
+                from btp.train.split import read_index
 
                 if embeddings and getattr(scorer, "embed", None) is None:
                     raise typer.BadParameter(f"{model}: this model gives no patch embeddings (export it with "
@@ -100,7 +104,9 @@ def evaluate(
 
                 report = evaluate_references(data, scorer, layout=layout or None, classes=chosen, shots=shots,
                                              random_pose=random_pose, progress=progress,
-                                             settings=EMBEDDING_SETTINGS if embeddings else Settings())
+                                             settings=EMBEDDING_SETTINGS if embeddings else Settings(),
+                                             cad=None if cad_shapes is None else
+                                             {s.name: s.path for s in read_index(cad_shapes)})
             else:
                 report = run_eval(data, layout=layout or None, classes=chosen, scorer=scorer, learned=learned,
                                   baselines=baselines, downsample=downsample, verify_gt=not trust_gt,

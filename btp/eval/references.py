@@ -39,6 +39,7 @@ from btp.io import detect_layout, read_sample, sample_files
 from btp.runtime import guided
 from btp.runtime.guided import (EMBEDDING_FUSIONS, FUSIONS, OBJECT_TOP_RATIO, RESIDUAL_K, ReferenceScorer, Settings,
                                 build_reference)
+from btp.runtime.refbuild import cad_surface
 
 ROWS = ("model", "zero_shot", "reference_only", "icp_baseline", "fpfh_baseline")
 BASELINE_CELLS = 40.0  # both baselines' voxel = size / 40 (the ICP scales are 4, 2, 1 of it)
@@ -104,8 +105,11 @@ def _cloud_scores(point_scores: np.ndarray, zero_shot: CloudScores) -> CloudScor
 
 def evaluate_references(root: str | Path, scorer: CloudScorer, *, layout: str | None = None,
                         classes: list[str] | None = None, shots: int = 4, random_pose: int | None = None,
-                        settings: Settings = Settings(), progress: Callable[[int, int], None] | None = None) -> dict:
-    """The report of the module docstring; ``mean``/``classes`` are the fused model's."""
+                        settings: Settings = Settings(), cad: dict[str, Path] | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> dict:
+    """The report of the module docstring; ``mean``/``classes`` are the fused model's. ``cad``:
+    {class: its mesh file}: each class's template is its CAD surface (``btp reference build
+    --cad``), the train/ scans give the bank and the statistics."""
     root = Path(root)
     layout = layout or detect_layout(root)
     tests = sample_files(root, layout, "test", classes)
@@ -115,6 +119,11 @@ def evaluate_references(root: str | Path, scorer: CloudScorer, *, layout: str | 
     by_class_train: dict[str, list] = {}
     for entry in trains:
         by_class_train.setdefault(entry.cls, []).append(entry)
+    if cad is not None:
+        no_mesh = sorted({e.cls for e in tests} - set(cad))
+        if no_mesh:
+            raise FileNotFoundError(f"no CAD mesh for classes {no_mesh} (the class names must be mesh names of the "
+                                    "shapes folder given)")
     missing = sorted({e.cls for e in tests if len(by_class_train.get(e.cls, [])) < 2})
     if missing:
         raise FileNotFoundError(f"{root}: classes {missing} have fewer than 2 good train/ scans; --references train "
@@ -140,7 +149,8 @@ def evaluate_references(root: str | Path, scorer: CloudScorer, *, layout: str | 
             zs_train = [scorer(p).point_scores for p in train]
             ref = build_reference(train, zs_train, name=entry.cls, model={"sha256": "eval", "name": "eval"},
                                   sources=[{"file": str(e.path)} for e in by_class_train[entry.cls][:shots]],
-                                  settings=settings, embed=embed, leave_out_misfits=True)
+                                  settings=settings, embed=embed, leave_out_misfits=True,
+                                  cad=None if cad is None else cad_surface(cad[entry.cls], settings.seed))
             if ref.header["left_out"]:
                 left_out[entry.cls] = ref.header["left_out"]
             build_s[entry.cls] = round(time.perf_counter() - t0, 2)
@@ -182,6 +192,7 @@ def evaluate_references(root: str | Path, scorer: CloudScorer, *, layout: str | 
         "references": "train", "shots": shots, "random_pose": random_pose, "unregistered": unregistered,
         "settings": settings.to_dict(), "reference_build_s": build_s,
         "references_left_out": left_out,
+        "cad": None if cad is None else {cls: str(cad[cls]) for cls in sorted(counts)},
         "point_metrics": "p_auroc, p_ap, p_f1max, au_pro: raw test scans' points in GT row order",
         "object_score": {"model": f"top 1 % mean of the fused map ({settings.fusion})",
                          "zero_shot": "the model's object score",

@@ -25,8 +25,6 @@ def build_from_files(model_path: str | Path, files: list[Path], out: str | Path,
                      log=lambda msg: None) -> Reference:
     """Build and write ``out`` from the good scans ``files``; -> the Reference written.
     ``name``: the part's name (default: ``out``'s stem); ``pipeline``: one to reuse (same model)."""
-    from btp.io import load_mesh, sample_surface
-
     model_path, out = Path(model_path), Path(out)
     if out.suffix != SUFFIX:
         raise ValueError(f"{out}: a reference file ends in {SUFFIX} (e.g. --out part{SUFFIX})")
@@ -39,8 +37,7 @@ def build_from_files(model_path: str | Path, files: list[Path], out: str | Path,
     sources = [{"file": str(f), "sha256": file_sha256(f), "points": int(len(r.points))} for f, r in zip(files, results)]
     cad_points = None
     if cad is not None:
-        vertices, faces = load_mesh(cad)
-        cad_points, _ = sample_surface(vertices, faces, CAD_POINTS, settings.seed)
+        cad_points = cad_surface(cad, settings.seed)
         sources.append({"file": str(cad), "sha256": file_sha256(cad), "points": CAD_POINTS, "cad": True})
     model = {"sha256": file_sha256(model_path), "name": pipe.meta.name, "file": str(model_path),
              "weights_sha256": pipe.meta.model.get("weights_sha256")}
@@ -49,3 +46,13 @@ def build_from_files(model_path: str | Path, files: list[Path], out: str | Path,
                           embed=pipe.embed if settings.embedding else None, log=log)
     write_reference(out, ref)
     return Reference(name=ref.name, header=ref.header, arrays=ref.arrays, path=out)
+
+
+def cad_surface(path: str | Path, seed: int = 0):
+    """float32 [CAD_POINTS, 3]: points sampled from a CAD model's surface (.stl .ply .obj), the
+    template of a reference built with it."""
+    from btp.io import load_mesh, sample_surface
+
+    vertices, faces = load_mesh(path)
+    points, _ = sample_surface(vertices, faces, CAD_POINTS, seed)
+    return points
