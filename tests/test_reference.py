@@ -401,6 +401,37 @@ def test_register_keeps_the_best_of_the_centroid_alignment_and_ransac(shapes_roo
     np.testing.assert_allclose(reg.register(other, target, tries=0).transform, want.transform, atol=1e-9)
 
 
+def test_a_pose_that_fits_part_of_the_scan_does_not_end_the_search(shapes_root, monkeypatch):
+    """The centroid alignment ends the search only at GOOD_FITNESS: one that fits 0.93 of the scan (a
+    single view slid along the template) still lets RANSAC look for a better pose, which wins."""
+    from btp.geometry import registration as reg
+
+    template = real_scan(shapes_root, BLOCK, n=20_000, seed=90)
+    target = reg.make_target(template, reg.part_size(template) / 40)
+    scan = turned(real_scan(shapes_root, BLOCK, n=8000, seed=96), 97)
+    real_icp, ransac_runs = reg.icp, []
+
+    def icp(source, tgt, init, scales=reg.ICP_SCALES, **kwargs):
+        got = real_icp(source, tgt, init, scales, **kwargs)
+        if len(ransac_runs) == 0:  # the centroid alignment: a pose that fits most of the scan, not all
+            return reg.Registration(transform=got.transform, fitness=0.93, rmse=got.rmse)
+        return got
+
+    import open3d as o3d
+
+    ransac = o3d.pipelines.registration.registration_ransac_based_on_feature_matching
+
+    def counted(*args, **kwargs):
+        ransac_runs.append(1)
+        return ransac(*args, **kwargs)
+
+    monkeypatch.setattr(reg, "icp", icp)
+    monkeypatch.setattr(o3d.pipelines.registration, "registration_ransac_based_on_feature_matching", counted)
+    got = reg.register(scan, target)
+    assert reg.GOOD_FITNESS > 0.93 and ransac_runs
+    assert got.fitness > 0.97
+
+
 def test_reference_cost_bench_with_embeddings(tmp_path_factory):
     """`btp-bench reference --embeddings`: a 4-scan reference with the model's embeddings is built and
     timed against the plain pipeline on a turned scan; its stages include the second engine pass."""
