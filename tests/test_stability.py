@@ -61,6 +61,30 @@ def test_canonical_voxel_map_moves_little_when_a_point_is_dropped(shapes_root):
     assert len(plain ^ {tuple(p) for p in kept[voxel_map(kept, 6000).cell_rep].tolist()}) > 2
 
 
+def test_anchored_bucket_fps_starts_at_the_point_farthest_from_its_corner(shapes_root):
+    """The canonical voxel rule's bucket FPS starts from a fixed corner, not from a point that
+    fpsample's tree picks: its first sample is the scan's point farthest from that corner, and
+    dropping points (not that one) never moves it - nor, with it, the whole sample."""
+    from btp.geometry.sampling import _fpsample, bucket_fps, column_bounds, voxel_downsample
+
+    if _fpsample() is None:
+        pytest.skip("fpsample >= 1.0 is not installed: the voxel rule runs the exact FPS")
+    raw = real_scan(shapes_root, "cgal__pinion.ply", n=8192, seed=6)
+    low, high = column_bounds(raw)
+    far = int(np.argmax(((raw - (low - (high - low))) ** 2).sum(1)))
+    picked = bucket_fps(raw, 1024, 5, anchored=True)
+    assert picked[0] == far and len(set(picked.tolist())) == 1024 and picked.min() >= 0
+    assert picked.max() < len(raw)
+    base, _ = voxel_downsample(raw, 4096, canonical=True)
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        drop = rng.choice(len(raw), 8, replace=False)
+        kept = np.delete(raw, drop, axis=0)
+        got, _ = voxel_downsample(kept, 4096, canonical=True)
+        if base[0] not in drop:
+            assert np.array_equal(kept[got[0]], raw[base[0]])
+
+
 def test_pipeline_scores_follow_the_rows_in_canonical_order(shapes_root, tmp_path_factory):
     from btp.runtime.pipeline import Pipeline
 

@@ -225,7 +225,7 @@ def sample_indices(points: np.ndarray, pre: PreprocessConfig, method: str = "aut
         return voxel_downsample(points, n, start, bounds, pre.voxel_reps, canonical=canonical)
     if canonical:  # the input-order rule on the rows sorted by value
         order = canonical_order(points)
-        return order[downsample(points[order], n, start, method)], None
+        return order[downsample(points[order], n, start, method, anchored=True)], None
     return downsample(points, n, start, method), None
 
 

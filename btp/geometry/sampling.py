@@ -136,7 +136,8 @@ def resolve_method(method: str) -> str:
     return method
 
 
-def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto") -> np.ndarray:
+def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto", *,
+               anchored: bool = False) -> np.ndarray:
     """Indices of ``n_samples`` well-spread points of a (possibly huge) raw scan, deterministic.
 
     points [M, 3] (cast to float32) -> indices int64 [n_samples] into ``points``; the same input
@@ -154,6 +155,8 @@ def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto")
       its ``preprocess.voxel_reps``), then FPS over the representatives. It costs one pass over
       the scan, and it keeps the raw-point -> cell map (``VoxelMap``) that makes the
       interpolation back to the raw scan a gather (``btp.geometry.prepare.interpolate``).
+    - ``anchored`` (the canonical sampling order): the bucket FPS of "bucket" and "voxel" starts
+      from a fixed corner instead of a point fpsample's tree picks (``bucket_fps``).
     - ``"auto"`` (default): ``"voxel"`` (a scan of M <= n points keeps all of them). Without fpsample
       (``_fpsample``) ``"bucket"`` runs as ``"voxel"``, and ``fps`` as ``fps_reference``.
 
@@ -167,12 +170,36 @@ def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto")
     if method == "exact" or n == n_points:
         return fps(pts, n, start)
     if method == "voxel":
-        return voxel_downsample(pts, n, start)[0]
+        return voxel_downsample(pts, n, start, canonical=anchored)[0]
     height = BUCKET_HEIGHT
     while height > 1 and (1 << height) > n_points:
         height -= 1
-    picked = _fpsample().bucket_fps_kdline_sampling(pts, n, height, start_idx=start)
-    return picked.astype(np.int64)
+    return bucket_fps(pts, n, height, start, anchored=anchored)
+
+
+def bucket_fps(points: np.ndarray, n_samples: int, height: int, start_idx: int = 0, *,
+               anchored: bool = False) -> np.ndarray:
+    """fpsample's bucket FPS (QuickFPS over a kd-line tree of 2**height buckets): float32 [M, 3]
+    -> int64 [n_samples].
+
+    fpsample reads ``start_idx`` in its tree's order, so the first sample is some point that
+    depends on the whole set: one point more or less moves it, and every later sample with it.
+    ``anchored``: the samples start from a fixed place instead. An anchor point, below the box of
+    the points on every axis by the box's extent, goes first into the input: the tree's first
+    bucket then starts with it, FPS takes it first, and it is dropped from the result. The first
+    sample is then the point farthest from that corner, and so on: a function of the point set,
+    which one dropped point rarely changes (models/btp-geo-4k.md, "Stability"). Were the anchor not
+    taken first (another fpsample), it is still dropped and the samples are still FPS samples,
+    only not anchored.
+    """
+    fpsample = _fpsample()
+    if not anchored:
+        return fpsample.bucket_fps_kdline_sampling(points, n_samples, height, start_idx=start_idx).astype(np.int64)
+    low, high = column_bounds(points)
+    anchor = (low - (high - low)).astype(np.float32)[None]
+    padded = np.concatenate([anchor, points])
+    picked = fpsample.bucket_fps_kdline_sampling(padded, n_samples + 1, height, start_idx=0).astype(np.int64)
+    return picked[picked != 0][:n_samples] - 1
 
 
 def voxel_downsample(points, n_samples: int, start_idx: int = 0, bounds=None,
@@ -188,8 +215,8 @@ def voxel_downsample(points, n_samples: int, start_idx: int = 0, bounds=None,
        representative of ``start_idx``'s cell. The samples are representatives, so every
        sample's cell is its own.
     ``canonical``: the map is ``voxel_map(..., canonical=True)`` and FPS starts at the first
-    representative (cells in key order), not at ``start_idx``'s cell: the samples depend on the
-    point set only. Too few occupied cells (a scan with fewer distinct cells than samples): the
+    representative (cells in key order; fpsample's bucket FPS: from the anchor of ``bucket_fps``),
+    not at ``start_idx``'s cell: the samples depend on the point set only. Too few occupied cells (a scan with fewer distinct cells than samples): the
     exact rule over all points (in ``canonical_order`` when ``canonical``), and no map (None). ``bounds``: the per-axis (min, max) that the scan checks of
     ``btp.geometry.prepare`` computed; with them the points are taken as checked (float32 [M, 3],
     finite) and not validated again (a pass over all M points).
@@ -215,8 +242,7 @@ def voxel_downsample(points, n_samples: int, start_idx: int = 0, bounds=None,
     if fpsample is None:
         return cell_rep[fps(rep_pts, n, rep_start)], vmap
     height = int(np.clip(round(np.log2(cell_rep.shape[0])) - 9, 3, BUCKET_HEIGHT))
-    picked = fpsample.bucket_fps_kdline_sampling(rep_pts, n, height, start_idx=rep_start)
-    return cell_rep[picked.astype(np.int64)], vmap
+    return cell_rep[bucket_fps(rep_pts, n, height, rep_start, anchored=canonical)], vmap
 
 
 def canonical_order(points) -> np.ndarray:
