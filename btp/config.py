@@ -407,6 +407,9 @@ def btp_geo4k_config() -> BTPConfig:
     cfg.preprocess.num_points = 4096
     # scores that do not move with the file's row order (models/btp-geo-4k.md, "Stability")
     cfg.preprocess.sampling_order = "canonical"
+    # object score = 0.5 global + 0.5 mean of the N sampled points' scores: the open borders of a
+    # single view and one point more or less move it less than a top share (card, "Object rules")
+    cfg.scoring.object_source, cfg.scoring.top_ratio = "pooled-points", 1.0
     return cfg.validate()
 
 

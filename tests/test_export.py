@@ -287,7 +287,8 @@ def test_per_point_scores_export_and_reach_the_raw_scan(tmp_path, shapes_root, g
     assert "patch_point_probs" not in {t.output for t in tolerances("fp32", {"patch_probs": np.zeros(3)})}
 
 
-def test_pooled_points_object_score_is_the_same_on_every_path(tmp_path, shapes_root):
+@pytest.mark.parametrize("top_ratio", [0.01, 1.0])  # 1.0: the default's rule, the map's mean
+def test_pooled_points_object_score_is_the_same_on_every_path(tmp_path, shapes_root, top_ratio):
     """scoring.object_source = "pooled-points": the object score is alpha * global_prob + (1 - alpha)
     * the top share of the N sampled points' scores, made after the engine - the runtime, the
     torch scorer and training's validation scores agree on it; the graph's own score differs."""
@@ -302,7 +303,7 @@ def test_pooled_points_object_score_is_the_same_on_every_path(tmp_path, shapes_r
 
     cfg = tiny_config()
     cfg.gfcm.frame, cfg.gfcm.context_k, cfg.gfcm.point_dim = "local", 4, 8
-    cfg.scoring.object_source, cfg.scoring.top_ratio = "pooled-points", 0.01
+    cfg.scoring.object_source, cfg.scoring.top_ratio = "pooled-points", top_ratio
     torch.manual_seed(9)
     model = BTPModel.with_default_text_encoder(cfg.validate())
     with torch.no_grad():
@@ -314,7 +315,7 @@ def test_pooled_points_object_score_is_the_same_on_every_path(tmp_path, shapes_r
     scan = real_scan(shapes_root, REAL_SHAPES[1], 3000)
     got = Pipeline(tmp_path / "p.onnx", threads=1, downsample="exact")(scan)
     ref = score_cloud_torch(model, scan, method="exact")
-    expected = 0.5 * got.global_prob + 0.5 * top_mean(got.sampled_scores, 0.01)
+    expected = 0.5 * got.global_prob + 0.5 * top_mean(got.sampled_scores, top_ratio)
     assert got.object_score == pytest.approx(expected, abs=1e-6)
     assert ref.object_score == pytest.approx(got.object_score, abs=1e-4)
     prepared = prepare(scan, cfg, "exact")

@@ -584,6 +584,13 @@ def test_per_point_scores_start_at_the_patch_scores_then_resolve_points_and_trai
     a = cfg_points.scoring.object_alpha
     want = a * o["global_prob"] + (1 - a) * o["patch_point_probs"].flatten(1).topk(k_top, dim=1).values.mean(1)
     torch.testing.assert_close(o["object_score"], want)
+    # top_ratio 1.0 (the default's pooled mean): every per-point probability, a plain mean
+    by_points.cfg.scoring.top_ratio = 1.0
+    by_points.point_top_k = g * k
+    with torch.no_grad():
+        o_all = by_points(tiny_batch["neighborhood"], tiny_batch["center"])
+    torch.testing.assert_close(o_all["object_score"], a * o["global_prob"] + (1 - a) * o["patch_point_probs"].flatten(1).mean(1))
+    assert not torch.allclose(o_all["object_score"], o["object_score"])
     no_head = tiny_config()
     no_head.scoring.object_source = "points"
     with pytest.raises(ValueError, match="object_source"):

@@ -154,9 +154,10 @@ class BTPModel(nn.Module):
         # own object_score then reads the per-point probabilities when there are any
         source = self.cfg.scoring.object_source
         if source == "points" or (source == "pooled-points" and point_out):  # validate(): "points" has the head
-            top_mean = point_out["patch_point_probs"].flatten(1).topk(self.point_top_k, dim=1).values.mean(dim=1)
+            top_mean = _top_mean(point_out["patch_point_probs"].flatten(1), self.point_top_k,
+                                 self.cfg.encoder.num_group * self.cfg.encoder.group_size)
         else:
-            top_mean = patch_probs.topk(self.top_k, dim=1).values.mean(dim=1)  # [B]
+            top_mean = _top_mean(patch_probs, self.top_k, self.cfg.encoder.num_group)  # [B]
         alpha = self.cfg.scoring.object_alpha
         object_score = alpha * global_prob + (1.0 - alpha) * top_mean
         out = {
@@ -170,3 +171,13 @@ class BTPModel(nn.Module):
             **point_out,
         }
         return {t.name: out[t.name] for t in contract.model_outputs(self.cfg)}  # the contract's rows, in order
+
+
+def _top_mean(values: torch.Tensor, k: int, m: int) -> torch.Tensor:
+    """[B, M] -> [B]: the mean of each row's k largest values (M = m, from the config, so that the
+    choice is made without reading a traced shape). All of them (top_ratio 1.0) is a plain mean:
+    no TopK node, whose k TensorRT caps at 3840 (G * K is 8192 at the default)."""
+    if k >= m:
+        return values.mean(dim=1)
+    return values.topk(k, dim=1).values.mean(dim=1)
+
