@@ -113,12 +113,13 @@ def test_the_default_model_scores_the_same_scan_the_same(shapes_root, tmp_path_f
     export_onnx(load_model(DEFAULT_MODEL_NAME), path)
     pipe = Pipeline(path)
     assert pipe.cfg.preprocess.sampling_order == "canonical"
-    raw = real_scan(shapes_root, "cgal__stanford_bunny.ply", n=8192, seed=6)
+    # the pinion: without the anchored bucket FPS, 3 of these 8 drops move its score by 0.006-0.011
+    raw = real_scan(shapes_root, "cgal__pinion.ply", n=8192, seed=6)
     rng = np.random.default_rng(7)
     base = pipe(raw).object_score
     assert pipe(raw[rng.permutation(len(raw))]).object_score == base
-    dropped = [pipe(np.delete(raw, i, axis=0)).object_score for i in rng.choice(len(raw), 3, replace=False)]
+    dropped = [pipe(np.delete(raw, i, axis=0)).object_score for i in rng.choice(len(raw), 8, replace=False)]
     assert max(abs(d - base) for d in dropped) <= DROP_BOUND, (base, dropped)
 
 
-DROP_BOUND = 0.01
+DROP_BOUND = 0.003  # the goal of models/btp-geo-4k.md, "Stability" (std <= 0.003 on every scan)
