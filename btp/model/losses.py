@@ -101,7 +101,7 @@ def btp_loss(
     point_logits = point_logits_from_patches(
         patch_logits, batch["patch_idx"], point_labels.shape[1],
         points=batch.get("points"), center=batch.get("center"), point_values=outputs.get("patch_point_logits"),
-        uncovered="nearest_center",
+        uncovered="nearest_center", search="cdist",  # the search the committed models were trained with
     )  # [B, N]
     if cfg.point_loss == "balanced-bce":
         focal = balanced_bce_loss(point_logits, point_labels)

@@ -19,6 +19,7 @@ def point_logits_from_patches(
     center: torch.Tensor | None = None,
     point_values: torch.Tensor | None = None,
     uncovered: str = "nearest_center",
+    search: str = "exact",
 ) -> torch.Tensor:
     """Mean of the values (logits or probabilities) of the patches that contain each point -> [B, N].
 
@@ -29,9 +30,14 @@ def point_logits_from_patches(
     center is nearest (float32 ``(dx*dx + dy*dy) + dz*dz``, ties -> lowest center index, as
     ``btp.geometry.knn``; needs ``points [B, N, 3]`` and ``center [B, G, 3]``); ``"zero"`` gives 0
     (on probabilities: the official BTP-3DAD rule). Differentiable w.r.t. patch_logits.
+    ``search="cdist"``: the nearest center by ``torch.cdist`` instead, which can break near-ties
+    otherwise; the loss uses it (``btp_loss``), as when the committed models were trained, so that
+    their recipes give them again bit for bit.
     """
     if uncovered not in UNCOVERED_RULES:
         raise ValueError(f"uncovered={uncovered!r}: choose one of {UNCOVERED_RULES}")
+    if search not in ("exact", "cdist"):
+        raise ValueError(f"search={search!r}: choose 'exact' or 'cdist'")
     if patch_idx.dim() != 3 or patch_logits.shape != patch_idx.shape[:2]:
         raise ValueError(f"patch_logits {tuple(patch_logits.shape)} and patch_idx {tuple(patch_idx.shape)} "
                          "must be [B, G] and [B, G, K]")
@@ -52,6 +58,9 @@ def point_logits_from_patches(
     if points is None or center is None:
         raise ValueError("some points lie in no patch: uncovered='nearest_center' needs points [B, N, 3] "
                          "and center [B, G, 3]")
+    if search == "cdist":
+        nearest = torch.cdist(points.to(center.dtype), center).argmin(dim=-1)  # [B, N]
+        return torch.where(covered, point_logits, patch_logits.gather(1, nearest))
     rows, cols = torch.nonzero(~covered, as_tuple=True)  # [U]
     d = points[rows, cols].to(torch.float32)[:, None, :] - center[rows].to(torch.float32)  # [U, G, 3]
     dist2 = (d[..., 0] * d[..., 0] + d[..., 1] * d[..., 1]) + d[..., 2] * d[..., 2]  # [U, G]
