@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -216,3 +217,22 @@ def _export(cfg, path):
 
     export_onnx(fresh_model(cfg, seed=0), path)
     return path
+
+
+def test_the_readme_demo_table_is_what_the_default_model_gives(tmp_path):
+    """README's `btp demo` table holds the object scores the packaged default model gives on the
+    demo's scans today (regenerate it when the default or its rules change)."""
+    import re
+
+    from btp.cli.demo import make_samples
+    from btp.io import read_point_cloud
+    from btp.io.locations import packaged_model
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| (\w+\.pcd) \| [\w-]+ \| ([0-9.]+) \|", readme, flags=re.M))
+    samples = make_samples(tmp_path)
+    assert sorted(rows) == sorted(p.name for p in samples)
+    pipe = Pipeline(packaged_model(), threads=1)
+    for path in samples:
+        score = pipe(read_point_cloud(path).points).object_score
+        assert abs(score - float(rows[path.name])) <= 2e-4, (path.name, score, rows[path.name])
