@@ -155,8 +155,9 @@ def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto",
       its ``preprocess.voxel_reps``), then FPS over the representatives. It costs one pass over
       the scan, and it keeps the raw-point -> cell map (``VoxelMap``) that makes the
       interpolation back to the raw scan a gather (``btp.geometry.prepare.interpolate``).
-    - ``anchored`` (the canonical sampling order): the bucket FPS of "bucket" and "voxel" starts
-      from a fixed corner instead of a point fpsample's tree picks (``bucket_fps``).
+    - ``anchored`` (the canonical sampling order): "bucket" starts from a fixed corner instead of
+      a point fpsample's tree picks (``bucket_fps``; ``voxel_downsample(canonical=True)`` does the
+      same for its representatives).
     - ``"auto"`` (default): ``"voxel"`` (a scan of M <= n points keeps all of them). Without fpsample
       (``_fpsample``) ``"bucket"`` runs as ``"voxel"``, and ``fps`` as ``fps_reference``.
 
@@ -170,7 +171,7 @@ def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto",
     if method == "exact" or n == n_points:
         return fps(pts, n, start)
     if method == "voxel":
-        return voxel_downsample(pts, n, start, canonical=anchored)[0]
+        return voxel_downsample(pts, n, start)[0]
     height = BUCKET_HEIGHT
     while height > 1 and (1 << height) > n_points:
         height -= 1
