@@ -232,6 +232,8 @@ def test_the_readme_demo_table_is_what_the_default_model_gives(tmp_path):
     rows = dict(re.findall(r"^\| (\w+\.pcd) \| [\w-]+ \| ([0-9.]+) \|", readme, flags=re.M))
     samples = make_samples(tmp_path)
     assert sorted(rows) == sorted(p.name for p in samples)
+    if packaged_model() is None:
+        pytest.skip("the package carries no exported default model (btp/assets/models/*.onnx)")
     pipe = Pipeline(packaged_model(), threads=1)
     for path in samples:
         score = pipe(read_point_cloud(path).points).object_score

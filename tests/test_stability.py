@@ -71,10 +71,15 @@ def test_anchored_bucket_fps_starts_at_the_point_farthest_from_its_corner(shapes
         pytest.skip("fpsample >= 1.0 is not installed: the voxel rule runs the exact FPS")
     raw = real_scan(shapes_root, "cgal__pinion.ply", n=8192, seed=6)
     low, high = column_bounds(raw)
-    far = int(np.argmax(((raw - (low - (high - low))) ** 2).sum(1)))
+    corner = (low - (high - low)).astype(np.float32)
+    far = int(np.argmax(((raw - corner) ** 2).sum(1)))
     picked = bucket_fps(raw, 1024, 5, anchored=True)
     assert picked[0] == far and len(set(picked.tolist())) == 1024 and picked.min() >= 0
     assert picked.max() < len(raw)
+    # fewer distinct points than samples: still n samples (the exact rule), every row a real one
+    few = np.repeat(raw[:5], 40, axis=0)
+    got = bucket_fps(few, 50, 3, anchored=True)
+    assert len(got) == 50 and got.min() >= 0 and got.max() < len(few)
     base, _ = voxel_downsample(raw, 4096, canonical=True)
     rng = np.random.default_rng(0)
     for _ in range(8):

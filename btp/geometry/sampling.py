@@ -191,7 +191,8 @@ def bucket_fps(points: np.ndarray, n_samples: int, height: int, start_idx: int =
     sample is then the point farthest from that corner, and so on: a function of the point set,
     which one dropped point rarely changes (models/btp-geo-4k.md, "Stability"). Were the anchor not
     taken first (another fpsample), it is still dropped and the samples are still FPS samples,
-    only not anchored.
+    only not anchored. ``start_idx`` is not read then. Fewer distinct points than ``n_samples``
+    (fpsample then repeats its start, the anchor): the exact rule from row 0 (``fps``).
     """
     fpsample = _fpsample()
     if not anchored:
@@ -200,7 +201,8 @@ def bucket_fps(points: np.ndarray, n_samples: int, height: int, start_idx: int =
     anchor = (low - (high - low)).astype(np.float32)[None]
     padded = np.concatenate([anchor, points])
     picked = fpsample.bucket_fps_kdline_sampling(padded, n_samples + 1, height, start_idx=0).astype(np.int64)
-    return picked[picked != 0][:n_samples] - 1
+    kept = picked[picked != 0][:n_samples] - 1
+    return kept if kept.size == n_samples else fps(points, n_samples, 0)
 
 
 def voxel_downsample(points, n_samples: int, start_idx: int = 0, bounds=None,
