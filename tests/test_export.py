@@ -287,6 +287,19 @@ def test_per_point_scores_export_and_reach_the_raw_scan(tmp_path, shapes_root, g
     assert "patch_point_probs" not in {t.output for t in tolerances("fp32", {"patch_probs": np.zeros(3)})}
 
 
+def _topk_ks(path) -> list[int]:
+    """The constant k of every TopK node of an exported graph."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path))
+    consts = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant":
+            consts.update({node.output[0]: numpy_helper.to_array(a.t) for a in node.attribute if a.name == "value"})
+    return [int(consts[n.input[1]].reshape(-1)[0]) for n in proto.graph.node if n.op_type == "TopK"]
+
+
 @pytest.mark.parametrize("top_ratio", [0.01, 1.0])  # 1.0: the default's rule, the map's mean
 def test_pooled_points_object_score_is_the_same_on_every_path(tmp_path, shapes_root, top_ratio):
     """scoring.object_source = "pooled-points": the object score is alpha * global_prob + (1 - alpha)
@@ -322,6 +335,9 @@ def test_pooled_points_object_score_is_the_same_on_every_path(tmp_path, shapes_r
     with torch.no_grad():
         graph = model(torch.from_numpy(prepared.neighborhood[None]), torch.from_numpy(prepared.center[None]))
     assert abs(float(graph["object_score"][0]) - got.object_score) > 1e-4  # not the in-graph top mean
+    # top_ratio 1.0: the in-graph top mean is a plain mean - no TopK over the G*K probabilities
+    # (TensorRT caps TopK's k at 3840; the default's G*K is 8192)
+    assert (model.point_top_k in _topk_ks(tmp_path / "p.onnx")) == (top_ratio < 1.0)
     arrays = {"points": prepared.points[None], "patch_idx": prepared.patch_idx[None], "center": prepared.center[None],
               "labels": np.zeros((1, len(prepared.points)), np.float32), "object_label": np.zeros(1, np.float32),
               "fpfh": np.zeros((1, cfg.encoder.num_group, 33), np.float32)}
