@@ -289,9 +289,6 @@ def test_per_point_scores_export_and_reach_the_raw_scan(tmp_path, shapes_root, g
 
 def _topk_ks(path) -> list[int]:
     """The constant k of every TopK node of an exported graph."""
-    import onnx
-    from onnx import numpy_helper
-
     proto = onnx.load(str(path))
     consts = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     for node in proto.graph.node:

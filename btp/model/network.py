@@ -180,4 +180,3 @@ def _top_mean(values: torch.Tensor, k: int, m: int) -> torch.Tensor:
     if k >= m:
         return values.mean(dim=1)
     return values.topk(k, dim=1).values.mean(dim=1)
-
