@@ -10,7 +10,7 @@ import pytest
 from btp.config import tiny_config
 from btp.geometry.prepare import prepare
 from btp.geometry.sampling import canonical_order, point_hash, voxel_map
-from runtime_helpers import real_scan, tiny_export
+from runtime_helpers import BUNNY, PINION, real_scan, tiny_export
 
 
 def _cfg(order: str, num_points: int = 512):
@@ -125,6 +125,68 @@ def test_the_default_model_scores_the_same_scan_the_same(shapes_root, tmp_path_f
     assert pipe(raw[rng.permutation(len(raw))]).object_score == base
     dropped = [pipe(np.delete(raw, i, axis=0)).object_score for i in rng.choice(len(raw), 8, replace=False)]
     assert max(abs(d - base) for d in dropped) <= DROP_BOUND, (base, dropped)
+
+
+
+def test_stability_variants_hold_the_same_points_or_the_part_turned_a_little(shapes_root):
+    from btp.benchmarks.stability import variants
+
+    raw = real_scan(shapes_root, n=2000, seed=8)
+    out = variants(raw, 3, 2, 0.01, np.random.default_rng(0), poses=4, pose_deg=10.0)
+    assert len(out) == 1 + 3 + 2 + 4 and out[0] is raw
+    rows = {tuple(p) for p in raw.tolist()}
+    for perm in out[1:4]:
+        assert len(perm) == len(raw) and {tuple(p) for p in perm.tolist()} == rows
+    for drop in out[4:6]:
+        assert len(drop) == len(raw) - 20 and {tuple(p) for p in drop.tolist()} <= rows
+    center = raw.mean(0, dtype=np.float64)
+    angles = []
+    for pose in out[6:]:
+        assert pose.dtype == raw.dtype and pose.shape == raw.shape
+        # a rigid turn about the centroid: distances to it and between rows kept, by at most 10 degrees
+        np.testing.assert_allclose(np.linalg.norm(pose - center, axis=1), np.linalg.norm(raw - center, axis=1),
+                                   rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(np.linalg.norm(pose[1:] - pose[:-1], axis=1),
+                                   np.linalg.norm(raw[1:] - raw[:-1], axis=1), rtol=1e-4, atol=1e-4)
+        a, b = raw - center, pose - center
+        u, _, vt = np.linalg.svd(a.T @ b)
+        turn = (u @ vt).T
+        angles.append(np.degrees(np.arccos(np.clip((np.trace(turn) - 1) / 2, -1, 1))))
+    assert 0 < min(angles) and max(angles) <= 10.0 + 1e-3
+    # the row orders and drops are drawn before the poses: adding poses does not change them
+    plain = variants(raw, 3, 2, 0.01, np.random.default_rng(0))
+    assert len(plain) == 6 and all(np.array_equal(x, y) for x, y in zip(plain, out[:6]))
+
+
+def test_stability_report_on_real_scans(shapes_root, tmp_path_factory):
+    """`btp-bench stability`'s measure: in canonical order the row orders give the same samples (the
+    scores of one batched call agree to float noise); drops and poses are reported per scan and
+    summarised, in the JSON and the table."""
+    from btp.benchmarks.stability import run_stability, stability_markdown, test_scans
+    from btp.io import write_point_cloud
+
+    path, _ = tiny_export(tmp_path_factory)
+    root = tmp_path_factory.mktemp("sets")
+    for i, name in enumerate((PINION, BUNNY)):
+        folder = root / f"part{i}" / "test"
+        folder.mkdir(parents=True)
+        write_point_cloud(folder / "good_0.pcd", real_scan(shapes_root, name, n=3000, seed=i))
+    files = test_scans([root])
+    assert [f.parent.parent.name for f in files] == ["part0", "part1"]
+    data = run_stability(path, files, orders=("canonical",), permutations=3, drops=3, poses=3, timing_scans=1,
+                         timing_turns=1)
+    for row in data["scans"]:
+        got = row["canonical"]
+        assert got["perm_std"] < 1e-6
+        assert got["drop_std"] >= 0.0 and got["pose_std"] > 0.0  # an untrained model still sees the pose
+    summary = data["summary"]["canonical"]
+    assert summary["pose_std"]["max"] == max(r["canonical"]["pose_std"] for r in data["scans"])
+    table = stability_markdown(data)
+    assert "pose std median" in table and "3 poses" in table
+    none = run_stability(path, files[:1], orders=("canonical",), permutations=2, drops=2, poses=0, timing_scans=1,
+                         timing_turns=1)
+    assert none["scans"][0]["canonical"]["pose_std"] is None and "pose_std" not in none["summary"]["canonical"]
+    assert "pose std" not in stability_markdown(none)
 
 
 DROP_BOUND = 0.003  # the goal of models/btp-geo-4k.md, "Stability" (std <= 0.003 on every scan)

@@ -359,6 +359,9 @@ def stability(
     permutations: int = typer.Option(8, min=2, help="random row orders per scan"),
     drops: int = typer.Option(8, min=2, help="random drops per scan"),
     drop_share: float = typer.Option(0.001, min=0.0, max=0.5, help="share of the points each drop removes"),
+    poses: int = typer.Option(8, min=0, help="random small poses per scan (0: none)"),
+    pose_deg: float = typer.Option(10.0, min=0.0, max=180.0,
+                                   help="largest angle of a pose, degrees (about the scan's centroid)"),
     limit: int = typer.Option(None, min=1, help="at most this many scans per set (spread over the set)"),
     downsample: str = typer.Option("auto", help="raw-scan rule: auto | exact | bucket | voxel"),
     seed: int = typer.Option(0, help="seed of the permutations and drops"),
@@ -366,7 +369,7 @@ def stability(
 ) -> None:
     """How far the object score moves when only the sampling changes: the same scan in other row
     orders and with a few points dropped (goal: std <= 0.003 on every scan), per sampling order,
-    with the end-to-end cost of each."""
+    with the end-to-end cost of each; and how far it moves when the part is turned a little."""
     from btp.benchmarks.stability import run_stability, stability_markdown, test_scans
     from btp.config import SAMPLING_ORDERS
     from btp.geometry.sampling import DOWNSAMPLE_METHODS
@@ -381,7 +384,8 @@ def stability(
     if not files:
         raise typer.BadParameter("no <class>/test/* scans under the given sets", param_hint="--data")
     result = run_stability(model, files, orders=tuple(names), permutations=permutations, drops=drops,
-                           drop_share=drop_share, seed=seed, downsample=downsample, progress=_say)
+                           drop_share=drop_share, poses=poses, pose_deg=pose_deg, seed=seed, downsample=downsample,
+                           progress=_say)
     _write_report(f"stability-{downsample}", result, stability_markdown(result), out)
 
 
