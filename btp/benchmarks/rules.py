@@ -4,7 +4,8 @@
 For each data set (held-out test scans, e.g. ``btp data eval-sets --points 100000``: scanner
 density, where the rules differ), the model is evaluated by ``btp.eval.evaluate`` once per rule
 (``exact``: the reference FPS and nearest-neighbour interpolation; ``auto``: the product's default,
-the voxel rule with its gather back to the raw scan). Reported per set: the
+the voxel rule with its gather back to the raw scan, or for scans of up to 8N points in a model's
+canonical order the anchored bucket FPS over all points). Reported per set: the
 class-mean metrics of both, their differences in points (x100), the model's ms per scan in the
 evaluation loop (file reading included) and the verdict against the goal: |delta| <= 0.5 point
 on O-AUROC and P-AUROC (point metrics on the raw scans, full resolution).

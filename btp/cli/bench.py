@@ -333,7 +333,7 @@ def rules(
                                    "value against one exact run (default: the model's preprocess.voxel_reps)"),
     out: Path = typer.Option(None, help="report folder (default ./benchmarks/results/)"),
 ) -> None:
-    """What the default raw-scan rule (auto: voxel + gather) changes in held-out
+    """What the default raw-scan rule (auto: voxel + gather; bucket FPS up to 8N points) changes in held-out
     O-/P-AUROC against the exact rule, per data set (goal: <= 0.5 point)."""
     from btp.benchmarks.rules import rules_markdown, run_rules
 

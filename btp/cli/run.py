@@ -230,7 +230,9 @@ def run(
     downsample: str = typer.Option("auto", "--downsample", help="auto | exact | bucket | voxel: how a scan of more "
                                    "than N points is reduced to N on the CPU (exact: the reference FPS and tie "
                                    "rules, as the CUDA kernels run them; auto: the voxel rule, one pass, and scores "
-                                   "go back to the raw points by a gather)."),
+                                   "go back to the raw points by a gather; for scans of up to 8N points in a "
+                                   "model's canonical order, FPS over all points from the point farthest from the "
+                                   "centroid, whose samples turn with the part)."),
     force_threads: bool = typer.Option(False, "--force-threads", help="Allow --threads above this machine's cores."),
     prefetch: int = typer.Option(2, "--prefetch", min=0, max=64, help="Files read and preprocessed ahead on a "
                                  "reader thread while the engine runs, outputs written on a writer thread (0: all "

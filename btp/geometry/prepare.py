@@ -19,10 +19,12 @@ export's parity samples, the Triton pre/post steps, and as the reference of the 
   ``"seeded-random"``: at ``seeded_start(M, downsample_seed)``, the index the official code's
   ``torch.manual_seed(seed); torch.randint(0, M, (1,))`` draws on the CPU.
 - **Scan size**, the one rule: M > N: FPS to N points (``method``: exact | bucket | voxel |
-  auto, ``btp.geometry.sampling.downsample``; "voxel", auto's rule, also
+  auto, ``btp.geometry.sampling.downsample``; "voxel", auto's rule for large scans, also
   keeps each raw point's cell, so the way back is a gather; its grid holds about
-  ``preprocess.voxel_reps`` cells per sampled point); M <= N: all M points (FPS of all of them
-  would only permute them) and the interpolation back to the raw scan is a scatter.
+  ``preprocess.voxel_reps`` cells per sampled point; in the canonical order auto takes the
+  anchored "bucket" FPS over all points up to ``AUTO_BUCKET_PER_SAMPLE`` x N points,
+  ``resolve_method``); M <= N: all M points (FPS of all of them would only permute them) and the
+  interpolation back to the raw scan is a scatter.
   M < max(G, K) is refused (``TooFewPointsError``).
 - ``preprocess.sampling_order = "input"``: rows are taken in the file's order (M <= N:
   ``arange(M)``; starts and ties by row index). ``"canonical"``: by value only - M <= N and the
@@ -221,7 +223,7 @@ def sample_indices(points: np.ndarray, pre: PreprocessConfig, method: str = "aut
     if m <= n:
         return (canonical_order(points) if canonical else np.arange(m, dtype=np.int64)), None
     start = downsample_start(m, pre)
-    if resolve_method(method) == "voxel":
+    if resolve_method(method, m, n, canonical=canonical) == "voxel":
         return voxel_downsample(points, n, start, bounds, pre.voxel_reps, canonical=canonical)
     if canonical:  # the input-order rule on the rows sorted by value
         order = canonical_order(points)

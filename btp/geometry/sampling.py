@@ -103,6 +103,10 @@ BUCKET_HEIGHT = 7
 # "voxel" keeps about this many occupied cells per requested sample, FPS then picks among them:
 # the default of the models' ``preprocess.voxel_reps``
 VOXEL_REPS_PER_SAMPLE = PreprocessConfig.voxel_reps
+# "auto" in the canonical order: the anchored bucket FPS over every point up to this many points per
+# sample, the voxel rule above (models/btp-geo-4k.md, "Stability": the bucket FPS's samples stay put
+# when the part is turned; it costs about the voxel rule's time at 8192 -> 4096, 1.2x at 40k)
+AUTO_BUCKET_PER_SAMPLE = 8
 # a dense voxel grid (one int32 per cell) up to this many cells; beyond it the cells are found by
 # sorting their keys (far outliers stretch the grid; same result, slower)
 DENSE_GRID_MAX_CELLS = 1 << 24
@@ -125,12 +129,19 @@ class VoxelMap:
     voxel: float
 
 
-def resolve_method(method: str) -> str:
-    """``method`` with "auto" resolved (and "bucket" -> "voxel" where fpsample >= 1.0 is missing)."""
+def resolve_method(method: str, n_points: int | None = None, n_samples: int | None = None, *,
+                   canonical: bool = False) -> str:
+    """``method`` with "auto" resolved (and "bucket" -> "voxel" where fpsample >= 1.0 is missing).
+
+    "auto": the voxel rule (exact FPS of 8192 -> 2048 points alone costs more than the engine),
+    except in the canonical order for a scan of at most ``AUTO_BUCKET_PER_SAMPLE`` x ``n_samples``
+    points: the anchored bucket FPS over all of them, whose samples do not move when the part is
+    turned (``bucket_fps``) and which costs about what the voxel rule does at that size."""
     if method not in DOWNSAMPLE_METHODS:
         raise GeometryError(f"downsample method={method!r}: choose one of {DOWNSAMPLE_METHODS}")
-    if method == "auto":  # every size: exact FPS of 8192 -> 2048 points alone costs more than the engine
-        method = "voxel"
+    if method == "auto":
+        small = n_points is not None and n_samples is not None and n_points <= AUTO_BUCKET_PER_SAMPLE * n_samples
+        method = "bucket" if canonical and small else "voxel"
     if method == "bucket" and _fpsample() is None:
         method = "voxel"  # the other approximate rule (no fpsample on this machine)
     return method
@@ -155,11 +166,13 @@ def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto",
       its ``preprocess.voxel_reps``), then FPS over the representatives. It costs one pass over
       the scan, and it keeps the raw-point -> cell map (``VoxelMap``) that makes the
       interpolation back to the raw scan a gather (``btp.geometry.prepare.interpolate``).
-    - ``anchored`` (the canonical sampling order): "bucket" starts from a fixed corner instead of
-      a point fpsample's tree picks (``bucket_fps``; ``voxel_downsample(canonical=True)`` does the
-      same for its representatives).
-    - ``"auto"`` (default): ``"voxel"`` (a scan of M <= n points keeps all of them). Without fpsample
-      (``_fpsample``) ``"bucket"`` runs as ``"voxel"``, and ``fps`` as ``fps_reference``.
+    - ``anchored`` (the canonical sampling order): "bucket" starts from the point farthest from
+      the centroid instead of a point fpsample's tree picks (``bucket_fps(anchor="centroid")``;
+      ``voxel_downsample(canonical=True)`` starts from a corner of its representatives' box).
+    - ``"auto"`` (default): ``"voxel"``; with ``anchored``, ``"bucket"`` for M <=
+      ``AUTO_BUCKET_PER_SAMPLE`` x n (``resolve_method``; a scan of M <= n points keeps all of
+      them). Without fpsample (``_fpsample``) ``"bucket"`` runs as ``"voxel"``, and ``fps`` as
+      ``fps_reference``.
 
     Their costs on large scans: ``btp-bench latency`` (benchmarks/results/latency-*.md).
     """
@@ -167,7 +180,7 @@ def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto",
     n_points = pts.shape[0]
     n = check_count(n_samples, n_points, "n_samples")
     start = check_start(start_idx, n_points)
-    method = resolve_method(method)
+    method = resolve_method(method, n_points, n, canonical=anchored)
     if method == "exact" or n == n_points:
         return fps(pts, n, start)
     if method == "voxel":
@@ -175,34 +188,76 @@ def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto",
     height = BUCKET_HEIGHT
     while height > 1 and (1 << height) > n_points:
         height -= 1
-    return bucket_fps(pts, n, height, start, anchored=anchored)
+    return bucket_fps(pts, n, height, start, anchor="centroid" if anchored else None)
 
 
 def bucket_fps(points: np.ndarray, n_samples: int, height: int, start_idx: int = 0, *,
-               anchored: bool = False) -> np.ndarray:
+               anchor: str | None = None) -> np.ndarray:
     """fpsample's bucket FPS (QuickFPS over a kd-line tree of 2**height buckets): float32 [M, 3]
     -> int64 [n_samples].
 
     fpsample reads ``start_idx`` in its tree's order, so the first sample is some point that
     depends on the whole set: one point more or less moves it, and every later sample with it.
-    ``anchored``: the samples start from a fixed place instead. An anchor point, below the box of
-    the points on every axis by the box's extent, goes first into the input: the tree's first
-    bucket then starts with it, FPS takes it first, and it is dropped from the result. The first
-    sample is then the point farthest from that corner, and so on: a function of the point set,
-    which one dropped point rarely changes (models/btp-geo-4k.md, "Stability"). Were the anchor not
-    taken first (another fpsample), it is still dropped and the samples are still FPS samples,
-    only not anchored. ``start_idx`` is not read then. Fewer distinct points than ``n_samples``
-    (fpsample then repeats its start, the anchor): the exact rule from row 0 (``fps``).
+    ``anchor`` makes the start a function of the point set, which one dropped point rarely changes
+    (models/btp-geo-4k.md, "Stability"); ``start_idx`` is not read then:
+
+    - ``"corner"`` (the canonical voxel rule's representatives): an anchor point, below the box of
+      the points on every axis by the box's extent, goes first into the input: the tree's first
+      bucket then starts with it, FPS takes it first, and it is dropped from the result. The first
+      sample is the point farthest from that corner.
+    - ``"centroid"`` (the canonical bucket rule over all points): the first sample is the point
+      farthest from the centroid (ties: the lowest row), a choice that turns with the part. The
+      points are turned about the centroid until that point lies on the diagonal (1, 1, 1), and
+      the anchor goes twice the largest radius down the diagonal: below every point on every axis,
+      so it is taken first, and the point farthest from it is the one farthest along the diagonal,
+      the chosen start. FPS reads distances only, so every later sample is the same for the part
+      in any pose (but for float32 near-ties).
+
+    Were the anchor not taken first (another fpsample), the result is still dropped of it and still
+    FPS samples, only not anchored ("corner"), or the exact rule from the chosen start
+    ("centroid"). Fewer distinct points than ``n_samples`` (fpsample then repeats its start, the
+    anchor): the exact rule (``fps``) from row 0 ("corner") or from the chosen start ("centroid").
     """
     fpsample = _fpsample()
-    if not anchored:
+    if anchor is None:
         return fpsample.bucket_fps_kdline_sampling(points, n_samples, height, start_idx=start_idx).astype(np.int64)
-    low, high = column_bounds(points)
-    anchor = (low - (high - low)).astype(np.float32)[None]
-    padded = np.concatenate([anchor, points])
-    picked = fpsample.bucket_fps_kdline_sampling(padded, n_samples + 1, height, start_idx=0).astype(np.int64)
+    if anchor == "corner":
+        low, high = column_bounds(points)
+        first = (low - (high - low)).astype(np.float32)[None]
+        picked = fpsample.bucket_fps_kdline_sampling(np.concatenate([first, points]), n_samples + 1, height,
+                                                     start_idx=0).astype(np.int64)
+        kept = picked[picked != 0][:n_samples] - 1
+        return kept if kept.size == n_samples else fps(points, n_samples, 0)
+    if anchor != "centroid":
+        raise GeometryError(f"anchor={anchor!r}: expected None, 'corner' or 'centroid'")
+    p64 = points.astype(np.float64)
+    offsets = p64 - p64.mean(axis=0)
+    d2 = np.einsum("ij,ij->i", offsets, offsets)
+    far = int(np.argmax(d2))
+    radius = float(np.sqrt(d2[far]))
+    if not radius > 0.0:  # all points coincide: any start is the same
+        return fps(points, n_samples, 0)
+    turned = (offsets @ _onto_diagonal(offsets[far] / radius).T).astype(np.float32)
+    first = np.full((1, 3), -2.0 * radius, dtype=np.float32)
+    picked = fpsample.bucket_fps_kdline_sampling(np.concatenate([first, turned]), n_samples + 1, height,
+                                                 start_idx=0).astype(np.int64)
     kept = picked[picked != 0][:n_samples] - 1
-    return kept if kept.size == n_samples else fps(points, n_samples, 0)
+    return kept if kept.size == n_samples and kept[0] == far else fps(points, n_samples, far)
+
+
+def _onto_diagonal(u: np.ndarray) -> np.ndarray:
+    """The rotation float64 [3, 3] that takes the unit vector ``u`` onto (1, 1, 1) / sqrt(3)."""
+    w = np.full(3, 1.0 / np.sqrt(3.0))
+    axis = np.cross(u, w)
+    sin, cos = float(np.linalg.norm(axis)), float(u @ w)
+    if sin < 1e-12:  # on the diagonal already, or opposite it
+        if cos > 0:
+            return np.eye(3)
+        across = np.array([1.0, -1.0, 0.0]) / np.sqrt(2.0)  # perpendicular to the diagonal
+        return 2.0 * np.outer(across, across) - np.eye(3)  # a half turn about it
+    k = axis / sin
+    cross = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    return np.eye(3) + sin * cross + (1.0 - cos) * cross @ cross
 
 
 def voxel_downsample(points, n_samples: int, start_idx: int = 0, bounds=None,
@@ -218,8 +273,9 @@ def voxel_downsample(points, n_samples: int, start_idx: int = 0, bounds=None,
        representative of ``start_idx``'s cell. The samples are representatives, so every
        sample's cell is its own.
     ``canonical``: the map is ``voxel_map(..., canonical=True)`` and FPS starts at the first
-    representative (cells in key order; fpsample's bucket FPS: from the anchor of ``bucket_fps``),
-    not at ``start_idx``'s cell: the samples depend on the point set only. Too few occupied cells (a scan with fewer distinct cells than samples): the
+    representative (cells in key order; fpsample's bucket FPS: from the corner anchor of
+    ``bucket_fps``), not at ``start_idx``'s cell: the samples depend on the point set only (the
+    grid's axes are the file's: a turned part gets other cells and other samples). Too few occupied cells (a scan with fewer distinct cells than samples): the
     exact rule over all points (in ``canonical_order`` when ``canonical``), and no map (None). ``bounds``: the per-axis (min, max) that the scan checks of
     ``btp.geometry.prepare`` computed; with them the points are taken as checked (float32 [M, 3],
     finite) and not validated again (a pass over all M points).
@@ -245,7 +301,7 @@ def voxel_downsample(points, n_samples: int, start_idx: int = 0, bounds=None,
     if fpsample is None:
         return cell_rep[fps(rep_pts, n, rep_start)], vmap
     height = int(np.clip(round(np.log2(cell_rep.shape[0])) - 9, 3, BUCKET_HEIGHT))
-    return cell_rep[bucket_fps(rep_pts, n, height, rep_start, anchored=canonical)], vmap
+    return cell_rep[bucket_fps(rep_pts, n, height, rep_start, anchor="corner" if canonical else None)], vmap
 
 
 def canonical_order(points) -> np.ndarray:

@@ -12,8 +12,9 @@ It is the CPU chain ``btp.geometry.prepare`` with ``method="exact"`` (the FPS ru
 M <= N points keeps all of them in input order) and ``scores_to_raw(exact=True)``;
 tests/test_kernels_preprocess.py checks it with the kernels under the CPU emulation, and
 ``btp.runtime.Pipeline(preprocess="cuda-emu")`` runs it in the product's own path.
-The CPU chain's default ``method="auto"`` is the voxel rule for every scan of more than N points,
-whose indices differ from the exact rule: CPU/GPU parity needs ``exact`` on the CPU.
+The CPU chain's default ``method="auto"`` (the voxel rule, or the anchored bucket FPS for scans of up
+to 8N points in the canonical order) picks other indices than the exact rule: CPU/GPU parity needs
+``exact`` on the CPU.
 
 Torch-free. The device is any ``btp.kernels.ops.Device`` (``btp.kernels.devices.open_device``:
 pycuda, cuda-python, or the emulation).

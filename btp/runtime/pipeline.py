@@ -111,7 +111,8 @@ class Pipeline:
         default); ``preprocess``: auto | cpu | cuda | cuda-emu (btp.runtime.device); ``downsample``:
         auto | exact | bucket | voxel for scans of more than N points (exact: the reference rules,
         also for the interpolation's ties; auto: the voxel rule, whose way back to the raw scan is
-        a gather); ``backend_options`` go to the backend (e.g.
+        a gather, or up to 8N points in the canonical order the anchored bucket FPS over all points,
+        btp.geometry.sampling.resolve_method); ``backend_options`` go to the backend (e.g.
         ``precision="fp16"`` for trt); ``reference``: a ``.btpref`` file, a folder of them (one per
         part, routed by btp.runtime.reference.ROUTING_RULE) or {part: Reference}: every scan is then
         also scored against its part (``Result.reference``); a reference built for another model
