@@ -14,8 +14,10 @@ output against the truth:
   = mean fraction of each row's index set found; ``same_order`` = identical positions;
   ``quality`` = max abs error of the sorted squared distances.
 - Raw-scan downsampling (op ``downsample``, a scan of M = N points reduced to the model's 2048;
-  the G column is 2048): ``btp.geometry`` is the product's default rule (``auto``: the voxel
-  rule), against our exact and voxel rules and the libraries. Truth:
+  the G column is 2048): ``btp.geometry`` is ``downsample``'s default rule (``auto`` outside a
+  canonical order: the voxel rule; a model sampling in canonical order, as the default does, takes
+  the anchored bucket FPS up to 8N points instead), against our exact and voxel rules and the
+  libraries. Truth:
   the exact rule; ``quality`` = covering radius relative to it.
 
 Times include what a caller pays per scan: building the tree, converting to the library's
@@ -164,7 +166,8 @@ def product_runs(op: str, n_points: int) -> str:
         return PRODUCT_RUNS[op]
     from btp.geometry.sampling import VOXEL_REPS_PER_SAMPLE
 
-    return f"auto = the voxel rule (one grid pass, fpsample bucket over <= ~{VOXEL_REPS_PER_SAMPLE}N representatives)"
+    return (f"auto = the voxel rule (one grid pass, fpsample bucket over <= ~{VOXEL_REPS_PER_SAMPLE}N representatives; "
+            "in a canonical order up to 8N points: the anchored bucket FPS over all points)")
 
 
 FPS_IMPLS: dict[str, Callable] = {

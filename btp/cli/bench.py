@@ -70,7 +70,8 @@ def latency(
     backends: str = typer.Option("torch,ort-cpu,ort-cuda,trt-fp32,trt-fp16", help="comma-separated backends; "
                                  "unavailable ones are reported as skipped with the reason; BACKEND@RULE also sets "
                                  "the raw-scan rule (e.g. ort-cpu@exact next to ort-cpu, whose rule is auto), "
-                                 "BACKEND@RULE:R also the voxel rule's cells per sample (e.g. ort-cpu@auto:3)"),
+                                 "BACKEND@RULE:R also the voxel rule's cells per sample (e.g. ort-cpu@auto:3; auto is the voxel "
+                                 "rule above 8N points only for a model sampling in canonical order)"),
     points: str = typer.Option("2048,40000,400000", help="raw-scan sizes (points)"),
     batch: str = typer.Option("1,4", help="batch sizes"),
     warmup: float = typer.Option(1.0, help="warm-up seconds per row (not recorded)"),
@@ -330,7 +331,9 @@ def rules(
     starts: str = typer.Option(None, help="FPS start indices, e.g. 0,1,2: every rule from each, the difference "
                                "as mean ± standard error over starts (default: the model's fps_start only)"),
     voxel_reps: str = typer.Option(None, help="voxel cells per sample to try, e.g. 6,3: the rule runs once per "
-                                   "value against one exact run (default: the model's preprocess.voxel_reps)"),
+                                   "value against one exact run (default: the model's preprocess.voxel_reps; with "
+                                   "auto they act only where auto is the voxel rule: for a model sampling in "
+                                   "canonical order, scans of more than 8N points)"),
     out: Path = typer.Option(None, help="report folder (default ./benchmarks/results/)"),
 ) -> None:
     """What the default raw-scan rule (auto: voxel + gather; bucket FPS up to 8N points) changes in held-out
