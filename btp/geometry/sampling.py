@@ -215,18 +215,15 @@ def bucket_fps(points: np.ndarray, n_samples: int, height: int, start_idx: int =
 
     Were the anchor not taken first (another fpsample), the result is still dropped of it and still
     FPS samples, only not anchored ("corner"), or the exact rule from the chosen start
-    ("centroid"; about 0.3 s for 32k -> 4096 points on a 2-core Xeon, where the bucket FPS takes 20 ms). Fewer distinct points than ``n_samples`` (fpsample then repeats its start, the
+    ("centroid"; about 0.3 s for 32k -> 4096 points on a 2-core Xeon, where the bucket FPS takes
+    20 ms). Fewer distinct points than ``n_samples`` (fpsample then repeats its start, the
     anchor): the exact rule (``fps``) from row 0 ("corner") or from the chosen start ("centroid").
     """
-    fpsample = _fpsample()
     if anchor is None:
-        return fpsample.bucket_fps_kdline_sampling(points, n_samples, height, start_idx=start_idx).astype(np.int64)
+        return _fpsample().bucket_fps_kdline_sampling(points, n_samples, height, start_idx=start_idx).astype(np.int64)
     if anchor == "corner":
         low, high = column_bounds(points)
-        first = (low - (high - low)).astype(np.float32)[None]
-        picked = fpsample.bucket_fps_kdline_sampling(np.concatenate([first, points]), n_samples + 1, height,
-                                                     start_idx=0).astype(np.int64)
-        kept = picked[picked != 0][:n_samples] - 1
+        kept = _after_anchor((low - (high - low)).astype(np.float32), points, n_samples, height)
         return kept if kept.size == n_samples else fps(points, n_samples, 0)
     if anchor != "centroid":
         raise GeometryError(f"anchor={anchor!r}: expected None, 'corner' or 'centroid'")
@@ -238,13 +235,18 @@ def bucket_fps(points: np.ndarray, n_samples: int, height: int, start_idx: int =
     if not radius > 0.0:  # all points coincide: any start is the same
         return fps(points, n_samples, 0)
     turned = (offsets @ _onto_diagonal(offsets[far] / radius).T).astype(np.float32)
-    first = np.full((1, 3), -2.0 * radius, dtype=np.float32)
-    picked = fpsample.bucket_fps_kdline_sampling(np.concatenate([first, turned]), n_samples + 1, height,
-                                                 start_idx=0).astype(np.int64)
-    kept = picked[picked != 0][:n_samples] - 1
+    kept = _after_anchor(np.full(3, -2.0 * radius, dtype=np.float32), turned, n_samples, height)
     if kept.size == n_samples and np.array_equal(points[kept[0]], points[far]):  # far or a copy of it
         return kept
     return fps(points, n_samples, far)
+
+
+def _after_anchor(anchor: np.ndarray, points: np.ndarray, n_samples: int, height: int) -> np.ndarray:
+    """fpsample's bucket FPS over ``anchor`` [3] followed by ``points`` [M, 3], the anchor dropped:
+    int64 indices into ``points`` (fewer than ``n_samples`` where fpsample repeated the anchor)."""
+    padded = np.concatenate([anchor[None], points])
+    picked = _fpsample().bucket_fps_kdline_sampling(padded, n_samples + 1, height, start_idx=0).astype(np.int64)
+    return picked[picked != 0][:n_samples] - 1
 
 
 def _onto_diagonal(u: np.ndarray) -> np.ndarray:
