@@ -7,7 +7,9 @@ from scipy.spatial import cKDTree
 from typer.testing import CliRunner
 
 from btp.io import detect_layout, iter_samples
+from btp.train.data import defect_kind
 from btp.train.synth import (
+    ALL_DEFECT_TYPES,
     DEFECT_TYPES,
     SynthConfig,
     SynthError,
@@ -56,6 +58,55 @@ def test_displacement_labels_are_exactly_the_moved_points(bunny_cloud, kind):
     assert (sign == (1 if kind == "bulge" else -1)).all()
 
 
+@pytest.mark.parametrize("kind", ["added", "scratch"])
+def test_added_material_goes_out_with_a_steep_rim_and_a_scratch_is_shallow(bunny_cloud, kind):
+    shape, points, normals = bunny_cloud
+    d = apply_defect(points, normals, kind, np.random.default_rng(3), SMALL, size=shape.size)
+    assert d.keep.all() and len(d.points) == len(points)
+    move = d.points - points
+    moved = np.linalg.norm(move, axis=1)
+    thr = SMALL.label_threshold * shape.size
+    np.testing.assert_array_equal(d.labels, (moved > thr).astype(np.int64))
+    assert SMALL.frac_range[0] <= d.labels.mean() <= SMALL.frac_range[1]
+    center = d.params["center"]
+    sign = np.sign(move[d.labels == 1] @ normals[center])
+    assert (sign == (1 if kind == "added" else -1)).all()
+    if kind == "scratch":  # a third of a crack's depth, long and narrow
+        assert moved.max() <= SMALL.depth_range[1] * shape.size / 3 * 1.0001
+        assert d.params["length"] >= 20 * d.params["width"] * 0.999
+    else:  # no taller than wide; the rim is steep: at 90 % of the radius a cap still stands at 44 %
+        assert d.params["height"] <= d.params["radius"] + 1e-12
+        dist = np.linalg.norm(points - points[center], axis=1) / (d.params["radius"] * shape.size)
+        ring = (dist > 0.85) & (dist < 0.95) & (moved > 0)
+        assert ring.any()
+        assert np.median(moved[ring]) > 0.3 * d.params["height"] * shape.size
+
+
+def test_a_chip_bevels_a_curved_spot(shapes):
+    shape = shapes["hex_nut"]
+    points, normals = shape.sample(3000, np.random.default_rng(7))
+    d = apply_defect(points, normals, "chip", np.random.default_rng(2), SMALL, size=shape.size)
+    moved = np.linalg.norm(d.points - points, axis=1)
+    thr = SMALL.label_threshold * shape.size
+    np.testing.assert_array_equal(d.labels, (moved > thr).astype(np.int64))
+    assert SMALL.frac_range[0] <= d.labels.mean() <= SMALL.frac_range[1]
+    # the center is an edge: the normals around it disagree far more than around a random point
+    tree = cKDTree(points)
+    spread = lambda i: 1.0 - np.linalg.norm(normals[tree.query(points[i], k=16)[1]].mean(axis=0))
+    c = d.params["edge_center"]
+    assert spread(c) > np.quantile([spread(i) for i in range(0, 3000, 10)], 0.8)
+    # material goes: the labelled points move into the part (against their own normals)
+    assert ((d.points - points)[d.labels == 1] * normals[d.labels == 1]).sum(axis=1).mean() < 0
+
+
+def test_every_kind_is_drawn_where_a_shape_has_fewer_samples_than_kinds():
+    drawn = {defect_kind(ALL_DEFECT_TYPES, 6, s, i) for s in range(3) for i in range(6)}
+    assert drawn == set(ALL_DEFECT_TYPES)
+    # six kinds, six samples per shape: every shape gets each once, in order (recipes before it)
+    assert [defect_kind(DEFECT_TYPES, 6, 5, i) for i in range(6)] == list(DEFECT_TYPES)
+    assert [defect_kind(DEFECT_TYPES, 10, 3, i) for i in range(10)] == [DEFECT_TYPES[i % 6] for i in range(10)]
+
+
 def test_hole_removes_material_and_labels_its_rim(bunny_cloud):
     shape, points, normals = bunny_cloud
     d = apply_defect(points, normals, "hole", np.random.default_rng(5), SMALL, size=shape.size)
@@ -85,7 +136,7 @@ def test_broken_piece_adds_a_labelled_fracture_face(bunny_cloud):
 def test_label_share_in_range_over_seeds_and_types(shapes):
     lo, hi = SMALL.frac_range
     for name, shape in shapes.items():
-        for kind in DEFECT_TYPES:
+        for kind in ALL_DEFECT_TYPES:
             for seed in (0, 1):
                 s = make_anomalous(shape, seed, SMALL, kind)
                 assert s.points.shape == (SMALL.num_points, 3) and s.points.dtype == np.float32

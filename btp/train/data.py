@@ -154,13 +154,21 @@ def _fpfh_params(gfcm) -> dict:
     return {k: getattr(gfcm, k) for k in ("normal_radius", "normal_max_nn", "fpfh_radius", "fpfh_max_nn")}
 
 
+def defect_kind(kinds, n_bad: int, shape_index: int, i: int) -> str:
+    """The defect type of anomalous sample ``i`` (of ``n_bad``) of shape ``shape_index``: each
+    shape's samples cycle through ``kinds``; with more kinds than samples per shape the cycle runs
+    on across shapes, so that every kind is drawn."""
+    k = i if len(kinds) <= n_bad else shape_index * n_bad + i
+    return kinds[k % len(kinds)]
+
+
 def btp_samples(shapes, cfg: BTPConfig, per_shape: int, seed: int, cache_dir, *, anomalous_frac: float = 0.5,
                 synth_points: int = 8192, rotate: bool = False, synth_overrides: dict | None = None,
                 progress=None, log=print) -> dict[str, np.ndarray]:
     """Synthetic BTP training samples on ``shapes`` (training split only!), preprocessed + cached.
 
     Per shape: ``per_shape`` clouds, the first ``round(anomalous_frac * per_shape)`` anomalous
-    (defect types cycle through btp.train.synth.DEFECT_TYPES), the rest normal; each cloud has
+    (defect types cycle through the synth config's ``defect_types``), the rest normal; each cloud has
     ``synth_points`` points (like the written datasets' raw scans) and is FPS-sampled to N by
     ``prepare``. Sample seeds: ``synth.sample_seed(seed, shape, "btp-train", i)``; a sample whose
     defect cannot be placed is retried with the next seed (``i + 1000 * attempt``).
@@ -189,7 +197,7 @@ def btp_samples(shapes, cfg: BTPConfig, per_shape: int, seed: int, cache_dir, *,
                 sample_seed = synth.sample_seed(seed, shape.name, "btp-train", i + 1000 * attempt)
                 try:
                     if bad:
-                        kind = scfg.defect_types[i % len(scfg.defect_types)]
+                        kind = defect_kind(scfg.defect_types, n_bad, s_i, i)
                         sample = synth.make_anomalous(surface, sample_seed, scfg, kind if attempt < 2 else None)
                     else:
                         sample = synth.make_normal(surface, sample_seed, scfg)

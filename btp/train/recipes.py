@@ -23,6 +23,7 @@ from btp.config import (BTPConfig, btp_context_config, btp_geo4k_config, btp_geo
                         btp_point_config, preset, tiny_config)
 from btp.train.loop import BTPOptions
 from btp.train.pretrain import PretrainOptions
+from btp.train.synth import ALL_DEFECT_TYPES
 
 STAGES = ("pretrain", "btp")
 
@@ -95,6 +96,11 @@ RECIPES: dict[str, Recipe] = {
     "btp-corpus-geo-4k-partial15": replace(_BTP_MINI, name="btp-corpus-geo-4k-partial15", per_shape=12,
                                            config=btp_geo4k_config, synth={"partial_prob": 0.15},
                                            data_sampling_order="input"),
+    # the default's recipe (samples in the input order) with three more defect kinds in its training
+    # maker, same budget: added material, scratches, chipped edges (btp.train.synth.EXTRA_DEFECT_TYPES)
+    "btp-corpus-geo-4k-defects9": replace(_BTP_MINI, name="btp-corpus-geo-4k-defects9", per_shape=12,
+                                          config=btp_geo4k_config, data_sampling_order="input",
+                                          synth={"defect_types": ALL_DEFECT_TYPES}),
     # the same per-point model on btp-mini's data (shared shapes only): corpus or head?
     "btp-mini-point": replace(_BTP_MINI, name="btp-mini-point", config=btp_point_config),
     # seconds: for tests and smoke runs

@@ -20,6 +20,17 @@ Defects (`DEFECT_TYPES`), sizes relative to the object size = bounding-box diago
 - ``broken``: a plane cuts off an extremity; the fracture face is filled with rough points and
   labelled together with a band of the remaining surface along the break.
 
+More kinds (`EXTRA_DEFECT_TYPES`, off by default: a recipe names them in ``defect_types``):
+
+- ``added``: material stuck on (a spatter, a drop of glue): points near a center move out along
+  its normal by ``h * sqrt(1 - t^2)``, a cap with a steep rim where it meets the surface (a bulge
+  fades in smoothly); ``h`` at most the cap's radius.
+- ``scratch``: a long, narrow and shallow line (V profile) cut in along the normal, a third of
+  a crack's depth.
+- ``chip``: material knocked off an edge: the center is drawn among the most curved points, and
+  the points around it move in along their mean normal by ``0.5 r (1 - t)``, a cone that bevels
+  the edge with a sharp rim.
+
 The labelled share of points lies in ``frac_range`` (0.5-8 % by default); every sample is fixed
 by its seed (`sample_seed` derives per-sample seeds from a root seed, class, split and index).
 """
@@ -37,6 +48,8 @@ from scipy.spatial import cKDTree
 from btp.io import load_mesh, write_point_cloud
 
 DEFECT_TYPES: tuple[str, ...] = ("bulge", "dent", "hole", "crack", "groove", "broken")
+EXTRA_DEFECT_TYPES: tuple[str, ...] = ("added", "scratch", "chip")
+ALL_DEFECT_TYPES: tuple[str, ...] = DEFECT_TYPES + EXTRA_DEFECT_TYPES
 LAYOUTS: tuple[str, ...] = ("anomaly-shapenet", "real3d")
 
 
@@ -203,25 +216,40 @@ def _same_side(d: _Dense, center: int, cos_min: float = 0.2) -> np.ndarray:
     return d.normals @ d.normals[center] > cos_min
 
 
-def _displace(d: _Dense, center: int, height: float, target: int, cfg: SynthConfig, rng):
-    """Bulge (height > 0) or dent (< 0): radius solved so exactly `target` points move > threshold."""
+def _cap(t: np.ndarray) -> np.ndarray:
+    """Spherical-cap profile sqrt(1 - t^2) on [0,1], 0 outside: steep at the rim."""
+    t = np.clip(t, 0.0, 1.0)
+    return np.sqrt(1.0 - t * t)
+
+
+def _displace(d: _Dense, center: int, height: float, target: int, cfg: SynthConfig, rng, *, cap: bool = False):
+    """Bulge (height > 0) or dent (< 0): radius solved so exactly `target` points move > threshold.
+    ``cap``: added material, the cap profile, its height at most its radius."""
     n_c = d.normals[center]
     dist = np.linalg.norm(d.points - d.points[center], axis=1)
     cand = np.flatnonzero(_same_side(d, center))
     order = cand[np.argsort(dist[cand], kind="stable")]
     thr = cfg.label_threshold * d.size
-    t_star = np.sqrt(1.0 - np.sqrt(thr / abs(height)))  # falloff(t_star) * |h| == thr
     k = min(target, len(order) - 1)
-    radius = max(dist[order[k]], 1e-9) / t_star  # target points sit strictly inside t_star
+
+    def radius_for(h: float) -> float:
+        ratio = min(thr / abs(h), 1.0)  # profile(t_star) * |h| == thr
+        t_star = np.sqrt(1.0 - ratio * ratio) if cap else np.sqrt(1.0 - np.sqrt(ratio))
+        return max(dist[order[k]], 1e-9) / max(t_star, 1e-6)  # target points sit strictly inside t_star
+
+    radius = radius_for(height)
+    if cap and abs(height) > radius:  # no taller than wide
+        height = float(np.sign(height)) * max(radius, 1.5 * thr)
+        radius = radius_for(height)
     move = np.zeros(len(d.points))
-    move[cand] = height * _falloff(dist[cand] / radius)
+    move[cand] = height * (_cap if cap else _falloff)(dist[cand] / radius)
     points = d.points + move[:, None] * n_c[None, :]
     labels = (np.linalg.norm(points - d.points, axis=1) > thr).astype(np.int64)  # realised change
     return points, labels, np.ones(len(points), bool), {"radius": float(radius / d.size), "height": float(height / d.size)}
 
 
 def _line_cut(d: _Dense, center: int, depth: float, target: int, cfg: SynthConfig, rng, *, kind: str):
-    """Crack / groove: a curved line through the center, cut in along the center normal."""
+    """Crack / groove / scratch: a curved line through the center, cut in along the center normal."""
     n_c = d.normals[center]
     helper = np.eye(3)[np.argmin(np.abs(n_c))]
     t_dir = np.cross(n_c, helper)
@@ -229,7 +257,10 @@ def _line_cut(d: _Dense, center: int, depth: float, target: int, cfg: SynthConfi
     angle = rng.uniform(0, np.pi)
     t_dir = np.cos(angle) * t_dir + np.sin(angle) * np.cross(n_c, t_dir)
     b_dir = np.cross(n_c, t_dir)
-    aspect = rng.uniform(12, 30) if kind == "crack" else rng.uniform(4, 10)  # length / width
+    aspect = {"crack": (12, 30), "scratch": (20, 40)}.get(kind, (4, 10))  # length / width
+    aspect = rng.uniform(*aspect)
+    if kind == "scratch":
+        depth = max(depth / 3.0, 1.5 * cfg.label_threshold * d.size)
     bend = rng.uniform(-1, 1)  # curvature of the line, in units of 1/length
     rel = d.points - d.points[center]
     along, across = rel @ t_dir, rel @ b_dir
@@ -312,6 +343,33 @@ def _broken(d: _Dense, center: int, depth: float, target: int, cfg: SynthConfig,
     return points, labels, keep, {"cut_depth": float(cut_depth / d.size), "face_points": len(face)}
 
 
+def _chip(d: _Dense, center: int, depth: float, target: int, cfg: SynthConfig, rng):
+    """Material knocked off an edge: a cone pushed in along the mean normal of a curved spot.
+    ``center`` is replaced by one of the 5 % most curved points (surface variation of 16
+    neighbours), drawn from ``center`` itself so the same draw gives the same chip."""
+    probe = d.tree.query(d.points, k=16)[1]  # [M, 16]
+    nb = d.points[probe] - d.points[probe].mean(axis=1, keepdims=True)
+    eig = np.linalg.eigvalsh(np.einsum("mki,mkj->mij", nb, nb))  # ascending
+    variation = eig[:, 0] / np.maximum(eig.sum(axis=1), 1e-30)
+    edges = np.flatnonzero(variation >= np.quantile(variation, 0.95))
+    center = int(edges[center % len(edges)])
+    n_mean = d.normals[probe[center]].mean(axis=0)
+    n_mean = n_mean / max(np.linalg.norm(n_mean), 1e-12)
+    dist = np.linalg.norm(d.points - d.points[center], axis=1)
+    side = d.normals @ n_mean > 0.0  # both faces of the edge, not the part's far side
+    thr = cfg.label_threshold * d.size
+
+    def cut(radius: float) -> np.ndarray:
+        return np.where(side, 0.5 * radius * np.clip(1.0 - dist / radius, 0.0, 1.0), 0.0)
+
+    radius = _solve_size(lambda r: int((cut(r) > thr).sum()), target, 4 * thr, 0.5 * d.size)
+    move = cut(radius)
+    points = d.points - move[:, None] * n_mean[None, :]
+    labels = (np.linalg.norm(points - d.points, axis=1) > thr).astype(np.int64)  # realised change
+    return points, labels, np.ones(len(points), bool), {"radius": radius / d.size, "depth": 0.5 * radius / d.size,
+                                                       "edge_center": center}
+
+
 def _thin(points: np.ndarray, normal: np.ndarray, spacing: float) -> np.ndarray:
     """Points on a plane (unit `normal`) thinned to one per occupied square cell of side `spacing`
     in the plane's own 2-D coordinates (keeps the points' own random positions)."""
@@ -349,6 +407,9 @@ _DEFECTS = {
     "crack": lambda d, c, h, k, cfg, rng: _line_cut(d, c, h, k, cfg, rng, kind="crack"),
     "groove": lambda d, c, h, k, cfg, rng: _line_cut(d, c, h, k, cfg, rng, kind="groove"),
     "broken": _broken,
+    "added": lambda d, c, h, k, cfg, rng: _displace(d, c, h, k, cfg, rng, cap=True),
+    "scratch": lambda d, c, h, k, cfg, rng: _line_cut(d, c, h, k, cfg, rng, kind="scratch"),
+    "chip": _chip,
 }
 
 
@@ -439,7 +500,7 @@ def apply_defect(points: np.ndarray, normals: np.ndarray, kind: str, rng: np.ran
     fracture face and the band along a break).
     """
     if kind not in _DEFECTS:
-        raise SynthError(f"unknown defect type {kind!r}; choose from {list(DEFECT_TYPES)}")
+        raise SynthError(f"unknown defect type {kind!r}; choose from {list(ALL_DEFECT_TYPES)}")
     pts = np.asarray(points, dtype=np.float64)
     nrm = np.asarray(normals, dtype=np.float64)
     size = float(np.linalg.norm(np.ptp(pts, axis=0))) if size is None else float(size)
@@ -450,7 +511,7 @@ def apply_defect(points: np.ndarray, normals: np.ndarray, kind: str, rng: np.ran
 def _apply(dense: _Dense, kind: str, rng, cfg: SynthConfig, target_frac=None, center=None) -> Defect:
     lo, hi = cfg.frac_range
     if target_frac is None:  # log-uniform, with a margin for the final random subset
-        top = min(hi * 0.85, 0.03) if kind == "crack" else hi * 0.85  # a crack stays thin
+        top = min(hi * 0.85, 0.03) if kind in ("crack", "scratch") else hi * 0.85  # a crack stays thin
         target_frac = float(np.exp(rng.uniform(np.log(lo * 1.4), np.log(top))))
     depth = float(rng.uniform(*cfg.depth_range)) * dense.size
     center = int(rng.integers(len(dense.points))) if center is None else int(center)
@@ -470,7 +531,7 @@ def make_anomalous(shape: ShapeSurface, seed: int, cfg: SynthConfig = SynthConfi
     kinds = cfg.defect_types
     unknown = [k for k in ((defect,) if defect else kinds) if k not in _DEFECTS]
     if unknown:
-        raise SynthError(f"unknown defect type(s) {unknown}; choose from {list(DEFECT_TYPES)}")
+        raise SynthError(f"unknown defect type(s) {unknown}; choose from {list(ALL_DEFECT_TYPES)}")
     rng = np.random.default_rng(seed)
     kind = defect or kinds[int(rng.integers(len(kinds)))]
     partial = bool(rng.random() < cfg.partial_prob)
