@@ -56,18 +56,29 @@ def test_cuda_emu_equals_cpu_exact_on_real_shapes(model_path, scans):
 @needs_gxx
 def test_cuda_emu_equals_cpu_exact_in_the_canonical_order(model_path, scans):
     """A model with preprocess.sampling_order = "canonical": the kernels get the rows sorted by
-    value and the scores go back to the input's rows, as on the CPU."""
+    value, the point farthest from the centroid first, and the scores go back to the input's rows,
+    as on the CPU."""
     import copy
+
+    from scipy.spatial.transform import Rotation
 
     emu = Pipeline(model_path, preprocess="cuda-emu")
     cpu = Pipeline(model_path, preprocess="cpu", downsample="exact")
     for pipe in (emu, cpu):
         pipe.cfg = copy.deepcopy(pipe.cfg)
         pipe.cfg.preprocess.sampling_order = "canonical"
+    turn = Rotation.from_rotvec(np.deg2rad(40.0) * np.array([0.6, -0.48, 0.64])).as_matrix()
     for raw in scans:
         got = emu(raw[::-1].copy())
         _compare(got, cpu(raw[::-1].copy()))
         assert got.object_score == emu(raw).object_score
+        # both start at the point farthest from the centroid: the part turned, the same samples
+        center = raw.mean(0, dtype=np.float64)
+        turned = ((raw - center) @ turn.T + center).astype(np.float32)
+        moved, same = emu(turned), emu(raw)
+        _compare(moved, cpu(turned))
+        assert moved.sampled_idx[0] == same.sampled_idx[0] == np.argmax(((raw - center) ** 2).sum(1))
+        assert set(moved.sampled_idx.tolist()) == set(same.sampled_idx.tolist())
 
 
 @pytest.mark.skipif(gpu_unavailable_reason() is not None, reason=gpu_unavailable_reason() or "")

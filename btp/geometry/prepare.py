@@ -30,7 +30,10 @@ export's parity samples, the Triton pre/post steps, and as the reference of the 
   ``arange(M)``; starts and ties by row index). ``"canonical"``: by value only - M <= N and the
   exact / bucket rules run on the rows sorted by (x, y, z) (``canonical_order``), the voxel rule
   hashes the points (``voxel_map(canonical=True)``) - so any row order of the same points gives
-  the same scores, and dropping a few points moves them little.
+  the same scores, and dropping a few points moves them little. There the exact and bucket rules
+  start at the point farthest from the centroid, and a scan of M <= N points puts it first
+  (``anchored_order``; the patch centers' FPS starts there): up to 8N points (the voxel rule's
+  grid has the file's axes) a turned part gets the same samples.
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ from btp.config import BTPConfig, PreprocessConfig
 from btp.geometry.errors import DegenerateCloudError
 from btp.geometry.neighbors import knn, neighborhoods
 from btp.geometry.normalize import normalize
-from btp.geometry.sampling import (VoxelMap, canonical_order, column_bounds, downsample, fps, point_hash,
+from btp.geometry.sampling import (VoxelMap, anchored_order, canonical_order, column_bounds, downsample, fps, point_hash,
                                    resolve_method, voxel_downsample)
 from btp.geometry.scores import interpolate_to_raw, nearest_scores, propagate_patch_scores
 from btp.io.errors import InvalidValuesError, TooFewPointsError
@@ -221,7 +224,7 @@ def sample_indices(points: np.ndarray, pre: PreprocessConfig, method: str = "aut
     m, n = points.shape[0], pre.num_points
     canonical = pre.sampling_order == "canonical"
     if m <= n:
-        return (canonical_order(points) if canonical else np.arange(m, dtype=np.int64)), None
+        return (anchored_order(points) if canonical else np.arange(m, dtype=np.int64)), None
     start = downsample_start(m, pre)
     if resolve_method(method, m, n, canonical=canonical) == "voxel":
         return voxel_downsample(points, n, start, bounds, pre.voxel_reps, canonical=canonical)

@@ -166,9 +166,10 @@ def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto",
       its ``preprocess.voxel_reps``), then FPS over the representatives. It costs one pass over
       the scan, and it keeps the raw-point -> cell map (``VoxelMap``) that makes the
       interpolation back to the raw scan a gather (``btp.geometry.prepare.interpolate``).
-    - ``anchored`` (the canonical sampling order): "bucket" starts from the point farthest from
-      the centroid instead of a point fpsample's tree picks (``bucket_fps(anchor="centroid")``;
-      ``voxel_downsample(canonical=True)`` starts from a corner of its representatives' box).
+    - ``anchored`` (the canonical sampling order): "exact" and "bucket" start from the point
+      farthest from the centroid (ties: the lowest row), not at ``start_idx`` or a point
+      fpsample's tree picks (``bucket_fps(anchor="centroid")``), so their samples turn with the
+      part; ``voxel_downsample(canonical=True)`` starts from a corner of its representatives' box.
     - ``"auto"`` (default): ``"voxel"``; with ``anchored``, ``"bucket"`` for M <=
       ``AUTO_BUCKET_PER_SAMPLE`` x n (``resolve_method``; a scan of M <= n points keeps all of
       them). Without fpsample (``_fpsample``) ``"bucket"`` runs as ``"voxel"``, and ``fps`` as
@@ -182,7 +183,7 @@ def downsample(points, n_samples: int, start_idx: int = 0, method: str = "auto",
     start = check_start(start_idx, n_points)
     method = resolve_method(method, n_points, n, canonical=anchored)
     if method == "exact" or n == n_points:
-        return fps(pts, n, start)
+        return fps(pts, n, _farthest_from_centroid(pts)[0] if anchored else start)
     if method == "voxel":
         return voxel_downsample(pts, n, start)[0]
     height = BUCKET_HEIGHT
@@ -227,11 +228,7 @@ def bucket_fps(points: np.ndarray, n_samples: int, height: int, start_idx: int =
         return kept if kept.size == n_samples else fps(points, n_samples, 0)
     if anchor != "centroid":
         raise GeometryError(f"anchor={anchor!r}: expected None, 'corner' or 'centroid'")
-    p64 = points.astype(np.float64)
-    offsets = p64 - p64.mean(axis=0)
-    d2 = np.einsum("ij,ij->i", offsets, offsets)
-    far = int(np.argmax(d2))
-    radius = float(np.sqrt(d2[far]))
+    far, offsets, radius = _farthest_from_centroid(points)
     if not radius > 0.0:  # all points coincide: any start is the same
         return fps(points, n_samples, 0)
     turned = (offsets @ _onto_diagonal(offsets[far] / radius).T).astype(np.float32)
@@ -239,6 +236,16 @@ def bucket_fps(points: np.ndarray, n_samples: int, height: int, start_idx: int =
     if kept.size == n_samples and np.array_equal(points[kept[0]], points[far]):  # far or a copy of it
         return kept
     return fps(points, n_samples, far)
+
+
+def _farthest_from_centroid(points: np.ndarray) -> tuple[int, np.ndarray, float]:
+    """(the row farthest from the centroid - ties: the lowest row -, float64 offsets from the
+    centroid [M, 3], that row's distance)."""
+    p64 = np.asarray(points, dtype=np.float64)
+    offsets = p64 - p64.mean(axis=0)
+    d2 = np.einsum("ij,ij->i", offsets, offsets)
+    far = int(np.argmax(d2))
+    return far, offsets, float(np.sqrt(d2[far]))
 
 
 def _after_anchor(anchor: np.ndarray, points: np.ndarray, n_samples: int, height: int) -> np.ndarray:
@@ -280,7 +287,7 @@ def voxel_downsample(points, n_samples: int, start_idx: int = 0, bounds=None,
     representative (cells in key order; fpsample's bucket FPS: from the corner anchor of
     ``bucket_fps``), not at ``start_idx``'s cell: the samples depend on the point set only (the
     grid's axes are the file's: a turned part gets other cells and other samples). Too few occupied cells (a scan with fewer distinct cells than samples): the
-    exact rule over all points (in ``canonical_order`` when ``canonical``), and no map (None). ``bounds``: the per-axis (min, max) that the scan checks of
+    exact rule over all points (in ``anchored_order`` from its first row when ``canonical``), and no map (None). ``bounds``: the per-axis (min, max) that the scan checks of
     ``btp.geometry.prepare`` computed; with them the points are taken as checked (float32 [M, 3],
     finite) and not validated again (a pass over all M points).
     """
@@ -296,8 +303,8 @@ def voxel_downsample(points, n_samples: int, start_idx: int = 0, bounds=None,
     cell_rep = vmap.cell_rep
     if cell_rep.shape[0] < n:
         if canonical:
-            order = canonical_order(pts)
-            return order[fps(pts[order], n, start)], None
+            order = anchored_order(pts)
+            return order[fps(pts[order], n, 0)], None
         return fps(pts, n, start), None
     rep_pts = np.ascontiguousarray(pts[cell_rep])
     rep_start = 0 if canonical else int(vmap.cell_of_raw[start])
@@ -316,6 +323,19 @@ def canonical_order(points) -> np.ndarray:
     order runs the exact and bucket rules, and scans of at most N points, on that sequence."""
     pts = as_points(points)
     return np.lexsort((pts[:, 2], pts[:, 1], pts[:, 0])).astype(np.int64)
+
+
+def anchored_order(points) -> np.ndarray:
+    """int64 [M]: ``canonical_order`` with the point farthest from the centroid moved to the front
+    (ties: the first of them in the canonical order). The canonical order's rows for the rules
+    that start at row 0 - all points of a scan of M <= N points, whose patch centers' FPS starts
+    at the first sampled point, and the exact rule (here and in the CUDA chain): the start is then
+    a point that turns with the part, so a turned scan gives the same samples (FPS reads distances
+    only; float32 near-ties aside). The other rows keep their canonical order (FPS ties)."""
+    pts = as_points(points)
+    order = canonical_order(pts)
+    far = _farthest_from_centroid(pts[order])[0]
+    return np.concatenate([order[far:far + 1], order[:far], order[far + 1:]])
 
 
 def point_hash(points: np.ndarray) -> np.ndarray:

@@ -11,7 +11,9 @@ the raw upload and whatever the caller downloads at the end):
 It is the CPU chain ``btp.geometry.prepare`` with ``method="exact"`` (the FPS rule; a scan of
 M <= N points keeps all of them in input order) and ``scores_to_raw(exact=True)``;
 tests/test_kernels_preprocess.py checks it with the kernels under the CPU emulation, and
-``btp.runtime.Pipeline(preprocess="cuda-emu")`` runs it in the product's own path.
+``btp.runtime.Pipeline(preprocess="cuda-emu")`` runs it in the product's own path (for a model
+in the canonical sampling order it hands the kernels the rows in ``anchored_order``, so FPS starts
+at the point farthest from the centroid, as the CPU chain's exact rule does).
 The CPU chain's default ``method="auto"`` (the voxel rule, or the anchored bucket FPS for scans of up
 to 8N points in the canonical order) picks other indices than the exact rule: CPU/GPU parity needs
 ``exact`` on the CPU.

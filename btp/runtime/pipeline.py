@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from btp.geometry.prepare import Prepared, check_scan, engine_batch, min_points, prepare, scores_to_raw
-from btp.geometry.sampling import DOWNSAMPLE_METHODS, canonical_order
+from btp.geometry.sampling import DOWNSAMPLE_METHODS, anchored_order
 from btp.geometry.scores import object_score
 from btp.io import PointCloud, read_point_cloud
 from btp.io.pointcloud import centered
@@ -191,9 +191,10 @@ class Pipeline:
         if self.cfg.preprocess.sampling_order != "canonical":
             got = self.device_chain.run(job.raw, partial(_timed, t))
             point_scores, sample_idx = got.point_scores, got.sample_idx
-        else:  # the kernels take rows in their order: hand them the canonical one, and map back
+        else:  # the kernels take rows in their order and start at row 0: hand them the anchored
+            # canonical one (the CPU chain's exact rule and small-scan order), and map back
             with _timed(t, "canonical_order"):
-                order = canonical_order(job.raw)
+                order = anchored_order(job.raw)
             got = self.device_chain.run(job.raw[order], partial(_timed, t))
             point_scores = np.empty_like(got.point_scores)
             point_scores[order] = got.point_scores

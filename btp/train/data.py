@@ -182,7 +182,10 @@ def btp_samples(shapes, cfg: BTPConfig, per_shape: int, seed: int, cache_dir, *,
     key = _key({"v": DATA_VERSION, "synth": base.__dict__, "names": [s.name for s in shapes],
                 "per_shape": per_shape, "seed": seed, "anom": anomalous_frac, "pts": synth_points,
                 "pre": cfg.preprocess.__dict__, "G": cfg.encoder.num_group, "K": cfg.encoder.group_size,
-                "fpfh": _fpfh_params(cfg.gfcm), **({"rotate": True} if rotate else {})})
+                "fpfh": _fpfh_params(cfg.gfcm), **({"rotate": True} if rotate else {}),
+                # the canonical order's exact rule and small scans start at the point farthest from
+                # the centroid (btp.geometry.sampling.anchored_order): samples made before differ
+                **({"order": "anchored"} if cfg.preprocess.sampling_order == "canonical" else {})})
     path = Path(cache_dir) / f"btp-{key}.npz"
     if path.is_file():
         return load_arrays(path)
