@@ -224,7 +224,8 @@ def _cap(t: np.ndarray) -> np.ndarray:
 
 def _displace(d: _Dense, center: int, height: float, target: int, cfg: SynthConfig, rng, *, cap: bool = False):
     """Bulge (height > 0) or dent (< 0): radius solved so exactly `target` points move > threshold.
-    ``cap``: added material, the cap profile, its height at most its radius."""
+    ``cap``: added material, the cap profile, its height at most its radius (but at least 1.5x
+    the label threshold, so that a tiny cap is still labelled)."""
     n_c = d.normals[center]
     dist = np.linalg.norm(d.points - d.points[center], axis=1)
     cand = np.flatnonzero(_same_side(d, center))
