@@ -127,6 +127,30 @@ def test_cache_layout(tmp_path):
     assert trt_export.timing_cache_path(tmp_path, k).name == "nvidia-jetson-agx-orin-sm87-trt10.3.0.cache"
 
 
+def test_machine_caches_live_under_one_variable(tmp_path, monkeypatch):
+    """Kernels, TensorRT engines and Triton's backend stubs: all under $BTP_CACHE_DIR (the demo's
+    project-local export is the one other cache, $BTP_CACHE)."""
+    from btp.export import triton
+    from btp.kernels.build import cache_dir
+
+    monkeypatch.setenv("BTP_CACHE_DIR", str(tmp_path / "machine"))
+    monkeypatch.setenv("BTP_CACHE", str(tmp_path / "demo"))
+    assert cache_dir() == tmp_path / "machine"
+    assert trt_export.default_cache_dir() == tmp_path / "machine" / "trt"
+    seen = {}
+
+    def backend_dir(root, cache):
+        seen["cache"] = cache
+        return tmp_path / "backends"
+
+    monkeypatch.setattr(triton, "find_tritonserver", lambda: (tmp_path / "bin" / "tritonserver", tmp_path / "a" / "b" / "c"))
+    monkeypatch.setattr(triton, "backend_dir", backend_dir)
+    monkeypatch.setattr(triton.subprocess, "Popen", lambda cmd, **kw: cmd)
+    cmd = triton.start_server(tmp_path / "repo")
+    assert seen["cache"] == tmp_path / "machine" / "triton"
+    assert f"--backend-directory={tmp_path / 'backends'}" in cmd
+
+
 # ---- profiles from the ONNX ----------------------------------------------------------------------
 
 def test_profile_from_onnx_metadata(tmp_path):

@@ -233,7 +233,9 @@ def start_server(repo: str | Path, *, http_port: int = 8000, grpc_port: int = 80
                  host: str = "127.0.0.1", log_path: str | Path | None = None) -> subprocess.Popen:
     """Start tritonserver on ``repo``, bound to ``host``; returns the process (not yet ready)."""
     binary, root = find_tritonserver()
-    cache = Path(os.environ.get("BTP_CACHE", Path.home() / ".cache" / "btp")) / "triton"
+    from btp.kernels.build import cache_dir
+
+    cache = cache_dir() / "triton"  # $BTP_CACHE_DIR/triton, beside the kernels and the TensorRT engines
     backends = backend_dir(root, cache)
     libs = root.parents[1] / "nvidia_pytriton.libs"
     env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(

@@ -102,7 +102,9 @@ def timing_cache_path(cache_dir: str | os.PathLike, key: EngineKey) -> Path:
 
 def default_cache_dir() -> Path:
     """$BTP_CACHE_DIR/trt or ~/.cache/btp/trt."""
-    return Path(os.environ.get("BTP_CACHE_DIR", Path.home() / ".cache" / "btp")).expanduser() / "trt"
+    from btp.kernels.build import cache_dir
+
+    return cache_dir() / "trt"
 
 
 def make_manifest(key: EngineKey, plan_bytes: bytes, *, profile: dict[str, Any], outputs: list[str],
