@@ -128,6 +128,15 @@ class ScoringConfig:
     # Sampled points that lie in no patch: "nearest_center" takes the score of the nearest FPS
     # center; "zero" gives them 0 (the official BTP-3DAD rule: sum / (count + 1e-6)).
     uncovered_points: str = "nearest_center"
+    # The part against itself (btp.geometry.features.self_similarity, after the engine, by
+    # btp.geometry.scores.object_score on every path): object += selfsim_weight * (top selfsim_top
+    # share of the N sampled points' self-similarity distances - selfsim_offset). 0 = off. k nearest
+    # points elsewhere on the part, farther than selfsim_exclusion x the bbox diagonal.
+    selfsim_weight: float = 0.0
+    selfsim_offset: float = 0.0
+    selfsim_top: float = 0.25
+    selfsim_k: int = 5
+    selfsim_exclusion: float = 0.08
 
 
 OBJECT_SOURCES = ("patches", "points", "pooled-points")
@@ -266,6 +275,11 @@ class BTPConfig:
             problems.append(f"gfcm.frame={self.gfcm.frame!r}: expected 'world' or 'local'")
         if not 0 <= self.gfcm.context_k < e.num_group:
             problems.append(f"gfcm.context_k={self.gfcm.context_k} outside 0..num_group-1={e.num_group - 1}")
+        if self.scoring.selfsim_weight < 0 or not 0.0 < self.scoring.selfsim_top <= 1.0 \
+                or self.scoring.selfsim_k < 1 or not 0.0 <= self.scoring.selfsim_exclusion < 1.0:
+            problems.append(f"scoring.selfsim_*: weight {self.scoring.selfsim_weight} (>= 0), top "
+                            f"{self.scoring.selfsim_top} (in (0, 1]), k {self.scoring.selfsim_k} (>= 1), exclusion "
+                            f"{self.scoring.selfsim_exclusion} (in [0, 1))")
         if self.scoring.object_source not in OBJECT_SOURCES:
             problems.append(f"scoring.object_source={self.scoring.object_source!r}: expected one of {OBJECT_SOURCES}")
         elif self.scoring.object_source == "points" and not self.gfcm.point_dim:
@@ -410,6 +424,11 @@ def btp_geo4k_config() -> BTPConfig:
     # object score = 0.5 global + 0.5 mean of the N sampled points' scores: the open borders of a
     # single view and one point more or less move it less than a top share (card, "Object rules")
     cfg.scoring.object_source, cfg.scoring.top_ratio = "pooled-points", 1.0
+    # ... + 0.247 x (the part against itself - 4.093): the top quarter of the sampled points'
+    # self-similarity distances (btp.geometry.features.self_similarity; card, "The part against
+    # itself"): the weight makes both terms count the same on the validation split, the offset
+    # keeps the score's level
+    cfg.scoring.selfsim_weight, cfg.scoring.selfsim_offset = 0.247, 4.093
     return cfg.validate()
 
 

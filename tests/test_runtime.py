@@ -19,7 +19,8 @@ from btp.runtime.calibration import (
 from btp.runtime.metadata import ModelMetadataError, read_model_meta
 from runtime_helpers import REAL_SHAPES, real_scan, tiny_export, tiny_torch_model
 
-STAGES = ["load", "sanitize", "downsample", "normalize", "fps", "group", "engine", "propagate", "interpolate"]
+STAGES = ["load", "sanitize", "downsample", "normalize", "fps", "group", "engine", "propagate", "interpolate",
+          "object_score"]
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,11 @@ import numpy as np
 
 from btp.errors import BTPError
 from btp.geometry import knn, top_mean
+from btp.geometry.features import (LEARNED_SCALES, LEARNED_WIDE_K, _neighbourhood_eigen, feature_names,  # noqa: F401
+                                    local_features)
 
 SURFACE_VARIATION_K = 16
 OBJECT_TOP_RATIO = 0.01  # object score = mean of the top 1 % point scores
-LEARNED_SCALES: tuple[int, ...] = (8, 16, 32)
-LEARNED_WIDE_K = 64
-_BASE_FEATURES = ("surface_variation", "linearity", "planarity", "plane_distance", "density")
 
 
 class BaselineError(BTPError, ValueError):
@@ -35,20 +34,6 @@ class BaselineError(BTPError, ValueError):
 def object_score_from_points(point_scores: np.ndarray, top_ratio: float = OBJECT_TOP_RATIO) -> float:
     """Mean of the top `top_ratio` share of point scores (at least one point)."""
     return top_mean(point_scores, top_ratio)
-
-
-def _neighbourhood_eigen(points: np.ndarray, idx: np.ndarray):
-    """Eigen-decomposition of each point's neighbourhood covariance.
-
-    points [N,3], idx [N,k] -> eigenvalues [N,3] ascending, smallest-eigenvector (normal) [N,3],
-    neighbourhood means [N,3].
-    """
-    nb = points[idx].astype(np.float64)  # [N,k,3]
-    mean = nb.mean(axis=1)  # [N,3]
-    centered = nb - mean[:, None, :]
-    cov = np.einsum("nki,nkj->nij", centered, centered) / idx.shape[1]  # [N,3,3]
-    evals, evecs = np.linalg.eigh(cov)  # ascending
-    return np.clip(evals, 0.0, None), evecs[:, :, 0], mean
 
 
 def surface_variation_scores(points: np.ndarray, k: int = SURFACE_VARIATION_K) -> np.ndarray:
@@ -67,64 +52,6 @@ def surface_variation_scorer(normed: np.ndarray) -> tuple[float, np.ndarray]:
 
 
 # ---- learned baseline ------------------------------------------------------------------
-
-def feature_names(scales: tuple[int, ...] = LEARNED_SCALES, wide_k: int = LEARNED_WIDE_K) -> list[str]:
-    names = []
-    for k in scales:
-        names += [f"{f}_k{k}" for f in _BASE_FEATURES]
-        names += [f"{f}_k{k}_rel{wide_k}" for f in _BASE_FEATURES]
-        names.append(f"normal_deviation_k{k}_vs{wide_k}")
-    names += [f"plane_distance_wide{wide_k}", f"surface_variation_wide{wide_k}"]
-    return names
-
-
-def local_features(points: np.ndarray, scales: tuple[int, ...] = LEARNED_SCALES,
-                   wide_k: int = LEARNED_WIDE_K) -> np.ndarray:
-    """Per-point multi-scale covariance features, float32 [N, F] (F = len(feature_names())).
-
-    For each scale k: surface variation, linearity, planarity, distance to the local plane
-    (in units of the neighbourhood's mean distance), density (mean kNN distance relative to
-    the cloud's median); each of them relative to a wider neighbourhood (value minus the
-    mean of that value over the `wide_k` nearest points; a ratio for density); and the
-    deviation of the scale's normal from the wide normal (1 - |cos|). Plus, once: the distance
-    to the wide neighbourhood's plane (in its mean distance) and its surface variation.
-    """
-    pts = np.ascontiguousarray(points, dtype=np.float32)
-    n = pts.shape[0]
-    k_max = min(max(max(scales), wide_k), n)
-    idx_all, d2_all = knn(pts, pts, k_max)  # [N,k_max] sorted by distance
-    dist_all = np.sqrt(np.maximum(d2_all, 0.0)).astype(np.float64)
-    wide = idx_all[:, : min(wide_k, n)]
-    evals_w, normal_w, mean_w = _neighbourhood_eigen(pts, wide)
-    spread_w = np.maximum(dist_all[:, 1:wide.shape[1]].mean(axis=1), 1e-12) if wide.shape[1] > 1 else np.ones(n)
-    columns = []
-    for k in scales:
-        k = min(k, n)
-        idx = idx_all[:, :k]
-        evals, normal, mean = _neighbourhood_eigen(pts, idx)
-        l3, l2, l1 = evals[:, 0], evals[:, 1], evals[:, 2]
-        total = np.maximum(evals.sum(axis=1), 1e-20)
-        mean_dist = dist_all[:, 1:k].mean(axis=1) if k > 1 else np.zeros(n)
-        spread = np.maximum(mean_dist, 1e-12)
-        base = {
-            "surface_variation": l3 / total,
-            "linearity": (l1 - l2) / np.maximum(l1, 1e-20),
-            "planarity": (l2 - l3) / np.maximum(l1, 1e-20),
-            "plane_distance": np.abs(np.einsum("ni,ni->n", pts - mean, normal)) / spread,
-            "density": mean_dist / max(float(np.median(mean_dist)), 1e-12),
-        }
-        for name in _BASE_FEATURES:
-            columns.append(base[name])
-        for name in _BASE_FEATURES:
-            around = base[name][wide].mean(axis=1)
-            rel = base[name] / np.maximum(around, 1e-12) if name == "density" else base[name] - around
-            columns.append(rel)
-        columns.append(1.0 - np.abs(np.einsum("ni,ni->n", normal, normal_w)))  # bent against the wide normal
-    # height over the wide neighbourhood's plane: a bulge or dent sticks out of it
-    columns.append(np.abs(np.einsum("ni,ni->n", pts - mean_w, normal_w)) / spread_w)
-    columns.append(evals_w[:, 0] / np.maximum(evals_w.sum(axis=1), 1e-20))
-    return np.stack(columns, axis=1).astype(np.float32)
-
 
 @dataclass
 class LearnedBaseline:

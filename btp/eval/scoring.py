@@ -68,7 +68,8 @@ def score_cloud_torch(model, raw_points: np.ndarray, cfg: BTPConfig | None = Non
     point_probs = out["patch_point_probs"][0].float().cpu().numpy() if "patch_point_probs" in out else None
     sampled, point_scores = scores_to_raw(patch_probs, prepared, cfg, exact=prepared.voxel_map is None,
                                           point_probs=point_probs)
-    obj = object_score(cfg.scoring, float(out["object_score"][0]), float(out["global_prob"][0]), sampled)
+    obj = object_score(cfg.scoring, float(out["object_score"][0]), float(out["global_prob"][0]), sampled,
+                       points=prepared.raw_points[prepared.sample_idx])
     return CloudScores(object_score=obj, point_scores=point_scores, sampled_idx=prepared.sample_idx,
                        sampled_scores=sampled)
 

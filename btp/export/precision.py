@@ -74,14 +74,16 @@ def layer_groups(proto) -> dict[str, list[str]]:
 # The committed INT8 recipes: the layer groups ``search_int8`` kept in FP32 for a model's weights
 # (by weights_sha256), so that ``--keep-fp32 auto`` needs no search for them (models/*.md says
 # how each was found).
+_GEO4K_KEEP = ("gfcm", "gfcm/convs", "head", "gfcm/head", "point_encoder/pos_embed", "mgfem/desc_mlp", "mgfem/fuse",
+               "point_refine/patch_proj", "point_refine/point_proj", "point_encoder")
 INT8_RECIPES: dict[str, tuple[str, ...]] = {
     # btp-geo-4k (the default): searched on the held-out sets of models/btp-geo-4k.md, 8192 points,
     # both makers and layouts; INT8 stays in the patch encoder, the transformer blocks and MGFEM's
     # layer/class MLPs (benchmarks/results/precision-btp-geo-4k-*.md). The key is the file's hash:
-    # its tensors are those of the search (4b8969f6...), its config has since changed (scoring only)
-    "649407d4f615918eaff2a9c71bee46cdb24ae905e5651b5f6d650be27cb78779": (
-        "gfcm", "gfcm/convs", "head", "gfcm/head", "point_encoder/pos_embed", "mgfem/desc_mlp", "mgfem/fuse",
-        "point_refine/patch_proj", "point_refine/point_proj", "point_encoder"),
+    # its tensors are those of the search (4b8969f6...), its config has since changed (scoring only:
+    # the map-mean rule, 649407d4..., then the self-similarity term, 988311e2...)
+    "649407d4f615918eaff2a9c71bee46cdb24ae905e5651b5f6d650be27cb78779": _GEO4K_KEEP,
+    "988311e25b18713977c2ef21e10dcff1ed32792d036d6fefd824dd24cb1def45": _GEO4K_KEEP,
 }
 
 

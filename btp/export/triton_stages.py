@@ -236,7 +236,8 @@ class PostStage:
         sampled, scores[mask] = scores_to_raw(np.asarray(tensors["patch_probs"])[0], prep, cfg,
                                               point_probs=point_probs)
         obj = object_score(cfg.scoring, float(np.asarray(tensors["object_score"]).reshape(-1)[0]),
-                           float(np.asarray(tensors["global_prob"]).reshape(-1)[0]), sampled)
+                           float(np.asarray(tensors["global_prob"]).reshape(-1)[0]), sampled,
+                           points=prep.raw_points[prep.sample_idx])
         out = {"point_scores": scores, "object_score": np.array([obj], np.float32)}
         if self.references is not None:  # as Pipeline does: the raw points and their zero-shot scores
             out.update(_reference_outputs(self.references.score(None, prep.raw_points, scores[mask], self.embed),

@@ -1,10 +1,21 @@
-"""FPFH descriptors per patch (the GFCM's supervision target), via open3d."""
+"""Local geometric descriptors of a cloud (numpy, open3d; torch-free).
+
+- `fpfh_patches`: FPFH per patch, the GFCM's supervision target (open3d).
+- `local_features`: multi-scale covariance features per point, read by the learned baseline
+  (`btp.eval.baselines`) and by the object score's self-similarity term.
+- `self_similarity`: per point, how unlike the rest of the same part its local geometry is.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from btp.geometry._checks import as_points
 from btp.geometry.errors import GeometryError
+from btp.geometry.neighbors import knn
+
+LEARNED_SCALES: tuple[int, ...] = (8, 16, 32)
+LEARNED_WIDE_K = 64
+_BASE_FEATURES = ("surface_variation", "linearity", "planarity", "plane_distance", "density")
 
 
 def fpfh_patches(points, patch_idx, gfcm_cfg) -> np.ndarray:
@@ -33,3 +44,122 @@ def fpfh_patches(points, patch_idx, gfcm_cfg) -> np.ndarray:
             radius=float(gfcm_cfg.fpfh_radius), max_nn=int(gfcm_cfg.fpfh_max_nn)))
     per_point = np.asarray(feature.data, dtype=np.float32).T  # [N, 33]
     return np.ascontiguousarray(per_point[pidx].max(axis=1))  # [G, 33]
+
+
+def _neighbourhood_eigen(points: np.ndarray, idx: np.ndarray):
+    """Eigen-decomposition of each point's neighbourhood covariance.
+
+    points [N,3], idx [N,k] -> eigenvalues [N,3] ascending, smallest-eigenvector (normal) [N,3],
+    neighbourhood means [N,3].
+    """
+    nb = points[idx].astype(np.float64)  # [N,k,3]
+    mean = nb.mean(axis=1)  # [N,3]
+    centered = nb - mean[:, None, :]
+    cov = np.einsum("nki,nkj->nij", centered, centered) / idx.shape[1]  # [N,3,3]
+    evals, evecs = np.linalg.eigh(cov)  # ascending
+    return np.clip(evals, 0.0, None), evecs[:, :, 0], mean
+
+
+def feature_names(scales: tuple[int, ...] = LEARNED_SCALES, wide_k: int = LEARNED_WIDE_K) -> list[str]:
+    names = []
+    for k in scales:
+        names += [f"{f}_k{k}" for f in _BASE_FEATURES]
+        names += [f"{f}_k{k}_rel{wide_k}" for f in _BASE_FEATURES]
+        names.append(f"normal_deviation_k{k}_vs{wide_k}")
+    names += [f"plane_distance_wide{wide_k}", f"surface_variation_wide{wide_k}"]
+    return names
+
+
+def local_features(points: np.ndarray, scales: tuple[int, ...] = LEARNED_SCALES,
+                   wide_k: int = LEARNED_WIDE_K) -> np.ndarray:
+    """Per-point multi-scale covariance features, float32 [N, F] (F = len(feature_names())).
+
+    For each scale k: surface variation, linearity, planarity, distance to the local plane
+    (in units of the neighbourhood's mean distance), density (mean kNN distance relative to
+    the cloud's median); each of them relative to a wider neighbourhood (value minus the
+    mean of that value over the `wide_k` nearest points; a ratio for density); and the
+    deviation of the scale's normal from the wide normal (1 - |cos|). Plus, once: the distance
+    to the wide neighbourhood's plane (in its mean distance) and its surface variation.
+    """
+    pts = np.ascontiguousarray(points, dtype=np.float32)
+    n = pts.shape[0]
+    k_max = min(max(max(scales), wide_k), n)
+    idx_all, d2_all = knn(pts, pts, k_max)  # [N,k_max] sorted by distance
+    dist_all = np.sqrt(np.maximum(d2_all, 0.0)).astype(np.float64)
+    wide = idx_all[:, : min(wide_k, n)]
+    evals_w, normal_w, mean_w = _neighbourhood_eigen(pts, wide)
+    spread_w = np.maximum(dist_all[:, 1:wide.shape[1]].mean(axis=1), 1e-12) if wide.shape[1] > 1 else np.ones(n)
+    columns = []
+    for k in scales:
+        k = min(k, n)
+        idx = idx_all[:, :k]
+        evals, normal, mean = _neighbourhood_eigen(pts, idx)
+        l3, l2, l1 = evals[:, 0], evals[:, 1], evals[:, 2]
+        total = np.maximum(evals.sum(axis=1), 1e-20)
+        mean_dist = dist_all[:, 1:k].mean(axis=1) if k > 1 else np.zeros(n)
+        spread = np.maximum(mean_dist, 1e-12)
+        base = {
+            "surface_variation": l3 / total,
+            "linearity": (l1 - l2) / np.maximum(l1, 1e-20),
+            "planarity": (l2 - l3) / np.maximum(l1, 1e-20),
+            "plane_distance": np.abs(np.einsum("ni,ni->n", pts - mean, normal)) / spread,
+            "density": mean_dist / max(float(np.median(mean_dist)), 1e-12),
+        }
+        for name in _BASE_FEATURES:
+            columns.append(base[name])
+        for name in _BASE_FEATURES:
+            around = base[name][wide].mean(axis=1)
+            rel = base[name] / np.maximum(around, 1e-12) if name == "density" else base[name] - around
+            columns.append(rel)
+        columns.append(1.0 - np.abs(np.einsum("ni,ni->n", normal, normal_w)))  # bent against the wide normal
+    # height over the wide neighbourhood's plane: a bulge or dent sticks out of it
+    columns.append(np.abs(np.einsum("ni,ni->n", pts - mean_w, normal_w)) / spread_w)
+    columns.append(evals_w[:, 0] / np.maximum(evals_w.sum(axis=1), 1e-20))
+    return np.stack(columns, axis=1).astype(np.float32)
+
+
+def self_similarity(points, k: int = 5, exclusion: float = 0.08, block: int = 512) -> np.ndarray:
+    """How unlike the rest of the same part each point's local geometry is: float32 [N].
+
+    Each point's `local_features`, standardised over the cloud's own points, against those of
+    every point farther than ``exclusion`` x the bounding-box diagonal from it: the mean
+    Euclidean distance to its ``k`` nearest there (a defect's own points do not vouch for each
+    other). High where the geometry occurs nowhere else on the part. Invariant to the cloud's
+    scale, position and row order (up to float rounding); the features are invariant to turns
+    too, but the exclusion radius follows the axis-aligned box, so a turn moves the distances of
+    the points at its edge (their top share's mean hardly: tests/test_selfsim.py). Cost: O(N^2) distances, computed ``block``
+    rows at a time (N = 4096: 64 MB at once, not 4096^2 floats).
+    """
+    pts = as_points(points).astype(np.float64)
+    n = pts.shape[0]
+    if n < 2:
+        raise GeometryError(f"self_similarity: needs at least 2 points, got {n}")
+    pts = pts - pts.mean(axis=0)
+    diag = float(np.linalg.norm(pts.max(axis=0) - pts.min(axis=0)))
+    if diag <= 0:
+        raise GeometryError("self_similarity: all points coincide")
+    pts /= diag
+    feats = local_features(pts)
+    feats = ((feats - feats.mean(axis=0)) / (feats.std(axis=0) + 1e-6)).astype(np.float32)
+    sq = (feats * feats).sum(axis=1)
+    p32 = pts.astype(np.float32)
+    psq = (p32 * p32).sum(axis=1)
+    r2 = np.float32(exclusion * exclusion)
+    kk = min(k, n - 1)
+    out = np.empty(n, np.float32)
+    for b0 in range(0, n, block):
+        b1 = min(n, b0 + block)
+        # |f_i - f_j|^2 without the row's own |f_i|^2 (it does not change which j are nearest)
+        d2 = feats[b0:b1] @ feats.T
+        d2 *= -2.0
+        d2 += sq[None, :]
+        near = p32[b0:b1] @ p32.T
+        near *= -2.0
+        near += psq[None, :]
+        near += psq[b0:b1, None]
+        np.putmask(d2, near < r2, np.inf)  # the point itself and its surroundings
+        part = np.partition(d2, kk - 1, axis=1)[:, :kk] + sq[b0:b1, None]
+        far = np.isfinite(part)  # a point with fewer than k points elsewhere: mean of what there is
+        part = np.sqrt(np.maximum(np.where(far, part, 0.0), 0.0))
+        out[b0:b1] = part.sum(axis=1) / np.maximum(far.sum(axis=1), 1)
+    return out

@@ -5,6 +5,7 @@ import numpy as np
 
 from btp.geometry._checks import as_points
 from btp.geometry.errors import GeometryError
+from btp.geometry.features import self_similarity
 from btp.geometry.neighbors import knn, knn_candidates
 
 INTERPOLATION_METHODS = ("nearest", "idw3")
@@ -22,21 +23,38 @@ def top_mean(scores, top_ratio: float) -> float:
     return float(np.partition(s, s.size - k)[s.size - k:].mean())
 
 
-def object_score(scoring, engine_object_score: float, global_prob: float, sampled_scores) -> float:
-    """The object score the product reports, from one scan's engine outputs and its sampled
-    points' scores [N] (after ``propagate_patch_scores``).
+def object_score(scoring, engine_object_score: float, global_prob: float, sampled_scores, points=None) -> float:
+    """The object score the product reports, from one scan's engine outputs, its sampled
+    points' scores [N] (after ``propagate_patch_scores``) and, for the self-similarity term, the
+    sampled points themselves [N, 3] (any frame: the term ignores scale, position and row order).
 
     ``scoring.object_source`` (btp/config.py ``ScoringConfig``): "patches" / "points" = the
     engine's own ``object_score`` (computed in the graph); "pooled-points" = ``object_alpha *
     global_prob + (1 - object_alpha) * top_mean(sampled_scores, top_ratio)``, the top share of
     the point map itself, each point counted once (the graph cannot compute it: it does not
-    know which patch members are the same point)."""
+    know which patch members are the same point). With ``scoring.selfsim_weight > 0``, plus
+    ``selfsim_weight * (top_mean(self_similarity(points), selfsim_top) - selfsim_offset)``."""
     if scoring.object_source != "pooled-points":
-        return float(engine_object_score)
-    alpha = float(scoring.object_alpha)
-    local = top_mean(sampled_scores, scoring.top_ratio)
-    # alpha 0 does not read global_prob, which is NaN for a graph without the global branch
-    return local if alpha == 0 else alpha * float(global_prob) + (1.0 - alpha) * local
+        score = float(engine_object_score)
+    else:
+        alpha = float(scoring.object_alpha)
+        local = top_mean(sampled_scores, scoring.top_ratio)
+        # alpha 0 does not read global_prob, which is NaN for a graph without the global branch
+        score = local if alpha == 0 else alpha * float(global_prob) + (1.0 - alpha) * local
+    weight = float(getattr(scoring, "selfsim_weight", 0.0))
+    if weight > 0:
+        if points is None:
+            raise GeometryError("object_score: this model's score has a self-similarity term "
+                                "(scoring.selfsim_weight > 0); pass the sampled points")
+        score += weight * (selfsim_score(points, scoring) - float(scoring.selfsim_offset))
+    return score
+
+
+def selfsim_score(points, scoring) -> float:
+    """The self-similarity statistic of ``object_score``: the mean of the top ``selfsim_top``
+    share of the sampled points' `self_similarity` distances."""
+    return top_mean(self_similarity(points, k=int(scoring.selfsim_k), exclusion=float(scoring.selfsim_exclusion)),
+                    float(scoring.selfsim_top))
 
 
 def propagate_patch_scores(patch_scores, patch_idx, center, points, uncovered: str = "nearest_center",

@@ -253,7 +253,10 @@ def _result(cfg, *, job: Job, outputs: dict[str, np.ndarray], row: int, timings:
         timings = dict(timings, reference=(time.perf_counter() - t0) * 1e3)
         warning = guided.warning()
         notes += (warning,) if warning else ()
-    return Result(object_score=object_score(cfg.scoring, outputs["object_score"][row], global_prob, sampled_scores),
+    with _timed(timings, "object_score"):
+        obj = object_score(cfg.scoring, outputs["object_score"][row], global_prob, sampled_scores,
+                           points=job.raw[sample_idx])
+    return Result(object_score=obj,
                   point_scores=point_scores,
                   patch_probs=np.asarray(outputs["patch_probs"][row], dtype=np.float32), timings=timings,
                   global_prob=global_prob,

@@ -165,8 +165,9 @@ def sample_scores(model, dataset, cached=None, batch_size: int = 16) -> dict[str
                                               uncovered=model.cfg.scoring.uncovered_points)
             points.append(point.numpy())
             labels.append(batch["point_labels"].numpy())
-            objects.append(np.array([object_score(model.cfg.scoring, o, g, p) for o, g, p in
-                                     zip(out["object_score"].numpy(), out["global_prob"].numpy(), points[-1])]))
+            objects.append(np.array([object_score(model.cfg.scoring, o, g, p, points=x) for o, g, p, x in
+                                     zip(out["object_score"].numpy(), out["global_prob"].numpy(), points[-1],
+                                         batch["points"].numpy())]))
             object_labels.append(batch["object_label"].numpy())
     model.train(was)
     return {"point_scores": np.concatenate(points), "point_labels": np.concatenate(labels),

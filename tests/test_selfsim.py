@@ -1,0 +1,86 @@
+"""The object score's self-similarity term (btp.geometry.features.self_similarity): a point scores
+high where its local geometry occurs nowhere else on the part."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from btp.config import ScoringConfig, tiny_config
+from btp.geometry.errors import GeometryError
+from btp.geometry.features import self_similarity
+from btp.geometry.scores import object_score, selfsim_score
+from runtime_helpers import BUNNY, PINION, real_scan
+
+
+def test_self_similarity_ignores_scale_position_and_row_order(shapes_root):
+    pts = real_scan(shapes_root, BUNNY, n=2048, seed=1).astype(np.float64)
+    base = self_similarity(pts)
+    perm = np.random.default_rng(0).permutation(len(pts))
+    again = self_similarity(pts[perm] * 37.0 + np.array([5.0, -2.0, 100.0]))
+    assert np.allclose(again, base[perm], rtol=1e-4, atol=1e-4)
+    assert np.std(base) > 0.1  # not a constant
+
+
+def test_a_turn_hardly_moves_the_statistic(shapes_root):
+    """The exclusion radius follows the axis-aligned box (a turn changes its diagonal): single
+    points move, the top quarter's mean by well under 1 %."""
+    pts = real_scan(shapes_root, BUNNY, n=2048, seed=1).astype(np.float64)
+    scoring = ScoringConfig(selfsim_weight=1.0)
+    base = selfsim_score(pts, scoring)
+    for rotvec in ([0.3, -1.1, 0.7], [0.0, 0.0, 0.15], [1.2, 0.4, 0.0]):
+        turned = pts @ Rotation.from_rotvec(rotvec).as_matrix().T
+        assert selfsim_score(turned, scoring) == pytest.approx(base, rel=5e-3), rotvec
+
+
+def test_a_twin_elsewhere_makes_every_point_look_normal(shapes_root):
+    """The same part twice, side by side: each point finds its twin beyond the exclusion radius,
+    so nothing is unusual; one part alone has points with no twin."""
+    one = real_scan(shapes_root, PINION, n=1500, seed=2).astype(np.float64)
+    size = float(np.linalg.norm(one.max(0) - one.min(0)))
+    two = np.concatenate([one, one + np.array([3 * size, 0.0, 0.0])])
+    alone, twins = self_similarity(one, k=1), self_similarity(two, k=1)
+    assert np.median(alone) > 0.1
+    assert twins.max() < 1e-2 * np.median(alone)
+
+
+def test_it_is_high_on_cracks_and_holes(shapes_root):
+    """Sharp synthetic defects on real parts: their points are farther from the rest of the part
+    in feature space than the part's own points are (not so for every kind: a smooth bulge or a
+    broken-off end can look like geometry the part has elsewhere)."""
+    from btp.train.synth import SynthConfig, load_shape, make_anomalous
+
+    cfg = SynthConfig(num_points=4096, noise=0.0)
+    for name in (PINION, BUNNY):
+        shape = load_shape(shapes_root / name)
+        for seed, kind in ((1, "crack"), (5, "hole")):
+            sample = make_anomalous(shape, seed=seed, cfg=cfg, defect=kind)
+            s = self_similarity(sample.points)
+            bad = sample.labels.astype(bool)
+            assert s[bad].mean() > 1.15 * s[~bad].mean(), (name, kind, s[bad].mean(), s[~bad].mean())
+
+
+def test_the_object_score_adds_the_term(shapes_root):
+    pts = real_scan(shapes_root, BUNNY, n=1024, seed=4)
+    sampled = np.random.default_rng(0).random(len(pts)).astype(np.float32)
+    plain = ScoringConfig(object_source="pooled-points", top_ratio=1.0, object_alpha=0.5)
+    with_term = ScoringConfig(object_source="pooled-points", top_ratio=1.0, object_alpha=0.5,
+                              selfsim_weight=0.25, selfsim_offset=4.0)
+    base = object_score(plain, 0.0, 0.3, sampled)
+    assert base == pytest.approx(0.5 * 0.3 + 0.5 * sampled.mean())
+    stat = selfsim_score(pts, with_term)
+    top = np.sort(self_similarity(pts))[-256:].mean()
+    assert stat == pytest.approx(top, rel=1e-6)
+    assert object_score(with_term, 0.0, 0.3, sampled, points=pts) == pytest.approx(base + 0.25 * (stat - 4.0))
+    with pytest.raises(GeometryError, match="sampled points"):
+        object_score(with_term, 0.0, 0.3, sampled)
+
+
+def test_the_config_checks_the_term():
+    cfg = tiny_config()
+    cfg.scoring.selfsim_weight = -0.1
+    with pytest.raises(ValueError, match="selfsim"):
+        cfg.validate()
+    cfg.scoring.selfsim_weight, cfg.scoring.selfsim_top = 0.2, 0.0
+    with pytest.raises(ValueError, match="selfsim"):
+        cfg.validate()
