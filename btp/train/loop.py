@@ -138,12 +138,13 @@ def _collate(items: list[dict]) -> dict:
     return {k: torch.from_numpy(np.stack([it[k] for it in items])) for k in items[0]}
 
 
-def sample_scores(model, dataset, cached=None, batch_size: int = 16) -> dict[str, np.ndarray]:
+def sample_scores(model, dataset, cached=None, batch_size: int = 16, objects: bool = True) -> dict[str, np.ndarray]:
     """The trained model on BTP samples, scored as the runtime scores them on the N sampled points:
     each point's mean probability over the patches that contain it (its own per-point ones with
     ``gfcm.point_dim``), points in no patch by ``scoring.uncovered_points``; object scores by ``btp.geometry.scores.object_score``.
     -> {point_scores [S, N], point_labels [S, N], object_scores [S], object_labels [S]}.
-    ``cached``: the CachedPointEncoder standing in for the encoder (rows = ``dataset``'s)."""
+    ``cached``: the CachedPointEncoder standing in for the encoder (rows = ``dataset``'s).
+    ``objects=False``: no object scores (NaN; their self-similarity term costs ~0.2 s a sample)."""
     import torch
 
     from btp.geometry.scores import object_score
@@ -151,7 +152,7 @@ def sample_scores(model, dataset, cached=None, batch_size: int = 16) -> dict[str
 
     was = model.training
     model.eval()
-    points, labels, objects, object_labels = [], [], [], []
+    points, labels, object_scores, object_labels = [], [], [], []
     with torch.no_grad():
         for b0 in range(0, len(dataset), batch_size):
             idx = list(range(b0, min(len(dataset), b0 + batch_size)))
@@ -165,13 +166,14 @@ def sample_scores(model, dataset, cached=None, batch_size: int = 16) -> dict[str
                                               uncovered=model.cfg.scoring.uncovered_points)
             points.append(point.numpy())
             labels.append(batch["point_labels"].numpy())
-            objects.append(np.array([object_score(model.cfg.scoring, o, g, p, points=x) for o, g, p, x in
-                                     zip(out["object_score"].numpy(), out["global_prob"].numpy(), points[-1],
-                                         batch["points"].numpy())]))
+            obj = ([object_score(model.cfg.scoring, o, g, p, points=x) for o, g, p, x in
+                    zip(out["object_score"].numpy(), out["global_prob"].numpy(), points[-1], batch["points"].numpy())]
+                   if objects else [np.nan] * len(idx))
+            object_scores.append(np.array(obj))
             object_labels.append(batch["object_label"].numpy())
     model.train(was)
     return {"point_scores": np.concatenate(points), "point_labels": np.concatenate(labels),
-            "object_scores": np.concatenate(objects), "object_labels": np.concatenate(object_labels)}
+            "object_scores": np.concatenate(object_scores), "object_labels": np.concatenate(object_labels)}
 
 
 def calibrate_point_threshold(model, dataset, cached=None, batch_size: int = 16) -> tuple[float, float]:
@@ -180,7 +182,7 @@ def calibrate_point_threshold(model, dataset, cached=None, batch_size: int = 16)
     ``model.cfg.scoring.point_threshold``."""
     from btp.metrics import f1_max_threshold
 
-    got = sample_scores(model, dataset, cached, batch_size)
+    got = sample_scores(model, dataset, cached, batch_size, objects=False)
     f1, threshold = f1_max_threshold(got["point_labels"].ravel(), got["point_scores"].ravel())
     if np.isfinite(threshold):
         model.cfg.scoring.point_threshold = float(min(max(threshold, 1e-6), 1 - 1e-6))
