@@ -84,3 +84,29 @@ def test_the_config_checks_the_term():
     cfg.scoring.selfsim_weight, cfg.scoring.selfsim_top = 0.2, 0.0
     with pytest.raises(ValueError, match="selfsim"):
         cfg.validate()
+
+
+def test_every_path_reads_the_term_from_the_model_file(shapes_root, tmp_path):
+    """A model whose config has the term: btp-run's Pipeline and btp eval's PyTorch path give the
+    same object score, and it is the score without the term plus weight x (statistic - offset)."""
+    pytest.importorskip("torch", reason="exports a model with the term")
+    from btp.eval.scoring import score_cloud_torch
+    from btp.export.onnx import export_onnx, fresh_model
+    from btp.runtime.pipeline import Pipeline
+
+    raw = real_scan(shapes_root, PINION, n=1500, seed=3)
+    scores = {}
+    for weight in (0.0, 0.3):
+        cfg = tiny_config()
+        cfg.scoring.object_source, cfg.scoring.top_ratio = "pooled-points", 1.0
+        cfg.scoring.selfsim_weight, cfg.scoring.selfsim_offset = weight, 4.0
+        loaded = fresh_model(cfg.validate(), seed=0)
+        path = export_onnx(loaded, tmp_path / f"w{weight}.onnx").path
+        pipe = Pipeline(path, downsample="exact", threads=1)
+        assert pipe.cfg.scoring.selfsim_weight == weight  # travels in the metadata
+        run = pipe(raw)
+        torch_path = score_cloud_torch(loaded.model, raw, method="exact")
+        assert run.object_score == pytest.approx(torch_path.object_score, abs=1e-5)
+        scores[weight] = (run.object_score, selfsim_score(raw[run.sampled_idx], pipe.cfg.scoring))
+    (plain, _), (with_term, stat) = scores[0.0], scores[0.3]
+    assert with_term == pytest.approx(plain + 0.3 * (stat - 4.0), abs=1e-5)
