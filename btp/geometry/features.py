@@ -118,7 +118,7 @@ def local_features(points: np.ndarray, scales: tuple[int, ...] = LEARNED_SCALES,
     return np.stack(columns, axis=1).astype(np.float32)
 
 
-def self_similarity(points, k: int = 5, exclusion: float = 0.08, block: int = 512) -> np.ndarray:
+def self_similarity(points, k: int = 5, exclusion: float = 0.08, block: int = 512, threads: int | None = None) -> np.ndarray:
     """How unlike the rest of the same part each point's local geometry is: float32 [N].
 
     Each point's `local_features`, standardised over the cloud's own points, against those of
@@ -128,8 +128,12 @@ def self_similarity(points, k: int = 5, exclusion: float = 0.08, block: int = 51
     scale, position and row order (up to float rounding); the features are invariant to turns
     too, but the exclusion radius follows the axis-aligned box, so a turn moves the distances of
     the points at its edge (their top share's mean hardly: tests/test_selfsim.py). Cost: O(N^2) distances, computed ``block``
-    rows at a time (N = 4096: 64 MB at once, not 4096^2 floats).
+    rows at a time (N = 4096: 8 MB a block), the blocks on ``threads`` threads (default: one per
+    CPU core; the result does not depend on it).
     """
+    import os
+
+    threads = threads or os.cpu_count() or 1
     pts = as_points(points).astype(np.float64)
     n = pts.shape[0]
     if n < 2:
@@ -144,22 +148,32 @@ def self_similarity(points, k: int = 5, exclusion: float = 0.08, block: int = 51
     sq = (feats * feats).sum(axis=1)
     p32 = pts.astype(np.float32)
     psq = (p32 * p32).sum(axis=1)
+    # one matmul each: rows [-2 f_i, 1] . columns [f_j, |f_j|^2] = |f_j|^2 - 2 f_i.f_j (the row's own
+    # |f_i|^2 does not change which j are nearest; added back after), and the same for the points
+    # with |p_i|^2 folded in too: |p_i - p_j|^2
+    one = np.ones((n, 1), np.float32)
+    f_rows, f_cols = np.hstack([-2.0 * feats, one]), np.hstack([feats, sq[:, None]]).T.copy()
+    p_rows, p_cols = np.hstack([-2.0 * p32, one, psq[:, None]]), np.hstack([p32, psq[:, None], one]).T.copy()
     r2 = np.float32(exclusion * exclusion)
     kk = min(k, n - 1)
     out = np.empty(n, np.float32)
-    for b0 in range(0, n, block):
+
+    def rows(b0: int) -> None:
         b1 = min(n, b0 + block)
-        # |f_i - f_j|^2 without the row's own |f_i|^2 (it does not change which j are nearest)
-        d2 = feats[b0:b1] @ feats.T
-        d2 *= -2.0
-        d2 += sq[None, :]
-        near = p32[b0:b1] @ p32.T
-        near *= -2.0
-        near += psq[None, :]
-        near += psq[b0:b1, None]
-        np.putmask(d2, near < r2, np.inf)  # the point itself and its surroundings
+        d2 = f_rows[b0:b1] @ f_cols
+        np.putmask(d2, (p_rows[b0:b1] @ p_cols) < r2, np.inf)  # the point itself and its surroundings
         part = np.partition(d2, kk - 1, axis=1)[:, :kk] + sq[b0:b1, None]
         far = np.isfinite(part)  # a point with fewer than k points elsewhere: mean of what there is
         part = np.sqrt(np.maximum(np.where(far, part, 0.0), 0.0))
         out[b0:b1] = part.sum(axis=1) / np.maximum(far.sum(axis=1), 1)
+
+    starts = range(0, n, block)
+    if threads > 1 and n > block:  # numpy releases the GIL in matmul, putmask and partition
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+            list(pool.map(rows, starts))
+    else:
+        for b0 in starts:
+            rows(b0)
     return out
