@@ -239,7 +239,7 @@ FORMATS: tuple[Format, ...] = (
                              "inside", command="btp export", suffix=".onnx", gpu=False,
            arguments=("--model", "--out", "--format", "--opset", "--batch", "--fp16-safe", "--simplify",
                       "--optional-output", "--patch-embed", "--seed", "--precision", "--gate-data",
-                      "--calibration-shapes", "--keep-fp32", "--force"),
+                      "--calibration-shapes", "--keep-fp32", "--force", "--selfsim"),
            choices={"--precision": tuple(PRECISIONS)}),
     Format(name="triton", what="a Triton model repository (--model may also be an exported model.onnx)",
            command="btp export --format triton", suffix="/", gpu=False,

@@ -110,3 +110,31 @@ def test_every_path_reads_the_term_from_the_model_file(shapes_root, tmp_path):
         scores[weight] = (run.object_score, selfsim_score(raw[run.sampled_idx], pipe.cfg.scoring))
     (plain, _), (with_term, stat) = scores[0.0], scores[0.3]
     assert with_term == pytest.approx(plain + 0.3 * (stat - 4.0), abs=1e-5)
+
+
+def test_btp_export_can_leave_the_term_out(shapes_root, tmp_path):
+    """`btp-export --no-selfsim`: the default's weights with the map-mean rule alone - the file says
+    so, and its object score is the default's minus the term."""
+    pytest.importorskip("torch", reason="exports the default model")
+    from typer.testing import CliRunner
+
+    from btp.cli import app
+    from btp.io.locations import packaged_model
+    from btp.runtime.metadata import read_model_meta
+    from btp.runtime.pipeline import Pipeline
+
+    res = CliRunner().invoke(app, ["export", "--no-selfsim", "--out", str(tmp_path / "fast.onnx")])
+    assert res.exit_code == 0, res.output
+    assert read_model_meta(tmp_path / "fast.onnx").config.scoring.selfsim_weight == 0.0
+    if packaged_model() is None:
+        pytest.skip("the package carries no exported default model (btp/assets/models/*.onnx)")
+    raw = real_scan(shapes_root, PINION, n=8192, seed=6)
+    full, fast = Pipeline(packaged_model(), threads=1), Pipeline(tmp_path / "fast.onnx", threads=1)
+    assert full.cfg.scoring.selfsim_weight > 0
+    a, b = full(raw), fast(raw)
+    term = full.cfg.scoring.selfsim_weight * (selfsim_score(raw[a.sampled_idx], full.cfg.scoring)
+                                              - full.cfg.scoring.selfsim_offset)
+    assert b.object_score == pytest.approx(a.object_score - term, abs=1e-5)
+    assert "object_score" in a.timings and a.timings["object_score"] > 10 * b.timings["object_score"]
+    bad = CliRunner().invoke(app, ["export", "--format", "triton", "--no-selfsim", "--out", str(tmp_path / "repo")])
+    assert bad.exit_code != 0 and "--selfsim" in " ".join(bad.output.split())
