@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from btp.geometry._checks import as_points
@@ -118,7 +120,8 @@ def local_features(points: np.ndarray, scales: tuple[int, ...] = LEARNED_SCALES,
     return np.stack(columns, axis=1).astype(np.float32)
 
 
-def self_similarity(points, k: int = 5, exclusion: float = 0.08, block: int = 512, threads: int | None = None) -> np.ndarray:
+def self_similarity(points, k: int = 5, exclusion: float = 0.08, block: int = 512,
+                    threads: int | None = None) -> np.ndarray:
     """How unlike the rest of the same part each point's local geometry is: float32 [N].
 
     Each point's `local_features`, standardised over the cloud's own points, against those of
@@ -127,12 +130,10 @@ def self_similarity(points, k: int = 5, exclusion: float = 0.08, block: int = 51
     other). High where the geometry occurs nowhere else on the part. Invariant to the cloud's
     scale, position and row order (up to float rounding); the features are invariant to turns
     too, but the exclusion radius follows the axis-aligned box, so a turn moves the distances of
-    the points at its edge (their top share's mean hardly: tests/test_selfsim.py). Cost: O(N^2) distances, computed ``block``
-    rows at a time (N = 4096: 8 MB a block), the blocks on ``threads`` threads (default: one per
-    CPU core; the result does not depend on it).
+    the points at its edge (their top share's mean hardly: tests/test_selfsim.py). Cost: O(N^2)
+    distances, ``block`` rows at a time (N = 4096: 8 MB a block), the blocks on ``threads``
+    threads (default: one per CPU core; the result does not depend on it).
     """
-    import os
-
     threads = threads or os.cpu_count() or 1
     pts = as_points(points).astype(np.float64)
     n = pts.shape[0]

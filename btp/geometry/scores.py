@@ -41,7 +41,7 @@ def object_score(scoring, engine_object_score: float, global_prob: float, sample
         local = top_mean(sampled_scores, scoring.top_ratio)
         # alpha 0 does not read global_prob, which is NaN for a graph without the global branch
         score = local if alpha == 0 else alpha * float(global_prob) + (1.0 - alpha) * local
-    weight = float(getattr(scoring, "selfsim_weight", 0.0))
+    weight = float(scoring.selfsim_weight)
     if weight > 0:
         if points is None:
             raise GeometryError("object_score: this model's score has a self-similarity term "
