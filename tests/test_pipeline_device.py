@@ -48,7 +48,7 @@ def test_cuda_emu_equals_cpu_exact_on_real_shapes(model_path, scans):
     for raw in scans:
         got, ref = emu(raw), cpu(raw)
         _compare(got, ref)
-        assert list(got.timings) == ["load", "sanitize", "preprocess", "engine", "postprocess"]
+        assert list(got.timings) == ["load", "sanitize", "preprocess", "engine", "postprocess", "object_score"]
     launched = {name for name, _ in emu.device_chain.device.launches}
     assert {"btp_fps", "btp_knn_group", "btp_normalize", "btp_scatter_patch_scores", "btp_interpolate_nearest"} <= launched
 
