@@ -20,8 +20,7 @@ import numpy as np
 
 from btp.errors import BTPError
 from btp.geometry import knn, top_mean
-from btp.geometry.features import (LEARNED_SCALES, LEARNED_WIDE_K, _neighbourhood_eigen, feature_names,  # noqa: F401
-                                    local_features)
+from btp.geometry.features import LEARNED_SCALES, LEARNED_WIDE_K, _neighbourhood_eigen, feature_names, local_features
 
 SURFACE_VARIATION_K = 16
 OBJECT_TOP_RATIO = 0.01  # object score = mean of the top 1 % point scores

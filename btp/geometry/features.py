@@ -132,9 +132,9 @@ def self_similarity(points, k: int = 5, exclusion: float = 0.08, block: int = 51
     too, but the exclusion radius follows the axis-aligned box, so a turn moves the distances of
     the points at its edge (their top share's mean hardly: tests/test_selfsim.py). Cost: O(N^2)
     distances, ``block`` rows at a time (N = 4096: 8 MB a block), the blocks on ``threads``
-    threads (default: one per CPU core; the result does not depend on it).
+    threads (default: one per core this process may use; the result does not depend on it).
     """
-    threads = threads or os.cpu_count() or 1
+    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
     pts = as_points(points).astype(np.float64)
     n = pts.shape[0]
     if n < 2:
