@@ -72,6 +72,29 @@ def feature_names(scales: tuple[int, ...] = LEARNED_SCALES, wide_k: int = LEARNE
     return names
 
 
+def _prefix_eigen(points: np.ndarray, idx: np.ndarray, ks: list[int]):
+    """``_neighbourhood_eigen`` of the first k neighbours of each point for every k in ``ks``, from
+    one gather: prefix sums of the neighbours' offsets from the point and of their products.
+
+    points [N,3], idx [N,K] sorted by distance, ks (each <= K) -> eigenvalues [S,N,3] ascending,
+    smallest-eigenvectors [S,N,3], neighbourhood means as offsets from the point [S,N,3].
+    """
+    pts = points.astype(np.float64)
+    d = pts[idx] - pts[:, None, :]  # [N,K,3]: small numbers, so E[dd'] - E[d]E[d]' loses nothing
+    first = np.cumsum(d, axis=1)
+    pairs = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
+    second = np.cumsum(np.stack([d[..., i] * d[..., j] for i, j in pairs], axis=-1), axis=1)  # [N,K,6]
+    cov = np.empty((len(ks), len(pts), 3, 3))
+    means = np.empty((len(ks), len(pts), 3))
+    for s, k in enumerate(ks):
+        means[s] = first[:, k - 1] / k
+        moment = second[:, k - 1] / k
+        for t, (i, j) in enumerate(pairs):
+            cov[s, :, i, j] = cov[s, :, j, i] = moment[:, t] - means[s, :, i] * means[s, :, j]
+    evals, evecs = np.linalg.eigh(cov)  # ascending
+    return np.clip(evals, 0.0, None), evecs[..., 0], means
+
+
 def local_features(points: np.ndarray, scales: tuple[int, ...] = LEARNED_SCALES,
                    wide_k: int = LEARNED_WIDE_K) -> np.ndarray:
     """Per-point multi-scale covariance features, float32 [N, F] (F = len(feature_names())).
@@ -82,42 +105,47 @@ def local_features(points: np.ndarray, scales: tuple[int, ...] = LEARNED_SCALES,
     mean of that value over the `wide_k` nearest points; a ratio for density); and the
     deviation of the scale's normal from the wide normal (1 - |cos|). Plus, once: the distance
     to the wide neighbourhood's plane (in its mean distance) and its surface variation.
+    One kNN query and one gather serve every scale (``_prefix_eigen``).
     """
     pts = np.ascontiguousarray(points, dtype=np.float32)
     n = pts.shape[0]
     k_max = min(max(max(scales), wide_k), n)
     idx_all, d2_all = knn(pts, pts, k_max)  # [N,k_max] sorted by distance
-    dist_all = np.sqrt(np.maximum(d2_all, 0.0)).astype(np.float64)
-    wide = idx_all[:, : min(wide_k, n)]
-    evals_w, normal_w, mean_w = _neighbourhood_eigen(pts, wide)
-    spread_w = np.maximum(dist_all[:, 1:wide.shape[1]].mean(axis=1), 1e-12) if wide.shape[1] > 1 else np.ones(n)
-    columns = []
-    for k in scales:
-        k = min(k, n)
-        idx = idx_all[:, :k]
-        evals, normal, mean = _neighbourhood_eigen(pts, idx)
+    dist_sum = np.cumsum(np.sqrt(np.maximum(d2_all, 0.0)).astype(np.float64), axis=1)
+    ks = [min(k, n) for k in scales]
+    wk = min(wide_k, n)
+    evals_all, normals, offsets = _prefix_eigen(pts, idx_all, ks + [wk])
+    evals_w, normal_w, offset_w = evals_all[-1], normals[-1], offsets[-1]
+
+    def mean_dist(k: int) -> np.ndarray:  # to the k - 1 nearest other points
+        return (dist_sum[:, k - 1] - dist_sum[:, 0]) / (k - 1) if k > 1 else np.zeros(n)
+
+    base, bent = [], []
+    for s, k in enumerate(ks):
+        evals, normal = evals_all[s], normals[s]
         l3, l2, l1 = evals[:, 0], evals[:, 1], evals[:, 2]
         total = np.maximum(evals.sum(axis=1), 1e-20)
-        mean_dist = dist_all[:, 1:k].mean(axis=1) if k > 1 else np.zeros(n)
-        spread = np.maximum(mean_dist, 1e-12)
-        base = {
-            "surface_variation": l3 / total,
-            "linearity": (l1 - l2) / np.maximum(l1, 1e-20),
-            "planarity": (l2 - l3) / np.maximum(l1, 1e-20),
-            "plane_distance": np.abs(np.einsum("ni,ni->n", pts - mean, normal)) / spread,
-            "density": mean_dist / max(float(np.median(mean_dist)), 1e-12),
-        }
-        for name in _BASE_FEATURES:
-            columns.append(base[name])
-        for name in _BASE_FEATURES:
-            around = base[name][wide].mean(axis=1)
-            rel = base[name] / np.maximum(around, 1e-12) if name == "density" else base[name] - around
-            columns.append(rel)
-        columns.append(1.0 - np.abs(np.einsum("ni,ni->n", normal, normal_w)))  # bent against the wide normal
+        spacing = mean_dist(k)
+        base += [l3 / total,  # in _BASE_FEATURES' order
+                 (l1 - l2) / np.maximum(l1, 1e-20),
+                 (l2 - l3) / np.maximum(l1, 1e-20),
+                 np.abs(np.einsum("ni,ni->n", offsets[s], normal)) / np.maximum(spacing, 1e-12),
+                 spacing / max(float(np.median(spacing)), 1e-12)]
+        bent.append(1.0 - np.abs(np.einsum("ni,ni->n", normal, normal_w)))  # against the wide normal
+    values = np.stack(base, axis=1)  # [N, 5 x scales]
+    around = values[idx_all[:, :wk]].mean(axis=1)  # each value's mean over the wide neighbourhood
+    relative = values - around
+    density = np.arange(_BASE_FEATURES.index("density"), values.shape[1], len(_BASE_FEATURES))
+    relative[:, density] = values[:, density] / np.maximum(around[:, density], 1e-12)
+    width = len(_BASE_FEATURES)
+    columns = []
+    for s in range(len(ks)):
+        columns += [values[:, s * width:(s + 1) * width], relative[:, s * width:(s + 1) * width], bent[s][:, None]]
     # height over the wide neighbourhood's plane: a bulge or dent sticks out of it
-    columns.append(np.abs(np.einsum("ni,ni->n", pts - mean_w, normal_w)) / spread_w)
-    columns.append(evals_w[:, 0] / np.maximum(evals_w.sum(axis=1), 1e-20))
-    return np.stack(columns, axis=1).astype(np.float32)
+    spread_w = np.maximum(mean_dist(wk), 1e-12) if wk > 1 else np.ones(n)
+    columns.append((np.abs(np.einsum("ni,ni->n", offset_w, normal_w)) / spread_w)[:, None])
+    columns.append((evals_w[:, 0] / np.maximum(evals_w.sum(axis=1), 1e-20))[:, None])
+    return np.concatenate(columns, axis=1).astype(np.float32)
 
 
 def self_similarity(points, k: int = 5, exclusion: float = 0.08, block: int = 512,
