@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +138,11 @@ class ScoringConfig:
     selfsim_top: float = 0.25
     selfsim_k: int = 5
     selfsim_exclusion: float = 0.08
+    # ... and the point map (btp.geometry.scores.point_map): clip(map + selfsim_point_weight x (the
+    # point's self-similarity distance - selfsim_point_center), 0, 1) at the sampled points, then
+    # carried to the raw points as the map is. 0 = the model's map as it is.
+    selfsim_point_weight: float = 0.0
+    selfsim_point_center: float = 0.0
 
 
 OBJECT_SOURCES = ("patches", "points", "pooled-points")
@@ -276,10 +282,14 @@ class BTPConfig:
         if not 0 <= self.gfcm.context_k < e.num_group:
             problems.append(f"gfcm.context_k={self.gfcm.context_k} outside 0..num_group-1={e.num_group - 1}")
         if self.scoring.selfsim_weight < 0 or not 0.0 < self.scoring.selfsim_top <= 1.0 \
-                or self.scoring.selfsim_k < 1 or not 0.0 <= self.scoring.selfsim_exclusion < 1.0:
+                or self.scoring.selfsim_k < 1 or not 0.0 <= self.scoring.selfsim_exclusion < 1.0 \
+                or not self.scoring.selfsim_point_weight >= 0 or not math.isfinite(self.scoring.selfsim_point_weight) \
+                or not math.isfinite(self.scoring.selfsim_point_center):
             problems.append(f"scoring.selfsim_*: weight {self.scoring.selfsim_weight} (>= 0), top "
                             f"{self.scoring.selfsim_top} (in (0, 1]), k {self.scoring.selfsim_k} (>= 1), exclusion "
-                            f"{self.scoring.selfsim_exclusion} (in [0, 1))")
+                            f"{self.scoring.selfsim_exclusion} (in [0, 1)), point weight "
+                            f"{self.scoring.selfsim_point_weight} (finite, >= 0), point centre "
+                            f"{self.scoring.selfsim_point_center} (finite)")
         if self.scoring.object_source not in OBJECT_SOURCES:
             problems.append(f"scoring.object_source={self.scoring.object_source!r}: expected one of {OBJECT_SOURCES}")
         elif self.scoring.object_source == "points" and not self.gfcm.point_dim:
@@ -429,6 +439,10 @@ def btp_geo4k_config() -> BTPConfig:
     # itself"): the weight makes both terms count the same on the validation split, the offset
     # keeps the score's level
     cfg.scoring.selfsim_weight, cfg.scoring.selfsim_offset = 0.247, 4.093
+    # the point map too: + 0.15 x (the point's self-similarity distance - 2.45, its median over good
+    # points), clipped to [0, 1]: what is ordinary for the part goes down, what it has nowhere else
+    # up (card, "The part against itself, point by point")
+    cfg.scoring.selfsim_point_weight, cfg.scoring.selfsim_point_center = 0.15, 2.45
     return cfg.validate()
 
 

@@ -81,6 +81,26 @@ def test_cuda_emu_equals_cpu_exact_in_the_canonical_order(model_path, scans):
         assert set(moved.sampled_idx.tolist()) == set(same.sampled_idx.tolist())
 
 
+@needs_gxx
+def test_cuda_emu_equals_cpu_exact_with_the_self_similarity_terms(model_path, scans):
+    """A config whose object score and point map read the part against itself: the device chain
+    gives the same object score, map and raw scores as the CPU (the shown map carried again on the CPU)."""
+    import copy
+
+    emu = Pipeline(model_path, preprocess="cuda-emu")
+    cpu = Pipeline(model_path, preprocess="cpu", downsample="exact")
+    for pipe in (emu, cpu):
+        pipe.cfg = copy.deepcopy(pipe.cfg)
+        pipe.cfg.scoring.selfsim_weight, pipe.cfg.scoring.selfsim_offset = 0.3, 4.0
+        pipe.cfg.scoring.selfsim_point_weight, pipe.cfg.scoring.selfsim_point_center = 0.2, 3.0
+    plain = Pipeline(model_path, preprocess="cuda-emu")
+    for raw in scans[:2]:
+        got = emu(raw)
+        _compare(got, cpu(raw))
+        assert list(got.timings)[-3:] == ["selfsim", "point_map", "object_score"]
+        assert np.abs(got.sampled_scores - plain(raw).sampled_scores).max() > 1e-3  # the term moved the map
+
+
 @pytest.mark.skipif(gpu_unavailable_reason() is not None, reason=gpu_unavailable_reason() or "")
 def test_cuda_equals_cpu_exact_on_real_shapes(model_path, scans):
     gpu = Pipeline(model_path, preprocess="cuda")

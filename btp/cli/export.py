@@ -56,10 +56,10 @@ def export(
     patch_embed: bool = typer.Option(False, "--patch-embed", help="Short for --optional-output patch_embed."),
     seed: int = typer.Option(0, "--seed", help="Torch seed of a fresh init (when no committed weights exist)."),
     selfsim: bool = typer.Option(True, "--selfsim/--no-selfsim",
-                                 help="--no-selfsim: leave the self-similarity term out of the object score "
-                                      "(scoring.selfsim_weight = 0 in the file): about 175 ms a scan faster on a "
-                                      "2-core CPU, about 5 points lower held-out O-AUROC (models/btp-geo-4k.md, "
-                                      "\"The part against itself\")."),
+                                 help="--no-selfsim: leave the self-similarity terms out of the object score and "
+                                      "the point map (scoring.selfsim_weight = selfsim_point_weight = 0 in the "
+                                      "file): about 175 ms a scan faster on a 2-core CPU, about 5 points lower "
+                                      "held-out O-AUROC (models/btp-geo-4k.md, \"The part against itself\")."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | int8 | bf16. int8: static INT8 (QDQ) "
                                   "calibrated on normal scans of --calibration-shapes, the most sensitive layer "
                                   "groups kept in FP32 until the accuracy gate holds; bf16: OpenVINO's bfloat16 "
@@ -131,7 +131,7 @@ def export(
                           f"exporting a FRESHLY INITIALISED, untrained model (torch seed {seed}); its scores carry "
                           "no meaning. The metadata says so.")
         if not selfsim:
-            loaded.model.cfg.scoring.selfsim_weight = 0.0
+            loaded.model.cfg.scoring.selfsim_weight = loaded.model.cfg.scoring.selfsim_point_weight = 0.0
         result = export_onnx(loaded, out, opset=opset, batch=batch, fp16_safe=fp16_safe, simplify=simplify,
                              optional_outputs=optional, log=lambda msg: console.print(f"{prefix} {msg}"))
     except (ExportError, BTPError, ValueError) as exc:

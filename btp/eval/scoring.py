@@ -1,7 +1,7 @@
 """Score one raw scan: the CPU chain of every scorer, the torch-model path, the ONNX path.
 
 raw scan [M,3] -> ``btp.geometry.prepare.prepare`` (downsample to N, normalize, group) -> scorer
--> scores [N] -> ``scores_to_raw`` / ``interpolate`` -> point scores [M] in the raw scan's row order.
+-> scores [N] -> ``score_maps`` / ``interpolate`` -> point scores [M] in the raw scan's row order.
 
 `score_cloud_torch(model, raw_points)` is the one place that runs a PyTorch `BTPModel` on a
 cloud the way the runtime does (same chain), for `btp eval --model CKPT` and for validation
@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from btp.config import BTPConfig
-from btp.geometry.prepare import interpolate, prepare, scores_to_raw
+from btp.geometry.prepare import interpolate, prepare, score_maps
 from btp.geometry.scores import object_score
 
 
@@ -47,8 +47,9 @@ def score_cloud_torch(model, raw_points: np.ndarray, cfg: BTPConfig | None = Non
                       method: str = "auto") -> CloudScores:
     """Run a PyTorch `BTPModel` on one raw scan [M,3] (eval mode, no grad).
 
-    Patch probabilities -> points (mean over containing patches) -> raw scan; object score as
-    the runtime's (``btp.geometry.scores.object_score``). ``method``: the downsampling rule
+    Patch probabilities -> points (mean over containing patches) -> the map shown -> raw scan
+    (``btp.geometry.prepare.score_maps``); object score as the runtime's
+    (``btp.geometry.scores.object_score``). ``method``: the downsampling rule
     (``btp.geometry.prepare``); the raw-scan interpolation is the exact rule unless that resolves
     to "voxel" (then its gather).
     """
@@ -66,12 +67,11 @@ def score_cloud_torch(model, raw_points: np.ndarray, cfg: BTPConfig | None = Non
         model.train(was_training)
     patch_probs = out["patch_probs"][0].float().cpu().numpy()  # [G]
     point_probs = out["patch_point_probs"][0].float().cpu().numpy() if "patch_point_probs" in out else None
-    sampled, point_scores = scores_to_raw(patch_probs, prepared, cfg, exact=prepared.voxel_map is None,
-                                          point_probs=point_probs)
-    obj = object_score(cfg.scoring, float(out["object_score"][0]), float(out["global_prob"][0]), sampled,
-                       points=prepared.raw_points[prepared.sample_idx])
-    return CloudScores(object_score=obj, point_scores=point_scores, sampled_idx=prepared.sample_idx,
-                       sampled_scores=sampled)
+    maps = score_maps(patch_probs, prepared, cfg, exact=prepared.voxel_map is None, point_probs=point_probs)
+    obj = object_score(cfg.scoring, float(out["object_score"][0]), float(out["global_prob"][0]), maps.model,
+                       selfsim=maps.selfsim)
+    return CloudScores(object_score=obj, point_scores=maps.raw, sampled_idx=prepared.sample_idx,
+                       sampled_scores=maps.sampled)
 
 
 class TorchScorer:

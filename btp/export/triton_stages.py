@@ -9,7 +9,7 @@ repository, the Python version, the model file and which stage this model is):
 - ``pre`` (layout "ensemble", ``btp_pre``): raw scan -> the engine's inputs (``btp.geometry.prepare``)
   and the prepared scan that ``btp_post`` needs to map scores back.
 - ``post`` (``btp_post``): the engine's outputs + the prepared scan -> point scores per input row and
-  the object score as the runtime makes it (``btp.geometry.prepare.scores_to_raw``,
+  the object score as the runtime makes it (``btp.geometry.prepare.score_maps``,
   ``btp.geometry.scores.object_score``).
 
 With a reference (``btp export --format triton --reference PART.btpref``), the ``pipeline`` or
@@ -217,7 +217,7 @@ class PostStage:
             self.embed = Pipeline(model_file, threads=threads).embed
 
     def __call__(self, tensors: dict) -> dict:
-        from btp.geometry.prepare import Prepared, scores_to_raw
+        from btp.geometry.prepare import Prepared, score_maps
         from btp.geometry.sampling import VoxelMap
         from btp.geometry.scores import object_score
 
@@ -233,11 +233,11 @@ class PostStage:
                         center=np.asarray(tensors["center"])[0])
         scores = np.full(len(raw_all), np.nan, np.float32)  # one score per input row, NaN where dropped
         point_probs = np.asarray(tensors["patch_point_probs"])[0] if "patch_point_probs" in tensors else None
-        sampled, scores[mask] = scores_to_raw(np.asarray(tensors["patch_probs"])[0], prep, cfg,
-                                              point_probs=point_probs)
+        maps = score_maps(np.asarray(tensors["patch_probs"])[0], prep, cfg, point_probs=point_probs)
+        scores[mask] = maps.raw
         obj = object_score(cfg.scoring, float(np.asarray(tensors["object_score"]).reshape(-1)[0]),
-                           float(np.asarray(tensors["global_prob"]).reshape(-1)[0]), sampled,
-                           points=prep.raw_points[prep.sample_idx])
+                           float(np.asarray(tensors["global_prob"]).reshape(-1)[0]), maps.model,
+                           selfsim=maps.selfsim)
         out = {"point_scores": scores, "object_score": np.array([obj], np.float32)}
         if self.references is not None:  # as Pipeline does: the raw points and their zero-shot scores
             out.update(_reference_outputs(self.references.score(None, prep.raw_points, scores[mask], self.embed),

@@ -49,7 +49,8 @@ from btp.geometry.neighbors import knn, neighborhoods
 from btp.geometry.normalize import normalize
 from btp.geometry.sampling import (VoxelMap, anchored_order, canonical_order, column_bounds, downsample, fps, point_hash,
                                    resolve_method, voxel_downsample)
-from btp.geometry.scores import interpolate_to_raw, nearest_scores, propagate_patch_scores
+from btp.geometry.scores import (interpolate_to_raw, nearest_scores, point_map, propagate_patch_scores, selfsim_map,
+                                 uses_selfsim)
 from btp.io.errors import InvalidValuesError, TooFewPointsError
 
 # float32 squared distances (FPS, kNN, interpolation) overflow beyond ~1e19 and lose every
@@ -335,3 +336,37 @@ def scores_to_raw(patch_probs: np.ndarray, prepared: Prepared, cfg: BTPConfig, *
     with timer("interpolate"):
         raw = interpolate(sampled, prepared, cfg, exact=exact)
     return sampled, raw
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScanMaps:
+    """One scan's maps after the engine, at its N sampled points and its M raw points.
+
+    model    float32 [N]  the model's own map (``propagate``): the object score reads it
+    sampled  float32 [N]  the map the product shows there (``btp.geometry.scores.point_map``)
+    raw      float32 [M]  ``sampled`` carried to every raw point (``interpolate``)
+    selfsim  float32 [N] or None: the sampled points' self-similarity distances, when the config
+             reads them (``scoring.selfsim_weight`` or ``selfsim_point_weight`` > 0)
+    """
+
+    model: np.ndarray
+    sampled: np.ndarray
+    raw: np.ndarray
+    selfsim: np.ndarray | None
+
+
+def score_maps(patch_probs: np.ndarray, prepared: Prepared, cfg: BTPConfig, *, exact: bool = False,
+               timer=_untimed, point_probs=None) -> ScanMaps:
+    """``scores_to_raw`` with the config's self-similarity: patch probabilities [G] -> the model's
+    map at the sampled points -> their self-similarity distances (stage "selfsim", once a scan)
+    -> the map shown (``point_map``) -> every raw point."""
+    with timer("propagate"):
+        model = propagate(patch_probs, prepared, cfg, point_probs)
+    selfsim = None
+    if uses_selfsim(cfg.scoring):
+        with timer("selfsim"):
+            selfsim = selfsim_map(prepared.raw_points[prepared.sample_idx], cfg.scoring)
+    shown = point_map(model, selfsim, cfg.scoring)
+    with timer("interpolate"):
+        raw = interpolate(shown, prepared, cfg, exact=exact)
+    return ScanMaps(model=model, sampled=shown, raw=raw, selfsim=selfsim)

@@ -23,17 +23,31 @@ def top_mean(scores, top_ratio: float) -> float:
     return float(np.partition(s, s.size - k)[s.size - k:].mean())
 
 
-def object_score(scoring, engine_object_score: float, global_prob: float, sampled_scores, points=None) -> float:
-    """The object score the product reports, from one scan's engine outputs, its sampled
-    points' scores [N] (after ``propagate_patch_scores``) and, for the self-similarity term, the
-    sampled points themselves [N, 3] (any frame: the term ignores scale, position and row order).
+def uses_selfsim(scoring) -> bool:
+    """Whether this config's object score or point map reads the self-similarity distances."""
+    return float(scoring.selfsim_weight) > 0 or float(scoring.selfsim_point_weight) > 0
+
+
+def selfsim_map(points, scoring) -> np.ndarray:
+    """The N sampled points' self-similarity distances [N] as the config asks for them
+    (``scoring.selfsim_k``, ``selfsim_exclusion``; `btp.geometry.features.self_similarity`); computed
+    once per scan and read by both ``object_score`` and ``point_map``."""
+    return self_similarity(points, k=int(scoring.selfsim_k), exclusion=float(scoring.selfsim_exclusion))
+
+
+def object_score(scoring, engine_object_score: float, global_prob: float, sampled_scores, points=None,
+                 selfsim=None) -> float:
+    """The object score the product reports, from one scan's engine outputs, the model's own map at
+    its sampled points [N] (after ``propagate_patch_scores``, before ``point_map``) and, for the
+    self-similarity term, their ``selfsim_map`` [N] or the sampled points themselves [N, 3] (any
+    frame: the term ignores scale, position and row order).
 
     ``scoring.object_source`` (btp/config.py ``ScoringConfig``): "patches" / "points" = the
     engine's own ``object_score`` (computed in the graph); "pooled-points" = ``object_alpha *
     global_prob + (1 - object_alpha) * top_mean(sampled_scores, top_ratio)``, the top share of
     the point map itself, each point counted once (the graph cannot compute it: it does not
     know which patch members are the same point). With ``scoring.selfsim_weight > 0``, plus
-    ``selfsim_weight * (top_mean(self_similarity(points), selfsim_top) - selfsim_offset)``."""
+    ``selfsim_weight * (top_mean(selfsim, selfsim_top) - selfsim_offset)``."""
     if scoring.object_source != "pooled-points":
         score = float(engine_object_score)
     else:
@@ -43,18 +57,38 @@ def object_score(scoring, engine_object_score: float, global_prob: float, sample
         score = local if alpha == 0 else alpha * float(global_prob) + (1.0 - alpha) * local
     weight = float(scoring.selfsim_weight)
     if weight > 0:
-        if points is None:
+        if selfsim is None and points is None:
             raise GeometryError("object_score: this model's score has a self-similarity term "
-                                "(scoring.selfsim_weight > 0); pass the sampled points")
-        score += weight * (selfsim_score(points, scoring) - float(scoring.selfsim_offset))
+                                "(scoring.selfsim_weight > 0); pass the sampled points or their selfsim_map")
+        values = selfsim_map(points, scoring) if selfsim is None else selfsim
+        score += weight * (top_mean(values, float(scoring.selfsim_top)) - float(scoring.selfsim_offset))
     return score
 
 
 def selfsim_score(points, scoring) -> float:
     """The self-similarity statistic of ``object_score``: the mean of the top ``selfsim_top``
     share of the sampled points' `self_similarity` distances."""
-    return top_mean(self_similarity(points, k=int(scoring.selfsim_k), exclusion=float(scoring.selfsim_exclusion)),
-                    float(scoring.selfsim_top))
+    return top_mean(selfsim_map(points, scoring), float(scoring.selfsim_top))
+
+
+def point_map(sampled_scores, selfsim, scoring) -> np.ndarray:
+    """The map the product shows at the sampled points, float32 [N]: the model's ``sampled_scores``
+    [N] as they are, or with ``scoring.selfsim_point_weight > 0`` ``clip(sampled_scores + weight x
+    (selfsim - selfsim_point_center), 0, 1)``: lower where the point's geometry is ordinary for the
+    part, higher where the part has it nowhere else; the centre (a typical good point's distance)
+    leaves the map, and the point threshold's meaning, as the model made them."""
+    scores = np.asarray(sampled_scores, dtype=np.float32)
+    weight = float(scoring.selfsim_point_weight)
+    if weight <= 0:
+        return scores
+    if selfsim is None:
+        raise GeometryError("point_map: this model's map has a self-similarity term "
+                            "(scoring.selfsim_point_weight > 0); pass the sampled points' selfsim_map")
+    values = np.asarray(selfsim, dtype=np.float64)
+    if values.shape != scores.shape:
+        raise GeometryError(f"point_map: selfsim {values.shape} must match the scores {scores.shape}")
+    fused = scores + weight * (values - float(scoring.selfsim_point_center))
+    return np.clip(fused, 0.0, 1.0).astype(np.float32)
 
 
 def propagate_patch_scores(patch_scores, patch_idx, center, points, uncovered: str = "nearest_center",

@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from btp.geometry.prepare import Prepared, check_scan, engine_batch, min_points, prepare, scores_to_raw
+from btp.geometry.prepare import (Prepared, ScanMaps, check_scan, engine_batch, min_points, prepare, score_maps,
+                                  scores_to_raw)
 from btp.geometry.sampling import DOWNSAMPLE_METHODS, anchored_order
-from btp.geometry.scores import object_score
+from btp.geometry.scores import interpolate_to_raw, object_score, point_map, selfsim_map, uses_selfsim
 from btp.io import PointCloud, read_point_cloud
 from btp.io.pointcloud import centered
 from btp.runtime.backends import make_backend
@@ -47,12 +48,14 @@ class Result:
     point_scores    float32 [M]    per raw point, in the input's order (mean patch probability)
     patch_probs     float32 [G]    per FPS patch
     timings         {stage: ms}    load, sanitize, downsample, normalize, fps, group, engine, propagate,
-                                   interpolate (cpu) or load, preprocess, engine, postprocess (cuda);
-                                   engine = the whole batch call
+                                   [selfsim], interpolate (cpu) or load, preprocess, engine, postprocess,
+                                   [selfsim, point_map] (cuda); then object_score; engine = the whole
+                                   batch call; selfsim with a config that reads self-similarity
     global_prob     float          the global head's probability (NaN if the graph has none)
     points          float32 [M, 3] the raw points the scores belong to
     sampled_idx     int64 [N]      the downsampled points (indices into points)
-    sampled_scores  float32 [N]    their scores before interpolation
+    sampled_scores  float32 [N]    their scores before interpolation (the map shown: the model's, with
+                                   the self-similarity point term when the config has one)
     row_mask        bool [R]       which rows of the file were kept (None = all)
     offset          float64 [3]    points + offset = the scan's own coordinates, when a float64 scan
                                    was centered before the float32 cast (None: points are the scan's)
@@ -178,12 +181,10 @@ class Pipeline:
         t = dict(job.timings, engine=engine_ms)
         patch_probs = np.asarray(outputs["patch_probs"][b], dtype=np.float32)  # [G]
         point_probs = outputs.get("patch_point_probs")  # [B, G, K] from a model with per-point scores
-        sampled, point_scores = scores_to_raw(patch_probs, job.prep, self.cfg, exact=self.downsample == "exact",
-                                              timer=partial(_timed, t),
-                                              point_probs=None if point_probs is None else point_probs[b])
-        return _result(self.cfg, job=job, outputs=outputs, row=b, timings=t, point_scores=point_scores,
-                       sample_idx=job.prep.sample_idx, sampled_scores=sampled, batch=batch, references=self.references,
-                       embed=self.embed)
+        maps = score_maps(patch_probs, job.prep, self.cfg, exact=self.downsample == "exact", timer=partial(_timed, t),
+                          point_probs=None if point_probs is None else point_probs[b])
+        return _result(self.cfg, job=job, outputs=outputs, row=b, timings=t, maps=maps, sample_idx=job.prep.sample_idx,
+                       batch=batch, references=self.references, embed=self.embed)
 
     def finish_on_device(self, job: Job) -> Result:
         """The whole chain of one scan on the device (btp.runtime.device.DeviceChain)."""
@@ -199,9 +200,9 @@ class Pipeline:
             point_scores = np.empty_like(got.point_scores)
             point_scores[order] = got.point_scores
             sample_idx = order[got.sample_idx]
-        return _result(self.cfg, job=job, outputs=got.outputs, row=0, timings=t, point_scores=point_scores,
-                       sample_idx=sample_idx, sampled_scores=got.sampled_scores, batch=1, references=self.references,
-                       embed=self.embed)
+        maps = _device_maps(self.cfg, job.raw, sample_idx, got.sampled_scores, point_scores, partial(_timed, t))
+        return _result(self.cfg, job=job, outputs=got.outputs, row=0, timings=t, maps=maps, sample_idx=sample_idx,
+                       batch=1, references=self.references, embed=self.embed)
 
     @property
     def has_embeddings(self) -> bool:
@@ -238,14 +239,30 @@ def load_references(reference, model_path: Path) -> ReferenceSet:
     return ReferenceSet(refs)
 
 
-def _result(cfg, *, job: Job, outputs: dict[str, np.ndarray], row: int, timings: dict[str, float],
-            point_scores: np.ndarray, sample_idx: np.ndarray, sampled_scores: np.ndarray, batch: int,
-            references: ReferenceSet | None = None, embed=None) -> Result:
-    """Row ``row`` of a batch of ``batch`` scans: the engine's outputs, the scores of the ``sample_idx``
-    points (``sampled_scores`` [N]) and of every raw point (``point_scores`` [M]) -> Result; with
+def _device_maps(cfg, raw: np.ndarray, sample_idx: np.ndarray, model: np.ndarray, point_scores: np.ndarray,
+                 timer) -> ScanMaps:
+    """``score_maps`` for the device chain, which gives the model's map at the sampled points and
+    carried to the raw points: with a self-similarity point map the shown map is carried again on
+    the CPU by the exact rule (the kernel's, stage "point_map")."""
+    selfsim = None
+    if uses_selfsim(cfg.scoring):
+        with timer("selfsim"):
+            selfsim = selfsim_map(raw[sample_idx], cfg.scoring)
+    shown = point_map(model, selfsim, cfg.scoring)
+    if float(cfg.scoring.selfsim_point_weight) > 0:
+        with timer("point_map"):
+            point_scores = interpolate_to_raw(raw[sample_idx], shown, raw, method=cfg.scoring.raw_interpolation)
+    return ScanMaps(model=model, sampled=shown, raw=point_scores, selfsim=selfsim)
+
+
+def _result(cfg, *, job: Job, outputs: dict[str, np.ndarray], row: int, timings: dict[str, float], maps: ScanMaps,
+            sample_idx: np.ndarray, batch: int, references: ReferenceSet | None = None, embed=None) -> Result:
+    """Row ``row`` of a batch of ``batch`` scans: the engine's outputs, the maps of the ``sample_idx``
+    points and of every raw point (``maps``) -> Result; with
     ``references``, the scan is also routed to its part and scored against it (stage "reference"; ``embed``:
     the model, for references that hold its patch embeddings)."""
     global_prob = float(outputs["global_prob"][row]) if "global_prob" in outputs else float("nan")
+    point_scores, sampled_scores = maps.raw, maps.sampled
     guided, notes = None, job.warnings
     if references is not None:
         t0 = time.perf_counter()
@@ -254,8 +271,7 @@ def _result(cfg, *, job: Job, outputs: dict[str, np.ndarray], row: int, timings:
         warning = guided.warning()
         notes += (warning,) if warning else ()
     with _timed(timings, "object_score"):
-        obj = object_score(cfg.scoring, outputs["object_score"][row], global_prob, sampled_scores,
-                           points=job.raw[sample_idx])
+        obj = object_score(cfg.scoring, outputs["object_score"][row], global_prob, maps.model, selfsim=maps.selfsim)
     return Result(object_score=obj,
                   point_scores=point_scores,
                   patch_probs=np.asarray(outputs["patch_probs"][row], dtype=np.float32), timings=timings,

@@ -142,6 +142,9 @@ def sample_scores(model, dataset, cached=None, batch_size: int = 16, objects: bo
     """The trained model on BTP samples, scored as the runtime scores them on the N sampled points:
     each point's mean probability over the patches that contain it (its own per-point ones with
     ``gfcm.point_dim``), points in no patch by ``scoring.uncovered_points``; object scores by ``btp.geometry.scores.object_score``.
+    The point scores are the model's own map: the self-similarity point term
+    (``scoring.selfsim_point_weight``, ``btp.geometry.scores.point_map``) is left out, so the point
+    threshold is calibrated on what the model learnt; the term leaves it in place at a typical good point.
     -> {point_scores [S, N], point_labels [S, N], object_scores [S], object_labels [S]}.
     ``cached``: the CachedPointEncoder standing in for the encoder (rows = ``dataset``'s).
     ``objects=False``: no object scores (NaN; their self-similarity term costs ~0.2 s a sample)."""
