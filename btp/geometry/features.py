@@ -7,9 +7,12 @@
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.spatial import cKDTree
 
 from btp.geometry._checks import as_points
 from btp.geometry.errors import GeometryError
@@ -73,26 +76,24 @@ def feature_names(scales: tuple[int, ...] = LEARNED_SCALES, wide_k: int = LEARNE
 
 
 def _prefix_eigen(points: np.ndarray, idx: np.ndarray, ks: list[int]):
-    """``_neighbourhood_eigen`` of the first k neighbours of each point for every k in ``ks``, from
-    one gather: prefix sums of the neighbours' offsets from the point and of their products.
+    """``_neighbourhood_eigen`` of the first k neighbours of each point for every k in ``ks``
+    (ascending), from one gather: the sums of the neighbours' offsets from the point and of their
+    outer products over the segments between consecutive ks, accumulated.
 
-    points [N,3], idx [N,K] sorted by distance, ks (each <= K) -> eigenvalues [S,N,3] ascending,
-    smallest-eigenvectors [S,N,3], neighbourhood means as offsets from the point [S,N,3].
+    points [N,3], idx [N,K] sorted by distance, ks (ascending, each <= K) -> eigenvalues [S,N,3]
+    ascending, smallest-eigenvectors [S,N,3], neighbourhood means as offsets from the point [S,N,3].
     """
     pts = points.astype(np.float64)
-    d = pts[idx] - pts[:, None, :]  # [N,K,3]: small numbers, so E[dd'] - E[d]E[d]' loses nothing
-    first = np.cumsum(d, axis=1)
-    pairs = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
-    second = np.cumsum(np.stack([d[..., i] * d[..., j] for i, j in pairs], axis=-1), axis=1)  # [N,K,6]
-    cov = np.empty((len(ks), len(pts), 3, 3))
-    means = np.empty((len(ks), len(pts), 3))
-    for s, k in enumerate(ks):
-        means[s] = first[:, k - 1] / k
-        moment = second[:, k - 1] / k
-        for t, (i, j) in enumerate(pairs):
-            cov[s, :, i, j] = cov[s, :, j, i] = moment[:, t] - means[s, :, i] * means[s, :, j]
-    evals, evecs = np.linalg.eigh(cov)  # ascending
-    return np.clip(evals, 0.0, None), evecs[..., 0], means
+    d = pts[idx[:, :ks[-1]]] - pts[:, None, :]  # [N,K,3]: small numbers, so E[dd'] - E[d]E[d]' loses nothing
+    starts = [0] + list(ks[:-1])
+    first = np.cumsum(np.add.reduceat(d, starts, axis=1), axis=1)  # [N,S,3]
+    second = np.cumsum(np.stack([np.matmul(d[:, a:b].transpose(0, 2, 1), d[:, a:b]) for a, b in zip(starts, ks)],
+                                axis=1), axis=1)  # [N,S,3,3]
+    sizes = np.asarray(ks, dtype=np.float64)[None, :, None]
+    means = first / sizes
+    cov = second / sizes[..., None] - means[..., :, None] * means[..., None, :]
+    evals, evecs = np.linalg.eigh(cov.transpose(1, 0, 2, 3))  # [S,N,3] ascending
+    return np.clip(evals, 0.0, None), evecs[..., 0], means.transpose(1, 0, 2)
 
 
 def local_features(points: np.ndarray, scales: tuple[int, ...] = LEARNED_SCALES,
@@ -114,26 +115,30 @@ def local_features(points: np.ndarray, scales: tuple[int, ...] = LEARNED_SCALES,
     dist_sum = np.cumsum(np.sqrt(np.maximum(d2_all, 0.0)).astype(np.float64), axis=1)
     ks = [min(k, n) for k in scales]
     wk = min(wide_k, n)
-    evals_all, normals, offsets = _prefix_eigen(pts, idx_all, ks + [wk])
-    evals_w, normal_w, offset_w = evals_all[-1], normals[-1], offsets[-1]
+    sizes = sorted(set(ks + [wk]))
+    evals_all, normals, offsets = _prefix_eigen(pts, idx_all, sizes)
+    at = {k: i for i, k in enumerate(sizes)}
+    evals_w, normal_w, offset_w = evals_all[at[wk]], normals[at[wk]], offsets[at[wk]]
 
     def mean_dist(k: int) -> np.ndarray:  # to the k - 1 nearest other points
         return (dist_sum[:, k - 1] - dist_sum[:, 0]) / (k - 1) if k > 1 else np.zeros(n)
 
     base, bent = [], []
-    for s, k in enumerate(ks):
-        evals, normal = evals_all[s], normals[s]
+    for k in ks:
+        evals, normal, offset = evals_all[at[k]], normals[at[k]], offsets[at[k]]
         l3, l2, l1 = evals[:, 0], evals[:, 1], evals[:, 2]
         total = np.maximum(evals.sum(axis=1), 1e-20)
         spacing = mean_dist(k)
         base += [l3 / total,  # in _BASE_FEATURES' order
                  (l1 - l2) / np.maximum(l1, 1e-20),
                  (l2 - l3) / np.maximum(l1, 1e-20),
-                 np.abs(np.einsum("ni,ni->n", offsets[s], normal)) / np.maximum(spacing, 1e-12),
+                 np.abs(np.einsum("ni,ni->n", offset, normal)) / np.maximum(spacing, 1e-12),
                  spacing / max(float(np.median(spacing)), 1e-12)]
         bent.append(1.0 - np.abs(np.einsum("ni,ni->n", normal, normal_w)))  # against the wide normal
     values = np.stack(base, axis=1)  # [N, 5 x scales]
-    around = values[idx_all[:, :wk]].mean(axis=1)  # each value's mean over the wide neighbourhood
+    # each value's mean over the wide neighbourhood: a sparse [N, N] average, one product
+    wide = csr_matrix((np.full(n * wk, 1.0 / wk), idx_all[:, :wk].ravel(), np.arange(0, n * wk + 1, wk)), shape=(n, n))
+    around = wide @ values
     relative = values - around
     density = np.arange(_BASE_FEATURES.index("density"), values.shape[1], len(_BASE_FEATURES))
     relative[:, density] = values[:, density] / np.maximum(around[:, density], 1e-12)
@@ -163,6 +168,22 @@ def self_similarity(points, k: int = 5, exclusion: float = 0.08, block: int = 51
     threads (default: one per core this process may use; the result does not depend on it).
     """
     threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        return _self_similarity(points, k, exclusion, block, threads)
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    """The process's BLAS libraries (threadpoolctl), looked up once."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def _self_similarity(points, k: int, exclusion: float, block: int, threads: int) -> np.ndarray:
+    """``self_similarity`` with BLAS on one thread: our threads share the blocks. (BLAS's own
+    threads keep spinning after each small product and take the cores from ours, and from the
+    engine after.)"""
     pts = as_points(points).astype(np.float64)
     n = pts.shape[0]
     if n < 2:
@@ -175,29 +196,31 @@ def self_similarity(points, k: int = 5, exclusion: float = 0.08, block: int = 51
     feats = local_features(pts)
     feats = ((feats - feats.mean(axis=0)) / (feats.std(axis=0) + 1e-6)).astype(np.float32)
     sq = (feats * feats).sum(axis=1)
-    p32 = pts.astype(np.float32)
-    psq = (p32 * p32).sum(axis=1)
-    # one matmul each: rows [-2 f_i, 1] . columns [f_j, |f_j|^2] = |f_j|^2 - 2 f_i.f_j (the row's own
-    # |f_i|^2 does not change which j are nearest; added back after), and the same for the points
-    # with |p_i|^2 folded in too: |p_i - p_j|^2
-    one = np.ones((n, 1), np.float32)
-    f_rows, f_cols = np.hstack([-2.0 * feats, one]), np.hstack([feats, sq[:, None]]).T.copy()
-    p_rows, p_cols = np.hstack([-2.0 * p32, one, psq[:, None]]), np.hstack([p32, psq[:, None], one]).T.copy()
-    r2 = np.float32(exclusion * exclusion)
+    # one matmul: rows [-2 f_i, 1] . columns [f_j, |f_j|^2] = |f_j|^2 - 2 f_i.f_j (the row's own |f_i|^2
+    # does not change which j are nearest; added back after)
+    f_rows = np.hstack([-2.0 * feats, np.ones((n, 1), np.float32)])
+    f_cols = np.hstack([feats, sq[:, None]]).T.copy()
+    # the point itself and the points within the exclusion radius: a few % of the pairs, from a tree
+    pairs = cKDTree(pts).query_pairs(exclusion, output_type="ndarray")
+    i, j = np.concatenate([pairs[:, 0], pairs[:, 1], np.arange(n)]), np.concatenate([pairs[:, 1], pairs[:, 0], np.arange(n)])
+    order = np.argsort(i.astype(np.uint16) if n <= 65536 else i, kind="stable")  # radix sort for 16-bit keys
+    near_cols = j[order]
+    near_ptr = np.concatenate([[0], np.cumsum(np.bincount(i, minlength=n))])  # row r: near_cols[ptr[r]:ptr[r + 1]]
     kk = min(k, n - 1)
     out = np.empty(n, np.float32)
 
     def rows(b0: int) -> None:
         b1 = min(n, b0 + block)
         d2 = f_rows[b0:b1] @ f_cols
-        np.putmask(d2, (p_rows[b0:b1] @ p_cols) < r2, np.inf)  # the point itself and its surroundings
-        part = np.partition(d2, kk - 1, axis=1)[:, :kk] + sq[b0:b1, None]
+        d2[np.repeat(np.arange(b1 - b0), np.diff(near_ptr[b0:b1 + 1])), near_cols[near_ptr[b0]:near_ptr[b1]]] = np.inf
+        d2.partition(kk - 1, axis=1)  # in place
+        part = d2[:, :kk] + sq[b0:b1, None]
         far = np.isfinite(part)  # a point with fewer than k points elsewhere: mean of what there is
         part = np.sqrt(np.maximum(np.where(far, part, 0.0), 0.0))
         out[b0:b1] = part.sum(axis=1) / np.maximum(far.sum(axis=1), 1)
 
     starts = range(0, n, block)
-    if threads > 1 and n > block:  # numpy releases the GIL in matmul, putmask and partition
+    if threads > 1 and n > block:  # numpy releases the GIL in matmul, the scatter and partition
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(min(threads, len(starts))) as pool:
