@@ -143,6 +143,9 @@ class ScoringConfig:
     # carried to the raw points as the map is. 0 = the model's map as it is.
     selfsim_point_weight: float = 0.0
     selfsim_point_center: float = 0.0
+    # ... then averaged over each sampled point's selfsim_point_smooth nearest sampled points (itself
+    # included; 0 or 1 = not averaged)
+    selfsim_point_smooth: int = 0
 
 
 OBJECT_SOURCES = ("patches", "points", "pooled-points")
@@ -284,12 +287,13 @@ class BTPConfig:
         if self.scoring.selfsim_weight < 0 or not 0.0 < self.scoring.selfsim_top <= 1.0 \
                 or self.scoring.selfsim_k < 1 or not 0.0 <= self.scoring.selfsim_exclusion < 1.0 \
                 or not self.scoring.selfsim_point_weight >= 0 or not math.isfinite(self.scoring.selfsim_point_weight) \
-                or not math.isfinite(self.scoring.selfsim_point_center):
+                or not math.isfinite(self.scoring.selfsim_point_center) or self.scoring.selfsim_point_smooth < 0:
             problems.append(f"scoring.selfsim_*: weight {self.scoring.selfsim_weight} (>= 0), top "
                             f"{self.scoring.selfsim_top} (in (0, 1]), k {self.scoring.selfsim_k} (>= 1), exclusion "
                             f"{self.scoring.selfsim_exclusion} (in [0, 1)), point weight "
                             f"{self.scoring.selfsim_point_weight} (finite, >= 0), point centre "
-                            f"{self.scoring.selfsim_point_center} (finite)")
+                            f"{self.scoring.selfsim_point_center} (finite), point smooth "
+                            f"{self.scoring.selfsim_point_smooth} (>= 0)")
         if self.scoring.object_source not in OBJECT_SOURCES:
             problems.append(f"scoring.object_source={self.scoring.object_source!r}: expected one of {OBJECT_SOURCES}")
         elif self.scoring.object_source == "points" and not self.gfcm.point_dim:

@@ -93,6 +93,7 @@ def test_cuda_emu_equals_cpu_exact_with_the_self_similarity_terms(model_path, sc
         pipe.cfg = copy.deepcopy(pipe.cfg)
         pipe.cfg.scoring.selfsim_weight, pipe.cfg.scoring.selfsim_offset = 0.3, 4.0
         pipe.cfg.scoring.selfsim_point_weight, pipe.cfg.scoring.selfsim_point_center = 0.2, 3.0
+        pipe.cfg.scoring.selfsim_point_smooth = 8
     plain = Pipeline(model_path, preprocess="cuda-emu")
     for raw in scans[:2]:
         got = emu(raw)

@@ -112,6 +112,31 @@ def test_the_point_map_moves_with_the_part_against_itself(shapes_root):
         point_map(model, s[:-1], scoring)
 
 
+def test_the_smoothed_point_map_is_the_mean_over_neighbours(shapes_root):
+    """selfsim_point_smooth = k: the clipped map averaged over each point's k nearest sampled points
+    (itself included), the same whatever the rows' order."""
+    from scipy.spatial import cKDTree
+
+    pts = real_scan(shapes_root, PINION, n=1024, seed=5)
+    s = self_similarity(pts)
+    model = np.random.default_rng(2).random(len(pts)).astype(np.float32)
+    plain = ScoringConfig(selfsim_point_weight=0.15, selfsim_point_center=2.45)
+    smooth = ScoringConfig(selfsim_point_weight=0.15, selfsim_point_center=2.45, selfsim_point_smooth=16)
+    clipped = point_map(model, s, plain)
+    _, idx = cKDTree(pts.astype(np.float64)).query(pts.astype(np.float64), k=16)
+    shown = point_map(model, s, smooth, pts)
+    np.testing.assert_allclose(shown, clipped[idx].mean(axis=1), atol=1e-6)
+    assert shown.std() < clipped.std()  # smoother
+    perm = np.random.default_rng(3).permutation(len(pts))
+    np.testing.assert_allclose(point_map(model[perm], s[perm], smooth, pts[perm]), shown[perm], atol=1e-6)
+    with pytest.raises(GeometryError, match="sampled points"):
+        point_map(model, s, smooth)
+    cfg = tiny_config()
+    cfg.scoring.selfsim_point_smooth = -1
+    with pytest.raises(ValueError, match="point smooth"):
+        cfg.validate()
+
+
 def test_every_path_reads_the_term_from_the_model_file(shapes_root, tmp_path):
     """A model whose config has the term: btp-run's Pipeline and btp eval's PyTorch path give the
     same object score, and it is the score without the term plus weight x (statistic - offset)."""
@@ -153,6 +178,7 @@ def test_every_path_shows_the_same_point_map(shapes_root, tmp_path):
         cfg = tiny_config()
         cfg.scoring.object_source, cfg.scoring.top_ratio = "pooled-points", 1.0
         cfg.scoring.selfsim_point_weight, cfg.scoring.selfsim_point_center = weight, 3.0
+        cfg.scoring.selfsim_point_smooth = 8
         loaded = fresh_model(cfg.validate(), seed=0)
         path = export_onnx(loaded, tmp_path / f"p{weight}.onnx").path
         pipe = Pipeline(path, downsample="exact", threads=1)
@@ -164,7 +190,8 @@ def test_every_path_shows_the_same_point_map(shapes_root, tmp_path):
     plain, fused = runs[0.0], runs[0.2]
     np.testing.assert_array_equal(plain.sampled_idx, fused.sampled_idx)
     s = self_similarity(raw[fused.sampled_idx])
-    expected = np.clip(plain.sampled_scores + 0.2 * (s.astype(np.float64) - 3.0), 0, 1)
+    expected = point_map(plain.sampled_scores, s, ScoringConfig(selfsim_point_weight=0.2, selfsim_point_center=3.0,
+                                                                  selfsim_point_smooth=8), raw[fused.sampled_idx])
     np.testing.assert_allclose(fused.sampled_scores, expected, atol=1e-5)
     assert not np.allclose(fused.sampled_scores, plain.sampled_scores, atol=1e-3)
     np.testing.assert_array_equal(fused.point_scores[fused.sampled_idx], fused.sampled_scores)
@@ -199,6 +226,6 @@ def test_btp_export_can_leave_the_term_out(shapes_root, tmp_path):
     assert "selfsim" in a.timings and "selfsim" not in b.timings
     if full.cfg.scoring.selfsim_point_weight > 0:  # the map shown: the model's, moved by the point term
         np.testing.assert_allclose(a.sampled_scores, point_map(b.sampled_scores, self_similarity(raw[a.sampled_idx]),
-                                                                full.cfg.scoring), atol=1e-5)
+                                                                full.cfg.scoring, raw[a.sampled_idx]), atol=1e-5)
     bad = CliRunner().invoke(app, ["export", "--format", "triton", "--no-selfsim", "--out", str(tmp_path / "repo")])
     assert bad.exit_code != 0 and "--selfsim" in " ".join(bad.output.split())

@@ -142,10 +142,13 @@ def run_demo(out: Path, *, model: str = DEFAULT_MODEL_NAME, backend: str = "ort-
                       f"{ps.anomalous_points} pts ({100 * ps.anomalous_fraction:.1f}%)",
                       f"{100 * info['true_fraction']:.1f}%", f"{oc.total_ms:.0f}", f"{oc.timings_ms['engine']:.0f}")
     console.print(table)
-    threshold = pipeline.meta.config.scoring.point_threshold
-    console.print(f"anomalous region = raw points whose score (mean probability of the patches containing "
-                  f"them) is >= {threshold:.3g}, the model's point threshold (point-F1-max on its training "
-                  "samples; 0.5 if uncalibrated); true region = points the synthetic defect changed.")
+    scoring = pipeline.meta.config.scoring
+    score = ("mean probability of the patches containing them" if scoring.selfsim_point_weight <= 0 else
+             f"mean probability of the patches containing them, + {scoring.selfsim_point_weight:g} x (how unlike "
+             f"the rest of the part the point is - {scoring.selfsim_point_center:g}), in [0, 1]")
+    console.print(f"anomalous region = raw points whose score ({score}) is >= {scoring.point_threshold:.3g}, the "
+                  "model's point threshold (point-F1-max on its training samples; 0.5 if uncalibrated); true "
+                  "region = points the synthetic defect changed.")
     console.print(f"heat maps and per-point scores: {out / 'results'} (<stem>.ply / .png / .npy / .json); "
                   f"scans: {out / 'scans'}")
     console.print(f"[bold]inspection report: {page}[/bold] (open it in a browser: table, heat maps, 3D views)")

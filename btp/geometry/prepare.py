@@ -362,11 +362,13 @@ def score_maps(patch_probs: np.ndarray, prepared: Prepared, cfg: BTPConfig, *, e
     -> the map shown (``point_map``) -> every raw point."""
     with timer("propagate"):
         model = propagate(patch_probs, prepared, cfg, point_probs)
-    selfsim = None
+    selfsim, sampled_points = None, prepared.raw_points[prepared.sample_idx]
     if uses_selfsim(cfg.scoring):
         with timer("selfsim"):
-            selfsim = selfsim_map(prepared.raw_points[prepared.sample_idx], cfg.scoring)
-    shown = point_map(model, selfsim, cfg.scoring)
+            selfsim = selfsim_map(sampled_points, cfg.scoring)
+            shown = point_map(model, selfsim, cfg.scoring, sampled_points)
+    else:
+        shown = model
     with timer("interpolate"):
         raw = interpolate(shown, prepared, cfg, exact=exact)
     return ScanMaps(model=model, sampled=shown, raw=raw, selfsim=selfsim)

@@ -71,12 +71,14 @@ def selfsim_score(points, scoring) -> float:
     return top_mean(selfsim_map(points, scoring), float(scoring.selfsim_top))
 
 
-def point_map(sampled_scores, selfsim, scoring) -> np.ndarray:
+def point_map(sampled_scores, selfsim, scoring, points=None) -> np.ndarray:
     """The map the product shows at the sampled points, float32 [N]: the model's ``sampled_scores``
     [N] as they are, or with ``scoring.selfsim_point_weight > 0`` ``clip(sampled_scores + weight x
     (selfsim - selfsim_point_center), 0, 1)``: lower where the point's geometry is ordinary for the
     part, higher where the part has it nowhere else; the centre (a typical good point's distance)
-    leaves the map, and the point threshold's meaning, as the model made them."""
+    leaves the map, and the point threshold's meaning, as the model made them. With
+    ``selfsim_point_smooth = k > 1`` that map is then averaged over each point's k nearest sampled
+    ``points`` [N, 3] (itself included; the ``knn`` rule, so not the rows' order)."""
     scores = np.asarray(sampled_scores, dtype=np.float32)
     weight = float(scoring.selfsim_point_weight)
     if weight <= 0:
@@ -87,8 +89,18 @@ def point_map(sampled_scores, selfsim, scoring) -> np.ndarray:
     values = np.asarray(selfsim, dtype=np.float64)
     if values.shape != scores.shape:
         raise GeometryError(f"point_map: selfsim {values.shape} must match the scores {scores.shape}")
-    fused = scores + weight * (values - float(scoring.selfsim_point_center))
-    return np.clip(fused, 0.0, 1.0).astype(np.float32)
+    fused = np.clip(scores + weight * (values - float(scoring.selfsim_point_center)), 0.0, 1.0)
+    k = min(int(scoring.selfsim_point_smooth), len(fused))
+    if k > 1:
+        if points is None:
+            raise GeometryError("point_map: this model's map is averaged over neighbours "
+                                "(scoring.selfsim_point_smooth > 1); pass the sampled points")
+        pts = as_points(points)
+        if pts.shape[0] != len(fused):
+            raise GeometryError(f"point_map: {pts.shape[0]} points for {len(fused)} scores")
+        idx, _ = knn(pts, pts, k)
+        fused = fused[idx].mean(axis=1)
+    return fused.astype(np.float32)
 
 
 def propagate_patch_scores(patch_scores, patch_idx, center, points, uncovered: str = "nearest_center",

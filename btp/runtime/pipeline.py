@@ -45,7 +45,7 @@ class Result:
     """Scores of one scan.
 
     object_score    float          alpha * global_prob + (1 - alpha) * a top mean (scoring.object_source)
-    point_scores    float32 [M]    per raw point, in the input's order (mean patch probability)
+    point_scores    float32 [M]    per raw point, in the input's order (the map shown, sampled_scores carried)
     patch_probs     float32 [G]    per FPS patch
     timings         {stage: ms}    load, sanitize, downsample, normalize, fps, group, engine, propagate,
                                    [selfsim], interpolate (cpu) or load, preprocess, engine, postprocess,
@@ -244,11 +244,11 @@ def _device_maps(cfg, raw: np.ndarray, sample_idx: np.ndarray, model: np.ndarray
     """``score_maps`` for the device chain, which gives the model's map at the sampled points and
     carried to the raw points: with a self-similarity point map the shown map is carried again on
     the CPU by the exact rule (the kernel's, stage "point_map")."""
-    selfsim = None
+    selfsim, shown = None, model
     if uses_selfsim(cfg.scoring):
         with timer("selfsim"):
             selfsim = selfsim_map(raw[sample_idx], cfg.scoring)
-    shown = point_map(model, selfsim, cfg.scoring)
+            shown = point_map(model, selfsim, cfg.scoring, raw[sample_idx])
     if float(cfg.scoring.selfsim_point_weight) > 0:
         with timer("point_map"):
             point_scores = interpolate_to_raw(raw[sample_idx], shown, raw, method=cfg.scoring.raw_interpolation)
