@@ -445,8 +445,10 @@ def btp_geo4k_config() -> BTPConfig:
     cfg.scoring.selfsim_weight, cfg.scoring.selfsim_offset = 0.247, 4.093
     # the point map too: + 0.15 x (the point's self-similarity distance - 2.45, its median over good
     # points), clipped to [0, 1]: what is ordinary for the part goes down, what it has nowhere else
-    # up (card, "The part against itself, point by point")
+    # up; then averaged over each sampled point's 16 nearest (card, "The part against itself, point
+    # by point")
     cfg.scoring.selfsim_point_weight, cfg.scoring.selfsim_point_center = 0.15, 2.45
+    cfg.scoring.selfsim_point_smooth = 16
     return cfg.validate()
 
 

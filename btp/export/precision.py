@@ -81,10 +81,12 @@ INT8_RECIPES: dict[str, tuple[str, ...]] = {
     # both makers and layouts; INT8 stays in the patch encoder, the transformer blocks and MGFEM's
     # layer/class MLPs (benchmarks/results/precision-btp-geo-4k-*.md). The key is the file's hash:
     # its tensors are those of the search (4b8969f6...), its config has since changed (scoring only:
-    # the map-mean rule, 649407d4..., the self-similarity term, 988311e2..., its point map, 1f9a6002...)
+    # the map-mean rule, 649407d4..., the self-similarity term, 988311e2..., its point map, 1f9a6002..., smoothed,
+    # 38e3bbea...)
     "649407d4f615918eaff2a9c71bee46cdb24ae905e5651b5f6d650be27cb78779": _GEO4K_KEEP,
     "988311e25b18713977c2ef21e10dcff1ed32792d036d6fefd824dd24cb1def45": _GEO4K_KEEP,
     "1f9a600262593cb63b3bdcc0a14b3f10db94f1219721e3c4ffe4714fd425de49": _GEO4K_KEEP,
+    "38e3bbeac40602b90731febcca8358038ae27688875b88d8ae812a44fcdf7a3b": _GEO4K_KEEP,
 }
 
 
