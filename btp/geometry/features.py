@@ -75,7 +75,7 @@ def feature_names(scales: tuple[int, ...] = LEARNED_SCALES, wide_k: int = LEARNE
     return names
 
 
-def _prefix_eigen(points: np.ndarray, idx: np.ndarray, ks: list[int]):
+def _prefix_eigen(points: np.ndarray, idx: np.ndarray, ks: list[int], pool=None, chunks: int = 1):
     """``_neighbourhood_eigen`` of the first k neighbours of each point for every k in ``ks``
     (ascending), from one gather: the sums of the neighbours' offsets from the point and of their
     outer products over the segments between consecutive ks, accumulated.
@@ -92,12 +92,17 @@ def _prefix_eigen(points: np.ndarray, idx: np.ndarray, ks: list[int]):
     sizes = np.asarray(ks, dtype=np.float64)[None, :, None]
     means = first / sizes
     cov = second / sizes[..., None] - means[..., :, None] * means[..., None, :]
-    evals, evecs = np.linalg.eigh(cov.transpose(1, 0, 2, 3))  # [S,N,3] ascending
+    cov = cov.transpose(1, 0, 2, 3)  # [S,N,3,3]
+    if pool is None or chunks < 2:
+        evals, evecs = np.linalg.eigh(cov)  # ascending
+    else:  # numpy's linalg releases the GIL: the points in chunks, one a thread
+        got = list(pool.map(np.linalg.eigh, np.array_split(cov, chunks, axis=1)))
+        evals, evecs = np.concatenate([e for e, _ in got], axis=1), np.concatenate([v for _, v in got], axis=1)
     return np.clip(evals, 0.0, None), evecs[..., 0], means.transpose(1, 0, 2)
 
 
 def local_features(points: np.ndarray, scales: tuple[int, ...] = LEARNED_SCALES,
-                   wide_k: int = LEARNED_WIDE_K) -> np.ndarray:
+                   wide_k: int = LEARNED_WIDE_K, threads: int = 1) -> np.ndarray:
     """Per-point multi-scale covariance features, float32 [N, F] (F = len(feature_names())).
 
     For each scale k: surface variation, linearity, planarity, distance to the local plane
@@ -106,17 +111,31 @@ def local_features(points: np.ndarray, scales: tuple[int, ...] = LEARNED_SCALES,
     mean of that value over the `wide_k` nearest points; a ratio for density); and the
     deviation of the scale's normal from the wide normal (1 - |cos|). Plus, once: the distance
     to the wide neighbourhood's plane (in its mean distance) and its surface variation.
-    One kNN query and one gather serve every scale (``_prefix_eigen``).
+    One kNN query and one gather serve every scale (``_prefix_eigen``). ``threads`` > 1 share the
+    kNN queries and the eigen-decompositions (the same result).
     """
+    if threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            return _local_features(points, scales, wide_k, pool, threads)
+    return _local_features(points, scales, wide_k, None, 1)
+
+
+def _local_features(points, scales, wide_k: int, pool, chunks: int) -> np.ndarray:
     pts = np.ascontiguousarray(points, dtype=np.float32)
     n = pts.shape[0]
     k_max = min(max(max(scales), wide_k), n)
-    idx_all, d2_all = knn(pts, pts, k_max)  # [N,k_max] sorted by distance
+    if pool is None:
+        idx_all, d2_all = knn(pts, pts, k_max)  # [N,k_max] sorted by distance
+    else:  # pykdtree and the rule's numpy release the GIL: the queries in chunks, one a thread
+        got = list(pool.map(lambda q: knn(pts, q, k_max), np.array_split(pts, chunks)))
+        idx_all, d2_all = np.concatenate([i for i, _ in got]), np.concatenate([d for _, d in got])
     dist_sum = np.cumsum(np.sqrt(np.maximum(d2_all, 0.0)).astype(np.float64), axis=1)
     ks = [min(k, n) for k in scales]
     wk = min(wide_k, n)
     sizes = sorted(set(ks + [wk]))
-    evals_all, normals, offsets = _prefix_eigen(pts, idx_all, sizes)
+    evals_all, normals, offsets = _prefix_eigen(pts, idx_all, sizes, pool, chunks)
     at = {k: i for i, k in enumerate(sizes)}
     evals_w, normal_w, offset_w = evals_all[at[wk]], normals[at[wk]], offsets[at[wk]]
 
@@ -193,7 +212,7 @@ def _self_similarity(points, k: int, exclusion: float, block: int, threads: int)
     if diag <= 0:
         raise GeometryError("self_similarity: all points coincide")
     pts /= diag
-    feats = local_features(pts)
+    feats = local_features(pts, threads=threads)
     feats = ((feats - feats.mean(axis=0)) / (feats.std(axis=0) + 1e-6)).astype(np.float32)
     sq = (feats * feats).sum(axis=1)
     # one matmul: rows [-2 f_i, 1] . columns [f_j, |f_j|^2] = |f_j|^2 - 2 f_i.f_j (the row's own |f_i|^2
