@@ -137,23 +137,30 @@ def test_the_smoothed_point_map_is_the_mean_over_neighbours(shapes_root):
         cfg.validate()
 
 
+def _tiny_model_with(tmp_path, name: str, **scoring):
+    """A fresh tiny model (torch seed 0, the pooled-points object rule) with these scoring settings,
+    exported: (LoadedModel, a Pipeline of the file on the exact rule)."""
+    from btp.export.onnx import export_onnx, fresh_model
+    from btp.runtime.pipeline import Pipeline
+
+    cfg = tiny_config()
+    cfg.scoring.object_source, cfg.scoring.top_ratio = "pooled-points", 1.0
+    for key, value in scoring.items():
+        setattr(cfg.scoring, key, value)
+    loaded = fresh_model(cfg.validate(), seed=0)
+    return loaded, Pipeline(export_onnx(loaded, tmp_path / f"{name}.onnx").path, downsample="exact", threads=1)
+
+
 def test_every_path_reads_the_term_from_the_model_file(shapes_root, tmp_path):
     """A model whose config has the term: btp-run's Pipeline and btp eval's PyTorch path give the
     same object score, and it is the score without the term plus weight x (statistic - offset)."""
     pytest.importorskip("torch", reason="exports a model with the term")
     from btp.eval.scoring import score_cloud_torch
-    from btp.export.onnx import export_onnx, fresh_model
-    from btp.runtime.pipeline import Pipeline
 
     raw = real_scan(shapes_root, PINION, n=1500, seed=3)
     scores = {}
     for weight in (0.0, 0.3):
-        cfg = tiny_config()
-        cfg.scoring.object_source, cfg.scoring.top_ratio = "pooled-points", 1.0
-        cfg.scoring.selfsim_weight, cfg.scoring.selfsim_offset = weight, 4.0
-        loaded = fresh_model(cfg.validate(), seed=0)
-        path = export_onnx(loaded, tmp_path / f"w{weight}.onnx").path
-        pipe = Pipeline(path, downsample="exact", threads=1)
+        loaded, pipe = _tiny_model_with(tmp_path, f"w{weight}", selfsim_weight=weight, selfsim_offset=4.0)
         assert pipe.cfg.scoring.selfsim_weight == weight  # travels in the metadata
         run = pipe(raw)
         torch_path = score_cloud_torch(loaded.model, raw, method="exact")
@@ -169,19 +176,12 @@ def test_every_path_shows_the_same_point_map(shapes_root, tmp_path):
     and the object score still reads the model's own map."""
     pytest.importorskip("torch", reason="exports a model with the term")
     from btp.eval.scoring import score_cloud_torch
-    from btp.export.onnx import export_onnx, fresh_model
-    from btp.runtime.pipeline import Pipeline
 
     raw = real_scan(shapes_root, PINION, n=6000, seed=3)
     runs = {}
     for weight in (0.0, 0.2):
-        cfg = tiny_config()
-        cfg.scoring.object_source, cfg.scoring.top_ratio = "pooled-points", 1.0
-        cfg.scoring.selfsim_point_weight, cfg.scoring.selfsim_point_center = weight, 3.0
-        cfg.scoring.selfsim_point_smooth = 8
-        loaded = fresh_model(cfg.validate(), seed=0)
-        path = export_onnx(loaded, tmp_path / f"p{weight}.onnx").path
-        pipe = Pipeline(path, downsample="exact", threads=1)
+        loaded, pipe = _tiny_model_with(tmp_path, f"p{weight}", selfsim_point_weight=weight, selfsim_point_center=3.0,
+                                        selfsim_point_smooth=8)
         assert pipe.cfg.scoring.selfsim_point_weight == weight  # travels in the metadata
         runs[weight] = pipe(raw)
         torch_path = score_cloud_torch(loaded.model, raw, method="exact")
