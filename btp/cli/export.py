@@ -58,8 +58,9 @@ def export(
     selfsim: bool = typer.Option(True, "--selfsim/--no-selfsim",
                                  help="--no-selfsim: leave the self-similarity terms out of the object score and "
                                       "the point map (scoring.selfsim_weight = selfsim_point_weight = 0 in the "
-                                      "file): about 175 ms a scan faster on a 2-core CPU, about 5 points lower "
-                                      "held-out O-AUROC (models/btp-geo-4k.md, \"The part against itself\")."),
+                                      "file): about 115 ms a scan faster on a 2-core CPU, about 5 points lower "
+                                      "held-out O-AUROC and 3 lower P-AUROC (models/btp-geo-4k.md, \"The part against "
+                                      "itself\" and \"... point by point\")."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | int8 | bf16. int8: static INT8 (QDQ) "
                                   "calibrated on normal scans of --calibration-shapes, the most sensitive layer "
                                   "groups kept in FP32 until the accuracy gate holds; bf16: OpenVINO's bfloat16 "

@@ -362,13 +362,17 @@ def score_maps(patch_probs: np.ndarray, prepared: Prepared, cfg: BTPConfig, *, e
     -> the map shown (``point_map``) -> every raw point."""
     with timer("propagate"):
         model = propagate(patch_probs, prepared, cfg, point_probs)
-    selfsim, sampled_points = None, prepared.raw_points[prepared.sample_idx]
-    if uses_selfsim(cfg.scoring):
-        with timer("selfsim"):
-            selfsim = selfsim_map(sampled_points, cfg.scoring)
-            shown = point_map(model, selfsim, cfg.scoring, sampled_points)
-    else:
-        shown = model
+    shown, selfsim = shown_map(model, prepared.raw_points[prepared.sample_idx], cfg, timer)
     with timer("interpolate"):
         raw = interpolate(shown, prepared, cfg, exact=exact)
     return ScanMaps(model=model, sampled=shown, raw=raw, selfsim=selfsim)
+
+
+def shown_map(model: np.ndarray, sampled_points: np.ndarray, cfg: BTPConfig, timer=_untimed):
+    """The model's map at the N sampled points [N] and the points [N, 3] -> (the map shown [N], their
+    self-similarity distances [N] or None when the config reads none; stage "selfsim")."""
+    if not uses_selfsim(cfg.scoring):
+        return model, None
+    with timer("selfsim"):
+        selfsim = selfsim_map(sampled_points, cfg.scoring)
+        return point_map(model, selfsim, cfg.scoring, sampled_points), selfsim

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from btp.geometry.prepare import (Prepared, ScanMaps, check_scan, engine_batch, min_points, prepare, score_maps,
-                                  scores_to_raw)
+                                  scores_to_raw, shown_map)
 from btp.geometry.sampling import DOWNSAMPLE_METHODS, anchored_order
-from btp.geometry.scores import interpolate_to_raw, object_score, point_map, selfsim_map, uses_selfsim
+from btp.geometry.scores import interpolate_to_raw, object_score
 from btp.io import PointCloud, read_point_cloud
 from btp.io.pointcloud import centered
 from btp.runtime.backends import make_backend
@@ -244,11 +244,7 @@ def _device_maps(cfg, raw: np.ndarray, sample_idx: np.ndarray, model: np.ndarray
     """``score_maps`` for the device chain, which gives the model's map at the sampled points and
     carried to the raw points: with a self-similarity point map the shown map is carried again on
     the CPU by the exact rule (the kernel's, stage "point_map")."""
-    selfsim, shown = None, model
-    if uses_selfsim(cfg.scoring):
-        with timer("selfsim"):
-            selfsim = selfsim_map(raw[sample_idx], cfg.scoring)
-            shown = point_map(model, selfsim, cfg.scoring, raw[sample_idx])
+    shown, selfsim = shown_map(model, raw[sample_idx], cfg, timer)
     if float(cfg.scoring.selfsim_point_weight) > 0:
         with timer("point_map"):
             point_scores = interpolate_to_raw(raw[sample_idx], shown, raw, method=cfg.scoring.raw_interpolation)
